@@ -1,0 +1,138 @@
+"""Exact scorer vs an independent brute-force transcription of Eq. 1-2."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from scripts.scoring import mutual_similarity_scores, num_neighbours
+
+
+def brute_force_scores(tokens: torch.Tensor, valid: torch.Tensor, rho: float) -> torch.Tensor:
+    """Eq. 1-2 with plain loops over volumes and tokens (float64)."""
+    b, n, _ = tokens.shape
+    k = max(1, math.floor(rho * (b - 1) + 1e-9))
+    t = tokens.double()
+    out = torch.zeros(b, n, dtype=torch.float64)
+    for i in range(b):
+        for a in range(n):
+            if not valid[i, a]:
+                continue
+            profile = []
+            for j in range(b):
+                if j == i:
+                    continue
+                best = min(
+                    float(torch.linalg.vector_norm(t[i, a] - t[j, c])) for c in range(n) if valid[j, c]
+                )
+                profile.append(best)
+            profile.sort()
+            out[i, a] = sum(profile[:k]) / k
+    return out
+
+
+@pytest.mark.parametrize("b", [2, 3, 12, 13])
+def test_matches_brute_force_with_masks(b: int) -> None:
+    gen = torch.Generator().manual_seed(b)
+    n, d = 9, 5
+    tokens = torch.randn(b, n, d, generator=gen)
+    valid = torch.rand(b, n, generator=gen) > 0.3
+    valid[:, 0] = True  # every volume keeps at least one valid token
+    for rho in (0.1, 0.3, 1.0):
+        expected = brute_force_scores(tokens, valid, rho)
+        # Tiny tiles force many query tiles and reference groups.
+        got = mutual_similarity_scores(tokens, valid, rho=rho, query_tile=4, block_elements=40)
+        torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=0)
+        assert torch.all(got[~valid] == 0)
+
+
+def test_k_rule() -> None:
+    assert num_neighbours(2, 0.1) == 1
+    assert num_neighbours(13, 0.1) == 1
+    assert num_neighbours(12, 0.3) == 3
+    assert num_neighbours(101, 0.29) == 29  # 0.29 * 100 is 28.999... in binary
+    with pytest.raises(ValueError, match="rho"):
+        num_neighbours(10, 0.0)
+
+
+def test_fp16_tokens_accumulate_in_fp32() -> None:
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.nn.functional.normalize(torch.randn(6, 40, 16, generator=gen), dim=-1)
+    exact = mutual_similarity_scores(tokens)
+    half = mutual_similarity_scores(tokens.half())
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, exact, atol=2e-3, rtol=0)
+
+
+def test_permutation_equivariance() -> None:
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randn(7, 20, 8, generator=gen)
+    valid = torch.rand(7, 20, generator=gen) > 0.2
+    valid[:, 0] = True
+    perm = torch.randperm(7, generator=gen)
+    base = mutual_similarity_scores(tokens, valid, rho=0.3)
+    permuted = mutual_similarity_scores(tokens[perm], valid[perm], rho=0.3)
+    torch.testing.assert_close(permuted, base[perm], atol=1e-5, rtol=0)
+
+
+def test_duplicated_volume_scores_zero_when_k_is_one() -> None:
+    gen = torch.Generator().manual_seed(2)
+    tokens = torch.randn(5, 30, 8, generator=gen)
+    tokens[3] = tokens[1]
+    scores = mutual_similarity_scores(tokens, rho=0.1)  # K = 1
+    assert torch.all(scores[1] == 0) and torch.all(scores[3] == 0)
+    assert torch.all(scores[0] > 0.1)
+
+
+def test_errors() -> None:
+    with pytest.raises(ValueError, match="at least 2 volumes"):
+        mutual_similarity_scores(torch.randn(1, 4, 3))
+    valid = torch.ones(3, 4, dtype=torch.bool)
+    valid[2] = False
+    with pytest.raises(ValueError, match=r"\[2\].*no valid token"):
+        mutual_similarity_scores(torch.randn(3, 4, 3), valid)
+    with pytest.raises(ValueError, match="valid must be"):
+        mutual_similarity_scores(torch.randn(3, 4, 3), torch.ones(3, 5, dtype=torch.bool))
+
+
+_PEAK_SCRIPT = textwrap.dedent(
+    """
+    import resource, sys, torch
+    sys.path.insert(0, {root!r})
+    from scripts.scoring import mutual_similarity_scores
+    torch.set_num_threads(1)
+    b, n, d = int(sys.argv[1]), 512, 32
+    tokens = torch.randn(b, n, d)
+    mutual_similarity_scores(tokens[:2, :8])  # warm-up: load kernels before the baseline
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    mutual_similarity_scores(tokens, query_tile=256, block_elements=1 << 18)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print((after - before) * 1024)
+    """
+)
+
+
+def test_peak_memory_does_not_grow_with_batch() -> None:
+    """Extra peak memory of scoring (beyond the token tensor) is the same at B=4 and B=48.
+
+    A dense B x N x B x N distance tensor would be 4*512*4*512*4 B = 16 MiB at B=4 but 2.3 GiB at
+    B=48; the tiled scorer needs ~1 MiB blocks at both sizes.
+    """
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    growth = {}
+    for b in (4, 48):
+        out = subprocess.run(
+            [sys.executable, "-c", _PEAK_SCRIPT.format(root=root), str(b)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        growth[b] = int(out.stdout.strip().splitlines()[-1])
+    assert growth[48] <= growth[4] + 8 * 2**20, growth
