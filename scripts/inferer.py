@@ -249,11 +249,19 @@ class CS3FInferer(Inferer):
         token_scores: dict[str, torch.Tensor],
         spatial_shape: Sequence[int],
         mask: torch.Tensor | None = None,
+        axis_max: dict[str, float] | None = None,
     ) -> torch.Tensor:
         """Fuse token scores into a voxel anomaly map ``[1, H, W, D]`` (Sec. 3.3.4, Eq. 5).
 
         Each axis x layer grid is interpolated trilinearly to the volume grid; layers are averaged
         per axis, axes are averaged, and voxels outside ``mask`` are set to 0.
+
+        Args:
+            token_scores: ``{"{axis}/{layer}": [M, P, P]}`` of one volume.
+            spatial_shape: ``(H, W, D)`` of the volume.
+            mask: optional foreground ``[1, H, W, D]``.
+            axis_max: if given, filled with the (masked) maximum of each axis map (a cheap breakdown
+                of the subject score).
         """
         shape = tuple(int(s) for s in spatial_shape)
         per_axis: dict[str, list[torch.Tensor]] = {}
@@ -265,11 +273,18 @@ class CS3FInferer(Inferer):
             per_axis.setdefault(axis, []).append(restore_axis(up[0, 0], axis))
         if not per_axis:
             raise ValueError("no token scores to fuse")
-        fused = sum(torch.stack(maps).mean(dim=0) for maps in per_axis.values()) / len(per_axis)
-        fused = fused.unsqueeze(0)
-        if mask is not None:
-            fused = fused * (_as_volume(mask).to(fused.device) > 0)
-        return fused
+        inside = (_as_volume(mask)[0] > 0) if mask is not None else None
+        fused = torch.zeros(shape)
+        for axis, maps in per_axis.items():
+            axis_map = torch.stack(maps).mean(dim=0)
+            if axis_max is not None:
+                axis_max[axis] = float(
+                    (axis_map * inside.to(axis_map.device) if inside is not None else axis_map).max()
+                )
+            fused += axis_map.cpu() / len(per_axis)
+        if inside is not None:
+            fused = fused * inside.cpu()
+        return fused.unsqueeze(0)
 
     @staticmethod
     def subject_score(anomaly_map: torch.Tensor) -> float:
