@@ -71,6 +71,7 @@ class CS3FEvaluator(Workflow):
         val_handlers: ignite/MONAI handlers attached to this engine.
         image_key, mask_key, pred_key: dictionary keys.
         run_info: extra entries recorded in ``run.json`` (e.g. the parameters of the config).
+        quiet: do not print where the outputs are at the end.
     """
 
     def __init__(
@@ -86,6 +87,7 @@ class CS3FEvaluator(Workflow):
         mask_key: str = "mask",
         pred_key: str = "pred",
         run_info: dict | None = None,
+        quiet: bool = False,
     ) -> None:
         super().__init__(
             device=device,
@@ -100,6 +102,7 @@ class CS3FEvaluator(Workflow):
         self.postprocessing = postprocessing
         self.image_key, self.mask_key, self.pred_key = image_key, mask_key, pred_key
         self.run_info = dict(run_info or {})
+        self.quiet = quiet
         self.bank: dict[str, VolumeTokens] = {}
         self.token_scores: dict[str, dict[str, torch.Tensor]] = {}
         self.subject_scores: dict[str, dict[str, float]] = {}
@@ -182,6 +185,12 @@ class CS3FEvaluator(Workflow):
             lines.append(",".join([name, f"{row['score']:.6g}", *[f"{row[a]:.6g}" for a in axes]]))
         atomic_write_text(self.output_dir / "scores.csv", "\n".join(lines) + "\n")
         atomic_write_text(self.output_dir / "run.json", json.dumps(self.summary(), indent=2, default=str))
+        if not self.quiet:
+            print(
+                f"cs3f: {len(names)} anomaly maps in {self.output_dir}/<image>_anomaly.nii.gz, "
+                f"subject scores in {self.output_dir / 'scores.csv'}, run record in {self.output_dir / 'run.json'}",
+                flush=True,
+            )
 
     def summary(self) -> dict:
         """Run record: parameters, encoder identity, versions, timings, memory and token counts."""
