@@ -233,7 +233,7 @@ class EfficientNetLite0Encoder(SliceEncoder):
         stage6   11-14    192       32       7            -
         stage7   15       320       32       7            -
 
-    Default ``layers=("stage3", "stage5")``: the stride-8 and the last stride-16 stage outputs, the
+    Default (``layers=None``) ``("stage3", "stage5")``: the stride-8 and the last stride-16 stage outputs, the
     usual choice for patch-level anomaly detection (like layer2/layer3 of a ResNet in PatchCore):
     local enough to localise small lesions, deep enough to be semantic. At R=224 that gives grids
     of 28x28 (40 channels) and 14x14 (112 channels); at R=112, 14x14 and 7x7. The forward stops
@@ -252,7 +252,8 @@ class EfficientNetLite0Encoder(SliceEncoder):
     flower photograph as "daisy".
 
     Args:
-        layers: stage names (see the table), in the order the grids are returned.
+        layers: stage names (see the table), in the order the grids are returned; ``None`` for
+            :attr:`DEFAULT_LAYERS`.
         input_size: R. Must be a multiple of the largest stride among ``layers`` so that every
             patch covers exactly stride x stride pixels (e.g. multiples of 16 for the defaults).
             The TF-style "same" padding is built for this size.
@@ -264,12 +265,14 @@ class EfficientNetLite0Encoder(SliceEncoder):
         ValueError: unknown layer name, or ``input_size`` not a multiple of the needed stride.
     """
 
+    #: Used when ``layers`` is None: the stride-8 and the last stride-16 stage outputs.
+    DEFAULT_LAYERS: tuple[str, ...] = ("stage3", "stage5")
     #: The stem halves the resolution; stages then follow the package's blocks_args.
     _STEM_STRIDE = 2
 
     def __init__(
         self,
-        layers: Sequence[str] | str = ("stage3", "stage5"),
+        layers: Sequence[str] | str | None = None,
         input_size: int = 224,
         weights_path: str | Path | None = None,
     ) -> None:
@@ -285,6 +288,8 @@ class EfficientNetLite0Encoder(SliceEncoder):
 
         self.name = "efficientnet_lite0"
         self.weights_path = self._resolve_weights(weights_path)
+        if layers is None:
+            layers = self.DEFAULT_LAYERS
         layers = (layers,) if isinstance(layers, str) else tuple(layers)
         if not layers:
             raise ValueError("efficientnet_lite0: `layers` must name at least one stage.")
