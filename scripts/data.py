@@ -33,14 +33,28 @@ class CS3FInputError(ValueError):
     """Bad user input (files, folders, parameters): shown as one line by the bundle command."""
 
 
-def _input_error_in_chain(exc: BaseException | None) -> CS3FInputError | None:
+def find_input_error(exc: BaseException | None) -> CS3FInputError | None:
+    """The :class:`CS3FInputError` behind ``exc``, if any.
+
+    Looks through the ``__cause__``/``__context__`` chain (MONAI's config parser and ``Compose`` wrap
+    exceptions) and through the text of exceptions re-raised by ``DataLoader`` worker processes,
+    which carry only the original traceback as a string.
+    """
     seen = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, CS3FInputError):
             return exc
+        marker = f"{CS3FInputError.__module__}.{CS3FInputError.__name__}: "
+        for line in str(exc).splitlines():
+            if line.startswith(marker):
+                return CS3FInputError(line[len(marker) :])
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(f"{type(err).__name__}: {err}".split())
 
 
 def install_excepthook() -> None:
@@ -53,9 +67,10 @@ def install_excepthook() -> None:
     previous = sys.excepthook
 
     def hook(exc_type, exc, tb):  # noqa: ANN001 - signature fixed by sys.excepthook
-        found = _input_error_in_chain(exc)
+        found = find_input_error(exc)
         if found is not None:
-            print(f"cs3f: error: {found}", file=sys.stderr)
+            # Start a fresh line: a progress bar may have left the cursor mid-line.
+            print(f"\ncs3f: error: {found}", file=sys.stderr)
             sys.exit(1)
         previous(exc_type, exc, tb)
 
@@ -156,17 +171,19 @@ def make_datalist(
 
 
 class CheckedLoadImaged(LoadImaged):
-    """``LoadImaged`` whose read errors name the file in one :class:`CS3FInputError` line."""
+    """``LoadImaged`` whose read errors name the failing file in one :class:`CS3FInputError` line."""
 
     def __call__(self, data, reader=None):  # noqa: ANN001 - same signature as LoadImaged
-        try:
-            return super().__call__(data, reader)
-        except Exception as err:
-            files = [str(data[k]) for k in self.keys if k in data]
-            cause = err
-            while cause.__cause__ is not None:
-                cause = cause.__cause__
-            raise CS3FInputError(f"cannot read {', '.join(files)}: {type(cause).__name__}: {cause}") from None
+        d = dict(data)
+        for key in self.key_iterator(d):
+            try:
+                d.update(super().__call__({key: d[key]}, reader))
+            except Exception as err:
+                cause = err
+                while cause.__cause__ is not None:
+                    cause = cause.__cause__
+                raise CS3FInputError(f"cannot read {key} {d[key]}: {_one_line(cause)}") from None
+        return d
 
 
 def ensure_demo(dataset_dir: str | Path, demo_dir: str | Path, **synth_kwargs) -> Path:

@@ -30,7 +30,7 @@ from ignite.engine import Engine, Events
 from monai.data import MetaTensor, decollate_batch
 from monai.engines import Workflow
 
-from scripts.data import CS3FInputError, image_stem
+from scripts.data import CS3FInputError, find_input_error, image_stem
 from scripts.inferer import CS3FInferer, VolumeTokens
 
 __all__ = ["CS3FEvaluator", "atomic_write_text"]
@@ -112,6 +112,22 @@ class CS3FEvaluator(Workflow):
         self.add_event_handler(Events.GET_BATCH_COMPLETED, self._add_load_time)
         self.add_event_handler(Events.EPOCH_COMPLETED(once=1), self._score)
         self.add_event_handler(Events.COMPLETED, self._finish)
+        self.logger.addFilter(self._drop_input_error_logs)
+
+    @staticmethod
+    def _drop_input_error_logs(record) -> bool:  # noqa: ANN001 - logging.Filter protocol
+        """ignite logs a terminating exception with its traceback; an input error gets one line instead."""
+        return find_input_error(RuntimeError(record.getMessage())) is None
+
+    def run(self) -> None:  # type: ignore[override]
+        """Run both passes; a bad input file surfaces as one :class:`CS3FInputError` naming it."""
+        try:
+            super().run()
+        except Exception as err:
+            found = find_input_error(err)
+            if found is None:
+                raise
+            raise found from None
 
     # ------------------------------------------------------------------ bookkeeping
     def _mark_batch_start(self, engine: Engine) -> None:
@@ -187,8 +203,8 @@ class CS3FEvaluator(Workflow):
         atomic_write_text(self.output_dir / "run.json", json.dumps(self.summary(), indent=2, default=str))
         if not self.quiet:
             print(
-                f"cs3f: {len(names)} anomaly maps in {self.output_dir}/<image>_anomaly.nii.gz, "
-                f"subject scores in {self.output_dir / 'scores.csv'}, run record in {self.output_dir / 'run.json'}",
+                f"cs3f: {len(names)} anomaly maps in {self.output_dir}/<image>_anomaly.nii.gz, scores "
+                f"in {self.output_dir / 'scores.csv'}, run record in {self.output_dir / 'run.json'}",
                 flush=True,
             )
 
