@@ -130,3 +130,16 @@ def test_end_to_end_blobs_tiny_encoder() -> None:
     for i in (2, 5):
         top5 = torch.quantile(maps[i].flatten(), 0.95)
         assert maps[i][blobs[i]].float().mean() > 0 and (maps[i][blobs[i]] >= top5).float().mean() > 0.9
+
+
+def test_end_to_end_blobs_efficientnet_lite0() -> None:
+    """Issue acceptance: 8 smooth random 32^3 volumes, a bright blob in 2 of them, the real encoder."""
+    from scripts.encoders import build_encoder
+
+    vols, blobs = blob_cohort(8, 32, abnormal=(1, 6), seed=3)
+    encoder = build_encoder("efficientnet_lite0", input_size=64)
+    maps, scores = CS3FInferer(q=(4, 4, 4), d=128, rho=0.1)(vols, encoder)
+    assert set(scores.topk(2).indices.tolist()) == {1, 6}, scores
+    for i in (1, 6):
+        top5 = torch.quantile(maps[i].flatten(), 0.95)
+        assert (maps[i][blobs[i]] >= top5).float().mean() > 0.9
