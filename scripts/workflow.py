@@ -16,11 +16,10 @@ ignite's ``ProgressBar``) attach to the engine as in any MONAI evaluator.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import resource
-import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,26 +29,12 @@ from ignite.engine import Engine, Events
 from monai.data import MetaTensor, decollate_batch
 from monai.engines import Workflow
 
+from scripts.cache import TokenCache, file_digest
 from scripts.data import CS3FInputError, find_input_error, image_stem
 from scripts.inferer import CS3FInferer, VolumeTokens
+from scripts.outputs import atomic_write_text
 
-__all__ = ["CS3FEvaluator", "atomic_write_text"]
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (never a truncated file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+__all__ = ["CS3FEvaluator"]
 
 
 def _peak_rss_mb() -> float:
@@ -70,8 +55,15 @@ class CS3FEvaluator(Workflow):
             ``Invertd`` + ``SaveImaged``.
         val_handlers: ignite/MONAI handlers attached to this engine.
         image_key, mask_key, pred_key: dictionary keys.
-        run_info: extra entries recorded in ``run.json`` (e.g. the parameters of the config).
+        run_info: extra entries recorded in ``run.json`` (e.g. the parameters of the config); also part
+            of the token-cache key, so put every preprocessing parameter here.
         quiet: do not print where the outputs are at the end.
+        cache_dir: folder of the per-volume token cache (``None``: no cache). A re-run with the same
+            configuration loads cached tokens instead of encoding again (resume after a crash).
+        on_bad_input: ``"error"`` or ``"skip"``: what to do with a volume the loader marks as bad
+            (see :class:`scripts.data.CheckedDataset`) or that is off the cohort's grid.
+        skipped: list of volumes skipped before the run (e.g. by ``make_datalist``); the engine adds its
+            own and records them all in ``run.json``.
     """
 
     def __init__(
@@ -88,6 +80,9 @@ class CS3FEvaluator(Workflow):
         pred_key: str = "pred",
         run_info: dict | None = None,
         quiet: bool = False,
+        cache_dir: str | Path | None = None,
+        on_bad_input: str = "error",
+        skipped: list | None = None,
     ) -> None:
         super().__init__(
             device=device,
@@ -103,6 +98,22 @@ class CS3FEvaluator(Workflow):
         self.image_key, self.mask_key, self.pred_key = image_key, mask_key, pred_key
         self.run_info = dict(run_info or {})
         self.quiet = quiet
+        self.on_bad_input = on_bad_input
+        self.skipped: list[dict] = skipped if skipped is not None else []
+        self.cache = (
+            TokenCache(
+                cache_dir,
+                {
+                    "inferer": inferer.describe(),
+                    "encoder": self._encoder_identity(network),
+                    "preprocessing": {k: v for k, v in self.run_info.items() if k != "dataset_dir"},
+                },
+            )
+            if cache_dir is not None
+            else None
+        )
+        self.counts = {"encoded": 0, "cached": 0}
+        self._grid: tuple | None = None
         self.bank: dict[str, VolumeTokens] = {}
         self.token_scores: dict[str, dict[str, torch.Tensor]] = {}
         self.subject_scores: dict[str, dict[str, float]] = {}
@@ -150,15 +161,63 @@ class CS3FEvaluator(Workflow):
             return self._tokenize(items)
         return self._write(items)
 
+    @staticmethod
+    def _encoder_identity(network: torch.nn.Module) -> dict | str:
+        return network.identity() if hasattr(network, "identity") else type(network).__name__
+
+    def _skip(self, name: str, reason: str) -> None:
+        if self.on_bad_input != "skip":
+            raise CS3FInputError(reason)
+        if all(s.get("name") != name for s in self.skipped):
+            warnings.warn(f"cs3f: skipping {name}: {reason}", stacklevel=2)
+            self.skipped.append({"name": name, "reason": reason})
+
+    def _check_grid(self, name: str, image: torch.Tensor) -> str | None:
+        """All volumes must share the preprocessed grid (shape and affine) of the first one."""
+        affine = image.affine if isinstance(image, MetaTensor) else torch.eye(4)
+        grid = (tuple(image.shape[1:]), affine.double())
+        if self._grid is None:
+            self._grid = grid
+            return None
+        if grid[0] != self._grid[0] or not torch.allclose(grid[1], self._grid[1], atol=1e-3):
+            return (
+                f"{name} is not on the cohort's grid after preprocessing (shape {grid[0]} vs "
+                f"{self._grid[0]}, or a different affine): volumes must be registered to one space"
+            )
+        return None
+
+    def _source_files(self, item: dict) -> list[str]:
+        files = []
+        for key in (self.image_key, self.mask_key):
+            value = item.get(key)
+            if isinstance(value, MetaTensor) and value.meta.get("filename_or_obj"):
+                files.append(str(value.meta["filename_or_obj"]))
+        return files
+
     def _tokenize(self, items: list[dict]) -> dict:
         start = time.perf_counter()
         names = []
         for item in items:
+            if "bad_input" in item:
+                self._skip(item["name"], item["bad_input"])
+                continue
             name = self._name(item)
             if name in self.bank:
                 raise CS3FInputError(f"two inputs are named {name!r}: output files would collide")
-            mask = item.get(self.mask_key)
-            self.bank[name] = self.inferer.tokenize(item[self.image_key], self.network, mask)
+            off_grid = self._check_grid(name, item[self.image_key])
+            if off_grid:
+                self._skip(name, off_grid)
+                continue
+            source_key = file_digest(self._source_files(item)) if self.cache is not None else ""
+            tokens = self.cache.load(name, source_key) if self.cache is not None else None
+            if tokens is None:
+                tokens = self.inferer.tokenize(item[self.image_key], self.network, item.get(self.mask_key))
+                self.counts["encoded"] += 1
+                if self.cache is not None:
+                    self.cache.save(name, source_key, tokens)
+            else:
+                self.counts["cached"] += 1
+            self.bank[name] = tokens
             names.append(name)
         self.timings["tokenize"] += time.perf_counter() - start
         return {"names": names}
@@ -166,6 +225,11 @@ class CS3FEvaluator(Workflow):
     def _score(self, engine: Engine) -> None:
         start = time.perf_counter()
         names = list(self.bank)
+        if len(names) < 2:
+            raise CS3FInputError(
+                f"CS3F compares volumes with each other: only {len(names)} usable volume(s) "
+                f"({len(self.skipped)} skipped)"
+            )
         try:
             scores = self.inferer.score([self.bank[n] for n in names])
         except ValueError as err:
@@ -178,7 +242,11 @@ class CS3FEvaluator(Workflow):
         self.output_dir.mkdir(parents=True, exist_ok=True)
         names = []
         for item in items:
+            if "bad_input" in item:
+                continue
             name = self._name(item)
+            if name not in self.token_scores:  # skipped in pass 1
+                continue
             mask = item.get(self.mask_key)
             spatial = tuple(item[self.image_key].shape[1:])
             axis_max: dict[str, float] = {}
@@ -216,11 +284,12 @@ class CS3FEvaluator(Workflow):
         first = next(iter(self.bank.values()), None)
         info = {
             "inferer": self.inferer.describe(),
-            "encoder": self.network.identity()
-            if hasattr(self.network, "identity")
-            else type(self.network).__name__,
+            "encoder": self._encoder_identity(self.network),
             "n_volumes": len(self.bank),
             "volumes": list(self.bank),
+            "skipped": self.skipped,
+            "encoded_volumes": self.counts["encoded"],
+            "cached_volumes": self.counts["cached"],
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             "seconds_per_volume": round(sum(self.timings.values()) / max(1, len(self.bank)), 3),
             "peak_rss_mb": round(_peak_rss_mb(), 1),

@@ -1,0 +1,81 @@
+"""Per-volume token cache: a killed run resumes without re-encoding what it already tokenized.
+
+``<cache_dir>/<stem>.pt`` holds one volume's :class:`~scripts.inferer.VolumeTokens` together with
+
+* the **run key**: a hash of everything that shapes tokens (inferer parameters, encoder identity
+  including the weights' sha256, preprocessing parameters), and
+* the **source key**: a hash of the bytes of the input image and mask files.
+
+An entry is used only when both match, so a changed config, encoder or input file invalidates it.
+Entries are written atomically (temp file + rename); a half-written entry cannot exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from scripts.inferer import TokenGrid, VolumeTokens
+
+__all__ = ["TokenCache", "file_digest"]
+
+CACHE_FORMAT = 1
+
+
+def file_digest(paths: Sequence[str | Path]) -> str:
+    """sha256 over the bytes of the given files (in order)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+class TokenCache:
+    """Token cache in ``folder`` for runs identified by ``identity`` (any JSON-serialisable dict)."""
+
+    def __init__(self, folder: str | Path, identity: dict) -> None:
+        self.folder = Path(folder)
+        blob = json.dumps({"format": CACHE_FORMAT, **identity}, sort_keys=True, default=str)
+        self.run_key = hashlib.sha256(blob.encode()).hexdigest()
+
+    def path(self, name: str) -> Path:
+        return self.folder / f"{name}.pt"
+
+    def load(self, name: str, source_key: str) -> VolumeTokens | None:
+        """The cached tokens of ``name`` if they were made by this run's configuration from these bytes."""
+        path = self.path(name)
+        if not path.is_file():
+            return None
+        try:
+            entry = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # an unreadable entry is recomputed, never trusted
+            return None
+        if entry.get("run_key") != self.run_key or entry.get("source_key") != source_key:
+            return None
+        grids = {k: TokenGrid(tokens, valid) for k, (tokens, valid) in entry["grids"].items()}
+        return VolumeTokens(spatial_shape=tuple(entry["spatial_shape"]), grids=grids)
+
+    def save(self, name: str, source_key: str, tokens: VolumeTokens) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        entry = {
+            "run_key": self.run_key,
+            "source_key": source_key,
+            "spatial_shape": list(tokens.spatial_shape),
+            "grids": {k: (g.tokens.cpu(), g.valid.cpu()) for k, g in tokens.grids.items()},
+        }
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(entry, tmp)
+            os.replace(tmp, self.path(name))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
