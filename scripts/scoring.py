@@ -1,28 +1,43 @@
-"""Cross-subject mutual-similarity scoring (paper Sec. 3.2, Eq. 1-2).
+"""Cross-subject mutual-similarity scoring (paper Sec. 3.2, Eq. 1-2) and coarse-to-fine routing
+(Sec. 3.5-3.6, Eq. 6-7).
 
 Pure tensor code: no files, no encoders. Every token of every volume is scored by its distance to
 its nearest token in each *other* volume of the batch; the anomaly score is the mean of the
 ``K = max(1, floor(rho * (B - 1)))`` smallest of those ``B - 1`` distances.
 
+* :func:`mutual_similarity_scores` - exact, exhaustive scoring of one token set.
+* :func:`c2f_scores` - coarse scores (exact) and fine scores by coarse-to-fine routing: the coarse
+  distance pass that yields the coarse scores also keeps, per query coarse token and reference
+  volume, its ``L`` nearest coarse tokens; each fine child is matched only against the fine children
+  of those (Eq. 6).
+
 Memory: the ``B x N x B x N`` distance tensor is never formed. Queries are processed one volume and
 one block of ``query_tile`` tokens at a time against groups of reference volumes; each group is one
 batched GEMM in the ``|a|^2 + |b|^2 - 2 a.b`` form and is immediately reduced to a per
-(query, reference volume) minimum. Extra memory is therefore ``O(query_tile x ref_budget)`` plus the
-``[query_tile, B]`` profile, independent of how many tokens the batch holds.
+(query, reference volume) minimum (and, for C2F, top-``L`` routing indices that live only as long as
+that block). Extra memory is therefore ``O(query_tile x ref_budget)`` plus the ``[query_tile, B]``
+profile, independent of how many tokens the batch holds.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
-__all__ = ["num_neighbours", "mutual_similarity_scores", "nearest_distance_profile"]
+__all__ = [
+    "num_neighbours",
+    "mutual_similarity_scores",
+    "nearest_distance_profile",
+    "c2f_scores",
+    "c2f_tiles",
+]
 
-# Elements of the largest intermediate [G, N, query_tile] block (fp32): 2^24 -> 64 MiB.
+# Elements of the largest intermediate block (fp32): 2^24 -> 64 MiB.
 DEFAULT_BLOCK_ELEMENTS = 1 << 24
 DEFAULT_QUERY_TILE = 1024
+DEFAULT_ROUTES = 16
 
 
 def num_neighbours(batch_size: int, rho: float) -> int:
@@ -37,6 +52,13 @@ def num_neighbours(batch_size: int, rho: float) -> int:
     return max(1, math.floor(rho * (batch_size - 1) + 1e-9))
 
 
+def _empty_volumes_error(empty: list[int], what: str = "valid token") -> ValueError:
+    return ValueError(
+        f"volume(s) {empty} of the batch have no {what} (empty or all-background mask, or "
+        f"delta too high): they can neither be scored nor serve as references"
+    )
+
+
 def _check_inputs(tokens: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     if tokens.ndim != 3:
         raise ValueError(f"tokens must be [B, N, d], got shape {tuple(tokens.shape)}")
@@ -48,14 +70,29 @@ def _check_inputs(tokens: torch.Tensor, valid: torch.Tensor | None) -> torch.Ten
     if valid.shape != (b, n):
         raise ValueError(f"valid must be [B, N] = {(b, n)}, got {tuple(valid.shape)}")
     valid = valid.to(device=tokens.device, dtype=torch.bool)
-    counts = valid.sum(dim=1)
-    empty = torch.nonzero(counts == 0).flatten().tolist()
+    empty = torch.nonzero(valid.sum(dim=1) == 0).flatten().tolist()
     if empty:
-        raise ValueError(
-            f"volume(s) {empty} of the batch have no valid token (empty or all-background mask, or "
-            f"delta too high): they can neither be scored nor serve as references"
-        )
+        raise _empty_volumes_error(empty)
     return valid
+
+
+def _check_volumes(volumes: Sequence[int] | None, b: int) -> list[int]:
+    if volumes is None:
+        return list(range(b))
+    out = [int(v) for v in volumes]
+    bad = [v for v in out if not 0 <= v < b]
+    if bad:
+        raise ValueError(f"volumes {bad} are not in the batch of {b}")
+    return out
+
+
+def _sq_norms(tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """fp32 squared norms over the last dim, ``+inf`` where invalid (never a nearest neighbour).
+
+    Computed per volume, so that an fp16 bank is never copied whole to fp32.
+    """
+    norms = torch.stack([t.float().pow(2).sum(dim=-1) for t in tokens])
+    return norms.masked_fill(~valid, float("inf"))
 
 
 def _group_ranges(b: int, exclude: int, group: int) -> Iterator[tuple[int, int]]:
@@ -65,13 +102,28 @@ def _group_ranges(b: int, exclude: int, group: int) -> Iterator[tuple[int, int]]
             yield start, min(start + group, hi)
 
 
+def _reference_blocks(
+    queries: torch.Tensor, tokens: torch.Tensor, ref_sq_norms: torch.Tensor, exclude: int, group: int
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``(start, stop, d2)`` per group of reference volumes, ``d2 [G, Q, N] = |r|^2 - 2 q.r`` (fp32).
+
+    One batched GEMM per group; the reduction over reference tokens is then along the contiguous last
+    dim (a min or a top-L there is several times cheaper than across the middle dim).
+    """
+    for start, stop in _group_ranges(tokens.shape[0], exclude, group):
+        refs = tokens[start:stop].to(device=queries.device, dtype=torch.float32)
+        norms = ref_sq_norms[start:stop].to(queries.device).unsqueeze(1)  # [G, 1, N]
+        d2 = torch.baddbmm(norms, queries.expand(stop - start, -1, -1), refs.transpose(1, 2), alpha=-2.0)
+        yield start, stop, d2
+
+
 def nearest_distance_profile(
     queries: torch.Tensor,
     tokens: torch.Tensor,
     ref_sq_norms: torch.Tensor,
     exclude: int,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared distance of each query to its nearest token in every reference volume (Eq. 1).
 
     Args:
@@ -80,7 +132,7 @@ def nearest_distance_profile(
         ref_sq_norms: ``[B, N]`` fp32 squared norms of the references, ``+inf`` for invalid tokens
             so that they are never the nearest.
         exclude: index of the query's own volume; its column is ``+inf``.
-        block_elements: budget for the ``[G, N, Q]`` intermediate; sets the group size ``G``.
+        block_elements: budget for the ``[G, Q, N]`` intermediate; sets the group size ``G``.
 
     Returns:
         ``(d2, index)``: ``[Q, B]`` fp32 squared nearest distances in the GEMM form (not clamped,
@@ -91,17 +143,25 @@ def nearest_distance_profile(
     group = max(1, block_elements // max(1, n * nq))
     profile = torch.full((nq, b), float("inf"), dtype=torch.float32, device=queries.device)
     nearest = torch.zeros((nq, b), dtype=torch.long, device=queries.device)
-    q_sq = queries.pow(2).sum(dim=1)
-    q_t = queries.t().contiguous()
-    for start, stop in _group_ranges(b, exclude, group):
-        refs = tokens[start:stop].to(device=queries.device, dtype=torch.float32)
-        norms = ref_sq_norms[start:stop].to(queries.device).unsqueeze(-1)  # [G, N, 1]
-        # |r|^2 - 2 r.q for every (reference token, query) pair of the group in one batched GEMM.
-        d2 = torch.baddbmm(norms, refs, q_t.expand(stop - start, -1, -1), alpha=-2.0)  # [G, N, Q]
-        best = d2.min(dim=1)
+    for start, stop, d2 in _reference_blocks(queries, tokens, ref_sq_norms, exclude, group):
+        best = d2.min(dim=-1)
         profile[:, start:stop] = best.values.t()
         nearest[:, start:stop] = best.indices.t()
-    return profile + q_sq.unsqueeze(1), nearest
+    return profile + queries.pow(2).sum(dim=1).unsqueeze(1), nearest
+
+
+def _mean_of_k_nearest(
+    queries: torch.Tensor, d2: torch.Tensor, nearest: torch.Tensor, k: int, lookup
+) -> torch.Tensor:
+    """Eq. 2 from a ``[..., B]`` profile: the mean of the ``k`` smallest, recomputed directly.
+
+    The GEMM form loses ~sqrt(eps)*|v| to cancellation near zero distance; the ``k`` chosen distances
+    are recomputed as ``|q - r|`` (``k*d`` work per query) so that identical anatomy scores exactly 0.
+    ``lookup(volumes, index)`` returns the reference tokens ``[..., k, d]``.
+    """
+    volumes = d2.topk(k, dim=-1, largest=False).indices  # [..., K]
+    refs = lookup(volumes, nearest.gather(-1, volumes)).float()
+    return (queries.unsqueeze(-2) - refs).norm(dim=-1).mean(dim=-1)
 
 
 def mutual_similarity_scores(
@@ -110,6 +170,7 @@ def mutual_similarity_scores(
     rho: float = 0.1,
     query_tile: int = DEFAULT_QUERY_TILE,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    volumes: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Exact mutual-similarity anomaly scores (Eq. 1-2), tiled.
 
@@ -120,6 +181,8 @@ def mutual_similarity_scores(
         rho: neighbour ratio, ``K = max(1, floor(rho * (B - 1)))``.
         query_tile: number of query tokens processed together.
         block_elements: element budget of the largest intermediate block (see module docstring).
+        volumes: score only the tokens of these volumes (all are still references); the other rows
+            stay 0. ``None``: all. For sharding the query side (and benchmarks).
 
     Returns:
         ``[B, N]`` fp32 scores on the device of ``tokens``.
@@ -130,19 +193,260 @@ def mutual_similarity_scores(
     valid = _check_inputs(tokens, valid)
     b, n, _ = tokens.shape
     k = num_neighbours(b, rho)
-    # Per volume, so that an fp16 bank is never copied whole to fp32.
-    ref_sq_norms = torch.stack([t.float().pow(2).sum(dim=-1) for t in tokens])
-    ref_sq_norms = ref_sq_norms.masked_fill(~valid, float("inf"))
+    ref_sq_norms = _sq_norms(tokens, valid)
     scores = torch.zeros(b, n, dtype=torch.float32, device=tokens.device)
-    for i in range(b):
+    for i in _check_volumes(volumes, b):
         query_index = torch.nonzero(valid[i]).flatten()
         for start in range(0, query_index.numel(), query_tile):
             idx = query_index[start : start + query_tile]
             queries = tokens[i, idx].float()
             d2, nearest = nearest_distance_profile(queries, tokens, ref_sq_norms, i, block_elements)
-            volumes = d2.topk(k, dim=1, largest=False).indices  # [Q, K]
-            # The GEMM form loses ~sqrt(eps)*|v| to cancellation near zero distance; recompute the K
-            # chosen distances directly (Q*K*d work) so that identical anatomy scores exactly 0.
-            refs = tokens[volumes, nearest.gather(1, volumes)].float()  # [Q, K, d]
-            scores[i, idx] = (queries.unsqueeze(1) - refs).norm(dim=-1).mean(dim=1)
+            scores[i, idx] = _mean_of_k_nearest(queries, d2, nearest, k, lambda v, j: tokens[v, j])
     return scores
+
+
+# ---------------------------------------------------------------------------------------------------
+# Coarse-to-fine routing (Sec. 3.5)
+
+
+def _check_c2f_inputs(
+    coarse: torch.Tensor,
+    fine: torch.Tensor,
+    coarse_valid: torch.Tensor | None,
+    fine_valid: torch.Tensor | None,
+    routes: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if coarse.ndim != 3:
+        raise ValueError(f"coarse tokens must be [B, N_c, d], got shape {tuple(coarse.shape)}")
+    b, n_c, d = coarse.shape
+    if fine.ndim != 4 or fine.shape[:2] != (b, n_c) or fine.shape[3] != d:
+        raise ValueError(
+            f"fine tokens must be [B, N_c, h, d] = [{b}, {n_c}, h, {d}] (the h depth children of each "
+            f"coarse token), got shape {tuple(fine.shape)}"
+        )
+    if isinstance(routes, bool) or int(routes) != routes or routes < 1:
+        raise ValueError(f"L (coarse routes per reference volume) must be an int >= 1, got {routes}")
+    coarse_valid = _check_inputs(coarse, coarse_valid)
+    h = fine.shape[2]
+    if fine_valid is None:
+        fine_valid = torch.ones(b, n_c, h, dtype=torch.bool, device=fine.device)
+    elif fine_valid.shape != (b, n_c, h):
+        raise ValueError(f"fine_valid must be [B, N_c, h] = {(b, n_c, h)}, got {tuple(fine_valid.shape)}")
+    fine_valid = fine_valid.to(device=fine.device, dtype=torch.bool)
+    empty = torch.nonzero(fine_valid.flatten(1).sum(dim=1) == 0).flatten().tolist()
+    if empty:
+        raise _empty_volumes_error(empty, "valid fine token")
+    return coarse_valid, fine_valid
+
+
+def _c2f_profiles(
+    coarse_q: torch.Tensor,
+    fine_q: torch.Tensor,
+    coarse: torch.Tensor,
+    fine: torch.Tensor,
+    coarse_norms: torch.Tensor,
+    fine_norms: torch.Tensor,
+    masks: tuple[torch.Tensor, torch.Tensor] | None,
+    exclude: int,
+    routes: int,
+    group: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Coarse and C2F fine distance profiles of one query tile against every other volume.
+
+    Args:
+        coarse_q: ``[Q, d]`` fp32 query coarse tokens; ``fine_q``: ``[Q, h, d]`` their fine children.
+        coarse, fine: ``[B, N_c, d]`` and ``[B, N_c, h, d]`` banks.
+        coarse_norms: ``[B, N_c]`` squared coarse norms, ``+inf`` where a coarse token is neither
+            valid nor routable.
+        fine_norms: ``[B, N_c, h]`` squared fine norms, ``+inf`` for invalid fine tokens.
+        masks: ``None`` when coarse validity and routability coincide (one top-L reduction then gives
+            both the nearest neighbour and the routes), else ``(coarse_valid, routable)`` ``[B, N_c]``.
+        routes: ``L``, already clipped to ``N_c``.
+
+    Returns:
+        ``(coarse_d2 [Q, B], coarse_nn [Q, B], fine_d2 [Q, h, B], fine_nn [Q, h, B])`` (see
+        :func:`c2f_tiles`).
+    """
+    b, n_c, h, d = fine.shape
+    nq = coarse_q.shape[0]
+    device = coarse_q.device
+    inf = float("inf")
+    coarse_d2 = torch.full((nq, b), inf, dtype=torch.float32, device=device)
+    coarse_nn = torch.zeros((nq, b), dtype=torch.long, device=device)
+    fine_d2 = torch.full((nq, h, b), inf, dtype=torch.float32, device=device)
+    fine_nn = torch.zeros((nq, h, b), dtype=torch.long, device=device)
+    for start, stop, d2 in _reference_blocks(coarse_q, coarse, coarse_norms, exclude, group):
+        g = stop - start
+        if masks is None:
+            # The same reduction yields the coarse nearest neighbour (Eq. 1) and the routing (Eq. 6).
+            top = d2.topk(routes, dim=-1, largest=False)  # sorted ascending
+            route_index = top.indices  # [G, Q, L]
+            best_values, best_index = top.values[..., 0], top.indices[..., 0]
+        else:
+            # Masks differ (a valid coarse token without valid fine child, or the converse): d2 holds
+            # finite norms for the union; mask each reduction separately.
+            coarse_ok, route_ok = (m[start:stop].unsqueeze(1).to(device) for m in masks)
+            best = d2.masked_fill(~coarse_ok, inf).min(dim=-1)
+            best_values, best_index = best.values, best.indices
+            route_index = d2.masked_fill_(~route_ok, inf).topk(routes, dim=-1, largest=False).indices
+        coarse_d2[:, start:stop] = best_values.t()
+        coarse_nn[:, start:stop] = best_index.t()
+        del d2
+        # Restricted fine search (Eq. 6): the h children of each of the L routed coarse tokens.
+        volume = torch.arange(start, stop, device=fine.device).view(g, 1, 1)
+        where = route_index.to(fine.device)
+        cand = fine[volume, where].to(device=device, dtype=torch.float32)  # [G, Q, L, h, d]
+        cand_norms = fine_norms[volume, where].to(device).view(g, nq, 1, routes * h)
+        cand = cand.view(g, nq, routes * h, d)
+        # |c|^2 - 2 f.c for the h fine queries of each coarse query vs its L*h candidates.
+        fd2 = torch.matmul(fine_q, cand.transpose(2, 3)).mul_(-2.0).add_(cand_norms)  # [G, Q, h, L*h]
+        best = fd2.min(dim=-1)
+        fine_d2[:, :, start:stop] = best.values.permute(1, 2, 0)
+        parent = route_index.gather(2, torch.div(best.indices, h, rounding_mode="floor").view(g, nq, h))
+        fine_nn[:, :, start:stop] = (parent * h + best.indices % h).permute(1, 2, 0)
+    coarse_d2 += coarse_q.pow(2).sum(dim=-1).unsqueeze(-1)
+    fine_d2 += fine_q.pow(2).sum(dim=-1).unsqueeze(-1)
+    return coarse_d2, coarse_nn, fine_d2, fine_nn
+
+
+class _C2FBank:
+    """Validated inputs of a C2F run and the per-bank quantities every query tile needs."""
+
+    def __init__(
+        self,
+        coarse: torch.Tensor,
+        fine: torch.Tensor,
+        coarse_valid: torch.Tensor | None,
+        fine_valid: torch.Tensor | None,
+        L: int,
+        query_tile: int,
+        block_elements: int,
+    ) -> None:
+        self.coarse_valid, self.fine_valid = _check_c2f_inputs(coarse, fine, coarse_valid, fine_valid, L)
+        self.coarse, self.fine = coarse, fine
+        b, n_c, h, d = fine.shape
+        self.h = h
+        self.routes = min(int(L), n_c)
+        # A coarse token is worth routing to iff it has a valid fine child (see c2f_scores).
+        routable = self.fine_valid.any(dim=2)
+        self.coarse_norms = _sq_norms(coarse, self.coarse_valid | routable)
+        same = torch.equal(routable, self.coarse_valid)
+        self.masks = None if same else (self.coarse_valid, routable)
+        self.fine_norms = _sq_norms(fine, self.fine_valid)
+        self.queries_of = self.coarse_valid | routable
+        # Per query and reference volume: N_c coarse distances, L*h gathered candidates of d (+ h) floats.
+        self.per_query = n_c + self.routes * h * (d + h) + 2 * self.routes
+        self.tile = max(1, min(int(query_tile), block_elements // self.per_query))
+        self.block_elements = block_elements
+
+    def tiles(self, volumes: Sequence[int] | None) -> Iterator[tuple[int, torch.Tensor, tuple]]:
+        for i in _check_volumes(volumes, self.coarse.shape[0]):
+            query_index = torch.nonzero(self.queries_of[i]).flatten()
+            for start in range(0, query_index.numel(), self.tile):
+                idx = query_index[start : start + self.tile]
+                group = max(1, self.block_elements // (idx.numel() * self.per_query))
+                profiles = _c2f_profiles(
+                    self.coarse[i, idx].float(),
+                    self.fine[i, idx].float(),
+                    self.coarse,
+                    self.fine,
+                    self.coarse_norms,
+                    self.fine_norms,
+                    self.masks,
+                    i,
+                    self.routes,
+                    group,
+                )
+                yield i, idx, profiles
+
+
+def c2f_tiles(
+    coarse: torch.Tensor,
+    fine: torch.Tensor,
+    coarse_valid: torch.Tensor | None = None,
+    fine_valid: torch.Tensor | None = None,
+    L: int = DEFAULT_ROUTES,
+    query_tile: int = DEFAULT_QUERY_TILE,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    volumes: Sequence[int] | None = None,
+) -> Iterator[tuple[int, torch.Tensor, tuple[torch.Tensor, ...]]]:
+    """The distance profiles behind :func:`c2f_scores`, one query tile at a time (for analysis).
+
+    Yields ``(i, index, (coarse_d2, coarse_nn, fine_d2, fine_nn))`` for query volume ``i`` and its
+    coarse tokens ``index``: ``[Q, B]`` / ``[Q, h, B]`` squared distances in the GEMM form (self column
+    ``+inf``) and nearest indices (``fine_nn`` indexes the flattened ``N_c * h`` fine tokens of each
+    volume, ``parent * h + child``). Arguments as in :func:`c2f_scores`.
+    """
+    yield from _C2FBank(coarse, fine, coarse_valid, fine_valid, L, query_tile, block_elements).tiles(volumes)
+
+
+def c2f_scores(
+    coarse: torch.Tensor,
+    fine: torch.Tensor,
+    coarse_valid: torch.Tensor | None = None,
+    fine_valid: torch.Tensor | None = None,
+    rho: float = 0.1,
+    L: int = DEFAULT_ROUTES,
+    query_tile: int = DEFAULT_QUERY_TILE,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    volumes: Sequence[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coarse scores and coarse-to-fine routed fine scores (Sec. 3.5, Eq. 2 and 6).
+
+    One coarse distance pass per (query tile, group of reference volumes) gives both the coarse
+    nearest neighbour of each coarse query token in each other volume (hence the exact coarse scores,
+    equal to :func:`mutual_similarity_scores` on ``coarse``) and its ``L`` nearest routable coarse
+    tokens there. Each fine child of the query coarse token is then matched only against the fine
+    children of those ``L`` coarse tokens (Eq. 6), and scores the mean of its ``K`` smallest
+    approximate distances over the reference volumes. The routing indices live only for that block.
+
+    Validity (an invalid token neither queries nor is matched, and scores 0):
+
+    * coarse scores use ``coarse_valid`` exactly as the exact scorer does;
+    * routing in a reference volume is over its coarse tokens that have at least one valid fine
+      child (whatever their own coarse validity): every routed region then offers a candidate, so
+      the approximate distance to a volume is always finite, and with ``L >= N_c`` the candidates are
+      all valid fine tokens of that volume, so the fine scores equal
+      :func:`mutual_similarity_scores` on the fine tokens (the correctness anchor of Sec. 3.5). With
+      the inferer's masks and ``delta = 0`` the two masks coincide (a coarse token is valid iff one
+      of its children is), and one reduction serves both;
+    * a fine query is routed by its parent coarse token whether or not the parent is coarse-valid.
+
+    Each approximate distance is an exhaustive minimum over a superset of the candidates of any
+    smaller ``L`` (top-``L`` sets are nested), so fine scores never increase with ``L``.
+
+    Args:
+        coarse: ``[B, N_c, d]`` coarse tokens (any float dtype; accumulated in fp32).
+        fine: ``[B, N_c, h, d]`` the ``h`` depth children of each coarse token, in depth order.
+        coarse_valid: ``[B, N_c]`` bool or ``None`` (all valid).
+        fine_valid: ``[B, N_c, h]`` bool or ``None`` (all valid).
+        rho: neighbour ratio, ``K = max(1, floor(rho * (B - 1)))``.
+        L: coarse routes per (query coarse token, reference volume); clipped to ``N_c``.
+        query_tile: at most this many query coarse tokens together (fewer when ``L * h * d`` is large,
+            to keep the gathered candidates within ``block_elements``).
+        block_elements: element budget of the largest intermediate block.
+        volumes: score only these volumes (see :func:`mutual_similarity_scores`).
+
+    Returns:
+        ``(coarse_scores [B, N_c], fine_scores [B, N_c, h])`` fp32 on the device of ``coarse``.
+
+    Raises:
+        ValueError: ``B < 2``, bad shapes or ``L``, bad ``rho``, or a volume without any valid coarse
+            or fine token.
+    """
+    bank = _C2FBank(coarse, fine, coarse_valid, fine_valid, L, query_tile, block_elements)
+    b, n_c, h, _ = fine.shape
+    k = num_neighbours(b, rho)
+    coarse_scores = torch.zeros(b, n_c, dtype=torch.float32, device=coarse.device)
+    fine_scores = torch.zeros(b, n_c, h, dtype=torch.float32, device=coarse.device)
+
+    def fine_lookup(v: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        return fine[v, torch.div(j, h, rounding_mode="floor"), j % h]
+
+    for i, idx, (coarse_d2, coarse_nn, fine_d2, fine_nn) in bank.tiles(volumes):
+        coarse_q, fine_q = coarse[i, idx].float(), fine[i, idx].float()
+        c = _mean_of_k_nearest(coarse_q, coarse_d2, coarse_nn, k, lambda v, j: coarse[v, j])
+        coarse_scores[i, idx] = torch.where(bank.coarse_valid[i, idx], c, 0.0)
+        f = _mean_of_k_nearest(fine_q, fine_d2, fine_nn, k, fine_lookup)
+        fine_scores[i, idx] = torch.where(bank.fine_valid[i, idx], f, 0.0)
+    return coarse_scores, fine_scores
