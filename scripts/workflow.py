@@ -99,6 +99,10 @@ class CS3FEvaluator(Workflow):
         self.run_info = dict(run_info or {})
         self.quiet = quiet
         self.on_bad_input = on_bad_input
+        if not 0.0 < float(inferer.rho) <= 1.0:  # checked here, before hours of encoding, not at scoring
+            raise CS3FInputError(
+                f"rho must be in (0, 1] so that K = max(1, floor(rho (B - 1))) <= B - 1, got {inferer.rho}"
+            )
         self.skipped: list[dict] = skipped if skipped is not None else []
         self.cache = (
             TokenCache(
@@ -211,7 +215,12 @@ class CS3FEvaluator(Workflow):
             source_key = file_digest(self._source_files(item)) if self.cache is not None else ""
             tokens = self.cache.load(name, source_key) if self.cache is not None else None
             if tokens is None:
-                tokens = self.inferer.tokenize(item[self.image_key], self.network, item.get(self.mask_key))
+                try:
+                    tokens = self.inferer.tokenize(
+                        item[self.image_key], self.network, item.get(self.mask_key)
+                    )
+                except ValueError as err:  # geometry/parameter problems (e.g. q not dividing an axis)
+                    raise CS3FInputError(f"{name}: {' '.join(str(err).split())}") from None
                 self.counts["encoded"] += 1
                 if self.cache is not None:
                     self.cache.save(name, source_key, tokens)
