@@ -11,6 +11,14 @@ data loader (two ignite epochs), with the batch scoring step between them:
 
 At the end ``scores.csv`` and ``run.json`` are written atomically. Handlers (``val_handlers``, e.g.
 ignite's ``ProgressBar``) attach to the engine as in any MONAI evaluator.
+
+Parts: a subclass may split each volume into parts scored independently (:meth:`CS3FEvaluator.split`,
+e.g. the left and right lung) and merge their maps (:meth:`CS3FEvaluator.merge`).
+
+Distributed (``torchrun``, see ``configs/multi_gpu_inference.json``): each rank tokenizes its shard of
+volumes (a ``DistributedSampler`` without shuffling), the token banks are all-gathered, each rank scores
+and writes its own volumes, and rank 0 gathers the subject scores and writes ``scores.csv`` and
+``run.json``. The outputs are identical to a single-process run.
 """
 
 from __future__ import annotations
@@ -117,9 +125,12 @@ class CS3FEvaluator(Workflow):
             else None
         )
         self.counts = {"encoded": 0, "cached": 0}
-        self._grid: tuple | None = None
-        self.bank: dict[str, VolumeTokens] = {}
-        self.token_scores: dict[str, dict[str, torch.Tensor]] = {}
+        self._grid: dict[str, tuple] = {}
+        # part -> volume name -> tokens / token scores (part "" is the whole volume)
+        self.bank: dict[str, dict[str, VolumeTokens]] = {}
+        self.token_scores: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+        self.names: list[str] = []
+        self._my_names: list[str] = []
         self.subject_scores: dict[str, dict[str, float]] = {}
         self.timings: dict[str, float] = {"load": 0.0, "tokenize": 0.0, "score": 0.0, "write": 0.0}
         self._batch_started = 0.0
@@ -176,17 +187,33 @@ class CS3FEvaluator(Workflow):
             warnings.warn(f"cs3f: skipping {name}: {reason}", stacklevel=2)
             self.skipped.append({"name": name, "reason": reason})
 
-    def _check_grid(self, name: str, image: torch.Tensor) -> str | None:
-        """All volumes must share the preprocessed grid (shape and affine) of the first one."""
+    # ------------------------------------------------------------------ parts (override in subclasses)
+    def split(self, item: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """Parts of one preprocessed item that are scored independently: ``{part: (image, mask)}``.
+
+        Each part's bank (that part of every volume) is scored on its own. Default: the whole volume.
+        """
+        return {"": (item[self.image_key], item.get(self.mask_key))}
+
+    def merge(self, item: dict, maps: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The ``[1, H, W, D]`` map of the whole preprocessed item from its parts' maps."""
+        return maps[""]
+
+    def check_registration(self, part: str, image: torch.Tensor) -> bool:
+        """Whether the volumes of ``part`` must share one affine (registered data); shapes always must."""
+        return True
+
+    def _check_grid(self, name: str, part: str, image: torch.Tensor) -> str | None:
+        """All volumes must share the preprocessed grid (shape, and affine if registered) of the first."""
         affine = image.affine if isinstance(image, MetaTensor) else torch.eye(4)
         grid = (tuple(image.shape[1:]), affine.double())
-        if self._grid is None:
-            self._grid = grid
-            return None
-        if grid[0] != self._grid[0] or not torch.allclose(grid[1], self._grid[1], atol=1e-3):
+        first = self._grid.setdefault(part, grid)
+        same_affine = torch.allclose(grid[1], first[1], atol=1e-3) or not self.check_registration(part, image)
+        if grid[0] != first[0] or not same_affine:
+            where = f" ({part})" if part else ""
             return (
-                f"{name} is not on the cohort's grid after preprocessing (shape {grid[0]} vs "
-                f"{self._grid[0]}, or a different affine): volumes must be registered to one space"
+                f"{name}{where} is not on the cohort's grid after preprocessing (shape {grid[0]} vs "
+                f"{first[0]}, or a different affine): volumes must be registered to one space"
             )
         return None
 
@@ -206,44 +233,60 @@ class CS3FEvaluator(Workflow):
                 self._skip(item["name"], item["bad_input"])
                 continue
             name = self._name(item)
-            if name in self.bank:
+            if name in self.names:
                 raise CS3FInputError(f"two inputs are named {name!r}: output files would collide")
-            off_grid = self._check_grid(name, item[self.image_key])
+            parts = self.split(item)
+            off_grid = next(
+                (e for p, (img, _) in parts.items() if (e := self._check_grid(name, p, img))), None
+            )
             if off_grid:
                 self._skip(name, off_grid)
                 continue
             source_key = file_digest(self._source_files(item)) if self.cache is not None else ""
-            tokens = self.cache.load(name, source_key) if self.cache is not None else None
-            if tokens is None:
-                try:
-                    tokens = self.inferer.tokenize(
-                        item[self.image_key], self.network, item.get(self.mask_key)
-                    )
-                except ValueError as err:  # geometry/parameter problems (e.g. q not dividing an axis)
-                    raise CS3FInputError(f"{name}: {' '.join(str(err).split())}") from None
-                self.counts["encoded"] += 1
-                if self.cache is not None:
-                    self.cache.save(name, source_key, tokens)
-            else:
-                self.counts["cached"] += 1
-            self.bank[name] = tokens
+            for part, (image, mask) in parts.items():
+                self.bank.setdefault(part, {})[name] = self._tokens(
+                    f"{name}.{part}" if part else name, source_key, image, mask
+                )
+            self.names.append(name)
             names.append(name)
         self.timings["tokenize"] += time.perf_counter() - start
         return {"names": names}
 
+    def _tokens(
+        self, key: str, source_key: str, image: torch.Tensor, mask: torch.Tensor | None
+    ) -> VolumeTokens:
+        tokens = self.cache.load(key, source_key) if self.cache is not None else None
+        if tokens is not None:
+            self.counts["cached"] += 1
+            return tokens
+        try:
+            tokens = self.inferer.tokenize(image, self.network, mask)
+        except ValueError as err:  # geometry/parameter problems (e.g. q not dividing an axis)
+            raise CS3FInputError(f"{key}: {' '.join(str(err).split())}") from None
+        self.counts["encoded"] += 1
+        if self.cache is not None:
+            self.cache.save(key, source_key, tokens)
+        return tokens
+
     def _score(self, engine: Engine) -> None:
         start = time.perf_counter()
-        names = list(self.bank)
+        self._gather_banks()
+        names = self.names
         if len(names) < 2:
             raise CS3FInputError(
                 f"CS3F compares volumes with each other: only {len(names)} usable volume(s) "
                 f"({len(self.skipped)} skipped)"
             )
-        try:
-            scores = self.inferer.score([self.bank[n] for n in names])
-        except ValueError as err:
-            raise CS3FInputError(str(err)) from None
-        self.token_scores = dict(zip(names, scores, strict=True))
+        mine = set(self._my_names)
+        queries = [i for i, n in enumerate(names) if n in mine]
+        # Each rank scores only its own volumes as queries (against every volume as a reference).
+        only_mine = {"queries": queries} if self._world()[1] > 1 else {}
+        for part, bank in self.bank.items():
+            try:
+                scores = self.inferer.score([bank[n] for n in names], **only_mine)
+            except ValueError as err:
+                raise CS3FInputError(f"{part + ': ' if part else ''}{err}") from None
+            self.token_scores[part] = {names[i]: scores[i] for i in queries}
         self.timings["score"] += time.perf_counter() - start
 
     def _write(self, items: list[dict]) -> dict:
@@ -254,12 +297,21 @@ class CS3FEvaluator(Workflow):
             if "bad_input" in item:
                 continue
             name = self._name(item)
-            if name not in self.token_scores:  # skipped in pass 1
+            if name not in self._my_names:  # skipped in pass 1
                 continue
-            mask = item.get(self.mask_key)
-            spatial = tuple(item[self.image_key].shape[1:])
             axis_max: dict[str, float] = {}
-            amap = self.inferer.voxel_map(self.token_scores[name], spatial, mask, axis_max=axis_max)
+            maps = {}
+            for part, (image, mask) in self.split(item).items():
+                part_max: dict[str, float] = {}
+                maps[part] = self.inferer.voxel_map(
+                    self.token_scores[part][name], tuple(image.shape[1:]), mask, axis_max=part_max
+                )
+                for axis, value in part_max.items():
+                    axis_max[axis] = max(axis_max.get(axis, 0.0), value)
+            amap = self.merge(item, maps)
+            mask = item.get(self.mask_key)
+            if mask is not None:
+                amap = amap * (torch.as_tensor(mask) > 0).to(amap.device)
             self.subject_scores[name] = {"score": self.inferer.subject_score(amap), **axis_max}
             item[self.pred_key] = MetaTensor(amap, meta=item[self.image_key].meta)
             if self.postprocessing is not None:
@@ -268,9 +320,57 @@ class CS3FEvaluator(Workflow):
         self.timings["write"] += time.perf_counter() - start
         return {"names": names}
 
+    # ------------------------------------------------------------------ distributed
+    @staticmethod
+    def _world() -> tuple[int, int]:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def _dataset_order(self) -> list[str] | None:
+        data = getattr(getattr(self.data_loader, "dataset", None), "data", None)
+        if isinstance(data, Sequence) and all(isinstance(r, dict) and "name" in r for r in data):
+            return [r["name"] for r in data]
+        return None
+
+    def _gather_banks(self) -> None:
+        """All-gather every rank's tokens so that each rank sees the whole cohort as references."""
+        self._my_names = list(self.names)
+        rank, world = self._world()
+        if world == 1:
+            return
+        local = {"names": self.names, "bank": self.bank, "skipped": self.skipped, "counts": self.counts}
+        gathered: list[dict] = [None] * world  # type: ignore[list-item]
+        torch.distributed.all_gather_object(gathered, local)
+        order = self._dataset_order()
+        names = [n for g in gathered for n in g["names"]]
+        if order is not None:  # the single-process order, so that scores.csv is identical
+            position = {n: i for i, n in enumerate(order)}
+            names.sort(key=lambda n: position.get(n, len(position)))
+        self.names = names
+        self.bank = {
+            part: {n: b for g in gathered for n, b in g["bank"].get(part, {}).items()} for part in self.bank
+        }
+        self.skipped[:] = [s for g in gathered for s in g["skipped"] if s not in self.skipped] + self.skipped
+        self.counts = {k: sum(g["counts"][k] for g in gathered) for k in self.counts}
+
+    def _gather_scores(self) -> bool:
+        """Collect the subject scores of all ranks on rank 0; True on the rank that writes the tables."""
+        rank, world = self._world()
+        if world == 1:
+            return True
+        local = {"scores": self.subject_scores, "timings": self.timings}
+        gathered: list[dict] = [None] * world  # type: ignore[list-item]
+        torch.distributed.all_gather_object(gathered, local)
+        self.subject_scores = {n: v for g in gathered for n, v in g["scores"].items()}
+        self.timings = {k: max(g["timings"][k] for g in gathered) for k in self.timings}
+        return rank == 0
+
     # ------------------------------------------------------------------ outputs
     def _finish(self, engine: Engine) -> None:
-        names = list(self.bank)
+        if not self._gather_scores():
+            return
+        names = self.names
         axes = [k for k in next(iter(self.subject_scores.values())) if k != "score"]
         lines = [",".join(["image", "score", *[f"score_{a}" for a in axes]])]
         for name in names:
@@ -290,22 +390,25 @@ class CS3FEvaluator(Workflow):
         import monai
         import numpy
 
-        first = next(iter(self.bank.values()), None)
+        volumes = [b for bank in self.bank.values() for b in bank.values()]
+        first = volumes[0] if volumes else None
         info = {
             "inferer": self.inferer.describe(),
             "encoder": self._encoder_identity(self.network),
-            "n_volumes": len(self.bank),
-            "volumes": list(self.bank),
+            "n_volumes": len(self.names),
+            "volumes": self.names,
+            "parts": list(self.bank),
+            "world_size": self._world()[1],
             "skipped": self.skipped,
             "encoded_volumes": self.counts["encoded"],
             "cached_volumes": self.counts["cached"],
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
-            "seconds_per_volume": round(sum(self.timings.values()) / max(1, len(self.bank)), 3),
+            "seconds_per_volume": round(sum(self.timings.values()) / max(1, len(self.names)), 3),
             "peak_rss_mb": round(_peak_rss_mb(), 1),
             "tokens": {
                 "per_volume": first.num_tokens() if first else 0,
                 "grids": {k: list(g.shape) for k, g in first.grids.items()} if first else {},
-                "bank_mb": round(sum(v.nbytes() for v in self.bank.values()) / 2**20, 2),
+                "bank_mb": round(sum(v.nbytes() for v in volumes) / 2**20, 2),
             },
             "versions": {
                 "python": platform.python_version(),
