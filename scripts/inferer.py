@@ -13,6 +13,14 @@ It is usable in three steps, so that a cohort can be streamed (what the bundle w
         amap = inferer.voxel_map(token_scores[i], bank[i].spatial_shape, mask_i) # one at a time
 
 or in one call on an in-memory batch: ``maps, scores = inferer(batch, encoder, masks)``.
+
+Variants (paper Sec. 4): ``"C"`` (CS3F-C, coarse tokens of pooling ``q`` only, the default), ``"F"``
+(CS3F-F, the fine map of pooling ``q_fine`` scored by coarse-to-fine routing, Sec. 3.5) and ``"MS"``
+(CS3F-MS, the mean of the coarse and fine maps, Eq. 7). For F/MS, :meth:`CS3FInferer.tokenize` pools
+the same slab of encoder features twice (``q`` and ``q_fine``, with ``q = h * q_fine`` per axis) and
+adds ``"{axis}/{layer}/fine"`` grids ``[M * h, P, P, d]``; :meth:`CS3FInferer.score` returns the
+matching ``"{axis}/{layer}/fine"`` score grids next to the coarse ones (which come from the same
+coarse distance pass), and :meth:`CS3FInferer.voxel_map` fuses them per the variant.
 """
 
 from __future__ import annotations
@@ -25,7 +33,13 @@ import torch.nn.functional as F
 from monai.inferers import Inferer
 from monai.utils import convert_to_tensor
 
-from scripts.scoring import DEFAULT_BLOCK_ELEMENTS, DEFAULT_QUERY_TILE, mutual_similarity_scores
+from scripts.scoring import (
+    DEFAULT_BLOCK_ELEMENTS,
+    DEFAULT_QUERY_TILE,
+    DEFAULT_ROUTES,
+    c2f_scores,
+    mutual_similarity_scores,
+)
 from scripts.transforms import (
     AXES,
     DepthPool,
@@ -37,7 +51,10 @@ from scripts.transforms import (
     restore_axis,
 )
 
-__all__ = ["TokenGrid", "VolumeTokens", "CS3FInferer"]
+__all__ = ["TokenGrid", "VolumeTokens", "CS3FInferer", "VARIANTS", "FINE_SUFFIX"]
+
+VARIANTS = ("C", "F", "MS")
+FINE_SUFFIX = "/fine"
 
 
 @dataclass
@@ -59,7 +76,8 @@ class TokenGrid:
 
 @dataclass
 class VolumeTokens:
-    """All token grids of one volume, keyed ``"{axis}/{layer}"`` (e.g. ``"axial/1"``)."""
+    """All token grids of one volume, keyed ``"{axis}/{layer}"`` (e.g. ``"axial/1"``), plus
+    ``"{axis}/{layer}/fine"`` grids ``[M * h, P, P, d]`` for the F/MS variants."""
 
     spatial_shape: tuple[int, int, int]
     grids: dict[str, TokenGrid] = field(default_factory=dict)
@@ -69,6 +87,24 @@ class VolumeTokens:
 
     def nbytes(self) -> int:
         return sum(g.tokens.numel() * g.tokens.element_size() for g in self.grids.values())
+
+
+def _per_axis(value: int | Sequence[int], name: str) -> list[int]:
+    values = [int(value)] * 3 if isinstance(value, int) else [int(v) for v in value]
+    if len(values) != 3 or min(values) < 1:
+        raise ValueError(
+            f"{name} must be one positive int or one per axis (sagittal, coronal, axial), got {value}"
+        )
+    return values
+
+
+def _children_last(grid: torch.Tensor, h: int) -> torch.Tensor:
+    """Fine grid ``[M * h, P, P, ...]`` -> ``[M * P * P, h, ...]``: the ``h`` depth children of each
+    coarse token (row-major over ``(m, u, v)``, the coarse token order), in depth order."""
+    m = grid.shape[0] // h
+    rest = grid.shape[3:]
+    grid = grid.reshape(m, h, *grid.shape[1:3], *rest).movedim(1, 3)  # [M, P, P, h, ...]
+    return grid.reshape(-1, h, *rest)
 
 
 def _as_volume(volume: torch.Tensor) -> torch.Tensor:
@@ -81,11 +117,11 @@ def _as_volume(volume: torch.Tensor) -> torch.Tensor:
 
 
 class CS3FInferer(Inferer):
-    """Batch mutual-similarity anomaly scoring of 3D volumes with a frozen 2D encoder (CS3F-C).
+    """Batch mutual-similarity anomaly scoring of 3D volumes with a frozen 2D encoder.
 
     Args:
         axes: axes to slice along, any subset of ``("sagittal", "coronal", "axial")`` (or S, C, A).
-        q: depth-pooling size per axis, ``(q_sagittal, q_coronal, q_axial)``, or one int for all.
+        q: (coarse) depth-pooling size per axis, ``(q_sagittal, q_coronal, q_axial)``, or one int.
         rho: neighbour ratio of Eq. 2, ``K = max(1, floor(rho * (B - 1)))``.
         d: random-projection dimension.
         delta: token validity threshold on the foreground fraction (used when masks are given).
@@ -98,6 +134,11 @@ class CS3FInferer(Inferer):
         query_tile: scorer query tile (see :func:`scripts.scoring.mutual_similarity_scores`).
         block_elements: scorer block budget.
         progress: show tqdm progress bars.
+        variant: ``"C"`` coarse map only (CS3F-C), ``"F"`` fine C2F map only (CS3F-F), ``"MS"`` mean of
+            both (CS3F-MS, Eq. 7).
+        q_fine: fine depth-pooling size per axis (or one int) for F/MS; must divide ``q`` on every
+            used axis (``q = h * q_fine``). Required for F/MS, unused (and recorded as ``None``) for C.
+        L: coarse routes per (query coarse token, reference volume) of the C2F search (Eq. 6).
     """
 
     def __init__(
@@ -114,17 +155,35 @@ class CS3FInferer(Inferer):
         query_tile: int = DEFAULT_QUERY_TILE,
         block_elements: int = DEFAULT_BLOCK_ELEMENTS,
         progress: bool = False,
+        variant: str = "C",
+        q_fine: int | Sequence[int] | None = None,
+        L: int = DEFAULT_ROUTES,
     ) -> None:
         super().__init__()
         self.axes = [AXES[axis_index(a)] for a in axes]
         if not self.axes or len(set(self.axes)) != len(self.axes):
             raise ValueError(f"axes must be a non-empty subset of {AXES} without repeats, got {list(axes)}")
-        q_all = [int(q)] * 3 if isinstance(q, int) else [int(v) for v in q]
-        if len(q_all) != 3 or min(q_all) < 1:
+        self.q = dict(zip(AXES, _per_axis(q, "q"), strict=True))
+        self.variant = str(variant).upper()
+        if self.variant not in VARIANTS:
             raise ValueError(
-                f"q must be one positive int or one per axis (sagittal, coronal, axial), got {q}"
+                f"variant must be one of {VARIANTS} (coarse, fine C2F, multi-scale), got {variant!r}"
             )
-        self.q = dict(zip(AXES, q_all, strict=True))
+        self.q_fine: dict[str, int] | None = None
+        if self.variant != "C":
+            if q_fine is None:
+                raise ValueError(f"variant {self.variant!r} needs q_fine (e.g. [2, 2, 2]), got None")
+            self.q_fine = dict(zip(AXES, _per_axis(q_fine, "q_fine"), strict=True))
+            for axis in self.axes:
+                qc, qf = self.q[axis], self.q_fine[axis]
+                if qc % qf:
+                    raise ValueError(
+                        f"coarse-to-fine needs q = h * q_fine on every axis: on the {axis} axis q_c={qc} "
+                        f"is not a multiple of q_f={qf}"
+                    )
+        if isinstance(L, bool) or int(L) != L or L < 1:
+            raise ValueError(f"L (coarse routes per reference volume) must be an int >= 1, got {L}")
+        self.L = int(L)
         self.rho = float(rho)
         self.d = int(d)
         self.delta = float(delta)
@@ -157,7 +216,8 @@ class CS3FInferer(Inferer):
                 are invalid.
 
         Returns:
-            :class:`VolumeTokens` with one :class:`TokenGrid` per axis x encoder layer.
+            :class:`VolumeTokens` with one :class:`TokenGrid` per axis x encoder layer, and for F/MS one
+            more per axis x layer, ``"{axis}/{layer}/fine"``, pooled with ``q_fine`` from the same slabs.
         """
         volume = _as_volume(volume)
         params = list(encoder.parameters()) if isinstance(encoder, torch.nn.Module) else []
@@ -173,38 +233,47 @@ class CS3FInferer(Inferer):
         for axis in self.axes:
             q = self.q[axis]
             count = volume.shape[1 + axis_index(axis)]
-            blocks = check_divisible(count, q, axis)
-            pool = DepthPool(q, axis=axis)
+            check_divisible(count, q, axis)
+            # Coarse pooling, then (F/MS) fine pooling of the same slab: q = h * q_fine divides the slab.
+            scales = [("", q)] + ([(FINE_SUFFIX, self.q_fine[axis])] if self.q_fine is not None else [])
+            pools = [DepthPool(qs, axis=axis) for _, qs in scales]
             step = q * max(1, self.slab_size // q)
-            grids: list[torch.Tensor] = []
+            grids: list[dict[str, torch.Tensor]] = []  # per layer: {suffix: grid}
             for start in range(0, count, step):
                 features = encoder(slicer.slab(volume_dev, axis, start, min(start + step, count)))
                 for layer, feat in enumerate(features):
-                    tokens = self._projection(axis, layer, feat.shape[1])(pool(feat))  # [m, d, P, P]
-                    tokens = tokens.permute(0, 2, 3, 1).to(self.token_dtype)
+                    projection = self._projection(axis, layer, feat.shape[1])
                     if start == 0:
-                        grids.append(
-                            torch.empty((blocks, *tokens.shape[1:]), dtype=self.token_dtype, device=device)
-                        )
-                    grids[layer][start // q : start // q + tokens.shape[0]] = tokens
+                        grids.append({})
+                    for (suffix, qs), pool in zip(scales, pools, strict=True):
+                        tokens = projection(pool(feat)).permute(0, 2, 3, 1).to(self.token_dtype)  # [m,P,P,d]
+                        if start == 0:
+                            grids[layer][suffix] = torch.empty(
+                                (count // qs, *tokens.shape[1:]), dtype=self.token_dtype, device=device
+                            )
+                        grids[layer][suffix][start // qs : start // qs + tokens.shape[0]] = tokens
                 del features  # the raw features of this slab are gone before the next forward
-            for layer, grid in enumerate(grids):
-                if mask is not None:
-                    valid = TokenValidity(axis, q, tuple(grid.shape[1:3]), self.delta)(_as_volume(mask))
-                else:
-                    valid = torch.ones(grid.shape[:3], dtype=torch.bool)
-                out.grids[f"{axis}/{layer}"] = TokenGrid(grid, valid.to(device))
+            for suffix, qs in scales:
+                for layer, by_scale in enumerate(grids):
+                    grid = by_scale[suffix]
+                    if mask is not None:
+                        valid = TokenValidity(axis, qs, tuple(grid.shape[1:3]), self.delta)(_as_volume(mask))
+                    else:
+                        valid = torch.ones(grid.shape[:3], dtype=torch.bool)
+                    out.grids[f"{axis}/{layer}{suffix}"] = TokenGrid(grid, valid.to(device))
         return out
 
     # ------------------------------------------------------------------ scoring
     def score(self, bank: Sequence[VolumeTokens]) -> list[dict[str, torch.Tensor]]:
-        """Cross-subject token scores for every volume, per axis x layer (Eq. 1-2).
+        """Cross-subject token scores for every volume, per axis x layer (Eq. 1-2; Eq. 6 for F/MS).
 
         Args:
             bank: tokens of the ``B >= 2`` volumes of the batch.
 
         Returns:
-            per volume, ``{key: [M, P, P]}`` fp32 token scores (0 for invalid tokens).
+            per volume, ``{key: [M, P, P]}`` fp32 token scores (0 for invalid tokens); for F/MS also
+            ``{key + "/fine": [M * h, P, P]}`` C2F fine scores, the coarse ones then coming from the
+            same coarse distance pass.
         """
         if len(bank) < 2:
             raise ValueError(
@@ -221,21 +290,53 @@ class CS3FInferer(Inferer):
                         f"volume 0 has {bank[0].grids[key].shape}; volumes must share the grid along each "
                         f"slicing axis (resample or pad them to one shape, e.g. MONAI ResizeWithPadOrCropd)"
                     )
+        coarse_keys = [k for k in keys if not k.endswith(FINE_SUFFIX)]
+        if self.variant != "C":
+            missing = [k for k in coarse_keys if k + FINE_SUFFIX not in keys]
+            if missing:
+                raise ValueError(
+                    f"variant {self.variant!r} needs fine token grids, missing {missing[0] + FINE_SUFFIX!r}: "
+                    f"tokenize with this inferer (q_fine set)"
+                )
         results: list[dict[str, torch.Tensor]] = [{} for _ in bank]
-        iterator = keys
+        iterator = coarse_keys
         if self.progress:
             from tqdm.auto import tqdm
 
-            iterator = tqdm(keys, desc="scoring (axis/layer)", unit="grid")
+            iterator = tqdm(coarse_keys, desc="scoring (axis/layer)", unit="grid")
         for key in iterator:
             shape = bank[0].grids[key].shape
             device = self.score_device or bank[0].grids[key].tokens.device
             tokens = torch.stack([vt.grids[key].tokens.reshape(-1, self.d) for vt in bank]).to(device)
             valid = torch.stack([vt.grids[key].valid.reshape(-1) for vt in bank]).to(device)
             try:
-                scores = mutual_similarity_scores(
-                    tokens, valid, self.rho, self.query_tile, self.block_elements
-                )
+                if self.variant == "C":
+                    scores = mutual_similarity_scores(
+                        tokens, valid, self.rho, self.query_tile, self.block_elements
+                    )
+                else:
+                    fine_shape = bank[0].grids[key + FINE_SUFFIX].shape
+                    h = fine_shape[0] // shape[0]
+                    fine = torch.stack(
+                        [_children_last(vt.grids[key + FINE_SUFFIX].tokens, h) for vt in bank]
+                    ).to(device)
+                    fine_valid = torch.stack(
+                        [_children_last(vt.grids[key + FINE_SUFFIX].valid, h) for vt in bank]
+                    ).to(device)
+                    scores, fine_scores = c2f_scores(
+                        tokens,
+                        fine,
+                        valid,
+                        fine_valid,
+                        self.rho,
+                        self.L,
+                        self.query_tile,
+                        self.block_elements,
+                    )
+                    for i, row in enumerate(fine_scores.cpu()):  # [N_c, h] -> [M * h, P, P]
+                        grid = row.reshape(*shape, h).permute(0, 3, 1, 2)
+                        results[i][key + FINE_SUFFIX] = grid.reshape(fine_shape)
+                    del fine, fine_valid
             except ValueError as err:
                 raise ValueError(f"{key}: {err}") from None
             for i, row in enumerate(scores.cpu()):
@@ -250,33 +351,58 @@ class CS3FInferer(Inferer):
         spatial_shape: Sequence[int],
         mask: torch.Tensor | None = None,
         axis_max: dict[str, float] | None = None,
+        variant: str | None = None,
     ) -> torch.Tensor:
-        """Fuse token scores into a voxel anomaly map ``[1, H, W, D]`` (Sec. 3.3.4, Eq. 5).
+        """Fuse token scores into a voxel anomaly map ``[1, H, W, D]`` (Sec. 3.3.4, Eq. 5 and 7).
 
-        Each axis x layer grid is interpolated trilinearly to the volume grid; layers are averaged
-        per axis, axes are averaged, and voxels outside ``mask`` are set to 0.
+        Each axis x layer grid is interpolated trilinearly to the volume grid; per scale (coarse,
+        fine), layers are averaged per axis and axes are averaged; C takes the coarse map, F the fine
+        one and MS their mean (Eq. 7); voxels outside ``mask`` are set to 0. (Fusion is linear, so it
+        is done per axis: the axis map of MS is the mean of its coarse and fine axis maps.)
 
         Args:
-            token_scores: ``{"{axis}/{layer}": [M, P, P]}`` of one volume.
+            token_scores: ``{"{axis}/{layer}": [M, P, P]}`` (and ``"{axis}/{layer}/fine"`` grids for
+                F/MS) of one volume.
             spatial_shape: ``(H, W, D)`` of the volume.
             mask: optional foreground ``[1, H, W, D]``.
             axis_max: if given, filled with the (masked) maximum of each axis map (a cheap breakdown
                 of the subject score).
+            variant: fuse as this variant instead of the inferer's (e.g. the C, F and MS maps from one
+                F/MS scoring pass).
         """
+        variant = self.variant if variant is None else str(variant).upper()
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        scales = {"C": ("coarse",), "F": ("fine",), "MS": ("coarse", "fine")}[variant]
         shape = tuple(int(s) for s in spatial_shape)
-        per_axis: dict[str, list[torch.Tensor]] = {}
+        per_axis: dict[str, dict[str, list[torch.Tensor]]] = {}
         for key, grid in token_scores.items():
+            scale = "fine" if key.endswith(FINE_SUFFIX) else "coarse"
+            if scale not in scales:
+                continue
             axis = key.split("/")[0]
             dim = axis_index(axis)
             target = (shape[dim], *[shape[k] for k in range(3) if k != dim])
             up = F.interpolate(grid[None, None].float(), size=target, mode="trilinear", align_corners=False)
-            per_axis.setdefault(axis, []).append(restore_axis(up[0, 0], axis))
+            per_axis.setdefault(axis, {}).setdefault(scale, []).append(restore_axis(up[0, 0], axis))
         if not per_axis:
-            raise ValueError("no token scores to fuse")
+            raise ValueError(
+                f"no token scores to fuse for variant {variant!r}"
+                + (
+                    " (it needs '{axis}/{layer}/fine' scores: score with q_fine set)"
+                    if variant != "C"
+                    else ""
+                )
+            )
+        for axis, by_scale in per_axis.items():
+            if len(by_scale) != len(scales):
+                raise ValueError(
+                    f"variant {variant!r} fuses {scales} scores but the {axis} axis has only {list(by_scale)}"
+                )
         inside = (_as_volume(mask)[0] > 0) if mask is not None else None
         fused = torch.zeros(shape)
-        for axis, maps in per_axis.items():
-            axis_map = torch.stack(maps).mean(dim=0)
+        for axis, by_scale in per_axis.items():
+            axis_map = torch.stack([torch.stack(maps).mean(dim=0) for maps in by_scale.values()]).mean(dim=0)
             if axis_max is not None:
                 axis_max[axis] = float(
                     (axis_map * inside.to(axis_map.device) if inside is not None else axis_map).max()
@@ -340,4 +466,7 @@ class CS3FInferer(Inferer):
             "seed": self.seed,
             "token_dtype": str(self.token_dtype).replace("torch.", ""),
             "k_rule": "max(1, floor(rho * (B - 1)))",
+            "variant": self.variant,
+            "q_fine": [self.q_fine[a] for a in AXES] if self.q_fine is not None else None,
+            "L": self.L,
         }

@@ -91,7 +91,7 @@ def _sq_norms(tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
     Computed per volume, so that an fp16 bank is never copied whole to fp32.
     """
-    norms = torch.stack([t.float().pow(2).sum(dim=-1) for t in tokens])
+    norms = torch.stack([torch.einsum("...d,...d->...", t.float(), t.float()) for t in tokens])
     return norms.masked_fill(~valid, float("inf"))
 
 
@@ -102,18 +102,39 @@ def _group_ranges(b: int, exclude: int, group: int) -> Iterator[tuple[int, int]]
             yield start, min(start + group, hi)
 
 
+def _workspace(elements: int, device: torch.device) -> torch.Tensor:
+    """A flat fp32 buffer reused by every block of a scorer call.
+
+    On the CPU a fresh block above glibc's mmap threshold (at most 32 MiB) is page-faulted in on
+    every allocation, which costs about as much as the GEMM that fills it; one reused buffer does not.
+    """
+    return torch.empty(elements, dtype=torch.float32, device=device)
+
+
 def _reference_blocks(
-    queries: torch.Tensor, tokens: torch.Tensor, ref_sq_norms: torch.Tensor, exclude: int, group: int
+    queries: torch.Tensor,
+    tokens: torch.Tensor,
+    ref_sq_norms: torch.Tensor,
+    exclude: int,
+    group: int,
+    workspace: torch.Tensor | None = None,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """``(start, stop, d2)`` per group of reference volumes, ``d2 [G, Q, N] = |r|^2 - 2 q.r`` (fp32).
 
     One batched GEMM per group; the reduction over reference tokens is then along the contiguous last
-    dim (a min or a top-L there is several times cheaper than across the middle dim).
+    dim (a min or a top-L there is several times cheaper than across the middle dim). With a
+    ``workspace`` of at least ``group * Q * N`` elements, ``d2`` is a view of it, valid until the next
+    block is requested.
     """
+    n, nq = tokens.shape[1], queries.shape[0]
     for start, stop in _group_ranges(tokens.shape[0], exclude, group):
+        g = stop - start
         refs = tokens[start:stop].to(device=queries.device, dtype=torch.float32)
         norms = ref_sq_norms[start:stop].to(queries.device).unsqueeze(1)  # [G, 1, N]
-        d2 = torch.baddbmm(norms, queries.expand(stop - start, -1, -1), refs.transpose(1, 2), alpha=-2.0)
+        out = None
+        if workspace is not None and workspace.numel() >= g * nq * n:
+            out = workspace[: g * nq * n].view(g, nq, n)
+        d2 = torch.baddbmm(norms, queries.expand(g, -1, -1), refs.transpose(1, 2), alpha=-2.0, out=out)
         yield start, stop, d2
 
 
@@ -123,6 +144,7 @@ def nearest_distance_profile(
     ref_sq_norms: torch.Tensor,
     exclude: int,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    workspace: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared distance of each query to its nearest token in every reference volume (Eq. 1).
 
@@ -133,6 +155,7 @@ def nearest_distance_profile(
             so that they are never the nearest.
         exclude: index of the query's own volume; its column is ``+inf``.
         block_elements: budget for the ``[G, Q, N]`` intermediate; sets the group size ``G``.
+        workspace: optional flat fp32 buffer of ``block_elements`` reused for that intermediate.
 
     Returns:
         ``(d2, index)``: ``[Q, B]`` fp32 squared nearest distances in the GEMM form (not clamped,
@@ -143,7 +166,7 @@ def nearest_distance_profile(
     group = max(1, block_elements // max(1, n * nq))
     profile = torch.full((nq, b), float("inf"), dtype=torch.float32, device=queries.device)
     nearest = torch.zeros((nq, b), dtype=torch.long, device=queries.device)
-    for start, stop, d2 in _reference_blocks(queries, tokens, ref_sq_norms, exclude, group):
+    for start, stop, d2 in _reference_blocks(queries, tokens, ref_sq_norms, exclude, group, workspace):
         best = d2.min(dim=-1)
         profile[:, start:stop] = best.values.t()
         nearest[:, start:stop] = best.indices.t()
@@ -195,12 +218,15 @@ def mutual_similarity_scores(
     k = num_neighbours(b, rho)
     ref_sq_norms = _sq_norms(tokens, valid)
     scores = torch.zeros(b, n, dtype=torch.float32, device=tokens.device)
+    workspace = _workspace(max(block_elements, min(query_tile, n) * n), tokens.device)
     for i in _check_volumes(volumes, b):
         query_index = torch.nonzero(valid[i]).flatten()
         for start in range(0, query_index.numel(), query_tile):
             idx = query_index[start : start + query_tile]
             queries = tokens[i, idx].float()
-            d2, nearest = nearest_distance_profile(queries, tokens, ref_sq_norms, i, block_elements)
+            d2, nearest = nearest_distance_profile(
+                queries, tokens, ref_sq_norms, i, block_elements, workspace
+            )
             scores[i, idx] = _mean_of_k_nearest(queries, d2, nearest, k, lambda v, j: tokens[v, j])
     return scores
 
@@ -242,32 +268,24 @@ def _check_c2f_inputs(
 def _c2f_profiles(
     coarse_q: torch.Tensor,
     fine_q: torch.Tensor,
-    coarse: torch.Tensor,
-    fine: torch.Tensor,
-    coarse_norms: torch.Tensor,
-    fine_norms: torch.Tensor,
-    masks: tuple[torch.Tensor, torch.Tensor] | None,
+    bank: _C2FBank,
     exclude: int,
-    routes: int,
     group: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Coarse and C2F fine distance profiles of one query tile against every other volume.
 
     Args:
         coarse_q: ``[Q, d]`` fp32 query coarse tokens; ``fine_q``: ``[Q, h, d]`` their fine children.
-        coarse, fine: ``[B, N_c, d]`` and ``[B, N_c, h, d]`` banks.
-        coarse_norms: ``[B, N_c]`` squared coarse norms, ``+inf`` where a coarse token is neither
-            valid nor routable.
-        fine_norms: ``[B, N_c, h]`` squared fine norms, ``+inf`` for invalid fine tokens.
-        masks: ``None`` when coarse validity and routability coincide (one top-L reduction then gives
-            both the nearest neighbour and the routes), else ``(coarse_valid, routable)`` ``[B, N_c]``.
-        routes: ``L``, already clipped to ``N_c``.
+        bank: the validated bank (norms, masks, buffers).
+        exclude: the query volume.
+        group: reference volumes per coarse GEMM.
 
     Returns:
         ``(coarse_d2 [Q, B], coarse_nn [Q, B], fine_d2 [Q, h, B], fine_nn [Q, h, B])`` (see
         :func:`c2f_tiles`).
     """
-    b, n_c, h, d = fine.shape
+    b, n_c, h, d = bank.fine.shape
+    routes, masks = bank.routes, bank.masks
     nq = coarse_q.shape[0]
     device = coarse_q.device
     inf = float("inf")
@@ -275,8 +293,9 @@ def _c2f_profiles(
     coarse_nn = torch.zeros((nq, b), dtype=torch.long, device=device)
     fine_d2 = torch.full((nq, h, b), inf, dtype=torch.float32, device=device)
     fine_nn = torch.zeros((nq, h, b), dtype=torch.long, device=device)
-    for start, stop, d2 in _reference_blocks(coarse_q, coarse, coarse_norms, exclude, group):
-        g = stop - start
+    fine_qt = fine_q.transpose(1, 2)  # [Q, d, h]
+    blocks = _reference_blocks(coarse_q, bank.coarse, bank.coarse_norms, exclude, group, bank.workspace)
+    for start, stop, d2 in blocks:
         if masks is None:
             # The same reduction yields the coarse nearest neighbour (Eq. 1) and the routing (Eq. 6).
             top = d2.topk(routes, dim=-1, largest=False)  # sorted ascending
@@ -291,19 +310,26 @@ def _c2f_profiles(
             route_index = d2.masked_fill_(~route_ok, inf).topk(routes, dim=-1, largest=False).indices
         coarse_d2[:, start:stop] = best_values.t()
         coarse_nn[:, start:stop] = best_index.t()
-        del d2
-        # Restricted fine search (Eq. 6): the h children of each of the L routed coarse tokens.
-        volume = torch.arange(start, stop, device=fine.device).view(g, 1, 1)
-        where = route_index.to(fine.device)
-        cand = fine[volume, where].to(device=device, dtype=torch.float32)  # [G, Q, L, h, d]
-        cand_norms = fine_norms[volume, where].to(device).view(g, nq, 1, routes * h)
-        cand = cand.view(g, nq, routes * h, d)
-        # |c|^2 - 2 f.c for the h fine queries of each coarse query vs its L*h candidates.
-        fd2 = torch.matmul(fine_q, cand.transpose(2, 3)).mul_(-2.0).add_(cand_norms)  # [G, Q, h, L*h]
-        best = fd2.min(dim=-1)
-        fine_d2[:, :, start:stop] = best.values.permute(1, 2, 0)
-        parent = route_index.gather(2, torch.div(best.indices, h, rounding_mode="floor").view(g, nq, h))
-        fine_nn[:, :, start:stop] = (parent * h + best.indices % h).permute(1, 2, 0)
+        # Restricted fine search (Eq. 6): the h children of each of the L routed coarse tokens, gathered
+        # for some queries x the G reference volumes at a time into one reused buffer (the search reads
+        # each candidate h times only, so it is bound by this gather, not by arithmetic).
+        g = stop - start
+        rows = route_index + (torch.arange(start, stop, device=device) * n_c).view(g, 1, 1)  # [G, Q, L]
+        step = max(1, bank.candidates.shape[0] // (g * routes))
+        for s0 in range(0, nq, step):
+            s1 = min(s0 + step, nq)
+            where = rows[:, s0:s1].reshape(-1).to(bank.fine_rows.device)  # [G * S * L]
+            cand = bank.candidates[: where.numel()]
+            torch.index_select(bank.fine_rows, 0, where, out=cand)
+            cand = cand.to(device=device, dtype=torch.float32).view(g * (s1 - s0), routes * h, d)
+            cand_norms = bank.fine_norm_rows.index_select(0, where).to(device).view(-1, routes * h, 1)
+            queries = fine_qt[s0:s1].expand(g, -1, -1, -1).reshape(-1, d, h)
+            # |c|^2 - 2 c.f for the L*h candidates x h fine queries of each coarse query.
+            best = torch.baddbmm(cand_norms, cand, queries, alpha=-2.0).min(dim=1)  # [G * S, h]
+            fine_d2[s0:s1, :, start:stop] = best.values.view(g, s1 - s0, h).permute(1, 2, 0)
+            child = best.indices.view(g, s1 - s0, h)
+            parent = route_index[:, s0:s1].gather(2, torch.div(child, h, rounding_mode="floor"))
+            fine_nn[s0:s1, :, start:stop] = (parent * h + child % h).permute(1, 2, 0)
     coarse_d2 += coarse_q.pow(2).sum(dim=-1).unsqueeze(-1)
     fine_d2 += fine_q.pow(2).sum(dim=-1).unsqueeze(-1)
     return coarse_d2, coarse_nn, fine_d2, fine_nn
@@ -332,12 +358,20 @@ class _C2FBank:
         self.coarse_norms = _sq_norms(coarse, self.coarse_valid | routable)
         same = torch.equal(routable, self.coarse_valid)
         self.masks = None if same else (self.coarse_valid, routable)
-        self.fine_norms = _sq_norms(fine, self.fine_valid)
         self.queries_of = self.coarse_valid | routable
-        # Per query and reference volume: N_c coarse distances, L*h gathered candidates of d (+ h) floats.
-        self.per_query = n_c + self.routes * h * (d + h) + 2 * self.routes
+        # Rows of h children: one index_select row per routed coarse token (a view when contiguous).
+        self.fine_rows = fine.reshape(b * n_c, h * d)
+        self.fine_norm_rows = _sq_norms(fine, self.fine_valid).reshape(b * n_c, h)
+        # Per query and reference volume: N_c coarse distances (the routes and profiles are small).
+        self.per_query = n_c + 2 * self.routes
         self.tile = max(1, min(int(query_tile), block_elements // self.per_query))
         self.block_elements = block_elements
+        self.workspace = _workspace(block_elements, coarse.device)
+        # Gathered fine candidates (rows of h*d values), reused by every block: ~8 MiB, at least one
+        # query's L routes (below glibc's mmap threshold, so the buffer stays resident).
+        self.candidates = torch.empty(
+            max(self.routes, (1 << 21) // (h * d)), h * d, dtype=fine.dtype, device=fine.device
+        )
 
     def tiles(self, volumes: Sequence[int] | None) -> Iterator[tuple[int, torch.Tensor, tuple]]:
         for i in _check_volumes(volumes, self.coarse.shape[0]):
@@ -346,16 +380,7 @@ class _C2FBank:
                 idx = query_index[start : start + self.tile]
                 group = max(1, self.block_elements // (idx.numel() * self.per_query))
                 profiles = _c2f_profiles(
-                    self.coarse[i, idx].float(),
-                    self.fine[i, idx].float(),
-                    self.coarse,
-                    self.fine,
-                    self.coarse_norms,
-                    self.fine_norms,
-                    self.masks,
-                    i,
-                    self.routes,
-                    group,
+                    self.coarse[i, idx].float(), self.fine[i, idx].float(), self, i, group
                 )
                 yield i, idx, profiles
 

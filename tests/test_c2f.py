@@ -109,7 +109,7 @@ def test_small_budgets_match_brute_force(L: int) -> None:
 def test_fine_scores_never_increase_with_L() -> None:
     """Top-L sets are nested, so each approximate distance, hence the mean of the K smallest, is
     non-increasing in L; at L = N_c it reaches the exhaustive score."""
-    b, n_c, h, d, rho = 7, 16, 2, 6, 0.34
+    b, n_c, h, d, rho = 7, 12, 2, 6, 0.34
     coarse, fine, coarse_valid, fine_valid = make_tokens(b, n_c, h, d, seed=5)
     previous = None
     for L in range(1, n_c + 1):
@@ -190,7 +190,7 @@ _PEAK_SCRIPT = textwrap.dedent(
     sys.path.insert(0, {root!r})
     from scripts.scoring import c2f_scores
     torch.set_num_threads(1)
-    b, n_c, h, d = int(sys.argv[1]), 256, 4, 32
+    b, n_c, h, d = int(sys.argv[1]), 192, 4, 16
     fine = torch.randn(b, n_c, h, d)
     coarse = fine.mean(dim=2)
     c2f_scores(coarse[:2, :8], fine[:2, :8], L=2)  # warm-up: load kernels before the baseline
@@ -204,7 +204,7 @@ _PEAK_SCRIPT = textwrap.dedent(
 
 def test_peak_memory_does_not_grow_with_batch() -> None:
     """Routing indices and candidates live per (query tile, reference group): the extra peak memory is
-    the same at B = 4 and B = 40 (whole-batch routing indices alone would be B*N_c*B*L*8 B = 52 MiB)."""
+    the same at B = 4 and B = 40 (whole-batch routing indices alone would be B*N_c*B*L*8 B = 39 MiB)."""
     root = str(Path(__file__).resolve().parents[1])
     growth = {}
     for b in (4, 40):
@@ -216,3 +216,150 @@ def test_peak_memory_does_not_grow_with_batch() -> None:
         )
         growth[b] = int(out.stdout.strip().splitlines()[-1])
     assert growth[40] <= growth[4] + 8 * 2**20, growth
+
+
+# ---------------------------------------------------------------------------------------------------
+# CS3FInferer variants (Sec. 4: CS3F-C, CS3F-F, CS3F-MS)
+
+
+def test_fine_tokens_are_the_q_fine_tokens_of_the_same_slabs() -> None:
+    from scripts.inferer import CS3FInferer
+    from tests.helpers import TinyEncoder
+
+    volume, encoder = torch.rand(1, 16, 16, 24), TinyEncoder(32)
+    mask = torch.zeros(1, 16, 16, 24)
+    mask[:, 3:13, 2:14, 5:20] = 1
+    ms = CS3FInferer(q=(8, 4, 8), q_fine=(2, 4, 1), d=8, variant="MS", slab_size=8)
+    encoder.max_batch = 0
+    tokens = ms.tokenize(volume, encoder, mask)
+    assert encoder.max_batch == 8  # one pass of q_c-slabs serves both scales
+    coarse_only = CS3FInferer(q=(8, 4, 8), d=8).tokenize(volume, encoder, mask)
+    fine_only = CS3FInferer(q=(2, 4, 1), d=8).tokenize(volume, encoder, mask)
+    assert [k for k in tokens.grids if not k.endswith("/fine")] == list(coarse_only.grids)
+    for key, grid in coarse_only.grids.items():
+        torch.testing.assert_close(tokens.grids[key].tokens, grid.tokens)
+        fine = tokens.grids[key + "/fine"]
+        torch.testing.assert_close(fine.tokens, fine_only.grids[key].tokens, atol=1e-5, rtol=1e-5)
+        assert torch.equal(fine.valid, fine_only.grids[key].valid)
+    assert tokens.grids["axial/0/fine"].tokens.shape == (24, 8, 8, 8)  # M * h = 3 * 8
+    assert ms.describe()["variant"] == "MS" and ms.describe()["q_fine"] == [2, 4, 1]
+    assert ms.describe()["L"] == 16
+    assert CS3FInferer(q_fine=(2, 2, 2)).describe()["q_fine"] is None  # C does not use fine tokens
+
+
+def test_variants_score_and_fuse() -> None:
+    """F/MS coarse scores are CS3F-C's; with L >= N_c the fine grids are exhaustive q_fine scores; MS
+    map = mean of the C and F maps."""
+    from scripts.inferer import CS3FInferer
+    from tests.helpers import TinyEncoder
+
+    vols, _ = blob_cohort_small()
+    masks = (vols > 0.2).float()
+    encoder = TinyEncoder(32)
+    kwargs = {"axes": ["coronal", "axial"], "d": 8, "rho": 0.34}
+    full = CS3FInferer(q=4, q_fine=2, variant="F", L=1000, **kwargs)
+    bank = [full.tokenize(v, encoder, m) for v, m in zip(vols, masks, strict=True)]
+    scores = full.score(bank)
+    coarse_ref = CS3FInferer(q=4, **kwargs)
+    fine_ref = CS3FInferer(q=2, **kwargs)
+    c_scores = coarse_ref.score(
+        [coarse_ref.tokenize(v, encoder, m) for v, m in zip(vols, masks, strict=True)]
+    )
+    f_scores = fine_ref.score([fine_ref.tokenize(v, encoder, m) for v, m in zip(vols, masks, strict=True)])
+    for i in range(len(vols)):
+        assert set(scores[i]) == set(c_scores[i]) | {k + "/fine" for k in c_scores[i]}
+        for key in c_scores[i]:
+            torch.testing.assert_close(scores[i][key], c_scores[i][key], atol=1e-5, rtol=0)
+            torch.testing.assert_close(scores[i][key + "/fine"], f_scores[i][key], atol=1e-4, rtol=0)
+    shape, mask = bank[0].spatial_shape, masks[0]
+    c_map = full.voxel_map(scores[0], shape, mask, variant="C")
+    f_map = full.voxel_map(scores[0], shape, mask)
+    axis_max: dict[str, float] = {}
+    ms_map = full.voxel_map(scores[0], shape, mask, axis_max=axis_max, variant="MS")
+    torch.testing.assert_close(c_map, coarse_ref.voxel_map(c_scores[0], shape, mask))
+    torch.testing.assert_close(f_map, fine_ref.voxel_map(f_scores[0], shape, mask), atol=1e-4, rtol=0)
+    torch.testing.assert_close(ms_map, (c_map + f_map) / 2, atol=1e-6, rtol=0)
+    assert set(axis_max) == {"coronal", "axial"} and max(axis_max.values()) >= float(ms_map.max()) - 1e-6
+    # A routed search with L = 1 never scores below the exhaustive one.
+    routed = CS3FInferer(q=4, q_fine=2, variant="MS", L=1, **kwargs).score(bank)
+    assert all(torch.all(routed[0][k] >= scores[0][k] - 1e-5) for k in scores[0] if k.endswith("/fine"))
+
+
+def blob_cohort_small():
+    from tests.helpers import blob_cohort
+
+    return blob_cohort(4, 8, abnormal=(1,), seed=4)
+
+
+def test_variant_errors() -> None:
+    from scripts.inferer import CS3FInferer
+    from tests.helpers import TinyEncoder
+
+    with pytest.raises(ValueError, match="on the coronal axis q_c=8 is not a multiple of q_f=3"):
+        CS3FInferer(q=8, q_fine=(2, 3, 2), variant="MS")
+    CS3FInferer(axes=["axial"], q=8, q_fine=(3, 3, 2), variant="F")  # unused axes are not checked
+    with pytest.raises(ValueError, match="variant 'F' needs q_fine"):
+        CS3FInferer(variant="f")
+    with pytest.raises(ValueError, match="variant must be one of"):
+        CS3FInferer(variant="fine")
+    with pytest.raises(ValueError, match="L .* must be an int >= 1"):
+        CS3FInferer(q_fine=2, variant="MS", L=0)
+    coarse_bank = [CS3FInferer(axes=["axial"], q=4).tokenize(torch.rand(1, 8, 8, 8), TinyEncoder(32))] * 2
+    ms = CS3FInferer(axes=["axial"], q=4, q_fine=2, variant="MS")
+    with pytest.raises(ValueError, match="needs fine token grids, missing 'axial/0/fine'"):
+        ms.score(coarse_bank)
+    with pytest.raises(ValueError, match="fuses .* but the axial axis has only \\['coarse'\\]"):
+        ms.voxel_map({"axial/0": torch.zeros(2, 8, 8)}, (8, 8, 8))
+    with pytest.raises(ValueError, match="needs '\\{axis\\}/\\{layer\\}/fine' scores"):
+        ms.voxel_map({"axial/0": torch.zeros(2, 8, 8)}, (8, 8, 8), variant="F")
+
+
+@pytest.mark.parametrize(("variant", "inside"), [("F", 0.5), ("MS", 0.9)])
+def test_end_to_end_blobs_fine_variants(variant: str, inside: float) -> None:
+    """F/MS through ``__call__`` on the blob cohort: the blob is where the map is hot.
+
+    Subject ranking is not asserted: on this cohort (blobs 8 voxels across, larger than a coarse token,
+    and 30 % per-subject texture noise) fine tokens see more normal variation than coarse ones, so the
+    subject maximum of some normal volumes beats the blob volumes under F and MS while C ranks them
+    first - the false-positive side of the trade-off of paper Sec. 4.5.1 (see docs/multiscale.md).
+    """
+    from scripts.inferer import CS3FInferer
+    from tests.helpers import TinyEncoder, blob_cohort
+
+    vols, blobs = blob_cohort(8, 32, abnormal=(2, 5))
+    maps, scores = CS3FInferer(q=4, q_fine=2, variant=variant, L=4, d=32, rho=0.1)(vols, TinyEncoder(32))
+    assert maps.shape == vols.shape and scores.shape == (8,) and torch.all(torch.isfinite(maps))
+    for i in (2, 5):
+        top5 = torch.quantile(maps[i].flatten(), 0.95)
+        assert (maps[i][blobs[i]] >= top5).float().mean() > inside
+
+
+def test_multiscale_overlay_configures_the_inferer() -> None:
+    from monai.bundle import ConfigParser
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(root / "inference.json")])
+    base = parser.get_parsed_content("inferer")
+    assert (base.variant, base.q_fine, base.L) == ("C", None, 16)
+    for override, expected in ((None, "MS"), ("F", "F")):
+        parser = ConfigParser()
+        parser.read_config([str(root / "inference.json"), str(root / "multiscale.json")])
+        if override is not None:
+            parser["variant"] = override
+        inferer = parser.get_parsed_content("inferer")
+        assert inferer.variant == expected and inferer.L == 16
+        assert inferer.describe()["q_fine"] == [2, 2, 2] and inferer.describe()["q"] == [8, 8, 8]
+
+
+def test_bench_c2f_smoke() -> None:
+    from scripts.bench_c2f import bench_c2f, format_table, theoretical_speedup
+
+    result = bench_c2f(B=4, n_coarse=16, h=2, d=8, Ls=(1, 16), repeats=1, device="cpu", tokens="structured")
+    assert result["params"]["query_volumes_timed"] == 2 and result["exhaustive_s"] > 0
+    short, full = result["runs"]
+    assert short["L"] == 1 and short["theoretical"] == round(theoretical_speedup(2, 1, 16), 2)
+    assert 0 <= short["nn_match"] <= 1 and short["score_excess"] >= -1e-4
+    # L = N_c is the exhaustive search: same nearest neighbours, same scores.
+    assert full["nn_match"] == 1.0 and full["spearman"] > 0.9999 and abs(full["score_excess"]) < 1e-4
+    assert "Eq.9" in format_table(result)
