@@ -1054,11 +1054,24 @@ def cli(
     preview=None,
     overwrite: bool = False,
     quiet: bool = False,
+    organ: str = "brain",
     **kwargs,
 ) -> None:
     """``python -m scripts synth --out DIR [--n_normal 20 --n_abnormal 12 --shape 96 --contrast t1
     --seed 0 --base mni152|colin27|both --preview out.png --overwrite ...]``; any other keyword of
-    ``generate_cohort`` (e.g. ``--lesion_volume '(20,20000)'``) is passed through."""
+    ``generate_cohort`` (e.g. ``--lesion_volume '(20,20000)'``) is passed through. ``--organ lung``:
+    a chest-CT cohort instead (:func:`scripts.synth_lung.cli`, its own keywords)."""
+    if organ == "lung":
+        if (shape, contrast, base) != (96, "t1", "mni152"):
+            raise ValueError("--shape, --contrast and --base are brain options (lung: --scale, --spacing)")
+        from scripts.synth_lung import cli as lung_cli
+
+        out = "demo_data_lung" if out == "demo_data" else out
+        return lung_cli(
+            out, n_normal, n_abnormal, seed, preview=preview, overwrite=overwrite, quiet=quiet, **kwargs
+        )
+    if organ != "brain":
+        raise ValueError(f"organ must be 'brain' or 'lung', got {organ!r}")
     t0 = time.perf_counter()
     path = generate_cohort(
         out,
