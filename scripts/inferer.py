@@ -264,16 +264,20 @@ class CS3FInferer(Inferer):
         return out
 
     # ------------------------------------------------------------------ scoring
-    def score(self, bank: Sequence[VolumeTokens]) -> list[dict[str, torch.Tensor]]:
+    def score(
+        self, bank: Sequence[VolumeTokens], queries: Sequence[int] | None = None
+    ) -> list[dict[str, torch.Tensor]]:
         """Cross-subject token scores for every volume, per axis x layer (Eq. 1-2; Eq. 6 for F/MS).
 
         Args:
             bank: tokens of the ``B >= 2`` volumes of the batch.
+            queries: score only these volumes (indices into ``bank``), against all of them as
+                references, e.g. one rank's share; ``None``: all.
 
         Returns:
             per volume, ``{key: [M, P, P]}`` fp32 token scores (0 for invalid tokens); for F/MS also
             ``{key + "/fine": [M * h, P, P]}`` C2F fine scores, the coarse ones then coming from the
-            same coarse distance pass.
+            same coarse distance pass. Volumes not in ``queries`` get ``{}``.
         """
         if len(bank) < 2:
             raise ValueError(
@@ -299,6 +303,7 @@ class CS3FInferer(Inferer):
                     f"tokenize with this inferer (q_fine set)"
                 )
         results: list[dict[str, torch.Tensor]] = [{} for _ in bank]
+        wanted = range(len(bank)) if queries is None else sorted({int(i) for i in queries})
         iterator = coarse_keys
         if self.progress:
             from tqdm.auto import tqdm
@@ -312,7 +317,7 @@ class CS3FInferer(Inferer):
             try:
                 if self.variant == "C":
                     scores = mutual_similarity_scores(
-                        tokens, valid, self.rho, self.query_tile, self.block_elements
+                        tokens, valid, self.rho, self.query_tile, self.block_elements, volumes=queries
                     )
                 else:
                     fine_shape = bank[0].grids[key + FINE_SUFFIX].shape
@@ -332,15 +337,16 @@ class CS3FInferer(Inferer):
                         self.L,
                         self.query_tile,
                         self.block_elements,
+                        volumes=queries,
                     )
-                    for i, row in enumerate(fine_scores.cpu()):  # [N_c, h] -> [M * h, P, P]
-                        grid = row.reshape(*shape, h).permute(0, 3, 1, 2)
+                    for i in wanted:  # [N_c, h] -> [M * h, P, P]
+                        grid = fine_scores[i].cpu().reshape(*shape, h).permute(0, 3, 1, 2)
                         results[i][key + FINE_SUFFIX] = grid.reshape(fine_shape)
                     del fine, fine_valid
             except ValueError as err:
                 raise ValueError(f"{key}: {err}") from None
-            for i, row in enumerate(scores.cpu()):
-                results[i][key] = row.reshape(shape)
+            for i in wanted:
+                results[i][key] = scores[i].cpu().reshape(shape)
             del tokens, valid
         return results
 

@@ -262,9 +262,8 @@ def test_variants_score_and_fuse() -> None:
     scores = full.score(bank)
     coarse_ref = CS3FInferer(q=4, **kwargs)
     fine_ref = CS3FInferer(q=2, **kwargs)
-    c_scores = coarse_ref.score(
-        [coarse_ref.tokenize(v, encoder, m) for v, m in zip(vols, masks, strict=True)]
-    )
+    coarse_bank = [coarse_ref.tokenize(v, encoder, m) for v, m in zip(vols, masks, strict=True)]
+    c_scores = coarse_ref.score(coarse_bank)
     f_scores = fine_ref.score([fine_ref.tokenize(v, encoder, m) for v, m in zip(vols, masks, strict=True)])
     for i in range(len(vols)):
         assert set(scores[i]) == set(c_scores[i]) | {k + "/fine" for k in c_scores[i]}
@@ -283,6 +282,13 @@ def test_variants_score_and_fuse() -> None:
     # A routed search with L = 1 never scores below the exhaustive one.
     routed = CS3FInferer(q=4, q_fine=2, variant="MS", L=1, **kwargs).score(bank)
     assert all(torch.all(routed[0][k] >= scores[0][k] - 1e-5) for k in scores[0] if k.endswith("/fine"))
+    # One rank's share of the queries (all volumes stay references): the same scores for those.
+    for inferer, tokens, reference in ((full, bank, scores), (coarse_ref, coarse_bank, c_scores)):
+        share = inferer.score(tokens, queries=[2, 0])
+        assert share[1] == {} and share[3] == {}
+        for i in (0, 2):
+            assert set(share[i]) == set(reference[i])
+            assert all(torch.equal(share[i][k], reference[i][k]) for k in share[i])
 
 
 def blob_cohort_small():
