@@ -817,9 +817,9 @@ def _safe(name: str) -> str:
 
 
 def format_table(metrics: Mapping) -> str:
-    """The ARCHITECTURE.md metrics as a two-column markdown table (percent for fractions)."""
+    """The ARCHITECTURE.md metrics (+ localisation rate) as a markdown table (percent for fractions)."""
     lines = ["| metric | value |", "|---|---|"]
-    for k in ARCHITECTURE_KEYS:
+    for k in (*ARCHITECTURE_KEYS, "localization99"):
         v = metrics.get(k)
         if v is None or (isinstance(v, float) and math.isnan(v)):
             s = "n/a"
