@@ -55,6 +55,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -894,10 +895,6 @@ def generate_cohort(
         raise ValueError(f"contrast must be 't1' or 't2', got {contrast!r}")
     if n_normal < 0 or n_abnormal < 0 or n_normal + n_abnormal < 1:
         raise ValueError("need n_normal >= 0, n_abnormal >= 0 and at least one subject")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it"
-        )
     shape, spacing, affine = output_geometry(shape, fov_mm)
     abnormal, bases = _cohort_layout(n_normal, n_abnormal, seed, base)
     lesion_kw = dict(
@@ -909,12 +906,9 @@ def generate_cohort(
         necrosis=necrosis,
         mass_effect=mass_effect,
     )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        for sub in ("images", "labels", "masks"):
-            (tmp / sub).mkdir(parents=True)
-        jobs = [
+
+    def make_jobs(tmp: Path) -> list:
+        return [
             (
                 i,
                 bool(is_abn),
@@ -925,16 +919,48 @@ def generate_cohort(
             )
             for i, (is_abn, b) in enumerate(zip(abnormal, bases, strict=True))
         ]
+
+    return write_cohort(
+        out_dir, make_jobs, _write_subject, _report, workers=workers, overwrite=overwrite, verbose=verbose
+    )
+
+
+def write_cohort(
+    out_dir: Path,
+    make_jobs: Callable[[Path], list],
+    write_subject: Callable,
+    report: Callable,
+    workers: int = 1,
+    overwrite: bool = False,
+    verbose: bool = False,
+) -> Path:
+    """Write a cohort so that it appears whole or not at all (shared by the brain and lung generators).
+
+    Subjects are written by ``write_subject(job)`` (in ``workers`` processes if > 1; the function must
+    be a module-level one) into a temporary sibling folder with ``images/ labels/ masks/``; the rows
+    it returns form ``cohort.csv``; then the folder is renamed into place. An existing non-empty
+    ``out_dir`` is an error unless ``overwrite``.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it"
+        )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        for sub in ("images", "labels", "masks"):
+            (tmp / sub).mkdir(parents=True)
+        jobs = make_jobs(tmp)
         if workers > 1:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
             ctx = multiprocessing.get_context("spawn")  # torch and fork do not mix well
             with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                results = pool.map(_write_subject, jobs)
-                rows = [_report(row, verbose) for row in results]
+                rows = [report(row, verbose) for row in pool.map(write_subject, jobs)]
         else:
-            rows = [_report(_write_subject(job), verbose) for job in jobs]
+            rows = [report(write_subject(job), verbose) for job in jobs]
         with open(tmp / "cohort.csv", "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
             writer.writeheader()
@@ -955,14 +981,14 @@ def generate_cohort(
     return out_dir
 
 
-def ensure_cohort(out_dir, **kwargs) -> Path:
+def ensure_cohort(out_dir, generate: Callable | None = None, **kwargs) -> Path:
     """``out_dir`` if it already holds a cohort (``cohort.csv``; cohorts appear atomically), else
-    ``generate_cohort(out_dir, **kwargs)``: what a demo calls on first run."""
+    ``generate(out_dir, **kwargs)`` (default :func:`generate_cohort`): what a demo calls on first run."""
     out_dir = Path(out_dir)
     if (out_dir / "cohort.csv").is_file():
         return out_dir
     try:
-        return generate_cohort(out_dir, **kwargs)
+        return (generate or generate_cohort)(out_dir, **kwargs)
     except FileExistsError:
         if (out_dir / "cohort.csv").is_file():  # generated concurrently by another process
             return out_dir

@@ -48,10 +48,7 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +57,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from scripts.synth import SIZE_CLASSES, _grow, _single_thread, size_class
+from scripts import synth
+from scripts.synth import SIZE_CLASSES, _grow, _single_thread, size_class, write_cohort
 
 __all__ = [
     "LEFT_LABEL",
@@ -709,59 +707,23 @@ def generate_cohort(
         raise ValueError(f"mask_format must be one of {MASK_FORMATS}, got {mask_format!r}")
     if n_normal < 0 or n_abnormal < 0 or n_normal + n_abnormal < 1:
         raise ValueError("need n_normal >= 0, n_abnormal >= 0 and at least one subject")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it"
-        )
     abnormal = _cohort_layout(n_normal, n_abnormal, seed)
     kw = dict(seed=seed, scale=float(scale), spacing=tuple(np.broadcast_to(np.asarray(spacing, float), (3,))))
     kw.update(subject_kw)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        for sub in ("images", "labels", "masks"):
-            (tmp / sub).mkdir(parents=True)
-        jobs = [(i, bool(a), tmp, mask_format, kw) for i, a in enumerate(abnormal)]
-        if workers > 1:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            ctx = multiprocessing.get_context("spawn")  # torch and fork do not mix well
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                rows = [_report(row, verbose) for row in pool.map(_write_subject, jobs)]
-        else:
-            rows = [_report(_write_subject(job), verbose) for job in jobs]
-        with open(tmp / "cohort.csv", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        if out_dir.exists():
-            trash = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            out_dir.rename(trash)
-            tmp.rename(out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            try:
-                tmp.rename(out_dir)
-            except OSError as err:  # another process finished the same cohort first
-                raise FileExistsError(f"{out_dir} appeared while this cohort was being generated") from err
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return write_cohort(
+        out_dir,
+        lambda tmp: [(i, bool(a), tmp, mask_format, kw) for i, a in enumerate(abnormal)],
+        _write_subject,
+        _report,
+        workers=workers,
+        overwrite=overwrite,
+        verbose=verbose,
+    )
 
 
 def ensure_cohort(out_dir, **kwargs) -> Path:
     """``out_dir`` if it holds a cohort (``cohort.csv``), else ``generate_cohort(out_dir, **kwargs)``."""
-    out_dir = Path(out_dir)
-    if (out_dir / "cohort.csv").is_file():
-        return out_dir
-    try:
-        return generate_cohort(out_dir, **kwargs)
-    except FileExistsError:
-        if (out_dir / "cohort.csv").is_file():  # generated concurrently by another process
-            return out_dir
-        raise
+    return synth.ensure_cohort(out_dir, generate=generate_cohort, **kwargs)
 
 
 def summarize_cohort(cohort_dir) -> dict:
