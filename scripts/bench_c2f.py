@@ -20,13 +20,15 @@ token = template + per-volume noise, children of one coarse region correlated), 
 routing relies on. Coarse tokens are the normalised mean of their children, as depth pooling makes
 them.
 
-Usage: ``python -m scripts.bench_c2f --B 24 --n_coarse 2048 --h 4 --Ls [1,4,16,64]``.
+Usage: ``python -m scripts.bench_c2f --B 24 --n_coarse 2048 --h 4 --Ls [1,4,16,64]``, or on the real
+tokens an F/MS bundle run cached: ``python -m scripts.bench_c2f --cache OUT/tokens --key axial/0``.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +42,7 @@ from scripts.scoring import (
     nearest_distance_profile,
 )
 
-__all__ = ["bench_c2f", "synthetic_tokens", "theoretical_speedup"]
+__all__ = ["bench_c2f", "load_bank", "synthetic_tokens", "theoretical_speedup"]
 
 
 def theoretical_speedup(h: int, L: int, n_coarse: int) -> float:
@@ -68,6 +70,31 @@ def synthetic_tokens(
         raise ValueError(f"tokens must be 'random' or 'structured', got {kind!r}")
     fine = F.normalize(fine, dim=-1)
     return F.normalize(fine.mean(dim=2), dim=-1), fine
+
+
+def load_bank(folder: str | Path, key: str = "axial/0") -> tuple[torch.Tensor, ...]:
+    """``(coarse, fine, coarse_valid, fine_valid)`` of one axis x layer from a bundle run's token cache.
+
+    ``folder`` is the ``tokens/`` folder of an F/MS run (:mod:`scripts.cache` entries, one ``.pt`` per
+    volume, holding the ``"{axis}/{layer}"`` and ``"{axis}/{layer}/fine"`` grids); the fine grids are
+    regrouped as the ``h`` depth children of each coarse token, as the inferer does.
+    """
+    from scripts.inferer import FINE_SUFFIX, _children_last
+
+    coarse, fine, coarse_valid, fine_valid = [], [], [], []
+    for path in sorted(Path(folder).glob("*.pt")):
+        grids = torch.load(path, map_location="cpu", weights_only=True)["grids"]
+        if key + FINE_SUFFIX not in grids:
+            raise ValueError(f"{path} has no {key + FINE_SUFFIX!r} grid: use the tokens of an F/MS run")
+        (tc, vc), (tf, vf) = grids[key], grids[key + FINE_SUFFIX]
+        h = tf.shape[0] // tc.shape[0]
+        coarse.append(tc.reshape(-1, tc.shape[-1]))
+        coarse_valid.append(vc.reshape(-1))
+        fine.append(_children_last(tf, h))
+        fine_valid.append(_children_last(vf, h))
+    if len(coarse) < 2:
+        raise ValueError(f"need at least 2 cached volumes in {folder}, found {len(coarse)}")
+    return tuple(torch.stack(t) for t in (coarse, fine, coarse_valid, fine_valid))
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -101,6 +128,7 @@ def bench_c2f(
     rho: float = 0.1,
     query_volumes: int | None = 2,
     tokens: str = "random",
+    bank: tuple[torch.Tensor, ...] | None = None,
     threads: int | None = None,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     seed: int = 0,
@@ -109,7 +137,7 @@ def bench_c2f(
 
     Args:
         B, n_coarse, h, d: batch size, coarse tokens per volume ``N_c``, fine children per coarse
-            token, token dimension.
+            token, token dimension (ignored when ``bank`` is given).
         Ls: routing budgets to measure.
         repeats: timing repeats (the minimum is kept).
         device: where the bank lives and is scored.
@@ -117,6 +145,9 @@ def bench_c2f(
         query_volumes: number of query volumes timed and compared (``None``: all ``B``); times are
             scaled to all ``B``.
         tokens: ``"random"`` or ``"structured"`` (see :func:`synthetic_tokens`).
+        bank: real tokens instead, ``(coarse [B, N_c, d], fine [B, N_c, h, d][, coarse_valid,
+            fine_valid])`` as :func:`scripts.scoring.c2f_scores` takes them. With masks, Eq. 9 is
+            evaluated at the mean number of valid coarse tokens per volume.
         threads: ``torch.set_num_threads`` for the run (restored afterwards); ``None`` leaves it.
         block_elements: scorer block budget.
         seed: token seed.
@@ -130,10 +161,22 @@ def bench_c2f(
     if threads is not None:
         torch.set_num_threads(int(threads))
     try:
-        coarse, fine = (t.to(device) for t in synthetic_tokens(B, n_coarse, h, d, tokens, seed=seed))
+        if bank is None:
+            coarse, fine = (t.to(device) for t in synthetic_tokens(B, n_coarse, h, d, tokens, seed=seed))
+            coarse_valid = fine_valid = None
+        else:
+            coarse, fine, coarse_valid, fine_valid = (*bank, None, None)[:4]
+            coarse, fine = coarse.to(device), fine.to(device)
+            B, n_coarse, h, d = fine.shape
+            tokens = "given bank"
+        cv = torch.ones(B, n_coarse, dtype=torch.bool) if coarse_valid is None else coarse_valid.bool()
+        fv = torch.ones(B, n_coarse, h, dtype=torch.bool) if fine_valid is None else fine_valid.bool()
+        cv, fv = cv.to(device), fv.to(device)
+        n_valid_coarse = float(cv.sum(dim=1).float().mean())
         n_query = B if query_volumes is None else max(1, min(int(query_volumes), B))
         volumes = list(range(n_query))
         flat = fine.reshape(B, n_coarse * h, d)
+        flat_valid = fv.reshape(B, n_coarse * h)
 
         def timed_all(score: Callable[[list[int]], object]) -> tuple[float, object]:
             """Seconds to score all B volumes, from n_query of them plus the once-per-call setup."""
@@ -142,37 +185,41 @@ def bench_c2f(
             return setup + max(0.0, seconds - setup) * B / n_query, out
 
         exhaustive_s, exact = timed_all(
-            lambda v: mutual_similarity_scores(flat, rho=rho, block_elements=block_elements, volumes=v)
+            lambda v: mutual_similarity_scores(
+                flat, flat_valid, rho, block_elements=block_elements, volumes=v
+            )
         )
-        exact = exact[:n_query].reshape(-1)
+        query_valid = flat_valid[:n_query].reshape(-1)
+        exact = exact[:n_query].reshape(-1)[query_valid]
         coarse_s, _ = timed_all(
-            lambda v: mutual_similarity_scores(coarse, rho=rho, block_elements=block_elements, volumes=v)
+            lambda v: mutual_similarity_scores(coarse, cv, rho, block_elements=block_elements, volumes=v)
         )
         # Exhaustive nearest fine token per (fine query, reference volume), for the NN agreement.
-        norms = _sq_norms(flat, torch.ones(flat.shape[:2], dtype=torch.bool, device=device))
+        norms = _sq_norms(flat, flat_valid)
         exact_nn = [
-            nearest_distance_profile(flat[i], flat, norms, i, block_elements)[1] for i in volumes
+            nearest_distance_profile(flat[i].float(), flat, norms, i, block_elements)[1] for i in volumes
         ]  # each [N_c * h, B]
 
         runs = []
         for L in Ls:
             c2f_s, (_, approx) = timed_all(
                 lambda v, L=L: c2f_scores(
-                    coarse, fine, rho=rho, L=L, block_elements=block_elements, volumes=v
+                    coarse, fine, cv, fv, rho, L=L, block_elements=block_elements, volumes=v
                 )
             )
-            approx = approx[:n_query].reshape(-1)
+            approx = approx[:n_query].reshape(-1)[query_valid]
             matched = total = 0
             for i, idx, (_, _, _, fine_nn) in c2f_tiles(
-                coarse, fine, L=L, block_elements=block_elements, volumes=volumes
+                coarse, fine, cv, fv, L=L, block_elements=block_elements, volumes=volumes
             ):
                 rows = (idx.unsqueeze(1) * h + torch.arange(h, device=idx.device)).reshape(-1)
+                ok = flat_valid[i, rows]
                 others = torch.arange(B, device=device) != i
-                same = fine_nn.reshape(-1, B)[:, others] == exact_nn[i][rows][:, others]
+                same = fine_nn.reshape(-1, B)[ok][:, others] == exact_nn[i][rows][ok][:, others]
                 matched += int(same.sum())
                 total += same.numel()
             speedup = exhaustive_s / c2f_s
-            theory = theoretical_speedup(h, L, n_coarse)
+            theory = theoretical_speedup(h, L, round(n_valid_coarse))
             runs.append(
                 {
                     "L": int(L),
@@ -181,7 +228,7 @@ def bench_c2f(
                     "theoretical": round(theory, 2),
                     "speedup_over_theory": round(speedup / theory, 3),
                     "spearman": round(_spearman(approx, exact), 5),
-                    "nn_match": round(matched / total, 5),
+                    "nn_match": round(matched / max(1, total), 5),
                     "score_excess": round(float(((approx - exact) / exact.clamp_min(1e-12)).mean()), 5),
                 }
             )
@@ -189,6 +236,7 @@ def bench_c2f(
             "params": {
                 "B": B,
                 "n_coarse": n_coarse,
+                "n_valid_coarse": round(n_valid_coarse, 1),
                 "h": h,
                 "d": d,
                 "rho": rho,
@@ -213,7 +261,8 @@ def format_table(result: dict) -> str:
     """A plain-text table of :func:`bench_c2f`'s result."""
     p = result["params"]
     lines = [
-        f"B={p['B']} N_c={p['n_coarse']} h={p['h']} d={p['d']} tokens={p['tokens']} device={p['device']} "
+        f"B={p['B']} N_c={p['n_coarse']} (valid {p['n_valid_coarse']}) h={p['h']} d={p['d']} "
+        f"tokens={p['tokens']} device={p['device']} "
         f"threads={p['threads']}; {p['times']}",
         f"exhaustive fine: {result['exhaustive_s']:.2f} s   "
         f"coarse only (exact): {result['coarse_exact_s']:.2f} s",
@@ -229,10 +278,12 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(**kwargs) -> None:
-    """CLI: print the table and the JSON result."""
+def main(cache: str | None = None, key: str = "axial/0", **kwargs) -> None:
+    """CLI: print the table and the JSON result (``--cache DIR/tokens --key axial/0``: real tokens)."""
     import json
 
+    if cache is not None:
+        kwargs["bank"] = load_bank(cache, key)
     result = bench_c2f(**kwargs)
     print(format_table(result))
     print(json.dumps(result, indent=2))
