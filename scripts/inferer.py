@@ -25,7 +25,7 @@ coarse distance pass), and :meth:`CS3FInferer.voxel_map` fuses them per the vari
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +39,7 @@ from scripts.scoring import (
     DEFAULT_ROUTES,
     c2f_scores,
     mutual_similarity_scores,
+    reference_scores,
 )
 from scripts.transforms import (
     AXES,
@@ -116,6 +117,23 @@ def _as_volume(volume: torch.Tensor) -> torch.Tensor:
     return volume
 
 
+def _batching_options(chunk_size: int | None, n_references: int | None) -> tuple[int | None, int | None]:
+    from scripts.errors import CS3FInputError
+
+    for name, value, low in (("chunk_size", chunk_size, 2), ("n_references", n_references, 1)):
+        if value is not None and (isinstance(value, bool) or int(value) != value or value < low):
+            raise CS3FInputError(f"{name} must be null or an int >= {low}, got {value!r}")
+    if chunk_size is not None and n_references is not None:
+        raise CS3FInputError(
+            "chunk_size and n_references are alternatives (independent chunks vs a random reference "
+            "subset per volume): set one of them"
+        )
+    return (
+        None if chunk_size is None else int(chunk_size),
+        None if n_references is None else int(n_references),
+    )
+
+
 class CS3FInferer(Inferer):
     """Batch mutual-similarity anomaly scoring of 3D volumes with a frozen 2D encoder.
 
@@ -139,6 +157,15 @@ class CS3FInferer(Inferer):
         q_fine: fine depth-pooling size per axis (or one int) for F/MS; must divide ``q`` on every
             used axis (``q = h * q_fine``). Required for F/MS, unused (and recorded as ``None``) for C.
         L: coarse routes per (query coarse token, reference volume) of the C2F search (Eq. 6).
+        chunk_size: batch chunking (paper Sec. 5.1, Table 8): the cohort, in the order given, is cut
+            into ``max(1, B // chunk_size)`` consecutive chunks of ``chunk_size`` to ``2 * chunk_size - 1``
+            volumes (:func:`scripts.batching.chunk_ranges`), each scored independently with the exact
+            scorer. ``None``: one batch.
+        n_references: score each volume against ``n_references`` references drawn from the other
+            volumes by a seeded hash of names (:func:`scripts.batching.reference_subsets`, order
+            independent; ``K = max(1, floor(rho * n_references))``); cost linear in ``B``. With
+            ``n_references >= B - 1`` this is the exact scorer. ``None``: all others. Exclusive with
+            ``chunk_size``.
     """
 
     def __init__(
@@ -158,6 +185,8 @@ class CS3FInferer(Inferer):
         variant: str = "C",
         q_fine: int | Sequence[int] | None = None,
         L: int = DEFAULT_ROUTES,
+        chunk_size: int | None = None,
+        n_references: int | None = None,
     ) -> None:
         super().__init__()
         self.axes = [AXES[axis_index(a)] for a in axes]
@@ -184,6 +213,7 @@ class CS3FInferer(Inferer):
         if isinstance(L, bool) or int(L) != L or L < 1:
             raise ValueError(f"L (coarse routes per reference volume) must be an int >= 1, got {L}")
         self.L = int(L)
+        self.chunk_size, self.n_references = _batching_options(chunk_size, n_references)
         self.rho = float(rho)
         self.d = int(d)
         self.delta = float(delta)
@@ -265,20 +295,170 @@ class CS3FInferer(Inferer):
 
     # ------------------------------------------------------------------ scoring
     def score(
-        self, bank: Sequence[VolumeTokens], queries: Sequence[int] | None = None
+        self,
+        bank: Sequence[VolumeTokens],
+        queries: Sequence[int] | None = None,
+        names: Sequence[str] | None = None,
     ) -> list[dict[str, torch.Tensor]]:
         """Cross-subject token scores for every volume, per axis x layer (Eq. 1-2; Eq. 6 for F/MS).
 
         Args:
             bank: tokens of the ``B >= 2`` volumes of the batch.
             queries: score only these volumes (indices into ``bank``), against all of them as
-                references, e.g. one rank's share; ``None``: all.
+                references (or their chunk / their reference subset), e.g. one rank's share; ``None``:
+                all.
+            names: volume names, used by ``n_references`` to draw each volume's references (so that
+                the draw does not depend on the order of ``bank``); ``None``: the positions.
 
         Returns:
             per volume, ``{key: [M, P, P]}`` fp32 token scores (0 for invalid tokens); for F/MS also
             ``{key + "/fine": [M * h, P, P]}`` C2F fine scores, the coarse ones then coming from the
             same coarse distance pass. Volumes not in ``queries`` get ``{}``.
+
+        With ``chunk_size`` each chunk is scored on its own; with ``n_references`` each volume is
+        scored against the batch made of itself and its references (both with the exact scorer).
         """
+        if self.chunk_size is None and self.n_references is None:
+            return self._score_exact(bank, queries)
+        from scripts.batching import chunk_ranges, reference_subsets
+
+        b = len(bank)
+        if b < 2:
+            raise ValueError(f"CS3F scores volumes against each other: need at least 2 volumes, got {b}")
+        wanted = list(range(b)) if queries is None else sorted({int(i) for i in queries})
+        if self.n_references is not None and self.n_references >= b - 1:
+            return self._score_exact(bank, queries)  # every other volume is a reference: exact
+        results: list[dict[str, torch.Tensor]] = [{} for _ in bank]
+        if self.chunk_size is not None:
+            jobs = []
+            for lo, hi in chunk_ranges(b, self.chunk_size):
+                mine = [i - lo for i in wanted if lo <= i < hi]
+                if mine:
+                    jobs.append((list(range(lo, hi)), mine))
+        else:
+            labels = [str(i) for i in range(b)] if names is None else list(names)
+            if len(labels) != b:
+                raise ValueError(f"got {len(labels)} names for {b} volumes")
+            subsets = reference_subsets(labels, self.n_references, self.seed, wanted)
+            jobs = [([i, *subsets[i]], [0]) for i in wanted]
+        progress, self.progress = self.progress, False  # one bar over the jobs, not one per job
+        try:
+            iterator = jobs
+            if progress:
+                from tqdm.auto import tqdm
+
+                what = "chunk" if self.chunk_size is not None else "volume"
+                iterator = tqdm(jobs, desc=f"scoring ({what}s)", unit=what)
+            for members, local in iterator:
+                scored = self._score_exact([bank[j] for j in members], local)
+                for j in local:
+                    results[members[j]] = scored[j]
+        finally:
+            self.progress = progress
+        return results
+
+    def score_references(
+        self,
+        references: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+        bank: Sequence[VolumeTokens],
+        queries: Sequence[int] | None = None,
+        exclude: Sequence[int | None] | None = None,
+    ) -> list[dict[str, torch.Tensor]]:
+        """Token scores of new volumes against a reference bank (reference-bank mode).
+
+        Each volume of ``bank`` is matched against the bank's volumes only: new volumes are not
+        references for each other (a daily batch may be one scan, and its scores must not depend on
+        what else arrived that day), and ``K = max(1, floor(rho * B_ref))``.
+
+        Args:
+            references: ``{key: (tokens [B_ref, N, d], valid [B_ref, N])}`` for every grid key the
+                volumes have (e.g. :meth:`scripts.bank.TokenBank.references`: fp16, memory-mapped).
+            bank: tokens of the ``>= 1`` new volumes.
+            queries: score only these (indices into ``bank``); ``None``: all.
+            exclude: per volume of ``bank``, the index of the reference that is that same scan (a
+                volume is never its own reference), or ``None``.
+
+        Returns:
+            as :meth:`score`. CS3F-C streams the references block by block
+            (:func:`scripts.scoring.reference_scores`); F/MS score each volume by
+            :func:`scripts.scoring.c2f_scores` on the batch of itself and the references, which holds
+            one copy of the bank's tokens (storage dtype) in memory at a time.
+        """
+        if not bank:
+            raise ValueError("no volumes to score against the reference bank")
+        b = len(bank)
+        wanted = list(range(b)) if queries is None else sorted({int(i) for i in queries})
+        skips = [None] * b if exclude is None else list(exclude)
+        if len(skips) != b:
+            raise ValueError(f"exclude has {len(skips)} entries for {b} volumes")
+        keys = list(bank[0].grids)
+        for key in keys:
+            if key not in references:
+                fine = (
+                    " (fine tokens: build the bank with variant F or MS)" if key.endswith(FINE_SUFFIX) else ""
+                )
+                raise ValueError(
+                    f"the reference bank has no {key!r} tokens{fine}; it has {sorted(references)}"
+                )
+            for i, vt in enumerate(bank):
+                grid = vt.grids.get(key)
+                n_ref = references[key][0].shape[1]
+                if grid is None or grid.valid.numel() != n_ref or grid.tokens.shape[-1] != self.d:
+                    got = "missing" if grid is None else f"{tuple(grid.shape)} x d={grid.tokens.shape[-1]}"
+                    raise ValueError(
+                        f"volume {i}: {key} token grid {got} does not match the reference bank's "
+                        f"{n_ref} tokens x d={references[key][0].shape[-1]}: volumes must be on its grid"
+                    )
+        results: list[dict[str, torch.Tensor]] = [{} for _ in bank]
+        if self.variant != "C":
+            b_ref = next(iter(references.values()))[0].shape[0]
+
+            def reference_volume(j: int, like: VolumeTokens) -> VolumeTokens:
+                grids = {
+                    k: TokenGrid(
+                        references[k][0][j].view(*like.grids[k].shape, self.d),
+                        references[k][1][j].view(like.grids[k].shape),
+                    )
+                    for k in keys
+                }
+                return VolumeTokens(spatial_shape=like.spatial_shape, grids=grids)
+
+            for i in wanted:
+                refs = [reference_volume(j, bank[i]) for j in range(b_ref) if j != skips[i]]
+                results[i] = self._score_exact([bank[i], *refs], [0])[0]
+            return results
+        iterator = keys
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(keys, desc="scoring vs bank (axis/layer)", unit="grid")
+        for key in iterator:
+            shape = bank[0].grids[key].shape
+            device = self.score_device or bank[0].grids[key].tokens.device
+            tokens = torch.stack([bank[i].grids[key].tokens.reshape(-1, self.d) for i in wanted]).to(device)
+            valid = torch.stack([bank[i].grids[key].valid.reshape(-1) for i in wanted]).to(device)
+            ref_tokens, ref_valid = references[key]
+            try:
+                scores = reference_scores(
+                    tokens,
+                    valid,
+                    ref_tokens,
+                    ref_valid,
+                    self.rho,
+                    [skips[i] for i in wanted],
+                    self.query_tile,
+                    self.block_elements,
+                )
+            except ValueError as err:
+                raise ValueError(f"{key}: {err}") from None
+            for row, i in enumerate(wanted):
+                results[i][key] = scores[row].cpu().reshape(shape)
+        return results
+
+    def _score_exact(
+        self, bank: Sequence[VolumeTokens], queries: Sequence[int] | None = None
+    ) -> list[dict[str, torch.Tensor]]:
+        """:meth:`score` of one batch with the exact scorer (no chunks, every other volume a reference)."""
         if len(bank) < 2:
             raise ValueError(
                 f"CS3F scores volumes against each other: need at least 2 volumes, got {len(bank)}"
@@ -475,4 +655,6 @@ class CS3FInferer(Inferer):
             "variant": self.variant,
             "q_fine": [self.q_fine[a] for a in AXES] if self.q_fine is not None else None,
             "L": self.L,
+            # batching options only when set (they shape scores, not tokens)
+            **{k: v for k, v in (("chunk_size", self.chunk_size), ("n_references", self.n_references)) if v},
         }

@@ -32,6 +32,7 @@ __all__ = [
     "nearest_distance_profile",
     "c2f_scores",
     "c2f_tiles",
+    "reference_scores",
 ]
 
 # Elements of the largest intermediate block (fp32): 2^24 -> 64 MiB.
@@ -89,15 +90,28 @@ def _check_volumes(volumes: Sequence[int] | None, b: int) -> list[int]:
 def _sq_norms(tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """fp32 squared norms over the last dim, ``+inf`` where invalid (never a nearest neighbour).
 
-    Computed per volume, so that an fp16 bank is never copied whole to fp32.
+    Computed a few volumes at a time through one reused fp32 buffer (at most 4 MiB), so that an
+    fp16 or memory-mapped bank is never copied whole to fp32 - not even as freed heap: one fp32
+    temporary per volume, interleaved with the small results, fragments glibc's heap and keeps about
+    the bank's fp32 size resident.
     """
-    norms = torch.stack([torch.einsum("...d,...d->...", t.float(), t.float()) for t in tokens])
-    return norms.masked_fill(~valid, float("inf"))
+    b = tokens.shape[0]
+    norms = torch.empty(tokens.shape[:-1], dtype=torch.float32, device=tokens.device)
+    group = max(1, min(b, (1 << 20) // max(1, tokens[0].numel())))
+    buffer = torch.empty((group, *tokens.shape[1:]), dtype=torch.float32, device=tokens.device)
+    for start in range(0, b, group):
+        stop = min(start + group, b)
+        chunk = buffer[: stop - start]
+        chunk.copy_(tokens[start:stop])
+        norms[start:stop] = torch.einsum("...d,...d->...", chunk, chunk)
+    return norms.masked_fill_(~valid, float("inf"))
 
 
-def _group_ranges(b: int, exclude: int, group: int) -> Iterator[tuple[int, int]]:
-    """Contiguous ranges of reference volumes, ``group`` at a time, skipping volume ``exclude``."""
-    for lo, hi in ((0, exclude), (exclude + 1, b)):
+def _group_ranges(b: int, exclude: int | None, group: int) -> Iterator[tuple[int, int]]:
+    """Contiguous ranges of reference volumes, ``group`` at a time, skipping volume ``exclude``
+    (``None``: skip none, e.g. a query scored against a separate reference bank)."""
+    spans = ((0, b),) if exclude is None else ((0, exclude), (exclude + 1, b))
+    for lo, hi in spans:
         for start in range(lo, hi, group):
             yield start, min(start + group, hi)
 
@@ -115,7 +129,7 @@ def _reference_blocks(
     queries: torch.Tensor,
     tokens: torch.Tensor,
     ref_sq_norms: torch.Tensor,
-    exclude: int,
+    exclude: int | None,
     group: int,
     workspace: torch.Tensor | None = None,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
@@ -142,7 +156,7 @@ def nearest_distance_profile(
     queries: torch.Tensor,
     tokens: torch.Tensor,
     ref_sq_norms: torch.Tensor,
-    exclude: int,
+    exclude: int | None,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     workspace: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,7 +167,8 @@ def nearest_distance_profile(
         tokens: ``[B, N, d]`` reference token bank (any float dtype; cast to fp32 per block).
         ref_sq_norms: ``[B, N]`` fp32 squared norms of the references, ``+inf`` for invalid tokens
             so that they are never the nearest.
-        exclude: index of the query's own volume; its column is ``+inf``.
+        exclude: index of the query's own volume; its column is ``+inf``. ``None``: the queries
+            are not in ``tokens`` (a separate reference bank), every column is a reference.
         block_elements: budget for the ``[G, Q, N]`` intermediate; sets the group size ``G``.
         workspace: optional flat fp32 buffer of ``block_elements`` reused for that intermediate.
 
@@ -231,6 +246,108 @@ def mutual_similarity_scores(
     return scores
 
 
+def _check_reference_side(tokens: torch.Tensor, valid: torch.Tensor | None, what: str) -> torch.Tensor:
+    """Shape and validity checks of one side of :func:`reference_scores` (``B >= 1`` volumes)."""
+    if tokens.ndim != 3 or tokens.shape[0] < 1:
+        raise ValueError(f"{what} tokens must be [B, N, d] with B >= 1, got shape {tuple(tokens.shape)}")
+    b, n, _ = tokens.shape
+    if valid is None:
+        return torch.ones(b, n, dtype=torch.bool)
+    if valid.shape != (b, n):
+        raise ValueError(f"{what} valid must be [B, N] = {(b, n)}, got {tuple(valid.shape)}")
+    valid = valid.to(dtype=torch.bool)
+    empty = torch.nonzero(valid.sum(dim=1) == 0).flatten().tolist()
+    if empty:
+        raise ValueError(f"{what} " + str(_empty_volumes_error(empty)))
+    return valid
+
+
+def reference_scores(
+    queries: torch.Tensor,
+    query_valid: torch.Tensor | None,
+    references: torch.Tensor,
+    reference_valid: torch.Tensor | None = None,
+    rho: float = 0.1,
+    exclude: Sequence[int | None] | None = None,
+    query_tile: int = DEFAULT_QUERY_TILE,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+) -> torch.Tensor:
+    """Mutual-similarity scores of new volumes against a fixed set of reference volumes (Eq. 1-2).
+
+    Reference-bank mode: each query volume is matched against the reference volumes only, never
+    against the other query volumes, and scores the mean of its ``K = max(1, floor(rho * R))``
+    smallest nearest-token distances over its ``R`` references (the exact scorer's rule with
+    ``B - 1`` replaced by the number of references). A query volume that is itself in the bank is
+    left out of its own references with ``exclude`` (then ``R = B_ref - 1``), so scoring a cohort
+    against its own bank gives the exact scores of that cohort.
+
+    The references are read one group of volumes at a time (``references[start:stop]``, cast to fp32
+    per block by :func:`nearest_distance_profile`) and their squared norms are computed volume by
+    volume, so an fp16 bank memory-mapped from disk (``torch.from_numpy(np.load(path,
+    mmap_mode="r"))``) is streamed, never copied whole (let alone in fp32). Extra memory: the
+    ``[B_ref, N_ref]`` fp32 norms, one block of ``block_elements`` and the ``[query_tile, B_ref]``
+    profile. Each query tile streams the references once.
+
+    Args:
+        queries: ``[B_q, N, d]`` tokens of the new volumes (any float dtype; accumulated in fp32).
+        query_valid: ``[B_q, N]`` bool or ``None`` (all valid).
+        references: ``[B_ref, N_ref, d]`` reference tokens (any float dtype, may be memory-mapped,
+            may live on another device than the queries: blocks are moved to the queries' device).
+        reference_valid: ``[B_ref, N_ref]`` bool or ``None``; an invalid reference token is never
+            matched.
+        rho: neighbour ratio.
+        exclude: per query volume, the index of the reference that is that same volume, or ``None``.
+        query_tile, block_elements: as in :func:`mutual_similarity_scores`.
+
+    Returns:
+        ``[B_q, N]`` fp32 scores on the device of ``queries`` (0 for invalid query tokens).
+
+    Raises:
+        ValueError: bad shapes, ``rho``, ``exclude``, a volume without a valid token, or a query left
+            without any reference.
+    """
+    query_valid = _check_reference_side(queries, query_valid, "query").to(queries.device)
+    reference_valid = _check_reference_side(references, reference_valid, "reference")
+    reference_valid = reference_valid.to(references.device)
+    bq, n, d = queries.shape
+    b_ref, n_ref, d_ref = references.shape
+    if d_ref != d:
+        raise ValueError(f"queries have d={d} but the references have d={d_ref}")
+    skips = [None] * bq if exclude is None else [None if e is None else int(e) for e in exclude]
+    if len(skips) != bq or any(e is not None and not 0 <= e < b_ref for e in skips):
+        raise ValueError(f"exclude must give None or a reference index in [0, {b_ref}) per query volume")
+    lonely = [i for i, e in enumerate(skips) if e is not None and b_ref < 2]
+    if lonely:
+        raise ValueError(f"query volume(s) {lonely} have no reference: the bank holds only the volume itself")
+    ref_sq_norms = _sq_norms(references, reference_valid)
+    scores = torch.zeros(bq, n, dtype=torch.float32, device=queries.device)
+    workspace = _workspace(max(block_elements, min(query_tile, n) * n_ref), queries.device)
+    same_device = references.device == queries.device
+
+    def lookup(v: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        if same_device:
+            return references[v, j]
+        return references[v.to(references.device), j.to(references.device)].to(queries.device)
+
+    for i in range(bq):
+        # R references: all of the bank, or all but the query volume itself.
+        k = num_neighbours(b_ref + (skips[i] is None), rho)
+        # The K chosen references are gathered as [rows, K, d] fp32: K grows with the bank, so the
+        # rows per gather are capped to keep that within the block budget.
+        rows = max(1, block_elements // (2 * k * d))
+        query_index = torch.nonzero(query_valid[i]).flatten()
+        for start in range(0, query_index.numel(), query_tile):
+            idx = query_index[start : start + query_tile]
+            tile = queries[i, idx].float()
+            d2, nearest = nearest_distance_profile(
+                tile, references, ref_sq_norms, skips[i], block_elements, workspace
+            )
+            for r0 in range(0, idx.numel(), rows):
+                part = slice(r0, r0 + rows)
+                scores[i, idx[part]] = _mean_of_k_nearest(tile[part], d2[part], nearest[part], k, lookup)
+    return scores
+
+
 # ---------------------------------------------------------------------------------------------------
 # Coarse-to-fine routing (Sec. 3.5)
 
@@ -293,7 +410,6 @@ def _c2f_profiles(
     coarse_nn = torch.zeros((nq, b), dtype=torch.long, device=device)
     fine_d2 = torch.full((nq, h, b), inf, dtype=torch.float32, device=device)
     fine_nn = torch.zeros((nq, h, b), dtype=torch.long, device=device)
-    fine_qt = fine_q.transpose(1, 2)  # [Q, d, h]
     blocks = _reference_blocks(coarse_q, bank.coarse, bank.coarse_norms, exclude, group, bank.workspace)
     for start, stop, d2 in blocks:
         if masks is None:
@@ -323,7 +439,9 @@ def _c2f_profiles(
             torch.index_select(bank.fine_rows, 0, where, out=cand)
             cand = cand.to(device=device, dtype=torch.float32).view(g * (s1 - s0), routes * h, d)
             cand_norms = bank.fine_norm_rows.index_select(0, where).to(device).view(-1, routes * h, 1)
-            queries = fine_qt[s0:s1].expand(g, -1, -1, -1).reshape(-1, d, h)
+            # [G * S, d, h] as the transpose of a contiguous [G * S, h, d]: MKL's small-N path is ~3x faster
+            # for this layout than for a contiguous [d, h] operand.
+            queries = fine_q[s0:s1].expand(g, -1, -1, -1).reshape(-1, h, d).transpose(1, 2)
             # |c|^2 - 2 c.f for the L*h candidates x h fine queries of each coarse query.
             best = torch.baddbmm(cand_norms, cand, queries, alpha=-2.0).min(dim=1)  # [G * S, h]
             fine_d2[s0:s1, :, start:stop] = best.values.view(g, s1 - s0, h).permute(1, 2, 0)
@@ -370,7 +488,7 @@ class _C2FBank:
         # Gathered fine candidates (rows of h*d values), reused by every block: ~8 MiB, at least one
         # query's L routes (below glibc's mmap threshold, so the buffer stays resident).
         self.candidates = torch.empty(
-            max(self.routes, (1 << 21) // (h * d)), h * d, dtype=fine.dtype, device=fine.device
+            max(self.routes, (1 << 22) // (h * d)), h * d, dtype=fine.dtype, device=fine.device
         )
 
     def tiles(self, volumes: Sequence[int] | None) -> Iterator[tuple[int, torch.Tensor, tuple]]:

@@ -19,6 +19,11 @@ Distributed (``torchrun``, see ``configs/multi_gpu_inference.json``): each rank 
 volumes (a ``DistributedSampler`` without shuffling), the token banks are all-gathered, each rank scores
 and writes its own volumes, and rank 0 gathers the subject scores and writes ``scores.csv`` and
 ``run.json``. The outputs are identical to a single-process run.
+
+Reference bank (``configs/build_bank.json``, :mod:`scripts.bank`): with ``build_bank`` the engine makes
+pass 1 only and saves the cohort's tokens as a bank; with ``reference_bank`` each volume of the run is
+scored against that bank's volumes only (never against the other new volumes, nor against itself when
+the same scan is in the bank), after a check that the bank was made with this configuration.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from ignite.engine import Engine, Events
 from monai.data import MetaTensor, decollate_batch
 from monai.engines import Workflow
 
+from scripts.bank import TokenBank, bank_identity, save_bank
 from scripts.cache import TokenCache, file_digest
 from scripts.data import CS3FInputError, find_input_error, image_stem
 from scripts.inferer import CS3FInferer, VolumeTokens
@@ -72,6 +78,9 @@ class CS3FEvaluator(Workflow):
             (see :class:`scripts.data.CheckedDataset`) or that is off the cohort's grid.
         skipped: list of volumes skipped before the run (e.g. by ``make_datalist``); the engine adds its
             own and records them all in ``run.json``.
+        build_bank: folder to save the cohort's token bank in; the run then stops after pass 1 (no
+            scoring, no maps).
+        reference_bank: a bank folder to score this run's volumes against (reference-bank mode).
     """
 
     def __init__(
@@ -91,6 +100,8 @@ class CS3FEvaluator(Workflow):
         cache_dir: str | Path | None = None,
         on_bad_input: str = "error",
         skipped: list | None = None,
+        build_bank: str | Path | None = None,
+        reference_bank: str | Path | None = None,
     ) -> None:
         super().__init__(
             device=device,
@@ -116,7 +127,9 @@ class CS3FEvaluator(Workflow):
             TokenCache(
                 cache_dir,
                 {
-                    "inferer": inferer.describe(),
+                    "inferer": {  # batching options shape scores, not tokens
+                        k: v for k, v in inferer.describe().items() if k not in ("chunk_size", "n_references")
+                    },
                     "encoder": self._encoder_identity(network),
                     "preprocessing": {k: v for k, v in self.run_info.items() if k != "dataset_dir"},
                 },
@@ -139,6 +152,20 @@ class CS3FEvaluator(Workflow):
         self.add_event_handler(Events.EPOCH_COMPLETED(once=1), self._score)
         self.add_event_handler(Events.COMPLETED, self._finish)
         self.logger.addFilter(self._drop_input_error_logs)
+        # Reference banks: build one (pass 1 only) or score against one.
+        if build_bank and reference_bank:
+            raise CS3FInputError("build_bank and reference_bank exclude each other: build a bank, or use one")
+        self.build_bank = Path(build_bank) if build_bank else None
+        self.reference = TokenBank(reference_bank) if reference_bank else None
+        self.sources: dict[str, str] = {}  # name -> sha256 of its source files (bank modes)
+        if self.reference is not None:
+            self.reference.check(self._bank_identity())  # before hours of encoding
+            for part in self.reference.parts:
+                grid = self.reference.grid(part)
+                if grid is not None:  # new volumes must be on the bank's grid
+                    self._grid[part] = grid
+        if self.build_bank is not None:
+            self.state.max_epochs = 1
 
     @staticmethod
     def _drop_input_error_logs(record) -> bool:  # noqa: ANN001 - logging.Filter protocol
@@ -242,7 +269,9 @@ class CS3FEvaluator(Workflow):
             if off_grid:
                 self._skip(name, off_grid)
                 continue
-            source_key = file_digest(self._source_files(item)) if self.cache is not None else ""
+            banks = self.build_bank is not None or self.reference is not None
+            source_key = file_digest(self._source_files(item)) if self.cache is not None or banks else ""
+            self.sources[name] = source_key
             for part, (image, mask) in parts.items():
                 self.bank.setdefault(part, {})[name] = self._tokens(
                     f"{name}.{part}" if part else name, source_key, image, mask
@@ -272,6 +301,14 @@ class CS3FEvaluator(Workflow):
         start = time.perf_counter()
         self._gather_banks()
         names = self.names
+        if self.build_bank is not None and len(names) >= 2:
+            self._save_bank()
+            self.timings["score"] += time.perf_counter() - start
+            return
+        if self.reference is not None:
+            self._score_against_bank()
+            self.timings["score"] += time.perf_counter() - start
+            return
         if len(names) < 2:
             raise CS3FInputError(
                 f"CS3F compares volumes with each other: only {len(names)} usable volume(s) "
@@ -283,11 +320,58 @@ class CS3FEvaluator(Workflow):
         only_mine = {"queries": queries} if self._world()[1] > 1 else {}
         for part, bank in self.bank.items():
             try:
-                scores = self.inferer.score([bank[n] for n in names], **only_mine)
+                scores = self.inferer.score([bank[n] for n in names], names=names, **only_mine)
             except ValueError as err:
                 raise CS3FInputError(f"{part + ': ' if part else ''}{err}") from None
             self.token_scores[part] = {names[i]: scores[i] for i in queries}
         self.timings["score"] += time.perf_counter() - start
+
+    # ------------------------------------------------------------------ reference banks
+    def _bank_identity(self) -> dict:
+        preprocessing = {k: v for k, v in self.run_info.items() if k != "dataset_dir"}
+        return bank_identity(self.inferer.describe(), self._encoder_identity(self.network), preprocessing)
+
+    def _save_bank(self) -> None:
+        """Pass 1 of a ``build_bank`` run: save the (gathered) token bank; rank 0 writes it."""
+        if self._world()[0] != 0:
+            return
+        import monai
+
+        save_bank(
+            self.build_bank,
+            self._bank_identity(),
+            self.names,
+            [self.sources.get(n, "") for n in self.names],
+            self.bank,
+            grids={part: self._grid[part] for part in self.bank if part in self._grid},
+            info={"versions": {"torch": torch.__version__, "monai": monai.__version__}},
+        )
+
+    def _score_against_bank(self) -> None:
+        """Score this run's volumes (this rank's share) against the reference bank's volumes only."""
+        names = self.names
+        if not names:
+            raise CS3FInputError(
+                f"no usable volume to score against the reference bank ({len(self.skipped)} skipped)"
+            )
+        if set(self.bank) != set(self.reference.parts):
+            raise CS3FInputError(
+                f"reference_bank {self.reference.folder} holds parts {sorted(self.reference.parts)} but this "
+                f"run makes {sorted(self.bank)}: use a bank built with the same workflow (e.g. lung_ct.json)"
+            )
+        mine = set(self._my_names)
+        queries = [i for i, n in enumerate(names) if n in mine]
+        exclude = [self.reference.index_of_source(self.sources.get(n)) for n in names]
+        for part, bank in self.bank.items():
+            try:
+                scores = self.inferer.score_references(
+                    self.reference.references(part), [bank[n] for n in names], queries, exclude
+                )
+            except ValueError as err:
+                if isinstance(err, CS3FInputError):
+                    raise
+                raise CS3FInputError(f"{part + ': ' if part else ''}{err}") from None
+            self.token_scores[part] = {names[i]: scores[i] for i in queries}
 
     def _write(self, items: list[dict]) -> dict:
         start = time.perf_counter()
@@ -340,6 +424,7 @@ class CS3FEvaluator(Workflow):
         if world == 1:
             return
         local = {"names": self.names, "bank": self.bank, "skipped": self.skipped, "counts": self.counts}
+        local["sources"] = self.sources
         gathered: list[dict] = [None] * world  # type: ignore[list-item]
         torch.distributed.all_gather_object(gathered, local)
         order = self._dataset_order()
@@ -353,6 +438,7 @@ class CS3FEvaluator(Workflow):
         }
         self.skipped[:] = [s for g in gathered for s in g["skipped"] if s not in self.skipped] + self.skipped
         self.counts = {k: sum(g["counts"][k] for g in gathered) for k in self.counts}
+        self.sources = {n: s for g in gathered for n, s in g["sources"].items()}
 
     def _gather_scores(self) -> bool:
         """Collect the subject scores of all ranks on rank 0; True on the rank that writes the tables."""
@@ -371,6 +457,11 @@ class CS3FEvaluator(Workflow):
         if not self._gather_scores():
             return
         names = self.names
+        if self.build_bank is not None:
+            atomic_write_text(self.output_dir / "run.json", json.dumps(self.summary(), indent=2, default=str))
+            if not self.quiet:
+                print(f"cs3f: token bank of {len(names)} volumes in {self.build_bank}", flush=True)
+            return
         axes = [k for k in next(iter(self.subject_scores.values())) if k != "score"]
         lines = [",".join(["image", "score", *[f"score_{a}" for a in axes]])]
         for name in names:
@@ -419,6 +510,17 @@ class CS3FEvaluator(Workflow):
             "device": str(self.state.device),
             "outputs": {"scores": str(self.output_dir / "scores.csv"), "maps": str(self.output_dir)},
         }
+        if self.build_bank is not None:
+            info["outputs"] = {"bank": str(self.build_bank)}
+        if self.reference is not None:
+            info["reference_bank"] = {
+                "folder": str(self.reference.folder),
+                "n_volumes": len(self.reference),
+                "version": self.reference.manifest["version"],
+                "excluded_self": sorted(
+                    n for n in self.names if self.reference.index_of_source(self.sources.get(n)) is not None
+                ),
+            }
         if torch.cuda.is_available():
             info["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         info["config"] = self.run_info

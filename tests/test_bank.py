@@ -1,0 +1,296 @@
+"""Reference-bank mode (issue 9): build a cohort's token bank once, score new volumes against it,
+memory-mapped fp16 banks streamed by the scorer."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scripts.bank import TokenBank
+from scripts.inferer import CS3FInferer, TokenGrid, VolumeTokens
+from scripts.scoring import mutual_similarity_scores, reference_scores
+from tests.helpers import TinyEncoder, blob_cohort
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = [str(ROOT / "configs" / "inference.json")]
+BUILD = [*CONFIGS, str(ROOT / "configs" / "build_bank.json")]
+FAST = {"image_size": 32, "q": [8, 8, 8], "quiet": True, "dataloader#num_workers": 0}
+
+
+def _workflow(config_file, **overrides):
+    from monai.bundle import ConfigWorkflow
+
+    workflow = ConfigWorkflow(config_file=config_file, workflow_type="infer", **{**FAST, **overrides})
+    workflow.initialize()
+    workflow.run()
+    evaluator = workflow.parser.get_parsed_content("evaluator")
+    workflow.finalize()
+    return evaluator
+
+
+def brute_force_against(queries, query_valid, refs, ref_valid, rho: float) -> torch.Tensor:
+    """Eq. 1-2 against a reference set, written out in float64 (no GEMM form, no tiling)."""
+    b_ref = refs.shape[0]
+    k = max(1, math.floor(rho * b_ref + 1e-9))
+    q, r = queries.double(), refs.double()
+    out = torch.zeros(q.shape[:2], dtype=torch.float64)
+    for i in range(q.shape[0]):
+        nearest = torch.stack(
+            [
+                (q[i][:, None, :] - r[j][ref_valid[j]][None, :, :]).pow(2).sum(-1).sqrt().min(dim=1).values
+                for j in range(b_ref)
+            ],
+            dim=1,
+        )  # [N, B_ref]
+        scores = nearest.sort(dim=1).values[:, :k].mean(dim=1)
+        out[i] = torch.where(query_valid[i], scores, 0.0)
+    return out
+
+
+# ----------------------------------------------------------------------------------- scorer level
+def test_reference_scores_match_brute_force_and_fp16_bank() -> None:
+    gen = torch.Generator().manual_seed(0)
+    queries, refs = torch.randn(3, 20, 6, generator=gen), torch.randn(7, 25, 6, generator=gen).half()
+    qv, rv = torch.rand(3, 20, generator=gen) > 0.3, torch.rand(7, 25, generator=gen) > 0.3
+    for rho in (0.1, 0.5, 1.0):
+        got = reference_scores(queries, qv, refs, rv, rho, query_tile=4, block_elements=50)
+        torch.testing.assert_close(
+            got.double(), brute_force_against(queries, qv, refs, rv, rho), atol=1e-5, rtol=0
+        )
+
+
+def test_reference_scores_of_the_bank_itself_equal_the_exact_scorer() -> None:
+    """A query that is in the bank is never its own reference: K = floor(rho (B - 1)), as in the run."""
+    tokens = torch.randn(6, 30, 8, generator=torch.Generator().manual_seed(1))
+    for rho in (0.1, 0.5):
+        ref = reference_scores(tokens, None, tokens, None, rho, exclude=list(range(6)))
+        assert torch.equal(ref, mutual_similarity_scores(tokens, rho=rho))
+    with pytest.raises(ValueError, match="no reference"):
+        reference_scores(tokens[:1], None, tokens[:1], None, exclude=[0])
+
+
+@pytest.mark.parametrize("variant", ["C", "MS"])
+def test_inferer_score_references_equals_exact_scorer_on_query_plus_bank(variant: str) -> None:
+    vols, _ = blob_cohort(7, 16)
+    kw = {"q_fine": 2} if variant == "MS" else {}
+    inferer = CS3FInferer(q=4, d=8, rho=0.5, variant=variant, token_dtype="float16", **kw)
+    tokens = [inferer.tokenize(v, TinyEncoder(32)) for v in vols]
+    bank, new = tokens[:5], tokens[5:]
+    refs = {
+        k: (
+            torch.stack([v.grids[k].tokens.reshape(-1, 8) for v in bank]),
+            torch.stack([v.grids[k].valid.reshape(-1) for v in bank]),
+        )
+        for k in bank[0].grids
+    }
+    got = inferer.score_references(refs, new)
+    for i, vt in enumerate(new):  # the query with the bank as the other volumes of a batch
+        expected = inferer.score([vt, *bank], queries=[0])[0]
+        assert set(got[i]) == set(expected)
+        for key in expected:
+            torch.testing.assert_close(got[i][key], expected[key], atol=1e-5, rtol=1e-5)
+    # bank volumes scored against their own bank (themselves excluded) = the exact run of the bank
+    own = inferer.score_references(refs, bank, exclude=list(range(5)))
+    exact = inferer.score(bank)
+    for i in range(5):
+        for key in exact[i]:
+            torch.testing.assert_close(own[i][key], exact[i][key], atol=1e-5, rtol=1e-5)
+
+
+_MEMMAP_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, threading, time
+    import numpy as np, torch
+    sys.path.insert(0, {root!r})
+    from scripts.scoring import reference_scores
+    torch.set_num_threads(1)
+
+    def status(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+
+    def anon():
+        return status("RssAnon")
+
+    refs = torch.from_numpy(np.load(sys.argv[1], mmap_mode="r"))  # fp16 [B, N, d] on disk
+    b, n, d = refs.shape
+    queries = torch.randn(1, 96, d, generator=torch.Generator().manual_seed(0))
+    reference_scores(queries[:, :4], None, refs[:2], None)  # warm-up: kernels loaded before the baseline
+    peak, done = [anon()], []
+
+    def sample():
+        while not done:
+            peak.append(anon())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    # VmHWM is this process's peak RSS (ru_maxrss would also carry the parent's peak across exec)
+    base_anon, base_rss = anon(), status("VmHWM")
+    sampler.start()
+    scores = reference_scores(queries, None, refs, None, rho=0.1, block_elements=1 << 20)
+    done.append(1)
+    sampler.join()
+    rss = status("VmHWM") - base_rss
+    # brute force for a few queries, reading the bank volume by volume
+    q = queries[0, :3].double()
+    nearest = torch.stack([torch.cdist(q, refs[j].double()).min(dim=1).values for j in range(b)], dim=1)
+    k = max(1, int(0.1 * b))
+    expected = nearest.sort(dim=1).values[:, :k].mean(dim=1)
+    error = float((scores[0, :3].double() - expected).abs().max())
+    print(json.dumps({{"anon": max(peak) - base_anon, "rss": rss, "error": error}}))
+    """
+)
+
+
+def test_memory_mapped_fp16_bank_is_streamed(tmp_path: Path) -> None:
+    """Scoring against a memory-mapped fp16 bank never copies it (let alone in fp32): the extra
+    anonymous memory stays far below the bank's fp32 size, and the peak RSS grows by at most the
+    fp16 pages read from the file (clean file pages the kernel may drop under memory pressure, which
+    is what lets a bank larger than RAM work)."""
+    b, n, d = 4096, 256, 64  # fp16 128 MiB on disk, fp32 256 MiB
+    path = tmp_path / "bank.tokens.npy"
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(b, n, d))
+    rng = np.random.default_rng(0)
+    for start in range(0, b, 512):
+        array[start : start + 512] = rng.standard_normal((512, n, d), dtype=np.float32).astype(np.float16)
+    array.flush()
+    del array
+    fp32, fp16 = b * n * d * 4, b * n * d * 2
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMMAP_SCRIPT.format(root=str(ROOT)), str(path)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["error"] < 1e-4, result
+    assert result["anon"] < fp32 / 8, result  # blocks of 4 MiB, norms 4 MiB, profile: ~10-20 MiB
+    assert result["rss"] < fp16 + 48 * 2**20, result  # an fp32 copy would add another 256 MiB
+
+
+# ----------------------------------------------------------------------------------- bundle level
+@pytest.fixture(scope="module")
+def bank(tiny_cohort: Path, tmp_path_factory) -> Path:
+    """configs/build_bank.json on the tiny cohort (pass 1 only)."""
+    folder = tmp_path_factory.mktemp("bank") / "bank"
+    evaluator = _workflow(BUILD, dataset_dir=str(tiny_cohort), bank_dir=str(folder))
+    assert evaluator.counts["encoded"] == 6
+    return folder
+
+
+@pytest.fixture(scope="module")
+def new_cohort(tiny_cohort: Path, tmp_path_factory) -> Path:
+    """Three new scans on the bank's grid (a different seed, but the same names as the bank's first
+    three) and, as ``old-0004``, a copy of the bank's scan ``sub-0004`` sent again."""
+    from scripts.synth import generate_cohort
+
+    folder = generate_cohort(
+        tmp_path_factory.mktemp("new") / "new", n_normal=2, n_abnormal=1, shape=32, seed=5
+    )
+    for sub in ("images", "masks", "labels"):
+        (folder / sub / "old-0004.nii.gz").write_bytes((tiny_cohort / sub / "sub-0004.nii.gz").read_bytes())
+    with open(folder / "cohort.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    rows.append({**rows[0], **{k: f"{k}s/old-0004.nii.gz" for k in ("image", "mask", "label")}})
+    with open(folder / "cohort.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
+def test_new_volumes_scored_against_bank_equal_brute_force(
+    bank: Path, new_cohort: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    rho = 0.5  # K = floor(0.5 * 6) = 3 of the 6 bank volumes (2 of 5 for the scan already in the bank)
+    evaluator = _workflow(
+        CONFIGS, dataset_dir=str(new_cohort), output_dir=str(out), reference_bank=str(bank), rho=rho
+    )
+    names = ["sub-0001", "sub-0002", "sub-0003", "old-0004"]
+    with open(out / "scores.csv") as f:
+        assert [r["image"] for r in csv.DictReader(f)] == names  # the new volumes only
+    assert sorted(p.name for p in out.glob("*_anomaly.nii.gz")) == sorted(
+        f"{n}_anomaly.nii.gz" for n in names
+    )
+    run = json.loads((out / "run.json").read_text())
+    assert run["encoded_volumes"] == 4 and run["n_volumes"] == 4  # the bank is not encoded again
+    # a volume is never its own reference: the resent scan is matched against the 5 other bank volumes
+    assert run["reference_bank"]["n_volumes"] == 6 and run["reference_bank"]["excluded_self"] == ["old-0004"]
+    refs = TokenBank(bank).references("")
+    for key, (ref_tokens, ref_valid) in refs.items():
+        grids = [evaluator.bank[""][n].grids[key] for n in names]
+        queries = torch.stack([g.tokens.reshape(-1, 128) for g in grids])
+        query_valid = torch.stack([g.valid.reshape(-1) for g in grids])
+        got = torch.stack([evaluator.token_scores[""][n][key].reshape(-1) for n in names]).double()
+        expected = brute_force_against(queries[:3], query_valid[:3], ref_tokens, ref_valid.clone(), rho)
+        torch.testing.assert_close(got[:3], expected, atol=1e-4, rtol=1e-4)
+        others = [0, 1, 2, 4, 5]  # the bank without sub-0004 (index 3)
+        expected = brute_force_against(
+            queries[3:], query_valid[3:], ref_tokens[others], ref_valid[others], rho
+        )
+        torch.testing.assert_close(got[3:], expected, atol=1e-4, rtol=1e-4)
+
+
+def _input_error(**overrides) -> str:
+    from scripts.data import find_input_error
+
+    with pytest.raises(Exception) as info:
+        _workflow(CONFIGS, **overrides)
+    found = find_input_error(info.value)
+    assert found is not None, f"not an input error: {info.value!r}"
+    assert "\n" not in str(found)
+    return str(found)
+
+
+def test_manifest_mismatch_is_one_clear_line(bank: Path, new_cohort: Path, tmp_path: Path) -> None:
+    common = {"dataset_dir": str(new_cohort), "output_dir": str(tmp_path / "o"), "reference_bank": str(bank)}
+    line = _input_error(**common, d=64)
+    assert "was built with another configuration" in line and "d (bank 128, run 64)" in line
+    line = _input_error(**common, q=[4, 4, 4], pad_multiple=[8, 8, 8])
+    assert "q (bank [8, 8, 8], run [4, 4, 4])" in line and "d (" not in line
+    line = _input_error(**common, image_size=64)
+    assert "encoder.input_size (bank 32, run 64)" in line and "preprocessing.image_size" in line
+    line = _input_error(**common, variant="MS", q_fine=[2, 2, 2])
+    assert "no fine tokens" in line
+    line = _input_error(**{**common, "reference_bank": str(tmp_path)})
+    assert "is not a token bank" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_mismatch_is_one_line(bank: Path, new_cohort: Path, tmp_path: Path) -> None:
+    """The documented command with a bank made under another seed fails with one line, exit code 1."""
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json"]
+    cmd += [
+        "--dataset_dir",
+        str(new_cohort),
+        "--output_dir",
+        str(tmp_path / "o"),
+        "--reference_bank",
+        str(bank),
+    ]
+    cmd += ["--image_size", "32", "--q", "[8,8,8]", "--quiet", "true", "--seed", "3"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("cs3f: error: reference_bank") and "seed (bank 0, run 3)" in last
+
+
+def test_token_bank_views_are_read_only_memmaps(bank: Path) -> None:
+    tokens, valid = TokenBank(bank).references("")["axial/0"]
+    assert tokens.dtype == torch.float16 and valid.dtype == torch.bool
+    grid = VolumeTokens(
+        (32, 32, 32), {"axial/0": TokenGrid(tokens[0].view(4, 4, 4, 128), valid[0].view(4, 4, 4))}
+    )
+    assert grid.num_tokens() == 64
