@@ -485,7 +485,7 @@ class _C2FBank:
         self.tile = max(1, min(int(query_tile), block_elements // self.per_query))
         self.block_elements = block_elements
         self.workspace = _workspace(block_elements, coarse.device)
-        # Gathered fine candidates (rows of h*d values), reused by every block: ~8 MiB, at least one
+        # Gathered fine candidates (rows of h*d values), reused by every block: 16 MiB, at least one
         # query's L routes (below glibc's mmap threshold, so the buffer stays resident).
         self.candidates = torch.empty(
             max(self.routes, (1 << 22) // (h * d)), h * d, dtype=fine.dtype, device=fine.device
