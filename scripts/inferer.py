@@ -40,6 +40,7 @@ from scripts.scoring import (
     c2f_scores,
     mutual_similarity_scores,
     reference_scores,
+    subset_scores,
 )
 from scripts.transforms import (
     AXES,
@@ -340,6 +341,8 @@ class CS3FInferer(Inferer):
             if len(labels) != b:
                 raise ValueError(f"got {len(labels)} names for {b} volumes")
             subsets = reference_subsets(labels, self.n_references, self.seed, wanted)
+            if self.variant == "C":
+                return self._score_subsets(bank, subsets)
             jobs = [([i, *subsets[i]], [0]) for i in wanted]
         progress, self.progress = self.progress, False  # one bar over the jobs, not one per job
         try:
@@ -351,10 +354,43 @@ class CS3FInferer(Inferer):
                 iterator = tqdm(jobs, desc=f"scoring ({what}s)", unit=what)
             for members, local in iterator:
                 scored = self._score_exact([bank[j] for j in members], local)
-                for j in local:
-                    results[members[j]] = scored[j]
+                for j in local:  # a copy: a view would keep the job's whole score grid alive
+                    results[members[j]] = {k: v.clone() for k, v in scored[j].items()}
         finally:
             self.progress = progress
+        return results
+
+    def _score_subsets(
+        self, bank: Sequence[VolumeTokens], subsets: Mapping[int, Sequence[int]]
+    ) -> list[dict[str, torch.Tensor]]:
+        """``n_references`` for CS3F-C: per axis x layer, each query volume against its reference
+        subset (:func:`scripts.scoring.subset_scores`: one gather per query, no per-query batch)."""
+        keys = list(bank[0].grids)
+        for i, vt in enumerate(bank):
+            if list(vt.grids) != keys or any(vt.grids[k].shape != bank[0].grids[k].shape for k in keys):
+                mine, first = ({k: g.shape for k, g in v.grids.items()} for v in (vt, bank[0]))
+                raise ValueError(
+                    f"token grids do not agree: volume {i} has {mine}, volume 0 has {first}; volumes must "
+                    f"share the grid along each slicing axis"
+                )
+        results: list[dict[str, torch.Tensor]] = [{} for _ in bank]
+        iterator = keys
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(keys, desc="scoring vs reference subsets (axis/layer)", unit="grid")
+        for key in iterator:
+            shape = bank[0].grids[key].shape
+            device = self.score_device or bank[0].grids[key].tokens.device
+            tokens = torch.stack([vt.grids[key].tokens.reshape(-1, self.d) for vt in bank]).to(device)
+            valid = torch.stack([vt.grids[key].valid.reshape(-1) for vt in bank]).to(device)
+            try:
+                scores = subset_scores(tokens, valid, subsets, self.rho, self.query_tile, self.block_elements)
+            except ValueError as err:
+                raise ValueError(f"{key}: {err}") from None
+            for i in subsets:
+                results[i][key] = scores[i].cpu().reshape(shape)
+            del tokens, valid
         return results
 
     def score_references(

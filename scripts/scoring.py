@@ -22,7 +22,7 @@ profile, independent of how many tokens the batch holds.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
@@ -33,6 +33,7 @@ __all__ = [
     "c2f_scores",
     "c2f_tiles",
     "reference_scores",
+    "subset_scores",
 ]
 
 # Elements of the largest intermediate block (fp32): 2^24 -> 64 MiB.
@@ -345,6 +346,65 @@ def reference_scores(
             for r0 in range(0, idx.numel(), rows):
                 part = slice(r0, r0 + rows)
                 scores[i, idx[part]] = _mean_of_k_nearest(tile[part], d2[part], nearest[part], k, lookup)
+    return scores
+
+
+def subset_scores(
+    tokens: torch.Tensor,
+    valid: torch.Tensor | None,
+    references: Mapping[int, Sequence[int]],
+    rho: float = 0.1,
+    query_tile: int = DEFAULT_QUERY_TILE,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+) -> torch.Tensor:
+    """Mutual-similarity scores of each query volume against its own subset of the other volumes.
+
+    The ``n_references`` mode (:func:`scripts.batching.reference_subsets` draws the subsets): volume
+    ``i`` is scored by Eq. 1-2 against the volumes ``references[i]`` only, with
+    ``K = max(1, floor(rho * len(references[i])))``, i.e. exactly as :func:`mutual_similarity_scores`
+    scores volume 0 of the batch ``[i, *references[i]]``. Cost ``O(sum_i |references[i]| N^2 d)``,
+    linear in ``B`` for subsets of a fixed size. The references of a query are gathered into one
+    reused buffer and scored by :func:`nearest_distance_profile` with one reused workspace, so the
+    per-query overhead is a copy of ``|references[i]|`` volumes and no allocation.
+
+    Args:
+        tokens: ``[B, N, d]`` tokens (any float dtype).
+        valid: ``[B, N]`` bool or ``None``.
+        references: ``{query volume: reference volumes}``; a query is never its own reference. Volumes
+            not in ``references`` score 0.
+        rho, query_tile, block_elements: as in :func:`mutual_similarity_scores`.
+
+    Returns:
+        ``[B, N]`` fp32 scores on the device of ``tokens``.
+    """
+    valid = _check_inputs(tokens, valid)
+    b, n, d = tokens.shape
+    plan = {}
+    for i, refs in references.items():
+        i, refs = int(i), [int(j) for j in refs]
+        if not refs or i in refs or any(not 0 <= j < b for j in [i, *refs]):
+            raise ValueError(f"volume {i}: references must be other volumes of the batch of {b}, got {refs}")
+        plan[i] = refs
+    ref_sq_norms = _sq_norms(tokens, valid)
+    scores = torch.zeros(b, n, dtype=torch.float32, device=tokens.device)
+    if not plan:
+        return scores
+    buffer = torch.empty((max(map(len, plan.values())), n, d), dtype=tokens.dtype, device=tokens.device)
+    workspace = _workspace(max(block_elements, min(query_tile, n) * n), tokens.device)
+    for i, refs in plan.items():
+        index = torch.tensor(refs, device=tokens.device)
+        subset = buffer[: len(refs)]
+        torch.index_select(tokens, 0, index, out=subset)
+        subset_norms = ref_sq_norms.index_select(0, index)
+        k = num_neighbours(len(refs) + 1, rho)
+        query_index = torch.nonzero(valid[i]).flatten()
+        for start in range(0, query_index.numel(), query_tile):
+            idx = query_index[start : start + query_tile]
+            tile = tokens[i, idx].float()
+            d2, nearest = nearest_distance_profile(
+                tile, subset, subset_norms, None, block_elements, workspace
+            )
+            scores[i, idx] = _mean_of_k_nearest(tile, d2, nearest, k, lambda v, j, s=subset: s[v, j])
     return scores
 
 

@@ -159,6 +159,12 @@ class CS3FEvaluator(Workflow):
         self.reference = TokenBank(reference_bank) if reference_bank else None
         self.sources: dict[str, str] = {}  # name -> sha256 of its source files (bank modes)
         if self.reference is not None:
+            batching = {k: getattr(inferer, k, None) for k in ("chunk_size", "n_references")}
+            if any(v is not None for v in batching.values()):
+                raise CS3FInputError(
+                    f"reference_bank scores each volume against the whole bank; {batching} apply to "
+                    f"scoring a cohort against itself: leave them null"
+                )
             self.reference.check(self._bank_identity())  # before hours of encoding
             for part in self.reference.parts:
                 grid = self.reference.grid(part)

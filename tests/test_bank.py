@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -18,7 +19,7 @@ import torch
 from scripts.bank import TokenBank
 from scripts.inferer import CS3FInferer, TokenGrid, VolumeTokens
 from scripts.scoring import mutual_similarity_scores, reference_scores
-from tests.helpers import TinyEncoder, blob_cohort
+from tests.test_batching import random_volumes
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [str(ROOT / "configs" / "inference.json")]
@@ -80,10 +81,12 @@ def test_reference_scores_of_the_bank_itself_equal_the_exact_scorer() -> None:
 
 @pytest.mark.parametrize("variant", ["C", "MS"])
 def test_inferer_score_references_equals_exact_scorer_on_query_plus_bank(variant: str) -> None:
-    vols, _ = blob_cohort(7, 16)
     kw = {"q_fine": 2} if variant == "MS" else {}
-    inferer = CS3FInferer(q=4, d=8, rho=0.5, variant=variant, token_dtype="float16", **kw)
-    tokens = [inferer.tokenize(v, TinyEncoder(32)) for v in vols]
+    inferer = CS3FInferer(q=4, d=8, rho=0.5, variant=variant, L=2, **kw)
+    tokens = random_volumes(7, fine=variant == "MS")
+    for vt in tokens:  # an fp16 bank: the new volumes in fp16 too, so that both sides agree exactly
+        for grid in vt.grids.values():
+            grid.tokens = grid.tokens.half()
     bank, new = tokens[:5], tokens[5:]
     refs = {
         k: (
@@ -124,7 +127,7 @@ _MEMMAP_SCRIPT = textwrap.dedent(
 
     refs = torch.from_numpy(np.load(sys.argv[1], mmap_mode="r"))  # fp16 [B, N, d] on disk
     b, n, d = refs.shape
-    queries = torch.randn(1, 96, d, generator=torch.Generator().manual_seed(0))
+    queries = torch.randn(1, 48, d, generator=torch.Generator().manual_seed(0))
     reference_scores(queries[:, :4], None, refs[:2], None)  # warm-up: kernels loaded before the baseline
     peak, done = [anon()], []
 
@@ -166,17 +169,21 @@ def test_memory_mapped_fp16_bank_is_streamed(tmp_path: Path) -> None:
     array.flush()
     del array
     fp32, fp16 = b * n * d * 4, b * n * d * 2
+    # A fixed mmap threshold: glibc's dynamic one moves freed MiB-sized blocks to the heap, where they
+    # may stay resident (20 MiB more, or not, from run to run): measure live memory, not that.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
     out = subprocess.run(
         [sys.executable, "-c", _MEMMAP_SCRIPT.format(root=str(ROOT)), str(path)],
         check=True,
         capture_output=True,
         text=True,
         timeout=300,
+        env=env,
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["error"] < 1e-4, result
-    assert result["anon"] < fp32 / 8, result  # blocks of 4 MiB, norms 4 MiB, profile: ~10-20 MiB
-    assert result["rss"] < fp16 + 48 * 2**20, result  # an fp32 copy would add another 256 MiB
+    assert result["anon"] < fp32 / 6, result  # 4 MiB blocks, norms, buffer, profile: ~23 MiB measured
+    assert result["rss"] < fp16 + fp32 / 6, result  # an fp32 copy would add another 256 MiB
 
 
 # ----------------------------------------------------------------------------------- bundle level
@@ -191,12 +198,12 @@ def bank(tiny_cohort: Path, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def new_cohort(tiny_cohort: Path, tmp_path_factory) -> Path:
-    """Three new scans on the bank's grid (a different seed, but the same names as the bank's first
-    three) and, as ``old-0004``, a copy of the bank's scan ``sub-0004`` sent again."""
+    """Two new scans on the bank's grid (a different seed, but the same names as the bank's first
+    two) and, as ``old-0004``, a copy of the bank's scan ``sub-0004`` sent again."""
     from scripts.synth import generate_cohort
 
     folder = generate_cohort(
-        tmp_path_factory.mktemp("new") / "new", n_normal=2, n_abnormal=1, shape=32, seed=5
+        tmp_path_factory.mktemp("new") / "new", n_normal=1, n_abnormal=1, shape=32, seed=5
     )
     for sub in ("images", "masks", "labels"):
         (folder / sub / "old-0004.nii.gz").write_bytes((tiny_cohort / sub / "sub-0004.nii.gz").read_bytes())
@@ -218,14 +225,14 @@ def test_new_volumes_scored_against_bank_equal_brute_force(
     evaluator = _workflow(
         CONFIGS, dataset_dir=str(new_cohort), output_dir=str(out), reference_bank=str(bank), rho=rho
     )
-    names = ["sub-0001", "sub-0002", "sub-0003", "old-0004"]
+    names = ["sub-0001", "sub-0002", "old-0004"]
     with open(out / "scores.csv") as f:
         assert [r["image"] for r in csv.DictReader(f)] == names  # the new volumes only
     assert sorted(p.name for p in out.glob("*_anomaly.nii.gz")) == sorted(
         f"{n}_anomaly.nii.gz" for n in names
     )
     run = json.loads((out / "run.json").read_text())
-    assert run["encoded_volumes"] == 4 and run["n_volumes"] == 4  # the bank is not encoded again
+    assert run["encoded_volumes"] == 3 and run["n_volumes"] == 3  # the bank is not encoded again
     # a volume is never its own reference: the resent scan is matched against the 5 other bank volumes
     assert run["reference_bank"]["n_volumes"] == 6 and run["reference_bank"]["excluded_self"] == ["old-0004"]
     refs = TokenBank(bank).references("")
@@ -234,13 +241,13 @@ def test_new_volumes_scored_against_bank_equal_brute_force(
         queries = torch.stack([g.tokens.reshape(-1, 128) for g in grids])
         query_valid = torch.stack([g.valid.reshape(-1) for g in grids])
         got = torch.stack([evaluator.token_scores[""][n][key].reshape(-1) for n in names]).double()
-        expected = brute_force_against(queries[:3], query_valid[:3], ref_tokens, ref_valid.clone(), rho)
-        torch.testing.assert_close(got[:3], expected, atol=1e-4, rtol=1e-4)
+        expected = brute_force_against(queries[:2], query_valid[:2], ref_tokens, ref_valid.clone(), rho)
+        torch.testing.assert_close(got[:2], expected, atol=1e-4, rtol=1e-4)
         others = [0, 1, 2, 4, 5]  # the bank without sub-0004 (index 3)
         expected = brute_force_against(
-            queries[3:], query_valid[3:], ref_tokens[others], ref_valid[others], rho
+            queries[2:], query_valid[2:], ref_tokens[others], ref_valid[others], rho
         )
-        torch.testing.assert_close(got[3:], expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got[2:], expected, atol=1e-4, rtol=1e-4)
 
 
 def _input_error(**overrides) -> str:
@@ -264,6 +271,8 @@ def test_manifest_mismatch_is_one_clear_line(bank: Path, new_cohort: Path, tmp_p
     assert "encoder.input_size (bank 32, run 64)" in line and "preprocessing.image_size" in line
     line = _input_error(**common, variant="MS", q_fine=[2, 2, 2])
     assert "no fine tokens" in line
+    line = _input_error(**common, n_references=4)
+    assert "whole bank" in line and "'n_references': 4" in line
     line = _input_error(**{**common, "reference_bank": str(tmp_path)})
     assert "is not a token bank" in line
     assert not (tmp_path / "o").exists()

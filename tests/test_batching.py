@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import csv
+import json
 import math
 import random
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,19 +12,38 @@ import torch
 
 from scripts.batching import chunk_ranges, reference_subsets
 from scripts.errors import CS3FInputError
-from scripts.inferer import CS3FInferer
+from scripts.inferer import CS3FInferer, TokenGrid, VolumeTokens
 from scripts.scoring import mutual_similarity_scores
-from tests.helpers import TinyEncoder, blob_cohort
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = [f"sub-{i:04d}" for i in range(1, 12)]
 
 
+def random_volumes(b: int, fine: bool = False, seed: int = 0) -> list[VolumeTokens]:
+    """Token grids as the inferer makes them (two keys, some invalid tokens, d = 8; with ``fine``,
+    ``/fine`` grids of h = 2 children per coarse token), from random numbers: no encoder needed."""
+    gen = torch.Generator().manual_seed(seed)
+    volumes = []
+    for _ in range(b):
+        grids = {}
+        for key, shape in (("axial/0", (2, 4, 4)), ("coronal/1", (2, 2, 2))):
+            grids[key] = TokenGrid(
+                torch.randn(*shape, 8, generator=gen), torch.rand(shape, generator=gen) > 0.2
+            )
+            if fine:
+                fine_shape = (2 * shape[0], *shape[1:])
+                grids[key + "/fine"] = TokenGrid(
+                    torch.randn(*fine_shape, 8, generator=gen), torch.rand(fine_shape, generator=gen) > 0.2
+                )
+        for grid in grids.values():
+            grid.valid.view(-1)[0] = True
+        volumes.append(VolumeTokens((8, 8, 8), grids))
+    return volumes
+
+
 @pytest.fixture(scope="module")
 def tokens() -> list:
-    vols, _ = blob_cohort(11, 16, abnormal=(2, 7))
-    inferer = CS3FInferer(q=4, d=8)
-    return [inferer.tokenize(v, TinyEncoder(32)) for v in vols]
+    return random_volumes(11)
 
 
 def _equal(a: list[dict], b: list[dict]) -> bool:
@@ -53,11 +71,10 @@ def test_chunk_ranges() -> None:
 
 @pytest.mark.parametrize("variant", ["C", "MS"])
 def test_chunked_scores_equal_each_chunk_scored_separately(variant: str) -> None:
-    vols, _ = blob_cohort(7, 16, abnormal=(2,))
     kw = {"q_fine": 2} if variant == "MS" else {}
-    exact = CS3FInferer(q=4, d=8, rho=0.5, variant=variant, **kw)
-    bank = [exact.tokenize(v, TinyEncoder(32)) for v in vols]
-    chunked = CS3FInferer(q=4, d=8, rho=0.5, variant=variant, chunk_size=3, **kw)
+    exact = CS3FInferer(q=4, d=8, rho=0.5, variant=variant, L=2, **kw)
+    bank = random_volumes(7, fine=variant == "MS")
+    chunked = CS3FInferer(q=4, d=8, rho=0.5, variant=variant, L=2, chunk_size=3, **kw)
     assert chunk_ranges(7, 3) == [(0, 4), (4, 7)]
     expected = exact.score(bank[:4]) + exact.score(bank[4:])
     assert _equal(chunked.score(bank), expected)
@@ -73,7 +90,8 @@ def test_chunked_scores_use_the_exact_scorer_within_each_chunk(tokens: list) -> 
     for lo, hi in chunk_ranges(len(tokens), 5):  # (0, 5), (5, 11): K = 1 and 3
         for key in tokens[0].grids:
             t = torch.stack([v.grids[key].tokens.reshape(-1, 8) for v in tokens[lo:hi]])
-            expected = mutual_similarity_scores(t, rho=0.3)
+            v = torch.stack([vol.grids[key].valid.reshape(-1) for vol in tokens[lo:hi]])
+            expected = mutual_similarity_scores(t, v, rho=0.3)
             got = torch.stack([scores[i][key].reshape(-1) for i in range(lo, hi)])
             assert torch.equal(got, expected)
 
@@ -106,7 +124,7 @@ def test_n_references_scores_equal_exact_scorer_on_query_and_its_subset(tokens: 
     for i in (0, 6, 10):
         assert _equal([scores[i]], [exact.score([tokens[i], *(tokens[j] for j in subsets[i])], [0])[0]])
     # K = max(1, floor(rho * n_references)) against those references, written out for one token
-    key = "axial/1"
+    key = "coronal/1"
     q = tokens[0].grids[key].tokens.reshape(-1, 8)[5].double()
     nearest = sorted(
         float((tokens[j].grids[key].tokens.reshape(-1, 8).double() - q).norm(dim=1).min()) for j in subsets[0]
@@ -154,40 +172,32 @@ def test_options_are_validated() -> None:
 
 
 # ----------------------------------------------------------------------------------- bundle
-def test_bundle_n_references_order_independent(tiny_cohort: Path, tmp_path: Path) -> None:
-    """The workflow passes the volume names: a shuffled datalist gives the same maps and scores."""
+def test_bundle_passes_names_for_n_references(tiny_cohort: Path, tmp_path: Path) -> None:
+    """The workflow draws references by volume name: its token scores equal the inferer's on the same
+    tokens given in another order with their names (a draw by position would differ)."""
     from monai.bundle import ConfigWorkflow
 
-    data = tmp_path / "data"
-    shutil.copytree(tiny_cohort, data)
-    with open(data / "cohort.csv", newline="") as f:
-        reader = csv.DictReader(f)
-        fields, rows = reader.fieldnames, list(reader)
-    random.Random(0).shuffle(rows)
-    with open(data / "cohort.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    outputs = {}
-    for name, dataset in (("a", tiny_cohort), ("b", data)):
-        out = tmp_path / name
-        workflow = ConfigWorkflow(
-            config_file=str(ROOT / "configs" / "inference.json"),
-            workflow_type="infer",
-            dataset_dir=str(dataset),
-            output_dir=str(out),
-            cache_dir=str(tmp_path / "tokens"),  # the second run reuses the tokens
-            image_size=32,
-            q=[8, 8, 8],
-            quiet=True,
-            n_references=2,
-            **{"dataloader#num_workers": 0},
-        )
-        workflow.initialize()
-        workflow.run()
-        workflow.finalize()
-        with open(out / "scores.csv") as f:
-            scores = {r["image"]: r for r in csv.DictReader(f)}
-        maps = {p.name: p.read_bytes() for p in out.glob("*_anomaly.nii.gz")}
-        outputs[name] = (scores, maps)
-    assert outputs["a"] == outputs["b"] and len(outputs["a"][1]) == 6
+    workflow = ConfigWorkflow(
+        config_file=str(ROOT / "configs" / "inference.json"),
+        workflow_type="infer",
+        dataset_dir=str(tiny_cohort),
+        output_dir=str(tmp_path / "out"),
+        image_size=32,
+        q=[8, 8, 8],
+        quiet=True,
+        n_references=2,
+        rho=0.5,
+        **{"dataloader#num_workers": 0},
+    )
+    workflow.initialize()
+    workflow.run()
+    evaluator = workflow.parser.get_parsed_content("evaluator")
+    workflow.finalize()
+    assert len(list((tmp_path / "out").glob("*_anomaly.nii.gz"))) == 6
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["inferer"]["n_references"] == 2
+    names = list(reversed(evaluator.names))
+    bank = [evaluator.bank[""][n] for n in names]
+    expected = CS3FInferer(q=8, d=128, rho=0.5, n_references=2).score(bank, names=names)
+    assert _equal([evaluator.token_scores[""][n] for n in names], expected)
+    by_position = CS3FInferer(q=8, d=128, rho=0.5, n_references=2).score(bank)
+    assert not _equal(by_position, expected)
