@@ -20,8 +20,9 @@ each volume's source files (so that a new volume is never its own reference), th
 (shape and affine) and the per-key token grid shapes. A run whose configuration differs gets one
 :class:`~scripts.errors.CS3FInputError` line naming the differing fields.
 
-Token arrays are opened with ``np.load(mmap_mode="r")``: a bank larger than RAM is streamed from disk
-block by block by :func:`scripts.scoring.reference_scores` (CS3F-C).
+:class:`BankWriter` writes the arrays volume by volume as the cohort is tokenized, and readers open
+them with ``np.load(mmap_mode="r")``: a bank larger than RAM is built without holding it, and streamed
+from disk block by block by :func:`scripts.scoring.reference_scores` (CS3F-C).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import torch
 from scripts.errors import CS3FInputError
 from scripts.outputs import atomic_write_text
 
-__all__ = ["BANK_FORMAT", "BANK_VERSION", "MANIFEST", "TokenBank", "bank_identity", "save_bank"]
+__all__ = ["BANK_FORMAT", "BANK_VERSION", "MANIFEST", "BankWriter", "TokenBank", "bank_identity", "save_bank"]
 
 BANK_FORMAT = "cs3f-token-bank"
 BANK_VERSION = 1
@@ -100,6 +101,131 @@ def _part_dir(part: str) -> str:
     return "tokens" if not part else f"tokens-{part}"
 
 
+class BankWriter:
+    """Writes a token bank volume by volume (see the module docstring), so that building a bank never
+    holds more than one volume's tokens: each ``(part, key)`` array is an ``open_memmap`` file of
+    ``capacity`` rows filled as volumes arrive, truncated to the volumes actually added (a streamed
+    copy, only when some were skipped) by :meth:`finish`, which writes the manifest last.
+
+    Args:
+        folder: the bank folder (created; an existing bank there is replaced: its manifest is removed
+            first, so that a half-rewritten bank is never taken for a whole one).
+        capacity: the most volumes that will be added (e.g. the length of the datalist).
+    """
+
+    def __init__(self, folder: str | Path, capacity: int) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / MANIFEST).unlink(missing_ok=True)
+        self.capacity = int(capacity)
+        self.names: list[str] = []
+        self.spatial: dict[str, list[int]] = {}
+        self.arrays: dict[tuple[str, str], dict] = {}  # (part, key) -> spec + open memmaps
+
+    def add(self, name: str, part: str, tokens) -> None:  # noqa: ANN001 - scripts.inferer.VolumeTokens
+        """Write one volume's tokens of one part (parts of a volume are added one after the other)."""
+        if not self.names or self.names[-1] != name:
+            if name in self.names:
+                raise ValueError(f"{name} was already added to the bank")
+            if len(self.names) == self.capacity:
+                raise ValueError(f"the bank was opened for {self.capacity} volumes")
+            self.names.append(name)
+        row = len(self.names) - 1
+        self.spatial.setdefault(part, list(tokens.spatial_shape))
+        for key, grid in tokens.grids.items():
+            n_tokens, d = grid.valid.numel(), grid.tokens.shape[-1]
+            spec = self.arrays.get((part, key))
+            if spec is None:
+                stem = f"{_part_dir(part)}/{_key_file(key)}"
+                (self.folder / _part_dir(part)).mkdir(exist_ok=True)
+                spec = {
+                    "grid": list(grid.shape),
+                    "d": d,
+                    "tokens": f"{stem}.tokens.npy",
+                    "valid": f"{stem}.valid.npy",
+                }
+                for what, dtype, shape in (
+                    ("tokens", np.float16, (n_tokens, d)),
+                    ("valid", bool, (n_tokens,)),
+                ):
+                    spec["_" + what] = np.lib.format.open_memmap(
+                        self.folder / (spec[what] + ".tmp"),
+                        mode="w+",
+                        dtype=dtype,
+                        shape=(self.capacity, *shape),
+                    )
+                self.arrays[(part, key)] = spec
+            if list(grid.shape) != spec["grid"] or d != spec["d"]:
+                raise ValueError(
+                    f"{name}: {key} grid {tuple(grid.shape)} x {d} differs from the bank's {spec['grid']}"
+                )
+            spec["_tokens"][row] = grid.tokens.detach().reshape(n_tokens, d).to("cpu", torch.float16).numpy()
+            spec["_valid"][row] = grid.valid.detach().reshape(n_tokens).cpu().numpy()
+
+    def finish(
+        self,
+        identity: Mapping,
+        sources: Mapping[str, str] | Sequence[str] = (),
+        grids: Mapping[str, tuple] | None = None,
+        info: Mapping | None = None,
+    ) -> Path:
+        """Close the arrays (truncated to the volumes added) and write the manifest; its path.
+
+        Args:
+            identity: :func:`bank_identity` of the run that made the tokens.
+            sources: sha256 of each volume's source files, by name or in order (``""``: unknown).
+            grids: ``{part: (spatial shape, affine [4, 4])}`` of the preprocessed volumes.
+            info: extra entries for the manifest (e.g. software versions).
+        """
+        b = len(self.names)
+        if b == 0:
+            raise ValueError("no volume was added to the bank")
+        parts: dict[str, dict] = {}
+        for (part, key), spec in self.arrays.items():
+            for what in ("tokens", "valid"):
+                array, tmp = spec.pop("_" + what), self.folder / (spec[what] + ".tmp")
+                array.flush()
+                if b < self.capacity:  # volumes were skipped: copy the first b rows to a smaller file
+                    small = np.lib.format.open_memmap(
+                        self.folder / (spec[what] + ".tmp2"),
+                        mode="w+",
+                        dtype=array.dtype,
+                        shape=(b, *array.shape[1:]),
+                    )
+                    for start in range(0, b, 64):
+                        small[start : start + 64] = array[start : min(start + 64, b)]
+                    small.flush()
+                    del small
+                    tmp.unlink()
+                    tmp = self.folder / (spec[what] + ".tmp2")
+                del array
+                os.replace(tmp, self.folder / spec[what])
+            entry = parts.setdefault(part, {"keys": {}, "spatial_shape": self.spatial[part]})
+            entry["keys"][key] = spec
+        for part, entry in parts.items():
+            if grids and part in grids:
+                shape, affine = grids[part]
+                entry["grid"] = {"shape": list(shape), "affine": torch.as_tensor(affine).double().tolist()}
+        by_name = (
+            dict(sources) if isinstance(sources, Mapping) else dict(zip(self.names, sources, strict=False))
+        )
+        manifest = {
+            "format": BANK_FORMAT,
+            "version": BANK_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "token_dtype": "float16",
+            "identity": _jsonable(dict(identity)),
+            "n_volumes": b,
+            "volumes": list(self.names),
+            "sources": [str(by_name.get(n, "")) for n in self.names],
+            "parts": parts,
+            **_jsonable(dict(info or {})),
+        }
+        path = self.folder / MANIFEST
+        atomic_write_text(path, json.dumps(manifest, indent=1))
+        return path
+
+
 def save_bank(
     folder: str | Path,
     identity: Mapping,
@@ -109,75 +235,18 @@ def save_bank(
     grids: Mapping[str, tuple] | None = None,
     info: Mapping | None = None,
 ) -> Path:
-    """Write a token bank (see the module docstring) and return its manifest path.
-
-    Args:
-        folder: the bank folder (created; an existing bank there is replaced: its manifest is removed
-            first, so that a half-rewritten bank is never taken for a whole one).
-        identity: :func:`bank_identity` of the run that made the tokens.
-        names: volume names, in bank order.
-        sources: sha256 of each volume's source files (``""`` when unknown).
-        banks: ``{part: {name: VolumeTokens}}`` (part ``""`` is the whole volume).
-        grids: ``{part: (spatial shape, affine [4, 4])}`` of the preprocessed volumes.
-        info: extra entries for the manifest (e.g. software versions).
-
-    Volumes are written one at a time into fp16 ``.npy`` files opened with ``open_memmap``, so saving
-    needs no second copy of the bank in memory.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / MANIFEST).unlink(missing_ok=True)
+    """Write the token bank of in-memory tokens ``banks = {part: {name: VolumeTokens}}`` (part ``""``
+    is the whole volume) for ``names`` in that order; see :class:`BankWriter` for the other arguments."""
     names = [str(n) for n in names]
-    parts: dict[str, dict] = {}
     for part, bank in banks.items():
         missing = [n for n in names if n not in bank]
         if missing:
             raise ValueError(f"part {part!r} has no tokens for {missing[:3]}")
-        first = bank[names[0]]
-        keys = {}
-        (folder / _part_dir(part)).mkdir(exist_ok=True)
-        for key, grid in first.grids.items():
-            n_tokens, d = grid.valid.numel(), grid.tokens.shape[-1]
-            rel_tokens = f"{_part_dir(part)}/{_key_file(key)}.tokens.npy"
-            rel_valid = f"{_part_dir(part)}/{_key_file(key)}.valid.npy"
-            tmp_tokens = folder / (rel_tokens + ".tmp")
-            tokens = np.lib.format.open_memmap(
-                tmp_tokens, mode="w+", dtype=np.float16, shape=(len(names), n_tokens, d)
-            )
-            valid = np.zeros((len(names), n_tokens), dtype=bool)
-            for row, name in enumerate(names):
-                g = bank[name].grids[key]
-                if tuple(g.shape) != tuple(grid.shape):
-                    raise ValueError(f"{name}: {key} grid {g.shape} differs from {grid.shape}")
-                tokens[row] = g.tokens.detach().reshape(n_tokens, d).to("cpu", torch.float16).numpy()
-                valid[row] = g.valid.detach().reshape(n_tokens).cpu().numpy()
-            tokens.flush()
-            del tokens
-            os.replace(tmp_tokens, folder / rel_tokens)
-            with open(folder / (rel_valid + ".tmp"), "wb") as f:
-                np.save(f, valid)
-            os.replace(folder / (rel_valid + ".tmp"), folder / rel_valid)
-            keys[key] = {"grid": list(grid.shape), "d": d, "tokens": rel_tokens, "valid": rel_valid}
-        entry: dict = {"keys": keys, "spatial_shape": list(first.spatial_shape)}
-        if grids and part in grids:
-            shape, affine = grids[part]
-            entry["grid"] = {"shape": list(shape), "affine": torch.as_tensor(affine).double().tolist()}
-        parts[part] = entry
-    manifest = {
-        "format": BANK_FORMAT,
-        "version": BANK_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "token_dtype": "float16",
-        "identity": _jsonable(dict(identity)),
-        "n_volumes": len(names),
-        "volumes": names,
-        "sources": [str(s) for s in sources],
-        "parts": parts,
-        **_jsonable(dict(info or {})),
-    }
-    path = folder / MANIFEST
-    atomic_write_text(path, json.dumps(manifest, indent=1))
-    return path
+    writer = BankWriter(folder, len(names))
+    for name in names:
+        for part, bank in banks.items():
+            writer.add(name, part, bank[name])
+    return writer.finish(identity, list(sources), grids, info)
 
 
 class TokenBank:

@@ -42,7 +42,7 @@ from ignite.engine import Engine, Events
 from monai.data import MetaTensor, decollate_batch
 from monai.engines import Workflow
 
-from scripts.bank import TokenBank, bank_identity, save_bank
+from scripts.bank import BankWriter, TokenBank, bank_identity, save_bank
 from scripts.cache import TokenCache, file_digest
 from scripts.data import CS3FInputError, find_input_error, image_stem
 from scripts.inferer import CS3FInferer, VolumeTokens
@@ -158,6 +158,8 @@ class CS3FEvaluator(Workflow):
         self.build_bank = Path(build_bank) if build_bank else None
         self.reference = TokenBank(reference_bank) if reference_bank else None
         self.sources: dict[str, str] = {}  # name -> sha256 of its source files (bank modes)
+        self._writer: BankWriter | None = None
+        self._bank_parts: set[str] = set()
         if self.reference is not None:
             batching = {k: getattr(inferer, k, None) for k in ("chunk_size", "n_references")}
             if any(v is not None for v in batching.values()):
@@ -278,10 +280,14 @@ class CS3FEvaluator(Workflow):
             banks = self.build_bank is not None or self.reference is not None
             source_key = file_digest(self._source_files(item)) if self.cache is not None or banks else ""
             self.sources[name] = source_key
+            writer = self._bank_writer()
             for part, (image, mask) in parts.items():
-                self.bank.setdefault(part, {})[name] = self._tokens(
-                    f"{name}.{part}" if part else name, source_key, image, mask
-                )
+                tokens = self._tokens(f"{name}.{part}" if part else name, source_key, image, mask)
+                if writer is not None:  # building a bank: straight to disk, never the whole bank in RAM
+                    writer.add(name, part, tokens)
+                    self._bank_parts.add(part)
+                else:
+                    self.bank.setdefault(part, {})[name] = tokens
             self.names.append(name)
             names.append(name)
         self.timings["tokenize"] += time.perf_counter() - start
@@ -337,21 +343,29 @@ class CS3FEvaluator(Workflow):
         preprocessing = {k: v for k, v in self.run_info.items() if k != "dataset_dir"}
         return bank_identity(self.inferer.describe(), self._encoder_identity(self.network), preprocessing)
 
+    def _bank_writer(self) -> BankWriter | None:
+        """In a single-process ``build_bank`` run, the writer that streams each volume's tokens to the
+        bank as it is tokenized (with torchrun, the ranks' tokens are gathered and rank 0 saves them)."""
+        if self.build_bank is None or self._world()[1] > 1:
+            return None
+        if self._writer is None:
+            self._writer = BankWriter(self.build_bank, len(self.data_loader.dataset))
+        return self._writer
+
     def _save_bank(self) -> None:
-        """Pass 1 of a ``build_bank`` run: save the (gathered) token bank; rank 0 writes it."""
+        """Pass 1 of a ``build_bank`` run: finish the streamed bank, or save the gathered one (rank 0)."""
         if self._world()[0] != 0:
             return
         import monai
 
-        save_bank(
-            self.build_bank,
-            self._bank_identity(),
-            self.names,
-            [self.sources.get(n, "") for n in self.names],
-            self.bank,
-            grids={part: self._grid[part] for part in self.bank if part in self._grid},
-            info={"versions": {"torch": torch.__version__, "monai": monai.__version__}},
-        )
+        info = {"versions": {"torch": torch.__version__, "monai": monai.__version__}}
+        parts = self._bank_parts if self._writer is not None else set(self.bank)
+        grids = {part: self._grid[part] for part in parts if part in self._grid}
+        if self._writer is not None:
+            self._writer.finish(self._bank_identity(), self.sources, grids, info)
+            return
+        sources = [self.sources.get(n, "") for n in self.names]
+        save_bank(self.build_bank, self._bank_identity(), self.names, sources, self.bank, grids, info)
 
     def _score_against_bank(self) -> None:
         """Score this run's volumes (this rank's share) against the reference bank's volumes only."""

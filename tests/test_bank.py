@@ -303,3 +303,33 @@ def test_token_bank_views_are_read_only_memmaps(bank: Path) -> None:
         (32, 32, 32), {"axial/0": TokenGrid(tokens[0].view(4, 4, 4, 128), valid[0].view(4, 4, 4))}
     )
     assert grid.num_tokens() == 64
+
+
+def test_bank_writer_streams_volumes_and_truncates_to_those_added(tmp_path: Path) -> None:
+    """Volume by volume into open_memmap files of `capacity` rows; fewer volumes (skipped inputs)
+    give arrays of exactly the volumes added; two parts (as the lung workflow makes) side by side."""
+    from scripts.bank import BankWriter
+
+    volumes = random_volumes(3)
+    writer = BankWriter(tmp_path / "bank", capacity=5)
+    for i, vt in enumerate(volumes):
+        for part in ("right", "left"):
+            writer.add(f"v{i}", part, vt)
+    assert not (tmp_path / "bank" / "bank.json").exists()  # no manifest until finished
+    writer.finish({"d": 8}, {"v1": "abc"})
+    bank = TokenBank(tmp_path / "bank")
+    assert bank.names == ["v0", "v1", "v2"] and bank.manifest["sources"] == ["", "abc", ""]
+    assert bank.index_of_source("abc") == 1 and bank.index_of_source("") is None
+    for part in ("right", "left"):
+        refs = bank.references(part)
+        for key, (tokens, valid) in refs.items():
+            assert tokens.shape == (3, volumes[0].grids[key].valid.numel(), 8)
+            for i, vt in enumerate(volumes):
+                assert torch.equal(tokens[i], vt.grids[key].tokens.reshape(-1, 8).half())
+                assert torch.equal(valid[i], vt.grids[key].valid.reshape(-1))
+    assert not list((tmp_path / "bank").rglob("*.tmp*"))
+    with pytest.raises(ValueError, match="already added"):
+        w = BankWriter(tmp_path / "b2", capacity=3)
+        w.add("a", "", volumes[0])
+        w.add("b", "", volumes[1])
+        w.add("a", "", volumes[2])
