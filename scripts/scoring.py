@@ -40,6 +40,8 @@ __all__ = [
 DEFAULT_BLOCK_ELEMENTS = 1 << 24
 DEFAULT_QUERY_TILE = 1024
 DEFAULT_ROUTES = 16
+# Elements of the reused buffer of gathered C2F fine candidates.
+CANDIDATE_ELEMENTS = 1 << 21
 
 
 def num_neighbours(batch_size: int, rho: float) -> int:
@@ -489,25 +491,29 @@ def _c2f_profiles(
         # Restricted fine search (Eq. 6): the h children of each of the L routed coarse tokens, gathered
         # for some queries x the G reference volumes at a time into one reused buffer (the search reads
         # each candidate h times only, so it is bound by this gather, not by arithmetic).
-        g = stop - start
-        rows = route_index + (torch.arange(start, stop, device=device) * n_c).view(g, 1, 1)  # [G, Q, L]
-        step = max(1, bank.candidates.shape[0] // (g * routes))
-        for s0 in range(0, nq, step):
-            s1 = min(s0 + step, nq)
-            where = rows[:, s0:s1].reshape(-1).to(bank.fine_rows.device)  # [G * S * L]
-            cand = bank.candidates[: where.numel()]
-            torch.index_select(bank.fine_rows, 0, where, out=cand)
-            cand = cand.to(device=device, dtype=torch.float32).view(g * (s1 - s0), routes * h, d)
-            cand_norms = bank.fine_norm_rows.index_select(0, where).to(device).view(-1, routes * h, 1)
-            # [G * S, d, h] as the transpose of a contiguous [G * S, h, d]: MKL's small-N path is ~3x faster
-            # for this layout than for a contiguous [d, h] operand.
-            queries = fine_q[s0:s1].expand(g, -1, -1, -1).reshape(-1, h, d).transpose(1, 2)
-            # |c|^2 - 2 c.f for the L*h candidates x h fine queries of each coarse query.
-            best = torch.baddbmm(cand_norms, cand, queries, alpha=-2.0).min(dim=1)  # [G * S, h]
-            fine_d2[s0:s1, :, start:stop] = best.values.view(g, s1 - s0, h).permute(1, 2, 0)
-            child = best.indices.view(g, s1 - s0, h)
-            parent = route_index[:, s0:s1].gather(2, torch.div(child, h, rounding_mode="floor"))
-            fine_nn[s0:s1, :, start:stop] = (parent * h + child % h).permute(1, 2, 0)
+        rows = route_index + (torch.arange(start, stop, device=device) * n_c).view(-1, 1, 1)  # [G, Q, L]
+        capacity = bank.candidates.shape[0]  # rows of the buffer, at least L
+        volumes_step = max(1, capacity // routes)
+        for g0 in range(0, stop - start, volumes_step):
+            g1 = min(g0 + volumes_step, stop - start)
+            g = g1 - g0
+            step = max(1, capacity // (g * routes))
+            for s0 in range(0, nq, step):
+                s1 = min(s0 + step, nq)
+                where = rows[g0:g1, s0:s1].reshape(-1).to(bank.fine_rows.device)  # [g * S * L]
+                cand = bank.candidates[: where.numel()]
+                torch.index_select(bank.fine_rows, 0, where, out=cand)
+                cand = cand.to(device=device, dtype=torch.float32).view(g * (s1 - s0), routes * h, d)
+                cand_norms = bank.fine_norm_rows.index_select(0, where).to(device).view(-1, routes * h, 1)
+                # [g * S, d, h] as the transpose of a contiguous [g * S, h, d]: MKL's small-N path is ~3x
+                # faster for this layout than for a contiguous [d, h] operand.
+                queries = fine_q[s0:s1].expand(g, -1, -1, -1).reshape(-1, h, d).transpose(1, 2)
+                # |c|^2 - 2 c.f for the L*h candidates x h fine queries of each coarse query.
+                best = torch.baddbmm(cand_norms, cand, queries, alpha=-2.0).min(dim=1)  # [g * S, h]
+                fine_d2[s0:s1, :, start + g0 : start + g1] = best.values.view(g, s1 - s0, h).permute(1, 2, 0)
+                child = best.indices.view(g, s1 - s0, h)
+                parent = route_index[g0:g1, s0:s1].gather(2, torch.div(child, h, rounding_mode="floor"))
+                fine_nn[s0:s1, :, start + g0 : start + g1] = (parent * h + child % h).permute(1, 2, 0)
     coarse_d2 += coarse_q.pow(2).sum(dim=-1).unsqueeze(-1)
     fine_d2 += fine_q.pow(2).sum(dim=-1).unsqueeze(-1)
     return coarse_d2, coarse_nn, fine_d2, fine_nn
@@ -545,10 +551,10 @@ class _C2FBank:
         self.tile = max(1, min(int(query_tile), block_elements // self.per_query))
         self.block_elements = block_elements
         self.workspace = _workspace(block_elements, coarse.device)
-        # Gathered fine candidates (rows of h*d values), reused by every block: 16 MiB, at least one
+        # Gathered fine candidates (rows of h*d values), reused by every block: 8 MiB, at least one
         # query's L routes (below glibc's mmap threshold, so the buffer stays resident).
         self.candidates = torch.empty(
-            max(self.routes, (1 << 22) // (h * d)), h * d, dtype=fine.dtype, device=fine.device
+            max(self.routes, CANDIDATE_ELEMENTS // (h * d)), h * d, dtype=fine.dtype, device=fine.device
         )
 
     def tiles(self, volumes: Sequence[int] | None) -> Iterator[tuple[int, torch.Tensor, tuple]]:

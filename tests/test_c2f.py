@@ -77,6 +77,16 @@ def test_full_routing_equals_exhaustive_fine_with_masks(b: int, rho: float) -> N
     torch.testing.assert_close(fs_big, fs, atol=1e-5, rtol=0)
 
 
+def test_tiny_candidate_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A candidate buffer of one query's routes: the fine search splits volumes and queries alike."""
+    import scripts.scoring
+
+    monkeypatch.setattr(scripts.scoring, "CANDIDATE_ELEMENTS", 1)
+    coarse, fine, coarse_valid, fine_valid = make_tokens(9, 10, 3, 4, seed=8)
+    _, fs = c2f_scores(coarse, fine, coarse_valid, fine_valid, rho=0.25, L=10)
+    torch.testing.assert_close(fs, exhaustive_fine(fine, fine_valid, 0.25), atol=1e-4, rtol=0)
+
+
 def test_independent_coarse_and_fine_masks() -> None:
     """Coarse validity unrelated to fine validity (delta > 0 can do this): both anchors still hold."""
     b, n_c, h, d, rho = 6, 12, 4, 5, 0.4
