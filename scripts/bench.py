@@ -454,6 +454,10 @@ def _score_fn(tokens: torch.Tensor, valid: torch.Tensor | None, rho: float, volu
     return lambda: mutual_similarity_scores(tokens, valid, rho, volumes=volumes)
 
 
+def _vol_kw(volumes: Sequence[int] | None) -> dict:
+    return {} if volumes is None else {"volumes": list(volumes)}
+
+
 def _supports_volumes() -> bool:
     from scripts.scoring import mutual_similarity_scores
 
@@ -1155,28 +1159,42 @@ def bench_profile(cfg: dict, device: torch.device, real_run: str | Path | None =
     if real is not None:
         real = (real[0].to(device), real[1].to(device), real[2])
         exact_real = mutual_similarity_scores(real[0], real[1], rho)
-    combos = [
-        ("baddbmm", torch.float32, True),
-        ("addmm", torch.float32, False),
-        ("augmented", torch.float32, False),
-        ("augmented", torch.bfloat16, False),
-    ]
-    if device.type == "cuda":
-        combos.append(("augmented", torch.float16, False))
+    small = 1 << 21  # an 8 MiB fp32 distance block (fits the caches) instead of the scorer's default
+
+    def variant_fn(label: str):
+        """``(tokens, valid, volumes) -> scores`` of one variant (see ``prototype_scores``)."""
+        if label == "scorer, block_elements=2^21":
+            return lambda t, v, q: mutual_similarity_scores(t, v, rho, tile, small, **_vol_kw(q))
+        form, dtype, pack, blk = {
+            "packed valid references": ("baddbmm", torch.float32, True, block),
+            "packed valid references, block_elements=2^21": ("baddbmm", torch.float32, True, small),
+            "one addmm per group": ("addmm", torch.float32, False, block),
+            "norms folded into the GEMM (augmented)": ("augmented", torch.float32, False, block),
+            "augmented, bf16 GEMM": ("augmented", torch.bfloat16, False, block),
+            "augmented, fp16 GEMM": ("augmented", torch.float16, False, block),
+        }[label]
+        return lambda t, v, q: prototype_scores(t, v, rho, dtype, tile, blk, q, form, pack)
+
+    labels = [
+        "scorer, block_elements=2^21",
+        "packed valid references",
+        "packed valid references, block_elements=2^21",
+        "one addmm per group",
+        "norms folded into the GEMM (augmented)",
+        "augmented, bf16 GEMM",
+    ] + (["augmented, fp16 GEMM"] if device.type == "cuda" else [])
     # The variants run on masked random tokens (30 % invalid, like a masked bank) so that packing shows.
     mtokens, mvalid = synthetic_bank(b, n, d, cfg["invalid"], seed=8, device=device)
     scorer = _score_fn(mtokens, mvalid, rho, volumes)
-    for form, dtype, pack in combos:
-        proto = lambda f=form, dt=dtype, pk=pack: prototype_scores(  # noqa: E731
-            mtokens, mvalid, rho, dt, tile, block, volumes, f, pk
+    reps = cfg.get("variant_repeats", cfg["repeats"])
+    for label in labels:
+        fn = variant_fn(label)
+        ts, tp, out_s, out_p = _paired(
+            scorer, lambda fn=fn: fn(mtokens, mvalid, volumes), device, reps, cfg["case_s"]
         )
-        reps = cfg.get("variant_repeats", cfg["repeats"])
-        ts, tp, out_s, out_p = _paired(scorer, proto, device, reps, cfg["case_s"])
         qv = volumes if volumes is not None else list(range(b))
         row = {
-            "variant": f"{form} GEMM per group, {str(dtype).replace('torch.', '')}"
-            + (", valid references packed" if pack else "")
-            + ", fp32 recompute",
+            "variant": label,
             "B": b,
             "N": n,
             "scorer_s": _r(statistics.median(ts), 4),
@@ -1188,9 +1206,7 @@ def bench_profile(cfg: dict, device: torch.device, real_run: str | Path | None =
             rt, rv, key = real
             tr, trp, _, approx = _paired(
                 lambda rt=rt, rv=rv: mutual_similarity_scores(rt, rv, rho),
-                lambda rt=rt, rv=rv, f=form, dt=dtype, pk=pack: prototype_scores(
-                    rt, rv, rho, dt, tile, block, None, f, pk
-                ),
+                lambda rt=rt, rv=rv, fn=fn: fn(rt, rv, None),
                 device,
                 reps,
                 cfg["case_s"],
@@ -1856,11 +1872,8 @@ def run_bench(
         res["c2f"] = timed("c2f", lambda: bench_c2f_section(cfg, dev))
     if "tokenize" in chosen:
         res["tokenize"] = timed("tokenize", lambda: bench_tokenize(cfg, dev))
-    # Real tokens for the profile's variants: this session's 2B run, else one left by an earlier run.
-    earlier = sorted(
-        (out / "runs").glob("B*/tokens"),
-        key=lambda p: int(p.parent.name[1:]) if p.parent.name[1:].isdigit() else 0,
-    )
+    # Real tokens for the profile's variants: this session's 2B run, else the latest earlier one.
+    earlier = sorted((out / "runs").glob("B*/tokens"), key=lambda p: p.stat().st_mtime)
     real_run = earlier[-1].parent if earlier else None
     if "memory" in chosen or "e2e" in chosen:
         memory, e2e = timed("memory+e2e", lambda: bench_bundle(cfg, dev, out), fallback=lambda f: (f, f))
