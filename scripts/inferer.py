@@ -135,6 +135,42 @@ def _batching_options(chunk_size: int | None, n_references: int | None) -> tuple
     )
 
 
+def _rows_of(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The tensor whose rows ``0..B-1`` the ``B`` tensors are, in order, or ``None``."""
+    base = tensors[0]._base
+    if base is None or base.shape[0] != len(tensors) or not base.is_contiguous():
+        return None
+    step = base[0].numel() * base.element_size()
+    for i, t in enumerate(tensors):
+        if t._base is not base or not t.is_contiguous() or t.data_ptr() != base.data_ptr() + i * step:
+            return None
+    return base
+
+
+def _batch_of(bank: Sequence[VolumeTokens], key: str, consolidate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tokens [B, N, d], valid [B, N])`` of one (axis, layer) of the batch.
+
+    A view when the grids are already the rows of one tensor. Otherwise the grids are stacked; with
+    ``consolidate`` each volume's grid is then re-pointed at its row of the stack (same values), so
+    that the per-volume originals are freed and the batch is held once, not twice: a stacked copy
+    beside the bank would add the largest (axis, layer) - about a quarter of the bank - to the peak.
+    """
+    grids = [vt.grids[key] for vt in bank]
+    out = []
+    for attr in ("tokens", "valid"):
+        parts = [getattr(g, attr) for g in grids]
+        base = _rows_of(parts)
+        if base is None:
+            base = torch.empty((len(parts), *parts[0].shape), dtype=parts[0].dtype, device=parts[0].device)
+            for i, part in enumerate(parts):
+                base[i] = part
+                if consolidate:
+                    setattr(grids[i], attr, base[i])
+        out.append(base)
+    tokens, valid = out
+    return tokens.reshape(len(bank), -1, tokens.shape[-1]), valid.reshape(len(bank), -1)
+
+
 class CS3FInferer(Inferer):
     """Batch mutual-similarity anomaly scoring of 3D volumes with a frozen 2D encoder.
 
@@ -318,9 +354,13 @@ class CS3FInferer(Inferer):
 
         With ``chunk_size`` each chunk is scored on its own; with ``n_references`` each volume is
         scored against the batch made of itself and its references (both with the exact scorer).
+
+        Without either, each coarse (axis, layer) of ``bank`` is consolidated in place: the volumes'
+        grids become rows of one ``[B, ...]`` tensor (same values, same objects), so that scoring
+        never holds a stacked copy of the batch beside it.
         """
         if self.chunk_size is None and self.n_references is None:
-            return self._score_exact(bank, queries)
+            return self._score_exact(bank, queries, consolidate=True)
         from scripts.batching import chunk_ranges, reference_subsets
 
         b = len(bank)
@@ -382,8 +422,7 @@ class CS3FInferer(Inferer):
         for key in iterator:
             shape = bank[0].grids[key].shape
             device = self.score_device or bank[0].grids[key].tokens.device
-            tokens = torch.stack([vt.grids[key].tokens.reshape(-1, self.d) for vt in bank]).to(device)
-            valid = torch.stack([vt.grids[key].valid.reshape(-1) for vt in bank]).to(device)
+            tokens, valid = (t.to(device) for t in _batch_of(bank, key, consolidate=True))
             try:
                 scores = subset_scores(tokens, valid, subsets, self.rho, self.query_tile, self.block_elements)
             except ValueError as err:
@@ -492,9 +531,14 @@ class CS3FInferer(Inferer):
         return results
 
     def _score_exact(
-        self, bank: Sequence[VolumeTokens], queries: Sequence[int] | None = None
+        self, bank: Sequence[VolumeTokens], queries: Sequence[int] | None = None, consolidate: bool = False
     ) -> list[dict[str, torch.Tensor]]:
-        """:meth:`score` of one batch with the exact scorer (no chunks, every other volume a reference)."""
+        """:meth:`score` of one batch with the exact scorer (no chunks, every other volume a reference).
+
+        ``consolidate``: re-point the volumes' coarse grids at rows of one tensor per key (see
+        :func:`_batch_of`); only for a batch that is the caller's whole bank, as overlapping batches
+        (``n_references`` jobs) would each pin their own stack.
+        """
         if len(bank) < 2:
             raise ValueError(
                 f"CS3F scores volumes against each other: need at least 2 volumes, got {len(bank)}"
@@ -528,8 +572,7 @@ class CS3FInferer(Inferer):
         for key in iterator:
             shape = bank[0].grids[key].shape
             device = self.score_device or bank[0].grids[key].tokens.device
-            tokens = torch.stack([vt.grids[key].tokens.reshape(-1, self.d) for vt in bank]).to(device)
-            valid = torch.stack([vt.grids[key].valid.reshape(-1) for vt in bank]).to(device)
+            tokens, valid = (t.to(device) for t in _batch_of(bank, key, consolidate))
             try:
                 if self.variant == "C":
                     scores = mutual_similarity_scores(

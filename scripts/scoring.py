@@ -17,6 +17,10 @@ batched GEMM in the ``|a|^2 + |b|^2 - 2 a.b`` form and is immediately reduced to
 (query, reference volume) minimum (and, for C2F, top-``L`` routing indices that live only as long as
 that block). Extra memory is therefore ``O(query_tile x ref_budget)`` plus the ``[query_tile, B]``
 profile, independent of how many tokens the batch holds.
+
+Work: the exact scorers multiply only valid reference tokens. Each reference block is gathered at
+the positions of its volumes' valid tokens (:func:`_pack_valid`, padded to the largest valid count),
+so with brain or lung masks the GEMM and the min shrink to the masked fraction of the grid.
 """
 
 from __future__ import annotations
@@ -36,8 +40,10 @@ __all__ = [
     "subset_scores",
 ]
 
-# Elements of the largest intermediate block (fp32): 2^24 -> 64 MiB.
-DEFAULT_BLOCK_ELEMENTS = 1 << 24
+# Elements of the largest intermediate block (fp32): 2^21 -> 8 MiB. Small enough that the GEMM's
+# output is still in cache when the min reads it back (a 64 MiB block goes through DRAM twice and
+# measured 1.06-1.33x slower, docs/performance.md), large enough to amortise the per-block calls.
+DEFAULT_BLOCK_ELEMENTS = 1 << 21
 DEFAULT_QUERY_TILE = 1024
 DEFAULT_ROUTES = 16
 # Elements of the reused buffer of gathered C2F fine candidates.
@@ -128,6 +134,25 @@ def _workspace(elements: int, device: torch.device) -> torch.Tensor:
     return torch.empty(elements, dtype=torch.float32, device=device)
 
 
+def _pack_valid(valid: torch.Tensor, sq_norms: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Positions of each volume's valid tokens, valid first, for GEMMs over valid references only.
+
+    Returns ``(index [B, M], packed_norms [B, M])`` with ``M`` the largest valid count: row ``b`` of
+    ``index`` lists volume ``b``'s valid token positions in order, padded with positions of its
+    invalid tokens, whose ``+inf`` norms keep them from ever being the nearest. With masks most
+    reference tokens are background (39 % valid on the demo's brain tokens), and multiplying them
+    only to discard the result was most of the scorer's work. ``(None, sq_norms)`` when every volume
+    is fully valid: nothing to skip, and the bank is then read in place.
+    """
+    counts = valid.sum(dim=1)
+    m = int(counts.max())
+    if m == valid.shape[1]:
+        return None, sq_norms
+    # A stable sort of the invalid flag puts valid tokens first and keeps their order.
+    index = torch.argsort((~valid).to(torch.uint8), dim=1, stable=True)[:, :m]
+    return index, sq_norms.gather(1, index)
+
+
 def _reference_blocks(
     queries: torch.Tensor,
     tokens: torch.Tensor,
@@ -135,19 +160,26 @@ def _reference_blocks(
     exclude: int | None,
     group: int,
     workspace: torch.Tensor | None = None,
+    index: torch.Tensor | None = None,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """``(start, stop, d2)`` per group of reference volumes, ``d2 [G, Q, N] = |r|^2 - 2 q.r`` (fp32).
+    """``(start, stop, d2)`` per group of reference volumes, ``d2 [G, Q, M] = |r|^2 - 2 q.r`` (fp32).
 
     One batched GEMM per group; the reduction over reference tokens is then along the contiguous last
     dim (a min or a top-L there is several times cheaper than across the middle dim). With a
-    ``workspace`` of at least ``group * Q * N`` elements, ``d2`` is a view of it, valid until the next
-    block is requested.
+    ``workspace`` of at least ``group * Q * M`` elements, ``d2`` is a view of it, valid until the next
+    block is requested. With ``index`` (:func:`_pack_valid`), volume ``b`` is read at the ``M``
+    positions ``index[b]`` and ``ref_sq_norms`` is ``[B, M]`` in that order; otherwise ``M = N``.
     """
-    n, nq = tokens.shape[1], queries.shape[0]
+    n, nq = ref_sq_norms.shape[1], queries.shape[0]
     for start, stop in _group_ranges(tokens.shape[0], exclude, group):
         g = stop - start
-        refs = tokens[start:stop].to(device=queries.device, dtype=torch.float32)
-        norms = ref_sq_norms[start:stop].to(queries.device).unsqueeze(1)  # [G, 1, N]
+        if index is None:
+            refs = tokens[start:stop]
+        else:
+            volumes = torch.arange(start, stop, device=index.device).unsqueeze(1)
+            refs = tokens[volumes.to(tokens.device), index[start:stop].to(tokens.device)]
+        refs = refs.to(device=queries.device, dtype=torch.float32)
+        norms = ref_sq_norms[start:stop].to(queries.device).unsqueeze(1)  # [G, 1, M]
         out = None
         if workspace is not None and workspace.numel() >= g * nq * n:
             out = workspace[: g * nq * n].view(g, nq, n)
@@ -162,6 +194,7 @@ def nearest_distance_profile(
     exclude: int | None,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     workspace: torch.Tensor | None = None,
+    index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared distance of each query to its nearest token in every reference volume (Eq. 1).
 
@@ -169,40 +202,74 @@ def nearest_distance_profile(
         queries: ``[Q, d]`` float32 query tokens.
         tokens: ``[B, N, d]`` reference token bank (any float dtype; cast to fp32 per block).
         ref_sq_norms: ``[B, N]`` fp32 squared norms of the references, ``+inf`` for invalid tokens
-            so that they are never the nearest.
+            so that they are never the nearest; ``[B, M]`` in the order of ``index`` when given.
         exclude: index of the query's own volume; its column is ``+inf``. ``None``: the queries
             are not in ``tokens`` (a separate reference bank), every column is a reference.
         block_elements: budget for the ``[G, Q, N]`` intermediate; sets the group size ``G``.
         workspace: optional flat fp32 buffer of ``block_elements`` reused for that intermediate.
+        index: optional ``[B, M]`` token positions to read per volume (valid tokens packed first,
+            see :func:`_pack_valid`); ``None`` reads all ``N``.
 
     Returns:
-        ``(d2, index)``: ``[Q, B]`` fp32 squared nearest distances in the GEMM form (not clamped,
-        self column ``+inf``) and ``[Q, B]`` int64 index of that nearest token in each volume.
+        ``(d2, nearest)``: ``[Q, B]`` fp32 squared nearest distances in the GEMM form (not clamped,
+        self column ``+inf``) and ``[Q, B]`` int64 position of that nearest token in each volume
+        (a position in ``tokens``' ``N`` axis, also when ``index`` is given).
     """
-    b, n, _ = tokens.shape
+    b = tokens.shape[0]
+    n = ref_sq_norms.shape[1]
     nq = queries.shape[0]
     group = max(1, block_elements // max(1, n * nq))
     profile = torch.full((nq, b), float("inf"), dtype=torch.float32, device=queries.device)
     nearest = torch.zeros((nq, b), dtype=torch.long, device=queries.device)
-    for start, stop, d2 in _reference_blocks(queries, tokens, ref_sq_norms, exclude, group, workspace):
+    blocks = _reference_blocks(queries, tokens, ref_sq_norms, exclude, group, workspace, index)
+    for start, stop, d2 in blocks:
         best = d2.min(dim=-1)
         profile[:, start:stop] = best.values.t()
-        nearest[:, start:stop] = best.indices.t()
+        at = best.indices if index is None else index[start:stop].to(queries.device).gather(1, best.indices)
+        nearest[:, start:stop] = at.t()
     return profile + queries.pow(2).sum(dim=1).unsqueeze(1), nearest
 
 
+def _query_tiles(index: torch.Tensor, tile: int) -> Iterator[torch.Tensor]:
+    """``index`` split into ``ceil(len / tile)`` near-equal tiles of at most ``tile``.
+
+    Equal tiles rather than full tiles plus a remainder: each tile re-reads the whole reference bank,
+    which a tile of a few tokens would not amortise.
+    """
+    count = index.numel()
+    if count == 0:
+        return
+    tiles = -(-count // max(1, tile))
+    size = -(-count // tiles)
+    for start in range(0, count, size):
+        yield index[start : start + size]
+
+
 def _mean_of_k_nearest(
-    queries: torch.Tensor, d2: torch.Tensor, nearest: torch.Tensor, k: int, lookup
+    queries: torch.Tensor,
+    d2: torch.Tensor,
+    nearest: torch.Tensor,
+    k: int,
+    lookup,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
 ) -> torch.Tensor:
-    """Eq. 2 from a ``[..., B]`` profile: the mean of the ``k`` smallest, recomputed directly.
+    """Eq. 2 from a ``[Q, ..., B]`` profile: the mean of the ``k`` smallest, recomputed directly.
 
     The GEMM form loses ~sqrt(eps)*|v| to cancellation near zero distance; the ``k`` chosen distances
     are recomputed as ``|q - r|`` (``k*d`` work per query) so that identical anatomy scores exactly 0.
-    ``lookup(volumes, index)`` returns the reference tokens ``[..., k, d]``.
+    ``lookup(volumes, index)`` returns the reference tokens ``[..., k, d]``. The gathered references
+    grow with ``k`` (hence with the batch), so they are taken a few rows of ``Q`` at a time, within
+    ``block_elements`` fp32 values.
     """
-    volumes = d2.topk(k, dim=-1, largest=False).indices  # [..., K]
-    refs = lookup(volumes, nearest.gather(-1, volumes)).float()
-    return (queries.unsqueeze(-2) - refs).norm(dim=-1).mean(dim=-1)
+    rows = max(1, block_elements // (2 * k * queries[0].numel()))
+    volumes = d2.topk(k, dim=-1, largest=False).indices  # [Q, ..., K]
+    chosen = nearest.gather(-1, volumes)
+    parts = []
+    for start in range(0, queries.shape[0], rows):
+        part = slice(start, start + rows)
+        refs = lookup(volumes[part], chosen[part]).float()
+        parts.append((queries[part].unsqueeze(-2) - refs).norm(dim=-1).mean(dim=-1))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def mutual_similarity_scores(
@@ -234,18 +301,19 @@ def mutual_similarity_scores(
     valid = _check_inputs(tokens, valid)
     b, n, _ = tokens.shape
     k = num_neighbours(b, rho)
-    ref_sq_norms = _sq_norms(tokens, valid)
+    index, ref_sq_norms = _pack_valid(valid, _sq_norms(tokens, valid))
+    m = ref_sq_norms.shape[1]
     scores = torch.zeros(b, n, dtype=torch.float32, device=tokens.device)
-    workspace = _workspace(max(block_elements, min(query_tile, n) * n), tokens.device)
+    workspace = _workspace(max(block_elements, min(query_tile, n) * m), tokens.device)
     for i in _check_volumes(volumes, b):
-        query_index = torch.nonzero(valid[i]).flatten()
-        for start in range(0, query_index.numel(), query_tile):
-            idx = query_index[start : start + query_tile]
+        for idx in _query_tiles(torch.nonzero(valid[i]).flatten(), query_tile):
             queries = tokens[i, idx].float()
             d2, nearest = nearest_distance_profile(
-                queries, tokens, ref_sq_norms, i, block_elements, workspace
+                queries, tokens, ref_sq_norms, i, block_elements, workspace, index
             )
-            scores[i, idx] = _mean_of_k_nearest(queries, d2, nearest, k, lambda v, j: tokens[v, j])
+            scores[i, idx] = _mean_of_k_nearest(
+                queries, d2, nearest, k, lambda v, j: tokens[v, j], block_elements
+            )
     return scores
 
 
@@ -322,9 +390,9 @@ def reference_scores(
     lonely = [i for i, e in enumerate(skips) if e is not None and b_ref < 2]
     if lonely:
         raise ValueError(f"query volume(s) {lonely} have no reference: the bank holds only the volume itself")
-    ref_sq_norms = _sq_norms(references, reference_valid)
+    index, ref_sq_norms = _pack_valid(reference_valid, _sq_norms(references, reference_valid))
     scores = torch.zeros(bq, n, dtype=torch.float32, device=queries.device)
-    workspace = _workspace(max(block_elements, min(query_tile, n) * n_ref), queries.device)
+    workspace = _workspace(max(block_elements, min(query_tile, n) * ref_sq_norms.shape[1]), queries.device)
     same_device = references.device == queries.device
 
     def lookup(v: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
@@ -335,19 +403,12 @@ def reference_scores(
     for i in range(bq):
         # R references: all of the bank, or all but the query volume itself.
         k = num_neighbours(b_ref + (skips[i] is None), rho)
-        # The K chosen references are gathered as [rows, K, d] fp32: K grows with the bank, so the
-        # rows per gather are capped to keep that within the block budget.
-        rows = max(1, block_elements // (2 * k * d))
-        query_index = torch.nonzero(query_valid[i]).flatten()
-        for start in range(0, query_index.numel(), query_tile):
-            idx = query_index[start : start + query_tile]
+        for idx in _query_tiles(torch.nonzero(query_valid[i]).flatten(), query_tile):
             tile = queries[i, idx].float()
             d2, nearest = nearest_distance_profile(
-                tile, references, ref_sq_norms, skips[i], block_elements, workspace
+                tile, references, ref_sq_norms, skips[i], block_elements, workspace, index
             )
-            for r0 in range(0, idx.numel(), rows):
-                part = slice(r0, r0 + rows)
-                scores[i, idx[part]] = _mean_of_k_nearest(tile[part], d2[part], nearest[part], k, lookup)
+            scores[i, idx] = _mean_of_k_nearest(tile, d2, nearest, k, lookup, block_elements)
     return scores
 
 
@@ -387,26 +448,27 @@ def subset_scores(
         if not refs or i in refs or any(not 0 <= j < b for j in [i, *refs]):
             raise ValueError(f"volume {i}: references must be other volumes of the batch of {b}, got {refs}")
         plan[i] = refs
-    ref_sq_norms = _sq_norms(tokens, valid)
+    packed, ref_sq_norms = _pack_valid(valid, _sq_norms(tokens, valid))
     scores = torch.zeros(b, n, dtype=torch.float32, device=tokens.device)
     if not plan:
         return scores
     buffer = torch.empty((max(map(len, plan.values())), n, d), dtype=tokens.dtype, device=tokens.device)
-    workspace = _workspace(max(block_elements, min(query_tile, n) * n), tokens.device)
+    workspace = _workspace(max(block_elements, min(query_tile, n) * ref_sq_norms.shape[1]), tokens.device)
     for i, refs in plan.items():
         index = torch.tensor(refs, device=tokens.device)
         subset = buffer[: len(refs)]
         torch.index_select(tokens, 0, index, out=subset)
         subset_norms = ref_sq_norms.index_select(0, index)
+        subset_packed = None if packed is None else packed.index_select(0, index)
         k = num_neighbours(len(refs) + 1, rho)
-        query_index = torch.nonzero(valid[i]).flatten()
-        for start in range(0, query_index.numel(), query_tile):
-            idx = query_index[start : start + query_tile]
+        for idx in _query_tiles(torch.nonzero(valid[i]).flatten(), query_tile):
             tile = tokens[i, idx].float()
             d2, nearest = nearest_distance_profile(
-                tile, subset, subset_norms, None, block_elements, workspace
+                tile, subset, subset_norms, None, block_elements, workspace, subset_packed
             )
-            scores[i, idx] = _mean_of_k_nearest(tile, d2, nearest, k, lambda v, j, s=subset: s[v, j])
+            scores[i, idx] = _mean_of_k_nearest(
+                tile, d2, nearest, k, lambda v, j, s=subset: s[v, j], block_elements
+            )
     return scores
 
 
@@ -654,8 +716,8 @@ def c2f_scores(
 
     for i, idx, (coarse_d2, coarse_nn, fine_d2, fine_nn) in bank.tiles(volumes):
         coarse_q, fine_q = coarse[i, idx].float(), fine[i, idx].float()
-        c = _mean_of_k_nearest(coarse_q, coarse_d2, coarse_nn, k, lambda v, j: coarse[v, j])
+        c = _mean_of_k_nearest(coarse_q, coarse_d2, coarse_nn, k, lambda v, j: coarse[v, j], block_elements)
         coarse_scores[i, idx] = torch.where(bank.coarse_valid[i, idx], c, 0.0)
-        f = _mean_of_k_nearest(fine_q, fine_d2, fine_nn, k, fine_lookup)
+        f = _mean_of_k_nearest(fine_q, fine_d2, fine_nn, k, fine_lookup, block_elements)
         fine_scores[i, idx] = torch.where(bank.fine_valid[i, idx], f, 0.0)
     return coarse_scores, fine_scores

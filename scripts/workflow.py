@@ -51,8 +51,25 @@ from scripts.outputs import atomic_write_text
 __all__ = ["CS3FEvaluator"]
 
 
+# Inferer parameters that change scores but not tokens: a run that changes only these reuses the cache.
+_SCORING_ONLY = ("rho", "k_rule", "variant", "L", "chunk_size", "n_references")
+
+
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    """Peak resident memory of this process (MB): ``VmHWM`` where Linux's /proc has it.
+
+    Not ``ru_maxrss`` first: Linux carries it across ``execve``, so a bundle started by a large Python
+    process (``subprocess``, a notebook) would report its parent's peak (1099.8 MB measured for a run
+    whose own peak was 580.8 MB).
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux, bytes on macOS
 
 
 class CS3FEvaluator(Workflow):
@@ -127,8 +144,8 @@ class CS3FEvaluator(Workflow):
             TokenCache(
                 cache_dir,
                 {
-                    "inferer": {  # batching options shape scores, not tokens
-                        k: v for k, v in inferer.describe().items() if k not in ("chunk_size", "n_references")
+                    "inferer": {  # what shapes tokens; the scoring options (rho, variant, L, batching) do not
+                        k: v for k, v in inferer.describe().items() if k not in _SCORING_ONLY
                     },
                     "encoder": self._encoder_identity(network),
                     "preprocessing": {k: v for k, v in self.run_info.items() if k != "dataset_dir"},

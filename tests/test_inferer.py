@@ -91,6 +91,31 @@ def test_scores_use_the_exact_scorer_and_masks_invalidate_tokens() -> None:
     assert torch.all(scored[0][key][0] == 0)
 
 
+def test_score_holds_the_batch_once() -> None:
+    """Scoring re-points each volume's grids at rows of one [B, ...] tensor instead of stacking a copy."""
+    inferer = CS3FInferer(axes=["axial", "coronal"], q=4, d=8, rho=0.5)
+    encoder = TinyEncoder(32)
+    vols = torch.rand(4, 1, 8, 8, 8)
+    bank = [inferer.tokenize(v, encoder) for v in vols]
+    before = {k: [vt.grids[k].tokens.clone() for vt in bank] for k in bank[0].grids}
+    assert all(vt.grids["axial/0"].tokens._base is None for vt in bank)  # per-volume tensors
+    first = inferer.score(bank)
+    for key, originals in before.items():
+        rows = [vt.grids[key].tokens for vt in bank]
+        base = rows[0]._base
+        assert base is not None and base.shape[0] == 4, key
+        assert all(r._base is base for r in rows), key
+        assert all(torch.equal(r, o) for r, o in zip(rows, originals, strict=True)), key
+        assert all(vt.grids[key].valid._base is bank[0].grids[key].valid._base for vt in bank)
+        expected = mutual_similarity_scores(torch.stack([o.reshape(-1, 8) for o in originals]), rho=0.5)
+        torch.testing.assert_close(torch.stack([s[key].reshape(-1) for s in first]), expected)
+    pointers = {k: bank[0].grids[k].tokens.data_ptr() for k in before}
+    second = inferer.score(bank)  # a consolidated bank is scored in place: no new stack
+    assert {k: bank[0].grids[k].tokens.data_ptr() for k in before} == pointers
+    for a, b in zip(first, second, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_batch_permutation_and_duplicate() -> None:
     vols, _ = blob_cohort(5, 16, abnormal=())
     vols[3] = vols[1]

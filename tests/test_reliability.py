@@ -294,3 +294,15 @@ def test_fuzz_inferer_only_documented_errors() -> None:
         assert torch.all(maps[masks == 0] == 0)
         outcomes["ok"] += 1
     assert outcomes["ok"] >= 5 and outcomes["documented"] >= 3, outcomes
+
+
+def test_scoring_options_reuse_the_token_cache(tiny_cohort: Path, tmp_path: Path) -> None:
+    """rho, variant and batching shape scores, not tokens: changing them re-encodes nothing."""
+    out = tmp_path / "out"
+    _run(tiny_cohort, out)
+    assert json.loads((out / "run.json").read_text())["encoded_volumes"] == 6
+    _run(tiny_cohort, out, rho=0.5, chunk_size=3)
+    run = json.loads((out / "run.json").read_text())
+    assert (run["encoded_volumes"], run["cached_volumes"]) == (0, 6)
+    _run(tiny_cohort, out, d=64)  # d shapes tokens: a different cache key
+    assert json.loads((out / "run.json").read_text())["encoded_volumes"] == 6

@@ -136,3 +136,34 @@ def test_peak_memory_does_not_grow_with_batch() -> None:
         )
         growth[b] = int(out.stdout.strip().splitlines()[-1])
     assert growth[48] <= growth[4] + 8 * 2**20, growth
+
+
+def test_packing_reads_valid_references_only() -> None:
+    """The GEMM reads each volume's valid tokens first, in order, padded by never-nearest rows."""
+    from scripts.scoring import _pack_valid, _sq_norms, nearest_distance_profile
+
+    gen = torch.Generator().manual_seed(7)
+    tokens = torch.randn(4, 10, 6, generator=gen)
+    valid = torch.rand(4, 10, generator=gen) > 0.5
+    valid[:, 3] = True
+    valid[2] = False
+    valid[2, 3] = True  # one volume with a single valid token
+    norms = _sq_norms(tokens, valid)
+    index, packed = _pack_valid(valid, norms)
+    counts = valid.sum(dim=1)
+    assert index.shape == (4, int(counts.max()))
+    for b in range(4):
+        c = int(counts[b])
+        assert index[b, :c].tolist() == torch.nonzero(valid[b]).flatten().tolist()
+        assert torch.isinf(packed[b, c:]).all() and torch.isfinite(packed[b, :c]).all()
+    queries = torch.randn(5, 6, generator=gen)
+    # Packed and unpacked profiles agree, and nearest positions index the original N axis.
+    d2, nearest = nearest_distance_profile(queries, tokens, norms, 1, 1 << 10)
+    d2_packed, nearest_packed = nearest_distance_profile(queries, tokens, packed, 1, 1 << 10, index=index)
+    torch.testing.assert_close(d2_packed, d2)
+    assert torch.equal(nearest_packed[:, [0, 2, 3]], nearest[:, [0, 2, 3]])
+    assert torch.isinf(d2_packed[:, 1]).all()
+    assert valid[torch.tensor([0, 2, 3]).expand(5, 3), nearest_packed[:, [0, 2, 3]]].all()
+    # Fully valid banks are read in place.
+    all_valid = torch.ones(4, 10, dtype=torch.bool)
+    assert _pack_valid(all_valid, _sq_norms(tokens, all_valid))[0] is None
