@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from scripts.errors import CS3FInputError, WeightsNotFoundError
 
@@ -242,6 +243,15 @@ class EfficientNetLite0Encoder(SliceEncoder):
     after the last block of the deepest requested stage: later blocks and the classification head
     (``_conv_head``, pooling, ``_fc``) never run.
 
+    Inference form: at construction every BatchNorm is folded into the convolution before it,
+    symmetric "same" pads become the convs' own padding and the convs run in ``channels_last``
+    (:meth:`_to_inference_form`), which makes the forward about 2x faster on CPU (1.5-4x depending
+    on R, batch and load). The features equal those of the package's unfused forward up to float32
+    rounding; ``identity()`` records the form (``"inference_form"``) so that token caches of the
+    unfused forward are not reused. The returned grids are contiguous NCHW tensors. ``self.model``
+    therefore holds the folded weights: its ``state_dict()`` is not the checkpoint's (which
+    ``identity()`` still hashes).
+
     Normalisation: ``mean = 127/255``, ``std = 128/255`` on every channel, i.e. intensities in
     [0, 1] are mapped to about [-1, 1]. The TensorFlow EfficientNet-Lite checkpoints were trained
     with ``MEAN_RGB = 127``, ``STDDEV_RGB = 128`` on 0-255 pixels ("inception-style, for better
@@ -348,7 +358,45 @@ class EfficientNetLite0Encoder(SliceEncoder):
         self._strides = [stage_stride[name] for name in layers]
         self._last_block = max(self._layer_end)
         self.out_channels = [stage_ch[name] for name in layers]
+        self._freeze()  # eval mode first: the folding below uses the BatchNorm running statistics
+        self._to_inference_form()
         self._freeze()
+
+    #: Recorded in :meth:`identity`: the forward computes the same function as the package's, but
+    #: in a different floating-point order, so token caches written by the unfused forward of
+    #: earlier versions must not be mixed with the tokens of this one.
+    INFERENCE_FORM = "bn_folded_channels_last_v1"
+
+    def _to_inference_form(self) -> None:
+        """Rewrite ``self.model`` in place into its fused inference form (done once, at construction).
+
+        - Every BatchNorm is folded into the convolution before it (weight scaled per output channel,
+          bias added; computed in float64, stored in the model's dtype) and replaced by an Identity.
+          The head (``_conv_head``/``_bn1``, never run) is folded as well, so no BatchNorm is left.
+        - Where a conv's TF-"same" padding is symmetric (stride-1 convs, and stride-2 ones on odd
+          inputs), it becomes the conv's own ``padding`` and the separate ``ZeroPad2d`` is dropped; the
+          asymmetric pads of stride-2 convs on even inputs (one more row/column bottom/right) stay.
+        - The weights are converted to ``channels_last``; :meth:`extract` feeds channels_last input.
+
+        Eval-mode outputs are those of the unfused model up to float32 rounding (max relative
+        difference of the order of 1e-6). ``self.model`` stays a working package model (its own
+        ``forward`` and ``extract_features`` compute the same fused function).
+        """
+        m = self.model
+        pairs = [(m, "_conv_stem", "_bn0"), (m, "_conv_head", "_bn1")]
+        for block in m._blocks:
+            if hasattr(block, "_expand_conv"):  # absent in blocks with expand_ratio 1
+                pairs.append((block, "_expand_conv", "_bn0"))
+            pairs += [(block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
+        for owner, conv_name, bn_name in pairs:
+            conv, bn = getattr(owner, conv_name), getattr(owner, bn_name)
+            _fold_batchnorm(conv, bn)
+            setattr(owner, bn_name, torch.nn.Identity())
+            _absorb_symmetric_padding(conv)
+        leftover = [n for n, mod in m.named_modules() if isinstance(mod, _BatchNorm)]
+        if leftover:  # the package grew a BatchNorm this code does not know about
+            raise RuntimeError(f"efficientnet_lite0: BatchNorm layers left unfolded: {leftover}.")
+        m.to(memory_format=torch.channels_last)
 
     @staticmethod
     def _resolve_weights(weights_path: str | Path | None) -> Path:
@@ -381,21 +429,60 @@ class EfficientNetLite0Encoder(SliceEncoder):
         m = self.model
         want = {end: i for i, end in enumerate(self._layer_end)}
         out: list[Tensor | None] = [None] * len(self._layer_end)
-        x = m._swish(m._bn0(m._conv_stem(x)))
+        # The convs run in channels_last (see _to_inference_form); the grids go back contiguous in
+        # the usual NCHW layout, so callers may .view() them as before.
+        x = x.contiguous(memory_format=torch.channels_last)
+        x = m._swish(m._bn0(m._conv_stem(x)))  # _bn0 is an Identity: folded into the conv
         if -1 in want:
-            out[want[-1]] = x
+            out[want[-1]] = x.contiguous()
         # Drop-connect is a no-op in eval mode, so blocks are called without a rate.
         for idx in range(self._last_block + 1):
             x = m._blocks[idx](x)
             if idx in want:
-                out[want[idx]] = x
+                out[want[idx]] = x.contiguous()
         return out  # type: ignore[return-value]
 
     def _weights_files(self) -> list[Path]:
         return [self.weights_path]
 
     def _identity_extra(self) -> dict:
-        return {"strides": list(self._strides)}
+        return {"strides": list(self._strides), "inference_form": self.INFERENCE_FORM}
+
+
+@torch.no_grad()
+def _fold_batchnorm(conv: torch.nn.Conv2d, bn: _BatchNorm) -> None:
+    """Fold eval-mode ``bn`` into ``conv`` in place: ``bn(conv(x)) == conv'(x)``.
+
+    Same arithmetic as ``torch.nn.utils.fusion.fuse_conv_bn_weights``, but in float64 (then cast
+    to the conv's dtype) so that the folding itself adds no rounding beyond one final cast.
+    """
+    if bn.running_mean is None or bn.running_var is None:
+        raise RuntimeError("efficientnet_lite0: cannot fold a BatchNorm without running statistics.")
+    dtype = conv.weight.dtype
+    mean, var = bn.running_mean.double(), bn.running_var.double()
+    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(mean)
+    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(mean)
+    scale = gamma * torch.rsqrt(var + bn.eps)
+    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(mean)
+    weight = conv.weight.double() * scale.reshape(-1, *([1] * (conv.weight.ndim - 1)))
+    conv.weight = torch.nn.Parameter(weight.to(dtype), requires_grad=False)
+    conv.bias = torch.nn.Parameter(((bias - mean) * scale + beta).to(dtype), requires_grad=False)
+
+
+def _absorb_symmetric_padding(conv: torch.nn.Module) -> None:
+    """Move a symmetric static "same" pad (``ZeroPad2d``) of a package conv into ``conv.padding``.
+
+    The package's ``Conv2dStaticSamePadding`` pads with a separate ``ZeroPad2d`` (a full copy of the
+    input) and then convolves with ``conv.padding`` (0): when left == right and top == bottom the
+    conv pads identically by itself. Asymmetric pads are left as they are.
+    """
+    pad = getattr(conv, "static_padding", None)
+    if not isinstance(pad, torch.nn.ZeroPad2d) or tuple(conv.padding) != (0, 0):
+        return
+    left, right, top, bottom = pad.padding
+    if left == right and top == bottom:
+        conv.padding = (top, left)
+        conv.static_padding = torch.nn.Identity()
 
 
 # ------------------------------------------------------------------------------------------------

