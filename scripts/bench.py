@@ -75,7 +75,8 @@ FULL = {
     "whatif_cases": 1,  # encoder what-if variants on the first tokenize case(s) only
     "whatif_pairs": 2,
     "variant_repeats": 2,
-    "memory": {"b": 3, "demo": True, "overrides": {}},
+    # B = 8 -> 16: a bank growth of ~35 MB, large against the +-2-5 MB run-to-run noise of the peak.
+    "memory": {"b": 8, "demo": True, "overrides": {}},
     "profile": {"B": 16, "N": 1024},
 }
 QUICK = {
@@ -594,36 +595,28 @@ def _encoder(name: str, size: int, device: torch.device) -> torch.nn.Module:
     return build_encoder(name, input_size=size).to(device)
 
 
-def optimised_encoder(encoder: torch.nn.Module) -> torch.nn.Module | None:
-    """What-if variant of an EfficientNet-Lite0 encoder: BatchNorm folded into the preceding conv,
-    symmetric "same" padding moved into the conv, channels_last weights. ``None`` for other encoders."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
+def unfused_encoder(encoder: torch.nn.Module) -> Callable[[torch.Tensor], list[torch.Tensor]] | None:
+    """The EfficientNet-Lite0 forward as it was before the encoder's inference form: the package's own
+    modules (conv -> BatchNorm, TF-"same" padding as a separate pad, NCHW) with the same weights, up to
+    the encoder's deepest requested block. Returns ``x -> [that block's output]``; ``None`` for other
+    encoders. For timing the shipped (folded, channels_last) form against it."""
     model = getattr(encoder, "model", None)
-    if model is None or not hasattr(model, "_blocks"):
+    if model is None or not hasattr(model, "_blocks") or not hasattr(encoder, "_last_block"):
         return None
-    enc = copy.deepcopy(encoder)
-    m = enc.model
+    from efficientnet_lite_pytorch import EfficientNet
 
-    def fold(owner, conv_name: str, bn_name: str) -> None:
-        if not hasattr(owner, conv_name) or not hasattr(owner, bn_name):
-            return
-        conv = fuse_conv_bn_eval(getattr(owner, conv_name), getattr(owner, bn_name))
-        pad = getattr(conv, "static_padding", None)
-        if isinstance(pad, torch.nn.ZeroPad2d):
-            left, right, top, bottom = pad.padding
-            if left == right and top == bottom:  # symmetric: let the conv pad (no separate copy)
-                conv.static_padding = torch.nn.Identity()
-                conv.padding = (top, left)
-        setattr(owner, conv_name, conv)
-        setattr(owner, bn_name, torch.nn.Identity())
+    ref = EfficientNet.from_name("efficientnet-lite0", image_size=encoder.input_size)
+    ref.load_state_dict(torch.load(encoder.weights_path, map_location="cpu", weights_only=True))
+    ref = ref.eval().to(next(encoder.parameters()).device)
+    last = encoder._last_block
 
-    fold(m, "_conv_stem", "_bn0")
-    for block in m._blocks:
-        fold(block, "_expand_conv", "_bn0")
-        fold(block, "_depthwise_conv", "_bn1")
-        fold(block, "_project_conv", "_bn2")
-    return enc.to(memory_format=torch.channels_last)
+    def forward(x: torch.Tensor) -> list[torch.Tensor]:
+        x = ref._swish(ref._bn0(ref._conv_stem(x)))
+        for idx in range(last + 1):
+            x = ref._blocks[idx](x)
+        return [x]
+
+    return forward
 
 
 def _tokenize_case(
@@ -726,35 +719,31 @@ def _tokenize_case(
         "unattributed_s": _r(overhead_s - measured, 3),
     }
 
-    # What-if encoder variants on the same slabs (interleaved against the plain encoder).
+    # The shipped encoder vs its forward before the inference form (unfused), on the same slabs.
     rows = []
-    if whatif:
-        variants = {"channels_last": copy.deepcopy(encoder).to(memory_format=torch.channels_last)}
-        fused = optimised_encoder(encoder)
-        if fused is not None:
-            variants["BN folded + symmetric pad + channels_last"] = fused
-        slabs_cl = [x.contiguous(memory_format=torch.channels_last) for x in slabs]
-        for label, enc in variants.items():
+    unfused = unfused_encoder(encoder) if whatif else None
+    if unfused is not None:
 
-            def variant(enc=enc):
-                with torch.inference_mode():
-                    return [enc(x) for x in slabs_cl]
+        def previous():
+            with torch.inference_mode():
+                return [unfused(x) for x in slabs]
 
-            ta, tv, _, outs = _paired(bare, variant, device, cfg.get("whatif_pairs", pairs), float("inf"))
-            diff = max(
-                float((a - b).abs().max() / a.abs().max()) for a, b in zip(feats[0], outs[0], strict=True)
-            )
-            rows.append(
-                {
-                    "volume": shape,
-                    "R": size,
-                    "variant": label,
-                    "encoder_s": _r(statistics.median(ta), 3),
-                    "variant_s": _r(statistics.median(tv), 3),
-                    "speedup": _r(_ratio(ta, tv), 2),
-                    "max_rel_diff": _sig(diff, 2),
-                }
-            )
+        ta, tv, before, _ = _paired(previous, bare, device, cfg.get("whatif_pairs", pairs), float("inf"))
+        # Both forwards end at the last block of the deepest requested layer.
+        diff = max(
+            float((a[0] - b[-1]).abs().max() / a[0].abs().max()) for a, b in zip(before, feats, strict=True)
+        )
+        rows.append(
+            {
+                "volume": shape,
+                "R": size,
+                "variant": "shipped (BN folded, symmetric pads in the conv, channels_last) vs unfused",
+                "encoder_s": _r(statistics.median(ta), 3),
+                "variant_s": _r(statistics.median(tv), 3),
+                "speedup": _r(_ratio(ta, tv), 2),
+                "max_rel_diff": _sig(diff, 2),
+            }
+        )
     return row, breakdown, rows
 
 
@@ -815,10 +804,10 @@ def _subset(cohort: Path, n: int, where: Path) -> Path:
     return where
 
 
-# Launches the bundle from a small intermediate process that polls its child's VmHWM. Two reasons:
-# Linux keeps ru_maxrss (what run.json reports) across execve, so a bundle forked directly from this
-# large benchmark process would report *this* process's RSS as its peak; and VmHWM (per address
-# space, reset at exec) is an independent check of run.json's figure.
+# Launches the bundle from a small intermediate process that polls its child's VmHWM: an independent
+# check of run.json's figure (VmHWM read by the workflow itself; a workflow older than that read
+# ru_maxrss, which Linux keeps across execve, so a bundle forked directly from this large benchmark
+# process would have reported *this* process's RSS as its peak).
 _LAUNCHER = """
 import re, subprocess, sys, time
 child = subprocess.Popen(sys.argv[1:])
@@ -896,20 +885,20 @@ def _bundle_runs(
 
 
 def _predicted_extras(run: dict) -> dict:
-    """Memory the workflow holds beside the bank that also grows with B (from the run's geometry):
-    the stacked copy of one (axis, layer) that ``CS3FInferer.score`` builds, the scorer's distance block
-    ``[G, Q, N]`` (G = reference volumes per GEMM group grows with B until the block budget caps it),
-    and the kept token scores."""
+    """Memory the workflow holds beside the bank that may grow with B (from the run's geometry): the
+    scorer's distance block ``[G, Q, M]`` (G = reference volumes per GEMM group grows with B until the
+    block budget caps it), the gathered reference block, and the kept token scores. (The stacked
+    copy of one (axis, layer) that ``CS3FInferer.score`` used to build is gone: it scores the
+    consolidated bank in place.)"""
     block, tile = _scoring_defaults()
     n, d = run["n_volumes"] or 0, run["d"] or 128
-    size = torch.empty(0, dtype=getattr(torch, run.get("token_dtype") or "float32")).element_size()
     per_key = [math.prod(shape) for shape in run["grids"].values()] or [0]
     largest = max(per_key)
     q = min(tile, largest)
     group = max(1, min(n - 1, block // max(1, largest * q)))
     return {
-        "stack_copy_mb": n * largest * d * size / 2**20,
         "score_block_mb": group * q * largest * 4 / 2**20,
+        "reference_block_mb": group * largest * d * 4 / 2**20,
         "token_scores_mb": n * sum(per_key) * 4 / 2**20,
     }
 
@@ -947,7 +936,7 @@ def bench_bundle(cfg: dict, device: torch.device, out: Path) -> tuple[dict, dict
         "excess_mb": round(rss_growth - bank_growth, 1),
         "ratio": _r(rss_growth / bank_growth, 3) if bank_growth > 0 else None,
         "predicted_extra_growth_mb": extra_growth,
-        "note": "peak RSS of the bundle's main process (ru_maxrss in run.json; VmHWM polled from /proc as a "
+        "note": "peak RSS of the bundle's main process (VmHWM in run.json; VmHWM polled from /proc as a "
         "check); DataLoader workers are separate processes",
     }
     stages = ("load", "tokenize", "score", "write")
@@ -1159,26 +1148,25 @@ def bench_profile(cfg: dict, device: torch.device, real_run: str | Path | None =
     if real is not None:
         real = (real[0].to(device), real[1].to(device), real[2])
         exact_real = mutual_similarity_scores(real[0], real[1], rho)
-    small = 1 << 21  # an 8 MiB fp32 distance block (fits the caches) instead of the scorer's default
+    UNPACKED = "unpacked, block_elements=2^24 (the scorer before packing)"  # noqa: N806
+    previous = 1 << 24  # the scorer's block before the 8 MiB default (a 64 MiB distance block)
 
     def variant_fn(label: str):
         """``(tokens, valid, volumes) -> scores`` of one variant (see ``prototype_scores``)."""
-        if label == "scorer, block_elements=2^21":
-            return lambda t, v, q: mutual_similarity_scores(t, v, rho, tile, small, **_vol_kw(q))
+        if label == "scorer, block_elements=2^24 (previous default)":
+            return lambda t, v, q: mutual_similarity_scores(t, v, rho, tile, previous, **_vol_kw(q))
         form, dtype, pack, blk = {
-            "packed valid references": ("baddbmm", torch.float32, True, block),
-            "packed valid references, block_elements=2^21": ("baddbmm", torch.float32, True, small),
-            "one addmm per group": ("addmm", torch.float32, False, block),
-            "norms folded into the GEMM (augmented)": ("augmented", torch.float32, False, block),
-            "augmented, bf16 GEMM": ("augmented", torch.bfloat16, False, block),
-            "augmented, fp16 GEMM": ("augmented", torch.float16, False, block),
+            UNPACKED: ("baddbmm", torch.float32, False, previous),
+            "one addmm per group": ("addmm", torch.float32, True, block),
+            "norms folded into the GEMM (augmented)": ("augmented", torch.float32, True, block),
+            "augmented, bf16 GEMM": ("augmented", torch.bfloat16, True, block),
+            "augmented, fp16 GEMM": ("augmented", torch.float16, True, block),
         }[label]
         return lambda t, v, q: prototype_scores(t, v, rho, dtype, tile, blk, q, form, pack)
 
     labels = [
-        "scorer, block_elements=2^21",
-        "packed valid references",
-        "packed valid references, block_elements=2^21",
+        UNPACKED,
+        "scorer, block_elements=2^24 (previous default)",
         "one addmm per group",
         "norms folded into the GEMM (augmented)",
         "augmented, bf16 GEMM",
@@ -1540,12 +1528,12 @@ def render_markdown(res: dict) -> str:
                 ],
             ),
             "",
-            "What-if encoder variants (same slabs, interleaved with the plain encoder; max rel diff = "
-            "largest "
-            "feature difference / largest feature):",
+            "The shipped encoder against its forward before the inference form (the package's own "
+            "unfused modules with the same weights, NCHW), same slabs, interleaved; speedup = unfused "
+            "time / shipped time; max rel diff = largest feature difference / largest feature:",
             "",
             _table(
-                ["volume", "R", "variant", "encoder s", "variant s", "speedup", "max rel diff"],
+                ["volume", "R", "variant", "unfused s", "shipped s", "speedup", "max rel diff"],
                 [
                     [
                         f"{w['volume']}^3",
@@ -1676,7 +1664,9 @@ def render_markdown(res: dict) -> str:
                 "",
             ]
         md += [
-            "Prototype scorers (`scripts.bench.prototype_scores`, interleaved with the exact scorer on the "
+            "Scorer variants (the previous scorer and `scripts.bench.prototype_scores`; speedup = scorer "
+            "time / variant time, > 1: the variant is faster than the shipped scorer; interleaved with "
+            "the exact scorer on the "
             f"same random tokens with 30 % invalid, {p.get('variants_query_volumes')} query volume(s); "
             "and on the real tokens of the 2B bundle run, all volumes):",
             "",
