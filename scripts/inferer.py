@@ -53,7 +53,7 @@ from scripts.transforms import (
     restore_axis,
 )
 
-__all__ = ["TokenGrid", "VolumeTokens", "CS3FInferer", "VARIANTS", "FINE_SUFFIX"]
+__all__ = ["BatchBuffer", "TokenGrid", "VolumeTokens", "CS3FInferer", "VARIANTS", "FINE_SUFFIX"]
 
 VARIANTS = ("C", "F", "MS")
 FINE_SUFFIX = "/fine"
@@ -136,15 +136,65 @@ def _batching_options(chunk_size: int | None, n_references: int | None) -> tuple
 
 
 def _rows_of(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """The tensor whose rows ``0..B-1`` the ``B`` tensors are, in order, or ``None``."""
+    """The first ``B`` rows of the tensor that the ``B`` tensors are rows ``0..B-1`` of, or ``None``."""
     base = tensors[0]._base
-    if base is None or base.shape[0] != len(tensors) or not base.is_contiguous():
+    if base is None or base.shape[0] < len(tensors) or not base.is_contiguous():
         return None
     step = base[0].numel() * base.element_size()
     for i, t in enumerate(tensors):
         if t._base is not base or not t.is_contiguous() or t.data_ptr() != base.data_ptr() + i * step:
             return None
-    return base
+    return base[: len(tensors)]
+
+
+class BatchBuffer:
+    """Token grids of a batch of volumes held as rows of one ``[capacity, ...]`` tensor per key.
+
+    :meth:`add` copies a volume's grids into the next free row and re-points the volume's
+    :class:`TokenGrid` s at that row, so the per-volume tensors die as soon as they are made: a
+    workflow that adds every volume as it is tokenized (or loaded from a cache) holds the batch once,
+    in the layout :meth:`CS3FInferer.score` reads in place (no stacked copy, no freed per-volume
+    blocks left resident next to the batch). Rows never touched are never paged in.
+
+    A volume whose grids do not match the first one's (keys, shapes, dtypes) is returned unchanged,
+    so scoring still reports the mismatch; so is any volume beyond ``capacity``.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = int(capacity)
+        self.count = 0
+        self._rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _fits(self, volume: VolumeTokens) -> bool:
+        if list(volume.grids) != list(self._rows):
+            return False
+        return all(
+            g.tokens.shape == t.shape[1:] and g.tokens.dtype == t.dtype and g.valid.shape == v.shape[1:]
+            for g, (t, v) in zip(volume.grids.values(), self._rows.values(), strict=True)
+        )
+
+    def add(self, volume: VolumeTokens) -> VolumeTokens:
+        """Copy ``volume``'s grids into the next row and point them there; returns ``volume``."""
+        if self.count >= self.capacity or not volume.grids:
+            return volume
+        if not self._rows:
+            self._rows = {
+                key: tuple(
+                    torch.empty((self.capacity, *t.shape), dtype=t.dtype, device=t.device)
+                    for t in (g.tokens, g.valid)
+                )
+                for key, g in volume.grids.items()
+            }
+        elif not self._fits(volume):
+            return volume
+        row = self.count
+        for key, grid in volume.grids.items():
+            tokens, valid = self._rows[key]
+            tokens[row].copy_(grid.tokens)
+            valid[row].copy_(grid.valid)
+            grid.tokens, grid.valid = tokens[row], valid[row]
+        self.count += 1
+        return volume
 
 
 def _batch_of(bank: Sequence[VolumeTokens], key: str, consolidate: bool) -> tuple[torch.Tensor, torch.Tensor]:

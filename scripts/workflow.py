@@ -45,7 +45,7 @@ from monai.engines import Workflow
 from scripts.bank import BankWriter, TokenBank, bank_identity, save_bank
 from scripts.cache import TokenCache, file_digest
 from scripts.data import CS3FInputError, find_input_error, image_stem
-from scripts.inferer import CS3FInferer, VolumeTokens
+from scripts.inferer import BatchBuffer, CS3FInferer, TokenGrid, VolumeTokens
 from scripts.outputs import atomic_write_text
 
 __all__ = ["CS3FEvaluator"]
@@ -98,6 +98,8 @@ class CS3FEvaluator(Workflow):
         build_bank: folder to save the cohort's token bank in; the run then stops after pass 1 (no
             scoring, no maps).
         reference_bank: a bank folder to score this run's volumes against (reference-bank mode).
+        keep_tokens: keep the token bank (``self.bank``) after scoring, e.g. to inspect it; by default
+            it is released once the token scores exist, so that writing the maps does not hold it.
     """
 
     def __init__(
@@ -119,6 +121,7 @@ class CS3FEvaluator(Workflow):
         skipped: list | None = None,
         build_bank: str | Path | None = None,
         reference_bank: str | Path | None = None,
+        keep_tokens: bool = False,
     ) -> None:
         super().__init__(
             device=device,
@@ -133,6 +136,8 @@ class CS3FEvaluator(Workflow):
         self.postprocessing = postprocessing
         self.image_key, self.mask_key, self.pred_key = image_key, mask_key, pred_key
         self.run_info = dict(run_info or {})
+        self.keep_tokens = bool(keep_tokens)
+        self._bank_stats: dict = {}
         self.quiet = quiet
         self.on_bad_input = on_bad_input
         if not 0.0 < float(inferer.rho) <= 1.0:  # checked here, before hours of encoding, not at scoring
@@ -161,6 +166,7 @@ class CS3FEvaluator(Workflow):
         self.token_scores: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
         self.names: list[str] = []
         self._my_names: list[str] = []
+        self._buffers: dict[str, BatchBuffer] = {}
         self.subject_scores: dict[str, dict[str, float]] = {}
         self.timings: dict[str, float] = {"load": 0.0, "tokenize": 0.0, "score": 0.0, "write": 0.0}
         self._batch_started = 0.0
@@ -304,11 +310,17 @@ class CS3FEvaluator(Workflow):
                     writer.add(name, part, tokens)
                     self._bank_parts.add(part)
                 else:
-                    self.bank.setdefault(part, {})[name] = tokens
+                    self.bank.setdefault(part, {})[name] = self._batch_buffer(part).add(tokens)
             self.names.append(name)
             names.append(name)
         self.timings["tokenize"] += time.perf_counter() - start
         return {"names": names}
+
+    def _batch_buffer(self, part: str) -> BatchBuffer:
+        """The rows this process's tokens of ``part`` are kept in, one per input (see BatchBuffer)."""
+        if part not in self._buffers:
+            self._buffers[part] = BatchBuffer(len(self.data_loader.dataset))
+        return self._buffers[part]
 
     def _tokens(
         self, key: str, source_key: str, image: torch.Tensor, mask: torch.Tensor | None
@@ -327,16 +339,24 @@ class CS3FEvaluator(Workflow):
         return tokens
 
     def _score(self, engine: Engine) -> None:
+        """End of pass 1: token scores of every volume (or the bank saved), then the bank released."""
         start = time.perf_counter()
+        self._score_tokens()
+        self._bank_stats = self._token_stats()
+        if not self.keep_tokens:
+            # Pass 2 needs the token scores only: the bank and its buffers go before the maps are made.
+            self.bank = {part: {} for part in self.bank}
+            self._buffers = {}
+        self.timings["score"] += time.perf_counter() - start
+
+    def _score_tokens(self) -> None:
         self._gather_banks()
         names = self.names
         if self.build_bank is not None and len(names) >= 2:
             self._save_bank()
-            self.timings["score"] += time.perf_counter() - start
             return
         if self.reference is not None:
             self._score_against_bank()
-            self.timings["score"] += time.perf_counter() - start
             return
         if len(names) < 2:
             raise CS3FInputError(
@@ -353,7 +373,16 @@ class CS3FEvaluator(Workflow):
             except ValueError as err:
                 raise CS3FInputError(f"{part + ': ' if part else ''}{err}") from None
             self.token_scores[part] = {names[i]: scores[i] for i in queries}
-        self.timings["score"] += time.perf_counter() - start
+
+    def _token_stats(self) -> dict:
+        """Token counts and bank size for run.json (recorded before the bank is released)."""
+        volumes = [b for bank in self.bank.values() for b in bank.values()]
+        first = volumes[0] if volumes else None
+        return {
+            "per_volume": first.num_tokens() if first else 0,
+            "grids": {k: list(g.shape) for k, g in first.grids.items()} if first else {},
+            "bank_mb": round(sum(v.nbytes() for v in volumes) / 2**20, 2),
+        }
 
     # ------------------------------------------------------------------ reference banks
     def _bank_identity(self) -> dict:
@@ -460,7 +489,19 @@ class CS3FEvaluator(Workflow):
         rank, world = self._world()
         if world == 1:
             return
-        local = {"names": self.names, "bank": self.bank, "skipped": self.skipped, "counts": self.counts}
+        # Compact copies: a grid is a row of this rank's BatchBuffer, and pickling a view sends its
+        # whole buffer.
+        bank = {
+            part: {
+                n: VolumeTokens(
+                    vt.spatial_shape,
+                    {k: TokenGrid(g.tokens.clone(), g.valid.clone()) for k, g in vt.grids.items()},
+                )
+                for n, vt in volumes.items()
+            }
+            for part, volumes in self.bank.items()
+        }
+        local = {"names": self.names, "bank": bank, "skipped": self.skipped, "counts": self.counts}
         local["sources"] = self.sources
         gathered: list[dict] = [None] * world  # type: ignore[list-item]
         torch.distributed.all_gather_object(gathered, local)
@@ -473,6 +514,7 @@ class CS3FEvaluator(Workflow):
         self.bank = {
             part: {n: b for g in gathered for n, b in g["bank"].get(part, {}).items()} for part in self.bank
         }
+        self._buffers = {}  # every grid is now a gathered copy: let the local rows go
         self.skipped[:] = [s for g in gathered for s in g["skipped"] if s not in self.skipped] + self.skipped
         self.counts = {k: sum(g["counts"][k] for g in gathered) for k in self.counts}
         self.sources = {n: s for g in gathered for n, s in g["sources"].items()}
@@ -518,8 +560,6 @@ class CS3FEvaluator(Workflow):
         import monai
         import numpy
 
-        volumes = [b for bank in self.bank.values() for b in bank.values()]
-        first = volumes[0] if volumes else None
         info = {
             "inferer": self.inferer.describe(),
             "encoder": self._encoder_identity(self.network),
@@ -533,11 +573,7 @@ class CS3FEvaluator(Workflow):
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             "seconds_per_volume": round(sum(self.timings.values()) / max(1, len(self.names)), 3),
             "peak_rss_mb": round(_peak_rss_mb(), 1),
-            "tokens": {
-                "per_volume": first.num_tokens() if first else 0,
-                "grids": {k: list(g.shape) for k, g in first.grids.items()} if first else {},
-                "bank_mb": round(sum(v.nbytes() for v in volumes) / 2**20, 2),
-            },
+            "tokens": self._bank_stats or self._token_stats(),
             "versions": {
                 "python": platform.python_version(),
                 "torch": torch.__version__,

@@ -231,7 +231,12 @@ def test_new_volumes_scored_against_bank_equal_brute_force(
     out = tmp_path / "out"
     rho = 0.5  # K = floor(0.5 * 6) = 3 of the 6 bank volumes (2 of 5 for the scan already in the bank)
     evaluator = _workflow(
-        CONFIGS, dataset_dir=str(new_cohort), output_dir=str(out), reference_bank=str(bank), rho=rho
+        CONFIGS,
+        dataset_dir=str(new_cohort),
+        output_dir=str(out),
+        reference_bank=str(bank),
+        rho=rho,
+        keep_tokens=True,  # the test reads evaluator.bank after the run
     )
     names = ["sub-0001", "sub-0002", "old-0004"]
     with open(out / "scores.csv") as f:

@@ -187,6 +187,7 @@ def test_bundle_passes_names_for_n_references(tiny_cohort: Path, tmp_path: Path)
         quiet=True,
         n_references=2,
         rho=0.5,
+        keep_tokens=True,  # the test reads evaluator.bank after the run
         **{"dataloader#num_workers": 0},
     )
     workflow.initialize()

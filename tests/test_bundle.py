@@ -74,9 +74,36 @@ def test_config_workflow_life_cycle(tiny_cohort: Path, tmp_path: Path) -> None:
     workflow.initialize()
     assert workflow.check_properties() == []
     workflow.run()
+    evaluator = workflow.parser.get_parsed_content("evaluator")
     workflow.finalize()
     scores = _check_outputs(tiny_cohort, out)
     assert len(scores) == 6
+    # The token bank is released once scored (pass 2 needs only the token scores) ...
+    assert evaluator.bank == {"": {}} and evaluator._buffers == {}
+    assert len(evaluator.token_scores[""]) == 6
+    assert json.loads((out / "run.json").read_text())["tokens"]["bank_mb"] > 0
+
+
+def test_bank_is_held_as_rows_of_one_buffer(tiny_cohort: Path, tmp_path: Path) -> None:
+    """... and, kept, it is one [B, ...] tensor per grid: no per-volume tensors, no stacked copy."""
+    workflow = ConfigWorkflow(
+        config_file=CONFIG,
+        workflow_type="infer",
+        dataset_dir=str(tiny_cohort),
+        output_dir=str(tmp_path / "out"),
+        keep_tokens=True,
+        **FAST,
+    )
+    workflow.initialize()
+    workflow.run()
+    evaluator = workflow.parser.get_parsed_content("evaluator")
+    workflow.finalize()
+    volumes = [evaluator.bank[""][n] for n in evaluator.names]
+    assert len(volumes) == 6
+    for key in volumes[0].grids:
+        rows = [v.grids[key].tokens for v in volumes]
+        base = rows[0]._base
+        assert base is not None and base.shape[0] == 6 and all(r._base is base for r in rows), key
 
 
 def test_bundle_command_with_overrides(tiny_cohort: Path, tmp_path: Path) -> None:

@@ -116,6 +116,36 @@ def test_score_holds_the_batch_once() -> None:
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_batch_buffer_rows() -> None:
+    """BatchBuffer copies each volume into the next row and re-points its grids there."""
+    from scripts.inferer import BatchBuffer
+
+    inferer = CS3FInferer(axes=["axial"], q=4, d=8)
+    encoder = TinyEncoder(32)
+    bank = [inferer.tokenize(v, encoder) for v in torch.rand(3, 1, 8, 8, 8)]
+    values = [{k: g.tokens.clone() for k, g in vt.grids.items()} for vt in bank]
+    buffer = BatchBuffer(capacity=4)
+    assert all(buffer.add(vt) is vt for vt in bank)
+    for key in bank[0].grids:
+        base = bank[0].grids[key].tokens._base
+        assert base.shape == (4, *values[0][key].shape)
+        for row, (vt, v) in enumerate(zip(bank, values, strict=True)):
+            assert vt.grids[key].tokens.data_ptr() == base[row].data_ptr()
+            assert torch.equal(vt.grids[key].tokens, v[key])
+    other = inferer.tokenize(torch.rand(1, 8, 8, 12), encoder)  # another grid: left as it is
+    kept = other.grids["axial/0"].tokens
+    assert buffer.add(other).grids["axial/0"].tokens is kept and buffer.count == 3
+    fourth, fifth = (inferer.tokenize(v, encoder) for v in torch.rand(2, 1, 8, 8, 8))
+    buffer.add(fourth)
+    kept = fifth.grids["axial/0"].tokens
+    assert buffer.add(fifth).grids["axial/0"].tokens is kept  # beyond capacity
+    # Scored in place: the same scores as the stacked originals.
+    expected = mutual_similarity_scores(torch.stack([v["axial/0"].reshape(-1, 8) for v in values]), rho=0.5)
+    scored = CS3FInferer(axes=["axial"], q=4, d=8, rho=0.5).score(bank)
+    torch.testing.assert_close(torch.stack([s["axial/0"].reshape(-1) for s in scored]), expected)
+    assert bank[0].grids["axial/0"].tokens._base is not None
+
+
 def test_batch_permutation_and_duplicate() -> None:
     vols, _ = blob_cohort(5, 16, abnormal=())
     vols[3] = vols[1]
