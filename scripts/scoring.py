@@ -141,13 +141,12 @@ def _pack_valid(valid: torch.Tensor, sq_norms: torch.Tensor) -> tuple[torch.Tens
     ``index`` lists volume ``b``'s valid token positions in order, padded with positions of its
     invalid tokens, whose ``+inf`` norms keep them from ever being the nearest. With masks most
     reference tokens are background (39 % valid on the demo's brain tokens), and multiplying them
-    only to discard the result was most of the scorer's work. ``(None, sq_norms)`` when every volume
-    is fully valid: nothing to skip, and the bank is then read in place.
+    only to discard the result was most of the scorer's work. ``(None, sq_norms)`` when every token
+    is valid: nothing to skip, and the bank is then read in place.
     """
-    counts = valid.sum(dim=1)
-    m = int(counts.max())
-    if m == valid.shape[1]:
+    if bool(valid.all()):
         return None, sq_norms
+    m = int(valid.sum(dim=1).max())
     # A stable sort of the invalid flag puts valid tokens first and keeps their order.
     index = torch.argsort((~valid).to(torch.uint8), dim=1, stable=True)[:, :m]
     return index, sq_norms.gather(1, index)
@@ -270,8 +269,21 @@ def _mean_of_k_nearest_exact(
     recomputed as ``|q - r|`` so that identical anatomy scores exactly 0 (the GEMM form loses
     ~sqrt(eps)*|v| to cancellation near zero).
     """
-    nq = queries.shape[0]
     chosen = profile.topk(k, dim=-1, largest=False).indices  # [Q, K]
+    return _mean_distance_to(queries, chosen, tokens, ref_sq_norms, index, block_elements)
+
+
+def _mean_distance_to(
+    queries: torch.Tensor,
+    chosen: torch.Tensor,
+    tokens: torch.Tensor,
+    ref_sq_norms: torch.Tensor,
+    index: torch.Tensor | None,
+    block_elements: int,
+) -> torch.Tensor:
+    """Mean over the ``[Q, K]`` ``chosen`` volumes of each query's exact distance to its nearest token
+    there (see :func:`_mean_of_k_nearest_exact`)."""
+    nq, k = chosen.shape
     dist = torch.empty(nq, k, dtype=torch.float32, device=queries.device)
     m = ref_sq_norms.shape[1]
     rows = max(1, block_elements // max(1, m))
@@ -331,6 +343,126 @@ def _mean_of_k_nearest(
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+class _PairBlocks:
+    """Distance blocks of volume pairs in one canonical form, shared by both exact scoring orders.
+
+    The block of the pair ``a < b`` is always computed the same way: one query tile of ``a``'s valid
+    tokens (rows; tiles from :func:`_query_tiles`) against all of ``b``'s packed valid tokens
+    (columns), as the full squared distance ``(|p|^2 + |t|^2) - 2 p.t`` in one ``addmm``. (Folding
+    the norms into the GEMM as two extra operand columns, which saves the pass that adds them, was
+    measured slower: it needs augmented copies of both sides.) Its row
+    minima are ``a``'s nearest distances in ``b`` and its column minima ``b``'s nearest distances in
+    ``a``, so one GEMM serves both volumes (the pair-symmetric order) - and a query volume scored on
+    its own (``volumes=``, a rank's share) reads the very same blocks, so both orders give the same
+    profile values and the same scores, bit for bit, whatever the sharding.
+    """
+
+    def __init__(
+        self, tokens: torch.Tensor, valid: torch.Tensor, query_tile: int, block_elements: int
+    ) -> None:
+        self.tokens = tokens
+        self.index, self.norms = _pack_valid(valid, _sq_norms(tokens, valid))
+        self.m = self.norms.shape[1]
+        self.counts = valid.sum(dim=1).tolist()
+        # Rows per tile: the block [tile, M] stays within the budget (and in cache), 64..query_tile.
+        self.tile = max(1, min(int(query_tile), max(64, block_elements // max(1, self.m))))
+        self.workspace = _workspace(max(block_elements, self.tile * self.m), tokens.device)
+        self.block_elements = block_elements
+
+    def refs(self, b: int) -> torch.Tensor:
+        """``[M, d]`` fp32 packed tokens of volume ``b`` (its valid tokens first)."""
+        t = self.tokens[b] if self.index is None else self.tokens[b][self.index[b]]
+        return t.float()
+
+    def tiles(self, a: int) -> list[slice]:
+        """Packed positions of volume ``a``'s query tiles (its valid tokens are packed first)."""
+        spans = _query_tiles(torch.arange(self.counts[a]), self.tile)
+        return [slice(int(t[0]), int(t[-1]) + 1) for t in spans]
+
+    def block(self, p: torch.Tensor, a: int, rows: slice, b: int, refs_b: torch.Tensor) -> torch.Tensor:
+        """``[rows, M]`` full squared distances of volume ``a``'s packed tokens ``rows`` (``p``, the
+        rows of :meth:`refs` of ``a``) to volume ``b`` (``refs_b``); a view of the workspace. Padding
+        columns (invalid tokens, ``|t|^2 = +inf``) come out ``+inf``."""
+        q = p[rows]
+        out = self.workspace[: q.shape[0] * self.m].view(q.shape[0], self.m)
+        torch.add(self.norms[a, rows].unsqueeze(1), self.norms[b].unsqueeze(0), out=out)
+        return out.addmm_(q, refs_b.t(), alpha=-2.0)
+
+    def scores(self, a: int, p: torch.Tensor, chosen: torch.Tensor, scores: torch.Tensor) -> None:
+        """Eq. 2 for all valid tokens of volume ``a`` (``p``) from their ``[count, K]`` chosen volumes,
+        written into ``scores [B, N]``."""
+        count = self.counts[a]
+        got = _mean_distance_to(p[:count], chosen, self.tokens, self.norms, self.index, self.block_elements)
+        where = torch.arange(count, device=scores.device) if self.index is None else self.index[a, :count]
+        scores[a, where] = got
+
+
+def _scores_per_volume(pairs: _PairBlocks, volumes: Sequence[int], k: int, scores: torch.Tensor) -> None:
+    """Exact scores of each of ``volumes`` on its own: its column minima in every lower volume's blocks,
+    then its tiles' row minima in every higher volume's blocks."""
+    b = len(pairs.counts)
+    for i in volumes:
+        count = pairs.counts[i]
+        p_i = pairs.refs(i)
+        profile = torch.full((count, b), float("inf"), dtype=torch.float32, device=scores.device)
+        for a in range(i):
+            p_a = pairs.refs(a)
+            for rows in pairs.tiles(a):
+                col = pairs.block(p_a, a, rows, i, p_i).amin(dim=0)[:count]
+                torch.minimum(profile[:, a], col, out=profile[:, a])
+        for c in range(i + 1, b):
+            refs_c = pairs.refs(c)
+            for rows in pairs.tiles(i):
+                profile[rows, c] = pairs.block(p_i, i, rows, c, refs_c).amin(dim=1)
+        pairs.scores(i, p_i, profile.topk(k, dim=1, largest=False).indices, scores)
+
+
+def _scores_pair_symmetric(pairs: _PairBlocks, k: int, scores: torch.Tensor) -> None:
+    """Exact scores of every volume with one GEMM per volume pair.
+
+    Volumes are taken in order as the row side. Each block's row minima complete the row volume's
+    profile over the higher volumes; its column minima (over all the row volume's tiles) are folded
+    into a running top-``k`` of each higher volume's tokens, which is all that volume needs from the
+    lower ones when its turn comes: ``[B, M, k]`` values and volume ids (int16) instead of the
+    ``[B, M, B]`` profile.
+    """
+    b, m = len(pairs.counts), pairs.m
+    device = scores.device
+    inf = float("inf")
+    best = torch.full((b, m, k), inf, dtype=torch.float32, device=device)
+    best_id = torch.zeros((b, m, k), dtype=torch.int16, device=device)
+    for a in range(b):
+        count = pairs.counts[a]
+        p_a = pairs.refs(a)
+        higher = list(range(a + 1, b))
+        row_min = torch.empty((count, len(higher)), dtype=torch.float32, device=device)
+        columns = torch.full((len(higher), m), inf, dtype=torch.float32, device=device)
+        for j, c in enumerate(higher):
+            refs_c = pairs.refs(c)
+            for rows in pairs.tiles(a):
+                block = pairs.block(p_a, a, rows, c, refs_c)
+                row_min[rows, j] = block.amin(dim=1)
+                torch.minimum(columns[j], block.amin(dim=0), out=columns[j])
+        # Candidates: the k best lower volumes (complete: every lower volume has been a row side) and
+        # every higher one; ids index the batch.
+        values = torch.cat([best[a, :count], row_min], dim=1)
+        ids = torch.cat(
+            [
+                best_id[a, :count].long(),
+                torch.tensor(higher, dtype=torch.long, device=device).expand(count, -1),
+            ],
+            dim=1,
+        )
+        pairs.scores(a, p_a, ids.gather(1, values.topk(k, dim=1, largest=False).indices), scores)
+        # Volume a is now a complete column of every higher volume's profile: keep their k best.
+        for j, c in enumerate(higher):
+            values = torch.cat([best[c], columns[j].unsqueeze(1)], dim=1)
+            ids = torch.cat([best_id[c], torch.full((m, 1), a, dtype=torch.int16, device=device)], dim=1)
+            keep = values.topk(k, dim=1, largest=False).indices
+            best[c] = values.gather(1, keep)
+            best_id[c] = ids.gather(1, keep)
+
+
 def mutual_similarity_scores(
     tokens: torch.Tensor,
     valid: torch.Tensor | None = None,
@@ -360,17 +492,17 @@ def mutual_similarity_scores(
     valid = _check_inputs(tokens, valid)
     b, n, _ = tokens.shape
     k = num_neighbours(b, rho)
-    index, ref_sq_norms = _pack_valid(valid, _sq_norms(tokens, valid))
-    m = ref_sq_norms.shape[1]
+    wanted = _check_volumes(volumes, b)
+    pairs = _PairBlocks(tokens, valid, query_tile, block_elements)
     scores = torch.zeros(b, n, dtype=torch.float32, device=tokens.device)
-    workspace = _workspace(max(block_elements, min(query_tile, n) * m), tokens.device)
-    for i in _check_volumes(volumes, b):
-        for idx in _query_tiles(torch.nonzero(valid[i]).flatten(), query_tile):
-            queries = tokens[i, idx].float()
-            profile = _distance_profile(queries, tokens, ref_sq_norms, i, block_elements, workspace, index)
-            scores[i, idx] = _mean_of_k_nearest_exact(
-                queries, profile, k, tokens, ref_sq_norms, index, block_elements
-            )
+    # The pair-symmetric order keeps a [B, M, K] top-K store (fp32 + int16): used when every volume
+    # is a query and the store stays within an eighth of the bank (or one block).
+    store = b * pairs.m * k * 6
+    bank_bytes = tokens.numel() * tokens.element_size()
+    if set(wanted) == set(range(b)) and b < 2**15 and store <= max(bank_bytes // 8, 4 * block_elements):
+        _scores_pair_symmetric(pairs, k, scores)
+    else:
+        _scores_per_volume(pairs, wanted, k, scores)
     return scores
 
 

@@ -278,7 +278,11 @@ def test_variants_score_and_fuse() -> None:
     for i in range(len(vols)):
         assert set(scores[i]) == set(c_scores[i]) | {k + "/fine" for k in c_scores[i]}
         for key in c_scores[i]:
-            torch.testing.assert_close(scores[i][key], c_scores[i][key], atol=1e-5, rtol=0)
+            # Both are exact scorers, but they form the GEMM distances in different orders (C2F:
+            # |r|^2 - 2 q.r per reference group; CS3F-C: (|p|^2 + |t|^2) - 2 p.t per volume pair), so
+            # between two reference tokens within float32 resolution of each other they may recompute
+            # the distance to a different one: a few 1e-5 here, as for the fine grids below.
+            torch.testing.assert_close(scores[i][key], c_scores[i][key], atol=1e-4, rtol=0)
             torch.testing.assert_close(scores[i][key + "/fine"], f_scores[i][key], atol=1e-4, rtol=0)
     shape, mask = bank[0].spatial_shape, masks[0]
     c_map = full.voxel_map(scores[0], shape, mask, variant="C")

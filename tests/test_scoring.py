@@ -167,3 +167,43 @@ def test_packing_reads_valid_references_only() -> None:
     # Fully valid banks are read in place.
     all_valid = torch.ones(4, 10, dtype=torch.bool)
     assert _pack_valid(all_valid, _sq_norms(tokens, all_valid))[0] is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_pair_symmetric_order_equals_per_volume_scores_with_half_the_gemms(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """All volumes at once share one GEMM per volume pair; each volume scored alone (a rank's share)
+    reads the same canonical blocks, so the scores are bit-identical and cost twice the GEMMs."""
+    import scripts.scoring as scoring
+
+    gen = torch.Generator().manual_seed(3)
+    b, n, d = 7, 40, 6
+    tokens = torch.randn(b, n, d, generator=gen).to(dtype)
+    tokens[4] = tokens[1]  # a duplicate: exact zeros must survive both orders
+    valid = torch.rand(b, n, generator=gen) > 0.4
+    valid[:, 0] = True
+    valid[4] = valid[1]
+    calls = {"n": 0}
+    block = scoring._PairBlocks.block
+
+    def counted(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        calls["n"] += 1
+        return block(self, *args, **kwargs)
+
+    monkeypatch.setattr(scoring._PairBlocks, "block", counted)
+    original = tokens.clone()
+    for rho in (0.2, 0.5):
+        together = mutual_similarity_scores(tokens, valid, rho=rho, query_tile=8, block_elements=1 << 12)
+        symmetric_calls, calls["n"] = calls["n"], 0
+        alone = sum(
+            mutual_similarity_scores(tokens, valid, rho=rho, query_tile=8, block_elements=1 << 12, volumes=[i])
+            for i in range(b)
+        )
+        assert torch.equal(together, alone)
+        assert symmetric_calls > 0 and calls["n"] == 2 * symmetric_calls
+        calls["n"] = 0
+        expected = brute_force_scores(tokens.float(), valid, rho)
+        torch.testing.assert_close(together.double(), expected, atol=1e-4, rtol=0)
+    assert torch.all(together[4][valid[4]] <= together[1].max())
+    assert torch.equal(tokens, original)  # read only: fp32 blocks are views of the caller's tokens
