@@ -404,17 +404,18 @@ def _scores_per_volume(pairs: _PairBlocks, volumes: Sequence[int], k: int, score
     for i in volumes:
         count = pairs.counts[i]
         p_i = pairs.refs(i)
-        profile = torch.full((count, b), float("inf"), dtype=torch.float32, device=scores.device)
+        # [B, count]: each reference volume's minima are a contiguous row.
+        profile = torch.full((b, count), float("inf"), dtype=torch.float32, device=scores.device)
         for a in range(i):
             p_a = pairs.refs(a)
             for rows in pairs.tiles(a):
                 col = pairs.block(p_a, a, rows, i, p_i).amin(dim=0)[:count]
-                torch.minimum(profile[:, a], col, out=profile[:, a])
+                torch.minimum(profile[a], col, out=profile[a])
         for c in range(i + 1, b):
             refs_c = pairs.refs(c)
             for rows in pairs.tiles(i):
-                profile[rows, c] = pairs.block(p_i, i, rows, c, refs_c).amin(dim=1)
-        pairs.scores(i, p_i, profile.topk(k, dim=1, largest=False).indices, scores)
+                profile[c, rows] = pairs.block(p_i, i, rows, c, refs_c).amin(dim=1)
+        pairs.scores(i, p_i, profile.t().topk(k, dim=1, largest=False).indices, scores)
 
 
 def _scores_pair_symmetric(pairs: _PairBlocks, k: int, scores: torch.Tensor) -> None:
