@@ -252,6 +252,20 @@ def test_efficientnet_fused_matches_unfused_reference(r, n):
         _assert_close_rel(o, seen[end])
 
 
+def test_efficientnet_activations_in_place_change_nothing():
+    """ReLU6 runs in place (no new tensor per activation); the grids are bit-identical to the
+    out-of-place forward at every requested layer, the stem included."""
+    enc = EfficientNetLite0Encoder(layers=("stem", "stage2", "stage3", "stage5"), input_size=64)
+    relus = [m for m in enc.modules() if isinstance(m, torch.nn.ReLU6)]
+    assert relus and all(m.inplace for m in relus)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    in_place = enc(x)
+    for m in relus:
+        m.inplace = False
+    out_of_place = enc(x)
+    assert all(torch.equal(a, b) for a, b in zip(in_place, out_of_place, strict=True))
+
+
 @functools.cache
 def _fused_encoder(r: int, layers: tuple[str, ...]) -> EfficientNetLite0Encoder:
     return EfficientNetLite0Encoder(layers=layers, input_size=r)

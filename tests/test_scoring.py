@@ -197,7 +197,9 @@ def test_pair_symmetric_order_equals_per_volume_scores_with_half_the_gemms(
         together = mutual_similarity_scores(tokens, valid, rho=rho, query_tile=8, block_elements=1 << 12)
         symmetric_calls, calls["n"] = calls["n"], 0
         alone = sum(
-            mutual_similarity_scores(tokens, valid, rho=rho, query_tile=8, block_elements=1 << 12, volumes=[i])
+            mutual_similarity_scores(
+                tokens, valid, rho=rho, query_tile=8, block_elements=1 << 12, volumes=[i]
+            )
             for i in range(b)
         )
         assert torch.equal(together, alone)
