@@ -855,6 +855,7 @@ def _bundle_result(proc: subprocess.CompletedProcess, cmd: list[str], out_dir: P
         "tokens_per_volume": tokens.get("per_volume"),
         "grids": tokens.get("grids", {}),
         "d": run.get("inferer", {}).get("d"),
+        "rho": run.get("inferer", {}).get("rho"),
         "token_dtype": run.get("inferer", {}).get("token_dtype"),
         "output_dir": str(out_dir),
     }
@@ -889,20 +890,22 @@ def _bundle_runs(
 
 
 def _predicted_extras(run: dict) -> dict:
-    """Memory the workflow holds beside the bank that may grow with B (from the run's geometry): the
-    scorer's distance block ``[G, Q, M]`` (G = reference volumes per GEMM group grows with B until the
-    block budget caps it), the gathered reference block, and the kept token scores. (The stacked
-    copy of one (axis, layer) that ``CS3FInferer.score`` used to build is gone: it scores the
-    consolidated bank in place.)"""
+    """Memory the workflow holds beside the bank that may grow with B (from the run's geometry and the
+    exact scorer's layout, ``scripts.scoring._PairBlocks``): the ``[tile, M]`` distance block, the two
+    volumes' fp32 reference copies, the pair-symmetric ``[B, M, K]`` top-K store, and the kept token
+    scores (upper bounds: ``M`` taken as the whole grid)."""
+    from scripts.scoring import num_neighbours
+
     block, tile = _scoring_defaults()
     n, d = run["n_volumes"] or 0, run["d"] or 128
     per_key = [math.prod(shape) for shape in run["grids"].values()] or [0]
-    largest = max(per_key)
-    q = min(tile, largest)
-    group = max(1, min(n - 1, block // max(1, largest * q)))
+    m = max(per_key)
+    rows = max(1, min(tile, max(64, block // max(1, m))))
+    k = num_neighbours(max(n, 2), run.get("rho") or 0.1)
     return {
-        "score_block_mb": group * q * largest * 4 / 2**20,
-        "reference_block_mb": group * largest * d * 4 / 2**20,
+        "score_block_mb": rows * m * 4 / 2**20,
+        "reference_copies_mb": 2 * m * d * 4 / 2**20,
+        "topk_store_mb": n * m * k * 6 / 2**20,
         "token_scores_mb": n * sum(per_key) * 4 / 2**20,
     }
 

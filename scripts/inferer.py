@@ -25,7 +25,7 @@ coarse distance pass), and :meth:`CS3FInferer.voxel_map` fuses them per the vari
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -375,6 +375,22 @@ class CS3FInferer(Inferer):
         return out
 
     # ------------------------------------------------------------------ scoring
+    def _key_batches(
+        self, bank: Sequence[VolumeTokens], keys: Sequence[str], desc: str
+    ) -> Iterator[tuple[str, tuple[int, int, int], torch.Tensor, torch.Tensor]]:
+        """``(key, grid shape, tokens [B, N, d], valid [B, N])`` per (axis, layer), on the scoring
+        device, with a progress bar over the keys when enabled."""
+        iterator: Iterable[str] = keys
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(keys, desc=desc, unit="grid")
+        for key in iterator:
+            device = self.score_device or bank[0].grids[key].tokens.device
+            tokens, valid = (t.to(device) for t in _batch_of(bank, key))
+            yield key, bank[0].grids[key].shape, tokens, valid
+            del tokens, valid  # a stacked copy goes before the next key's is made
+
     def score(
         self,
         bank: Sequence[VolumeTokens],
@@ -457,15 +473,8 @@ class CS3FInferer(Inferer):
                     f"share the grid along each slicing axis"
                 )
         results: list[dict[str, torch.Tensor]] = [{} for _ in bank]
-        iterator = keys
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(keys, desc="scoring vs reference subsets (axis/layer)", unit="grid")
-        for key in iterator:
-            shape = bank[0].grids[key].shape
-            device = self.score_device or bank[0].grids[key].tokens.device
-            tokens, valid = (t.to(device) for t in _batch_of(bank, key))
+        batches = self._key_batches(bank, keys, "scoring vs reference subsets (axis/layer)")
+        for key, shape, tokens, valid in batches:
             try:
                 scores = subset_scores(tokens, valid, subsets, self.rho, self.query_tile, self.block_elements)
             except ValueError as err:
@@ -545,16 +554,8 @@ class CS3FInferer(Inferer):
                 refs = [reference_volume(j, bank[i]) for j in range(b_ref) if j != skips[i]]
                 results[i] = self._score_exact([bank[i], *refs], [0])[0]
             return results
-        iterator = keys
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(keys, desc="scoring vs bank (axis/layer)", unit="grid")
-        for key in iterator:
-            shape = bank[0].grids[key].shape
-            device = self.score_device or bank[0].grids[key].tokens.device
-            tokens = torch.stack([bank[i].grids[key].tokens.reshape(-1, self.d) for i in wanted]).to(device)
-            valid = torch.stack([bank[i].grids[key].valid.reshape(-1) for i in wanted]).to(device)
+        batches = self._key_batches([bank[i] for i in wanted], keys, "scoring vs bank (axis/layer)")
+        for key, shape, tokens, valid in batches:
             ref_tokens, ref_valid = references[key]
             try:
                 scores = reference_scores(
@@ -602,15 +603,8 @@ class CS3FInferer(Inferer):
                 )
         results: list[dict[str, torch.Tensor]] = [{} for _ in bank]
         wanted = range(len(bank)) if queries is None else sorted({int(i) for i in queries})
-        iterator = coarse_keys
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(coarse_keys, desc="scoring (axis/layer)", unit="grid")
-        for key in iterator:
-            shape = bank[0].grids[key].shape
-            device = self.score_device or bank[0].grids[key].tokens.device
-            tokens, valid = (t.to(device) for t in _batch_of(bank, key))
+        for key, shape, tokens, valid in self._key_batches(bank, coarse_keys, "scoring (axis/layer)"):
+            device = tokens.device
             try:
                 if self.variant == "C":
                     scores = mutual_similarity_scores(
