@@ -367,6 +367,10 @@ class _PairBlocks:
         # Rows per tile: the block [tile, M] stays within the budget (and in cache), 64..query_tile.
         self.tile = max(1, min(int(query_tile), max(64, block_elements // max(1, self.m))))
         self.workspace = _workspace(max(block_elements, self.tile * self.m), tokens.device)
+        self._tiles = [
+            [slice(int(t[0]), int(t[-1]) + 1) for t in _query_tiles(torch.arange(count), self.tile)]
+            for count in self.counts
+        ]
         self.block_elements = block_elements
 
     def refs(self, b: int) -> torch.Tensor:
@@ -376,8 +380,7 @@ class _PairBlocks:
 
     def tiles(self, a: int) -> list[slice]:
         """Packed positions of volume ``a``'s query tiles (its valid tokens are packed first)."""
-        spans = _query_tiles(torch.arange(self.counts[a]), self.tile)
-        return [slice(int(t[0]), int(t[-1]) + 1) for t in spans]
+        return self._tiles[a]
 
     def block(self, p: torch.Tensor, a: int, rows: slice, b: int, refs_b: torch.Tensor) -> torch.Tensor:
         """``[rows, M]`` full squared distances of volume ``a``'s packed tokens ``rows`` (``p``, the
