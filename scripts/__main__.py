@@ -12,8 +12,8 @@ import fire
 
 
 def synth(**kwargs):
-    """Generate a synthetic registered brain-MRI cohort (see ``scripts.synth.generate_cohort``)."""
-    from scripts.synth import cli  # imported lazily: nilearn is needed by the generator only
+    """Generate a synthetic registered brain-MRI cohort (see ``scripts.synthetic.brain.generate_cohort``)."""
+    from scripts.synthetic.brain import cli  # imported lazily: nilearn is needed by the generator only
 
     return cli(**kwargs)
 
@@ -33,7 +33,7 @@ def bench(
     selects a subset; ``--device cuda`` runs the same harness on a GPU; ``--threads N`` sets torch's
     intra-op threads; ``--memory_b B`` the sizes (B, 2B) of the memory/end-to-end bundle runs.
     """
-    from scripts.bench import cli  # imported lazily: only the benchmark needs it
+    from scripts.benchmarks.bench import cli  # imported lazily: only the benchmark needs it
 
     return cli(
         quick=quick, device=device, out=out, sections=sections, doc=doc, threads=threads, memory_b=memory_b

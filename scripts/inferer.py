@@ -42,7 +42,7 @@ from scripts.scoring import (
     reference_scores,
     subset_scores,
 )
-from scripts.transforms import (
+from scripts.transforms.tokenization import (
     AXES,
     DepthPool,
     MultiAxisSlice,
@@ -240,10 +240,10 @@ class CS3FInferer(Inferer):
         L: coarse routes per (query coarse token, reference volume) of the C2F search (Eq. 6).
         chunk_size: batch chunking (paper Sec. 5.1, Table 8): the cohort, in the order given, is cut
             into ``max(1, B // chunk_size)`` consecutive chunks of ``chunk_size`` to ``2 * chunk_size - 1``
-            volumes (:func:`scripts.batching.chunk_ranges`), each scored independently with the exact
+            volumes (:func:`scripts.references.chunk_ranges`), each scored independently with the exact
             scorer. ``None``: one batch.
         n_references: score each volume against ``n_references`` references drawn from the other
-            volumes by a seeded hash of names (:func:`scripts.batching.reference_subsets`, order
+            volumes by a seeded hash of names (:func:`scripts.references.reference_subsets`, order
             independent; ``K = max(1, floor(rho * n_references))``); cost linear in ``B``. With
             ``n_references >= B - 1`` this is the exact scorer. ``None``: all others. Exclusive with
             ``chunk_size``.
@@ -420,7 +420,7 @@ class CS3FInferer(Inferer):
         """
         if self.chunk_size is None and self.n_references is None:
             return self._score_exact(bank, queries)
-        from scripts.batching import chunk_ranges, reference_subsets
+        from scripts.references import chunk_ranges, reference_subsets
 
         b = len(bank)
         if b < 2:
@@ -499,7 +499,7 @@ class CS3FInferer(Inferer):
 
         Args:
             references: ``{key: (tokens [B_ref, N, d], valid [B_ref, N])}`` for every grid key the
-                volumes have (e.g. :meth:`scripts.bank.TokenBank.references`: fp16, memory-mapped).
+                volumes have (e.g. :meth:`scripts.storage.bank.TokenBank.references`: fp16, memory-mapped).
             bank: tokens of the ``>= 1`` new volumes.
             queries: score only these (indices into ``bank``); ``None``: all.
             exclude: per volume of ``bank``, the index of the reference that is that same scan (a

@@ -610,7 +610,7 @@ def subset_scores(
 ) -> torch.Tensor:
     """Mutual-similarity scores of each query volume against its own subset of the other volumes.
 
-    The ``n_references`` mode (:func:`scripts.batching.reference_subsets` draws the subsets): volume
+    The ``n_references`` mode (:func:`scripts.references.reference_subsets` draws the subsets): volume
     ``i`` is scored by Eq. 1-2 against the volumes ``references[i]`` only, with
     ``K = max(1, floor(rho * len(references[i])))``, i.e. exactly as :func:`mutual_similarity_scores`
     scores volume 0 of the batch ``[i, *references[i]]``. Cost ``O(sum_i |references[i]| N^2 d)``,

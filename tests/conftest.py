@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_cohort(tmp_path_factory) -> Path:
     """A 6-subject synthetic cohort at 32^3 (4 normal, 2 abnormal), generated once per session."""
-    from scripts.synth import generate_cohort
+    from scripts.synthetic.brain import generate_cohort
 
     return generate_cohort(
         tmp_path_factory.mktemp("cohort") / "tiny", n_normal=4, n_abnormal=2, shape=32, seed=1

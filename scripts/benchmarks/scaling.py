@@ -1,0 +1,167 @@
+"""Measurements behind ``docs/scaling.md`` (issue 9): full vs chunked vs ``n_references`` scoring.
+
+Two parts, both on a synthetic cohort (``python -m scripts synth --out COHORT ...``):
+
+* ``metrics``: the bundle with ``configs/evaluate.json`` once per setting (``chunk_size`` /
+  ``n_references``), all runs sharing one token cache so that the cohort is encoded once; reads
+  ``metrics.json`` and ``run.json`` of each run.
+* ``costs``: scoring only, in a fresh process per (B, setting): the first ``B`` volumes of a token
+  bank (``configs/build_bank.json``), converted to fp32 in memory, scored by ``CS3FInferer.score``;
+  reports the wall time and the growth of the process's peak RSS (``VmHWM``) during scoring. The
+  ``bank`` setting scores one volume against a memory-mapped bank of the other ``B - 1``
+  (``CS3FInferer.score_references``), the per-arrival cost of reference-bank mode.
+
+Usage (from the bundle root)::
+
+    python -m scripts.benchmarks.scaling metrics --cohort /tmp/scale/cohort --out /tmp/scale/runs
+    python -m scripts.benchmarks.scaling costs --bank /tmp/scale/bank --sizes 16,32,64
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+METRICS = ("patient_auroc", "patient_ap", "voxel_ap", "dice_max", "ltpr99_large", "localization99")
+SETTINGS = {
+    "full": {},
+    "chunk_size=32": {"chunk_size": 32},
+    "chunk_size=16": {"chunk_size": 16},
+    "chunk_size=8": {"chunk_size": 8},
+    "n_references=32": {"n_references": 32},
+    "n_references=16": {"n_references": 16},
+    "n_references=8": {"n_references": 8},
+}
+
+
+def _items(value) -> list[str]:  # noqa: ANN001 - fire passes "a,b" as a string or a tuple
+    values = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    return [str(v).strip() for v in values]
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def metrics(
+    cohort: str, out: str, cache: str | None = None, settings: str | None = None, threads: int = 1
+) -> None:
+    """Run the bundle + evaluation per setting; print a markdown table."""
+    out_dir = Path(out)
+    cache = cache or str(out_dir / "tokens")
+    chosen = list(SETTINGS) if settings is None else _items(settings)
+    rows, record = [], {}
+    for name in chosen:
+        run_dir = out_dir / name.replace("=", "")
+        if not (run_dir / "metrics.json").is_file():
+            cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file"]
+            cmd += ["['configs/inference.json','configs/evaluate.json']", "--dataset_dir", cohort]
+            cmd += ["--output_dir", str(run_dir), "--cache_dir", cache, "--quiet", "true", "--plots", "false"]
+            cmd += ["--num_threads", str(threads)]
+            for key, value in SETTINGS[name].items():
+                cmd += [f"--{key}", str(value)]
+            start = time.perf_counter()
+            subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
+            print(f"{name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        m = json.loads((run_dir / "metrics.json").read_text())
+        run = json.loads((run_dir / "run.json").read_text())
+        record[name] = {"metrics": m, "timings_s": run["timings_s"], "peak_rss_mb": run["peak_rss_mb"]}
+        rows.append(
+            [
+                name,
+                *[f"{100 * m[k]:.1f}" for k in METRICS],
+                f"{run['timings_s']['score']:.1f}",
+                run["n_volumes"],
+            ]
+        )
+    (out_dir / "metrics_table.json").write_text(json.dumps(record, indent=1))
+    table = _table(["setting", *METRICS, "score s", "B"], rows)
+    print(table)
+
+
+_COST_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time, warnings
+    import torch
+    sys.path.insert(0, {root!r})
+    from scripts.storage.bank import TokenBank
+    from scripts.inferer import CS3FInferer, TokenGrid, VolumeTokens
+    warnings.simplefilter("ignore")
+    torch.set_num_threads({threads})
+
+    def hwm():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+
+    bank = TokenBank({bank!r})
+    entry, b, setting = bank.parts[""], {b}, {setting!r}
+    refs = bank.references("")
+    d = next(iter(refs.values()))[0].shape[-1]
+    names = bank.names[:b]
+
+    def volume(j, dtype=torch.float32):
+        grids = {{}}
+        for key, (t, v) in refs.items():
+            shape = entry["keys"][key]["grid"]
+            grids[key] = TokenGrid(t[j].to(dtype).view(*shape, d), v[j].clone().view(*shape))
+        return VolumeTokens(tuple(entry["spatial_shape"]), grids)
+
+    options = {options}
+    inferer = CS3FInferer(axes=bank.identity["axes"], q=bank.identity["q"], d=d, rho=0.1, **options)
+    if setting == "bank":  # one new volume against a memory-mapped bank of the other b - 1
+        query = [volume(b - 1)]
+        sub = {{k: (t[: b - 1], v[: b - 1]) for k, (t, v) in refs.items()}}
+        inferer.score_references({{k: (t[:2], v[:2]) for k, (t, v) in sub.items()}}, query)  # warm-up
+        base, start = hwm(), time.perf_counter()
+        inferer.score_references(sub, query)
+    else:
+        tokens = [volume(j) for j in range(b)]
+        CS3FInferer(d=d, axes=bank.identity["axes"], q=bank.identity["q"]).score(tokens[:2])  # warm-up
+        base, start = hwm(), time.perf_counter()
+        inferer.score(tokens, names=names)
+    print(json.dumps({{"seconds": time.perf_counter() - start, "peak_mb": hwm() - base}}))
+    """
+)
+
+
+def costs(
+    bank: str,
+    sizes: str = "16,32,64",
+    settings: str = "full,chunk_size=16,n_references=16,bank",
+    threads: int = 1,
+) -> None:
+    """Scoring time and peak-memory growth per (B, setting), each in a fresh process."""
+    options = {**SETTINGS, "bank": {}}
+    size_list = [int(s) for s in _items(sizes)]
+    chosen = _items(settings)
+    results: dict[str, dict[int, dict]] = {}
+    for name in chosen:
+        for b in size_list:
+            code = _COST_SCRIPT.format(
+                root=str(ROOT), bank=str(bank), b=b, setting=name, options=options[name], threads=threads
+            )
+            proc = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+            results.setdefault(name, {})[b] = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"{name} B={b}: {results[name][b]}", file=sys.stderr, flush=True)
+    header = ["setting", *[f"B={b}: s / MB" for b in size_list]]
+    rows = [
+        [name, *[f"{results[name][b]['seconds']:.1f} / {results[name][b]['peak_mb']:.0f}" for b in size_list]]
+        for name in chosen
+    ]
+    (Path(bank) / "costs.json").write_text(json.dumps(results, indent=1))
+    table = _table(header, rows)
+    print(table)
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire({"metrics": metrics, "costs": costs})

@@ -1,0 +1,227 @@
+"""Datalists of a dataset folder, checked before any heavy work.
+
+A dataset folder is either
+
+* ``DIR/cohort.csv`` (what ``python -m scripts synth`` writes) with at least an ``image`` column and
+  optionally ``mask`` and ``label`` columns, paths relative to ``DIR``; or
+* ``DIR/images/*.nii[.gz]`` with optional ``DIR/masks/`` and ``DIR/labels/`` holding files of the
+  same names; or
+* a flat folder of ``*.nii[.gz]`` volumes.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from monai.data import Dataset
+
+from scripts.errors import CS3FInputError, find_input_error, one_line
+
+__all__ = [
+    "image_stem",
+    "make_datalist",
+    "check_output_dir",
+    "CheckedDataset",
+]
+
+ON_BAD_INPUT = ("error", "skip")
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def image_stem(path: str | Path) -> str:
+    """File name without ``.nii.gz`` / ``.nii`` (what output names are built from)."""
+    name = Path(path).name
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def _niftis(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(NIFTI_SUFFIXES))
+
+
+def _check_readable(path: Path, what: str) -> tuple:
+    """Header check of a NIfTI file; returns its grid ``(shape, affine rounded to 1e-3 mm)``."""
+    import nibabel as nib
+
+    if not path.is_file():
+        raise CS3FInputError(f"{what} file not found: {path}")
+    try:
+        image = nib.load(str(path))
+    except Exception as err:  # nibabel raises several types for a bad header
+        raise CS3FInputError(f"cannot read {what} {path}: {one_line(err)}") from None
+    shape = tuple(int(v) for v in image.header.get_data_shape())
+    if len(shape) < 3 or (len(shape) > 3 and int(np.prod(shape[3:])) != 1):
+        raise CS3FInputError(f"{what} {path} is not a single 3D volume (shape {shape})")
+    affine = tuple(tuple(float(v) for v in row) for row in np.round(image.affine, 3))
+    return shape[:3], affine
+
+
+def make_datalist(
+    dataset_dir: str | Path,
+    masks: bool = True,
+    labels: bool = False,
+    min_volumes: int = 2,
+    on_bad_input: str = "error",
+    require_same_grid: bool = True,
+    skipped: list | None = None,
+) -> list[dict[str, str]]:
+    """Datalist ``[{"image": path, "mask": path?, "label": path?, "name": stem}, ...]`` of a dataset folder.
+
+    Args:
+        dataset_dir: the dataset folder (see the module docstring for the layouts).
+        masks: include foreground masks where the folder provides them.
+        labels: include ground-truth labels where the folder provides them (evaluation).
+        min_volumes: CS3F scores volumes against each other, so fewer than this is an error.
+        on_bad_input: ``"error"`` stops at the first unreadable file or off-grid volume; ``"skip"``
+            leaves it out with a warning and records ``{"image", "reason"}`` in ``skipped``.
+        require_same_grid: volumes must be registered to one space: every image header must have the
+            shape and affine that most of the cohort has (checked before any heavy work). Turn off
+            for unregistered data that the preprocessing brings to one grid (e.g. lung CT crops).
+        skipped: list that receives the skipped volumes (shared with the workflow for ``run.json``).
+
+    Raises:
+        CS3FInputError: missing or empty folder, missing or unreadable files, duplicate names, too few
+            volumes, a mask column with some entries missing, a volume off the cohort's grid.
+    """
+    if on_bad_input not in ON_BAD_INPUT:
+        raise CS3FInputError(f"on_bad_input must be one of {ON_BAD_INPUT}, got {on_bad_input!r}")
+    root = Path(dataset_dir)
+    if not root.is_dir():
+        raise CS3FInputError(f"dataset_dir does not exist or is not a folder: {root}")
+    rows: list[dict[str, str]] = []
+    table = root / "cohort.csv"
+    if table.is_file():
+        with table.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if "image" not in (reader.fieldnames or []):
+                raise CS3FInputError(f"{table} has no 'image' column (columns: {reader.fieldnames})")
+            for rec in reader:
+                row = {"image": str(root / rec["image"])}
+                for key, wanted in (("mask", masks), ("label", labels)):
+                    if wanted and rec.get(key):
+                        row[key] = str(root / rec[key])
+                rows.append(row)
+    else:
+        image_dir = root / "images" if (root / "images").is_dir() else root
+        for image in _niftis(image_dir):
+            row = {"image": str(image)}
+            for key, folder, wanted in (("mask", "masks", masks), ("label", "labels", labels)):
+                candidate = root / folder / image.name
+                if wanted and candidate.is_file():
+                    row[key] = str(candidate)
+            rows.append(row)
+    if not rows:
+        raise CS3FInputError(f"no NIfTI volumes (*.nii, *.nii.gz) found in {root} (nor a cohort.csv)")
+    for key in ("mask", "label"):
+        have = [key in r for r in rows]
+        if any(have) and not all(have):
+            missing = next(r["image"] for r in rows if key not in r)
+            raise CS3FInputError(f"some volumes have a {key} and others do not, e.g. no {key} for {missing}")
+    names = [image_stem(r["image"]) for r in rows]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise CS3FInputError(f"image names must be unique (outputs are named after them): {duplicates}")
+    good: list[dict[str, str]] = []
+    grids: dict[str, tuple] = {}
+    for row, name in zip(rows, names, strict=True):
+        row["name"] = name
+        try:
+            for key in ("image", "mask", "label"):
+                if key in row:
+                    grid = _check_readable(Path(row[key]), key)
+                    if key == "image":
+                        grids[name] = grid
+                    elif grid[0] != grids[name][0]:
+                        raise CS3FInputError(
+                            f"{key} {row[key]} has shape {grid[0]} but its image "
+                            f"{row['image']} has {grids[name][0]}"
+                        )
+            good.append(row)
+        except CS3FInputError as err:
+            _bad(err, row, on_bad_input, skipped)
+    if require_same_grid and good:
+        reference, count = Counter(grids[r["name"]] for r in good).most_common(1)[0]
+        kept = []
+        for row in good:
+            if grids[row["name"]] == reference:
+                kept.append(row)
+                continue
+            shape, affine = grids[row["name"]]
+            err = CS3FInputError(
+                f"{row['image']} is not on the cohort's grid (shape {shape}, affine rows "
+                f"{[list(a) for a in affine[:3]]}; {count} of {len(good)} volumes have shape {reference[0]}, "
+                f"affine rows {[list(a) for a in reference[1][:3]]}): register all volumes to one space, "
+                f"or set require_same_grid false if the preprocessing resamples them"
+            )
+            _bad(err, row, on_bad_input, skipped)
+        good = kept
+    if len(good) < min_volumes:
+        raise CS3FInputError(
+            f"CS3F compares volumes with each other: found {len(good)} usable volume(s) in {root}, "
+            f"need >= {min_volumes}"
+        )
+    return good
+
+
+def _bad(err: CS3FInputError, row: dict, on_bad_input: str, skipped: list | None) -> None:
+    if on_bad_input == "error":
+        raise err
+    warnings.warn(f"cs3f: skipping {row['image']}: {err}", stacklevel=3)
+    if skipped is not None:
+        skipped.append({"image": row["image"], "reason": str(err)})
+
+
+def check_output_dir(output_dir: str | Path) -> Path:
+    """Fail early (before any heavy work) if ``output_dir`` cannot be created or written; create nothing."""
+    path = Path(output_dir).absolute()
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CS3FInputError(f"output_dir {path} cannot be created: {existing} is a file")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise CS3FInputError(f"output_dir {path} is not writable ({existing}: {err.strerror})") from None
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CS3FInputError(f"output_dir {path} is not writable ({existing})")
+    return path
+
+
+class CheckedDataset(Dataset):
+    """MONAI ``Dataset`` that turns a failing item into one :class:`CS3FInputError` line or a skip marker.
+
+    With ``on_bad_input="skip"`` a volume that cannot be loaded or preprocessed comes out as
+    ``{"bad_input": reason, "name": stem}`` (the workflow leaves it out and lists it in ``run.json``);
+    with ``"error"`` the error names the file.
+    """
+
+    def __init__(self, data, transform=None, on_bad_input: str = "error") -> None:  # noqa: ANN001
+        super().__init__(data, transform)
+        if on_bad_input not in ON_BAD_INPUT:
+            raise CS3FInputError(f"on_bad_input must be one of {ON_BAD_INPUT}, got {on_bad_input!r}")
+        self.on_bad_input = on_bad_input
+
+    def _transform(self, index: int):  # noqa: ANN202 - as Dataset._transform
+        try:
+            return super()._transform(index)
+        except Exception as err:
+            row = self.data[index]
+            found = find_input_error(err) or CS3FInputError(
+                f"cannot preprocess {row['image']}: {one_line(err)}"
+            )
+            if self.on_bad_input == "skip":
+                return {"bad_input": str(found), "name": row.get("name", image_stem(row["image"]))}
+            raise found from None
+
+

@@ -1,0 +1,107 @@
+"""The two-part lung CT engine: right and left lung crops scored as independent cohorts."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from scripts.engine.evaluator import CS3FEvaluator
+from scripts.transforms.lung import (
+    LEFT,
+    PAPER_CROP_SIZE,
+    RIGHT,
+    SIDES,
+    LungCropd,
+    check_crop_divisible,
+    label_values,
+)
+from scripts.transforms.tokenization import AXES
+
+__all__ = ["LungCS3FEvaluator"]
+
+
+class LungCS3FEvaluator(CS3FEvaluator):
+    """:class:`scripts.engine.evaluator.CS3FEvaluator` scoring the right and left lung crops as two parts.
+
+    Takes every argument of ``CS3FEvaluator`` plus (keywords):
+
+    Args:
+        crop_size: per-lung crop size ``(sagittal, coronal, axial)`` at the preprocessed (1 mm) spacing;
+            the inferer's ``q`` must divide it on every slicing axis (checked here, before any encoding).
+        margin: voxels around each lung's bounding box before crop-or-pad.
+        mask_mode: ``"auto"``, ``"labels"`` or ``"binary"`` (see :class:`LungSplit`).
+        lung_labels: ``(right, left)`` label values (ints or lists of ints); default ``(1, 2)``.
+
+    ``split`` returns ``{"right": (crop, lung mask crop), "left": ...}``; ``merge`` pastes both maps back
+    (:meth:`LungCrop.paste`) and keeps each inside its own lung; the engine masks the result with the whole
+    lung mask and takes its maximum as the subject score. A lung larger than the crop size is cut
+    (a warning; its voxels outside the crop score 0; listed under ``lung.truncated`` in ``run.json``).
+    CT volumes are not registered: the parts must share the crop size, not an affine.
+    """
+
+    def __init__(
+        self,
+        *args,
+        crop_size: Sequence[int] = PAPER_CROP_SIZE,
+        margin: int = 0,
+        mask_mode: str = "auto",
+        lung_labels=(RIGHT, LEFT),
+        **kwargs,
+    ) -> None:
+        self.crop = LungCropd(
+            kwargs.get("image_key", "image"),
+            mask_key=kwargs.get("mask_key", "mask"),
+            crop_size=crop_size,
+            margin=margin,
+            mode=mask_mode,
+            labels=lung_labels,
+        )
+        lung_info = {
+            "crop_size": list(self.crop.cropper.crop_size),
+            "margin": int(margin),
+            "mask_mode": mask_mode,
+            "lung_labels": [list(label_values(v)) for v in lung_labels],
+        }
+        # part of the token-cache key: crops of another size or margin must not reuse cached tokens
+        kwargs["run_info"] = {**dict(kwargs.get("run_info") or {}), "lung": lung_info}
+        super().__init__(*args, **kwargs)
+        check_crop_divisible(
+            self.crop.cropper.crop_size, [self.inferer.q[a] for a in AXES], self.inferer.axes
+        )
+        self.truncated: dict[str, dict[str, list[str]]] = {}
+
+    def check_registration(self, part: str, image: torch.Tensor) -> bool:
+        return False  # CT is not atlas-registered: crops share their size, not their affine
+
+    def split(self, item: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        name = self._name(item)
+        d = self.crop(
+            {self.image_key: item[self.image_key], self.mask_key: item.get(self.mask_key)}, name=name
+        )
+        for side, box in d[f"{self.mask_key}_boxes"].items():
+            cut = self.crop.cropper.truncated(box)
+            if cut and side not in self.truncated.get(name, {}):
+                self.truncated.setdefault(name, {})[side] = cut
+                warnings.warn(
+                    f"cs3f: {name}: the {side} lung's box {[e - s for s, e in zip(*box, strict=True)]} is "
+                    f"larger than the crop size {list(self.crop.cropper.crop_size)} on the {', '.join(cut)} "
+                    f"axis; voxels outside the crop score 0 (raise crop_size)",
+                    stacklevel=2,
+                )
+        return {side: (d[f"{self.image_key}_{side}"], d[f"{self.mask_key}_{side}"]) for side in SIDES}
+
+    def merge(self, item: dict, maps: dict[str, torch.Tensor]) -> torch.Tensor:
+        lungs = self.crop.splitter(item[self.mask_key], name=self._name(item))
+        cropper = self.crop.cropper
+        merged = torch.zeros((1, *item[self.image_key].shape[1:]), dtype=torch.float32)
+        for side in SIDES:
+            pasted = cropper.paste(maps[side], cropper.box(lungs[side]), lungs[side])
+            merged = torch.maximum(merged, pasted.float() * lungs[side].float())
+        return merged
+
+    def summary(self) -> dict:
+        info = super().summary()
+        info["lung"] = {**self.run_info.get("lung", {}), "truncated": self.truncated}
+        return info

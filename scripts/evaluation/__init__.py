@@ -1,0 +1,1 @@
+"""Evaluation against labels: the metric suite, the lesion report and plots."""

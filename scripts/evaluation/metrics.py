@@ -1,0 +1,856 @@
+"""Patient-, voxel- and lesion-level metrics of the CS3F paper (Sec. 4.2, 4.5.1, 4.6), streamed over a cohort.
+
+Usage (two passes over the score maps; nothing but small histograms and per-lesion rows is kept)::
+
+    ev = CohortEvaluator()
+    for s in cohort:                                   # pass 1
+        ev.add(s.name, s.score_map, s.label, s.mask, s.spacing, s.subject_score, affine=s.affine)
+    for s in cohort:                                   # pass 2 (needs the 99 %-TNR threshold of pass 1)
+        ev.add_components(s.name, s.score_map, s.label, s.mask, image=s.image)
+    metrics = ev.compute()
+    write_report("out", ev, metrics)                   # metrics.json, lesions.csv, gt_lesions.csv, PNGs
+
+or ``evaluate_cohort(lambda: iter(records), out_dir="out")`` which runs both passes.
+
+Definitions (what each number is, exactly)
+------------------------------------------
+Subjects. A subject is *abnormal* iff its label has a voxel > 0 anywhere (multi-class labels are
+binarised, as in the paper); ``label=None`` or an all-zero label is a *normal* subject. ``mask`` is the
+foreground (organ) mask; ``None`` means every voxel is foreground. Voxel-level metrics use foreground
+voxels only (paper Sec. 4.2: background "excluded").
+
+Patient level (exact, from the subject scores): ``patient_auroc`` with ``monai.metrics.compute_roc_auc``
+(ties count 1/2); ``patient_ap`` = step-wise average precision sum_n (R_n - R_{n-1}) P_n over the distinct
+score values (sklearn's ``average_precision_score`` definition, tied scores form one threshold);
+``patient_f1`` = max over all thresholds "score >= t" of 2TP / (2TP + FP + FN). AP and F1 are written here
+(numpy, exact) because ignite's AveragePrecision needs sklearn at run time.
+
+Voxel level (binned, streamed). Every foreground voxel score is put in a bin of a fixed,
+order-preserving, data-independent grid: the float32 bit pattern is mapped to a monotone 32-bit key
+(sign flip for negatives) and the key's top ``1 + 8 + mantissa_bits`` bits are the bin index, i.e. the
+grid is the set of floats with ``mantissa_bits`` mantissa bits (default 12: 2**21 + 1 bins, every bin
+spans a relative width <= 2**-12 ~ 2.4e-4 of its value; exact 0 is a bin of its own). No score range is
+needed, nothing depends on the order in which subjects arrive, and every thresholded count at a bin edge is
+exact. Histograms kept: positives (label > 0, all in abnormal subjects), negatives of abnormal
+subjects, negatives of normal subjects -- 3 x 16 MiB of int64 for the default grid, whatever the
+cohort size.
+
+* ``voxel_auroc`` treats each bin as a tie group. The exact AUROC differs only through pos-neg pairs
+  that share a bin; their exact contribution lies in [0, p_b n_b], the binned value uses p_b n_b / 2, so
+  ``|AUROC_exact - voxel_auroc| <= sum_b p_b n_b / (2 P N)`` = ``voxel_auroc_bin_error_bound`` (the
+  exact-zero bin holds one value, so it is left out of this and the other bounds). Exact ties in other
+  bins also count in the bound, which is therefore conservative. Scores are evaluated as float32.
+* ``voxel_ap`` is the step-wise AP of the binned scores. Within bin b any exact sub-threshold that adds
+  positives has precision in [(TP_a + 1) / (TP_a + 1 + FP_a + n_b), (TP_a + p_b) / (TP_a + p_b + FP_a)]
+  (TP_a, FP_a: counts strictly above bin b), hence
+  ``|AP_exact - voxel_ap| <= sum_b p_b / P * (hi_b - lo_b)`` = ``voxel_ap_bin_error_bound``.
+* ``dice_max`` = max over bin-edge thresholds of the *pooled* Dice 2TP / (2TP + FP + FN), counts summed
+  over the foreground voxels of the ABNORMAL subjects only (paper Sec. 4.2: "sweeping the threshold over
+  the voxel-level anomaly map on abnormal subjects", one threshold for the cohort, "IoU at the same
+  threshold"). The value is exact for its threshold, so it is a lower bound of the exact sweep;
+  ``dice_max_upper_bound`` = max_b 2(TP_a + p_b) / (TP_a + p_b + FP_a + P) bounds the exact sweep from
+  above. ``iou_max`` = TP / (TP + FP + FN) at the same threshold (= D / (2 - D), so also the max IoU).
+  ``dice_max_threshold``: predicted positive iff ``score >= dice_max_threshold``.
+
+Lesion level at 99 % voxel TNR (Sec. 4.5.1). "Normal voxels" = every foreground voxel with label == 0,
+in normal AND abnormal subjects ("at most 1 % of all normal foreground voxels in test datasets are
+labeled anomalous"). ``threshold99`` = the lowest bin edge t with #{normal voxels >= t} <= 1 % of them;
+prediction is ``score >= threshold99`` inside the mask, so the realised TNR (``threshold99_tnr``, exact)
+is >= 0.99. Equivalently t is the upper edge of the bin holding X, the (c+1)-th largest normal score
+(c = floor(0.01 N)): X <= t < X + one bin (relative 2**-mantissa_bits). ``np.percentile(normal, 99)``
+interpolates between the order statistics next to X, so it differs from t by at most one bin plus the
+gap between neighbouring order statistics (for continuous scores, about one bin; tested).
+
+* Lesions = 18-connected components (``scipy.ndimage.label`` with ``generate_binary_structure(3, 2)``)
+  of ``label > 0`` on the whole volume. Volume V = n_voxels * prod(spacing) [mm^3]; diameter = diameter
+  of the sphere of the same volume, (6 V / pi)^(1/3) [mm]; lesions with diameter < 3 mm (V < 14.14 mm^3)
+  are excluded from LTPR. Size classes: small V < 100, medium 100 <= V <= 1000, large V > 1000 mm^3.
+* A lesion is detected iff a predicted positive component overlaps it, i.e. iff some lesion voxel
+  inside the mask has ``score >= threshold99`` -- so only each lesion's peak score is needed (pass 1).
+  ``ltpr99_<class>`` = detected / counted lesions of that class (NaN if the class is empty).
+* ``dice99`` (``iou99``) = pooled Dice (IoU) on abnormal subjects at ``threshold99`` (from histograms, exact).
+* ``localization99`` (Sec. 4.6) = fraction of abnormal subjects whose thresholded map overlaps at least
+  one annotated voxel (any size, inside the mask).
+* ``fp_per_volume`` = (number of predicted 18-connected components of ``(score >= threshold99) & mask``
+  that overlap no label voxel, including voxels of lesions excluded for size) / (number of subjects,
+  normal and abnormal). This needs the maps again at the now known threshold: pass 2,
+  ``add_components``; until every subject has had its pass 2 the value is NaN.
+
+Reports (``write_report``): ``metrics.json`` (the keys above plus counts, thresholds and bounds),
+``lesions.csv`` (one row per predicted component at ``threshold99``: subject, component id, voxels,
+volume mm^3, centroid in world mm through the affine, peak and mean score, matched GT lesion ids joined by
+";" or "FP"), ``gt_lesions.csv`` (one row per GT lesion with size class, exclusion, peak score,
+detected99), ``roc_pr_patient.png``, ``roc_pr_voxel.png`` and ``overlays/<subject>.png`` (abnormal
+subjects; the three slices through the peak voxel of the highest-scoring lesion are kept from pass 2,
+about 0.3 MB per abnormal subject at 224^3).
+
+NaN (null in metrics.json) marks a quantity that is undefined for the data (e.g. no lesion of a class,
+no normal subject); no placeholder numbers are produced.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = [
+    "ARCHITECTURE_KEYS",
+    "CohortEvaluator",
+    "FloatBins",
+    "evaluate_cohort",
+    "rank_metrics",
+    "size_class",
+    "write_report",
+    "write_json_atomic",
+    "STRUCTURE_18",
+]
+
+ARCHITECTURE_KEYS = (
+    "patient_auroc",
+    "patient_ap",
+    "patient_f1",
+    "voxel_auroc",
+    "voxel_ap",
+    "dice_max",
+    "iou_max",
+    "ltpr99_small",
+    "ltpr99_medium",
+    "ltpr99_large",
+    "dice99",
+    "fp_per_volume",
+)
+STRUCTURE_18 = ndimage.generate_binary_structure(3, 2)  # faces + edges: 18-connectivity
+MIN_DIAMETER_MM = 3.0
+SMALL_MAX_MM3 = 100.0
+LARGE_MIN_MM3 = 1000.0
+TNR = 0.99
+NAN = float("nan")
+
+
+def size_class(volume_mm3: float) -> str:
+    """Size class of a lesion: small < 100 <= medium <= 1000 < large (mm^3)."""
+    if volume_mm3 < SMALL_MAX_MM3:
+        return "small"
+    return "large" if volume_mm3 > LARGE_MIN_MM3 else "medium"
+
+
+def equivalent_diameter(volume_mm3):
+    """Diameter (mm) of the sphere with the given volume (mm^3): (6 V / pi)^(1/3)."""
+    return np.cbrt(6.0 * np.asarray(volume_mm3, dtype=np.float64) / np.pi)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Order-preserving float binning
+# ---------------------------------------------------------------------------------------------------------
+class FloatBins:
+    """Monotone map float32 -> bin index keeping ``mantissa_bits`` mantissa bits (see module docstring).
+
+    Exact zero (+0.0 and -0.0) gets a bin of its own (maps are zero wherever a token is invalid, and
+    pairs of exact zeros must not count as binning error); the positive floats below the first grid
+    value above zero (2**-126 * 2**-mantissa_bits region, i.e. denormals) form the next bin.
+    """
+
+    def __init__(self, mantissa_bits: int = 12):
+        if not 0 <= mantissa_bits <= 14:
+            raise ValueError(f"mantissa_bits must be in [0, 14], got {mantissa_bits}")
+        self.mantissa_bits = int(mantissa_bits)
+        self.shift = 23 - self.mantissa_bits
+        self.zero_bin = 1 << (31 - self.shift)  # grid index of +0.0
+        self.n_bins = (1 << (32 - self.shift)) + 1
+
+    def index(self, x: np.ndarray) -> np.ndarray:
+        """Bin index (intp) of each float32 value; larger value -> larger or equal index."""
+        x = np.ascontiguousarray(x, dtype=np.float32) + np.float32(0.0)  # -0.0 -> +0.0
+        u = x.view(np.uint32)
+        key = np.where(u >= np.uint32(0x80000000), ~u, u | np.uint32(0x80000000))
+        return (key >> np.uint32(self.shift)).astype(np.intp) + (x > 0)
+
+    def lower_edge(self, b) -> np.ndarray:
+        """Smallest float32 of bin(s) ``b`` (``b >= n_bins``: +inf); ``x >= edge(b)`` iff bin(x) >= b."""
+        b = np.asarray(b, dtype=np.int64)
+        out = np.full(b.shape, np.inf, dtype=np.float64)
+        ok = b < self.n_bins
+        g = b[ok] - (b[ok] > self.zero_bin)  # grid index
+        key = (g.astype(np.uint64) << np.uint64(self.shift)).astype(np.uint32)
+        u = np.where(key >= np.uint32(0x80000000), key & np.uint32(0x7FFFFFFF), ~key)
+        e = u.view(np.float32).astype(np.float64)
+        e[np.isnan(e)] = -np.inf  # the lowest keys are NaN bit patterns: the bin starts at -inf
+        e[b[ok] == self.zero_bin + 1] = float(np.nextafter(np.float32(0), np.float32(1)))
+        out[ok] = e
+        return out if out.ndim else out[()]
+
+    def width(self, b) -> np.ndarray:
+        return self.lower_edge(np.asarray(b) + 1) - self.lower_edge(b)
+
+    def histogram(self, x: np.ndarray) -> np.ndarray:
+        return np.bincount(self.index(x).ravel(), minlength=self.n_bins).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rank metrics from tie-grouped counts (used exactly for patients, per bin for voxels)
+# ---------------------------------------------------------------------------------------------------------
+def rank_metrics(pos: np.ndarray, neg: np.ndarray, exact=False) -> dict:
+    """AUROC, AP, max F1 (= max Dice) from positive/negative counts per tie group, highest score first.
+
+    Group i is "all items with the i-th highest score value" (or bin); the operating points are the
+    thresholds "score >= lowest value of group i". ``exact`` (bool or bool per group) marks groups that
+    hold a single score value (exact ties); the other groups are bins of distinct values, and the
+    returned bounds (see module docstring) say how far the exact metrics can be from the binned ones.
+    """
+    pos = np.asarray(pos, dtype=np.float64)
+    neg = np.asarray(neg, dtype=np.float64)
+    binned = ~np.broadcast_to(np.asarray(exact, dtype=bool), pos.shape)
+    P, N = float(pos.sum()), float(neg.sum())
+    tp, fp = np.cumsum(pos), np.cumsum(neg)
+    tpa, fpa = tp - pos, fp - neg  # strictly above the group
+    out = {"P": P, "N": N, "tp": tp, "fp": fp}
+    if P > 0 and N > 0:
+        out["auroc"] = float((np.dot(pos, N - fp) + 0.5 * np.dot(pos, neg)) / (P * N))
+        out["auroc_bound"] = float(0.5 * np.dot(pos[binned], neg[binned]) / (P * N))
+    else:
+        out["auroc"] = out["auroc_bound"] = NAN
+    if P > 0:
+        has = pos > 0
+        prec = tp[has] / (tp[has] + fp[has])
+        out["ap"] = float(np.dot(pos[has] / P, prec))
+        b = binned[has]
+        lo = (tpa[has] + 1) / (tpa[has] + 1 + fpa[has] + neg[has])
+        hi = (tpa[has] + pos[has]) / (tpa[has] + pos[has] + fpa[has])
+        out["ap_bound"] = float(np.dot(pos[has][b] / P, hi[b] - lo[b]))
+        f1 = 2 * tp / (tp + fp + P)
+        i = int(np.argmax(f1))
+        out["f1"], out["argmax"] = float(f1[i]), i
+        out["iou_at_argmax"] = float(tp[i] / (fp[i] + P))
+        f1_in_bin = np.where(binned, 2 * (tpa + pos) / (tpa + pos + fpa + P), f1)
+        out["f1_upper"] = float(max(np.max(f1_in_bin), f1[i]))
+    else:
+        out.update(ap=NAN, ap_bound=NAN, f1=NAN, argmax=-1, iou_at_argmax=NAN, f1_upper=NAN)
+    return out
+
+
+def _roc_pr_points(tp, fp, P, N, max_points: int = 4000) -> dict:
+    """ROC and PR curve points (thinned to about ``max_points`` for plotting)."""
+    idx = np.arange(len(tp))
+    if len(idx) > max_points:
+        idx = np.unique(np.linspace(0, len(tp) - 1, max_points).round().astype(int))
+    tp, fp = np.asarray(tp)[idx], np.asarray(fp)[idx]
+    d = {}
+    if P > 0 and N > 0:
+        d["fpr"] = np.concatenate([[0.0], fp / N])
+        d["tpr"] = np.concatenate([[0.0], tp / P])
+    if P > 0:
+        up = np.diff(np.concatenate([[0.0], tp])) > 0  # points where recall grows: the AP step function
+        tp, fp = tp[up], fp[up]
+        prec = tp / np.maximum(tp + fp, 1)
+        d["recall"] = np.concatenate([[0.0], tp / P])  # precision p_i holds on (r_{i-1}, r_i] (step "pre")
+        d["precision"] = np.concatenate([prec[:1], prec])
+        d["prevalence"] = P / (P + N)
+    return d
+
+
+def _as_numpy(x, dtype=None) -> np.ndarray | None:
+    if x is None:
+        return None
+    if hasattr(x, "detach"):  # torch.Tensor / MetaTensor
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x)
+    if x.ndim == 4 and x.shape[0] == 1:  # [1, H, W, D] channel-first
+        x = x[0]
+    if x.ndim != 3:
+        raise ValueError(f"expected a [H, W, D] (or [1, H, W, D]) array, got shape {x.shape}")
+    return x.astype(dtype, copy=False) if dtype is not None else x
+
+
+def _affine_of(x):
+    aff = getattr(x, "affine", None)
+    if aff is None:
+        return None
+    if hasattr(aff, "detach"):
+        aff = aff.detach().cpu().numpy()
+    aff = np.asarray(aff, dtype=np.float64)
+    return aff[0] if aff.ndim == 3 else aff
+
+
+def _to_world(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
+    ijk = np.atleast_2d(np.asarray(ijk, dtype=np.float64))
+    return ijk @ affine[:3, :3].T + affine[:3, 3]
+
+
+def _components(binary: np.ndarray, score: np.ndarray, valid: np.ndarray | None = None) -> dict:
+    """18-connected components of ``binary`` and per-component statistics, vectorised over the labelled
+    voxels only (scipy's labelled max/argmax sort the whole volume). ``valid``: voxels whose score counts
+    for the peak/mean (others are ignored; a component with no valid voxel has peak -inf)."""
+    cc, n = ndimage.label(binary, structure=STRUCTURE_18)
+    idx = np.flatnonzero(cc)  # labelled voxels, raster order
+    lab = cc.ravel()[idx]
+    n_vox = np.bincount(lab, minlength=n + 1)[1:]
+    ijk = np.unravel_index(idx, cc.shape)
+    centroid = (
+        np.stack([np.bincount(lab, weights=c, minlength=n + 1)[1:] for c in ijk], 1)
+        / np.maximum(n_vox, 1)[:, None]
+    )
+    vals = score.ravel()[idx].astype(np.float64)
+    ok = np.ones(idx.shape, bool) if valid is None else valid.ravel()[idx]
+    vals_ok = np.where(ok, vals, -np.inf)
+    order = np.lexsort((vals_ok, lab))  # by label, then score: the last of each label is its peak
+    last = order[np.cumsum(n_vox) - 1] if n else np.zeros(0, np.intp)
+    n_ok = np.bincount(lab, weights=ok, minlength=n + 1)[1:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.bincount(lab, weights=np.where(ok, vals, 0.0), minlength=n + 1)[1:] / n_ok
+    return {
+        "cc": cc,
+        "n": n,
+        "n_voxels": n_vox,
+        "centroid": centroid,
+        "peak": vals_ok[last],
+        "peak_voxel": np.stack(np.unravel_index(idx[last], cc.shape), 1),
+        "mean": mean,
+        "flat": idx,
+        "labels": lab,
+    }
+
+
+@dataclass
+class _Subject:
+    name: str
+    score: float
+    abnormal: bool
+    shape: tuple
+    spacing: tuple
+    affine: np.ndarray
+    n_foreground: int
+    n_positive: int
+    label_peak: float  # max score over label voxels inside the mask (-inf if none)
+    lesions: list = field(default_factory=list)  # dicts, one per GT lesion
+    overlay_voxel: tuple | None = None
+    done_pass2: bool = False
+    n_fp: int = 0
+
+
+class CohortEvaluator:
+    """Streamed cohort evaluation: ``add`` (pass 1) per subject, ``add_components`` (pass 2), ``compute``.
+
+    Memory: three histograms of ``2**(9 + mantissa_bits) + 1`` int64 bins, one small record per subject and
+    per lesion / predicted component, and (after pass 2) three orthogonal slices per abnormal subject for
+    the overlay montage. Per-subject work is vectorised numpy/scipy.
+    """
+
+    def __init__(self, mantissa_bits: int = 12, tnr: float = TNR, min_diameter_mm: float = MIN_DIAMETER_MM):
+        self.bins = FloatBins(mantissa_bits)
+        self.tnr = float(tnr)
+        self.min_diameter_mm = float(min_diameter_mm)
+        n = self.bins.n_bins
+        self.h_pos = np.zeros(n, np.int64)  # label > 0 foreground voxels (abnormal subjects)
+        self.h_neg_abn = np.zeros(n, np.int64)  # label == 0 foreground voxels of abnormal subjects
+        self.h_neg_norm = np.zeros(n, np.int64)  # foreground voxels of normal subjects
+        self.subjects: dict[str, _Subject] = {}
+        self.components: list[dict] = []  # predicted components at threshold99 (pass 2)
+        self.overlays: dict[str, dict] = {}
+        self._frozen: dict | None = None
+
+    # ----------------------------------------------------------------------------------------- pass 1
+    def add(
+        self,
+        name: str,
+        score_map,
+        label=None,
+        mask=None,
+        spacing=None,
+        subject_score: float | None = None,
+        affine=None,
+    ) -> None:
+        """Pass 1: accumulate one subject.
+
+        score_map: [H, W, D] (or [1, H, W, D]) array/tensor, any finite float (evaluated as float32).
+        label: same shape, > 0 = lesion; None = normal subject. mask: foreground, None = all voxels.
+        spacing: voxel size in mm (3 values); None = from ``affine`` (column norms), else 1 mm.
+        subject_score: the subject's anomaly score; None = max of the map over the foreground.
+        affine: 4x4 voxel -> world (mm) matrix for centroids; None = the map's ``.affine`` if it is a
+        MetaTensor, else diag(spacing).
+        """
+        if self._frozen is not None:
+            raise RuntimeError(
+                "add() after pass 2 started: all subjects must be added before add_components()"
+            )
+        name = str(name)
+        if name in self.subjects:
+            raise ValueError(f"subject {name!r} added twice")
+        if affine is None:
+            affine = _affine_of(score_map)
+        s = _as_numpy(score_map, np.float32)
+        lab = np.zeros(s.shape, bool) if label is None else _as_numpy(label) > 0
+        fg = np.ones(s.shape, bool) if mask is None else _as_numpy(mask) > 0
+        if lab.shape != s.shape or fg.shape != s.shape:
+            raise ValueError(f"{name}: shapes differ: score {s.shape}, label {lab.shape}, mask {fg.shape}")
+        if np.isnan(s).any():
+            raise ValueError(f"{name}: score map contains NaN")
+        if affine is not None:
+            affine = np.asarray(affine, dtype=np.float64)
+        if spacing is None:
+            spacing = np.linalg.norm(affine[:3, :3], axis=0) if affine is not None else (1.0, 1.0, 1.0)
+        spacing = tuple(float(v) for v in np.asarray(spacing, dtype=np.float64).ravel())
+        if len(spacing) != 3 or min(spacing) <= 0:
+            raise ValueError(f"{name}: spacing must be 3 positive numbers, got {spacing}")
+        if affine is None:
+            affine = np.diag([*spacing, 1.0])
+
+        abnormal = bool(lab.any())
+        s_fg = s[fg]
+        if subject_score is None:
+            subject_score = float(s_fg.max()) if s_fg.size else NAN
+        if not math.isfinite(float(subject_score)):
+            raise ValueError(f"{name}: subject score {subject_score} is not finite")
+        rec = _Subject(
+            name=name,
+            score=float(subject_score),
+            abnormal=abnormal,
+            shape=s.shape,
+            spacing=spacing,
+            affine=affine,
+            n_foreground=int(s_fg.size),
+            n_positive=0,
+            label_peak=-math.inf,
+        )
+        if not abnormal:
+            self.h_neg_norm += self.bins.histogram(s_fg)
+        else:
+            lab_fg = lab[fg]
+            rec.n_positive = int(lab_fg.sum())
+            self.h_pos += self.bins.histogram(s_fg[lab_fg])
+            self.h_neg_abn += self.bins.histogram(s_fg[~lab_fg])
+            rec.lesions = self._gt_lesions(s, lab, fg, spacing, affine)
+            peaks = [les["peak_score"] for les in rec.lesions]
+            rec.label_peak = float(max(peaks))
+            best = int(np.argmax(peaks))
+            les = rec.lesions[best]
+            rec.overlay_voxel = les["peak_voxel"] if les["peak_voxel"] is not None else les["centroid_voxel"]
+        self.subjects[name] = rec
+
+    def _gt_lesions(self, s, lab, fg, spacing, affine) -> list[dict]:
+        c = _components(lab, s, fg)
+        n, n_vox, peak, peak_pos, com = c["n"], c["n_voxels"], c["peak"], c["peak_voxel"], c["centroid"]
+        ids = np.arange(1, n + 1)
+        volume = n_vox * float(np.prod(spacing))
+        diameter = equivalent_diameter(volume)
+        world = _to_world(affine, com)
+        rows = []
+        for i in range(n):
+            rows.append(
+                {
+                    "lesion_id": int(ids[i]),
+                    "n_voxels": int(n_vox[i]),
+                    "volume_mm3": float(volume[i]),
+                    "diameter_mm": float(diameter[i]),
+                    "size_class": size_class(float(volume[i])),
+                    "excluded": bool(diameter[i] < self.min_diameter_mm),
+                    "peak_score": float(peak[i]),
+                    "peak_voxel": tuple(int(v) for v in peak_pos[i]) if np.isfinite(peak[i]) else None,
+                    "centroid_voxel": tuple(int(round(v)) for v in com[i]),
+                    "centroid_mm": tuple(float(v) for v in world[i]),
+                }
+            )
+        return rows
+
+    # ---------------------------------------------------------------------------------- thresholds
+    @property
+    def h_neg(self) -> np.ndarray:
+        return self.h_neg_abn + self.h_neg_norm
+
+    def threshold99(self) -> float:
+        """Lowest bin edge t with #{normal foreground voxels >= t} <= (1 - tnr) * #normal (NaN if none)."""
+        return self._thresholds()["threshold99"]
+
+    def dice_threshold(self) -> float:
+        """Threshold of ``dice_max`` (predicted positive iff score >= it); NaN if no abnormal positives."""
+        return self._thresholds()["dice_max_threshold"]
+
+    def _thresholds(self) -> dict:
+        if self._frozen is not None:
+            return self._frozen
+        return self._compute_thresholds()
+
+    def _compute_thresholds(self) -> dict:
+        out = {}
+        neg = self.h_neg
+        n_norm = int(neg.sum())
+        if n_norm:
+            suffix = np.cumsum(neg[::-1])[::-1]  # suffix[b] = #normal voxels in bins >= b
+            above = np.flatnonzero(suffix > (1.0 - self.tnr) * n_norm)
+            b99 = int(above[-1]) + 1 if above.size else 0
+            n_fp = int(suffix[b99]) if b99 < len(suffix) else 0
+            out["threshold99"] = float(self.bins.lower_edge(b99))
+            out["threshold99_bin"] = b99
+            out["threshold99_tnr"] = 1.0 - n_fp / n_norm
+        else:
+            out.update(threshold99=NAN, threshold99_bin=-1, threshold99_tnr=NAN)
+        # dice sweep on abnormal subjects (positives vs abnormal-subject negatives), nonempty bins only
+        nz = np.flatnonzero(self.h_pos | self.h_neg_abn)[::-1]
+        r = rank_metrics(self.h_pos[nz], self.h_neg_abn[nz], exact=nz == self.bins.zero_bin)
+        if r["argmax"] >= 0:
+            b = int(nz[r["argmax"]])
+            out["dice_max_threshold"] = float(self.bins.lower_edge(b))
+            out["dice_max_bin"] = b
+        else:
+            out["dice_max_threshold"], out["dice_max_bin"] = NAN, -1
+        out["_dice"] = r
+        return out
+
+    # ----------------------------------------------------------------------------------------- pass 2
+    def add_components(self, name: str, score_map, label=None, mask=None, image=None) -> None:
+        """Pass 2 for one subject (after every subject went through ``add``): predicted components at
+        ``threshold99`` (18-connected, inside the mask), FP count, lesions.csv rows; for abnormal subjects
+        also the overlay slices (at the ``dice_max`` threshold) through the peak voxel of the highest
+        scoring lesion. ``image``: the input volume for the montage background (optional).
+        Spacing and affine are those given to ``add``."""
+        if self._frozen is None:
+            self._frozen = self._compute_thresholds()
+        name = str(name)
+        rec = self.subjects.get(name)
+        if rec is None:
+            raise KeyError(f"add_components({name!r}): subject was not added in pass 1")
+        if rec.done_pass2:
+            raise ValueError(f"add_components({name!r}) called twice")
+        s = _as_numpy(score_map, np.float32)
+        if s.shape != rec.shape:
+            raise ValueError(f"{name}: pass-2 shape {s.shape} != pass-1 shape {rec.shape}")
+        lab = np.zeros(s.shape, bool) if label is None else _as_numpy(label) > 0
+        fg = np.ones(s.shape, bool) if mask is None else _as_numpy(mask) > 0
+        if bool(lab.any()) != rec.abnormal:
+            raise ValueError(f"{name}: pass-2 label disagrees with pass 1 (abnormal={rec.abnormal})")
+
+        t99 = self._frozen["threshold99"]
+        rows = []
+        if not math.isnan(t99):
+            pred = (s >= np.float32(t99)) & fg
+            c = _components(pred, s)
+            n = c["n"]
+            if n:
+                n_vox, peak, mean = c["n_voxels"], c["peak"], c["mean"]
+                world = _to_world(rec.affine, c["centroid"])
+                matched: dict[int, list[int]] = {}
+                if rec.abnormal:
+                    gt, n_gt = ndimage.label(lab, structure=STRUCTURE_18)
+                    g = gt.ravel()[c["flat"]]
+                    hit = g > 0
+                    pairs = np.unique(c["labels"][hit].astype(np.int64) * (n_gt + 1) + g[hit])
+                    for p in pairs.tolist():
+                        matched.setdefault(p // (n_gt + 1), []).append(p % (n_gt + 1))
+                vv = float(np.prod(rec.spacing))
+                for i in range(n):
+                    m = matched.get(i + 1)
+                    rows.append(
+                        {
+                            "subject": name,
+                            "component_id": i + 1,
+                            "n_voxels": int(n_vox[i]),
+                            "volume_mm3": float(n_vox[i] * vv),
+                            "centroid_x_mm": float(world[i, 0]),
+                            "centroid_y_mm": float(world[i, 1]),
+                            "centroid_z_mm": float(world[i, 2]),
+                            "peak_score": float(peak[i]),
+                            "mean_score": float(mean[i]),
+                            "matched_lesion": ";".join(str(j) for j in m) if m else "FP",
+                        }
+                    )
+        rec.n_fp = sum(r["matched_lesion"] == "FP" for r in rows)
+        self.components.extend(rows)
+        if rec.abnormal and rec.overlay_voxel is not None:
+            self.overlays[name] = self._overlay_slices(rec, s, lab, fg, _as_numpy(image, np.float32))
+        rec.done_pass2 = True
+
+    def _overlay_slices(self, rec, s, lab, fg, image) -> dict:
+        t = self._frozen["dice_max_threshold"]
+        pred = (s >= np.float32(t)) & fg if math.isfinite(t) else np.zeros(s.shape, bool)
+        i, j, k = rec.overlay_voxel
+        cut = [np.s_[i, :, :], np.s_[:, j, :], np.s_[:, :, k]]
+        d = {
+            "voxel": (i, j, k),
+            "spacing": rec.spacing,
+            "threshold": t,
+            "score": [s[c].astype(np.float16) for c in cut],
+            "gt": [lab[c].copy() for c in cut],
+            "pred": [pred[c].copy() for c in cut],
+            "mask": [fg[c].copy() for c in cut],
+            "image": None,
+        }
+        if image is not None:
+            if image.shape != s.shape:
+                raise ValueError(f"{rec.name}: image shape {image.shape} != score shape {s.shape}")
+            vals = image[fg] if fg.any() else image.ravel()
+            lo, hi = np.percentile(vals, [0.5, 99.5]) if vals.size else (0.0, 1.0)
+            scale = 255.0 / (hi - lo) if hi > lo else 0.0
+            d["image"] = [np.clip((image[c] - lo) * scale, 0, 255).astype(np.uint8) for c in cut]
+        return d
+
+    # ----------------------------------------------------------------------------------------- results
+    def compute(self) -> dict:
+        """All metrics as a flat dict (floats, ints, strings; NaN where undefined)."""
+        th = self._thresholds()
+        subs = list(self.subjects.values())
+        m: dict = {}
+        # patient level (exact)
+        y = np.array([r.abnormal for r in subs], dtype=np.int64)
+        sc = np.array([r.score for r in subs], dtype=np.float64)
+        if len(subs) and 0 < y.sum() < len(y):
+            import torch
+            from monai.metrics import compute_roc_auc
+
+            m["patient_auroc"] = float(compute_roc_auc(torch.from_numpy(sc), torch.from_numpy(y)))
+        else:
+            m["patient_auroc"] = NAN
+        uniq, inv = np.unique(sc, return_inverse=True)
+        p_pos = np.bincount(inv, weights=y, minlength=len(uniq))[::-1]
+        p_neg = np.bincount(inv, weights=1 - y, minlength=len(uniq))[::-1]
+        rp = rank_metrics(p_pos, p_neg, exact=True)
+        m["patient_ap"], m["patient_f1"] = rp["ap"], rp["f1"]
+        m["patient_f1_threshold"] = float(uniq[::-1][rp["argmax"]]) if rp["argmax"] >= 0 else NAN
+        # voxel level (binned)
+        neg = self.h_neg
+        nz = np.flatnonzero(self.h_pos | neg)[::-1]
+        rv = rank_metrics(self.h_pos[nz], neg[nz], exact=nz == self.bins.zero_bin)
+        m["voxel_auroc"], m["voxel_ap"] = rv["auroc"], rv["ap"]
+        rd = th["_dice"]
+        m["dice_max"], m["iou_max"] = rd["f1"], rd["iou_at_argmax"]
+        # lesion level at threshold99
+        lesions = [les for r in subs for les in r.lesions]
+        counted = [les for les in lesions if not les["excluded"]]
+        t99 = th["threshold99"]
+        for c in ("small", "medium", "large"):
+            cl = [les for les in counted if les["size_class"] == c]
+            det = sum(les["peak_score"] >= t99 for les in cl)
+            m[f"ltpr99_{c}"] = det / len(cl) if cl else NAN
+            m[f"n_lesions_{c}"] = len(cl)
+            m[f"n_detected99_{c}"] = int(det)
+        P = float(self.h_pos.sum())
+        if P > 0 and math.isfinite(t99):
+            b = th["threshold99_bin"]
+            tp = float(self.h_pos[b:].sum())
+            fp = float(self.h_neg_abn[b:].sum())
+            m["dice99"], m["iou99"] = 2 * tp / (tp + fp + P), tp / (fp + P)
+        else:
+            m["dice99"] = m["iou99"] = NAN
+        complete = bool(subs) and all(r.done_pass2 for r in subs)
+        complete = complete and not math.isnan(t99)
+        m["fp_per_volume"] = sum(r.n_fp for r in subs) / len(subs) if complete else NAN
+        # extras
+        abn = [r for r in subs if r.abnormal]
+        m["localization99"] = sum(r.label_peak >= t99 for r in abn) / len(abn) if abn else NAN
+        m["n_localized99"] = int(sum(r.label_peak >= t99 for r in abn))
+        m["n_lesions_excluded"] = len(lesions) - len(counted)
+        m["n_lesions_total"] = len(lesions)
+        m["n_fp_components"] = int(sum(r.n_fp for r in subs)) if complete else None
+        m["lesion_pass_complete"] = complete
+        m["threshold99"] = t99
+        m["threshold99_tnr"] = th["threshold99_tnr"]
+        m["dice_max_threshold"] = th["dice_max_threshold"]
+        m["dice_max_upper_bound"] = rd["f1_upper"]
+        m["voxel_auroc_bin_error_bound"] = rv["auroc_bound"]
+        m["voxel_ap_bin_error_bound"] = rv["ap_bound"]
+        m["n_subjects"] = len(subs)
+        m["n_abnormal"] = len(abn)
+        m["n_normal"] = len(subs) - len(abn)
+        m["n_voxels"] = int(sum(r.n_foreground for r in subs))
+        m["n_positive_voxels"] = int(P)
+        m["binning"] = (
+            f"float32 order-preserving, {self.bins.mantissa_bits} mantissa bits "
+            f"({self.bins.n_bins} bins, relative width <= 2^-{self.bins.mantissa_bits}); "
+            f"{len(nz)} nonempty"
+        )
+        m["dice_pooling"] = "pooled over foreground voxels of abnormal subjects, one threshold"
+        m["min_lesion_diameter_mm"] = self.min_diameter_mm
+        m["tnr"] = self.tnr
+        return m
+
+    def curves(self) -> dict:
+        """ROC / PR curve points: {"patient": {...}, "voxel": {...}} (voxel from the histograms)."""
+        subs = list(self.subjects.values())
+        y = np.array([r.abnormal for r in subs], dtype=np.float64)
+        sc = np.array([r.score for r in subs], dtype=np.float64)
+        uniq, inv = np.unique(sc, return_inverse=True)
+        pp = np.bincount(inv, weights=y, minlength=len(uniq))[::-1]
+        pn = np.bincount(inv, weights=1 - y, minlength=len(uniq))[::-1]
+        neg = self.h_neg
+        nz = np.flatnonzero(self.h_pos | neg)[::-1]
+        vp, vn = self.h_pos[nz].astype(np.float64), neg[nz].astype(np.float64)
+        return {
+            "patient": _roc_pr_points(np.cumsum(pp), np.cumsum(pn), pp.sum(), pn.sum()),
+            "voxel": _roc_pr_points(np.cumsum(vp), np.cumsum(vn), vp.sum(), vn.sum()),
+        }
+
+    def gt_lesion_rows(self) -> list[dict]:
+        t99 = self._thresholds()["threshold99"]
+        rows = []
+        for r in self.subjects.values():
+            for les in r.lesions:
+                c = les["centroid_mm"]
+                rows.append(
+                    {
+                        "subject": r.name,
+                        "lesion_id": les["lesion_id"],
+                        "n_voxels": les["n_voxels"],
+                        "volume_mm3": les["volume_mm3"],
+                        "diameter_mm": les["diameter_mm"],
+                        "size_class": les["size_class"],
+                        "excluded": les["excluded"],
+                        "centroid_x_mm": c[0],
+                        "centroid_y_mm": c[1],
+                        "centroid_z_mm": c[2],
+                        "peak_score": les["peak_score"],
+                        "detected99": bool(les["peak_score"] >= t99),
+                    }
+                )
+        return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------------------------------------
+def _jsonable(x):
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def write_json_atomic(path, obj) -> Path:
+    """Write ``obj`` as JSON (NaN/inf -> null) through a temporary file + rename in the same folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_jsonable(obj), indent=2, allow_nan=False)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r[k] for k in columns})
+    return path
+
+
+LESION_COLUMNS = [
+    "subject",
+    "component_id",
+    "n_voxels",
+    "volume_mm3",
+    "centroid_x_mm",
+    "centroid_y_mm",
+    "centroid_z_mm",
+    "peak_score",
+    "mean_score",
+    "matched_lesion",
+]
+GT_LESION_COLUMNS = [
+    "subject",
+    "lesion_id",
+    "n_voxels",
+    "volume_mm3",
+    "diameter_mm",
+    "size_class",
+    "excluded",
+    "centroid_x_mm",
+    "centroid_y_mm",
+    "centroid_z_mm",
+    "peak_score",
+    "detected99",
+]
+
+
+def write_report(
+    out_dir, evaluator: CohortEvaluator, metrics: dict | None = None, plots: bool = True
+) -> dict:
+    """Write ``metrics.json`` (atomic), ``lesions.csv`` (predicted components at threshold99, pass 2),
+    ``gt_lesions.csv``, ``roc_pr_patient.png``, ``roc_pr_voxel.png`` and ``overlays/<subject>.png``
+    (abnormal subjects that went through pass 2). Returns {name: path}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = evaluator.compute() if metrics is None else metrics
+    paths = {"metrics": write_json_atomic(out / "metrics.json", metrics)}
+    paths["lesions"] = _write_csv(out / "lesions.csv", evaluator.components, LESION_COLUMNS)
+    paths["gt_lesions"] = _write_csv(out / "gt_lesions.csv", evaluator.gt_lesion_rows(), GT_LESION_COLUMNS)
+    if plots:
+        from scripts.evaluation import plots as P
+
+        cur = evaluator.curves()
+        for level, key_a, key_p in (
+            ("patient", "patient_auroc", "patient_ap"),
+            ("voxel", "voxel_auroc", "voxel_ap"),
+        ):
+            p = out / f"roc_pr_{level}.png"
+            P.plot_roc_pr(cur[level], p, f"{level}-level", metrics.get(key_a), metrics.get(key_p))
+            paths[f"roc_pr_{level}"] = p
+        for name, ov in evaluator.overlays.items():
+            p = out / "overlays" / f"{_safe(name)}.png"
+            P.plot_overlay(ov, p, title=name)
+            paths[f"overlay:{name}"] = p
+    return paths
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "subject"
+
+
+def format_table(metrics: Mapping) -> str:
+    """The ARCHITECTURE.md metrics (+ localisation rate) as a markdown table (percent for fractions)."""
+    lines = ["| metric | value |", "|---|---|"]
+    for k in (*ARCHITECTURE_KEYS, "localization99"):
+        v = metrics.get(k)
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            s = "n/a"
+        elif k == "fp_per_volume":
+            s = f"{v:.2f}"
+        else:
+            s = f"{100 * v:.1f} %"
+        lines.append(f"| {k} | {s} |")
+    return "\n".join(lines)
+
+
+ADD_KEYS = ("name", "score_map", "label", "mask", "spacing", "subject_score", "affine")
+PASS2_KEYS = ("name", "score_map", "label", "mask", "image")
+
+
+def evaluate_cohort(
+    subjects: Callable[[], Iterable[Mapping]], out_dir=None, plots: bool = True, **kwargs
+) -> dict:
+    """Run both passes. ``subjects()`` must return a fresh iterable of dicts with keys among
+    ``name, score_map, label, mask, spacing, subject_score, affine, image`` (it is called twice, once
+    per pass, so maps can be loaded lazily). ``kwargs`` go to ``CohortEvaluator``. Writes the report
+    to ``out_dir`` if given; returns the metrics dict."""
+    ev = CohortEvaluator(**kwargs)
+    for s in subjects():
+        ev.add(**{k: s[k] for k in ADD_KEYS if k in s})
+    for s in subjects():
+        ev.add_components(**{k: s[k] for k in PASS2_KEYS if k in s})
+    missing = [r.name for r in ev.subjects.values() if not r.done_pass2]
+    if missing:
+        warnings.warn(f"pass 2 missed {len(missing)} subject(s), e.g. {missing[:3]}", stacklevel=2)
+    m = ev.compute()
+    if out_dir is not None:
+        write_report(out_dir, ev, m, plots=plots)
+    return m

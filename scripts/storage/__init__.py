@@ -1,0 +1,1 @@
+"""Everything the bundle writes or reads back: atomic writes, the token cache, reference banks."""

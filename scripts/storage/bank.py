@@ -1,0 +1,353 @@
+"""Reference token banks: tokenize a cohort once, then score new volumes against it (issue 9).
+
+A site screening daily arrivals builds the bank of a reference cohort once
+(``configs/build_bank.json``) and scores each day's scans against it (``reference_bank`` in
+``configs/inference.json``) without encoding the reference cohort again.
+
+Bank format (a folder, version :data:`BANK_VERSION`)::
+
+    BANK/bank.json                          manifest (written last: no manifest, no bank)
+    BANK/tokens/<axis>_<layer>.tokens.npy   fp16 [B, N, d]  tokens of part "" (the whole volume)
+    BANK/tokens/<axis>_<layer>.valid.npy    bool [B, N]     token validity
+    BANK/tokens/<axis>_<layer>_fine.*.npy   the same for fine tokens (variants F/MS)
+    BANK/tokens-<part>/...                  other parts (e.g. the lungs of configs/lung_ct.json)
+
+``N = M * P * P`` is the token grid ``[M, P, P]`` of the key, flattened in row-major order (fine grids
+``[M * h, P, P]`` likewise). The manifest records the format and version, the identity of everything
+that shapes tokens (encoder identity with the sha256 of its weights, layers, axes, ``q``, ``q_fine``
+and variant, ``d``, ``seed``, ``delta``, the preprocessing parameters), the volume names, the sha256 of
+each volume's source files (so that a new volume is never its own reference), the preprocessed grid
+(shape and affine) and the per-key token grid shapes. A run whose configuration differs gets one
+:class:`~scripts.errors.CS3FInputError` line naming the differing fields.
+
+:class:`BankWriter` writes the arrays volume by volume as the cohort is tokenized, and readers open
+them with ``np.load(mmap_mode="r")``: a bank larger than RAM is built without holding it, and streamed
+from disk block by block by :func:`scripts.scoring.reference_scores` (CS3F-C).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scripts.errors import CS3FInputError
+from scripts.storage.atomic import atomic_write_text
+
+__all__ = ["BANK_FORMAT", "BANK_VERSION", "MANIFEST", "BankWriter", "TokenBank", "bank_identity", "save_bank"]
+
+BANK_FORMAT = "cs3f-token-bank"
+BANK_VERSION = 1
+MANIFEST = "bank.json"
+#: identity fields compared whatever the variant (``q_fine`` only when the run needs fine tokens)
+COMPARED = ("encoder", "layers", "axes", "q", "d", "seed", "delta", "preprocessing")
+
+
+def _jsonable(value):  # noqa: ANN001, ANN202 - any JSON-like value
+    return json.loads(json.dumps(value, default=str))
+
+
+def bank_identity(describe: Mapping, encoder: Mapping | str, preprocessing: Mapping) -> dict:
+    """What a bank and a run must agree on: everything that shapes tokens.
+
+    Args:
+        describe: :meth:`scripts.inferer.CS3FInferer.describe` of the run.
+        encoder: the encoder's identity (``network.identity()``: name, layers, input size,
+            normalisation, weights with their sha256), or its class name.
+        preprocessing: the preprocessing parameters (the workflow's ``run_info`` minus ``dataset_dir``).
+    """
+    layers = encoder.get("layers") if isinstance(encoder, Mapping) else preprocessing.get("layers")
+    return _jsonable(
+        {
+            "encoder": encoder,
+            "layers": layers,
+            "axes": describe["axes"],
+            "q": describe["q"],
+            "q_fine": describe.get("q_fine"),
+            "variant": describe.get("variant", "C"),
+            "d": describe["d"],
+            "seed": describe["seed"],
+            "delta": describe["delta"],
+            "preprocessing": dict(preprocessing),
+        }
+    )
+
+
+def _leaves(value, prefix: str) -> dict:  # noqa: ANN001
+    if isinstance(value, dict):
+        out = {}
+        for key in sorted(set(value)):
+            out.update(_leaves(value[key], f"{prefix}.{key}"))
+        return out
+    return {prefix: value}
+
+
+def _short(value) -> str:  # noqa: ANN001
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _key_file(key: str) -> str:
+    return key.replace("/", "_")
+
+
+def _part_dir(part: str) -> str:
+    return "tokens" if not part else f"tokens-{part}"
+
+
+class BankWriter:
+    """Writes a token bank volume by volume (see the module docstring), so that building a bank never
+    holds more than one volume's tokens: each ``(part, key)`` array is an ``open_memmap`` file of
+    ``capacity`` rows filled as volumes arrive, truncated to the volumes actually added (a streamed
+    copy, only when some were skipped) by :meth:`finish`, which writes the manifest last.
+
+    Args:
+        folder: the bank folder (created; an existing bank there is replaced: its manifest is removed
+            first, so that a half-rewritten bank is never taken for a whole one).
+        capacity: the most volumes that will be added (e.g. the length of the datalist).
+    """
+
+    def __init__(self, folder: str | Path, capacity: int) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / MANIFEST).unlink(missing_ok=True)
+        self.capacity = int(capacity)
+        self.names: list[str] = []
+        self.spatial: dict[str, list[int]] = {}
+        self.arrays: dict[tuple[str, str], dict] = {}  # (part, key) -> spec + open memmaps
+
+    def add(self, name: str, part: str, tokens) -> None:  # noqa: ANN001 - scripts.inferer.VolumeTokens
+        """Write one volume's tokens of one part (parts of a volume are added one after the other)."""
+        if not self.names or self.names[-1] != name:
+            if name in self.names:
+                raise ValueError(f"{name} was already added to the bank")
+            if len(self.names) == self.capacity:
+                raise ValueError(f"the bank was opened for {self.capacity} volumes")
+            self.names.append(name)
+        row = len(self.names) - 1
+        self.spatial.setdefault(part, list(tokens.spatial_shape))
+        for key, grid in tokens.grids.items():
+            n_tokens, d = grid.valid.numel(), grid.tokens.shape[-1]
+            spec = self.arrays.get((part, key))
+            if spec is None:
+                stem = f"{_part_dir(part)}/{_key_file(key)}"
+                (self.folder / _part_dir(part)).mkdir(exist_ok=True)
+                spec = {
+                    "grid": list(grid.shape),
+                    "d": d,
+                    "tokens": f"{stem}.tokens.npy",
+                    "valid": f"{stem}.valid.npy",
+                }
+                for what, dtype, shape in (
+                    ("tokens", np.float16, (n_tokens, d)),
+                    ("valid", bool, (n_tokens,)),
+                ):
+                    spec["_" + what] = np.lib.format.open_memmap(
+                        self.folder / (spec[what] + ".tmp"),
+                        mode="w+",
+                        dtype=dtype,
+                        shape=(self.capacity, *shape),
+                    )
+                self.arrays[(part, key)] = spec
+            if list(grid.shape) != spec["grid"] or d != spec["d"]:
+                raise ValueError(
+                    f"{name}: {key} grid {tuple(grid.shape)} x {d} differs from the bank's {spec['grid']}"
+                )
+            spec["_tokens"][row] = grid.tokens.detach().reshape(n_tokens, d).to("cpu", torch.float16).numpy()
+            spec["_valid"][row] = grid.valid.detach().reshape(n_tokens).cpu().numpy()
+
+    def finish(
+        self,
+        identity: Mapping,
+        sources: Mapping[str, str] | Sequence[str] = (),
+        grids: Mapping[str, tuple] | None = None,
+        info: Mapping | None = None,
+    ) -> Path:
+        """Close the arrays (truncated to the volumes added) and write the manifest; its path.
+
+        Args:
+            identity: :func:`bank_identity` of the run that made the tokens.
+            sources: sha256 of each volume's source files, by name or in order (``""``: unknown).
+            grids: ``{part: (spatial shape, affine [4, 4])}`` of the preprocessed volumes.
+            info: extra entries for the manifest (e.g. software versions).
+        """
+        b = len(self.names)
+        if b == 0:
+            raise ValueError("no volume was added to the bank")
+        parts: dict[str, dict] = {}
+        for (part, key), spec in self.arrays.items():
+            for what in ("tokens", "valid"):
+                array, tmp = spec.pop("_" + what), self.folder / (spec[what] + ".tmp")
+                array.flush()
+                if b < self.capacity:  # volumes were skipped: copy the first b rows to a smaller file
+                    small = np.lib.format.open_memmap(
+                        self.folder / (spec[what] + ".tmp2"),
+                        mode="w+",
+                        dtype=array.dtype,
+                        shape=(b, *array.shape[1:]),
+                    )
+                    for start in range(0, b, 64):
+                        small[start : start + 64] = array[start : min(start + 64, b)]
+                    small.flush()
+                    del small
+                    tmp.unlink()
+                    tmp = self.folder / (spec[what] + ".tmp2")
+                del array
+                os.replace(tmp, self.folder / spec[what])
+            entry = parts.setdefault(part, {"keys": {}, "spatial_shape": self.spatial[part]})
+            entry["keys"][key] = spec
+        for part, entry in parts.items():
+            if grids and part in grids:
+                shape, affine = grids[part]
+                entry["grid"] = {"shape": list(shape), "affine": torch.as_tensor(affine).double().tolist()}
+        by_name = (
+            dict(sources) if isinstance(sources, Mapping) else dict(zip(self.names, sources, strict=False))
+        )
+        manifest = {
+            "format": BANK_FORMAT,
+            "version": BANK_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "token_dtype": "float16",
+            "identity": _jsonable(dict(identity)),
+            "n_volumes": b,
+            "volumes": list(self.names),
+            "sources": [str(by_name.get(n, "")) for n in self.names],
+            "parts": parts,
+            **_jsonable(dict(info or {})),
+        }
+        path = self.folder / MANIFEST
+        atomic_write_text(path, json.dumps(manifest, indent=1))
+        return path
+
+
+def save_bank(
+    folder: str | Path,
+    identity: Mapping,
+    names: Sequence[str],
+    sources: Sequence[str],
+    banks: Mapping[str, Mapping[str, object]],
+    grids: Mapping[str, tuple] | None = None,
+    info: Mapping | None = None,
+) -> Path:
+    """Write the token bank of in-memory tokens ``banks = {part: {name: VolumeTokens}}`` (part ``""``
+    is the whole volume) for ``names`` in that order; see :class:`BankWriter` for the other arguments."""
+    names = [str(n) for n in names]
+    for part, bank in banks.items():
+        missing = [n for n in names if n not in bank]
+        if missing:
+            raise ValueError(f"part {part!r} has no tokens for {missing[:3]}")
+    writer = BankWriter(folder, len(names))
+    for name in names:
+        for part, bank in banks.items():
+            writer.add(name, part, bank[name])
+    return writer.finish(identity, list(sources), grids, info)
+
+
+class TokenBank:
+    """A saved token bank, opened read-only (arrays memory-mapped on demand)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        path = self.folder / MANIFEST
+        if not path.is_file():
+            raise CS3FInputError(
+                f"reference_bank {self.folder} is not a token bank (no {MANIFEST}); build one with "
+                f"configs/build_bank.json"
+            )
+        try:
+            self.manifest = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise CS3FInputError(f"cannot read {path}: {err}") from None
+        fmt, version = self.manifest.get("format"), self.manifest.get("version")
+        if fmt != BANK_FORMAT or not isinstance(version, int):
+            raise CS3FInputError(f"{path} is not a CS3F token bank manifest (format {fmt!r})")
+        if version > BANK_VERSION:
+            raise CS3FInputError(
+                f"{path} has bank format version {version}; this bundle reads up to {BANK_VERSION} "
+                f"(update the bundle or rebuild the bank)"
+            )
+        missing = [
+            rel
+            for entry in self.parts.values()
+            for spec in entry["keys"].values()
+            for rel in (spec["tokens"], spec["valid"])
+            if not (self.folder / rel).is_file()
+        ]
+        if missing:
+            raise CS3FInputError(f"reference_bank {self.folder} is incomplete: {missing[0]} is missing")
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.manifest["volumes"])
+
+    @property
+    def parts(self) -> dict[str, dict]:
+        return dict(self.manifest["parts"])
+
+    @property
+    def identity(self) -> dict:
+        return dict(self.manifest["identity"])
+
+    def __len__(self) -> int:
+        return len(self.manifest["volumes"])
+
+    def index_of_source(self, digest: str | None) -> int | None:
+        """The bank index of the volume made from the same source bytes, if any."""
+        if not digest:
+            return None
+        sources = self.manifest.get("sources") or []
+        return sources.index(digest) if digest in sources else None
+
+    def grid(self, part: str) -> tuple[tuple[int, ...], torch.Tensor] | None:
+        """``(shape, affine)`` of the preprocessed volumes of ``part``, if recorded."""
+        entry = self.parts.get(part, {}).get("grid")
+        if entry is None:
+            return None
+        return tuple(entry["shape"]), torch.tensor(entry["affine"], dtype=torch.float64)
+
+    def references(self, part: str = "") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{key: (tokens [B, N, d] fp16, valid [B, N] bool)}`` of ``part``, memory-mapped read-only."""
+        if part not in self.parts:
+            raise CS3FInputError(
+                f"reference_bank {self.folder} has no part {part!r} (it has {list(self.parts)})"
+            )
+        out = {}
+        with warnings.catch_warnings():  # torch warns that the read-only memmap is not writable
+            warnings.simplefilter("ignore", UserWarning)
+            for key, spec in self.parts[part]["keys"].items():
+                tokens = torch.from_numpy(np.load(self.folder / spec["tokens"], mmap_mode="r"))
+                valid = torch.from_numpy(np.load(self.folder / spec["valid"], mmap_mode="r"))
+                out[key] = (tokens, valid)
+        return out
+
+    def check(self, identity: Mapping) -> None:
+        """Raise one :class:`CS3FInputError` line naming every field where ``identity`` (the run's
+        :func:`bank_identity`) differs from the bank's. ``q_fine`` is compared only for a run that
+        needs fine tokens (variant F/MS); a variant-C run may use a bank built with fine tokens."""
+        run, bank = _jsonable(dict(identity)), self.identity
+        fields = list(COMPARED)
+        if run.get("variant", "C") != "C":
+            if bank.get("q_fine") is None:
+                raise CS3FInputError(
+                    f"reference_bank {self.folder} has no fine tokens (built with variant "
+                    f"{bank.get('variant', 'C')!r}) but this run is variant {run['variant']!r}: build the "
+                    f"bank with variant F or MS"
+                )
+            fields.append("q_fine")
+        diffs = []
+        for field in fields:
+            mine, theirs = _leaves(run.get(field), field), _leaves(bank.get(field), field)
+            for leaf in sorted(set(mine) | set(theirs)):
+                if mine.get(leaf) != theirs.get(leaf):
+                    diffs.append(f"{leaf} (bank {_short(theirs.get(leaf))}, run {_short(mine.get(leaf))})")
+        if diffs:
+            raise CS3FInputError(
+                f"reference_bank {self.folder} was built with another configuration: {'; '.join(diffs)}. "
+                f"Score with the bank's settings or rebuild the bank with these (configs/build_bank.json)"
+            )

@@ -1,0 +1,374 @@
+"""Lung CT (paper Sec. 4.1 "Lung CT", 4.2, 4.6): left/right lung crops scored independently.
+
+CT volumes are not registered to an atlas and the lungs fill only part of the scan, so the lung
+pipeline (``configs/lung_ct.json``, an overlay on ``configs/inference.json``) works on lung crops:
+
+1. preprocessing (config): load, reorient to RAS, resample to 1 mm (image bilinear, mask nearest),
+   clip HU to [-800, 400] and scale to [0, 1];
+2. :class:`LungSplit`: the lung mask into a right and a left lung (labels, or the two largest
+   connected components of a binary mask ordered by their centroid's world x: RAS x grows towards the
+   subject's right);
+3. :class:`LungCrop`: per lung, the bounding box of its mask (``SpatialCrop``) brought to a fixed size
+   by centred crop-or-pad (``ResizeWithPadOrCrop``, pad value 0 = -800 HU after scaling) without
+   resampling; the paper's size is 160 x 238 x 336 (sagittal, coronal, axial) at 1 mm;
+4. :class:`LungCS3FEvaluator`: the bundle's engine with two parts per volume, ``"right"`` and
+   ``"left"``: CS3F scores the bank of right-lung crops and the bank of left-lung crops independently
+   (each with the lung's own mask for token validity); each part's map is pasted back into the 1 mm grid
+   by inverting the crop (:meth:`LungCrop.paste`, MONAI's own inverse of the two transforms, zeros
+   elsewhere) and the two are combined by a voxel-wise maximum restricted to each lung (the lungs are
+   disjoint, so this is their union); the engine's postprocessing (``Invertd``) then takes the map
+   through the inverse of the preprocessing (1 mm resampling, orientation) to the input grid. The subject
+   score is the maximum of the combined map, i.e. the maximum over both lungs.
+
+Lung masks are inputs: make them with lungmask (``lungmask`` on PyPI, R231 model: 1 = right lung,
+2 = left lung, the default convention here) or TotalSegmentator (lobes: combine
+``lung_upper_lobe_right``, ``lung_middle_lobe_right``, ``lung_lower_lobe_right`` into the right lung and
+the two left lobes into the left lung, or pass the lobe ids as ``lung_labels``). Both download their
+model weights themselves; nothing here downloads anything at run time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import Compose, MapTransform, ResizeWithPadOrCrop, SpatialCrop, Transform
+from scipy import ndimage
+
+from scripts.errors import CS3FInputError
+from scripts.transforms.tokenization import AXES, axis_index
+
+__all__ = [
+    "HU_WINDOW",
+    "CheckLungsd",
+    "LEFT",
+    "MASK_MODES",
+    "PAPER_CROP_SIZE",
+    "PAPER_Q",
+    "RIGHT",
+    "SIDES",
+    "LungCrop",
+    "LungCropd",
+    "LungSplit",
+    "MaskWithSourced",
+    "check_crop_divisible",
+]
+
+#: lung mask labels (lungmask convention): 1 = right lung, 2 = left lung
+RIGHT, LEFT = 1, 2
+#: the parts of a volume, in this order
+SIDES: tuple[str, str] = ("right", "left")
+#: the paper's crop size (sagittal, coronal, axial) at 1 mm and its coarse pooling (Sec. 4.2, Table 2)
+PAPER_CROP_SIZE: tuple[int, int, int] = (160, 238, 336)
+PAPER_Q: tuple[int, int, int] = (8, 14, 14)
+#: HU clipping window (Sec. 4.1), min-max scaled to [0, 1]
+HU_WINDOW: tuple[float, float] = (-800.0, 400.0)
+MASK_MODES = ("auto", "labels", "binary")
+
+
+def _triple(value, name: str) -> tuple[int, int, int]:
+    values = [int(value)] * 3 if isinstance(value, int | np.integer) else [int(v) for v in value]
+    if len(values) != 3 or min(values) < 1:
+        raise CS3FInputError(
+            f"{name} must be one positive int or three (sagittal, coronal, axial), got {value}"
+        )
+    return tuple(values)  # type: ignore[return-value]
+
+
+def check_crop_divisible(
+    crop_size: Sequence[int], q: int | Sequence[int], axes: Sequence[str | int] = AXES
+) -> None:
+    """Raise :class:`CS3FInputError` unless the depth pooling ``q`` divides the crop size on every
+    slicing axis (the crops have a fixed size, so there is no padding to a multiple of ``q``)."""
+    size = _triple(crop_size, "crop_size")
+    qs = _triple(q, "q")
+    for axis in axes:
+        i = axis_index(axis)
+        if size[i] % qs[i]:
+            multiple = -(-size[i] // qs[i]) * qs[i]
+            raise CS3FInputError(
+                f"lung crop size {size[i]} on the {AXES[i]} axis is not a multiple of q={qs[i]} "
+                f"(crop_size {list(size)}, q {list(qs)}, both sagittal, coronal, axial): choose a crop size "
+                f"that q divides on every axis (e.g. {multiple} instead of {size[i]}; the paper uses "
+                f"crop_size {list(PAPER_CROP_SIZE)} with q {list(PAPER_Q)})"
+            )
+
+
+def label_values(value) -> tuple[int, ...]:
+    return (int(value),) if isinstance(value, int | np.integer) else tuple(int(v) for v in value)
+
+
+class LungSplit(Transform):
+    """A lung mask ``[1, H, W, D]`` into ``{"right": mask, "left": mask}`` (bool, same shape).
+
+    Args:
+        mode: ``"labels"``: the mask carries one label per lung (``labels``); ``"binary"``: 0/1 mask,
+            split into the two largest connected components (6-connectivity), the one whose centroid has
+            the larger world x (RAS: towards the subject's right) is the right lung; ``"auto"``:
+            ``"binary"`` if the mask holds only 0 and 1, else ``"labels"``.
+        labels: ``(right, left)`` label values, each an int or a list of ints (e.g. lobe ids); default
+            lungmask's ``(1, 2)``.
+        min_fraction: in binary mode the second component must have at least this fraction of the
+            first's voxels, otherwise the lungs are taken to be merged into one component (an error).
+
+    Call: ``(mask, affine=None)``; the affine (voxel -> world) defaults to the mask's own if it is a
+    ``MetaTensor``, else identity. Raises :class:`CS3FInputError` with what is wrong (a missing lung,
+    unexpected labels, merged lungs).
+    """
+
+    def __init__(self, mode: str = "auto", labels=(RIGHT, LEFT), min_fraction: float = 0.05) -> None:
+        if mode not in MASK_MODES:
+            raise CS3FInputError(f"lung mask mode must be one of {MASK_MODES}, got {mode!r}")
+        labels = list(labels)
+        if len(labels) != 2:
+            raise CS3FInputError(f"lung_labels must be (right, left), each an int or a list, got {labels}")
+        self.mode = mode
+        self.labels = {side: label_values(v) for side, v in zip(SIDES, labels, strict=True)}
+        if set(self.labels["right"]) & set(self.labels["left"]):
+            raise CS3FInputError(f"lung_labels for the right and left lung overlap: {labels}")
+        self.min_fraction = float(min_fraction)
+
+    def __call__(self, mask: torch.Tensor, affine=None, name: str = "") -> dict[str, torch.Tensor]:
+        where = f"{name}: " if name else ""
+        if affine is None:
+            affine = mask.affine if isinstance(mask, MetaTensor) else torch.eye(4)
+        m = torch.as_tensor(mask).detach().cpu()
+        if m.ndim == 3:
+            m = m[None]
+        values = torch.unique(m)
+        values = values[values != 0]
+        mode = self.mode
+        if mode == "auto":
+            mode = "binary" if values.numel() == 0 or bool((values == 1).all()) else "labels"
+        if mode == "labels":
+            allowed = torch.tensor(self.labels["right"] + self.labels["left"], dtype=values.dtype)
+            extra = values[~torch.isin(values, allowed)]
+            if extra.numel():
+                raise CS3FInputError(
+                    f"{where}lung mask has labels {extra.tolist()} besides the lung labels "
+                    f"right={list(self.labels['right'])}, left={list(self.labels['left'])}: give a mask "
+                    f"of the lungs only (lungmask: 1 = right, 2 = left) or set lung_labels"
+                )
+            out = {side: torch.isin(m, torch.tensor(self.labels[side], dtype=m.dtype)) for side in SIDES}
+            for side in SIDES:
+                if not bool(out[side].any()):
+                    raise CS3FInputError(
+                        f"{where}lung mask has no {side} lung (label {list(self.labels[side])}): both "
+                        f"lungs are scored, each against the same lung of the other volumes"
+                    )
+            return out
+        return self._components(m > 0, np.asarray(affine, dtype=np.float64), where)
+
+    def _components(self, binary: torch.Tensor, affine: np.ndarray, where: str) -> dict[str, torch.Tensor]:
+        lab, n = ndimage.label(binary[0].numpy())
+        sizes = np.bincount(lab.ravel())[1:]
+        if n < 2 or np.sort(sizes)[-2] < self.min_fraction * sizes.max():
+            raise CS3FInputError(
+                f"{where}binary lung mask has {n} connected component(s) of which not two are lungs "
+                f"(sizes {sorted(sizes.tolist(), reverse=True)[:3]} voxels): the lungs touch or one is "
+                f"missing; give a left/right labelled mask (lungmask: 1 = right, 2 = left)"
+            )
+        ids = 1 + np.argsort(sizes)[::-1][:2]
+        centroids = np.array(ndimage.center_of_mass(np.ones_like(lab), lab, ids))
+        world_x = centroids @ affine[0, :3] + affine[0, 3]
+        right, left = (ids[0], ids[1]) if world_x[0] > world_x[1] else (ids[1], ids[0])
+        return {
+            "right": torch.from_numpy(lab == right)[None],
+            "left": torch.from_numpy(lab == left)[None],
+        }
+
+
+class CheckLungsd(MapTransform):
+    """Check at load time that the lung mask splits into a right and a left lung (:class:`LungSplit`).
+
+    Put it in the preprocessing (after the resampling): a bad mask then fails in the data loader, as one
+    :class:`CS3FInputError` line naming the file, or is skipped by
+    :class:`scripts.engine.datalist.CheckedDataset` with ``on_bad_input="skip"``, before any encoding.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "mask",
+        mode: str = "auto",
+        labels=(RIGHT, LEFT),
+        image_key: str = "image",
+    ) -> None:
+        super().__init__(keys, allow_missing_keys=False)
+        self.splitter = LungSplit(mode, labels)
+        self.image_key = image_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.keys:
+            if d.get(key) is None:
+                image = d.get(self.image_key)
+                source = image.meta.get("filename_or_obj", "") if isinstance(image, MetaTensor) else ""
+                raise CS3FInputError(
+                    f"{source or 'a volume'} has no lung mask: the lung CT pipeline needs one per volume "
+                    f"(a masks/ folder or a mask column; make them with lungmask or TotalSegmentator)"
+                )
+            mask = d[key]
+            source = mask.meta.get("filename_or_obj", "") if isinstance(mask, MetaTensor) else ""
+            self.splitter(mask, name=str(source))
+        return d
+
+
+class LungCrop(Transform):
+    """Crop one lung's bounding box and crop-or-pad it to a fixed size; :meth:`paste` inverts it.
+
+    The crop is MONAI's ``SpatialCrop`` to the box (``margin`` voxels around the mask's bounding box,
+    clipped to the volume) followed by ``ResizeWithPadOrCrop(crop_size)`` (centred: pads the box when it is
+    smaller, with ``value``, and centre-crops it when it is larger); no resampling. :meth:`paste` applies
+    MONAI's inverse of the same two transforms, so every voxel of a crop goes back where it came from and
+    the rest of the volume is 0 (padding is dropped; the parts of a box cut off by a too small crop size
+    get 0).
+
+    Args:
+        crop_size: ``(sagittal, coronal, axial)`` voxels; the paper's is 160 x 238 x 336 at 1 mm.
+        margin: voxels added around the bounding box before crop-or-pad (default 0, the bare box).
+        value: pad value (0 = the bottom of the HU window after scaling).
+    """
+
+    def __init__(
+        self, crop_size: Sequence[int] = PAPER_CROP_SIZE, margin: int = 0, value: float = 0.0
+    ) -> None:
+        self.crop_size = _triple(crop_size, "crop_size")
+        self.margin = int(margin)
+        if self.margin < 0:
+            raise CS3FInputError(f"crop margin must be >= 0 voxels, got {margin}")
+        self.value = float(value)
+
+    def box(self, lung: torch.Tensor) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        """``(start, end)`` voxel box of the mask ``[1, H, W, D]`` (plus margin, clipped to the volume)."""
+        m = torch.as_tensor(lung)
+        m = m[0] if m.ndim == 4 else m
+        idx = torch.nonzero(m > 0)
+        if idx.numel() == 0:
+            raise CS3FInputError("empty lung mask: no bounding box to crop")
+        shape = torch.tensor(m.shape)
+        start = torch.clamp(idx.min(0).values - self.margin, min=0)
+        end = torch.minimum(idx.max(0).values + 1 + self.margin, shape)
+        return tuple(int(v) for v in start), tuple(int(v) for v in end)  # type: ignore[return-value]
+
+    def _transform(self, box) -> Compose:
+        return Compose(
+            [
+                SpatialCrop(roi_start=box[0], roi_end=box[1]),
+                ResizeWithPadOrCrop(self.crop_size, mode="constant", value=self.value),
+            ]
+        )
+
+    @staticmethod
+    def _fresh(img: torch.Tensor) -> MetaTensor:
+        """A MetaTensor with ``img``'s affine and no transform history (the crop is recorded alone)."""
+        affine = img.affine.clone() if isinstance(img, MetaTensor) else torch.eye(4, dtype=torch.float64)
+        data = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
+        return MetaTensor(data.float() if data.dtype == torch.bool else data, affine=affine)
+
+    def __call__(self, img: torch.Tensor, box) -> MetaTensor:
+        """The ``[C, *crop_size]`` crop of ``img [C, H, W, D]`` for ``box``; its affine is the crop's
+        voxel -> world map and its ``applied_operations`` are exactly the crop (for :meth:`paste`)."""
+        return self._transform(box)(self._fresh(img))
+
+    def paste(self, crop_map: torch.Tensor, box, like: torch.Tensor) -> torch.Tensor:
+        """``crop_map [C, *crop_size]`` back on the grid of ``like [C', H, W, D]`` (0 outside the crop).
+
+        The crop of ``like`` is recomputed (cheap: shapes only matter) so that MONAI's inverse of the
+        very same ``SpatialCrop`` + ``ResizeWithPadOrCrop`` can be applied to the map.
+        """
+        transform = self._transform(box)
+        reference = transform(self._fresh(torch.as_tensor(like)[:1]))
+        data = crop_map.as_tensor() if isinstance(crop_map, MetaTensor) else torch.as_tensor(crop_map)
+        if tuple(data.shape[1:]) != self.crop_size:
+            raise ValueError(
+                f"map of shape {tuple(data.shape)} does not match the crop size {self.crop_size}"
+            )
+        out = MetaTensor(
+            data.float(), affine=reference.affine, applied_operations=list(reference.applied_operations)
+        )
+        return transform.inverse(out).as_tensor()
+
+    def truncated(self, box) -> list[str]:
+        """Axes on which the box is larger than the crop size (its ends are cut off)."""
+        return [AXES[i] for i in range(3) if box[1][i] - box[0][i] > self.crop_size[i]]
+
+
+class LungCropd(MapTransform):
+    """Dictionary version: ``keys`` (e.g. ``image``) and the lung mask into per-lung crops.
+
+    Writes ``{key}_{side}`` for each key and ``{mask_key}_{side}`` (the lung's own mask, float 0/1) for
+    ``side`` in ``("right", "left")``, and ``{mask_key}_boxes`` = ``{side: (start, end)}`` for
+    :meth:`LungCrop.paste`.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        mask_key: str = "mask",
+        crop_size: Sequence[int] = PAPER_CROP_SIZE,
+        margin: int = 0,
+        mode: str = "auto",
+        labels=(RIGHT, LEFT),
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.mask_key = mask_key
+        self.splitter = LungSplit(mode, labels)
+        self.cropper = LungCrop(crop_size, margin)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor], name: str = "") -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        if d.get(self.mask_key) is None:
+            where = f"{name}: " if name else ""
+            raise CS3FInputError(
+                f"{where}the lung CT pipeline needs a lung mask per volume (a masks/ folder or a mask "
+                f"column; make them with lungmask or TotalSegmentator)"
+            )
+        lungs = self.splitter(d[self.mask_key], name=name)
+        boxes = {}
+        for side in SIDES:
+            boxes[side] = box = self.cropper.box(lungs[side])
+            for key in self.key_iterator(d):
+                d[f"{key}_{side}"] = self.cropper(d[key], box)
+            d[f"{self.mask_key}_{side}"] = self.cropper(lungs[side], box)
+        d[f"{self.mask_key}_boxes"] = boxes
+        return d
+
+
+class MaskWithSourced(MapTransform):
+    """Zero ``keys`` (maps already inverted to the input grid) outside the mask *file* of the volume.
+
+    The inverse of the 1 mm resampling (bilinear) spreads scores a voxel beyond the lung border; the
+    original mask, read again from ``d[mask_key].meta["filename_or_obj"]``, restores a map that is 0
+    outside the lungs on the input grid (as the brain pipeline's maps are). No mask: nothing to do.
+    """
+
+    def __init__(
+        self, keys: KeysCollection = "pred", mask_key: str = "mask", allow_missing_keys: bool = False
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.mask_key = mask_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        from monai.transforms import LoadImage
+
+        d = dict(data)
+        mask = d.get(self.mask_key)
+        source = mask.meta.get("filename_or_obj") if isinstance(mask, MetaTensor) else None
+        if not source:
+            return d
+        inside = torch.as_tensor(np.asarray(LoadImage(image_only=True)(str(source))) > 0)
+        for key in self.key_iterator(d):
+            pred = d[key]
+            if tuple(pred.shape[1:]) != tuple(inside.shape[-3:]):
+                raise ValueError(
+                    f"{key} has shape {tuple(pred.shape[1:])} but the mask {source} has "
+                    f"{tuple(inside.shape)}: put MaskWithSourced after Invertd"
+                )
+            d[key] = pred * inside.reshape(1, *inside.shape[-3:]).to(pred.device, pred.dtype)
+        return d
+
+

@@ -1,0 +1,309 @@
+"""Bad input, crash/resume, determinism and order independence of the bundle run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from scripts.engine.datalist import make_datalist
+from scripts.errors import CS3FInputError
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = str(ROOT / "configs" / "inference.json")
+
+
+def _bundle(dataset: Path, out: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """The user-facing command, in a subprocess (for what only a real process shows: exit code, kill)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        CONFIG,
+        "--dataset_dir",
+        str(dataset),
+    ]
+    cmd += ["--output_dir", str(out), "--image_size", "32", "--q", "[8,8,8]", "--quiet", "true", *extra]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def _run(dataset: Path, out: Path, **overrides) -> None:
+    """The same run in-process through MONAI's ConfigWorkflow (saves an interpreter start per test)."""
+    from monai.bundle import ConfigWorkflow
+
+    settings = {"image_size": 32, "q": [8, 8, 8], "quiet": True, **overrides}
+    workflow = ConfigWorkflow(
+        config_file=CONFIG, workflow_type="infer", dataset_dir=str(dataset), output_dir=str(out), **settings
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+
+
+def _input_error(dataset: Path, out: Path, **overrides) -> str:
+    """Run in-process; expect the CS3FInputError the command prints as its one line, and no outputs."""
+    from scripts.errors import find_input_error
+
+    with pytest.raises(Exception) as info:
+        _run(dataset, out, **overrides)
+    found = find_input_error(info.value)
+    assert found is not None, f"not an input error: {info.value!r}"
+    assert "\n" not in str(found)
+    written = {p.name for p in out.glob("*")} if out.exists() else set()
+    assert written <= {"tokens"}, f"partial outputs written: {written}"
+    return str(found)
+
+
+def _copy(cohort: Path, tmp_path: Path) -> Path:
+    data = tmp_path / "data"
+    shutil.copytree(cohort, data)
+    return data
+
+
+def _rewrite(path: Path, fn) -> None:  # noqa: ANN001
+    img = nib.load(path)
+    nib.save(nib.Nifti1Image(fn(np.asarray(img.dataobj).copy()), img.affine, img.header), path)
+
+
+# ---------------------------------------------------------------------------- one test per bad input
+def test_missing_file_in_datalist(tiny_cohort: Path, tmp_path: Path) -> None:
+    data = _copy(tiny_cohort, tmp_path)
+    (data / "images" / "sub-0002.nii.gz").unlink()
+    line = _input_error(data, tmp_path / "out")
+    assert "image file not found" in line and "sub-0002.nii.gz" in line
+
+
+def test_nan_voxels_error_and_zero_option(tiny_cohort: Path, tmp_path: Path) -> None:
+    data = _copy(tiny_cohort, tmp_path)
+
+    def poison(a: np.ndarray) -> np.ndarray:
+        a[10, 10, 10:13] = np.nan
+        a[11, 11, 11] = np.inf
+        return a
+
+    _rewrite(data / "images" / "sub-0004.nii.gz", poison)
+    line = _input_error(data, tmp_path / "out")
+    assert "sub-0004.nii.gz has 4 NaN/Inf voxels" in line
+    _run(data, tmp_path / "zeroed", nonfinite="zero")
+    amap = nib.load(tmp_path / "zeroed" / "sub-0004_anomaly.nii.gz").get_fdata()
+    assert np.isfinite(amap).all()
+
+
+def test_off_grid_volume_error_and_skip(tiny_cohort: Path, tmp_path: Path) -> None:
+    data = _copy(tiny_cohort, tmp_path)
+    for sub in ("images", "masks", "labels"):
+        path = data / sub / "sub-0005.nii.gz"
+        img = nib.load(path)
+        shifted = img.affine.copy()
+        shifted[:3, 3] += 7.0  # another space: not registered with the others
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj), shifted, img.header), path)
+    line = _input_error(data, tmp_path / "out")
+    assert "sub-0005.nii.gz is not on the cohort's grid" in line and "5 of 6 volumes" in line
+    _run(data, tmp_path / "skip", on_bad_input="skip")
+    run = json.loads((tmp_path / "skip" / "run.json").read_text())
+    assert run["n_volumes"] == 5 and "sub-0005" not in run["volumes"]
+    assert [Path(s["image"]).name for s in run["skipped"]] == ["sub-0005.nii.gz"]
+    assert not (tmp_path / "skip" / "sub-0005_anomaly.nii.gz").exists()
+
+
+def test_corrupt_file_skipped_on_request(tiny_cohort: Path, tmp_path: Path) -> None:
+    import gzip
+
+    data = _copy(tiny_cohort, tmp_path)
+    victim = data / "images" / "sub-0001.nii.gz"
+    raw = gzip.decompress(victim.read_bytes())
+    victim.write_bytes(gzip.compress(raw[: len(raw) // 2]))
+    _run(data, tmp_path / "skip", on_bad_input="skip")
+    run = json.loads((tmp_path / "skip" / "run.json").read_text())
+    assert run["n_volumes"] == 5 and run["skipped"][0]["name"] == "sub-0001"
+    assert "sub-0001.nii.gz" in run["skipped"][0]["reason"]
+    with open(tmp_path / "skip" / "scores.csv") as f:
+        assert "sub-0001" not in {r["image"] for r in csv.DictReader(f)}
+
+
+def test_empty_mask(tiny_cohort: Path, tmp_path: Path) -> None:
+    data = _copy(tiny_cohort, tmp_path)
+    _rewrite(data / "masks" / "sub-0003.nii.gz", np.zeros_like)
+    line = _input_error(data, tmp_path / "out")
+    assert "mask" in line and "sub-0003.nii.gz is empty" in line
+
+
+def test_fewer_than_two_volumes(tiny_cohort: Path, tmp_path: Path) -> None:
+    data = tmp_path / "one"
+    (data / "images").mkdir(parents=True)
+    shutil.copy(tiny_cohort / "images" / "sub-0001.nii.gz", data / "images")
+    line = _input_error(data, tmp_path / "out", use_masks=False)
+    assert "found 1 usable volume(s)" in line and "need >= 2" in line
+
+
+def test_unknown_encoder_and_missing_weights(tiny_cohort: Path, tmp_path: Path) -> None:
+    line = _input_error(tiny_cohort, tmp_path / "o1", encoder_name="resnet9000")
+    assert "Unknown encoder 'resnet9000'" in line and "efficientnet_lite0" in line
+    line = _input_error(
+        tiny_cohort, tmp_path / "o2", encoder_name="dinov2", **{"network_def#model_dir": "models/nope"}
+    )
+    assert "models/nope" in line and "not found" in line
+
+
+def test_rho_out_of_range(tiny_cohort: Path, tmp_path: Path) -> None:
+    line = _input_error(tiny_cohort, tmp_path / "out", rho=1.5)
+    assert "rho" in line
+
+
+def test_output_dir_not_writable(tiny_cohort: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    line = _input_error(tiny_cohort, blocker / "out")
+    assert "output_dir" in line and "is a file" in line
+
+
+def test_q_not_dividing_after_preprocessing(tiny_cohort: Path) -> None:
+    """Without DivisiblePadd the workflow reports the axis, the count, q and the fix in one error."""
+    from monai.bundle import ConfigWorkflow
+
+    workflow = ConfigWorkflow(
+        config_file=CONFIG,
+        workflow_type="infer",
+        dataset_dir=str(tiny_cohort),
+        output_dir=str(tiny_cohort.parent / "never"),
+        image_size=32,
+        q=[5, 5, 5],
+        quiet=True,
+        cache_dir=None,
+        pad_multiple=[1, 1, 1],
+    )
+    workflow.initialize()
+    with pytest.raises(Exception) as info:
+        workflow.run()
+    from scripts.errors import find_input_error
+
+    found = find_input_error(info.value)
+    assert found is not None and "q=5 does not divide the 32 slices along the sagittal axis" in str(found)
+    assert "DivisiblePadd" in str(found)
+
+
+def test_datalist_mask_shape_mismatch(tiny_cohort: Path, tmp_path: Path) -> None:
+    data = _copy(tiny_cohort, tmp_path)
+    path = data / "masks" / "sub-0006.nii.gz"
+    img = nib.load(path)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:-2], img.affine), path)
+    with pytest.raises(CS3FInputError, match=r"mask .*sub-0006.nii.gz has shape \(30, 32, 32\)"):
+        make_datalist(data)
+
+
+# ---------------------------------------------------------------------------- resume after a kill
+def _outputs(out: Path) -> dict[str, bytes]:
+    files = sorted(out.glob("*_anomaly.nii.gz")) + [out / "scores.csv"]
+    return {f.name: f.read_bytes() for f in files}
+
+
+def test_killed_run_resumes_with_identical_outputs(tmp_path: Path) -> None:
+    from scripts.synthetic.brain import generate_cohort
+
+    data = generate_cohort(tmp_path / "cohort", n_normal=6, n_abnormal=2, shape=32, seed=7)
+    clean = _bundle(data, tmp_path / "clean")
+    assert clean.returncode == 0, clean.stderr[-2000:]
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", CONFIG, "--dataset_dir", str(data)]
+    cmd += ["--output_dir", str(out), "--image_size", "32", "--q", "[8,8,8]", "--quiet", "true"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list((out / "tokens").glob("*.pt"))) < 3:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    cached_before = len(list((out / "tokens").glob("*.pt")))
+    assert 3 <= cached_before < 8, "the kill should land mid-tokenization"
+    assert not (out / "scores.csv").exists()
+
+    resumed = _bundle(data, out)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["cached_volumes"] >= cached_before and run["encoded_volumes"] == 8 - run["cached_volumes"]
+    assert _outputs(out) == _outputs(tmp_path / "clean")
+    # A changed parameter that shapes tokens invalidates the cache.
+    changed = _bundle(data, out, "--seed", "1")
+    assert changed.returncode == 0
+    assert json.loads((out / "run.json").read_text())["encoded_volumes"] == 8
+
+
+# ---------------------------------------------------------------------------- determinism and order
+def test_shuffled_datalist_gives_identical_outputs(tiny_cohort: Path, tmp_path: Path) -> None:
+    data = _copy(tiny_cohort, tmp_path)
+    with open(data / "cohort.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames, list(reader)
+    random.Random(0).shuffle(rows)
+    with open(data / "cohort.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    _run(tiny_cohort, tmp_path / "a")
+    _run(data, tmp_path / "b")
+    maps_a = {p.name: p.read_bytes() for p in (tmp_path / "a").glob("*_anomaly.nii.gz")}
+    maps_b = {p.name: p.read_bytes() for p in (tmp_path / "b").glob("*_anomaly.nii.gz")}
+    assert maps_a == maps_b and len(maps_a) == 6
+    with open(tmp_path / "a" / "scores.csv") as f:
+        scores_a = {r["image"]: r for r in csv.DictReader(f)}
+    with open(tmp_path / "b" / "scores.csv") as f:
+        scores_b = {r["image"]: r for r in csv.DictReader(f)}
+    assert scores_a == scores_b
+
+
+# ---------------------------------------------------------------------------- fuzz
+def test_fuzz_inferer_only_documented_errors() -> None:
+    """Random small shapes / q / masks / B: results are finite or the error is a documented ValueError."""
+    from scripts.inferer import CS3FInferer
+    from tests.helpers import TinyEncoder
+
+    rng = random.Random(1234)
+    encoder = TinyEncoder(32)
+    documented = ("does not divide", "at least 2 volumes", "no valid token", "token grids do not agree")
+    outcomes = {"ok": 0, "documented": 0}
+    for _ in range(25):
+        b = rng.randint(1, 5)
+        shape = [rng.choice([4, 6, 8, 12]) for _ in range(3)]
+        q = [rng.choice([1, 2, 3, 4]) for _ in range(3)]
+        axes = rng.sample(["sagittal", "coronal", "axial"], rng.randint(1, 3))
+        vols = torch.rand(b, 1, *shape)
+        masks = (torch.rand(b, 1, *shape) > rng.choice([0.0, 0.5, 0.95, 1.0])).float()
+        inferer = CS3FInferer(
+            axes=axes, q=q, d=8, rho=rng.choice([0.1, 0.5, 1.0]), delta=rng.choice([0.0, 0.3])
+        )
+        try:
+            maps, scores = inferer(vols, encoder, masks)
+        except ValueError as err:
+            assert any(msg in str(err) for msg in documented), err
+            outcomes["documented"] += 1
+            continue
+        assert torch.isfinite(maps).all() and torch.isfinite(scores).all()
+        assert torch.all(maps[masks == 0] == 0)
+        outcomes["ok"] += 1
+    assert outcomes["ok"] >= 5 and outcomes["documented"] >= 3, outcomes
+
+
+def test_scoring_options_reuse_the_token_cache(tiny_cohort: Path, tmp_path: Path) -> None:
+    """rho, variant and batching shape scores, not tokens: changing them re-encodes nothing."""
+    out = tmp_path / "out"
+    _run(tiny_cohort, out)
+    assert json.loads((out / "run.json").read_text())["encoded_volumes"] == 6
+    _run(tiny_cohort, out, rho=0.5, chunk_size=3)
+    run = json.loads((out / "run.json").read_text())
+    assert (run["encoded_volumes"], run["cached_volumes"]) == (0, 6)
+    _run(tiny_cohort, out, d=64)  # d shapes tokens: a different cache key
+    assert json.loads((out / "run.json").read_text())["encoded_volumes"] == 6

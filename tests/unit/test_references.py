@@ -1,0 +1,204 @@
+"""Batch chunking (paper Sec. 5.1, Table 8) and fixed-size random reference subsets (issue 9)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from scripts.errors import CS3FInputError
+from scripts.inferer import CS3FInferer, TokenGrid, VolumeTokens
+from scripts.references import chunk_ranges, reference_subsets
+from scripts.scoring import mutual_similarity_scores
+
+ROOT = Path(__file__).resolve().parents[2]
+NAMES = [f"sub-{i:04d}" for i in range(1, 12)]
+
+
+def random_volumes(b: int, fine: bool = False, seed: int = 0) -> list[VolumeTokens]:
+    """Token grids as the inferer makes them (two keys, some invalid tokens, d = 8; with ``fine``,
+    ``/fine`` grids of h = 2 children per coarse token), from random numbers: no encoder needed."""
+    gen = torch.Generator().manual_seed(seed)
+    volumes = []
+    for _ in range(b):
+        grids = {}
+        for key, shape in (("axial/0", (2, 4, 4)), ("coronal/1", (2, 2, 2))):
+            grids[key] = TokenGrid(
+                torch.randn(*shape, 8, generator=gen), torch.rand(shape, generator=gen) > 0.2
+            )
+            if fine:
+                fine_shape = (2 * shape[0], *shape[1:])
+                grids[key + "/fine"] = TokenGrid(
+                    torch.randn(*fine_shape, 8, generator=gen), torch.rand(fine_shape, generator=gen) > 0.2
+                )
+        for grid in grids.values():
+            grid.valid.view(-1)[0] = True
+        volumes.append(VolumeTokens((8, 8, 8), grids))
+    return volumes
+
+
+@pytest.fixture(scope="module")
+def tokens() -> list:
+    return random_volumes(11)
+
+
+def _equal(a: list[dict], b: list[dict]) -> bool:
+    return len(a) == len(b) and all(
+        set(x) == set(y) and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b, strict=True)
+    )
+
+
+# ----------------------------------------------------------------------------------- chunks
+def test_chunk_ranges() -> None:
+    assert chunk_ranges(180, 45) == [(0, 45), (45, 90), (90, 135), (135, 180)]  # Table 8: 4 x 45
+    assert chunk_ranges(70, 16) == [(0, 18), (18, 36), (36, 53), (53, 70)]  # >= chunk_size each
+    assert chunk_ranges(10, 16) == [(0, 10)]
+    assert chunk_ranges(3, 2) == [(0, 3)]  # never a lone volume
+    for b in range(2, 40):
+        for size in range(2, 12):
+            ranges = chunk_ranges(b, size)
+            assert ranges[0][0] == 0 and ranges[-1][1] == b
+            assert all(r[1] == s[0] for r, s in zip(ranges, ranges[1:], strict=False))
+            sizes = [hi - lo for lo, hi in ranges]
+            assert max(sizes) - min(sizes) <= 1 and (min(sizes) >= size or len(ranges) == 1)
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunk_ranges(10, 1)
+
+
+@pytest.mark.parametrize("variant", ["C", "MS"])
+def test_chunked_scores_equal_each_chunk_scored_separately(variant: str) -> None:
+    kw = {"q_fine": 2} if variant == "MS" else {}
+    exact = CS3FInferer(q=4, d=8, rho=0.5, variant=variant, L=2, **kw)
+    bank = random_volumes(7, fine=variant == "MS")
+    chunked = CS3FInferer(q=4, d=8, rho=0.5, variant=variant, L=2, chunk_size=3, **kw)
+    assert chunk_ranges(7, 3) == [(0, 4), (4, 7)]
+    expected = exact.score(bank[:4]) + exact.score(bank[4:])
+    assert _equal(chunked.score(bank), expected)
+    # a share of the queries (what a torchrun rank asks for) gives the same rows
+    share = chunked.score(bank, queries=[1, 5])
+    assert _equal([share[1], share[5]], [expected[1], expected[5]]) and share[0] == {}
+
+
+def test_chunked_scores_use_the_exact_scorer_within_each_chunk(tokens: list) -> None:
+    """Per key, chunk scores equal mutual_similarity_scores on that chunk's tokens (K from the chunk)."""
+    inferer = CS3FInferer(q=4, d=8, rho=0.3, chunk_size=5)
+    scores = inferer.score(tokens)
+    for lo, hi in chunk_ranges(len(tokens), 5):  # (0, 5), (5, 11): K = 1 and 3
+        for key in tokens[0].grids:
+            t = torch.stack([v.grids[key].tokens.reshape(-1, 8) for v in tokens[lo:hi]])
+            v = torch.stack([vol.grids[key].valid.reshape(-1) for vol in tokens[lo:hi]])
+            expected = mutual_similarity_scores(t, v, rho=0.3)
+            got = torch.stack([scores[i][key].reshape(-1) for i in range(lo, hi)])
+            assert torch.equal(got, expected)
+
+
+# ----------------------------------------------------------------------------------- reference subsets
+def test_reference_subsets_are_seeded_order_independent_and_sized() -> None:
+    subsets = reference_subsets(NAMES, 4, seed=0)
+    assert all(len(s) == 4 and i not in s for i, s in subsets.items())
+    assert subsets == reference_subsets(NAMES, 4, seed=0)
+    assert subsets != reference_subsets(NAMES, 4, seed=1)
+    shuffled = NAMES[:]
+    random.Random(3).shuffle(shuffled)
+    other = reference_subsets(shuffled, 4, seed=0)
+    for i, name in enumerate(NAMES):
+        mine = [NAMES[j] for j in subsets[i]]
+        assert mine == [shuffled[j] for j in other[shuffled.index(name)]] and mine == sorted(mine)
+    assert reference_subsets(NAMES, 50)[0] == list(range(1, 11))  # n >= B - 1: all the others
+    # every volume is picked about equally often (a uniform draw): 11 * 4 picks over 11 volumes
+    picks = [j for s in reference_subsets([f"v{i}" for i in range(200)], 20).values() for j in s]
+    counts = torch.bincount(torch.tensor(picks), minlength=200).float()
+    assert counts.mean() == 20 and counts.std() < 8  # binomial-like, std ~ 4.3
+
+
+def test_n_references_scores_equal_exact_scorer_on_query_and_its_subset(tokens: list) -> None:
+    rho = 0.5
+    inferer = CS3FInferer(q=4, d=8, rho=rho, n_references=4)
+    scores = inferer.score(tokens, names=NAMES)
+    subsets = reference_subsets(NAMES, 4, seed=0)
+    exact = CS3FInferer(q=4, d=8, rho=rho)
+    for i in (0, 6, 10):
+        assert _equal([scores[i]], [exact.score([tokens[i], *(tokens[j] for j in subsets[i])], [0])[0]])
+    # K = max(1, floor(rho * n_references)) against those references, written out for one token
+    key = "coronal/1"
+    q = tokens[0].grids[key].tokens.reshape(-1, 8)[5].double()
+    nearest = sorted(
+        float((tokens[j].grids[key].tokens.reshape(-1, 8).double() - q).norm(dim=1).min()) for j in subsets[0]
+    )
+    k = math.floor(rho * 4)
+    assert abs(float(scores[0][key].reshape(-1)[5]) - sum(nearest[:k]) / k) < 1e-5
+
+
+def test_n_references_is_deterministic_and_order_independent(tokens: list) -> None:
+    inferer = CS3FInferer(q=4, d=8, rho=0.5, n_references=3, seed=7)
+    first = inferer.score(tokens, names=NAMES)
+    assert _equal(inferer.score(tokens, names=NAMES), first)
+    order = list(range(11))
+    random.Random(0).shuffle(order)
+    permuted = inferer.score([tokens[i] for i in order], names=[NAMES[i] for i in order])
+    assert _equal([permuted[order.index(i)] for i in range(11)], first)
+
+
+@pytest.mark.parametrize("n", [10, 11, 100])
+def test_n_references_at_least_b_minus_1_is_the_exact_scorer(tokens: list, n: int) -> None:
+    exact = CS3FInferer(q=4, d=8, rho=0.3).score(tokens)
+    assert _equal(CS3FInferer(q=4, d=8, rho=0.3, n_references=n).score(tokens, names=NAMES), exact)
+
+
+def test_all_others_as_a_subset_equals_the_exact_scorer(tokens: list) -> None:
+    """The subset path itself (not the n >= B - 1 shortcut) with every other volume as reference."""
+    exact = CS3FInferer(q=4, d=8, rho=0.3)
+    full = exact.score(tokens)
+    for i in (0, 5):
+        others = [tokens[j] for j in range(11) if j != i]
+        got = exact.score([tokens[i], *others], [0])[0]
+        for key in got:
+            torch.testing.assert_close(got[key], full[i][key], atol=1e-6, rtol=1e-6)
+
+
+def test_options_are_validated() -> None:
+    with pytest.raises(CS3FInputError, match="alternatives"):
+        CS3FInferer(chunk_size=8, n_references=8)
+    with pytest.raises(CS3FInputError, match="chunk_size"):
+        CS3FInferer(chunk_size=1)
+    with pytest.raises(CS3FInputError, match="n_references"):
+        CS3FInferer(n_references=0)
+    assert CS3FInferer(n_references=8).describe()["n_references"] == 8
+    assert "chunk_size" not in CS3FInferer().describe()
+
+
+# ----------------------------------------------------------------------------------- bundle
+def test_bundle_passes_names_for_n_references(tiny_cohort: Path, tmp_path: Path) -> None:
+    """The workflow draws references by volume name: its token scores equal the inferer's on the same
+    tokens given in another order with their names (a draw by position would differ)."""
+    from monai.bundle import ConfigWorkflow
+
+    workflow = ConfigWorkflow(
+        config_file=str(ROOT / "configs" / "inference.json"),
+        workflow_type="infer",
+        dataset_dir=str(tiny_cohort),
+        output_dir=str(tmp_path / "out"),
+        image_size=32,
+        q=[8, 8, 8],
+        quiet=True,
+        n_references=2,
+        rho=0.5,
+        keep_tokens=True,  # the test reads evaluator.bank after the run
+        **{"dataloader#num_workers": 0},
+    )
+    workflow.initialize()
+    workflow.run()
+    evaluator = workflow.parser.get_parsed_content("evaluator")
+    workflow.finalize()
+    assert len(list((tmp_path / "out").glob("*_anomaly.nii.gz"))) == 6
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["inferer"]["n_references"] == 2
+    names = list(reversed(evaluator.names))
+    bank = [evaluator.bank[""][n] for n in names]
+    expected = CS3FInferer(q=8, d=128, rho=0.5, n_references=2).score(bank, names=names)
+    assert _equal([evaluator.token_scores[""][n] for n in names], expected)
+    by_position = CS3FInferer(q=8, d=128, rho=0.5, n_references=2).score(bank)
+    assert not _equal(by_position, expected)

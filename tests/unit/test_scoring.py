@@ -1,0 +1,211 @@
+"""Exact scorer vs an independent brute-force transcription of Eq. 1-2."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from scripts.scoring import mutual_similarity_scores, num_neighbours
+
+
+def brute_force_scores(tokens: torch.Tensor, valid: torch.Tensor, rho: float) -> torch.Tensor:
+    """Eq. 1-2 with plain loops over volumes and tokens (float64)."""
+    b, n, _ = tokens.shape
+    k = max(1, math.floor(rho * (b - 1) + 1e-9))
+    t = tokens.double()
+    out = torch.zeros(b, n, dtype=torch.float64)
+    for i in range(b):
+        for a in range(n):
+            if not valid[i, a]:
+                continue
+            profile = []
+            for j in range(b):
+                if j == i:
+                    continue
+                best = min(
+                    float(torch.linalg.vector_norm(t[i, a] - t[j, c])) for c in range(n) if valid[j, c]
+                )
+                profile.append(best)
+            profile.sort()
+            out[i, a] = sum(profile[:k]) / k
+    return out
+
+
+@pytest.mark.parametrize("b", [2, 3, 12, 13])
+def test_matches_brute_force_with_masks(b: int) -> None:
+    gen = torch.Generator().manual_seed(b)
+    n, d = 9, 5
+    tokens = torch.randn(b, n, d, generator=gen)
+    valid = torch.rand(b, n, generator=gen) > 0.3
+    valid[:, 0] = True  # every volume keeps at least one valid token
+    for rho in (0.1, 0.3, 1.0):
+        expected = brute_force_scores(tokens, valid, rho)
+        # Tiny tiles force many query tiles and reference groups.
+        got = mutual_similarity_scores(tokens, valid, rho=rho, query_tile=4, block_elements=40)
+        torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=0)
+        assert torch.all(got[~valid] == 0)
+
+
+def test_k_rule() -> None:
+    assert num_neighbours(2, 0.1) == 1
+    assert num_neighbours(13, 0.1) == 1
+    assert num_neighbours(12, 0.3) == 3
+    assert num_neighbours(101, 0.29) == 29  # 0.29 * 100 is 28.999... in binary
+    with pytest.raises(ValueError, match="rho"):
+        num_neighbours(10, 0.0)
+
+
+def test_fp16_tokens_accumulate_in_fp32() -> None:
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.nn.functional.normalize(torch.randn(6, 40, 16, generator=gen), dim=-1)
+    exact = mutual_similarity_scores(tokens)
+    half = mutual_similarity_scores(tokens.half())
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, exact, atol=2e-3, rtol=0)
+
+
+def test_permutation_equivariance() -> None:
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randn(7, 20, 8, generator=gen)
+    valid = torch.rand(7, 20, generator=gen) > 0.2
+    valid[:, 0] = True
+    perm = torch.randperm(7, generator=gen)
+    base = mutual_similarity_scores(tokens, valid, rho=0.3)
+    permuted = mutual_similarity_scores(tokens[perm], valid[perm], rho=0.3)
+    torch.testing.assert_close(permuted, base[perm], atol=1e-5, rtol=0)
+
+
+def test_duplicated_volume_scores_zero_when_k_is_one() -> None:
+    gen = torch.Generator().manual_seed(2)
+    tokens = torch.randn(5, 30, 8, generator=gen)
+    tokens[3] = tokens[1]
+    scores = mutual_similarity_scores(tokens, rho=0.1)  # K = 1
+    assert torch.all(scores[1] == 0) and torch.all(scores[3] == 0)
+    assert torch.all(scores[0] > 0.1)
+
+
+def test_errors() -> None:
+    with pytest.raises(ValueError, match="at least 2 volumes"):
+        mutual_similarity_scores(torch.randn(1, 4, 3))
+    valid = torch.ones(3, 4, dtype=torch.bool)
+    valid[2] = False
+    with pytest.raises(ValueError, match=r"\[2\].*no valid token"):
+        mutual_similarity_scores(torch.randn(3, 4, 3), valid)
+    with pytest.raises(ValueError, match="valid must be"):
+        mutual_similarity_scores(torch.randn(3, 4, 3), torch.ones(3, 5, dtype=torch.bool))
+
+
+_PEAK_SCRIPT = textwrap.dedent(
+    """
+    import resource, sys, torch
+    sys.path.insert(0, {root!r})
+    from scripts.scoring import mutual_similarity_scores
+    torch.set_num_threads(1)
+    b, n, d = int(sys.argv[1]), 512, 32
+    tokens = torch.randn(b, n, d)
+    mutual_similarity_scores(tokens[:2, :8])  # warm-up: load kernels before the baseline
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    mutual_similarity_scores(tokens, query_tile=256, block_elements=1 << 18)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print((after - before) * 1024)
+    """
+)
+
+
+def test_peak_memory_does_not_grow_with_batch() -> None:
+    """Extra peak memory of scoring (beyond the token tensor) is the same at B=4 and B=48.
+
+    A dense B x N x B x N distance tensor would be 4*512*4*512*4 B = 16 MiB at B=4 but 2.3 GiB at
+    B=48; the tiled scorer needs ~1 MiB blocks at both sizes.
+    """
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    growth = {}
+    for b in (4, 48):
+        out = subprocess.run(
+            [sys.executable, "-c", _PEAK_SCRIPT.format(root=root), str(b)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        growth[b] = int(out.stdout.strip().splitlines()[-1])
+    assert growth[48] <= growth[4] + 8 * 2**20, growth
+
+
+def test_packing_reads_valid_references_only() -> None:
+    """The GEMM reads each volume's valid tokens first, in order, padded by never-nearest rows."""
+    from scripts.scoring import _pack_valid, _sq_norms, nearest_distance_profile
+
+    gen = torch.Generator().manual_seed(7)
+    tokens = torch.randn(4, 10, 6, generator=gen)
+    valid = torch.rand(4, 10, generator=gen) > 0.5
+    valid[:, 3] = True
+    valid[2] = False
+    valid[2, 3] = True  # one volume with a single valid token
+    norms = _sq_norms(tokens, valid)
+    index, packed = _pack_valid(valid, norms)
+    counts = valid.sum(dim=1)
+    assert index.shape == (4, int(counts.max()))
+    for b in range(4):
+        c = int(counts[b])
+        assert index[b, :c].tolist() == torch.nonzero(valid[b]).flatten().tolist()
+        assert torch.isinf(packed[b, c:]).all() and torch.isfinite(packed[b, :c]).all()
+    queries = torch.randn(5, 6, generator=gen)
+    # Packed and unpacked profiles agree, and nearest positions index the original N axis.
+    d2, nearest = nearest_distance_profile(queries, tokens, norms, 1, 1 << 10)
+    d2_packed, nearest_packed = nearest_distance_profile(queries, tokens, packed, 1, 1 << 10, index=index)
+    torch.testing.assert_close(d2_packed, d2)
+    assert torch.equal(nearest_packed[:, [0, 2, 3]], nearest[:, [0, 2, 3]])
+    assert torch.isinf(d2_packed[:, 1]).all()
+    assert valid[torch.tensor([0, 2, 3]).expand(5, 3), nearest_packed[:, [0, 2, 3]]].all()
+    # Fully valid banks are read in place.
+    all_valid = torch.ones(4, 10, dtype=torch.bool)
+    assert _pack_valid(all_valid, _sq_norms(tokens, all_valid))[0] is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_pair_symmetric_order_equals_per_volume_scores_with_half_the_gemms(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """All volumes at once share one GEMM per volume pair; each volume scored alone (a rank's share)
+    reads the same canonical blocks, so the scores are bit-identical and cost twice the GEMMs."""
+    import scripts.scoring as scoring
+
+    gen = torch.Generator().manual_seed(3)
+    b, n, d = 7, 40, 6
+    tokens = torch.randn(b, n, d, generator=gen).to(dtype)
+    tokens[4] = tokens[1]  # a duplicate: exact zeros must survive both orders
+    valid = torch.rand(b, n, generator=gen) > 0.4
+    valid[:, 0] = True
+    valid[4] = valid[1]
+    calls = {"n": 0}
+    block = scoring._PairBlocks.block
+
+    def counted(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        calls["n"] += 1
+        return block(self, *args, **kwargs)
+
+    monkeypatch.setattr(scoring._PairBlocks, "block", counted)
+    original = tokens.clone()
+    for rho in (0.2, 0.5):
+        together = mutual_similarity_scores(tokens, valid, rho=rho, query_tile=8, block_elements=1 << 12)
+        symmetric_calls, calls["n"] = calls["n"], 0
+        alone = sum(
+            mutual_similarity_scores(
+                tokens, valid, rho=rho, query_tile=8, block_elements=1 << 12, volumes=[i]
+            )
+            for i in range(b)
+        )
+        assert torch.equal(together, alone)
+        assert symmetric_calls > 0 and calls["n"] == 2 * symmetric_calls
+        calls["n"] = 0
+        expected = brute_force_scores(tokens.float(), valid, rho)
+        torch.testing.assert_close(together.double(), expected, atol=1e-4, rtol=0)
+    assert torch.all(together[4][valid[4]] <= together[1].max())
+    assert torch.equal(tokens, original)  # read only: fp32 blocks are views of the caller's tokens
