@@ -79,7 +79,7 @@ def load_bank(folder: str | Path, key: str = "axial/0") -> tuple[torch.Tensor, .
     volume, holding the ``"{axis}/{layer}"`` and ``"{axis}/{layer}/fine"`` grids); the fine grids are
     regrouped as the ``h`` depth children of each coarse token, as the inferer does.
     """
-    from scripts.inferer import FINE_SUFFIX, _children_last
+    from scripts.tokens import FINE_SUFFIX, children_last
 
     coarse, fine, coarse_valid, fine_valid = [], [], [], []
     for path in sorted(Path(folder).glob("*.pt")):
@@ -90,8 +90,8 @@ def load_bank(folder: str | Path, key: str = "axial/0") -> tuple[torch.Tensor, .
         h = tf.shape[0] // tc.shape[0]
         coarse.append(tc.reshape(-1, tc.shape[-1]))
         coarse_valid.append(vc.reshape(-1))
-        fine.append(_children_last(tf, h))
-        fine_valid.append(_children_last(vf, h))
+        fine.append(children_last(tf, h))
+        fine_valid.append(children_last(vf, h))
     if len(coarse) < 2:
         raise ValueError(f"need at least 2 cached volumes in {folder}, found {len(coarse)}")
     return tuple(torch.stack(t) for t in (coarse, fine, coarse_valid, fine_valid))

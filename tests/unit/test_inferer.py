@@ -93,7 +93,7 @@ def test_scores_use_the_exact_scorer_and_masks_invalidate_tokens() -> None:
 
 def test_score_reads_a_buffered_bank_in_place_and_leaves_others_alone() -> None:
     """A bank in a BatchBuffer is scored without a stacked copy; any other bank is not modified."""
-    from scripts.inferer import BatchBuffer, _batch_of
+    from scripts.tokens import BatchBuffer, batch_of
 
     inferer = CS3FInferer(axes=["axial", "coronal"], q=4, d=8, rho=0.5)
     encoder = TinyEncoder(32)
@@ -104,10 +104,10 @@ def test_score_reads_a_buffered_bank_in_place_and_leaves_others_alone() -> None:
     for vt in buffered:
         buffer.add(vt)
     for key in plain[0].grids:
-        tokens, valid = _batch_of(buffered, key)
+        tokens, valid = batch_of(buffered, key)
         assert tokens.data_ptr() == buffered[0].grids[key].tokens.data_ptr()  # a view: no copy
         assert valid.data_ptr() == buffered[0].grids[key].valid.data_ptr()
-        stacked, _ = _batch_of(plain, key)
+        stacked, _ = batch_of(plain, key)
         assert torch.equal(stacked, tokens)
     before = {k: [vt.grids[k].tokens for vt in plain] for k in plain[0].grids}
     a, b = inferer.score(plain), inferer.score(buffered)

@@ -1,4 +1,4 @@
-"""Batch chunking (paper Sec. 5.1, Table 8) and fixed-size random reference subsets (issue 9)."""
+"""Reference sets: chunks (paper Sec. 5.1, Table 8), random reference subsets, the `references` key."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from scripts.errors import CS3FInputError
 from scripts.inferer import CS3FInferer, TokenGrid, VolumeTokens
-from scripts.references import chunk_ranges, reference_subsets
+from scripts.references import ReferenceSet, chunk_ranges, reference_subsets
 from scripts.scoring import mutual_similarity_scores
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,7 +74,7 @@ def test_chunked_scores_equal_each_chunk_scored_separately(variant: str) -> None
     kw = {"q_fine": 2} if variant == "MS" else {}
     exact = CS3FInferer(q=4, d=8, rho=0.5, variant=variant, L=2, **kw)
     bank = random_volumes(7, fine=variant == "MS")
-    chunked = CS3FInferer(q=4, d=8, rho=0.5, variant=variant, L=2, chunk_size=3, **kw)
+    chunked = CS3FInferer(q=4, d=8, rho=0.5, variant=variant, L=2, references="chunks:3", **kw)
     assert chunk_ranges(7, 3) == [(0, 4), (4, 7)]
     expected = exact.score(bank[:4]) + exact.score(bank[4:])
     assert _equal(chunked.score(bank), expected)
@@ -85,7 +85,7 @@ def test_chunked_scores_equal_each_chunk_scored_separately(variant: str) -> None
 
 def test_chunked_scores_use_the_exact_scorer_within_each_chunk(tokens: list) -> None:
     """Per key, chunk scores equal mutual_similarity_scores on that chunk's tokens (K from the chunk)."""
-    inferer = CS3FInferer(q=4, d=8, rho=0.3, chunk_size=5)
+    inferer = CS3FInferer(q=4, d=8, rho=0.3, references="chunks:5")
     scores = inferer.score(tokens)
     for lo, hi in chunk_ranges(len(tokens), 5):  # (0, 5), (5, 11): K = 1 and 3
         for key in tokens[0].grids:
@@ -117,7 +117,7 @@ def test_reference_subsets_are_seeded_order_independent_and_sized() -> None:
 
 def test_n_references_scores_equal_exact_scorer_on_query_and_its_subset(tokens: list) -> None:
     rho = 0.5
-    inferer = CS3FInferer(q=4, d=8, rho=rho, n_references=4)
+    inferer = CS3FInferer(q=4, d=8, rho=rho, references="random:4")
     scores = inferer.score(tokens, names=NAMES)
     subsets = reference_subsets(NAMES, 4, seed=0)
     exact = CS3FInferer(q=4, d=8, rho=rho)
@@ -134,7 +134,7 @@ def test_n_references_scores_equal_exact_scorer_on_query_and_its_subset(tokens: 
 
 
 def test_n_references_is_deterministic_and_order_independent(tokens: list) -> None:
-    inferer = CS3FInferer(q=4, d=8, rho=0.5, n_references=3, seed=7)
+    inferer = CS3FInferer(q=4, d=8, rho=0.5, references="random:3", seed=7)
     first = inferer.score(tokens, names=NAMES)
     assert _equal(inferer.score(tokens, names=NAMES), first)
     order = list(range(11))
@@ -146,7 +146,7 @@ def test_n_references_is_deterministic_and_order_independent(tokens: list) -> No
 @pytest.mark.parametrize("n", [10, 11, 100])
 def test_n_references_at_least_b_minus_1_is_the_exact_scorer(tokens: list, n: int) -> None:
     exact = CS3FInferer(q=4, d=8, rho=0.3).score(tokens)
-    assert _equal(CS3FInferer(q=4, d=8, rho=0.3, n_references=n).score(tokens, names=NAMES), exact)
+    assert _equal(CS3FInferer(q=4, d=8, rho=0.3, references=f"random:{n}").score(tokens, names=NAMES), exact)
 
 
 def test_all_others_as_a_subset_equals_the_exact_scorer(tokens: list) -> None:
@@ -160,19 +160,42 @@ def test_all_others_as_a_subset_equals_the_exact_scorer(tokens: list) -> None:
             torch.testing.assert_close(got[key], full[i][key], atol=1e-6, rtol=1e-6)
 
 
-def test_options_are_validated() -> None:
-    with pytest.raises(CS3FInputError, match="alternatives"):
-        CS3FInferer(chunk_size=8, n_references=8)
-    with pytest.raises(CS3FInputError, match="chunk_size"):
-        CS3FInferer(chunk_size=1)
-    with pytest.raises(CS3FInputError, match="n_references"):
-        CS3FInferer(n_references=0)
-    assert CS3FInferer(n_references=8).describe()["n_references"] == 8
-    assert "chunk_size" not in CS3FInferer().describe()
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, ReferenceSet()),
+        ("all", ReferenceSet()),
+        ("chunks:16", ReferenceSet("chunks", 16)),
+        ("random:32", ReferenceSet("random", 32)),
+        ("bank:/data/bank", ReferenceSet("bank", None, "/data/bank")),
+        ({"mode": "random", "size": 4}, ReferenceSet("random", 4)),
+    ],
+)
+def test_reference_set_spellings(value: object, expected: ReferenceSet) -> None:
+    parsed = ReferenceSet.parse(value)
+    assert parsed == expected
+    assert ReferenceSet.parse(str(parsed)) == parsed  # what run.json records parses back
+
+
+@pytest.mark.parametrize(
+    "value", ["chunks:1", "chunks", "random:0", "random:x", "random:2.5", "bank:", "some", "all:3", 7]
+)
+def test_bad_reference_sets_are_one_line_errors(value: object) -> None:
+    with pytest.raises(CS3FInputError, match="references") as err:
+        CS3FInferer(references=value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("key", "spelling"), [("chunk_size", "chunks:8"), ("n_references", "random:8")])
+def test_replaced_keys_name_the_new_spelling(key: str, spelling: str) -> None:
+    with pytest.raises(CS3FInputError, match=f"{key} was replaced by the references key.*{spelling}"):
+        CS3FInferer(**{key: 8})
+    assert CS3FInferer(references=spelling).describe()["references"] == spelling
+    assert "references" not in CS3FInferer().describe()  # the paper's setting is the default
 
 
 # ----------------------------------------------------------------------------------- bundle
-def test_bundle_passes_names_for_n_references(tiny_cohort: Path, tmp_path: Path) -> None:
+def test_bundle_passes_names_for_random_references(tiny_cohort: Path, tmp_path: Path) -> None:
     """The workflow draws references by volume name: its token scores equal the inferer's on the same
     tokens given in another order with their names (a draw by position would differ)."""
     from monai.bundle import ConfigWorkflow
@@ -185,7 +208,7 @@ def test_bundle_passes_names_for_n_references(tiny_cohort: Path, tmp_path: Path)
         image_size=32,
         q=[8, 8, 8],
         quiet=True,
-        n_references=2,
+        references="random:2",
         rho=0.5,
         keep_tokens=True,  # the test reads evaluator.bank after the run
         **{"dataloader#num_workers": 0},
@@ -195,10 +218,10 @@ def test_bundle_passes_names_for_n_references(tiny_cohort: Path, tmp_path: Path)
     evaluator = workflow.parser.get_parsed_content("evaluator")
     workflow.finalize()
     assert len(list((tmp_path / "out").glob("*_anomaly.nii.gz"))) == 6
-    assert json.loads((tmp_path / "out" / "run.json").read_text())["inferer"]["n_references"] == 2
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["inferer"]["references"] == "random:2"
     names = list(reversed(evaluator.names))
     bank = [evaluator.bank[""][n] for n in names]
-    expected = CS3FInferer(q=8, d=128, rho=0.5, n_references=2).score(bank, names=names)
+    expected = CS3FInferer(q=8, d=128, rho=0.5, references="random:2").score(bank, names=names)
     assert _equal([evaluator.token_scores[""][n] for n in names], expected)
-    by_position = CS3FInferer(q=8, d=128, rho=0.5, n_references=2).score(bank)
+    by_position = CS3FInferer(q=8, d=128, rho=0.5, references="random:2").score(bank)
     assert not _equal(by_position, expected)

@@ -1,0 +1,89 @@
+"""Token scores -> voxel anomaly map and subject score (paper Sec. 3.3.4, Eq. 5 and 7).
+
+Each (axis, layer) score grid is interpolated trilinearly to the volume grid; per scale (coarse,
+fine), the layers of an axis are averaged and the axes are averaged; CS3F-C takes the coarse map,
+CS3F-F the fine one and CS3F-MS their mean (Eq. 7); voxels outside the mask are set to 0. Fusion is
+linear, so it is done per axis: the axis map of MS is the mean of its coarse and fine axis maps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from scripts.tokens import FINE_SUFFIX, as_volume
+from scripts.transforms.tokenization import axis_index, restore_axis
+
+__all__ = ["SCALES", "VARIANTS", "fuse_token_scores", "subject_score"]
+
+#: the scales each variant fuses
+SCALES = {"C": ("coarse",), "F": ("fine",), "MS": ("coarse", "fine")}
+VARIANTS = tuple(SCALES)
+
+
+def _axis_maps(
+    token_scores: dict[str, torch.Tensor], shape: tuple[int, ...], scales: Sequence[str]
+) -> dict[str, dict[str, list[torch.Tensor]]]:
+    """``{axis: {scale: [voxel map [H, W, D] per layer]}}`` of the grids of the wanted scales."""
+    per_axis: dict[str, dict[str, list[torch.Tensor]]] = {}
+    for key, grid in token_scores.items():
+        scale = "fine" if key.endswith(FINE_SUFFIX) else "coarse"
+        if scale not in scales:
+            continue
+        axis = key.split("/")[0]
+        dim = axis_index(axis)
+        target = (shape[dim], *[shape[k] for k in range(3) if k != dim])
+        up = F.interpolate(grid[None, None].float(), size=target, mode="trilinear", align_corners=False)
+        per_axis.setdefault(axis, {}).setdefault(scale, []).append(restore_axis(up[0, 0], axis))
+    return per_axis
+
+
+def fuse_token_scores(
+    token_scores: dict[str, torch.Tensor],
+    spatial_shape: Sequence[int],
+    variant: str = "C",
+    mask: torch.Tensor | None = None,
+    axis_max: dict[str, float] | None = None,
+) -> torch.Tensor:
+    """The voxel anomaly map ``[1, H, W, D]`` of one volume.
+
+    Args:
+        token_scores: ``{"{axis}/{layer}": [M, P, P]}`` (and ``"{axis}/{layer}/fine"`` grids for F/MS).
+        spatial_shape: ``(H, W, D)`` of the volume.
+        variant: ``"C"``, ``"F"`` or ``"MS"``.
+        mask: optional foreground ``[1, H, W, D]``; the map is 0 outside it.
+        axis_max: if given, filled with the (masked) maximum of each axis map (a cheap breakdown of
+            the subject score).
+    """
+    variant = str(variant).upper()
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    scales = SCALES[variant]
+    shape = tuple(int(s) for s in spatial_shape)
+    per_axis = _axis_maps(token_scores, shape, scales)
+    if not per_axis:
+        hint = " (it needs '{axis}/{layer}/fine' scores: score with q_fine set)" if variant != "C" else ""
+        raise ValueError(f"no token scores to fuse for variant {variant!r}{hint}")
+    for axis, by_scale in per_axis.items():
+        if len(by_scale) != len(scales):
+            raise ValueError(
+                f"variant {variant!r} fuses {scales} scores but the {axis} axis has only {list(by_scale)}"
+            )
+    inside = (as_volume(mask)[0] > 0) if mask is not None else None
+    fused = torch.zeros(shape)
+    for axis, by_scale in per_axis.items():
+        axis_map = torch.stack([torch.stack(maps).mean(dim=0) for maps in by_scale.values()]).mean(dim=0)
+        if axis_max is not None:
+            masked = axis_map * inside.to(axis_map.device) if inside is not None else axis_map
+            axis_max[axis] = float(masked.max())
+        fused += axis_map.cpu() / len(per_axis)
+    if inside is not None:
+        fused = fused * inside.cpu()
+    return fused.unsqueeze(0)
+
+
+def subject_score(anomaly_map: torch.Tensor) -> float:
+    """Subject-level anomaly score: the maximum voxel score (Sec. 3.3.4)."""
+    return float(anomaly_map.max())

@@ -1,0 +1,320 @@
+"""Volumetric tokens: what a volume becomes before it is compared with the others (paper Sec. 3.3).
+
+:class:`Tokenizer` streams one volume slab by slab through the frozen 2D encoder and the
+tokenization transforms of :mod:`scripts.transforms.tokenization` (slice, depth-pool, L2-normalise,
+project, validity) into a :class:`VolumeTokens`: one :class:`TokenGrid` ``[M, P, P, d]`` per
+axis x encoder layer, keyed ``"{axis}/{layer}"``, plus ``"{axis}/{layer}/fine"`` grids
+``[M * h, P, P, d]`` when a fine pooling ``q_fine`` is set (CS3F-F / CS3F-MS, Sec. 3.5).
+
+A batch of volumes is a sequence of :class:`VolumeTokens`; :class:`BatchBuffer` keeps such a batch as
+rows of one tensor per key so that the scorer reads it in place, and :func:`batch_of` gives the
+``[B, N, d]`` view (or stacked copy) of one key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from monai.utils import convert_to_tensor
+
+from scripts.transforms.tokenization import (
+    AXES,
+    DepthPool,
+    MultiAxisSlice,
+    RandomProjection,
+    TokenValidity,
+    axis_index,
+    check_divisible,
+)
+
+__all__ = [
+    "FINE_SUFFIX",
+    "BatchBuffer",
+    "TokenGrid",
+    "Tokenizer",
+    "VolumeTokens",
+    "as_volume",
+    "batch_of",
+    "check_same_grids",
+    "canonical_axes",
+    "children_last",
+    "per_axis",
+]
+
+FINE_SUFFIX = "/fine"
+
+
+@dataclass
+class TokenGrid:
+    """Tokens of one volume for one (axis, layer).
+
+    Attributes:
+        tokens: ``[M, P, P, d]`` projected tokens (storage dtype of the tokenizer).
+        valid: ``[M, P, P]`` bool token validity (Remark 1).
+    """
+
+    tokens: torch.Tensor
+    valid: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.valid.shape)  # type: ignore[return-value]
+
+
+@dataclass
+class VolumeTokens:
+    """All token grids of one volume, keyed ``"{axis}/{layer}"`` (e.g. ``"axial/1"``), plus
+    ``"{axis}/{layer}/fine"`` grids ``[M * h, P, P, d]`` for the F/MS variants."""
+
+    spatial_shape: tuple[int, int, int]
+    grids: dict[str, TokenGrid] = field(default_factory=dict)
+
+    def num_tokens(self) -> int:
+        return sum(g.valid.numel() for g in self.grids.values())
+
+    def nbytes(self) -> int:
+        return sum(g.tokens.numel() * g.tokens.element_size() for g in self.grids.values())
+
+
+def per_axis(value: int | Sequence[int], name: str) -> list[int]:
+    """One positive int per axis (sagittal, coronal, axial) from one int or three."""
+    values = [int(value)] * 3 if isinstance(value, int) else [int(v) for v in value]
+    if len(values) != 3 or min(values) < 1:
+        raise ValueError(
+            f"{name} must be one positive int or one per axis (sagittal, coronal, axial), got {value}"
+        )
+    return values
+
+
+def as_volume(volume: torch.Tensor) -> torch.Tensor:
+    """A plain ``[1, H, W, D]`` tensor from ``[1, H, W, D]`` or ``[H, W, D]`` (metadata dropped)."""
+    volume = convert_to_tensor(volume, track_meta=False)
+    if volume.ndim == 3:
+        volume = volume.unsqueeze(0)
+    if volume.ndim != 4 or volume.shape[0] != 1:
+        raise ValueError(f"expected a single-channel volume [1, H, W, D], got shape {tuple(volume.shape)}")
+    return volume
+
+
+def children_last(grid: torch.Tensor, h: int) -> torch.Tensor:
+    """Fine grid ``[M * h, P, P, ...]`` -> ``[M * P * P, h, ...]``: the ``h`` depth children of each
+    coarse token (row-major over ``(m, u, v)``, the coarse token order), in depth order."""
+    m = grid.shape[0] // h
+    rest = grid.shape[3:]
+    grid = grid.reshape(m, h, *grid.shape[1:3], *rest).movedim(1, 3)  # [M, P, P, h, ...]
+    return grid.reshape(-1, h, *rest)
+
+
+def check_same_grids(bank: Sequence[VolumeTokens], what: str = "volume 0") -> list[str]:
+    """The grid keys of ``bank``; raises ``ValueError`` unless every volume has the same keys and shapes.
+
+    Cross-subject scoring compares token ``n`` of one volume with the tokens of the others, so the
+    volumes must share the grid along each slicing axis.
+    """
+    keys = list(bank[0].grids)
+    for i, vt in enumerate(bank):
+        if list(vt.grids) != keys:
+            raise ValueError(f"volume {i} has token grids {list(vt.grids)}, {what} has {keys}")
+        for key in keys:
+            if vt.grids[key].shape != bank[0].grids[key].shape:
+                raise ValueError(
+                    f"token grids do not agree for {key}: volume {i} has {vt.grids[key].shape}, "
+                    f"{what} has {bank[0].grids[key].shape}; volumes must share the grid along each "
+                    f"slicing axis (resample or pad them to one shape, e.g. MONAI ResizeWithPadOrCropd)"
+                )
+    return keys
+
+
+def _rows_of(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The first ``B`` rows of the tensor that the ``B`` tensors are rows ``0..B-1`` of, or ``None``."""
+    base = tensors[0]._base
+    if base is None or base.shape[0] < len(tensors) or not base.is_contiguous():
+        return None
+    step = base[0].numel() * base.element_size()
+    for i, t in enumerate(tensors):
+        if t._base is not base or not t.is_contiguous() or t.data_ptr() != base.data_ptr() + i * step:
+            return None
+    return base[: len(tensors)]
+
+
+def batch_of(bank: Sequence[VolumeTokens], key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tokens [B, N, d], valid [B, N])`` of one (axis, layer) of the batch.
+
+    A view when the grids are rows of one tensor (a :class:`BatchBuffer`); otherwise a stacked copy,
+    which the caller frees after scoring that key. (The volumes' grids are deliberately not re-pointed
+    at the stack: the freed per-volume tensors would stay resident in the allocator beside it.)
+    """
+    grids = [vt.grids[key] for vt in bank]
+    out = []
+    for attr in ("tokens", "valid"):
+        parts = [getattr(g, attr) for g in grids]
+        base = _rows_of(parts)
+        out.append(torch.stack(parts) if base is None else base)
+    tokens, valid = out
+    return tokens.reshape(len(bank), -1, tokens.shape[-1]), valid.reshape(len(bank), -1)
+
+
+class BatchBuffer:
+    """Token grids of a batch of volumes held as rows of one ``[capacity, ...]`` tensor per key.
+
+    :meth:`add` copies a volume's grids into the next free row and re-points the volume's
+    :class:`TokenGrid` s at that row, so the per-volume tensors die as soon as they are made: a
+    workflow that adds every volume as it is tokenized (or loaded from a cache) holds the batch once,
+    in the layout the scorer reads in place (no stacked copy, no freed per-volume blocks left
+    resident next to the batch). Rows never touched are never paged in.
+
+    A volume whose grids do not match the first one's (keys, shapes, dtypes) is returned unchanged,
+    so scoring still reports the mismatch; so is any volume beyond ``capacity``.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = int(capacity)
+        self.count = 0
+        self._rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _fits(self, volume: VolumeTokens) -> bool:
+        if list(volume.grids) != list(self._rows):
+            return False
+        return all(
+            g.tokens.shape == t.shape[1:] and g.tokens.dtype == t.dtype and g.valid.shape == v.shape[1:]
+            for g, (t, v) in zip(volume.grids.values(), self._rows.values(), strict=True)
+        )
+
+    def add(self, volume: VolumeTokens) -> VolumeTokens:
+        """Copy ``volume``'s grids into the next row and point them there; returns ``volume``."""
+        if self.count >= self.capacity or not volume.grids:
+            return volume
+        if not self._rows:
+            self._rows = {
+                key: tuple(
+                    torch.empty((self.capacity, *t.shape), dtype=t.dtype, device=t.device)
+                    for t in (g.tokens, g.valid)
+                )
+                for key, g in volume.grids.items()
+            }
+        elif not self._fits(volume):
+            return volume
+        row = self.count
+        for key, grid in volume.grids.items():
+            tokens, valid = self._rows[key]
+            tokens[row].copy_(grid.tokens)
+            valid[row].copy_(grid.valid)
+            grid.tokens, grid.valid = tokens[row], valid[row]
+        self.count += 1
+        return volume
+
+
+class Tokenizer:
+    """One volume -> :class:`VolumeTokens`, streamed slab by slab (Sec. 3.3.1-3.3.3, Remark 1).
+
+    Args:
+        axes: slicing axes (canonical names, see :data:`scripts.transforms.tokenization.AXES`).
+        q: coarse depth pooling per axis name.
+        q_fine: fine depth pooling per axis name (F/MS), or ``None``.
+        d: random-projection dimension.
+        delta: token validity threshold on the foreground fraction.
+        seed: seed of the projection matrices (one per axis x layer, shared by all volumes).
+        slab_size: slices per encoder forward, rounded to a multiple of ``q`` so that a slab pools
+            into whole tokens and its raw features can be dropped at once.
+        token_dtype: storage dtype of the tokens.
+    """
+
+    def __init__(
+        self,
+        axes: Sequence[str],
+        q: dict[str, int],
+        q_fine: dict[str, int] | None,
+        d: int,
+        delta: float,
+        seed: int,
+        slab_size: int,
+        token_dtype: torch.dtype,
+    ) -> None:
+        self.axes, self.q, self.q_fine = list(axes), q, q_fine
+        self.d, self.delta, self.seed = d, delta, seed
+        self.slab_size, self.token_dtype = slab_size, token_dtype
+        self._projections: dict[tuple[str, int, int], RandomProjection] = {}
+
+    def projection(self, axis: str, layer: int, channels: int) -> RandomProjection:
+        key = (axis, layer, channels)
+        if key not in self._projections:
+            self._projections[key] = RandomProjection(channels, self.d, self.seed, f"{axis}/{layer}")
+        return self._projections[key]
+
+    @torch.inference_mode()
+    def __call__(
+        self, volume: torch.Tensor, encoder: Callable, mask: torch.Tensor | None = None
+    ) -> VolumeTokens:
+        """Tokens of ``volume`` ``[1, H, W, D]`` in ``[0, 1]``; ``mask`` (optional, same shape) makes
+        tokens whose foreground fraction is ``<= delta`` invalid."""
+        volume = as_volume(volume)
+        params = list(encoder.parameters()) if isinstance(encoder, torch.nn.Module) else []
+        device = params[0].device if params else volume.device
+        default = MultiAxisSlice()
+        slicer = MultiAxisSlice(
+            self.axes,
+            size=encoder.input_size,
+            mean=getattr(encoder, "mean", default.mean.flatten().tolist()),
+            std=getattr(encoder, "std", default.std.flatten().tolist()),
+        )
+        volume_dev = volume.to(device)
+        out = VolumeTokens(spatial_shape=tuple(volume.shape[1:]))
+        for axis in self.axes:
+            grids = self._axis_grids(volume_dev, encoder, slicer, axis, device)
+            for suffix, qs in self._scales(axis):
+                for layer, by_scale in enumerate(grids):
+                    grid = by_scale[suffix]
+                    if mask is not None:
+                        valid = TokenValidity(axis, qs, tuple(grid.shape[1:3]), self.delta)(as_volume(mask))
+                    else:
+                        valid = torch.ones(grid.shape[:3], dtype=torch.bool)
+                    out.grids[f"{axis}/{layer}{suffix}"] = TokenGrid(grid, valid.to(device))
+        return out
+
+    def _scales(self, axis: str) -> list[tuple[str, int]]:
+        """``(key suffix, pooling)`` of each scale: the coarse ``q``, then (F/MS) the fine ``q_fine``."""
+        fine = [(FINE_SUFFIX, self.q_fine[axis])] if self.q_fine is not None else []
+        return [("", self.q[axis]), *fine]
+
+    def _axis_grids(
+        self,
+        volume: torch.Tensor,
+        encoder: Callable,
+        slicer: MultiAxisSlice,
+        axis: str,
+        device: torch.device,
+    ) -> list[dict[str, torch.Tensor]]:
+        """Per encoder layer, ``{suffix: [count // q_s, P, P, d]}`` token grids of one axis."""
+        q = self.q[axis]
+        count = volume.shape[1 + axis_index(axis)]
+        check_divisible(count, q, axis)
+        # q = h * q_fine, so a slab of whole coarse tokens also pools into whole fine tokens.
+        scales = self._scales(axis)
+        pools = [DepthPool(qs, axis=axis) for _, qs in scales]
+        step = q * max(1, self.slab_size // q)
+        grids: list[dict[str, torch.Tensor]] = []
+        for start in range(0, count, step):
+            features = encoder(slicer.slab(volume, axis, start, min(start + step, count)))
+            for layer, feat in enumerate(features):
+                projection = self.projection(axis, layer, feat.shape[1])
+                if start == 0:
+                    grids.append({})
+                for (suffix, qs), pool in zip(scales, pools, strict=True):
+                    tokens = projection(pool(feat)).permute(0, 2, 3, 1).to(self.token_dtype)  # [m, P, P, d]
+                    if start == 0:
+                        grids[layer][suffix] = torch.empty(
+                            (count // qs, *tokens.shape[1:]), dtype=self.token_dtype, device=device
+                        )
+                    grids[layer][suffix][start // qs : start // qs + tokens.shape[0]] = tokens
+            del features  # the raw features of this slab are gone before the next forward
+        return grids
+
+
+def canonical_axes(axes: Sequence[str | int]) -> list[str]:
+    """Canonical axis names of ``axes`` (a non-empty subset of :data:`AXES` without repeats)."""
+    names = [AXES[axis_index(a)] for a in axes]
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"axes must be a non-empty subset of {AXES} without repeats, got {list(axes)}")
+    return names
