@@ -1,0 +1,144 @@
+"""The layering of ``scripts/``: imports flow one way, no cycles, tools stay outside the runtime."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = ROOT / "scripts"
+
+# Rank of each module prefix: a module may import modules of its own rank or lower only.
+LAYERS = {
+    "scripts.errors": 0,
+    "scripts.transforms": 1,
+    "scripts.encoders": 1,
+    "scripts.scoring": 1,
+    "scripts.tokens": 2,
+    "scripts.batch_scorer": 2,
+    "scripts.references": 2,
+    "scripts.anomaly_map": 2,
+    "scripts.inferer": 3,
+    "scripts.storage": 4,
+    "scripts.evaluation": 4,
+    "scripts.engine": 5,
+    "scripts.synthetic": 6,
+    "scripts.benchmarks": 6,
+    "scripts.__main__": 7,
+    "scripts": 7,  # the package itself
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in SCRIPTS.rglob("*.py")}
+
+
+def _imports(path: Path, name: str) -> set[str]:
+    """Every ``scripts``/``tests`` module that ``path`` imports, at any depth of the file."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + [base]
+                ).strip(".")
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return {m for m in found if m.split(".")[0] in ("scripts", "tests")}
+
+
+def _rank(module: str) -> int:
+    best = max((p for p in LAYERS if module == p or module.startswith(p + ".")), key=len)
+    return LAYERS[best]
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {
+        name: {m for m in _imports(path, name) if m in modules and m != name}
+        for name, path in modules.items()
+    }
+
+
+def test_every_module_has_a_layer() -> None:
+    unplaced = [m for m in _modules() if not any(m == p or m.startswith(p + ".") for p in LAYERS)]
+    assert not unplaced
+
+
+@pytest.mark.parametrize("name", sorted(_modules()))
+def test_imports_flow_downward(name: str) -> None:
+    upward = [m for m in _graph()[name] if _rank(m) > _rank(name)]
+    assert not upward, f"{name} (layer {_rank(name)}) imports higher layers: {upward}"
+
+
+def test_no_import_cycles() -> None:
+    graph = _graph()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " -> ".join([*path[path.index(nxt) :], nxt]))
+            if nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+
+
+def test_tools_stay_outside_the_runtime() -> None:
+    for name, path in _modules().items():
+        imported = _imports(path, name)
+        assert not any(m.split(".")[0] == "tests" for m in imported), f"{name} imports tests"
+        if not name.startswith("scripts.benchmarks"):
+            assert not any(m.startswith("scripts.benchmarks") for m in imported), f"{name} imports benchmarks"
+
+
+def test_the_checks_see_a_violation(tmp_path: Path) -> None:
+    """The import scanner finds function-level and relative imports (what an upward import hides in)."""
+    source = tmp_path / "probe.py"
+    source.write_text("def f():\n    from scripts.engine import evaluator\n    from . import tokens\n")
+    found = _imports(source, "scripts.probe")
+    assert {"scripts.engine", "scripts.engine.evaluator", "scripts.tokens"} <= found
+    assert _rank("scripts.engine.evaluator") > _rank("scripts.inferer")
+
+
+def _definitions() -> list[tuple[str, ast.AST]]:
+    found = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                found.append((f"{name}.{node.name}", node))
+    return found
+
+
+def test_functions_fit_in_a_readers_head() -> None:
+    """No function of ``scripts/`` is longer than 100 lines (docstring included)."""
+    long = {
+        name: node.end_lineno - node.lineno + 1
+        for name, node in _definitions()
+        if not isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 100
+    }
+    assert not long
+
+
+@pytest.mark.parametrize("cls", ["scripts.inferer.CS3FInferer", "scripts.engine.evaluator.CS3FEvaluator"])
+def test_the_wiring_classes_stay_thin(cls: str) -> None:
+    lengths = {name: node.end_lineno - node.lineno + 1 for name, node in _definitions()}
+    assert lengths[cls] <= 250
