@@ -116,13 +116,47 @@ def _sq_norms(tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return norms.masked_fill_(~valid, float("inf"))
 
 
-def _group_ranges(b: int, exclude: int | None, group: int) -> Iterator[tuple[int, int]]:
-    """Contiguous ranges of reference volumes, ``group`` at a time, skipping volume ``exclude``
-    (``None``: skip none, e.g. a query scored against a separate reference bank)."""
-    spans = ((0, b),) if exclude is None else ((0, exclude), (exclude + 1, b))
-    for lo, hi in spans:
-        for start in range(lo, hi, group):
-            yield start, min(start + group, hi)
+def _excluded(exclude: int | Sequence[int] | None) -> list[int]:
+    """The excluded reference volumes, sorted: none, one volume, or several (one subject's scans)."""
+    if exclude is None:
+        return []
+    return sorted({int(exclude)}) if isinstance(exclude, int) else sorted({int(e) for e in exclude})
+
+
+def _group_ranges(b: int, exclude: int | Sequence[int] | None, group: int) -> Iterator[tuple[int, int]]:
+    """Contiguous ranges of reference volumes, ``group`` at a time, skipping the volumes ``exclude``
+    (the query's own volume, or every scan of its subject; ``None``: skip none, e.g. a query scored
+    against a separate reference bank)."""
+    lo = 0
+    for skip in [*_excluded(exclude), b]:
+        for start in range(lo, skip, group):
+            yield start, min(start + group, skip)
+        lo = skip + 1
+
+
+def _same_subject(groups: Sequence[object] | None, b: int) -> list[list[int]]:
+    """Per volume, the *other* volumes of its subject (``groups[i]``: subject of volume ``i``)."""
+    if groups is None:
+        return [[] for _ in range(b)]
+    groups = list(groups)
+    if len(groups) != b:
+        raise ValueError(f"groups must give one subject per volume: {len(groups)} for {b} volumes")
+    members: dict[object, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    return [[j for j in members[g] if j != i] for i, g in enumerate(groups)]
+
+
+def _neighbours_per_volume(b: int, rho: float, same: Sequence[Sequence[int]]) -> list[int]:
+    """``K`` of each volume: Eq. 2 over the references it actually has (``B - 1`` minus the other
+    scans of its subject)."""
+    lonely = [i for i, s in enumerate(same) if b - len(s) < 2]
+    if lonely:
+        raise ValueError(
+            f"volume(s) {lonely} have no reference: every other volume of the batch is a scan of the "
+            f"same subject"
+        )
+    return [num_neighbours(b - len(s), rho) for s in same]
 
 
 def _workspace(elements: int, device: torch.device) -> torch.Tensor:
@@ -156,7 +190,7 @@ def _reference_blocks(
     queries: torch.Tensor,
     tokens: torch.Tensor,
     ref_sq_norms: torch.Tensor,
-    exclude: int | None,
+    exclude: int | Sequence[int] | None,
     group: int,
     workspace: torch.Tensor | None = None,
     index: torch.Tensor | None = None,
@@ -190,7 +224,7 @@ def nearest_distance_profile(
     queries: torch.Tensor,
     tokens: torch.Tensor,
     ref_sq_norms: torch.Tensor,
-    exclude: int | None,
+    exclude: int | Sequence[int] | None,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     workspace: torch.Tensor | None = None,
     index: torch.Tensor | None = None,
@@ -202,8 +236,9 @@ def nearest_distance_profile(
         tokens: ``[B, N, d]`` reference token bank (any float dtype; cast to fp32 per block).
         ref_sq_norms: ``[B, N]`` fp32 squared norms of the references, ``+inf`` for invalid tokens
             so that they are never the nearest; ``[B, M]`` in the order of ``index`` when given.
-        exclude: index of the query's own volume; its column is ``+inf``. ``None``: the queries
-            are not in ``tokens`` (a separate reference bank), every column is a reference.
+        exclude: index of the query's own volume (or indices: every scan of its subject); their
+            columns are ``+inf``. ``None``: the queries are not in ``tokens`` (a separate reference
+            bank), every column is a reference.
         block_elements: budget for the ``[G, Q, N]`` intermediate; sets the group size ``G``.
         workspace: optional flat fp32 buffer of ``block_elements`` reused for that intermediate.
         index: optional ``[B, M]`` token positions to read per volume (valid tokens packed first,
@@ -233,7 +268,7 @@ def _distance_profile(
     queries: torch.Tensor,
     tokens: torch.Tensor,
     ref_sq_norms: torch.Tensor,
-    exclude: int | None,
+    exclude: int | Sequence[int] | None,
     block_elements: int,
     workspace: torch.Tensor | None,
     index: torch.Tensor | None,
@@ -400,9 +435,16 @@ class _PairBlocks:
         scores[a, where] = got
 
 
-def _scores_per_volume(pairs: _PairBlocks, volumes: Sequence[int], k: int, scores: torch.Tensor) -> None:
+def _scores_per_volume(
+    pairs: _PairBlocks,
+    volumes: Sequence[int],
+    ks: Sequence[int],
+    scores: torch.Tensor,
+    same: Sequence[Sequence[int]],
+) -> None:
     """Exact scores of each of ``volumes`` on its own: its column minima in every lower volume's blocks,
-    then its tiles' row minima in every higher volume's blocks."""
+    then its tiles' row minima in every higher volume's blocks (the scans of its own subject,
+    ``same[i]``, are skipped and stay ``+inf``)."""
     b = len(pairs.counts)
     for i in volumes:
         count = pairs.counts[i]
@@ -410,27 +452,35 @@ def _scores_per_volume(pairs: _PairBlocks, volumes: Sequence[int], k: int, score
         # [B, count]: each reference volume's minima are a contiguous row.
         profile = torch.full((b, count), float("inf"), dtype=torch.float32, device=scores.device)
         for a in range(i):
+            if a in same[i]:
+                continue
             p_a = pairs.refs(a)
             for rows in pairs.tiles(a):
                 col = pairs.block(p_a, a, rows, i, p_i).amin(dim=0)[:count]
                 torch.minimum(profile[a], col, out=profile[a])
         for c in range(i + 1, b):
+            if c in same[i]:
+                continue
             refs_c = pairs.refs(c)
             for rows in pairs.tiles(i):
                 profile[c, rows] = pairs.block(p_i, i, rows, c, refs_c).amin(dim=1)
-        pairs.scores(i, p_i, profile.t().topk(k, dim=1, largest=False).indices, scores)
+        pairs.scores(i, p_i, profile.t().topk(ks[i], dim=1, largest=False).indices, scores)
 
 
-def _scores_pair_symmetric(pairs: _PairBlocks, k: int, scores: torch.Tensor) -> None:
+def _scores_pair_symmetric(
+    pairs: _PairBlocks, ks: Sequence[int], scores: torch.Tensor, same: Sequence[Sequence[int]]
+) -> None:
     """Exact scores of every volume with one GEMM per volume pair.
 
     Volumes are taken in order as the row side. Each block's row minima complete the row volume's
     profile over the higher volumes; its column minima (over all the row volume's tiles) are folded
     into a running top-``k`` of each higher volume's tokens, which is all that volume needs from the
     lower ones when its turn comes: ``[B, M, k]`` values and volume ids (int16) instead of the
-    ``[B, M, B]`` profile.
+    ``[B, M, B]`` profile. Pairs of scans of one subject are never computed; their entries stay
+    ``+inf`` and are never chosen, because each volume's ``K`` counts only the references it has.
     """
     b, m = len(pairs.counts), pairs.m
+    k = max(ks)
     device = scores.device
     inf = float("inf")
     best = torch.full((b, m, k), inf, dtype=torch.float32, device=device)
@@ -442,6 +492,9 @@ def _scores_pair_symmetric(pairs: _PairBlocks, k: int, scores: torch.Tensor) -> 
         row_min = torch.empty((count, len(higher)), dtype=torch.float32, device=device)
         columns = torch.full((len(higher), m), inf, dtype=torch.float32, device=device)
         for j, c in enumerate(higher):
+            if c in same[a]:
+                row_min[:, j] = inf
+                continue
             refs_c = pairs.refs(c)
             for rows in pairs.tiles(a):
                 block = pairs.block(p_a, a, rows, c, refs_c)
@@ -457,7 +510,7 @@ def _scores_pair_symmetric(pairs: _PairBlocks, k: int, scores: torch.Tensor) -> 
             ],
             dim=1,
         )
-        pairs.scores(a, p_a, ids.gather(1, values.topk(k, dim=1, largest=False).indices), scores)
+        pairs.scores(a, p_a, ids.gather(1, values.topk(ks[a], dim=1, largest=False).indices), scores)
         # Volume a is now a complete column of every higher volume's profile: keep their k best.
         for j, c in enumerate(higher):
             values = torch.cat([best[c], columns[j].unsqueeze(1)], dim=1)
@@ -474,6 +527,7 @@ def mutual_similarity_scores(
     query_tile: int = DEFAULT_QUERY_TILE,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     volumes: Sequence[int] | None = None,
+    groups: Sequence[object] | None = None,
 ) -> torch.Tensor:
     """Exact mutual-similarity anomaly scores (Eq. 1-2), tiled.
 
@@ -486,16 +540,23 @@ def mutual_similarity_scores(
         block_elements: element budget of the largest intermediate block (see module docstring).
         volumes: score only the tokens of these volumes (all are still references); the other rows
             stay 0. ``None``: all. For sharding the query side (and benchmarks).
+        groups: optional subject of each volume (``[B]`` hashables). Scans of one subject (repeat
+            scans, follow-ups, copies) are never references for each other, and each volume's ``K`` is
+            Eq. 2 over the references it has: ``max(1, floor(rho * (B - S)))`` for a subject with
+            ``S`` scans. ``None``: every volume is its own subject (the paper).
 
     Returns:
         ``[B, N]`` fp32 scores on the device of ``tokens``.
 
     Raises:
-        ValueError: ``B < 2``, bad shapes, bad ``rho``, or a volume without any valid token.
+        ValueError: ``B < 2``, bad shapes, bad ``rho``, a volume without any valid token, or a volume
+            whose subject holds every other volume of the batch.
     """
     valid = _check_inputs(tokens, valid)
     b, n, _ = tokens.shape
-    k = num_neighbours(b, rho)
+    same = _same_subject(groups, b)
+    ks = _neighbours_per_volume(b, rho, same)
+    k = max(ks)
     wanted = _check_volumes(volumes, b)
     pairs = _PairBlocks(tokens, valid, query_tile, block_elements)
     scores = torch.zeros(b, n, dtype=torch.float32, device=tokens.device)
@@ -504,10 +565,14 @@ def mutual_similarity_scores(
     store = b * pairs.m * k * 6
     bank_bytes = tokens.numel() * tokens.element_size()
     if set(wanted) == set(range(b)) and b < 2**15 and store <= max(bank_bytes // 8, 4 * block_elements):
-        _scores_pair_symmetric(pairs, k, scores)
+        _scores_pair_symmetric(pairs, ks, scores, same)
     else:
-        _scores_per_volume(pairs, wanted, k, scores)
+        _scores_per_volume(pairs, wanted, ks, scores, same)
     return scores
+
+
+def _as_skip(value: int | Sequence[int]) -> int | list[int]:
+    return int(value) if isinstance(value, int) else [int(v) for v in value]
 
 
 def _check_reference_side(tokens: torch.Tensor, valid: torch.Tensor | None, what: str) -> torch.Tensor:
@@ -560,7 +625,8 @@ def reference_scores(
         reference_valid: ``[B_ref, N_ref]`` bool or ``None``; an invalid reference token is never
             matched.
         rho: neighbour ratio.
-        exclude: per query volume, the index of the reference that is that same volume, or ``None``.
+        exclude: per query volume, the index of the reference that is that same volume (or a list of
+            indices: every scan of its subject in the bank), or ``None``.
         query_tile, block_elements: as in :func:`mutual_similarity_scores`.
 
     Returns:
@@ -577,18 +643,19 @@ def reference_scores(
     b_ref, n_ref, d_ref = references.shape
     if d_ref != d:
         raise ValueError(f"queries have d={d} but the references have d={d_ref}")
-    skips = [None] * bq if exclude is None else [None if e is None else int(e) for e in exclude]
-    if len(skips) != bq or any(e is not None and not 0 <= e < b_ref for e in skips):
-        raise ValueError(f"exclude must give None or a reference index in [0, {b_ref}) per query volume")
-    lonely = [i for i, e in enumerate(skips) if e is not None and b_ref < 2]
+    skips = [None] * bq if exclude is None else [None if e is None else _as_skip(e) for e in exclude]
+    if len(skips) != bq or any(not 0 <= e < b_ref for s in skips for e in _excluded(s)):
+        raise ValueError(f"exclude must give None or reference indices in [0, {b_ref}) per query volume")
+    lonely = [i for i, s in enumerate(skips) if b_ref - len(_excluded(s)) < 1]
     if lonely:
         raise ValueError(f"query volume(s) {lonely} have no reference: the bank holds only the volume itself")
+
     index, ref_sq_norms = _pack_valid(reference_valid, _sq_norms(references, reference_valid))
     scores = torch.zeros(bq, n, dtype=torch.float32, device=queries.device)
     workspace = _workspace(max(block_elements, min(query_tile, n) * ref_sq_norms.shape[1]), queries.device)
     for i in range(bq):
-        # R references: all of the bank, or all but the query volume itself.
-        k = num_neighbours(b_ref + (skips[i] is None), rho)
+        # R references: all of the bank, or all but the query volume itself (or its subject's scans).
+        k = num_neighbours(b_ref - len(_excluded(skips[i])) + 1, rho)
         for idx in _query_tiles(torch.nonzero(query_valid[i]).flatten(), query_tile):
             tile = queries[i, idx].float()
             profile = _distance_profile(
@@ -698,7 +765,7 @@ def _c2f_profiles(
     coarse_q: torch.Tensor,
     fine_q: torch.Tensor,
     bank: _C2FBank,
-    exclude: int,
+    exclude: int | Sequence[int],
     group: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Coarse and C2F fine distance profiles of one query tile against every other volume.
@@ -706,7 +773,7 @@ def _c2f_profiles(
     Args:
         coarse_q: ``[Q, d]`` fp32 query coarse tokens; ``fine_q``: ``[Q, h, d]`` their fine children.
         bank: the validated bank (norms, masks, buffers).
-        exclude: the query volume.
+        exclude: the query volume (or every scan of its subject).
         group: reference volumes per coarse GEMM.
 
     Returns:
@@ -807,14 +874,17 @@ class _C2FBank:
             max(self.routes, CANDIDATE_ELEMENTS // (h * d)), h * d, dtype=fine.dtype, device=fine.device
         )
 
-    def tiles(self, volumes: Sequence[int] | None) -> Iterator[tuple[int, torch.Tensor, tuple]]:
+    def tiles(
+        self, volumes: Sequence[int] | None, same: Sequence[Sequence[int]] | None = None
+    ) -> Iterator[tuple[int, torch.Tensor, tuple]]:
         for i in _check_volumes(volumes, self.coarse.shape[0]):
+            exclude = [i, *same[i]] if same is not None and same[i] else i
             query_index = torch.nonzero(self.queries_of[i]).flatten()
             for start in range(0, query_index.numel(), self.tile):
                 idx = query_index[start : start + self.tile]
                 group = max(1, self.block_elements // (idx.numel() * self.per_query))
                 profiles = _c2f_profiles(
-                    self.coarse[i, idx].float(), self.fine[i, idx].float(), self, i, group
+                    self.coarse[i, idx].float(), self.fine[i, idx].float(), self, exclude, group
                 )
                 yield i, idx, profiles
 
@@ -849,6 +919,7 @@ def c2f_scores(
     query_tile: int = DEFAULT_QUERY_TILE,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     volumes: Sequence[int] | None = None,
+    groups: Sequence[object] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Coarse scores and coarse-to-fine routed fine scores (Sec. 3.5, Eq. 2 and 6).
 
@@ -885,6 +956,7 @@ def c2f_scores(
             to keep the gathered candidates within ``block_elements``).
         block_elements: element budget of the largest intermediate block.
         volumes: score only these volumes (see :func:`mutual_similarity_scores`).
+        groups: optional subject of each volume (see :func:`mutual_similarity_scores`).
 
     Returns:
         ``(coarse_scores [B, N_c], fine_scores [B, N_c, h])`` fp32 on the device of ``coarse``.
@@ -895,14 +967,16 @@ def c2f_scores(
     """
     bank = _C2FBank(coarse, fine, coarse_valid, fine_valid, L, query_tile, block_elements)
     b, n_c, h, _ = fine.shape
-    k = num_neighbours(b, rho)
+    same = _same_subject(groups, b)
+    ks = _neighbours_per_volume(b, rho, same)
     coarse_scores = torch.zeros(b, n_c, dtype=torch.float32, device=coarse.device)
     fine_scores = torch.zeros(b, n_c, h, dtype=torch.float32, device=coarse.device)
 
     def fine_lookup(v: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         return fine[v, torch.div(j, h, rounding_mode="floor"), j % h]
 
-    for i, idx, (coarse_d2, coarse_nn, fine_d2, fine_nn) in bank.tiles(volumes):
+    for i, idx, (coarse_d2, coarse_nn, fine_d2, fine_nn) in bank.tiles(volumes, same):
+        k = ks[i]
         coarse_q, fine_q = coarse[i, idx].float(), fine[i, idx].float()
         c = _mean_of_k_nearest(coarse_q, coarse_d2, coarse_nn, k, lambda v, j: coarse[v, j], block_elements)
         coarse_scores[i, idx] = torch.where(bank.coarse_valid[i, idx], c, 0.0)

@@ -1,0 +1,93 @@
+"""Scans of one subject are never references for each other (``groups``), in every exact scorer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from scripts.scoring import c2f_scores, mutual_similarity_scores, reference_scores
+
+
+def _tokens(b: int = 7, n: int = 40, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.nn.functional.normalize(torch.randn(b, n, d, generator=gen), dim=-1)
+    valid = torch.rand(b, n, generator=gen) > 0.3
+    return tokens, valid
+
+
+def _brute_force(tokens: torch.Tensor, valid: torch.Tensor, rho: float, groups: list) -> torch.Tensor:
+    """Eq. 1-2 by hand over the volumes of *other* subjects, K from their count."""
+    b, n, _ = tokens.shape
+    out = torch.zeros(b, n, dtype=torch.float64)
+    t = tokens.double()
+    for i in range(b):
+        refs = [j for j in range(b) if groups[j] != groups[i]]
+        k = max(1, math.floor(rho * len(refs) + 1e-9))
+        for a in range(n):
+            if not valid[i, a]:
+                continue
+            nearest = sorted(float((t[j][valid[j]] - t[i, a]).norm(dim=1).min()) for j in refs)
+            out[i, a] = sum(nearest[:k]) / k
+    return out
+
+
+GROUPS = [0, 1, 1, 2, 3, 3, 3]
+
+
+@pytest.mark.parametrize("rho", [0.2, 0.5, 1.0])
+def test_groups_equal_brute_force_in_both_orders(rho: float) -> None:
+    tokens, valid = _tokens()
+    expected = _brute_force(tokens, valid, rho, GROUPS)
+    whole = mutual_similarity_scores(tokens, valid, rho, groups=GROUPS)  # pair-symmetric order
+    torch.testing.assert_close(whole.double(), expected, atol=1e-5, rtol=1e-5)
+    for i in range(7):  # per-volume order, as one torchrun rank's share
+        one = mutual_similarity_scores(tokens, valid, rho, groups=GROUPS, volumes=[i])
+        torch.testing.assert_close(one[i], whole[i], atol=1e-6, rtol=1e-6)
+
+
+def test_a_copy_in_the_same_subject_does_not_hide_a_lesion() -> None:
+    """Volume 1 is an exact copy of volume 0: as one subject they score as if the copy were absent."""
+    tokens, valid = _tokens(8)
+    tokens[1], valid[1] = tokens[0], valid[0]
+    alone = mutual_similarity_scores(tokens[1:], valid[1:], 0.3)[0]
+    grouped = mutual_similarity_scores(tokens, valid, 0.3, groups=[0, 0, 1, 2, 3, 4, 5, 6])
+    torch.testing.assert_close(grouped[0], alone, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grouped[1], alone, atol=1e-6, rtol=1e-6)
+    assert float(mutual_similarity_scores(tokens, valid, 0.1)[0].max()) == 0.0  # the failure it fixes
+
+
+def test_no_groups_is_the_paper() -> None:
+    tokens, valid = _tokens()
+    plain = mutual_similarity_scores(tokens, valid, 0.3)
+    assert torch.equal(mutual_similarity_scores(tokens, valid, 0.3, groups=list(range(7))), plain)
+
+
+def test_c2f_with_groups_at_full_routing_is_exact_on_fine_tokens() -> None:
+    gen = torch.Generator().manual_seed(3)
+    b, n_c, h, d = 6, 12, 2, 8
+    fine = torch.nn.functional.normalize(torch.randn(b, n_c, h, d, generator=gen), dim=-1)
+    coarse = torch.nn.functional.normalize(fine.mean(dim=2), dim=-1)
+    groups = [0, 0, 1, 2, 2, 3]
+    c, f = c2f_scores(coarse, fine, rho=0.5, L=n_c, groups=groups)
+    ones = torch.ones(b, n_c, dtype=torch.bool)
+    torch.testing.assert_close(c.double(), _brute_force(coarse, ones, 0.5, groups), atol=1e-5, rtol=1e-5)
+    expected = _brute_force(
+        fine.reshape(b, n_c * h, d), torch.ones(b, n_c * h, dtype=torch.bool), 0.5, groups
+    )
+    torch.testing.assert_close(f.reshape(b, -1).double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_bank_excludes_every_scan_of_the_subject() -> None:
+    tokens, valid = _tokens(7)
+    bank, bank_valid = tokens[1:], valid[1:]
+    got = reference_scores(tokens[:1], valid[:1], bank, bank_valid, 0.5, exclude=[[0, 1]])
+    expected = reference_scores(tokens[:1], valid[:1], bank[2:], bank_valid[2:], 0.5)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_a_subject_holding_the_whole_batch_is_an_error() -> None:
+    tokens, valid = _tokens(3)
+    with pytest.raises(ValueError, match="no reference"):
+        mutual_similarity_scores(tokens, valid, 0.5, groups=["a", "a", "a"])
