@@ -65,8 +65,14 @@ class BatchScorer:
             yield key, bank[0].grids[key].shape, tokens, valid
             del tokens, valid  # a stacked copy goes before the next key's is made
 
-    def exact(self, bank: Sequence[VolumeTokens], queries: Sequence[int] | None = None) -> TokenScores:
-        """Every volume of ``queries`` (default: all) against all other volumes of ``bank``.
+    def exact(
+        self,
+        bank: Sequence[VolumeTokens],
+        queries: Sequence[int] | None = None,
+        subjects: Sequence[object] | None = None,
+    ) -> TokenScores:
+        """Every volume of ``queries`` (default: all) against all other volumes of ``bank``, except the
+        other scans of its subject when ``subjects`` (one per volume) is given.
 
         For F/MS the result also holds ``key + "/fine"`` grids ``[M * h, P, P]`` of C2F fine scores,
         the coarse ones coming from the same coarse distance pass.
@@ -90,10 +96,16 @@ class BatchScorer:
             try:
                 if self.variant == "C":
                     scores = mutual_similarity_scores(
-                        tokens, valid, self.rho, self.query_tile, self.block_elements, volumes=queries
+                        tokens,
+                        valid,
+                        self.rho,
+                        self.query_tile,
+                        self.block_elements,
+                        volumes=queries,
+                        groups=subjects,
                     )
                 else:
-                    scores = self._c2f(bank, key, shape, tokens, valid, queries, wanted, results)
+                    scores = self._c2f(bank, key, shape, tokens, valid, (queries, wanted, subjects), results)
             except ValueError as err:
                 raise ValueError(f"{key}: {err}") from None
             for i in wanted:
@@ -108,11 +120,12 @@ class BatchScorer:
         shape: tuple[int, int, int],
         tokens: torch.Tensor,
         valid: torch.Tensor,
-        queries: Sequence[int] | None,
-        wanted: Iterable[int],
+        who: tuple[Sequence[int] | None, Iterable[int], Sequence[object] | None],
         results: TokenScores,
     ) -> torch.Tensor:
-        """Coarse scores of ``key`` (returned) and its fine scores (written into ``results``)."""
+        """Coarse scores of ``key`` (returned) and its fine scores (written into ``results``);
+        ``who`` is ``(queries, wanted, subjects)`` as in :meth:`exact`."""
+        queries, wanted, subjects = who
         fine_shape = bank[0].grids[key + FINE_SUFFIX].shape
         h = fine_shape[0] // shape[0]
         fine, fine_valid = (
@@ -131,6 +144,7 @@ class BatchScorer:
             self.query_tile,
             self.block_elements,
             volumes=queries,
+            groups=subjects,
         )
         for i in wanted:  # [N_c, h] -> [M * h, P, P]
             grid = fine_scores[i].cpu().reshape(*shape, h).permute(0, 3, 1, 2)
@@ -158,7 +172,7 @@ class BatchScorer:
         references: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
         bank: Sequence[VolumeTokens],
         wanted: Sequence[int],
-        skips: Sequence[int | None],
+        skips: Sequence[int | Sequence[int] | None],
     ) -> TokenScores:
         """Volumes ``wanted`` of ``bank`` against the reference bank's volumes only.
 
@@ -166,7 +180,8 @@ class BatchScorer:
             references: ``{key: (tokens [B_ref, N, d], valid [B_ref, N])}`` (e.g. memory-mapped fp16).
             bank: the new volumes' tokens.
             wanted: indices into ``bank`` to score.
-            skips: per volume of ``bank``, the reference index that is that same scan, or ``None``.
+            skips: per volume of ``bank``, the reference index that is that same scan (or the indices of
+                every scan of its subject), or ``None``.
         """
         results: TokenScores = [{} for _ in bank]
         keys = list(bank[0].grids)
@@ -176,7 +191,8 @@ class BatchScorer:
             b_ref = next(iter(references.values()))[0].shape[0]
             for i in wanted:
                 like = bank[i]
-                refs = [_reference_volume(references, keys, j, like) for j in range(b_ref) if j != skips[i]]
+                skip = _skipped(skips[i])
+                refs = [_reference_volume(references, keys, j, like) for j in range(b_ref) if j not in skip]
                 results[i] = self.exact([like, *refs], [0])[0]
             return results
         batches = self._key_batches([bank[i] for i in wanted], keys, "scoring vs bank (axis/layer)")
@@ -198,6 +214,12 @@ class BatchScorer:
             for row, i in enumerate(wanted):
                 results[i][key] = scores[row].cpu().reshape(shape)
         return results
+
+
+def _skipped(skip: int | Sequence[int] | None) -> set[int]:
+    if skip is None:
+        return set()
+    return {int(skip)} if isinstance(skip, int) else {int(s) for s in skip}
 
 
 def _reference_volume(

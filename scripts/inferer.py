@@ -175,6 +175,7 @@ class CS3FInferer(Inferer):
         bank: Sequence[VolumeTokens],
         queries: Sequence[int] | None = None,
         names: Sequence[str] | None = None,
+        subjects: Sequence[object] | None = None,
     ) -> TokenScores:
         """Cross-subject token scores for every volume, per axis x layer (Eq. 1-2; Eq. 6 for F/MS).
 
@@ -184,20 +185,23 @@ class CS3FInferer(Inferer):
                 their references in the batch; ``None``: all.
             names: volume names, used by ``random:N`` to draw each volume's references (so that the
                 draw does not depend on the order of ``bank``); ``None``: the positions.
+            subjects: the subject of each volume: scans of one subject (repeat scans, follow-ups,
+                copies) are never references for each other, and ``K`` counts the references each
+                volume has; ``None``: every volume is its own subject (the paper).
 
         Returns:
             per volume, ``{key: [M, P, P]}`` fp32 token scores (0 for invalid tokens); for F/MS also
             ``{key + "/fine": [M * h, P, P]}`` C2F fine scores. Volumes not in ``queries`` get ``{}``.
             A bank held in a :class:`BatchBuffer` is scored in place.
         """
-        return score_with_references(self.scorer, bank, self.references, self.seed, queries, names)
+        return score_with_references(self.scorer, bank, self.references, self.seed, queries, names, subjects)
 
     def score_references(
         self,
         references: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
         bank: Sequence[VolumeTokens],
         queries: Sequence[int] | None = None,
-        exclude: Sequence[int | None] | None = None,
+        exclude: Sequence[int | Sequence[int] | None] | None = None,
     ) -> TokenScores:
         """Token scores of new volumes against a reference bank only (``references: bank:DIR``).
 
@@ -210,7 +214,8 @@ class CS3FInferer(Inferer):
             bank: tokens of the ``>= 1`` new volumes.
             queries: score only these (indices into ``bank``); ``None``: all.
             exclude: per volume of ``bank``, the index of the reference that is that same scan (a
-                volume is never its own reference), or ``None``.
+                volume is never its own reference), or the indices of every scan of its subject in the
+                bank, or ``None``.
         """
         if not bank:
             raise ValueError("no volumes to score against the reference bank")

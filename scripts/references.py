@@ -168,7 +168,11 @@ def _mix(x: np.ndarray) -> np.ndarray:
 
 
 def reference_subsets(
-    names: Sequence[str], n: int, seed: int = 0, queries: Iterable[int] | None = None
+    names: Sequence[str],
+    n: int,
+    seed: int = 0,
+    queries: Iterable[int] | None = None,
+    subjects: Sequence[object] | None = None,
 ) -> dict[int, list[int]]:
     """For each query volume, the indices of its ``n`` references among the other volumes.
 
@@ -182,6 +186,8 @@ def reference_subsets(
         n: references per query volume, ``>= 1``.
         seed: seed of the draw.
         queries: the query indices wanted (default: all).
+        subjects: optional subject per volume; the other scans of a query's subject are never drawn
+            (the draw is then over the volumes of other subjects, ``min(n, count)`` of them).
 
     Returns:
         ``{query index: [reference indices, in name order]}``.
@@ -195,14 +201,16 @@ def reference_subsets(
     hashes = np.array([_name_hash(seed, v) for v in names], dtype=np.uint64)
     rank = np.empty(b, dtype=np.int64)
     rank[np.argsort(np.array(names, dtype=object), kind="stable")] = np.arange(b)
-    take = min(int(n), b - 1)
+    ids: dict[object, int] = {}
+    groups = np.array([ids.setdefault(s, len(ids)) for s in (range(b) if subjects is None else subjects)])
     out: dict[int, list[int]] = {}
     for i in range(b) if queries is None else queries:
         i = int(i)
         keys = _mix(hashes[i : i + 1] * _GOLDEN + hashes)
-        others = np.delete(np.arange(b), i)
-        keys = np.delete(keys, i)
-        if take < b - 1:
+        keep = np.flatnonzero(groups != groups[i]) if subjects is not None else np.delete(np.arange(b), i)
+        others, keys = keep, keys[keep]
+        take = min(int(n), len(others))
+        if take < len(others):
             others = others[np.argpartition(keys, take - 1)[:take]]
         out[i] = sorted(others.tolist(), key=lambda j: rank[j])
     return out
@@ -215,19 +223,23 @@ def score_with_references(
     seed: int = 0,
     queries: Sequence[int] | None = None,
     names: Sequence[str] | None = None,
+    subjects: Sequence[object] | None = None,
 ) -> TokenScores:
     """Token scores of ``queries`` (default: all) of ``bank`` against their references within ``bank``.
 
     ``all``: the exact scorer on the whole batch. ``chunks``: each chunk scored on its own.
     ``random``: each volume against the batch of itself and its references (CS3F-C in one pass per
     key; F/MS one batch per query). ``names`` seed the random draw so that it does not depend on the
-    order of ``bank`` (default: the positions).
+    order of ``bank`` (default: the positions). ``subjects`` (one per volume): the other scans of a
+    volume's subject are never its references, in every mode.
     """
     if references.mode == "bank":
         raise ValueError("a reference bank is scored with CS3FInferer.score_references")
     b = len(bank)
-    if references.mode == "all" or (references.mode == "random" and references.size >= b - 1):
-        return scorer.exact(bank, queries)  # every other volume is a reference: exact
+    if references.mode == "all" or (
+        references.mode == "random" and subjects is None and references.size >= b - 1
+    ):
+        return scorer.exact(bank, queries, subjects)  # every other volume is a reference: exact
     if b < 2:
         raise ValueError(f"CS3F scores volumes against each other: need at least 2 volumes, got {b}")
     wanted = list(range(b)) if queries is None else sorted({int(i) for i in queries})
@@ -237,19 +249,22 @@ def score_with_references(
             mine = [i - lo for i in wanted if lo <= i < hi]
             if mine:
                 jobs.append((list(range(lo, hi)), mine))
-    else:
-        labels = [str(i) for i in range(b)] if names is None else list(names)
-        if len(labels) != b:
-            raise ValueError(f"got {len(labels)} names for {b} volumes")
-        subsets = reference_subsets(labels, references.size, seed, wanted)
-        if scorer.variant == "C":
-            return scorer.subsets(bank, subsets)
-        jobs = [([i, *subsets[i]], [0]) for i in wanted]
-    return _score_jobs(scorer, bank, jobs, "chunk" if references.mode == "chunks" else "volume")
+        return _score_jobs(scorer, bank, jobs, "chunk", subjects)
+    labels = [str(i) for i in range(b)] if names is None else list(names)
+    if len(labels) != b:
+        raise ValueError(f"got {len(labels)} names for {b} volumes")
+    subsets = reference_subsets(labels, references.size, seed, wanted, subjects)
+    if scorer.variant == "C":
+        return scorer.subsets(bank, subsets)
+    return _score_jobs(scorer, bank, [([i, *subsets[i]], [0]) for i in wanted], "volume")
 
 
 def _score_jobs(
-    scorer: BatchScorer, bank: Sequence[VolumeTokens], jobs: list[tuple[list[int], list[int]]], what: str
+    scorer: BatchScorer,
+    bank: Sequence[VolumeTokens],
+    jobs: list[tuple[list[int], list[int]]],
+    what: str,
+    subjects: Sequence[object] | None = None,
 ) -> TokenScores:
     """Score each job ``(members, local queries)`` as its own batch; one progress bar over the jobs."""
     results: TokenScores = [{} for _ in bank]
@@ -261,7 +276,8 @@ def _score_jobs(
 
             iterator = tqdm(jobs, desc=f"scoring ({what}s)", unit=what)
         for members, local in iterator:
-            scored = scorer.exact([bank[j] for j in members], local)
+            groups = None if subjects is None else [subjects[j] for j in members]
+            scored = scorer.exact([bank[j] for j in members], local, groups)
             for j in local:  # a copy: a view would keep the job's whole score grid alive
                 results[members[j]] = {k: v.clone() for k, v in scored[j].items()}
     finally:

@@ -91,3 +91,59 @@ def test_a_subject_holding_the_whole_batch_is_an_error() -> None:
     tokens, valid = _tokens(3)
     with pytest.raises(ValueError, match="no reference"):
         mutual_similarity_scores(tokens, valid, 0.5, groups=["a", "a", "a"])
+
+
+def _volumes(b: int = 8) -> list:
+    """Random token grids of ``b`` volumes; volume 1 is an exact copy of volume 0."""
+    from scripts.tokens import TokenGrid, VolumeTokens
+
+    gen = torch.Generator().manual_seed(5)
+    out = []
+    for _ in range(b):
+        grids = {
+            key: TokenGrid(
+                torch.nn.functional.normalize(torch.randn(2, 3, 3, 8, generator=gen), dim=-1),
+                torch.rand(2, 3, 3, generator=gen) > 0.2,
+            )
+            for key in ("axial/0", "coronal/0")
+        }
+        out.append(VolumeTokens((8, 8, 8), grids))
+    out[1] = VolumeTokens(
+        (8, 8, 8), {k: TokenGrid(g.tokens.clone(), g.valid.clone()) for k, g in out[0].grids.items()}
+    )
+    return out
+
+
+@pytest.mark.parametrize("references", ["all", "random:4", "random:100", "chunks:8"])
+def test_every_reference_mode_keeps_a_subjects_scans_apart(references: str) -> None:
+    """With the copy declared the same subject, volume 0 scores as if the copy were not in the cohort."""
+    from scripts.inferer import CS3FInferer
+
+    bank = _volumes()
+    names = [f"v{i}" for i in range(8)]
+    inferer = CS3FInferer(q=4, d=8, rho=0.5, references=references)
+    grouped = inferer.score(bank, names=names, subjects=["s0", "s0", *names[2:]])
+    for i in (0, 1):  # each scan as if its mate were not in the cohort (random draws are by name)
+        without = inferer.score([bank[i], *bank[2:]], names=[names[i], *names[2:]])[0]
+        for key in bank[0].grids:
+            torch.testing.assert_close(grouped[i][key], without[key], atol=1e-6, rtol=1e-6)
+            assert float(grouped[i][key].max()) > 0
+
+
+def test_reference_bank_mode_excludes_the_subjects_scans() -> None:
+    from scripts.inferer import CS3FInferer
+
+    bank = _volumes()
+    refs = {
+        k: (
+            torch.stack([v.grids[k].tokens for v in bank]).flatten(1, 3),
+            torch.stack([v.grids[k].valid for v in bank]).flatten(1),
+        )
+        for k in bank[0].grids
+    }
+    inferer = CS3FInferer(q=4, d=8, rho=0.5)
+    got = inferer.score_references(refs, bank[:1], exclude=[[0, 1]])[0]
+    rest = {k: (t[2:], v[2:]) for k, (t, v) in refs.items()}
+    expected = inferer.score_references(rest, bank[:1])[0]
+    for key in got:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=1e-6)
