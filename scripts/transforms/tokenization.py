@@ -318,8 +318,10 @@ class TokenValidity(Transform):
         self.delta = float(delta)
 
     def fraction(self, mask: torch.Tensor) -> torch.Tensor:
-        """Foreground fraction ``[T/q, P, P]`` of every token."""
-        stack = slices_first(convert_to_tensor(mask, track_meta=False), self.axis)[:, 0].float()  # [T, h, w]
+        """Foreground fraction ``[T/q, P, P]`` of every token; foreground is ``mask > 0``, so a
+        ``{0, 255}`` or label mask gives the same fractions as its binary form."""
+        stack = slices_first(convert_to_tensor(mask, track_meta=False), self.axis)[:, 0] > 0  # [T, h, w]
+        stack = stack.float()
         m = check_divisible(stack.shape[0], self.q, self.axis)
         return F.adaptive_avg_pool3d(stack[None, None], (m, *self.grid))[0, 0]
 
