@@ -20,14 +20,15 @@ token = template + per-volume noise, children of one coarse region correlated), 
 routing relies on. Coarse tokens are the normalised mean of their children, as depth pooling makes
 them.
 
-Usage: ``python -m scripts.benchmarks.c2f --B 24 --n_coarse 2048 --h 4 --Ls [1,4,16,64]``, or on the real
-tokens an F/MS bundle run cached: ``python -m scripts.benchmarks.c2f --cache OUT/tokens --key axial/0``.
+Usage: ``python -m scripts.benchmarks c2f --B 24 --n_coarse 2048 --h 4 --Ls 1,4,16,64``, or on the real
+tokens an F/MS bundle run cached: ``python -m scripts.benchmarks c2f --cache OUT/tokens --key axial/0``.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,7 +36,6 @@ import torch.nn.functional as F
 
 from scripts.scoring import (
     DEFAULT_BLOCK_ELEMENTS,
-    _sq_norms,
     c2f_scores,
     c2f_tiles,
     mutual_similarity_scores,
@@ -103,17 +103,158 @@ def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(spearmanr(a.double().cpu().numpy(), b.double().cpu().numpy()).statistic)
 
 
-def _timed(fn: Callable[[], object], repeats: int, device: torch.device) -> tuple[float, object]:
-    best, out = float("inf"), None
+def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
+    """``(seconds, output)`` of one call of ``fn``."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, out
+
+
+@dataclass
+class _Bank:
+    """Coarse and fine tokens with their masks, and the fine tokens flattened per volume."""
+
+    coarse: torch.Tensor  # [B, N_c, d]
+    fine: torch.Tensor  # [B, N_c, h, d]
+    coarse_valid: torch.Tensor  # [B, N_c]
+    fine_valid: torch.Tensor  # [B, N_c, h]
+    kind: str
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """``(B, N_c, h, d)``."""
+        return tuple(self.fine.shape)  # type: ignore[return-value]
+
+    @property
+    def flat(self) -> torch.Tensor:
+        b, n, h, d = self.shape
+        return self.fine.reshape(b, n * h, d)
+
+    @property
+    def flat_valid(self) -> torch.Tensor:
+        b, n, h, _ = self.shape
+        return self.fine_valid.reshape(b, n * h)
+
+
+def _make_bank(
+    size: tuple[int, int, int, int], tokens: str, seed: int, bank: tuple | None, device: torch.device
+) -> _Bank:
+    """The bank to score: a given one (masks optional) or synthetic tokens of ``size = (B, N_c, h, d)``."""
+    if bank is None:
+        coarse, fine = (t.to(device) for t in synthetic_tokens(*size, kind=tokens, seed=seed))
+        coarse_valid = fine_valid = None
+    else:
+        coarse, fine, coarse_valid, fine_valid = (*bank, None, None)[:4]
+        coarse, fine, tokens = coarse.to(device), fine.to(device), "given bank"
+    b, n, h, _ = fine.shape
+    cv = torch.ones(b, n, dtype=torch.bool) if coarse_valid is None else coarse_valid.bool()
+    fv = torch.ones(b, n, h, dtype=torch.bool) if fine_valid is None else fine_valid.bool()
+    return _Bank(coarse, fine, cv.to(device), fv.to(device), tokens)
+
+
+def _time_all(
+    scorers: dict[str, Callable[[list[int]], object]],
+    n_query: int,
+    b: int,
+    repeats: int,
+    device: torch.device,
+) -> tuple[dict[str, float], dict[str, object]]:
+    """Seconds for all ``b`` query volumes per scorer (minimum over rounds), and each one's output.
+
+    Every scorer is timed once per round and rounds are interleaved, so that a change of machine load
+    between rounds hits all of them alike. The time for all ``b`` volumes is the once-per-call setup
+    (timed by a call scoring no volume) plus the per-volume part scaled from the ``n_query`` measured.
+    """
+    volumes = list(range(n_query))
+    seconds: dict[str, float] = {}
+    outputs: dict[str, object] = {}
     for _ in range(max(1, repeats)):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return best, out
+        for name, score in scorers.items():
+            setup = _timed(lambda score=score: score([]), device)[0] if n_query < b else 0.0
+            t, outputs[name] = _timed(lambda score=score: score(volumes), device)
+            seconds[name] = min(seconds.get(name, float("inf")), setup + max(0.0, t - setup) * b / n_query)
+    return seconds, outputs
+
+
+def _exact_nearest(bank: _Bank, n_query: int, block_elements: int) -> list[torch.Tensor]:
+    """Exhaustive nearest fine token per (fine query, reference volume), ``[N_c h, B]`` per query volume."""
+    flat, flat_valid = bank.flat, bank.flat_valid
+    # Squared norms in the form nearest_distance_profile takes: fp32, +inf where invalid (never nearest).
+    f32 = flat.float()
+    norms = torch.einsum("...d,...d->...", f32, f32).masked_fill(~flat_valid, float("inf"))
+    return [nearest_distance_profile(f32[i], flat, norms, i, block_elements)[1] for i in range(n_query)]
+
+
+def _nn_match(bank: _Bank, L: int, exact_nn: list[torch.Tensor], block_elements: int) -> float:
+    """Fraction of (valid fine query, other volume) pairs whose routed nearest token is the exhaustive one."""
+    b, _, h, _ = bank.shape
+    flat_valid = bank.flat_valid
+    matched = total = 0
+    tiles = c2f_tiles(
+        bank.coarse,
+        bank.fine,
+        bank.coarse_valid,
+        bank.fine_valid,
+        L=L,
+        block_elements=block_elements,
+        volumes=list(range(len(exact_nn))),
+    )
+    for i, idx, (_, _, _, fine_nn) in tiles:
+        rows = (idx.unsqueeze(1) * h + torch.arange(h, device=idx.device)).reshape(-1)
+        ok = flat_valid[i, rows]
+        others = torch.arange(b, device=flat_valid.device) != i
+        same = fine_nn.reshape(-1, b)[ok][:, others] == exact_nn[i][rows][ok][:, others]
+        matched += int(same.sum())
+        total += same.numel()
+    return matched / max(1, total)
+
+
+def _run_figures(
+    L: int,
+    c2f_s: float,
+    exhaustive_s: float,
+    approx: torch.Tensor,
+    exact: torch.Tensor,
+    nn_match: float,
+    n_coarse: int,
+    h: int,
+) -> dict:
+    """Time and agreement of one routing budget ``L`` (scores of the valid fine queries timed)."""
+    speedup = exhaustive_s / c2f_s
+    theory = theoretical_speedup(h, L, n_coarse)
+    return {
+        "L": int(L),
+        "c2f_s": round(c2f_s, 4),
+        "speedup": round(speedup, 2),
+        "theoretical": round(theory, 2),
+        "speedup_over_theory": round(speedup / theory, 3),
+        "spearman": round(_spearman(approx, exact), 5),
+        "nn_match": round(nn_match, 5),
+        "score_excess": round(float(((approx - exact) / exact.clamp_min(1e-12)).mean()), 5),
+    }
+
+
+def _params(bank: _Bank, rho: float, device: torch.device, repeats: int, n_query: int) -> dict:
+    b, n_coarse, h, d = bank.shape
+    times = f"seconds for all {b} query volumes"
+    return {
+        "B": b,
+        "n_coarse": n_coarse,
+        "n_valid_coarse": round(float(bank.coarse_valid.sum(dim=1).float().mean()), 1),
+        "h": h,
+        "d": d,
+        "rho": rho,
+        "tokens": bank.kind,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "query_volumes_timed": n_query,
+        "times": f"{times}, scaled from {n_query} measured + setup" if n_query < b else times,
+    }
 
 
 def bench_c2f(
@@ -162,103 +303,39 @@ def bench_c2f(
     if threads is not None:
         torch.set_num_threads(int(threads))
     try:
-        if bank is None:
-            coarse, fine = (t.to(device) for t in synthetic_tokens(B, n_coarse, h, d, tokens, seed=seed))
-            coarse_valid = fine_valid = None
-        else:
-            coarse, fine, coarse_valid, fine_valid = (*bank, None, None)[:4]
-            coarse, fine = coarse.to(device), fine.to(device)
-            B, n_coarse, h, d = fine.shape
-            tokens = "given bank"
-        cv = torch.ones(B, n_coarse, dtype=torch.bool) if coarse_valid is None else coarse_valid.bool()
-        fv = torch.ones(B, n_coarse, h, dtype=torch.bool) if fine_valid is None else fine_valid.bool()
-        cv, fv = cv.to(device), fv.to(device)
-        n_valid_coarse = float(cv.sum(dim=1).float().mean())
+        bk = _make_bank((B, n_coarse, h, d), tokens, seed, bank, device)
+        B, n_coarse, h, d = bk.shape
         n_query = B if query_volumes is None else max(1, min(int(query_volumes), B))
-        volumes = list(range(n_query))
-        flat = fine.reshape(B, n_coarse * h, d)
-        flat_valid = fv.reshape(B, n_coarse * h)
-
-        # Every scorer is timed once per round and rounds are interleaved, so that a change of machine
-        # load between rounds hits all of them alike; the minimum over rounds is kept.
+        cv, fv = bk.coarse_valid, bk.fine_valid
         scorers: dict[str, Callable[[list[int]], object]] = {
             "exhaustive": lambda v: mutual_similarity_scores(
-                flat, flat_valid, rho, block_elements=block_elements, volumes=v
+                bk.flat, bk.flat_valid, rho, block_elements=block_elements, volumes=v
             ),
             "coarse": lambda v: mutual_similarity_scores(
-                coarse, cv, rho, block_elements=block_elements, volumes=v
+                bk.coarse, cv, rho, block_elements=block_elements, volumes=v
             ),
         }
         for L in Ls:
             scorers[f"L={L}"] = lambda v, L=L: c2f_scores(
-                coarse, fine, cv, fv, rho, L=L, block_elements=block_elements, volumes=v
+                bk.coarse, bk.fine, cv, fv, rho, L=L, block_elements=block_elements, volumes=v
             )
-        seconds: dict[str, float] = {}
-        outputs: dict[str, object] = {}
-        for _ in range(max(1, repeats)):
-            for name, score in scorers.items():
-                # Time for all B volumes: the once-per-call setup (a call scoring no volume) plus the
-                # per-volume part scaled from the n_query volumes measured.
-                setup = _timed(lambda score=score: score([]), 1, device)[0] if n_query < B else 0.0
-                t, outputs[name] = _timed(lambda score=score: score(volumes), 1, device)
-                total_s = setup + max(0.0, t - setup) * B / n_query
-                seconds[name] = min(seconds.get(name, float("inf")), total_s)
-        exhaustive_s, coarse_s = seconds["exhaustive"], seconds["coarse"]
-        query_valid = flat_valid[:n_query].reshape(-1)
+        seconds, outputs = _time_all(scorers, n_query, B, repeats, device)
+        query_valid = bk.flat_valid[:n_query].reshape(-1)
         exact = outputs["exhaustive"][:n_query].reshape(-1)[query_valid]
-        # Exhaustive nearest fine token per (fine query, reference volume), for the NN agreement.
-        norms = _sq_norms(flat, flat_valid)
-        exact_nn = [
-            nearest_distance_profile(flat[i].float(), flat, norms, i, block_elements)[1] for i in volumes
-        ]  # each [N_c * h, B]
-
+        exact_nn = _exact_nearest(bk, n_query, block_elements)
         runs = []
         for L in Ls:
-            c2f_s, approx = seconds[f"L={L}"], outputs[f"L={L}"][1]
-            approx = approx[:n_query].reshape(-1)[query_valid]
-            matched = total = 0
-            for i, idx, (_, _, _, fine_nn) in c2f_tiles(
-                coarse, fine, cv, fv, L=L, block_elements=block_elements, volumes=volumes
-            ):
-                rows = (idx.unsqueeze(1) * h + torch.arange(h, device=idx.device)).reshape(-1)
-                ok = flat_valid[i, rows]
-                others = torch.arange(B, device=device) != i
-                same = fine_nn.reshape(-1, B)[ok][:, others] == exact_nn[i][rows][ok][:, others]
-                matched += int(same.sum())
-                total += same.numel()
-            speedup = exhaustive_s / c2f_s
-            theory = theoretical_speedup(h, L, n_coarse)
+            approx = outputs[f"L={L}"][1][:n_query].reshape(-1)[query_valid]
+            nn_match = _nn_match(bk, L, exact_nn, block_elements)
             runs.append(
-                {
-                    "L": int(L),
-                    "c2f_s": round(c2f_s, 4),
-                    "speedup": round(speedup, 2),
-                    "theoretical": round(theory, 2),
-                    "speedup_over_theory": round(speedup / theory, 3),
-                    "spearman": round(_spearman(approx, exact), 5),
-                    "nn_match": round(matched / max(1, total), 5),
-                    "score_excess": round(float(((approx - exact) / exact.clamp_min(1e-12)).mean()), 5),
-                }
+                _run_figures(
+                    L, seconds[f"L={L}"], seconds["exhaustive"], approx, exact, nn_match, n_coarse, h
+                )
             )
         return {
-            "params": {
-                "B": B,
-                "n_coarse": n_coarse,
-                "n_valid_coarse": round(n_valid_coarse, 1),
-                "h": h,
-                "d": d,
-                "rho": rho,
-                "tokens": tokens,
-                "device": str(device),
-                "threads": torch.get_num_threads(),
-                "repeats": repeats,
-                "query_volumes_timed": n_query,
-                "times": f"seconds for all {B} query volumes, scaled from {n_query} measured + setup"
-                if n_query < B
-                else f"seconds for all {B} query volumes",
-            },
-            "exhaustive_s": round(exhaustive_s, 4),
-            "coarse_exact_s": round(coarse_s, 4),
+            "params": _params(bk, rho, device, repeats, n_query),
+            "exhaustive_s": round(seconds["exhaustive"], 4),
+            "coarse_exact_s": round(seconds["coarse"], 4),
             "runs": runs,
         }
     finally:
@@ -286,8 +363,18 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(cache: str | None = None, key: str = "axial/0", **kwargs) -> None:
-    """CLI: print the table and the JSON result (``--cache DIR/tokens --key axial/0``: real tokens)."""
+def main(cache: str | None = None, key: str = "axial/0", **kwargs) -> dict:
+    """The ``c2f`` command: print the table and the JSON result.
+
+    Args:
+        cache: a token cache folder of an F/MS run (real tokens, see :func:`load_bank`); ``None``:
+            synthetic tokens.
+        key: the ``"{axis}/{layer}"`` grid of the cache to use.
+        kwargs: passed to :func:`bench_c2f`.
+
+    Returns:
+        :func:`bench_c2f`'s result.
+    """
     import json
 
     if cache is not None:
@@ -295,9 +382,4 @@ def main(cache: str | None = None, key: str = "axial/0", **kwargs) -> None:
     result = bench_c2f(**kwargs)
     print(format_table(result))
     print(json.dumps(result, indent=2))
-
-
-if __name__ == "__main__":
-    import fire
-
-    fire.Fire(main)
+    return result

@@ -1,4 +1,4 @@
-"""Measurements behind ``docs/scaling.md`` (issue 9): full vs chunked vs ``n_references`` scoring.
+"""Measurements behind ``docs/scaling.md``: full vs chunked vs ``n_references`` scoring, and a reference bank.
 
 Two parts, both on a synthetic cohort (``python -m scripts synth --out COHORT ...``):
 
@@ -13,8 +13,8 @@ Two parts, both on a synthetic cohort (``python -m scripts synth --out COHORT ..
 
 Usage (from the bundle root)::
 
-    python -m scripts.benchmarks.scaling metrics --cohort /tmp/scale/cohort --out /tmp/scale/runs
-    python -m scripts.benchmarks.scaling costs --bank /tmp/scale/bank --sizes 16,32,64
+    python -m scripts.benchmarks scaling metrics --cohort /tmp/scale/cohort --out /tmp/scale/runs
+    python -m scripts.benchmarks scaling costs --bank /tmp/scale/bank --sizes 16,32,64
 """
 
 from __future__ import annotations
@@ -24,9 +24,12 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from scripts.benchmarks.markdown import table
+from scripts.benchmarks.settings import ROOT
+
 METRICS = ("patient_auroc", "patient_ap", "voxel_ap", "dice_max", "ltpr99_large", "localization99")
 SETTINGS = {
     "full": {},
@@ -39,15 +42,10 @@ SETTINGS = {
 }
 
 
-def _items(value) -> list[str]:  # noqa: ANN001 - fire passes "a,b" as a string or a tuple
-    values = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    return [str(v).strip() for v in values]
-
-
-def _table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+def _items(value: str | Sequence) -> list[str]:
+    """``"a,b"`` or a sequence -> ``["a", "b"]``."""
+    values = value if isinstance(value, list | tuple) else str(value).split(",")
+    return [str(v).strip() for v in values if str(v).strip()]
 
 
 def metrics(
@@ -82,8 +80,7 @@ def metrics(
             ]
         )
     (out_dir / "metrics_table.json").write_text(json.dumps(record, indent=1))
-    table = _table(["setting", *METRICS, "score s", "B"], rows)
-    print(table)
+    print(table(["setting", *METRICS, "score s", "B"], rows))
 
 
 _COST_SCRIPT = textwrap.dedent(
@@ -157,11 +154,4 @@ def costs(
         for name in chosen
     ]
     (Path(bank) / "costs.json").write_text(json.dumps(results, indent=1))
-    table = _table(header, rows)
-    print(table)
-
-
-if __name__ == "__main__":
-    import fire
-
-    fire.Fire({"metrics": metrics, "costs": costs})
+    print(table(header, rows))
