@@ -113,7 +113,7 @@ def _add_c2f(sub: argparse._SubParsersAction) -> None:
 def _add_scaling(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "scaling",
-        help="full vs chunked vs n_references scoring (docs/scaling.md)",
+        help="the reference sets: all, chunks:N, random:N, a bank (docs/scaling.md)",
         description="The measurements behind docs/scaling.md (scripts.benchmarks.scaling).",
     )
     parts = p.add_subparsers(dest="part", required=True, metavar="{metrics,costs}")
@@ -128,7 +128,7 @@ def _add_scaling(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--sizes", default="16,32,64", help="batch sizes B (default %(default)s)")
     c.add_argument(
         "--settings",
-        default="full,chunk_size=16,n_references=16,bank",
+        default="full,chunks:16,random:16,bank",
         help="comma-separated settings (default %(default)s)",
     )
     c.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s)")

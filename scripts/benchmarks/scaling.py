@@ -1,9 +1,9 @@
-"""Measurements behind ``docs/scaling.md``: full vs chunked vs ``n_references`` scoring, and a reference bank.
+"""Measurements behind ``docs/scaling.md``: the reference sets (all, ``chunks:N``, ``random:N``, a bank).
 
 Two parts, both on a synthetic cohort (``python -m scripts synth --out COHORT ...``):
 
-* ``metrics``: the bundle with ``configs/evaluate.json`` once per setting (``chunk_size`` /
-  ``n_references``), all runs sharing one token cache so that the cohort is encoded once; reads
+* ``metrics``: the bundle with ``configs/evaluate.json`` once per ``references``
+  setting, all runs sharing one token cache so that the cohort is encoded once; reads
   ``metrics.json`` and ``run.json`` of each run.
 * ``costs``: scoring only, in a fresh process per (B, setting): the first ``B`` volumes of a token
   bank (``configs/build_bank.json``), converted to fp32 in memory, scored by ``CS3FInferer.score``;
@@ -31,14 +31,11 @@ from scripts.benchmarks.markdown import table
 from scripts.benchmarks.settings import ROOT
 
 METRICS = ("patient_auroc", "patient_ap", "voxel_ap", "dice_max", "ltpr99_large", "localization99")
+# Setting name -> the bundle's ``references`` key (see scripts/references.py).
 SETTINGS = {
     "full": {},
-    "chunk_size=32": {"chunk_size": 32},
-    "chunk_size=16": {"chunk_size": 16},
-    "chunk_size=8": {"chunk_size": 8},
-    "n_references=32": {"n_references": 32},
-    "n_references=16": {"n_references": 16},
-    "n_references=8": {"n_references": 8},
+    **{f"chunks:{n}": {"references": f"chunks:{n}"} for n in (32, 16, 8)},
+    **{f"random:{n}": {"references": f"random:{n}"} for n in (32, 16, 8)},
 }
 
 
@@ -57,7 +54,7 @@ def metrics(
     chosen = list(SETTINGS) if settings is None else _items(settings)
     rows, record = [], {}
     for name in chosen:
-        run_dir = out_dir / name.replace("=", "")
+        run_dir = out_dir / name.replace(":", "")
         if not (run_dir / "metrics.json").is_file():
             cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file"]
             cmd += ["['configs/inference.json','configs/evaluate.json']", "--dataset_dir", cohort]
@@ -132,7 +129,7 @@ _COST_SCRIPT = textwrap.dedent(
 def costs(
     bank: str,
     sizes: str = "16,32,64",
-    settings: str = "full,chunk_size=16,n_references=16,bank",
+    settings: str = "full,chunks:16,random:16,bank",
     threads: int = 1,
 ) -> None:
     """Scoring time and peak-memory growth per (B, setting), each in a fresh process."""
