@@ -1,9 +1,104 @@
-"""Small shared test utilities: a tiny deterministic encoder and toy volumes."""
+"""Shared test utilities: the bundle command in a subprocess, the bundle in-process, a tiny
+deterministic encoder and toy volumes."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+
+#: the bundle root: the folder the user runs ``python -m monai.bundle run`` from
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = "configs/inference.json"
+#: tiny, fast settings for 16^3-32^3 cohorts (R = 32, q = 8), as command-line overrides ...
+FAST_ARGS = ("--image_size", "32", "--q", "[8,8,8]", "--quiet", "true")
+#: ... and as ConfigWorkflow overrides
+FAST = {"image_size": 32, "q": [8, 8, 8], "quiet": True}
+Arg = str | os.PathLike
+
+
+def _config_arg(config_file: str | Sequence[str]) -> str:
+    if isinstance(config_file, str | os.PathLike):
+        return str(config_file)
+    return "[" + ",".join(repr(str(c)) for c in config_file) + "]"
+
+
+def bundle_command(
+    *args: Arg, config_file: str | Sequence[str] = CONFIG, nproc: int | None = None
+) -> list[str]:
+    """``python -m monai.bundle run --config_file CONFIG ARGS`` (under torchrun with ``nproc``)."""
+    launcher = [sys.executable, "-m"]
+    if nproc:
+        launcher += ["torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m"]
+    return [*launcher, "monai.bundle", "run", "--config_file", _config_arg(config_file), *map(str, args)]
+
+
+def bundle_env() -> dict[str, str]:
+    """The test process's environment with the Hugging Face hub offline (nothing is downloaded)."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def run_bundle(
+    *args: Arg, config_file: str | Sequence[str] = CONFIG, nproc: int | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """The user-facing command in a subprocess, from the bundle root (for what only a real process
+    shows: the exit code, stderr, a kill). Returns the finished process (text stdout/stderr)."""
+    return subprocess.run(
+        bundle_command(*args, config_file=config_file, nproc=nproc),
+        cwd=ROOT,
+        env=bundle_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def start_bundle(*args: Arg, config_file: str | Sequence[str] = CONFIG) -> subprocess.Popen:
+    """The same command started in the background (output discarded), e.g. to kill it."""
+    return subprocess.Popen(
+        bundle_command(*args, config_file=config_file),
+        cwd=ROOT,
+        env=bundle_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def assert_success(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def assert_one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """README: a bad input is one line ``cs3f: error: ...`` and exit code 1, no traceback.
+
+    Returns that line."""
+    tail = proc.stderr[-3000:]
+    assert proc.returncode == 1, f"exit code {proc.returncode}, expected 1; stderr:\n{tail}"
+    assert "Traceback" not in proc.stderr, tail
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("cs3f: error: "), tail
+    return lines[-1]
+
+
+def run_workflow(config_file: str | Sequence[str] = CONFIG, **overrides):  # noqa: ANN201
+    """The same run in-process through MONAI's ConfigWorkflow (saves an interpreter start): the
+    bundle's configs under ``overrides`` (on top of :data:`FAST`); returns the parsed ``evaluator``."""
+    from monai.bundle import ConfigWorkflow
+
+    files = [config_file] if isinstance(config_file, str | os.PathLike) else list(config_file)
+    workflow = ConfigWorkflow(
+        config_file=[str(ROOT / f) for f in files], workflow_type="infer", **{**FAST, **overrides}
+    )
+    workflow.initialize()
+    workflow.run()
+    evaluator = workflow.parser.get_parsed_content("evaluator")
+    workflow.finalize()
+    return evaluator
 
 
 class TinyEncoder(torch.nn.Module):

@@ -1,4 +1,4 @@
-"""Reference-bank mode (issue 9): build a cohort's token bank once, score new volumes against it,
+"""Reference-bank mode: build a cohort's token bank once, score new volumes against it,
 memory-mapped fp16 banks streamed by the scorer."""
 
 from __future__ import annotations
@@ -19,23 +19,29 @@ import torch
 from scripts.inferer import CS3FInferer, TokenGrid, VolumeTokens
 from scripts.scoring import mutual_similarity_scores, reference_scores
 from scripts.storage.bank import TokenBank
+from tests.helpers import ROOT, run_workflow
 from tests.unit.test_references import random_volumes
 
-ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = [str(ROOT / "configs" / "inference.json")]
-BUILD = [*CONFIGS, str(ROOT / "configs" / "build_bank.json")]
-FAST = {"image_size": 32, "q": [8, 8, 8], "quiet": True, "dataloader#num_workers": 0}
+CONFIGS = ["configs/inference.json"]
+BUILD = [*CONFIGS, "configs/build_bank.json"]
 
 
-def _workflow(config_file, **overrides):
-    from monai.bundle import ConfigWorkflow
+def _workflow(config_file: list[str], **overrides):  # noqa: ANN202 - the run's CS3FEvaluator
+    return run_workflow(config_file, **{"dataloader#num_workers": 0, **overrides})
 
-    workflow = ConfigWorkflow(config_file=config_file, workflow_type="infer", **{**FAST, **overrides})
-    workflow.initialize()
-    workflow.run()
-    evaluator = workflow.parser.get_parsed_content("evaluator")
-    workflow.finalize()
-    return evaluator
+
+def _mapping_of(tensor: torch.Tensor, path: Path) -> str | None:
+    """The permissions (e.g. ``r--s``) of this process's mapping of the file ``path`` that holds
+    ``tensor``'s data, from /proc/self/maps; ``None`` if its data is not in a mapping of that file."""
+    target, ptr = os.path.realpath(path), tensor.data_ptr()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].strip() == target:
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                if lo <= ptr < hi:
+                    return fields[1]
+    return None
 
 
 def brute_force_against(queries, query_valid, refs, ref_valid, rho: float) -> torch.Tensor:
@@ -112,9 +118,10 @@ def test_inferer_score_references_equals_exact_scorer_on_query_plus_bank(variant
 _MEMMAP_SCRIPT = textwrap.dedent(
     """
     import json, sys, threading, time
-    import numpy as np, torch
+    import torch
     sys.path.insert(0, {root!r})
     from scripts.scoring import reference_scores
+    from scripts.storage.bank import TokenBank
     torch.set_num_threads(1)
 
     def status(field):
@@ -125,10 +132,11 @@ _MEMMAP_SCRIPT = textwrap.dedent(
     def anon():
         return status("RssAnon")
 
-    refs = torch.from_numpy(np.load(sys.argv[1], mmap_mode="r"))  # fp16 [B, N, d] on disk
-    b, n, d = refs.shape
+    d = int(sys.argv[2])
     queries = torch.randn(1, 48, d, generator=torch.Generator().manual_seed(0))
-    reference_scores(queries[:, :4], None, refs[:2], None)  # warm-up: kernels loaded before the baseline
+    # warm-up on a small bank in memory: kernels loaded before the baseline
+    small = torch.randn(2, 64, d).half()
+    reference_scores(queries[:, :4], None, small, torch.ones(2, 64, dtype=torch.bool))
     peak, done = [anon()], []
 
     def sample():
@@ -140,40 +148,46 @@ _MEMMAP_SCRIPT = textwrap.dedent(
     # VmHWM is this process's peak RSS (ru_maxrss would also carry the parent's peak across exec)
     base_anon, base_rss = anon(), status("VmHWM")
     sampler.start()
-    scores = reference_scores(queries, None, refs, None, rho=0.1, block_elements=1 << 20)
+    refs, valid = TokenBank(sys.argv[1]).references("")["axial/0"]  # opened after the baseline
+    scores = reference_scores(queries, None, refs, valid, rho=0.1, block_elements=1 << 20)
     done.append(1)
     sampler.join()
     rss = status("VmHWM") - base_rss
+    b = refs.shape[0]
     # brute force for a few queries, reading the bank volume by volume
     q = queries[0, :3].double()
     nearest = torch.stack([torch.cdist(q, refs[j].double()).min(dim=1).values for j in range(b)], dim=1)
     k = max(1, int(0.1 * b))
     expected = nearest.sort(dim=1).values[:, :k].mean(dim=1)
     error = float((scores[0, :3].double() - expected).abs().max())
-    print(json.dumps({{"anon": max(peak) - base_anon, "rss": rss, "error": error}}))
+    print(json.dumps({{"anon": max(peak) - base_anon, "rss": rss, "error": error, "b": b}}))
     """
 )
 
 
 def test_memory_mapped_fp16_bank_is_streamed(tmp_path: Path) -> None:
-    """Scoring against a memory-mapped fp16 bank never copies it (let alone in fp32): the extra
+    """Scoring against a bank opened by TokenBank never copies it (let alone in fp32): the extra
     anonymous memory stays far below the bank's fp32 size, and the peak RSS grows by at most the
     fp16 pages read from the file (clean file pages the kernel may drop under memory pressure, which
     is what lets a bank larger than RAM work)."""
-    b, n, d = 4096, 256, 64  # fp16 128 MiB on disk, fp32 256 MiB
-    path = tmp_path / "bank.tokens.npy"
-    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(b, n, d))
+    from scripts.storage.bank import BankWriter
+
+    b, grid, d = 4096, (4, 8, 8), 64  # N = 256 tokens: fp16 128 MiB on disk, fp32 256 MiB
+    writer = BankWriter(tmp_path / "bank", capacity=b)
     rng = np.random.default_rng(0)
-    for start in range(0, b, 512):
-        array[start : start + 512] = rng.standard_normal((512, n, d), dtype=np.float32).astype(np.float16)
-    array.flush()
-    del array
+    valid = torch.ones(grid, dtype=torch.bool)
+    for i in range(b):
+        tokens = torch.from_numpy(rng.standard_normal((*grid, d), dtype=np.float32))
+        writer.add(f"v{i:04d}", "", VolumeTokens((32, 32, 32), {"axial/0": TokenGrid(tokens, valid)}))
+    writer.finish({"d": d})
+    del writer
+    n = math.prod(grid)
     fp32, fp16 = b * n * d * 4, b * n * d * 2
     # A fixed mmap threshold: glibc's dynamic one moves freed MiB-sized blocks to the heap, where they
     # may stay resident (20 MiB more, or not, from run to run): measure live memory, not that.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
     out = subprocess.run(
-        [sys.executable, "-c", _MEMMAP_SCRIPT.format(root=str(ROOT)), str(path)],
+        [sys.executable, "-c", _MEMMAP_SCRIPT.format(root=str(ROOT)), str(tmp_path / "bank"), str(d)],
         check=True,
         capture_output=True,
         text=True,
@@ -181,7 +195,7 @@ def test_memory_mapped_fp16_bank_is_streamed(tmp_path: Path) -> None:
         env=env,
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["error"] < 1e-4, result
+    assert result["b"] == b and result["error"] < 1e-4, result
     assert result["anon"] < fp32 / 6, result  # 4 MiB blocks, norms, buffer, profile: ~23 MiB measured
     assert result["rss"] < fp16 + fp32 / 6, result  # an fp32 copy would add another 256 MiB
 
@@ -291,9 +305,18 @@ def test_manifest_mismatch_is_one_clear_line(bank: Path, new_cohort: Path, tmp_p
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads the process's memory map (Linux)")
 def test_token_bank_views_are_read_only_memmaps(bank: Path) -> None:
-    tokens, valid = TokenBank(bank).references("")["axial/0"]
+    """README: the bank is memory-mapped (so a bank larger than RAM works): the tensors TokenBank
+    hands out are read-only views of the files' pages, not copies in memory."""
+    opened = TokenBank(bank)
+    spec = opened.parts[""]["keys"]["axial/0"]
+    tokens, valid = opened.references("")["axial/0"]
     assert tokens.dtype == torch.float16 and valid.dtype == torch.bool
+    for tensor, rel in ((tokens, spec["tokens"]), (valid, spec["valid"])):
+        perms = _mapping_of(tensor, bank / rel)
+        assert perms is not None, f"{rel}: the tensor's data is not in a mapping of the file (a copy?)"
+        assert "w" not in perms, f"{rel}: mapped {perms}, not read-only"
     grid = VolumeTokens(
         (32, 32, 32), {"axial/0": TokenGrid(tokens[0].view(4, 4, 4, 128), valid[0].view(4, 4, 4))}
     )

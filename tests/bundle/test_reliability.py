@@ -1,4 +1,4 @@
-"""Bad input, crash/resume, determinism and order independence of the bundle run."""
+"""Bad input, crash/resume, the token cache, determinism and order independence of the bundle run."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,38 +19,17 @@ import torch
 
 from scripts.engine.datalist import make_datalist
 from scripts.errors import CS3FInputError
-
-ROOT = Path(__file__).resolve().parents[2]
-CONFIG = str(ROOT / "configs" / "inference.json")
+from tests.helpers import FAST_ARGS, assert_success, run_bundle, run_workflow, start_bundle
 
 
-def _bundle(dataset: Path, out: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def _bundle(dataset: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     """The user-facing command, in a subprocess (for what only a real process shows: exit code, kill)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        CONFIG,
-        "--dataset_dir",
-        str(dataset),
-    ]
-    cmd += ["--output_dir", str(out), "--image_size", "32", "--q", "[8,8,8]", "--quiet", "true", *extra]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return run_bundle("--dataset_dir", dataset, "--output_dir", out, *FAST_ARGS, *extra)
 
 
 def _run(dataset: Path, out: Path, **overrides) -> None:
     """The same run in-process through MONAI's ConfigWorkflow (saves an interpreter start per test)."""
-    from monai.bundle import ConfigWorkflow
-
-    settings = {"image_size": 32, "q": [8, 8, 8], "quiet": True, **overrides}
-    workflow = ConfigWorkflow(
-        config_file=CONFIG, workflow_type="infer", dataset_dir=str(dataset), output_dir=str(out), **settings
-    )
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
+    run_workflow(dataset_dir=str(dataset), output_dir=str(out), **overrides)
 
 
 def _input_error(dataset: Path, out: Path, **overrides) -> str:
@@ -171,29 +149,10 @@ def test_output_dir_not_writable(tiny_cohort: Path, tmp_path: Path) -> None:
     assert "output_dir" in line and "is a file" in line
 
 
-def test_q_not_dividing_after_preprocessing(tiny_cohort: Path) -> None:
+def test_q_not_dividing_after_preprocessing(tiny_cohort: Path, tmp_path: Path) -> None:
     """Without DivisiblePadd the workflow reports the axis, the count, q and the fix in one error."""
-    from monai.bundle import ConfigWorkflow
-
-    workflow = ConfigWorkflow(
-        config_file=CONFIG,
-        workflow_type="infer",
-        dataset_dir=str(tiny_cohort),
-        output_dir=str(tiny_cohort.parent / "never"),
-        image_size=32,
-        q=[5, 5, 5],
-        quiet=True,
-        cache_dir=None,
-        pad_multiple=[1, 1, 1],
-    )
-    workflow.initialize()
-    with pytest.raises(Exception) as info:
-        workflow.run()
-    from scripts.errors import find_input_error
-
-    found = find_input_error(info.value)
-    assert found is not None and "q=5 does not divide the 32 slices along the sagittal axis" in str(found)
-    assert "DivisiblePadd" in str(found)
+    line = _input_error(tiny_cohort, tmp_path / "out", q=[5, 5, 5], pad_multiple=[1, 1, 1])
+    assert "q=5 does not divide the 32 slices along the sagittal axis" in line and "DivisiblePadd" in line
 
 
 def test_datalist_mask_shape_mismatch(tiny_cohort: Path, tmp_path: Path) -> None:
@@ -215,13 +174,10 @@ def test_killed_run_resumes_with_identical_outputs(tmp_path: Path) -> None:
     from scripts.synthetic.brain import generate_cohort
 
     data = generate_cohort(tmp_path / "cohort", n_normal=6, n_abnormal=2, shape=32, seed=7)
-    clean = _bundle(data, tmp_path / "clean")
-    assert clean.returncode == 0, clean.stderr[-2000:]
+    assert_success(_bundle(data, tmp_path / "clean"))
 
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", CONFIG, "--dataset_dir", str(data)]
-    cmd += ["--output_dir", str(out), "--image_size", "32", "--q", "[8,8,8]", "--quiet", "true"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_bundle("--dataset_dir", data, "--output_dir", out, *FAST_ARGS)
     deadline = time.time() + 300
     while time.time() < deadline and len(list((out / "tokens").glob("*.pt"))) < 3:
         time.sleep(0.05)
@@ -231,14 +187,12 @@ def test_killed_run_resumes_with_identical_outputs(tmp_path: Path) -> None:
     assert 3 <= cached_before < 8, "the kill should land mid-tokenization"
     assert not (out / "scores.csv").exists()
 
-    resumed = _bundle(data, out)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_success(_bundle(data, out))
     run = json.loads((out / "run.json").read_text())
     assert run["cached_volumes"] >= cached_before and run["encoded_volumes"] == 8 - run["cached_volumes"]
     assert _outputs(out) == _outputs(tmp_path / "clean")
     # A changed parameter that shapes tokens invalidates the cache.
-    changed = _bundle(data, out, "--seed", "1")
-    assert changed.returncode == 0
+    assert_success(_bundle(data, out, "--seed", "1"))
     assert json.loads((out / "run.json").read_text())["encoded_volumes"] == 8
 
 
@@ -302,8 +256,31 @@ def test_scoring_options_reuse_the_token_cache(tiny_cohort: Path, tmp_path: Path
     out = tmp_path / "out"
     _run(tiny_cohort, out)
     assert json.loads((out / "run.json").read_text())["encoded_volumes"] == 6
-    _run(tiny_cohort, out, rho=0.5, chunk_size=3)
+    _run(tiny_cohort, out, rho=0.5, references="chunks:3")
     run = json.loads((out / "run.json").read_text())
     assert (run["encoded_volumes"], run["cached_volumes"]) == (0, 6)
     _run(tiny_cohort, out, d=64)  # d shapes tokens: a different cache key
     assert json.loads((out / "run.json").read_text())["encoded_volumes"] == 6
+
+
+def test_changed_input_bytes_are_encoded_again(tiny_cohort: Path, tmp_path: Path) -> None:
+    """The token cache is keyed by the input files' bytes: a file rewritten under the same name is
+    encoded again (the others come from the cache) and its map follows the new contents."""
+    data, out = _copy(tiny_cohort, tmp_path), tmp_path / "out"
+    _run(data, out)
+    victim = "sub-0003"
+    before = (out / f"{victim}_anomaly.nii.gz").read_bytes()
+    with open(out / "scores.csv") as f:
+        score_before = {r["image"]: r["score"] for r in csv.DictReader(f)}[victim]
+
+    def lesion(a: np.ndarray) -> np.ndarray:  # a bright cube inside the brain mask
+        a[12:20, 12:20, 12:20] = a.max()
+        return a
+
+    _rewrite(data / "images" / f"{victim}.nii.gz", lesion)
+    _run(data, out)
+    run = json.loads((out / "run.json").read_text())
+    assert (run["encoded_volumes"], run["cached_volumes"]) == (1, 5)
+    assert (out / f"{victim}_anomaly.nii.gz").read_bytes() != before
+    with open(out / "scores.csv") as f:
+        assert {r["image"]: r["score"] for r in csv.DictReader(f)}[victim] != score_before

@@ -7,27 +7,16 @@ import json
 from pathlib import Path
 
 import numpy as np
-from monai.bundle import ConfigWorkflow
 
 from scripts.evaluation.metrics import ARCHITECTURE_KEYS
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import run_workflow
 
 
 def test_evaluate_overlay_writes_metrics_and_report(tiny_cohort: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval"
-    workflow = ConfigWorkflow(
-        config_file=[str(ROOT / "configs" / "inference.json"), str(ROOT / "configs" / "evaluate.json")],
-        workflow_type="infer",
-        dataset_dir=str(tiny_cohort),
-        output_dir=str(out),
-        image_size=32,
-        q=[8, 8, 8],
-        quiet=True,
+    run_workflow(
+        ["configs/inference.json", "configs/evaluate.json"], dataset_dir=str(tiny_cohort), output_dir=str(out)
     )
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(ARCHITECTURE_KEYS) <= set(metrics)
     for key in ("patient_auroc", "patient_ap", "voxel_auroc", "voxel_ap", "dice_max", "iou_max"):

@@ -14,8 +14,8 @@ from scripts.errors import CS3FInputError
 from scripts.inferer import CS3FInferer, TokenGrid, VolumeTokens
 from scripts.references import ReferenceSet, chunk_ranges, reference_subsets
 from scripts.scoring import mutual_similarity_scores
+from tests.helpers import run_workflow
 
-ROOT = Path(__file__).resolve().parents[2]
 NAMES = [f"sub-{i:04d}" for i in range(1, 12)]
 
 
@@ -150,14 +150,26 @@ def test_n_references_at_least_b_minus_1_is_the_exact_scorer(tokens: list, n: in
 
 
 def test_all_others_as_a_subset_equals_the_exact_scorer(tokens: list) -> None:
-    """The subset path itself (not the n >= B - 1 shortcut) with every other volume as reference."""
-    exact = CS3FInferer(q=4, d=8, rho=0.3)
-    full = exact.score(tokens)
-    for i in (0, 5):
-        others = [tokens[j] for j in range(11) if j != i]
-        got = exact.score([tokens[i], *others], [0])[0]
-        for key in got:
-            torch.testing.assert_close(got[key], full[i][key], atol=1e-6, rtol=1e-6)
+    """The subset scorer itself (the n_references path, which the inferer skips for n >= B - 1) with
+    every other volume as the subset: brute-force Eq. 1-2 and the exact scorer's rows."""
+    from scripts.scoring import subset_scores
+    from tests.unit.test_scoring import brute_force_scores
+
+    rho, queries = 0.3, (0, 5, 10)
+    for key in tokens[0].grids:
+        t = torch.stack([v.grids[key].tokens.reshape(-1, 8) for v in tokens])
+        valid = torch.stack([v.grids[key].valid.reshape(-1) for v in tokens])
+        subsets = {i: [j for j in range(11) if j != i] for i in queries}
+        got = subset_scores(t, valid, subsets, rho=rho, query_tile=4, block_elements=64)
+        exact = mutual_similarity_scores(t, valid, rho=rho)
+        expected = brute_force_scores(t, valid, rho)
+        for i in range(11):
+            if i in subsets:
+                assert got[i].abs().sum() > 0
+                torch.testing.assert_close(got[i].double(), expected[i], atol=1e-4, rtol=0)
+                torch.testing.assert_close(got[i], exact[i], atol=1e-5, rtol=1e-5)
+            else:
+                assert torch.all(got[i] == 0)  # not a query: not scored
 
 
 @pytest.mark.parametrize(
@@ -198,25 +210,14 @@ def test_replaced_keys_name_the_new_spelling(key: str, spelling: str) -> None:
 def test_bundle_passes_names_for_random_references(tiny_cohort: Path, tmp_path: Path) -> None:
     """The workflow draws references by volume name: its token scores equal the inferer's on the same
     tokens given in another order with their names (a draw by position would differ)."""
-    from monai.bundle import ConfigWorkflow
-
-    workflow = ConfigWorkflow(
-        config_file=str(ROOT / "configs" / "inference.json"),
-        workflow_type="infer",
+    evaluator = run_workflow(
         dataset_dir=str(tiny_cohort),
         output_dir=str(tmp_path / "out"),
-        image_size=32,
-        q=[8, 8, 8],
-        quiet=True,
         references="random:2",
         rho=0.5,
         keep_tokens=True,  # the test reads evaluator.bank after the run
         **{"dataloader#num_workers": 0},
     )
-    workflow.initialize()
-    workflow.run()
-    evaluator = workflow.parser.get_parsed_content("evaluator")
-    workflow.finalize()
     assert len(list((tmp_path / "out").glob("*_anomaly.nii.gz"))) == 6
     assert json.loads((tmp_path / "out" / "run.json").read_text())["inferer"]["references"] == "random:2"
     names = list(reversed(evaluator.names))

@@ -51,13 +51,37 @@ def test_matches_brute_force_with_masks(b: int) -> None:
         assert torch.all(got[~valid] == 0)
 
 
-def test_k_rule() -> None:
-    assert num_neighbours(2, 0.1) == 1
-    assert num_neighbours(13, 0.1) == 1
-    assert num_neighbours(12, 0.3) == 3
-    assert num_neighbours(101, 0.29) == 29  # 0.29 * 100 is 28.999... in binary
-    with pytest.raises(ValueError, match="rho"):
-        num_neighbours(10, 0.0)
+@pytest.mark.parametrize(
+    ("b", "rho", "k"),
+    [
+        (2, 0.1, 1),
+        (13, 0.05, 1),  # floor(0.6) = 0: at least one neighbour
+        (12, 0.3, 3),  # floor(3.3), not rounded up
+        (101, 0.29, 29),  # 0.29 * 100 is 28.999... in binary
+        # B - 1 other volumes, not B: floor(rho * B) would give 2, 3, 3, 5, 4
+        (2, 1.0, 1),
+        (3, 1.0, 2),
+        (6, 0.5, 2),
+        (10, 0.5, 4),
+        (20, 0.2, 3),
+    ],
+)
+def test_k_rule(b: int, rho: float, k: int) -> None:
+    """K = max(1, floor(rho (B - 1))), by num_neighbours and in the scorer's output."""
+    assert num_neighbours(b, rho) == k
+    # Volume 0 has one token at the origin, volume j one token at distance j: its sorted profile of
+    # nearest cross-subject distances is 1, 2, ..., B - 1, and its score the mean of 1..K = (K + 1) / 2.
+    tokens = torch.zeros(b, 1, 2)
+    tokens[:, 0, 0] = torch.arange(b, dtype=torch.float32)
+    got = float(mutual_similarity_scores(tokens, rho=rho)[0, 0])
+    assert got == pytest.approx((k + 1) / 2, abs=1e-3)
+    assert float(brute_force_scores(tokens, torch.ones(b, 1, dtype=torch.bool), rho)[0, 0]) == (k + 1) / 2
+
+
+def test_k_rule_rejects_rho_outside_0_1() -> None:
+    for rho in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="rho"):
+            num_neighbours(10, rho)
 
 
 def test_fp16_tokens_accumulate_in_fp32() -> None:

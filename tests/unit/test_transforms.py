@@ -87,7 +87,7 @@ def test_depth_pool_divisibility_error_names_axis_count_and_fix() -> None:
         DepthPool(5, axis="coronal")(torch.randn(12, 4, 2, 2))
 
 
-def test_projection_statistics_and_determinism() -> None:
+def test_projection_statistics_and_determinism(tmp_path: Path) -> None:
     a = projection_matrix(512, 128, seed=3, name="axial/0")
     torch.testing.assert_close(a, projection_matrix(512, 128, seed=3, name="axial/0"), atol=0, rtol=0)
     assert not torch.equal(a, projection_matrix(512, 128, seed=4, name="axial/0"))
@@ -100,8 +100,7 @@ def test_projection_statistics_and_determinism() -> None:
         "from scripts.transforms import projection_matrix;"
         "import torch; torch.save(projection_matrix(512, 128, seed=3, name='axial/0'), sys.argv[1])"
     )
-    path = ROOT / ".pytest_cache" / "proj.pt"
-    path.parent.mkdir(exist_ok=True)
+    path = tmp_path / "proj.pt"
     subprocess.run([sys.executable, "-c", code, str(path)], check=True)
     assert torch.equal(torch.load(path), a)
 
@@ -127,3 +126,22 @@ def test_token_validity_fraction() -> None:
     assert float(frac2[0, 0, 0]) == pytest.approx(1 / 16)
     assert bool(TokenValidity("axial", 4, 4, delta=0.0)(mask2)[0, 0, 0])
     assert not bool(TokenValidity("axial", 4, 4, delta=0.1)(mask2)[0, 0, 0])
+
+
+def test_token_validity_is_strictly_above_delta() -> None:
+    """Paper: a token is valid when its foreground fraction is > delta. A token whose fraction equals
+    delta is invalid; at delta 0, background-only tokens (fraction exactly 0) are invalid."""
+    mask = torch.zeros(1, 8, 8, 8)
+    mask[0, 0, 0, 0] = 1  # token (0, 0, 0): 1 voxel of its 2x2x4 support, fraction 1/16 exactly
+    mask[0, 4:6, 4:6, 4:8] = 1  # token (1, 2, 2): fully inside, fraction 1
+    fraction = TokenValidity("axial", 4, 4).fraction(mask)
+    assert float(fraction[0, 0, 0]) == 1 / 16 and float(fraction[1, 2, 2]) == 1
+    array = TokenValidity("axial", 4, 4, delta=1 / 16)(mask)
+    dictionary = TokenValidityd("m", q=[4], grid=4, axes=["axial"], delta=1 / 16)({"m": mask})
+    dictionary = dictionary["m_valid_axial"]
+    for valid in (array, dictionary):
+        assert not bool(valid[0, 0, 0])  # fraction == delta
+        assert bool(valid[1, 2, 2]) and int(valid.sum()) == 1
+    at_zero = TokenValidity("axial", 4, 4, delta=0.0)(mask)
+    assert bool(at_zero[0, 0, 0]) and bool(at_zero[1, 2, 2]) and int(at_zero.sum()) == 2
+    assert not TokenValidity("axial", 4, 4, delta=0.0)(torch.zeros(1, 8, 8, 8)).any()  # background
