@@ -1,5 +1,5 @@
-"""Lung CT pipeline (issue 10): crop/paste geometry, left/right split, combination rule, q validation,
-the synthetic chest-CT generator, and the lung overlay end to end through the bundle (+ evaluation)."""
+"""Lung CT pipeline: crop/paste geometry, left/right split, combination rule, q validation, the synthetic
+chest-CT generator, and the lung overlay end to end through the bundle (+ evaluation)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,16 @@ from scripts.engine.lung import LungCS3FEvaluator
 from scripts.errors import CS3FInputError
 from scripts.inferer import CS3FInferer
 from scripts.synthetic import lung as synth_lung
-from scripts.transforms.lung import PAPER_CROP_SIZE, PAPER_Q, SIDES, LungCrop, LungSplit, check_crop_divisible
+from scripts.synthetic.cli import main as synth_main
+from scripts.synthetic.common import SIZE_CLASSES, size_class
+from scripts.transforms.lung import (
+    PAPER_CROP_SIZE,
+    PAPER_Q,
+    SIDES,
+    LungCrop,
+    LungSplit,
+    check_crop_divisible,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = [str(ROOT / "configs" / f) for f in ("inference.json", "lung_ct.json", "evaluate.json")]
@@ -284,20 +293,21 @@ def test_generator_is_deterministic_and_anatomical() -> None:
 
 
 def test_default_cohort_covers_the_three_lesion_size_classes() -> None:
-    abnormal = synth_lung._cohort_layout(20, 12, 0)
+    abnormal = synth_lung.cohort_layout(20, 12, 0)
     volumes = []
     for i in np.flatnonzero(abnormal):
         volumes += synth_lung.generate_subject(int(i), abnormal=True, seed=0).lesion_volumes_mm3
-    classes = {c: sum(synth_lung.size_class(v) == c for v in volumes) for c in synth_lung.SIZE_CLASSES}
-    assert all(classes[c] >= 2 for c in synth_lung.SIZE_CLASSES), classes
+    classes = {c: sum(size_class(v) == c for v in volumes) for c in SIZE_CLASSES}
+    assert all(classes[c] >= 2 for c in SIZE_CLASSES), classes
     assert min(volumes) >= 14.0  # at least the 3 mm diameter the lesion metrics count
 
 
-def test_cohort_layout_cli_and_determinism(tmp_path: Path) -> None:
-    from scripts.__main__ import synth
-
-    kw = dict(n_normal=2, n_abnormal=2, seed=3, scale=0.15, quiet=True)
-    synth(organ="lung", out=str(tmp_path / "a"), **kw)  # what `python -m scripts synth --organ lung` runs
+def test_cohort_layout_cli_and_determinism(tmp_path: Path, capsys) -> None:
+    args = ["--n_normal", "2", "--n_abnormal", "2", "--seed", "3", "--scale", "0.15", "--quiet"]
+    assert (
+        synth_main(["--organ", "lung", "--out", str(tmp_path / "a"), *args]) == 0
+    )  # python -m scripts synth
+    assert "lung CT cohort written to" in capsys.readouterr().out
     again = synth_lung.generate_cohort(tmp_path / "b", n_normal=2, n_abnormal=2, seed=3, scale=0.15)
     rows = list(csv.DictReader(open(tmp_path / "a" / "cohort.csv")))
     assert list(csv.DictReader(open(again / "cohort.csv"))) == rows
@@ -310,8 +320,8 @@ def test_cohort_layout_cli_and_determinism(tmp_path: Path) -> None:
             np.testing.assert_array_equal(np.asarray(x.dataobj), np.asarray(y.dataobj))
         affines.append(nib.load(tmp_path / "a" / row["image"]).affine)
     assert len({tuple(np.round(a, 3).ravel()) for a in affines}) == 4  # not registered
-    with pytest.raises(ValueError, match="brain options"):
-        synth(organ="lung", out=str(tmp_path / "c"), shape=64)
+    assert synth_main(["--organ", "lung", "--out", str(tmp_path / "c"), "--shape", "64"]) == 2
+    assert "--shape: brain option(s)" in capsys.readouterr().err and not (tmp_path / "c").exists()
     binary = synth_lung.generate_cohort(tmp_path / "bin", 1, 1, seed=3, scale=0.15, mask_format="binary")
     assert set(np.unique(nib.load(binary / "masks" / "sub-0001.nii.gz").dataobj)) == {0, 1}
 
@@ -354,7 +364,7 @@ def test_bad_lung_mask_fails_or_is_skipped_at_load_time(tiny_lung_cohort: Path, 
 
 @pytest.fixture
 def one_thread():
-    """Tiny tensors on a shared 2-core machine: one torch thread is ~10x faster than two competing."""
+    """Tiny tensors on a shared 2-core machine: one torch thread is much faster than two competing."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
