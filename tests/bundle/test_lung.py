@@ -1,5 +1,6 @@
-"""Lung CT pipeline: crop/paste geometry, left/right split, combination rule, q validation, the synthetic
-chest-CT generator, and the lung overlay end to end through the bundle (+ evaluation)."""
+"""Lung CT pipeline: crop/paste geometry, left/right split, combination rule, q validation, masking of
+the inverted maps, the synthetic chest-CT generator, and the lung overlay end to end through the bundle
+(+ evaluation)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from scripts.transforms.lung import (
     SIDES,
     LungCrop,
     LungSplit,
+    MaskWithSourced,
     check_crop_divisible,
 )
 
@@ -257,6 +259,48 @@ def test_missing_mask_is_a_clear_error(tmp_path: Path) -> None:
     del item["mask"]
     with pytest.raises(CS3FInputError, match="sub-0042: the lung CT pipeline needs a lung mask"):
         _evaluator(tmp_path).split(item)
+
+
+def test_mask_with_source_uses_the_in_memory_mask() -> None:
+    """The inverted map is zeroed outside the source-grid mask held in the item; the mask file it names
+    is never read (it does not exist here), and the map keeps its metadata."""
+    shape = (5, 6, 7)
+    source = torch.zeros((1, *shape))
+    source[0, 1:4, 2:5, 3:6] = 2.0  # a label value: inside is > 0
+    mask = MetaTensor(source, meta={"filename_or_obj": "/no/such/mask.nii.gz"})
+    pred = MetaTensor(torch.rand((1, *shape)) + 0.5, affine=_affine(), meta={"filename_or_obj": "img.nii.gz"})
+    out = MaskWithSourced(keys="pred", mask_key="source_mask")({"pred": pred, "source_mask": mask})
+    assert isinstance(out["pred"], MetaTensor) and out["pred"].meta["filename_or_obj"] == "img.nii.gz"
+    assert torch.equal(out["pred"].as_tensor(), pred.as_tensor() * (source > 0))
+    assert out["source_mask"] is mask
+    # no source-grid mask (a volume without mask): nothing to do
+    assert MaskWithSourced()({"pred": pred})["pred"] is pred
+    # a map that is not on the source grid yet (before Invertd) is an error, not a silent broadcast
+    with pytest.raises(ValueError, match="put MaskWithSourced after Invertd"):
+        MaskWithSourced()({"pred": pred[:, :4], "source_mask": mask})
+
+
+def test_lung_preprocessing_keeps_the_source_mask_and_inverts_without_it(tmp_path: Path) -> None:
+    """configs/lung_ct.json copies the mask before reorientation and resampling; Invertd takes a map on
+    the 1 mm grid back to the input grid without touching the copy."""
+    from monai.bundle import ConfigParser
+
+    cohort = synth_lung.generate_cohort(tmp_path / "c", n_normal=2, n_abnormal=0, seed=2, scale=0.12)
+    parser = ConfigParser()
+    parser.read_config(CONFIGS[:2])
+    parser.update({"dataset_dir": str(cohort), "output_dir": str(tmp_path / "out")})
+    item = parser.get_parsed_content("dataset")[0]
+    on_disk = np.asarray(nib.load(cohort / "masks" / "sub-0001.nii.gz").dataobj)
+    assert item["source_mask"].shape[1:] == on_disk.shape != item["mask"].shape[1:]  # 1.5 x 1.5 x 2.5 mm
+    np.testing.assert_array_equal(item["source_mask"][0].numpy() > 0, on_disk > 0)
+    postprocessing = parser.get_parsed_content("postprocessing#transforms#0")
+    item["pred"] = MetaTensor(torch.ones_like(item["image"]), meta=item["image"].meta)
+    source = item["source_mask"].clone()
+    out = postprocessing(item)
+    assert tuple(out["pred"].shape[1:]) == on_disk.shape
+    assert torch.equal(out["source_mask"], source)
+    pred = out["pred"][0].numpy()
+    assert np.all(pred[on_disk == 0] == 0) and np.all(pred[on_disk > 0] > 0.5)
 
 
 # ----------------------------------------------------------------------------------------------
