@@ -2,47 +2,42 @@
 
 Usage from the bundle root::
 
-    python -m scripts synth --out demo_data --n_normal 20 --n_abnormal 12
-    python -m scripts bench [--quick] [--device cpu|cuda] [--out bench_out] [--sections gemm,scoring]
+    python -m scripts synth --out demo_data --n_normal 20 --n_abnormal 12   # a synthetic cohort
+    python -m scripts synth --help
+
+Benchmarks are not a command of the bundle: they run with ``python -m scripts.benchmarks``.
 """
 
 from __future__ import annotations
 
-import fire
+import sys
+from collections.abc import Sequence
+
+USAGE = """usage: python -m scripts COMMAND [options]
+
+commands:
+  synth    write a synthetic brain-MRI or chest-CT cohort (python -m scripts synth --help)
+
+Benchmarks run with python -m scripts.benchmarks."""
 
 
-def synth(**kwargs):
-    """Generate a synthetic registered brain-MRI cohort (see ``scripts.synthetic.brain.generate_cohort``)."""
-    from scripts.synthetic.brain import cli  # imported lazily: nilearn is needed by the generator only
+def main(argv: Sequence[str] | None = None) -> int:
+    """Dispatch ``argv`` (default ``sys.argv[1:]``) to its command; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "synth":
+        from scripts.synthetic.cli import main as synth  # lazily: the generators import torch
 
-    return cli(**kwargs)
-
-
-def bench(
-    quick: bool = False,
-    device: str = "cpu",
-    out: str = "bench_out",
-    sections: str | None = None,
-    doc: str | None = "docs/performance.md",
-    threads: int | None = None,
-    memory_b: int | None = None,
-):
-    """Benchmark harness (issue 7): JSON in ``<out>/bench.json``, tables in ``docs/performance.md``.
-
-    ``--quick``: tiny sizes (< 1 min); ``--sections gemm,scoring,baseline,c2f,tokenize,memory,e2e,profile``
-    selects a subset; ``--device cuda`` runs the same harness on a GPU; ``--threads N`` sets torch's
-    intra-op threads; ``--memory_b B`` the sizes (B, 2B) of the memory/end-to-end bundle runs.
-    """
-    from scripts.benchmarks.bench import cli  # imported lazily: only the benchmark needs it
-
-    return cli(
-        quick=quick, device=device, out=out, sections=sections, doc=doc, threads=threads, memory_b=memory_b
+        return synth(rest)
+    print(
+        f"cs3f: error: unknown command {command!r}; known: synth (see python -m scripts --help)",
+        file=sys.stderr,
     )
-
-
-def main() -> None:
-    fire.Fire({"synth": synth, "bench": bench})
+    return 2
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -109,6 +109,7 @@ __all__ = [
     "FloatBins",
     "evaluate_cohort",
     "rank_metrics",
+    "SIZE_CLASSES",
     "size_class",
     "write_report",
     "write_json_atomic",
@@ -133,6 +134,8 @@ STRUCTURE_18 = ndimage.generate_binary_structure(3, 2)  # faces + edges: 18-conn
 MIN_DIAMETER_MM = 3.0
 SMALL_MAX_MM3 = 100.0
 LARGE_MIN_MM3 = 1000.0
+#: lesion size classes (Sec. 4.5), in increasing size; :func:`size_class` gives a lesion's
+SIZE_CLASSES: tuple[str, str, str] = ("small", "medium", "large")
 TNR = 0.99
 NAN = float("nan")
 
@@ -625,7 +628,7 @@ class CohortEvaluator:
         lesions = [les for r in subs for les in r.lesions]
         counted = [les for les in lesions if not les["excluded"]]
         t99 = th["threshold99"]
-        for c in ("small", "medium", "large"):
+        for c in SIZE_CLASSES:
             cl = [les for les in counted if les["size_class"] == c]
             det = sum(les["peak_score"] >= t99 for les in cl)
             m[f"ltpr99_{c}"] = det / len(cl) if cl else NAN

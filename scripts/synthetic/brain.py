@@ -46,16 +46,8 @@ affine with the true voxel spacing, so lesion volumes in mm^3 are right.
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import functools
-import heapq
 import math
-import os
-import shutil
-import time
-import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,10 +56,32 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from scripts.synthetic import common
+from scripts.synthetic.common import (
+    check_counts,
+    cohort_counts,
+    grow_region,
+    largest_component,
+    largest_lesion_centre,
+    preview_rows,
+    read_cohort,
+    save_figure,
+    shuffled_abnormal,
+    single_thread,
+    smooth_field,
+    smooth_noise,
+    subject_row,
+    write_cohort,
+    write_subject_files,
+)
+
 __all__ = [
+    "BASES",
     "COLIN27_PATH",
-    "SIZE_CLASSES",
-    "cli",
+    "TISSUE_MEANS",
+    "LesionSpec",
+    "Subject",
+    "cohort_layout",
     "ensure_cohort",
     "generate_cohort",
     "generate_subject",
@@ -75,7 +89,6 @@ __all__ = [
     "mean_pairwise_dice",
     "output_geometry",
     "save_preview",
-    "size_class",
     "summarize_cohort",
 ]
 
@@ -84,17 +97,10 @@ NILEARN_HINT = "pip install 'nilearn>=0.10'"
 BASES = ("mni152", "colin27")
 #: cube centre (MNI mm): the centre of the brain bounding box of both templates
 FOV_CENTER_MM = (0.0, -17.0, 6.0)
-#: lesion size classes of Sec. 4.5 (mm^3): small < 100 <= medium <= 1000 < large
-SIZE_CLASSES = ("small", "medium", "large")
-
-
-def size_class(volume_mm3: float) -> str:
-    """Size class of a lesion volume (mm^3) as in Sec. 4.5."""
-    if volume_mm3 < 100.0:
-        return "small"
-    if volume_mm3 <= 1000.0:
-        return "medium"
-    return "large"
+#: NIfTI qform/sform code of the written cohort: 4 = MNI152 (the subjects are registered)
+MNI_XFORM = 4
+#: ``np.random.default_rng([seed, COHORT_STREAM])`` shuffles which subjects are abnormal
+COHORT_STREAM = 2**31 - 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,7 +252,7 @@ def _raw_base(name: str):
     else:
         raise ValueError(f"unknown base {name!r}; choose one of {BASES + ('both',)}")
     # one brain: drop detached specks of the template's mask
-    maps = maps * _largest_component(maps[3] > 0.5)
+    maps = maps * largest_component(maps[3] > 0.5)
     vent_center, vent_prec = _ventricles(maps[2], affine)
     idx = np.argwhere(maps[3] > 0)
     lo, hi = np.maximum(idx.min(0) - 12, 0), np.minimum(idx.max(0) + 13, maps.shape[1:])
@@ -508,34 +514,6 @@ def _upsample_map(out: torch.Tensor, pts: torch.Tensor, shape, affine) -> torch.
 # lesions
 # ----------------------------------------------------------------------------------------------
 
-_NEIGH6 = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]])
-
-
-def _grow(field_: np.ndarray, allowed: np.ndarray, seed: tuple[int, int, int], n: int) -> np.ndarray:
-    """Priority flood from ``seed`` through 6-neighbours of ``allowed``, highest ``field_`` first,
-    until ``n`` voxels: a connected superlevel-set-like region. Returns flat indices in order."""
-    padded = np.pad(allowed, 1, constant_values=False)
-    f = np.pad(field_, 1, constant_values=-np.inf).ravel()
-    ok = padded.ravel().copy()
-    strides = np.array(padded.strides) // padded.itemsize
-    offsets = (_NEIGH6 * strides).sum(1).tolist()
-    s = int(np.ravel_multi_index(tuple(np.asarray(seed) + 1), padded.shape))
-    if not ok[s]:
-        return np.zeros(0, dtype=np.int64)
-    ok[s] = False
-    heap = [(-f[s], s)]
-    order = []
-    while heap and len(order) < n:
-        _, p = heapq.heappop(heap)
-        order.append(p)
-        for o in offsets:
-            q = p + o
-            if ok[q]:
-                ok[q] = False
-                heapq.heappush(heap, (-f[q], q))
-    idx = np.unravel_index(np.asarray(order, dtype=np.int64), padded.shape)
-    return np.ravel_multi_index(tuple(i - 1 for i in idx), allowed.shape)
-
 
 def _choose_centers(
     lesions, mask: np.ndarray, tissue: np.ndarray, csf: np.ndarray, spacing, rng
@@ -596,7 +574,7 @@ def _rasterize(lesions, mask: np.ndarray, csf: np.ndarray, spacing, rng):
                 counts.append(0)
                 continue
             start = np.unravel_index(int(np.argmax(np.where(allowed, f, -np.inf))), box)
-        order = _grow(f, allowed, start, les.voxels)
+        order = grow_region(f, allowed, start, les.voxels)
         counts.append(int(order.size))
         if order.size == 0:
             continue
@@ -613,35 +591,6 @@ def _rasterize(lesions, mask: np.ndarray, csf: np.ndarray, spacing, rng):
 # ----------------------------------------------------------------------------------------------
 # one subject
 # ----------------------------------------------------------------------------------------------
-
-
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    lab, n = ndimage.label(mask)
-    return mask if n <= 1 else lab == 1 + int(np.argmax(np.bincount(lab.ravel())[1:]))
-
-
-@contextlib.contextmanager
-def _single_thread():
-    """The tensors here are small: one torch thread is faster than two fighting over a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-def _smooth_noise(rng, shape, sigma) -> np.ndarray:
-    n = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma)
-    return n / (n.std() + 1e-8)
-
-
-def _bias_field(rng, shape, amplitude) -> np.ndarray:
-    coarse = torch.from_numpy(rng.standard_normal((1, 1, 4, 4, 4)).astype(np.float32))
-    b = F.interpolate(coarse, size=shape, mode="trilinear", align_corners=True)[0, 0].numpy()
-    b = b / (np.abs(b).max() + 1e-8) * amplitude
-    return np.exp(b)
-
 
 TISSUE_MEANS = {  # (low, high) of per-subject tissue means, relative units
     "t1": {"gm": (0.58, 0.70), "wm": (0.95, 1.05), "csf": (0.18, 0.30)},
@@ -660,7 +609,93 @@ class Subject:
     min_jacobian: float  # of the whole output->template map (> 0: invertible, no folding)
 
 
-@_single_thread()
+def _subject_anatomy(geom, warp: _Warp, b: _Base, lesions: list[LesionSpec], rng_les):
+    """Warp the template onto the output grid (lesion centres first: their mass effect is part of
+    the warp). Returns the sampled maps ``[4, ...]``, the brain mask, the tissue fractions
+    ``(gm, wm, csf)`` after cortical atrophy and the smallest Jacobian determinant of the map."""
+    shape, spacing, affine = geom
+    depth = None
+    if lesions:
+        # centres are chosen on every second voxel (cheap): tissue, away from the edge and each other
+        pre = _sample(b.maps, _pullback(shape, affine, warp, b, stride=2), b.inv_affine).numpy()
+        edt = _choose_centers(lesions, pre[3] > 0.5, pre[0] + pre[1], pre[2], spacing * 2, rng_les)
+        affine2 = affine.copy()
+        affine2[:3, :3] *= 2
+        depth = (torch.from_numpy(edt.astype(np.float32))[None, None], np.linalg.inv(affine2))
+        for les in lesions:
+            les.center = les.center * 2
+    points, min_jacobian = _pullback(shape, affine, warp, b, lesions, depth=depth)
+    maps = _sample(b.maps, points, b.inv_affine).numpy()
+    mask = largest_component(maps[3] > 0.5)
+    gm, wm, csf = (np.where(mask, m, 0.0).astype(np.float32) for m in maps[:3])
+    # cortical atrophy: GM next to CSF becomes CSF
+    if warp.atrophy > 0:
+        near_csf = np.clip(ndimage.gaussian_filter(csf, 1.0) * 2.5, 0, 1)
+        t = warp.atrophy * gm * near_csf
+        gm, csf = gm - t, csf + t
+    # background inside the mask (rare partial voxels at the edge) counts as CSF
+    csf = np.where(mask, np.maximum(csf, 1.0 - gm - wm), 0.0).astype(np.float32)
+    return maps, mask, (gm, wm, csf), min_jacobian
+
+
+def _tissue_image(rng_int, contrast: str, shape, gm, wm, csf) -> tuple[np.ndarray, dict[str, float]]:
+    """Partial-volume mixture of per-subject tissue means with within-tissue texture."""
+    means = {k: float(rng_int.uniform(*v)) for k, v in TISSUE_MEANS[contrast].items()}
+    tex = 0.035
+    img = (
+        gm * means["gm"] * (1 + tex * smooth_noise(rng_int, shape, 0.8))
+        + wm * means["wm"] * (1 + tex * smooth_noise(rng_int, shape, 0.8))
+        + csf * means["csf"] * (1 + 1.5 * tex * smooth_noise(rng_int, shape, 0.8))
+    )
+    return img, means
+
+
+def _paint_lesions(img, lesions, mask, csf_raw, spacing, means, rng_les, rng_int):
+    """Grow the lesions (:func:`_rasterize`) and paint them into ``img``; returns the image, the
+    label and the lesion volumes (mm^3).
+
+    Core: replaces the tissue (weight ``replacement``) by lesion tissue whose mean differs from the
+    mean of the tissue it replaces by ``contrast``; rim: edema modulates the tissue (it follows the
+    anatomy); necrosis: fluid. Edges are softened, the label stays binary.
+    """
+    shape = mask.shape
+    label, parts, counts = _rasterize(lesions, mask, np.where(mask, csf_raw, 1.0), spacing, rng_les)
+    volumes = [c * float(np.prod(spacing)) for c in counts if c > 0]
+    weight, target, rim, necro = (np.zeros(shape, np.float32) for _ in range(4))
+    for les, core_idx, rim_idx, nec_idx, het in parts:
+        ref = float(img.flat[core_idx].mean())
+        weight.flat[core_idx] = les.replacement
+        target.flat[core_idx] = les.replacement * ref * (1.0 + les.contrast) * (1.0 + 0.08 * het)
+        rim.flat[rim_idx] = les.edema_contrast
+        necro.flat[nec_idx] = 1.0
+    weight, target, rim, necro = (ndimage.gaussian_filter(a, 0.6) for a in (weight, target, rim, necro))
+    img = (img * (1.0 - weight) + target) * (1.0 + rim)
+    fluid = means["csf"] * rng_int.uniform(0.9, 1.15)
+    img = img * (1.0 - necro) + necro * fluid
+    return img, label, volumes
+
+
+def _acquire(img, mask, label, means, rng_int, bias: float, noise: float, blur: float) -> np.ndarray:
+    """Bias field, Rician noise and blur; then skull-strip and normalise to [0, 1].
+
+    Min-max with the (skull-stripped) background as the minimum and a robust maximum: the 99.5th
+    percentile of the normal brain voxels, so that a bright lesion does not rescale the brain.
+    """
+    shape = mask.shape
+    amplitude = bias * rng_int.uniform(0.5, 1.0)  # drawn before the field: the stream's order is fixed
+    img = img * np.exp(smooth_field(rng_int, shape, 4) * amplitude)
+    sig = noise * rng_int.uniform(0.6, 1.0) * max(means.values())
+    n1 = rng_int.standard_normal(shape, dtype=np.float32)
+    n2 = rng_int.standard_normal(shape, dtype=np.float32)
+    img = np.sqrt((img + sig * n1) ** 2 + (sig * n2) ** 2)
+    img = ndimage.gaussian_filter(img, blur * rng_int.uniform(0.7, 1.0)) if blur > 0 else img
+    ref = img[mask & ~label] if (mask & ~label).any() else img[mask]
+    img = np.clip(img / max(float(np.percentile(ref, 99.5)), 1e-6), 0.0, 1.0)
+    img[~mask] = 0.0
+    return img
+
+
+@single_thread()
 def generate_subject(
     index: int,
     *,
@@ -689,7 +724,7 @@ def generate_subject(
     if base not in BASES:
         raise ValueError(f"a subject's base is one of {BASES} ('both' is a cohort option), got {base!r}")
     geom = output_geometry(shape, fov_mm)
-    shape, spacing, affine = geom
+    shape, spacing, _ = geom
     b = _base(base, tuple(float(s) for s in spacing))
     rng_anat, rng_les, rng_int = _subject_rngs(seed, index)
     warp = _draw_warp(
@@ -704,67 +739,15 @@ def generate_subject(
         atrophy=atrophy,
     )
     lesions: list[LesionSpec] = []
-    depth = None
     if abnormal:
         lesions = _draw_lesions(rng_les, contrast=contrast, spacing=spacing, **_defaults(**lesion_kw))
-        # centres are chosen on every second voxel (cheap): tissue, away from the edge and each other
-        pre = _sample(b.maps, _pullback(shape, affine, warp, b, stride=2), b.inv_affine).numpy()
-        edt = _choose_centers(lesions, pre[3] > 0.5, pre[0] + pre[1], pre[2], spacing * 2, rng_les)
-        affine2 = affine.copy()
-        affine2[:3, :3] *= 2
-        depth = (torch.from_numpy(edt.astype(np.float32))[None, None], np.linalg.inv(affine2))
-        for les in lesions:
-            les.center = les.center * 2
-    points, min_jacobian = _pullback(shape, affine, warp, b, lesions, depth=depth)
-    maps = _sample(b.maps, points, b.inv_affine).numpy()
-    mask = _largest_component(maps[3] > 0.5)
-    gm, wm, csf = (np.where(mask, m, 0.0).astype(np.float32) for m in maps[:3])
-    # cortical atrophy: GM next to CSF becomes CSF
-    if warp.atrophy > 0:
-        near_csf = np.clip(ndimage.gaussian_filter(csf, 1.0) * 2.5, 0, 1)
-        t = warp.atrophy * gm * near_csf
-        gm, csf = gm - t, csf + t
-    # background inside the mask (rare partial voxels at the edge) counts as CSF
-    csf = np.where(mask, np.maximum(csf, 1.0 - gm - wm), 0.0).astype(np.float32)
-
-    means = {k: float(rng_int.uniform(*v)) for k, v in TISSUE_MEANS[contrast].items()}
-    tex = 0.035
-    img = (
-        gm * means["gm"] * (1 + tex * _smooth_noise(rng_int, shape, 0.8))
-        + wm * means["wm"] * (1 + tex * _smooth_noise(rng_int, shape, 0.8))
-        + csf * means["csf"] * (1 + 1.5 * tex * _smooth_noise(rng_int, shape, 0.8))
-    )
+    maps, mask, (gm, wm, csf), min_jacobian = _subject_anatomy(geom, warp, b, lesions, rng_les)
+    img, means = _tissue_image(rng_int, contrast, shape, gm, wm, csf)
     label = np.zeros(shape, bool)
     volumes: list[float] = []
     if lesions:
-        label, parts, counts = _rasterize(lesions, mask, np.where(mask, maps[2], 1.0), spacing, rng_les)
-        volumes = [c * float(np.prod(spacing)) for c in counts if c > 0]
-        # core: replaces the tissue (weight ``replacement``) by lesion tissue whose mean differs from
-        # the mean of the tissue it replaces by ``contrast``; rim: edema modulates the tissue (it
-        # follows the anatomy); necrosis: fluid. Edges are softened, the label stays binary.
-        weight, target, rim, necro = (np.zeros(shape, np.float32) for _ in range(4))
-        for les, core_idx, rim_idx, nec_idx, het in parts:
-            ref = float(img.flat[core_idx].mean())
-            weight.flat[core_idx] = les.replacement
-            target.flat[core_idx] = les.replacement * ref * (1.0 + les.contrast) * (1.0 + 0.08 * het)
-            rim.flat[rim_idx] = les.edema_contrast
-            necro.flat[nec_idx] = 1.0
-        weight, target, rim, necro = (ndimage.gaussian_filter(a, 0.6) for a in (weight, target, rim, necro))
-        img = (img * (1.0 - weight) + target) * (1.0 + rim)
-        fluid = means["csf"] * rng_int.uniform(0.9, 1.15)
-        img = img * (1.0 - necro) + necro * fluid
-    # acquisition: bias, Rician noise, blur; then skull-strip and normalise
-    img = img * _bias_field(rng_int, shape, bias * rng_int.uniform(0.5, 1.0))
-    sig = noise * rng_int.uniform(0.6, 1.0) * max(means.values())
-    n1 = rng_int.standard_normal(shape, dtype=np.float32)
-    n2 = rng_int.standard_normal(shape, dtype=np.float32)
-    img = np.sqrt((img + sig * n1) ** 2 + (sig * n2) ** 2)
-    img = ndimage.gaussian_filter(img, blur * rng_int.uniform(0.7, 1.0)) if blur > 0 else img
-    # min-max to [0, 1] with the (skull-stripped) background as the minimum and a robust maximum:
-    # the 99.5th percentile of the normal brain voxels, so a bright lesion does not rescale the brain
-    ref = img[mask & ~label] if (mask & ~label).any() else img[mask]
-    img = np.clip(img / max(float(np.percentile(ref, 99.5)), 1e-6), 0.0, 1.0)
-    img[~mask] = 0.0
+        img, label, volumes = _paint_lesions(img, lesions, mask, maps[2], spacing, means, rng_les, rng_int)
+    img = _acquire(img, mask, label, means, rng_int, bias, noise, blur)
     label &= mask
     return Subject(
         image=img.astype(np.float32),
@@ -794,13 +777,12 @@ def mean_pairwise_dice(masks) -> float:
     return float(dice[iu[0], iu[1]].mean())
 
 
-def _cohort_layout(n_normal: int, n_abnormal: int, seed: int, base: str):
-    """Which subject indices are abnormal (shuffled, so the order carries no signal) and their base."""
+def cohort_layout(n_normal: int, n_abnormal: int, seed: int, base: str) -> tuple[np.ndarray, list[str]]:
+    """Which subject indices of a cohort are abnormal (shuffled, so the order carries no signal) and
+    the base anatomy of each (``base="both"`` alternates within the normal and the abnormal group)."""
     if base not in BASES + ("both",):
         raise ValueError(f"base must be one of {BASES + ('both',)}, got {base!r}")
-    n = n_normal + n_abnormal
-    abnormal = np.zeros(n, bool)
-    abnormal[np.random.default_rng([seed, 2**31 - 1]).permutation(n)[:n_abnormal]] = True
+    abnormal = shuffled_abnormal(n_normal, n_abnormal, seed, COHORT_STREAM)
     bases, counter = [], {False: 0, True: 0}
     for a in abnormal:
         bases.append(BASES[counter[bool(a)] % 2] if base == "both" else base)
@@ -808,45 +790,16 @@ def _cohort_layout(n_normal: int, n_abnormal: int, seed: int, base: str):
     return abnormal, bases
 
 
-def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    import nibabel as nib
-
-    img = nib.Nifti1Image(array, affine)
-    img.header.set_xyzt_units("mm")
-    img.set_qform(affine, code=4)  # 4 = MNI152 (registered space)
-    img.set_sform(affine, code=4)
-    nib.save(img, str(path))
-
-
 def _write_subject(job) -> dict:
     """Generate subject ``i`` and write its three files into ``tmp``; returns its cohort.csv row."""
     i, is_abn, base, tmp, affine, kw = job
     s = generate_subject(i, abnormal=is_abn, base=base, **kw)
-    name = f"sub-{i + 1:04d}.nii.gz"
-    _save_nifti(s.image, affine, tmp / "images" / name)
-    _save_nifti(s.label, affine, tmp / "labels" / name)
-    _save_nifti(s.mask, affine, tmp / "masks" / name)
-    return {
-        "image": f"images/{name}",
-        "label": f"labels/{name}",
-        "mask": f"masks/{name}",
-        "abnormal": int(is_abn),
-        "n_lesions": len(s.lesion_volumes_mm3),
-        "lesion_volumes_mm3": ";".join(f"{v:.1f}" for v in s.lesion_volumes_mm3),
-        "contrast": kw["contrast"],
-        "base": base,
-    }
+    name = write_subject_files(tmp, i, affine, s.image, s.label, s.mask, MNI_XFORM)
+    return subject_row(name, is_abn, s.lesion_volumes_mm3, contrast=kw["contrast"], base=base)
 
 
-def _report(row: dict, verbose: bool) -> dict:
-    if verbose:
-        kind = "abnormal" if row["abnormal"] else "normal  "
-        print(
-            f"  {Path(row['image']).name}  {kind}  {row['base']:8s}  lesions (mm3): "
-            f"{row['lesion_volumes_mm3'] or '-'}",
-            flush=True,
-        )
-    return row
+def _describe(row: dict) -> str:
+    return f"{row['base']:8s}"
 
 
 def generate_cohort(
@@ -884,20 +837,19 @@ def generate_cohort(
     necrotic core on medium-large lesions; ``mass_effect``: push strength (0 disables).
     ``anatomy_kw`` go to ``generate_subject`` (``affine_scale``, ``affine_rot_deg``,
     ``affine_shift_mm``, ``deform_mm``, ``deform_smooth_mm``, ``ventricle``, ``atrophy``, ``bias``,
-    ``noise``, ``blur``). The cohort is written to a temporary sibling folder and renamed into place,
-    so an interrupted run never leaves a complete-looking half cohort. An existing non-empty
-    ``out_dir`` is an error unless ``overwrite``. ``workers > 1`` generates subjects in that many
-    processes (same result: every subject has its own random stream), worth it for 224^3 grids.
+    ``noise``, ``blur``). Written atomically by :func:`scripts.synthetic.common.write_cohort`: an
+    existing non-empty ``out_dir`` is an error unless ``overwrite``. ``workers > 1`` generates
+    subjects in that many processes (same result: every subject has its own random stream), worth it
+    for 224^3 grids.
     """
-    out_dir = Path(out_dir)
     contrast = str(contrast).lower()
     if contrast not in TISSUE_MEANS:
         raise ValueError(f"contrast must be 't1' or 't2', got {contrast!r}")
-    if n_normal < 0 or n_abnormal < 0 or n_normal + n_abnormal < 1:
-        raise ValueError("need n_normal >= 0, n_abnormal >= 0 and at least one subject")
-    shape, spacing, affine = output_geometry(shape, fov_mm)
-    abnormal, bases = _cohort_layout(n_normal, n_abnormal, seed, base)
-    lesion_kw = dict(
+    check_counts(n_normal, n_abnormal)
+    shape, _, affine = output_geometry(shape, fov_mm)
+    abnormal, bases = cohort_layout(n_normal, n_abnormal, seed, base)
+    kw = dict(seed=seed, shape=shape, contrast=contrast, fov_mm=fov_mm, **anatomy_kw)
+    kw.update(
         lesion_volume=tuple(lesion_volume),
         lesion_contrast=tuple(lesion_contrast),
         lesions_per_subject=tuple(lesions_per_subject),
@@ -908,91 +860,17 @@ def generate_cohort(
     )
 
     def make_jobs(tmp: Path) -> list:
-        return [
-            (
-                i,
-                bool(is_abn),
-                b,
-                tmp,
-                affine,
-                dict(seed=seed, shape=shape, contrast=contrast, fov_mm=fov_mm, **anatomy_kw, **lesion_kw),
-            )
-            for i, (is_abn, b) in enumerate(zip(abnormal, bases, strict=True))
-        ]
+        pairs = zip(abnormal, bases, strict=True)
+        return [(i, bool(is_abn), b, tmp, affine, kw) for i, (is_abn, b) in enumerate(pairs)]
 
     return write_cohort(
-        out_dir, make_jobs, _write_subject, _report, workers=workers, overwrite=overwrite, verbose=verbose
+        out_dir, make_jobs, _write_subject, _describe, workers=workers, overwrite=overwrite, verbose=verbose
     )
 
 
-def write_cohort(
-    out_dir: Path,
-    make_jobs: Callable[[Path], list],
-    write_subject: Callable,
-    report: Callable,
-    workers: int = 1,
-    overwrite: bool = False,
-    verbose: bool = False,
-) -> Path:
-    """Write a cohort so that it appears whole or not at all (shared by the brain and lung generators).
-
-    Subjects are written by ``write_subject(job)`` (in ``workers`` processes if > 1; the function must
-    be a module-level one) into a temporary sibling folder with ``images/ labels/ masks/``; the rows
-    it returns form ``cohort.csv``; then the folder is renamed into place. An existing non-empty
-    ``out_dir`` is an error unless ``overwrite``.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it"
-        )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        for sub in ("images", "labels", "masks"):
-            (tmp / sub).mkdir(parents=True)
-        jobs = make_jobs(tmp)
-        if workers > 1:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            ctx = multiprocessing.get_context("spawn")  # torch and fork do not mix well
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                rows = [report(row, verbose) for row in pool.map(write_subject, jobs)]
-        else:
-            rows = [report(write_subject(job), verbose) for job in jobs]
-        with open(tmp / "cohort.csv", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        if out_dir.exists():
-            trash = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            out_dir.rename(trash)
-            tmp.rename(out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            try:
-                tmp.rename(out_dir)
-            except OSError as err:  # another process finished the same cohort first
-                raise FileExistsError(f"{out_dir} appeared while this cohort was being generated") from err
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
-
-
-def ensure_cohort(out_dir, generate: Callable | None = None, **kwargs) -> Path:
-    """``out_dir`` if it already holds a cohort (``cohort.csv``; cohorts appear atomically), else
-    ``generate(out_dir, **kwargs)`` (default :func:`generate_cohort`): what a demo calls on first run."""
-    out_dir = Path(out_dir)
-    if (out_dir / "cohort.csv").is_file():
-        return out_dir
-    try:
-        return (generate or generate_cohort)(out_dir, **kwargs)
-    except FileExistsError:
-        if (out_dir / "cohort.csv").is_file():  # generated concurrently by another process
-            return out_dir
-        raise
+def ensure_cohort(out_dir, **kwargs) -> Path:
+    """``out_dir`` if it already holds a cohort, else ``generate_cohort(out_dir, **kwargs)``."""
+    return common.ensure_cohort(out_dir, generate_cohort, **kwargs)
 
 
 def summarize_cohort(cohort_dir) -> dict:
@@ -1001,26 +879,15 @@ def summarize_cohort(cohort_dir) -> dict:
     import nibabel as nib
 
     cohort_dir = Path(cohort_dir)
-    with open(cohort_dir / "cohort.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    vols = [float(v) for r in rows if r.get("lesion_volumes_mm3") for v in r["lesion_volumes_mm3"].split(";")]
+    rows = read_cohort(cohort_dir)
     first = nib.load(str(cohort_dir / rows[0]["mask"]))
     masks = [np.asarray(nib.load(str(cohort_dir / r["mask"])).dataobj) > 0 for r in rows]
-    n_abn = sum(r["abnormal"] == "1" for r in rows)
     return {
-        "n_subjects": len(rows),
-        "n_normal": len(rows) - n_abn,
-        "n_abnormal": n_abn,
-        "lesions": {c: sum(size_class(v) == c for v in vols) for c in SIZE_CLASSES},
+        **cohort_counts(rows),
         "mask_dice": mean_pairwise_dice(masks),
         "shape": tuple(int(n) for n in first.shape),
         "spacing_mm": tuple(float(z) for z in first.header.get_zooms()[:3]),
     }
-
-
-# ----------------------------------------------------------------------------------------------
-# preview and CLI
-# ----------------------------------------------------------------------------------------------
 
 
 def save_preview(cohort_dir, png, n_each: int = 3) -> Path:
@@ -1033,20 +900,12 @@ def save_preview(cohort_dir, png, n_each: int = 3) -> Path:
     import nibabel as nib
 
     cohort_dir = Path(cohort_dir)
-    with open(cohort_dir / "cohort.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    pick = [r for r in rows if r["abnormal"] == "0"][:n_each] + [r for r in rows if r["abnormal"] == "1"][
-        :n_each
-    ]
+    pick = preview_rows(read_cohort(cohort_dir), n_each)
     fig, axes = plt.subplots(len(pick), 3, figsize=(7.5, 2.6 * len(pick)), squeeze=False)
     for row, ax in zip(pick, axes, strict=True):
         img = np.asarray(nib.load(str(cohort_dir / row["image"])).dataobj)
         lab = np.asarray(nib.load(str(cohort_dir / row["label"])).dataobj) > 0
-        centre = [s // 2 for s in img.shape]
-        if lab.any():
-            comp, n = ndimage.label(lab, structure=np.ones((3, 3, 3), bool))
-            biggest = 1 + int(np.argmax(ndimage.sum(lab, comp, index=np.arange(1, n + 1))))
-            centre = [int(round(c)) for c in ndimage.center_of_mass(comp == biggest)]
+        centre = largest_lesion_centre(lab)
         views = [
             (img[centre[0]], lab[centre[0]]),
             (img[:, centre[1]], lab[:, centre[1]]),
@@ -1061,70 +920,4 @@ def save_preview(cohort_dir, png, n_each: int = 3) -> Path:
             a.set_title(f"{Path(row['image']).name[:8]} {title}", fontsize=7)
         kind = f"abnormal ({row['n_lesions']} lesions)" if row["abnormal"] == "1" else "normal"
         ax[0].set_ylabel(f"{kind}\n{row['base']} {row['contrast']}", fontsize=7)
-    fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
-
-
-def cli(
-    out="demo_data",
-    n_normal: int = 20,
-    n_abnormal: int = 12,
-    shape=96,
-    contrast: str = "t1",
-    seed: int = 0,
-    base: str = "mni152",
-    preview=None,
-    overwrite: bool = False,
-    quiet: bool = False,
-    organ: str = "brain",
-    **kwargs,
-) -> None:
-    """``python -m scripts synth --out DIR [--n_normal 20 --n_abnormal 12 --shape 96 --contrast t1
-    --seed 0 --base mni152|colin27|both --preview out.png --overwrite ...]``; any other keyword of
-    ``generate_cohort`` (e.g. ``--lesion_volume '(20,20000)'``) is passed through. ``--organ lung``:
-    a chest-CT cohort instead (:func:`scripts.synthetic.lung.cli`, its own keywords)."""
-    if organ == "lung":
-        if (shape, contrast, base) != (96, "t1", "mni152"):
-            raise ValueError("--shape, --contrast and --base are brain options (lung: --scale, --spacing)")
-        from scripts.synthetic.lung import cli as lung_cli
-
-        out = "demo_data_lung" if out == "demo_data" else out
-        return lung_cli(
-            out, n_normal, n_abnormal, seed, preview=preview, overwrite=overwrite, quiet=quiet, **kwargs
-        )
-    if organ != "brain":
-        raise ValueError(f"organ must be 'brain' or 'lung', got {organ!r}")
-    t0 = time.perf_counter()
-    path = generate_cohort(
-        out,
-        n_normal=n_normal,
-        n_abnormal=n_abnormal,
-        shape=shape,
-        contrast=contrast,
-        seed=seed,
-        base=base,
-        overwrite=overwrite,
-        verbose=not quiet,
-        **kwargs,
-    )
-    seconds = time.perf_counter() - t0
-    stats = summarize_cohort(path)
-    les = stats["lesions"]
-    print(f"cohort written to {path.resolve()}  (images/, labels/, masks/, cohort.csv)")
-    print(
-        f"  subjects: {stats['n_subjects']} ({stats['n_normal']} normal, {stats['n_abnormal']} abnormal), "
-        f"contrast {contrast}, base {base}, shape {stats['shape']}, spacing "
-        f"{'x'.join(f'{s:.3g}' for s in stats['spacing_mm'])} mm"
-    )
-    print(
-        f"  lesions: {sum(les.values())} (small <100 mm3: {les['small']}, medium: {les['medium']}, "
-        f"large >1000 mm3: {les['large']})"
-    )
-    print(f"  mean pairwise brain-mask Dice: {stats['mask_dice']:.3f}")
-    print(f"  generated in {seconds:.1f} s")
-    if preview:
-        print(f"  preview: {save_preview(path, preview).resolve()}")
+    return save_figure(fig, png)

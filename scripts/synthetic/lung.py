@@ -2,8 +2,8 @@
 
 The lung experiment of the paper (Sec. 4.1 "Lung CT", 4.6) uses LIDC-IDRI and MSD Lung, which cannot
 be downloaded here, so this module draws chest CTs procedurally, in the style of the brain generator
-(:mod:`scripts.synthetic.brain`: one random stream per subject, ``np.random.default_rng([seed, index])``, an
-atomic cohort folder, the same ``images/ labels/ masks/ cohort.csv`` layout).
+(:mod:`scripts.synthetic.brain`): one random stream per subject, ``np.random.default_rng([seed, index])``,
+and the same atomic ``images/ labels/ masks/ cohort.csv`` cohort folder (:mod:`scripts.synthetic.common`).
 
 Each subject is drawn in a body frame (mm; x = the subject's right, y = anterior, z = superior, i.e.
 RAS) and rendered directly on its own output grid:
@@ -46,31 +46,42 @@ exercised. Lung masks use the lungmask convention, 1 = right lung and 2 = left l
 
 from __future__ import annotations
 
-import csv
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
-from scripts.synthetic import brain as synth
-from scripts.synthetic.brain import SIZE_CLASSES, _grow, _single_thread, size_class, write_cohort
+from scripts.synthetic import common
+from scripts.synthetic.common import (
+    check_counts,
+    cohort_counts,
+    grow_region,
+    largest_component,
+    largest_lesion_centre,
+    preview_rows,
+    read_cohort,
+    save_figure,
+    shuffled_abnormal,
+    single_thread,
+    smooth_field,
+    smooth_noise,
+    subject_row,
+    write_cohort,
+    write_subject_files,
+)
 
 __all__ = [
     "LEFT_LABEL",
+    "MASK_FORMATS",
     "RIGHT_LABEL",
-    "SIZE_CLASSES",
     "LungSubject",
-    "cli",
+    "cohort_layout",
     "ensure_cohort",
     "generate_cohort",
     "generate_subject",
     "save_preview",
-    "size_class",
     "summarize_cohort",
 ]
 
@@ -78,6 +89,10 @@ __all__ = [
 RIGHT_LABEL, LEFT_LABEL = 1, 2
 AIR_HU = -1000.0
 MASK_FORMATS = ("labels", "binary")
+#: NIfTI qform/sform code of the written cohort: 1 = scanner anatomical (CT is not registered)
+SCANNER_XFORM = 1
+#: ``np.random.default_rng([seed, COHORT_STREAM])`` shuffles which subjects are abnormal
+COHORT_STREAM = 2**31 - 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,18 +283,6 @@ def _to_world(an: _Anatomy, p: np.ndarray) -> np.ndarray:
     return np.stack([x, y, p[:, 2] + an.shift[2]], 1)
 
 
-def _smooth_field(rng, shape, cells: int = 6) -> np.ndarray:
-    """Smooth random field in [-1, 1] (trilinear interpolation of a coarse Gaussian grid)."""
-    coarse = torch.from_numpy(rng.standard_normal((1, 1, cells, cells, cells)).astype(np.float32))
-    f = F.interpolate(coarse, size=shape, mode="trilinear", align_corners=True)[0, 0].numpy()
-    return f / (np.abs(f).max() + 1e-8)
-
-
-def _texture(rng, shape, sigma) -> np.ndarray:
-    n = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma)
-    return n / (n.std() + 1e-8)
-
-
 # ----------------------------------------------------------------------------------------------
 # lungs
 # ----------------------------------------------------------------------------------------------
@@ -287,7 +290,7 @@ def _texture(rng, shape, sigma) -> np.ndarray:
 
 def _lung_masks(an: _Anatomy, grid: _Grid, xb, yb, zb, rng) -> dict[str, np.ndarray]:
     """Boolean masks of both lungs on the output grid."""
-    warp = 0.08 * _smooth_field(rng, grid.shape)
+    warp = 0.08 * smooth_field(rng, grid.shape, 6)
     out = {}
     for side, L in an.lungs.items():
         h = (zb - L["z0"]) / L["H"]  # [1, 1, K] (broadcast)
@@ -312,10 +315,7 @@ def _lung_masks(an: _Anatomy, grid: _Grid, xb, yb, zb, rng) -> dict[str, np.ndar
         ).sum(0) + ((zb - an.heart_c[2]) / (an.heart_r[2] + 4 * an.s)) ** 2 <= 1.0
         spine = (xb - an.spine_c[0]) ** 2 + (yb - an.spine_c[1]) ** 2 <= (an.spine_r + 10 * an.s) ** 2
         lung = cavity & medial & vertical & ~heart & ~spine
-        lab, n = ndimage.label(lung)
-        if n > 1:
-            lung = lab == 1 + int(np.argmax(np.bincount(lab.ravel())[1:]))
-        out[side] = lung
+        out[side] = largest_component(lung)
     # keep the lungs at least one voxel apart (they are separated by construction; this is a guard)
     touch = ndimage.binary_dilation(out["right"], np.ones((3, 3, 3), bool)) & out["left"]
     out["left"] &= ~touch
@@ -448,7 +448,7 @@ def _place_lesions(rng, lungs: dict, grid: _Grid, lesion_volume, lesions_per_sub
         )
         field_ = 1.0 - rho2 + rng.uniform(0.2, 0.7) * noise / (noise.std() + 1e-8)
         allowed = free[sl]
-        order = _grow(field_, allowed, tuple(seed - lo), nvox)
+        order = grow_region(field_, allowed, tuple(seed - lo), nvox)
         if order.size == 0:
             continue
         full = np.ravel_multi_index(
@@ -459,42 +459,10 @@ def _place_lesions(rng, lungs: dict, grid: _Grid, lesion_volume, lesions_per_sub
     return label, out
 
 
-@_single_thread()
-def generate_subject(
-    index: int,
-    *,
-    abnormal: bool,
-    seed: int = 0,
-    scale: float = 0.4,
-    spacing=(1.5, 1.5, 2.5),
-    axcodes: str = "LPS",
-    lesion_volume=(20.0, 20000.0),
-    lesions_per_subject=(1, 3),
-    lesion_hu=(-100.0, 100.0),
-    max_lesion_fraction: float = 0.15,
-    vessel_generations: int = 7,
-    airway_generations: int = 4,
-    noise_hu=(10.0, 25.0),
-    ribs: bool = True,
-    shift_mm: float = 10.0,
-    rot_deg: float = 4.0,
-    origin_mm: float = 40.0,
-) -> LungSubject:
-    """Synthesise one chest CT (see the module docstring). Deterministic for ``(seed, index)``."""
-    if scale <= 0:
-        raise ValueError(f"scale must be > 0, got {scale}")
-    spacing = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (3,)).copy()
-    rng_anat, rng_les, rng_int = np.random.default_rng([seed, index]).spawn(3)
-    an = _draw_anatomy(
-        rng_anat, float(scale), shift_mm, rot_deg, origin_mm, min_gap=1.1 * float(spacing.max())
-    )
-    grid = _make_grid(an, spacing, axcodes)
-    x, y, z = grid.world([slice(None)] * 3)
-    xb, yb, zb = _to_body(an, x, y, z)  # xb, yb: [X, Y, 1]; zb: [1, 1, Z]
-    s = an.s
-    shape = grid.shape
-
-    # --- tissues (HU), outside in
+def _body_hu(an: _Anatomy, grid: _Grid, xb, yb, zb, rng_int, ribs: bool) -> tuple[np.ndarray, np.ndarray]:
+    """HU of the body, outside in (fat, muscle wall, ribs, cavity, sternum, spine, aorta, heart; air
+    outside), and the body mask ``[X, Y, Z]``."""
+    s, shape = an.s, grid.shape
     ell = (xb / an.A) ** 2 + (yb / (an.B * np.where(yb < 0, 0.92, 1.0))) ** 2  # [X, Y, 1]
     depth = (1.0 - np.sqrt(ell)) * min(an.A, an.B)  # approximate depth below the skin (mm)
     body = np.broadcast_to(ell <= 1.0, shape)
@@ -532,16 +500,13 @@ def generate_subject(
         + ((zb - an.heart_c[2]) / an.heart_r[2]) ** 2
     ) <= 1.0
     hu[heart] = rng_int.uniform(35, 50)
+    return hu, body
 
-    # --- lungs, parenchyma
-    lungs = _lung_masks(an, grid, xb, yb, zb, rng_anat)
-    both = lungs["right"] | lungs["left"]
-    par_mean = rng_int.uniform(-880, -820)
-    gravity = np.clip((-yb / an.Bc), -1.0, 1.0) * rng_int.uniform(20, 45)  # denser posteriorly
-    par = par_mean + gravity + rng_int.uniform(15, 30) * _texture(rng_int, shape, 0.8)
-    hu = np.where(both, par, hu).astype(np.float32)
 
-    # --- vessels and airways (trees per lung), trachea and main bronchi
+def _tree_occupancy(an: _Anatomy, grid: _Grid, lungs: dict, rng_anat, vessel_gen: int, airway_gen: int):
+    """Partial-volume occupancy ``(vessels, airway walls, airway lumens)`` of the vessel and airway
+    trees of both lungs, the trachea and the main bronchi."""
+    s, shape = an.s, grid.shape
     vessel_occ = np.zeros(shape, np.float32)
     wall_occ = np.zeros(shape, np.float32)
     lumen_occ = np.zeros(shape, np.float32)
@@ -556,15 +521,84 @@ def generate_subject(
         hilum_b = np.array([L["sign"] * (an.gap + 6 * s), L["yc"] + 0.1 * an.Bc, L["z0"] + 0.55 * L["H"]])
         hilum = _to_world(an, hilum_b)[0]
         pts = _territory(rng_anat, grid, mask)
-        segs = _grow_tree(rng_anat, hilum, pts, 6.0 * s, 0.35, vessel_generations)
+        segs = _grow_tree(rng_anat, hilum, pts, 6.0 * s, 0.35, vessel_gen)
         _draw_tubes(grid, vessel_occ, segs)
         bronchus_end = _to_world(an, hilum_b + np.array([0.0, 4 * s, 6 * s]))[0]
         central.append((carina, bronchus_end, 0.7 * an.trachea_r, 0.6 * an.trachea_r))
-        asegs = _grow_tree(rng_anat, bronchus_end, pts, 0.55 * an.trachea_r, 0.5, airway_generations)
+        asegs = _grow_tree(rng_anat, bronchus_end, pts, 0.55 * an.trachea_r, 0.5, airway_gen)
         _draw_tubes(grid, wall_occ, asegs, 1.35, 0.35)
         _draw_tubes(grid, lumen_occ, asegs)
     _draw_tubes(grid, wall_occ, central, 1.2, 0.5)
     _draw_tubes(grid, lumen_occ, central)
+    return vessel_occ, wall_occ, lumen_occ
+
+
+def _paint_lesions(hu: np.ndarray, label: np.ndarray, grown: list, lesion_hu, rng_les) -> list[float]:
+    """Lesion tissue (a mean per lesion plus heterogeneity) replaces everything inside ``label``, in
+    place in ``hu``; the edge is softened by blurring the label (weight) and the lesion value
+    (normalised convolution). Returns the lesion means (HU)."""
+    shape = hu.shape
+    value = np.zeros(shape, np.float32)
+    het = smooth_noise(rng_les, shape, 1.0)
+    means = []
+    for full, _ in grown:
+        mean = float(rng_les.uniform(*lesion_hu))
+        value.flat[full] = mean + 15.0 * het.flat[full]
+        means.append(mean)
+    weight = ndimage.gaussian_filter(label.astype(np.float32), 0.5)
+    soft = weight > 1e-3
+    value = ndimage.gaussian_filter(value, 0.5)[soft] / weight[soft]
+    hu[soft] = hu[soft] * (1 - weight[soft]) + value * weight[soft]
+    return means
+
+
+@single_thread()
+def generate_subject(
+    index: int,
+    *,
+    abnormal: bool,
+    seed: int = 0,
+    scale: float = 0.4,
+    spacing=(1.5, 1.5, 2.5),
+    axcodes: str = "LPS",
+    lesion_volume=(20.0, 20000.0),
+    lesions_per_subject=(1, 3),
+    lesion_hu=(-100.0, 100.0),
+    max_lesion_fraction: float = 0.15,
+    vessel_generations: int = 7,
+    airway_generations: int = 4,
+    noise_hu=(10.0, 25.0),
+    ribs: bool = True,
+    shift_mm: float = 10.0,
+    rot_deg: float = 4.0,
+    origin_mm: float = 40.0,
+) -> LungSubject:
+    """Synthesise one chest CT (see the module docstring). Deterministic for ``(seed, index)``."""
+    if scale <= 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    spacing = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (3,)).copy()
+    rng_anat, rng_les, rng_int = np.random.default_rng([seed, index]).spawn(3)
+    an = _draw_anatomy(
+        rng_anat, float(scale), shift_mm, rot_deg, origin_mm, min_gap=1.1 * float(spacing.max())
+    )
+    grid = _make_grid(an, spacing, axcodes)
+    x, y, z = grid.world([slice(None)] * 3)
+    xb, yb, zb = _to_body(an, x, y, z)  # xb, yb: [X, Y, 1]; zb: [1, 1, Z]
+    shape = grid.shape
+    hu, body = _body_hu(an, grid, xb, yb, zb, rng_int, ribs)
+
+    # lungs: parenchyma denser posteriorly (gravity), with fine texture
+    lungs = _lung_masks(an, grid, xb, yb, zb, rng_anat)
+    both = lungs["right"] | lungs["left"]
+    par_mean = rng_int.uniform(-880, -820)
+    gravity = np.clip((-yb / an.Bc), -1.0, 1.0) * rng_int.uniform(20, 45)
+    par = par_mean + gravity + rng_int.uniform(15, 30) * smooth_noise(rng_int, shape, 0.8)
+    hu = np.where(both, par, hu).astype(np.float32)
+
+    # vessels (inside the lungs), airway walls, air in the lumens (inside the body)
+    vessel_occ, wall_occ, lumen_occ = _tree_occupancy(
+        an, grid, lungs, rng_anat, vessel_generations, airway_generations
+    )
     vessel_hu = rng_int.uniform(30, 120)
     v = np.where(both, vessel_occ, 0.0)
     hu = hu * (1 - v) + vessel_hu * v
@@ -573,7 +607,6 @@ def generate_subject(
     lumen_in = np.where(body, lumen_occ, 0.0)
     hu = hu * (1 - lumen_in) + (AIR_HU + 20) * lumen_in
 
-    # --- lesions
     label = np.zeros(shape, bool)
     volumes: list[float] = []
     lesion_means: list[float] = []
@@ -581,24 +614,13 @@ def generate_subject(
         label, grown = _place_lesions(
             rng_les, lungs, grid, lesion_volume, lesions_per_subject, max_lesion_fraction
         )
-        # lesion tissue (mean per lesion + heterogeneity) replaces everything inside the label; the edge
-        # is softened by blurring the label (weight) and the lesion value (normalised convolution)
-        value = np.zeros(shape, np.float32)
-        het = _texture(rng_les, shape, 1.0)
-        for full, vol in grown:
-            mean = float(rng_les.uniform(*lesion_hu))
-            value.flat[full] = mean + 15.0 * het.flat[full]
-            volumes.append(vol)
-            lesion_means.append(mean)
-        weight = ndimage.gaussian_filter(label.astype(np.float32), 0.5)
-        soft = weight > 1e-3
-        value = ndimage.gaussian_filter(value, 0.5)[soft] / weight[soft]
-        hu[soft] = hu[soft] * (1 - weight[soft]) + value * weight[soft]
+        volumes = [vol for _, vol in grown]
+        lesion_means = _paint_lesions(hu, label, grown, lesion_hu, rng_les)
 
-    # --- acquisition: PSF blur, correlated noise, int16
+    # acquisition: PSF blur, correlated noise, int16
     hu = ndimage.gaussian_filter(hu, 0.6)
     sigma = rng_int.uniform(*noise_hu)
-    hu = hu + sigma * _texture(rng_int, shape, 0.7)
+    hu = hu + sigma * smooth_noise(rng_int, shape, 0.7)
     image = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
     mask = np.zeros(shape, np.uint8)
     mask[lungs["right"]] = RIGHT_LABEL
@@ -620,57 +642,31 @@ def generate_subject(
 # ----------------------------------------------------------------------------------------------
 
 
-def _cohort_layout(n_normal: int, n_abnormal: int, seed: int) -> np.ndarray:
-    """Which subject indices are abnormal (shuffled, so the order carries no signal)."""
-    n = n_normal + n_abnormal
-    abnormal = np.zeros(n, bool)
-    abnormal[np.random.default_rng([seed, 2**31 - 2]).permutation(n)[:n_abnormal]] = True
-    return abnormal
-
-
-def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    import nibabel as nib
-
-    img = nib.Nifti1Image(array, affine)
-    img.header.set_xyzt_units("mm")
-    img.set_qform(affine, code=1)  # 1 = scanner anatomical (not registered)
-    img.set_sform(affine, code=1)
-    nib.save(img, str(path))
+def cohort_layout(n_normal: int, n_abnormal: int, seed: int) -> np.ndarray:
+    """Which subject indices of a cohort are abnormal (shuffled, so the order carries no signal)."""
+    return shuffled_abnormal(n_normal, n_abnormal, seed, COHORT_STREAM)
 
 
 def _write_subject(job) -> dict:
     """Generate subject ``i`` and write its three files into ``tmp``; returns its cohort.csv row."""
     i, is_abn, tmp, mask_format, kw = job
     s = generate_subject(i, abnormal=is_abn, **kw)
-    name = f"sub-{i + 1:04d}.nii.gz"
     mask = (s.mask > 0).astype(np.uint8) if mask_format == "binary" else s.mask
-    _save_nifti(s.image, s.affine, tmp / "images" / name)
-    _save_nifti(s.label, s.affine, tmp / "labels" / name)
-    _save_nifti(mask, s.affine, tmp / "masks" / name)
-    return {
-        "image": f"images/{name}",
-        "label": f"labels/{name}",
-        "mask": f"masks/{name}",
-        "abnormal": int(is_abn),
-        "n_lesions": len(s.lesion_volumes_mm3),
-        "lesion_volumes_mm3": ";".join(f"{v:.1f}" for v in s.lesion_volumes_mm3),
-        "lesion_hu": ";".join(f"{v:.0f}" for v in s.lesion_hu),
-        "right_lung_ml": f"{s.lung_volumes_ml['right']:.1f}",
-        "left_lung_ml": f"{s.lung_volumes_ml['left']:.1f}",
-        "shape": "x".join(str(n) for n in s.image.shape),
-        "mask_format": mask_format,
-    }
+    name = write_subject_files(tmp, i, s.affine, s.image, s.label, mask, SCANNER_XFORM)
+    return subject_row(
+        name,
+        is_abn,
+        s.lesion_volumes_mm3,
+        lesion_hu=";".join(f"{v:.0f}" for v in s.lesion_hu),
+        right_lung_ml=f"{s.lung_volumes_ml['right']:.1f}",
+        left_lung_ml=f"{s.lung_volumes_ml['left']:.1f}",
+        shape="x".join(str(n) for n in s.image.shape),
+        mask_format=mask_format,
+    )
 
 
-def _report(row: dict, verbose: bool) -> dict:
-    if verbose:
-        kind = "abnormal" if row["abnormal"] else "normal  "
-        print(
-            f"  {Path(row['image']).name}  {kind}  {row['shape']:>11s}  lungs R/L {row['right_lung_ml']}/"
-            f"{row['left_lung_ml']} ml  lesions (mm3): {row['lesion_volumes_mm3'] or '-'}",
-            flush=True,
-        )
-    return row
+def _describe(row: dict) -> str:
+    return f"{row['shape']:>11s}  lungs R/L {row['right_lung_ml']}/{row['left_lung_ml']} ml"
 
 
 def generate_cohort(
@@ -698,23 +694,21 @@ def generate_cohort(
     ``scale``: anatomy size (1.0 = adult); ``spacing``: voxel size (mm, x y z); ``subject_kw`` go to
     :func:`generate_subject` (``axcodes``, ``lesion_volume``, ``lesions_per_subject``, ``lesion_hu``,
     ``max_lesion_fraction``, ``vessel_generations``, ``airway_generations``, ``noise_hu``, ``ribs``,
-    ``shift_mm``, ``rot_deg``, ``origin_mm``). Written to a temporary sibling folder and renamed into
-    place; an existing non-empty ``out_dir`` is an error unless ``overwrite``. ``workers > 1``
-    generates subjects in that many processes (same result).
+    ``shift_mm``, ``rot_deg``, ``origin_mm``). Written atomically by
+    :func:`scripts.synthetic.common.write_cohort`: an existing non-empty ``out_dir`` is an error unless
+    ``overwrite``. ``workers > 1`` generates subjects in that many processes (same result).
     """
-    out_dir = Path(out_dir)
     if mask_format not in MASK_FORMATS:
         raise ValueError(f"mask_format must be one of {MASK_FORMATS}, got {mask_format!r}")
-    if n_normal < 0 or n_abnormal < 0 or n_normal + n_abnormal < 1:
-        raise ValueError("need n_normal >= 0, n_abnormal >= 0 and at least one subject")
-    abnormal = _cohort_layout(n_normal, n_abnormal, seed)
+    check_counts(n_normal, n_abnormal)
+    abnormal = cohort_layout(n_normal, n_abnormal, seed)
     kw = dict(seed=seed, scale=float(scale), spacing=tuple(np.broadcast_to(np.asarray(spacing, float), (3,))))
     kw.update(subject_kw)
     return write_cohort(
         out_dir,
         lambda tmp: [(i, bool(a), tmp, mask_format, kw) for i, a in enumerate(abnormal)],
         _write_subject,
-        _report,
+        _describe,
         workers=workers,
         overwrite=overwrite,
         verbose=verbose,
@@ -723,7 +717,7 @@ def generate_cohort(
 
 def ensure_cohort(out_dir, **kwargs) -> Path:
     """``out_dir`` if it holds a cohort (``cohort.csv``), else ``generate_cohort(out_dir, **kwargs)``."""
-    return synth.ensure_cohort(out_dir, generate=generate_cohort, **kwargs)
+    return common.ensure_cohort(out_dir, generate_cohort, **kwargs)
 
 
 def summarize_cohort(cohort_dir) -> dict:
@@ -731,27 +725,16 @@ def summarize_cohort(cohort_dir) -> dict:
     import nibabel as nib
 
     cohort_dir = Path(cohort_dir)
-    with open(cohort_dir / "cohort.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    vols = [float(v) for r in rows if r.get("lesion_volumes_mm3") for v in r["lesion_volumes_mm3"].split(";")]
+    rows = read_cohort(cohort_dir)
     first = nib.load(str(cohort_dir / rows[0]["image"]))
-    n_abn = sum(r["abnormal"] == "1" for r in rows)
     lungs = [float(r[k]) for r in rows for k in ("right_lung_ml", "left_lung_ml")]
     return {
-        "n_subjects": len(rows),
-        "n_normal": len(rows) - n_abn,
-        "n_abnormal": n_abn,
-        "lesions": {c: sum(size_class(v) == c for v in vols) for c in SIZE_CLASSES},
+        **cohort_counts(rows),
         "lung_ml": (min(lungs), max(lungs)),
         "shapes": sorted({r["shape"] for r in rows}),
         "spacing_mm": tuple(float(z) for z in first.header.get_zooms()[:3]),
         "orientation": "".join(nib.aff2axcodes(first.affine)),
     }
-
-
-# ----------------------------------------------------------------------------------------------
-# preview and CLI
-# ----------------------------------------------------------------------------------------------
 
 
 def save_preview(cohort_dir, png, n_each: int = 3) -> Path:
@@ -764,11 +747,7 @@ def save_preview(cohort_dir, png, n_each: int = 3) -> Path:
     import nibabel as nib
 
     cohort_dir = Path(cohort_dir)
-    with open(cohort_dir / "cohort.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    pick = [r for r in rows if r["abnormal"] == "0"][:n_each] + [r for r in rows if r["abnormal"] == "1"][
-        :n_each
-    ]
+    pick = preview_rows(read_cohort(cohort_dir), n_each)
     fig, axes = plt.subplots(len(pick), 3, figsize=(9, 2.8 * len(pick)), squeeze=False)
     for row, ax in zip(pick, axes, strict=True):
         imgs = [
@@ -776,11 +755,7 @@ def save_preview(cohort_dir, png, n_each: int = 3) -> Path:
         ]
         img, lung, lab = (np.asarray(i.dataobj) for i in imgs)
         zooms = imgs[0].header.get_zooms()[:3]
-        centre = [s // 2 for s in img.shape]
-        if lab.any():
-            comp, n = ndimage.label(lab > 0, structure=np.ones((3, 3, 3), bool))
-            biggest = 1 + int(np.argmax(ndimage.sum(lab > 0, comp, index=np.arange(1, n + 1))))
-            centre = [int(round(c)) for c in ndimage.center_of_mass(comp == biggest)]
+        centre = largest_lesion_centre(lab)
         views = [
             (img[centre[0]], lung[centre[0]], lab[centre[0]], zooms[2] / zooms[1]),
             (img[:, centre[1]], lung[:, centre[1]], lab[:, centre[1]], zooms[2] / zooms[0]),
@@ -806,58 +781,4 @@ def save_preview(cohort_dir, png, n_each: int = 3) -> Path:
             a.set_title(f"{Path(row['image']).name[:8]} {title}", fontsize=7)
         kind = f"abnormal ({row['n_lesions']} lesions)" if row["abnormal"] == "1" else "normal"
         ax[0].set_ylabel(kind, fontsize=7)
-    fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
-
-
-def cli(
-    out="demo_data_lung",
-    n_normal: int = 20,
-    n_abnormal: int = 12,
-    seed: int = 0,
-    scale: float = 0.4,
-    spacing=(1.5, 1.5, 2.5),
-    mask_format: str = "labels",
-    preview=None,
-    overwrite: bool = False,
-    quiet: bool = False,
-    **kwargs,
-) -> None:
-    """``python -m scripts synth --organ lung --out DIR [--n_normal 20 --n_abnormal 12 --seed 0
-    --scale 0.4 --spacing '(1.5,1.5,2.5)' --mask_format labels|binary --preview out.png --overwrite]``;
-    any other keyword of :func:`generate_subject` (e.g. ``--lesion_volume '(20,20000)'``) is passed on."""
-    t0 = time.perf_counter()
-    path = generate_cohort(
-        out,
-        n_normal=n_normal,
-        n_abnormal=n_abnormal,
-        seed=seed,
-        scale=scale,
-        spacing=spacing,
-        mask_format=mask_format,
-        overwrite=overwrite,
-        verbose=not quiet,
-        **kwargs,
-    )
-    seconds = time.perf_counter() - t0
-    stats = summarize_cohort(path)
-    les = stats["lesions"]
-    print(f"lung CT cohort written to {path.resolve()}  (images/, labels/, masks/, cohort.csv)")
-    print(
-        f"  subjects: {stats['n_subjects']} ({stats['n_normal']} normal, {stats['n_abnormal']} abnormal), "
-        f"scale {scale}, spacing {'x'.join(f'{s:.3g}' for s in stats['spacing_mm'])} mm, "
-        f"{stats['orientation']}, {len(stats['shapes'])} different grids"
-    )
-    print(
-        f"  lesions: {sum(les.values())} (small <100 mm3: {les['small']}, medium: {les['medium']}, "
-        f"large >1000 mm3: {les['large']}); lung volumes "
-        f"{stats['lung_ml'][0]:.0f}-{stats['lung_ml'][1]:.0f} ml"
-    )
-    print(f"  lung masks: {'1 = right, 2 = left' if mask_format == 'labels' else 'binary (0/1)'}")
-    print(f"  generated in {seconds:.1f} s")
-    if preview:
-        print(f"  preview: {save_preview(path, preview).resolve()}")
+    return save_figure(fig, png)

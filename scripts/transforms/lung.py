@@ -3,8 +3,9 @@
 CT volumes are not registered to an atlas and the lungs fill only part of the scan, so the lung
 pipeline (``configs/lung_ct.json``, an overlay on ``configs/inference.json``) works on lung crops:
 
-1. preprocessing (config): load, reorient to RAS, resample to 1 mm (image bilinear, mask nearest),
-   clip HU to [-800, 400] and scale to [0, 1];
+1. preprocessing (config): load, keep a copy of the mask on the input grid (``source_mask``, for
+   :class:`MaskWithSourced`), reorient to RAS, resample to 1 mm (image bilinear, mask nearest), clip
+   HU to the config's ``hu_window`` (the paper's [-800, 400], Sec. 4.1) and scale to [0, 1];
 2. :class:`LungSplit`: the lung mask into a right and a left lung (labels, or the two largest
    connected components of a binary mask ordered by their centroid's world x: RAS x grows towards the
    subject's right);
@@ -42,7 +43,6 @@ from scripts.errors import CS3FInputError
 from scripts.transforms.tokenization import AXES, axis_index
 
 __all__ = [
-    "HU_WINDOW",
     "CheckLungsd",
     "LEFT",
     "MASK_MODES",
@@ -64,8 +64,6 @@ SIDES: tuple[str, str] = ("right", "left")
 #: the paper's crop size (sagittal, coronal, axial) at 1 mm and its coarse pooling (Sec. 4.2, Table 2)
 PAPER_CROP_SIZE: tuple[int, int, int] = (160, 238, 336)
 PAPER_Q: tuple[int, int, int] = (8, 14, 14)
-#: HU clipping window (Sec. 4.1), min-max scaled to [0, 1]
-HU_WINDOW: tuple[float, float] = (-800.0, 400.0)
 MASK_MODES = ("auto", "labels", "binary")
 
 
@@ -339,36 +337,42 @@ class LungCropd(MapTransform):
 
 
 class MaskWithSourced(MapTransform):
-    """Zero ``keys`` (maps already inverted to the input grid) outside the mask *file* of the volume.
+    """Zero ``keys`` (maps already inverted to the input grid) outside the volume's source-grid mask.
 
     The inverse of the 1 mm resampling (bilinear) spreads scores a voxel beyond the lung border; the
-    original mask, read again from ``d[mask_key].meta["filename_or_obj"]``, restores a map that is 0
-    outside the lungs on the input grid (as the brain pipeline's maps are). No mask: nothing to do.
+    mask as it was loaded restores a map that is 0 outside the lungs on the input grid (as the brain
+    pipeline's maps are). That mask is a copy the preprocessing takes right after loading, before any
+    reorientation or resampling (``CopyItemsd(keys="mask", names="source_mask")`` after
+    ``EnsureChannelFirstd`` in ``configs/lung_ct.json``), so nothing is read from disk again. The copy
+    is not an ``Invertd`` key, so inverting the map leaves it alone. Its name must not start with
+    ``"mask_"``: MONAI's ``Spacingd`` takes every ``"{key}_*"`` entry for a metadata dict of ``key``.
+    No such mask: nothing to do.
+
+    Args:
+        keys: the maps to mask (default ``"pred"``).
+        mask_key: the source-grid mask ``[1, H, W, D]`` (or ``[H, W, D]``); voxels > 0 are inside.
+        allow_missing_keys: don't raise when a map key is missing.
     """
 
     def __init__(
-        self, keys: KeysCollection = "pred", mask_key: str = "mask", allow_missing_keys: bool = False
-    ):
+        self, keys: KeysCollection = "pred", mask_key: str = "source_mask", allow_missing_keys: bool = False
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.mask_key = mask_key
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        from monai.transforms import LoadImage
-
         d = dict(data)
         mask = d.get(self.mask_key)
-        source = mask.meta.get("filename_or_obj") if isinstance(mask, MetaTensor) else None
-        if not source:
+        if mask is None:
             return d
-        inside = torch.as_tensor(np.asarray(LoadImage(image_only=True)(str(source))) > 0)
+        inside = (mask.as_tensor() if isinstance(mask, MetaTensor) else torch.as_tensor(mask)) > 0
+        inside = inside.reshape(inside.shape[-3:])
         for key in self.key_iterator(d):
             pred = d[key]
-            if tuple(pred.shape[1:]) != tuple(inside.shape[-3:]):
+            if tuple(pred.shape[1:]) != tuple(inside.shape):
                 raise ValueError(
-                    f"{key} has shape {tuple(pred.shape[1:])} but the mask {source} has "
+                    f"{key} has shape {tuple(pred.shape[1:])} but the source-grid mask {self.mask_key!r} has "
                     f"{tuple(inside.shape)}: put MaskWithSourced after Invertd"
                 )
-            d[key] = pred * inside.reshape(1, *inside.shape[-3:]).to(pred.device, pred.dtype)
+            d[key] = pred * inside.reshape(1, *inside.shape).to(pred.device, pred.dtype)
         return d
-
-

@@ -1,5 +1,6 @@
-"""Lung CT pipeline (issue 10): crop/paste geometry, left/right split, combination rule, q validation,
-the synthetic chest-CT generator, and the lung overlay end to end through the bundle (+ evaluation)."""
+"""Lung CT pipeline: crop/paste geometry, left/right split, combination rule, q validation, masking of
+the inverted maps, the synthetic chest-CT generator, and the lung overlay end to end through the bundle
+(+ evaluation)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,17 @@ from scripts.engine.lung import LungCS3FEvaluator
 from scripts.errors import CS3FInputError
 from scripts.inferer import CS3FInferer
 from scripts.synthetic import lung as synth_lung
-from scripts.transforms.lung import PAPER_CROP_SIZE, PAPER_Q, SIDES, LungCrop, LungSplit, check_crop_divisible
+from scripts.synthetic.cli import main as synth_main
+from scripts.synthetic.common import SIZE_CLASSES, size_class
+from scripts.transforms.lung import (
+    PAPER_CROP_SIZE,
+    PAPER_Q,
+    SIDES,
+    LungCrop,
+    LungSplit,
+    MaskWithSourced,
+    check_crop_divisible,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = [str(ROOT / "configs" / f) for f in ("inference.json", "lung_ct.json", "evaluate.json")]
@@ -250,6 +261,48 @@ def test_missing_mask_is_a_clear_error(tmp_path: Path) -> None:
         _evaluator(tmp_path).split(item)
 
 
+def test_mask_with_source_uses_the_in_memory_mask() -> None:
+    """The inverted map is zeroed outside the source-grid mask held in the item; the mask file it names
+    is never read (it does not exist here), and the map keeps its metadata."""
+    shape = (5, 6, 7)
+    source = torch.zeros((1, *shape))
+    source[0, 1:4, 2:5, 3:6] = 2.0  # a label value: inside is > 0
+    mask = MetaTensor(source, meta={"filename_or_obj": "/no/such/mask.nii.gz"})
+    pred = MetaTensor(torch.rand((1, *shape)) + 0.5, affine=_affine(), meta={"filename_or_obj": "img.nii.gz"})
+    out = MaskWithSourced(keys="pred", mask_key="source_mask")({"pred": pred, "source_mask": mask})
+    assert isinstance(out["pred"], MetaTensor) and out["pred"].meta["filename_or_obj"] == "img.nii.gz"
+    assert torch.equal(out["pred"].as_tensor(), pred.as_tensor() * (source > 0))
+    assert out["source_mask"] is mask
+    # no source-grid mask (a volume without mask): nothing to do
+    assert MaskWithSourced()({"pred": pred})["pred"] is pred
+    # a map that is not on the source grid yet (before Invertd) is an error, not a silent broadcast
+    with pytest.raises(ValueError, match="put MaskWithSourced after Invertd"):
+        MaskWithSourced()({"pred": pred[:, :4], "source_mask": mask})
+
+
+def test_lung_preprocessing_keeps_the_source_mask_and_inverts_without_it(tmp_path: Path) -> None:
+    """configs/lung_ct.json copies the mask before reorientation and resampling; Invertd takes a map on
+    the 1 mm grid back to the input grid without touching the copy."""
+    from monai.bundle import ConfigParser
+
+    cohort = synth_lung.generate_cohort(tmp_path / "c", n_normal=2, n_abnormal=0, seed=2, scale=0.12)
+    parser = ConfigParser()
+    parser.read_config(CONFIGS[:2])
+    parser.update({"dataset_dir": str(cohort), "output_dir": str(tmp_path / "out")})
+    item = parser.get_parsed_content("dataset")[0]
+    on_disk = np.asarray(nib.load(cohort / "masks" / "sub-0001.nii.gz").dataobj)
+    assert item["source_mask"].shape[1:] == on_disk.shape != item["mask"].shape[1:]  # 1.5 x 1.5 x 2.5 mm
+    np.testing.assert_array_equal(item["source_mask"][0].numpy() > 0, on_disk > 0)
+    postprocessing = parser.get_parsed_content("postprocessing#transforms#0")
+    item["pred"] = MetaTensor(torch.ones_like(item["image"]), meta=item["image"].meta)
+    source = item["source_mask"].clone()
+    out = postprocessing(item)
+    assert tuple(out["pred"].shape[1:]) == on_disk.shape
+    assert torch.equal(out["source_mask"], source)
+    pred = out["pred"][0].numpy()
+    assert np.all(pred[on_disk == 0] == 0) and np.all(pred[on_disk > 0] > 0.5)
+
+
 # ----------------------------------------------------------------------------------------------
 # synthetic chest-CT cohorts
 # ----------------------------------------------------------------------------------------------
@@ -284,20 +337,21 @@ def test_generator_is_deterministic_and_anatomical() -> None:
 
 
 def test_default_cohort_covers_the_three_lesion_size_classes() -> None:
-    abnormal = synth_lung._cohort_layout(20, 12, 0)
+    abnormal = synth_lung.cohort_layout(20, 12, 0)
     volumes = []
     for i in np.flatnonzero(abnormal):
         volumes += synth_lung.generate_subject(int(i), abnormal=True, seed=0).lesion_volumes_mm3
-    classes = {c: sum(synth_lung.size_class(v) == c for v in volumes) for c in synth_lung.SIZE_CLASSES}
-    assert all(classes[c] >= 2 for c in synth_lung.SIZE_CLASSES), classes
+    classes = {c: sum(size_class(v) == c for v in volumes) for c in SIZE_CLASSES}
+    assert all(classes[c] >= 2 for c in SIZE_CLASSES), classes
     assert min(volumes) >= 14.0  # at least the 3 mm diameter the lesion metrics count
 
 
-def test_cohort_layout_cli_and_determinism(tmp_path: Path) -> None:
-    from scripts.__main__ import synth
-
-    kw = dict(n_normal=2, n_abnormal=2, seed=3, scale=0.15, quiet=True)
-    synth(organ="lung", out=str(tmp_path / "a"), **kw)  # what `python -m scripts synth --organ lung` runs
+def test_cohort_layout_cli_and_determinism(tmp_path: Path, capsys) -> None:
+    args = ["--n_normal", "2", "--n_abnormal", "2", "--seed", "3", "--scale", "0.15", "--quiet"]
+    assert (
+        synth_main(["--organ", "lung", "--out", str(tmp_path / "a"), *args]) == 0
+    )  # python -m scripts synth
+    assert "lung CT cohort written to" in capsys.readouterr().out
     again = synth_lung.generate_cohort(tmp_path / "b", n_normal=2, n_abnormal=2, seed=3, scale=0.15)
     rows = list(csv.DictReader(open(tmp_path / "a" / "cohort.csv")))
     assert list(csv.DictReader(open(again / "cohort.csv"))) == rows
@@ -310,8 +364,8 @@ def test_cohort_layout_cli_and_determinism(tmp_path: Path) -> None:
             np.testing.assert_array_equal(np.asarray(x.dataobj), np.asarray(y.dataobj))
         affines.append(nib.load(tmp_path / "a" / row["image"]).affine)
     assert len({tuple(np.round(a, 3).ravel()) for a in affines}) == 4  # not registered
-    with pytest.raises(ValueError, match="brain options"):
-        synth(organ="lung", out=str(tmp_path / "c"), shape=64)
+    assert synth_main(["--organ", "lung", "--out", str(tmp_path / "c"), "--shape", "64"]) == 2
+    assert "--shape: brain option(s)" in capsys.readouterr().err and not (tmp_path / "c").exists()
     binary = synth_lung.generate_cohort(tmp_path / "bin", 1, 1, seed=3, scale=0.15, mask_format="binary")
     assert set(np.unique(nib.load(binary / "masks" / "sub-0001.nii.gz").dataobj)) == {0, 1}
 
@@ -354,7 +408,7 @@ def test_bad_lung_mask_fails_or_is_skipped_at_load_time(tiny_lung_cohort: Path, 
 
 @pytest.fixture
 def one_thread():
-    """Tiny tensors on a shared 2-core machine: one torch thread is ~10x faster than two competing."""
+    """Tiny tensors on a shared 2-core machine: one torch thread is much faster than two competing."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -1,4 +1,5 @@
-"""Tests of scripts.encoders: the real EfficientNet-Lite0 weights and tiny saved DINOv2/DINOv3 models."""
+"""Tests of the scripts.encoders package: the real EfficientNet-Lite0 weights and tiny saved DINOv2/DINOv3
+models, and the package's layout (bundle root, shared normalisation constants)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import scripts.encoders as encoders
+import scripts.encoders.base as encoders_base
 from scripts.encoders import (
     ENCODER_NAMES,
     IMAGENET_MEAN,
@@ -53,8 +55,8 @@ def _reference_model(r: int) -> torch.nn.Module:
 def _assert_close_rel(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> None:
     """max |ours - ref| <= rel * max |ref|: the fused forward (BatchNorm folded into the conv weights,
     channels_last convs) sums in a different order than the package's conv -> BatchNorm, so the two
-    agree to float32 rounding (measured ~1e-6 relative to the largest feature), not bit for bit. A
-    per-element rtol would be meaningless for features near 0 (ReLU6 outputs and their sums)."""
+    agree to float32 rounding, not bit for bit. A per-element rtol would be meaningless for features
+    near 0 (ReLU6 outputs and their sums)."""
     assert ours.shape == ref.shape and ours.dtype == ref.dtype
     err = float((ours - ref).abs().max())
     scale = float(ref.abs().max())
@@ -250,6 +252,29 @@ def test_efficientnet_fused_matches_unfused_reference(r, n):
         assert o.is_contiguous()  # plain NCHW: downstream may .view() it
         o.view(n, o.shape[1], -1)
         _assert_close_rel(o, seen[end])
+
+
+def test_efficientnet_unfused_forward_is_the_package_forward():
+    """``unfused_forward()`` runs the package's own modules (BatchNorm and every pad executed) on the same
+    weights: bit-identical to the test's independent reference, equal to the fused grids up to rounding."""
+    layers = ("stem", "stage2", "stage5")
+    enc = _fused_encoder(64, layers)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(11))
+    forward = enc.unfused_forward()
+    calls = _traced_calls(lambda: forward(x))
+    assert sum(c[0] == "batch_norm" for c in calls) == 1 + 3 * 11 - 1  # nothing folded
+    assert sum(c[0] == "pad" for c in calls) == 12
+    ours = forward(x)
+    ref = _reference_model(64)
+    with torch.no_grad():
+        h = ref._swish(ref._bn0(ref._conv_stem(x)))
+        seen = {-1: h}
+        for i in range(enc._last_block + 1):
+            h = seen[i] = ref._blocks[i](h)
+    assert len(ours) == len(layers)
+    for o, end, fused in zip(ours, enc._layer_end, enc(x), strict=True):
+        assert torch.equal(o, seen[end])
+        _assert_close_rel(fused, o)
 
 
 def test_efficientnet_activations_in_place_change_nothing():
@@ -455,7 +480,7 @@ def test_relative_model_dir_resolves_against_bundle_root(tmp_path, monkeypatch):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    monkeypatch.setattr(encoders, "BUNDLE_ROOT", tmp_path)
+    monkeypatch.setattr(encoders_base, "BUNDLE_ROOT", tmp_path)
     enc = build_encoder("dinov2", model_dir="dinov2", layers=(1,), input_size=32)
     assert enc.model_dir == tmp_path / "dinov2"
 
@@ -482,7 +507,7 @@ def test_missing_safetensors_and_config(tmp_path):
 
 
 def test_default_model_dirs_missing_give_clear_error():
-    for name, (default_dir, repo_id) in encoders._VIT_DEFAULTS.items():
+    for name, (default_dir, repo_id) in encoders.VIT_DEFAULTS.items():
         if encoders.resolve_bundle_path(default_dir).exists():
             continue  # weights downloaded on this machine: nothing to check without loading them
         with pytest.raises(FileNotFoundError, match=repo_id):
@@ -500,3 +525,24 @@ def test_grid_size_default_dry_run():
     """The base-class grid_sizes() (a dry run) agrees with the encoders' arithmetic."""
     enc = EfficientNetLite0Encoder(layers=("stem", "stage5"), input_size=96)
     assert SliceEncoder.grid_sizes(enc) == enc.grid_sizes() == [48, math.ceil(96 / 16)]
+
+
+# ------------------------------------------------------------------------------------------------
+# The package's layout
+# ------------------------------------------------------------------------------------------------
+def test_bundle_root_is_the_folder_holding_scripts_and_configs():
+    """Relative weight paths resolve against the bundle root, wherever the package module sits."""
+    root = Path(__file__).resolve().parents[2]
+    assert encoders_base.BUNDLE_ROOT == encoders.BUNDLE_ROOT == root
+    assert (encoders_base.BUNDLE_ROOT / "configs" / "inference.json").is_file()
+    assert encoders.resolve_bundle_path("models/no-such-model") == root / "models" / "no-such-model"
+
+
+def test_imagenet_normalisation_is_defined_once():
+    """The ViT fallback normalisation is the slicing transform's default, the very same object."""
+    from scripts.encoders import vit
+    from scripts.transforms import tokenization
+
+    assert vit.IMAGENET_MEAN is tokenization.IMAGENET_MEAN is IMAGENET_MEAN
+    assert vit.IMAGENET_STD is tokenization.IMAGENET_STD is encoders.IMAGENET_STD
+    assert IMAGENET_MEAN == (0.485, 0.456, 0.406) and encoders.IMAGENET_STD == (0.229, 0.224, 0.225)

@@ -1,4 +1,5 @@
-"""Tests of the synthetic cohort generator (scripts/synthetic/brain.py).
+"""Tests of the synthetic brain cohort generator (scripts/synthetic/brain.py), the shared cohort code
+(scripts/synthetic/common.py), the package's import structure and the ``python -m scripts synth`` command.
 
 Small grids (32-40^3, a handful of subjects) except for the lesion-size test, which runs the real
 generator at the default 96^3 grid (2 mm) on the abnormal subjects of the default cohort only.
@@ -6,8 +7,10 @@ generator at the default 96^3 grid (2 mm) on the abnormal subjects of the defaul
 
 from __future__ import annotations
 
+import ast
 import csv
 import inspect
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +20,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from scripts.evaluation import metrics
 from scripts.synthetic import brain as synth
+from scripts.synthetic import common
+from scripts.synthetic.cli import main as synth_main
 
 ROOT = Path(__file__).resolve().parents[2]
 SHAPE = 40
@@ -50,7 +56,7 @@ DEFAULTS = {k: v.default for k, v in inspect.signature(synth.generate_cohort).pa
 
 
 def _default_layout():
-    return synth._cohort_layout(
+    return synth.cohort_layout(
         DEFAULTS["n_normal"], DEFAULTS["n_abnormal"], DEFAULTS["seed"], DEFAULTS["base"]
     )
 
@@ -171,8 +177,8 @@ def test_all_size_classes_in_default_cohort(default_abnormal):
     _, spacing, _ = synth.output_geometry(96)
     np.testing.assert_allclose(spacing, 2.0)
     volumes = [v for s in default_abnormal for v in s.lesion_volumes_mm3]
-    classes = {synth.size_class(v) for v in volumes}
-    assert classes == set(synth.SIZE_CLASSES), sorted(volumes)
+    classes = {common.size_class(v) for v in volumes}
+    assert classes == set(common.SIZE_CLASSES), sorted(volumes)
     for s in default_abnormal:
         assert 1 <= len(s.lesion_volumes_mm3) <= 3
         # lesions are separate 18-connected components of the label, with the recorded volumes
@@ -292,3 +298,199 @@ def test_missing_colin27_error(monkeypatch, tmp_path):
     with pytest.raises(FileNotFoundError, match="apt-get install mricron-data") as err:
         synth.generate_subject(0, abnormal=False, shape=16, base="colin27")
     assert str(missing) in str(err.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# the command line
+# ----------------------------------------------------------------------------------------------
+
+
+def _synth(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env_path = {"PYTHONPATH": str(ROOT)}  # the bundle is run from its root; cwd may be elsewhere
+    return subprocess.run(
+        [sys.executable, "-m", "scripts", "synth", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env_path},
+    )
+
+
+def test_cli_help_prints_usage_and_generates_nothing(tmp_path):
+    res = _synth("--help", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("usage: python -m scripts synth")
+    for option in (
+        "--out",
+        "--n_normal",
+        "--n_abnormal",
+        "--shape",
+        "--contrast",
+        "--seed",
+        "--organ",
+        "--overwrite",
+    ):
+        assert option in res.stdout
+    assert "Traceback" not in res.stderr
+    assert list(tmp_path.iterdir()) == []  # --help never runs the generator
+
+
+def test_cli_existing_output_is_one_error_line(tmp_path):
+    (tmp_path / "demo_data").mkdir()
+    (tmp_path / "demo_data" / "keep.txt").write_text("mine")
+    res = _synth(cwd=tmp_path)  # the default --out, demo_data, exists
+    assert res.returncode in (1, 2)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cs3f: error: "), res.stderr
+    assert "demo_data exists" in lines[0] and "--overwrite" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo_data"]  # untouched, no temporary folder
+    assert [p.name for p in (tmp_path / "demo_data").iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--n_normal", "x"], "--n_normal: expected an integer >= 0, got 'x'"),
+        (["--n_abnormal", "-1"], "--n_abnormal: expected an integer >= 0"),
+        (["--contrast", "t3"], "--contrast: invalid choice"),
+        (["--lesion_volume", "20"], "--lesion_volume: expected 2 numbers"),
+        (["--edema", "maybe"], "--edema: expected true or false"),
+        (["--organ", "lung", "--shape", "64"], "--shape: brain option(s), not for --organ lung"),
+        (["--scale", "0.3"], "--scale: lung option(s), not for --organ brain"),
+        (["--bogus", "1"], "unrecognized arguments: --bogus"),
+        (["--shape", "4,4,4"], "shape must be an int or 3 ints >= 8"),  # rejected by the generator
+    ],
+)
+def test_cli_bad_options_are_one_error_line(args, message, tmp_path, capsys):
+    code = synth_main(["--out", str(tmp_path / "c"), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code in (1, 2)
+    assert len(err) == 1 and err[0].startswith("cs3f: error: ") and message in err[0], err
+    assert not (tmp_path / "c").exists()
+
+
+def test_cli_options_reach_the_generator(tmp_path, monkeypatch, capsys):
+    """Options given on the command line are passed on as values; options not given are left out, so
+    the generator's defaults apply."""
+    seen = {}
+
+    def fake(out, **kwargs):
+        seen.update(kwargs, out=out)
+        raise FileExistsError("stop here")
+
+    monkeypatch.setattr(synth, "generate_cohort", fake)
+    code = synth_main(
+        ["--out", str(tmp_path / "c"), "--n_normal", "3", "--shape", "40,40,48", "--contrast", "T2"]
+        + ["--lesion_volume", "(30, 300)", "--edema", "false", "--necrosis", "--quiet"]
+    )
+    assert code == 1 and "stop here" in capsys.readouterr().err
+    assert seen == {
+        "out": tmp_path / "c",
+        "n_normal": 3,
+        "shape": (40, 40, 48),
+        "contrast": "t2",
+        "lesion_volume": (30.0, 300.0),
+        "edema": False,
+        "necrosis": True,
+        "overwrite": False,
+        "verbose": False,
+    }
+
+
+def test_scripts_main_lists_commands_and_has_no_bench(capsys):
+    from scripts.__main__ import main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "synth" in out and "python -m scripts.benchmarks" in out
+    assert main(["bench"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cs3f: error: unknown command 'bench'")
+
+
+# ----------------------------------------------------------------------------------------------
+# the package's structure
+# ----------------------------------------------------------------------------------------------
+
+
+def _bundle_imports(path: Path) -> list[tuple[str, str]]:
+    """``(module, name)`` for every ``from scripts... import name`` and ``(module, "")`` for every
+    ``import scripts...`` in a file, lazy (function-level) imports included."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("scripts"):
+            found += [(node.module, alias.name) for alias in node.names]
+        elif isinstance(node, ast.Import):
+            found += [(alias.name, "") for alias in node.names if alias.name.startswith("scripts")]
+    return found
+
+
+def test_synthetic_modules_import_no_private_names_and_form_no_cycle():
+    package = ROOT / "scripts" / "synthetic"
+    graph = {}
+    for path in sorted(package.glob("*.py")):
+        imports = _bundle_imports(path)
+        private = [f"{m}.{n}" for m, n in imports if n.startswith("_")]
+        assert not private, f"{path.name} imports private names {private}"
+        deps = set()
+        for module, name in imports:
+            target = f"{module}.{name}" if module == "scripts.synthetic" else module
+            if target.startswith("scripts.synthetic."):
+                deps.add(target.rsplit(".", 1)[1])
+        graph[path.stem] = deps
+    # the generators share common, nothing else; only the front ends (cli, demo) import the generators
+    assert graph["common"] == set()
+    assert graph["brain"] == graph["lung"] == {"common"}
+    assert graph["cli"] <= {"brain", "lung", "common"} and graph["demo"] <= {"brain", "lung"}
+    # and the bundle's core never imports the synthetic tools: only the configs call the demo hook and
+    # only the command line (scripts/__main__.py) runs the generator
+    for path in (ROOT / "scripts").rglob("*.py"):
+        if "synthetic" in path.parts or "benchmarks" in path.parts or path.name == "__main__.py":
+            continue
+        modules = {m for m, _ in _bundle_imports(path)}
+        assert not {m for m in modules if m.startswith("scripts.synthetic")}, path
+
+
+def test_size_classes_are_the_evaluation_ones():
+    """One definition of the lesion size classes: what the generators report is what the metrics count."""
+    assert common.size_class is metrics.size_class and common.SIZE_CLASSES is metrics.SIZE_CLASSES
+    assert [common.size_class(v) for v in (99.9, 100.0, 1000.0, 1000.1)] == [
+        "small",
+        "medium",
+        "medium",
+        "large",
+    ]
+    assert common.SIZE_CLASSES == ("small", "medium", "large")
+
+
+def test_write_cohort_is_atomic_and_refuses_an_existing_folder(tmp_path, capsys):
+    def write(job):
+        folder, i = job
+        array = np.full((2, 2, 2), i, np.uint8)
+        name = common.write_subject_files(folder, i, np.eye(4), array, array, array, xform_code=1)
+        return common.subject_row(name, i % 2 == 1, [12.0] * (i % 2), extra=f"x{i}")
+
+    out = common.write_cohort(
+        tmp_path / "c", lambda tmp: [(tmp, i) for i in range(3)], write, lambda r: r["extra"], verbose=True
+    )
+    assert [line.split()[:2] for line in capsys.readouterr().out.splitlines()] == [
+        ["sub-0001.nii.gz", "normal"],
+        ["sub-0002.nii.gz", "abnormal"],
+        ["sub-0003.nii.gz", "normal"],
+    ]
+    rows = common.read_cohort(out)
+    assert list(rows[1]) == ["image", "label", "mask", "abnormal", "n_lesions", "lesion_volumes_mm3", "extra"]
+    assert rows[1]["lesion_volumes_mm3"] == "12.0" and rows[1]["extra"] == "x1"
+    assert common.cohort_counts(rows) == {
+        "n_subjects": 3,
+        "n_normal": 2,
+        "n_abnormal": 1,
+        "lesions": {"small": 1, "medium": 0, "large": 0},
+    }
+    img = nib.load(str(out / "masks" / "sub-0003.nii.gz"))
+    assert int(img.header["sform_code"]) == int(img.header["qform_code"]) == 1 and np.all(img.dataobj[:] == 2)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        common.write_cohort(out, lambda tmp: [], write)
+    assert common.ensure_cohort(out, generate=lambda *_a, **_k: pytest.fail("regenerated")) == out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]

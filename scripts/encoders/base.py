@@ -1,0 +1,173 @@
+"""The slice-encoder interface and what every encoder shares: weight paths and weight hashes.
+
+:class:`SliceEncoder` is the contract the inferer relies on (slices ``[N, 3, R, R]`` in, one patch grid
+``[N, C_l, P_l, P_l]`` per requested layer out, frozen, float32); :func:`resolve_bundle_path` finds
+weights relative to the current directory or the bundle root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["BUNDLE_ROOT", "SliceEncoder", "resolve_bundle_path", "sha256_file"]
+
+#: Root of the bundle (the repository root): this file is ``scripts/encoders/base.py`` below it.
+BUNDLE_ROOT = Path(__file__).resolve().parents[2]
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file's content, read in ``chunk``-byte blocks (weight files are large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_bundle_path(path: str | Path) -> Path:
+    """Resolve a weights path the way the bundle does.
+
+    An absolute path, or a relative path that exists from the current directory, is used as is.
+    Otherwise a relative path is taken relative to the bundle root, so ``models/rad-dino`` works
+    whether the bundle is run from its root (the MONAI convention) or from elsewhere. The result
+    need not exist; callers check and raise their own, specific error.
+    """
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    return BUNDLE_ROOT / p
+
+
+class SliceEncoder(torch.nn.Module, ABC):
+    """Frozen 2D encoder: slices ``[N, 3, R, R]`` in, a list of patch grids ``[N, C_l, P_l, P_l]`` out.
+
+    Subclasses set the attributes below in ``__init__``, implement :meth:`extract`, and call
+    :meth:`_freeze` once their weights are loaded. :meth:`forward` does the shape check,
+    ``torch.inference_mode`` and the float32 cast, so :meth:`extract` only computes features.
+
+    Attributes:
+        name: short name of the encoder, e.g. ``"efficientnet_lite0"``.
+        input_size: R, the side of the square slices the encoder takes.
+        mean: per-channel mean the slicing transform must subtract from intensities scaled to [0, 1].
+        std: per-channel standard deviation the slicing transform must divide by.
+        out_channels: C_l for each returned layer, in the order the layers were requested.
+        layers: the requested layers, in output order.
+
+    The module is frozen: no parameter requires grad, it is put in ``eval()`` at construction and
+    :meth:`train` keeps it in eval mode (BatchNorm statistics and dropout must never change).
+    """
+
+    name: str
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    out_channels: list[int]
+    layers: tuple
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._grid_sizes: list[int] | None = None
+        self._identity: dict | None = None
+
+    # -- to implement ----------------------------------------------------------------------------
+    @abstractmethod
+    def extract(self, x: Tensor) -> list[Tensor]:
+        """Compute the patch grids of the requested layers.
+
+        Args:
+            x: slices ``[N, 3, R, R]``, already validated, on the encoder's device and dtype.
+
+        Returns:
+            One tensor ``[N, C_l, P_l, P_l]`` per requested layer, in the requested order.
+        """
+
+    def _weights_files(self) -> list[Path]:
+        """Files whose content defines the weights (hashed by :meth:`identity`)."""
+        return []
+
+    def _identity_extra(self) -> dict:
+        """Encoder-specific entries of :meth:`identity`."""
+        return {}
+
+    # -- shared behaviour --------------------------------------------------------------------------
+    def _freeze(self) -> None:
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> SliceEncoder:
+        """Stay in eval mode whatever ``mode`` is: the encoder is frozen (BatchNorm must not update)."""
+        return super().train(False)
+
+    def grid_sizes(self) -> list[int]:
+        """P_l of each returned layer at ``input_size``.
+
+        The default runs the encoder once on a zero slice (cached); subclasses whose grid follows
+        from strides or the patch size override this with the arithmetic.
+        """
+        if self._grid_sizes is None:
+            p = next(self.parameters())
+            dry = torch.zeros(1, 3, self.input_size, self.input_size, device=p.device, dtype=p.dtype)
+            with torch.inference_mode():
+                self._grid_sizes = [int(g.shape[-1]) for g in self.extract(dry)]
+        return list(self._grid_sizes)
+
+    def identity(self) -> dict:
+        """A stable, JSON-serialisable description of the encoder, for caches and ``run.json``.
+
+        Contains the name, class, layers, input size, normalisation, channels, grid sizes and the
+        name and sha256 of every weight file, but no absolute path, so the same weights give the
+        same identity on every machine. The hashes are computed once, on the first call.
+        """
+        if self._identity is None:
+            ident = {
+                "name": self.name,
+                "class": type(self).__name__,
+                "layers": list(self.layers),
+                "input_size": self.input_size,
+                "mean": [float(v) for v in self.mean],
+                "std": [float(v) for v in self.std],
+                "out_channels": list(self.out_channels),
+                "grid_sizes": self.grid_sizes(),
+            }
+            ident.update(self._identity_extra())
+            ident["weights"] = [{"file": f.name, "sha256": sha256_file(f)} for f in self._weights_files()]
+            self._identity = ident
+        return json.loads(json.dumps(self._identity))  # a deep copy callers may modify
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """Encode a batch of slices.
+
+        Args:
+            x: ``[N, 3, R, R]`` floating-point slices with ``R == input_size`` and N >= 1, scaled to
+                [0, 1] and normalised with ``mean``/``std``. Moved to the encoder's device and dtype.
+
+        Returns:
+            One float32 tensor ``[N, C_l, P_l, P_l]`` per requested layer, on the encoder's device.
+            They are computed under ``torch.inference_mode()``, so they are inference tensors:
+            read them freely, but ``.clone()`` one before modifying it in place outside inference mode.
+
+        Raises:
+            ValueError: when ``x`` is not a floating-point ``[N, 3, R, R]`` tensor.
+        """
+        r = self.input_size
+        if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != 3 or x.shape[2:] != (r, r):
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{self.name}: expected slices of shape [N, 3, {r}, {r}], got {got}.")
+        if x.shape[0] < 1:
+            raise ValueError(f"{self.name}: got an empty batch (N = 0).")
+        if not x.is_floating_point():
+            raise ValueError(f"{self.name}: expected floating-point slices, got dtype {x.dtype}.")
+        p = next(self.parameters())
+        with torch.inference_mode():
+            feats = self.extract(x.to(device=p.device, dtype=p.dtype))
+            return [f.float() for f in feats]
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, layers={list(self.layers)}, input_size={self.input_size}"

@@ -1,0 +1,218 @@
+"""DINOv2/DINOv3-format ViTs read with ``transformers`` from a local directory (never downloaded)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from scripts.encoders.base import SliceEncoder, resolve_bundle_path
+from scripts.errors import CS3FInputError, WeightsNotFoundError
+from scripts.transforms.tokenization import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["DOWNLOAD_HINT", "VIT_MODEL_TYPES", "Dinov2Encoder"]
+
+#: How to get missing weights; ``{repo_id}`` and ``{path}`` are filled in by the error.
+DOWNLOAD_HINT = (
+    "Get it with `python -m monai.bundle download_large_files --bundle_path .` from the bundle root "
+    "(downloads every file listed in large_files.yml), or for one model only "
+    "`hf download {repo_id} --local-dir {path}` (huggingface_hub); see models/README.md."
+)
+#: transformers ``model_type`` values whose token layout is [CLS, registers..., patches...].
+VIT_MODEL_TYPES = ("dinov2", "dinov2_with_registers", "dinov3_vit")
+
+
+class Dinov2Encoder(SliceEncoder):
+    """A DINOv2/DINOv3-format ViT read with ``transformers`` from a local directory.
+
+    Works for any checkpoint whose ``config.json`` has ``model_type`` ``dinov2`` (DINOv2 ViT-S/B/L/G,
+    RAD-DINO), ``dinov2_with_registers`` or ``dinov3_vit`` (DINOv3 ViTs; needs transformers >= 4.56).
+    The directory must hold ``config.json`` and the ``*.safetensors`` weights, optionally
+    ``preprocessor_config.json``. It is loaded with ``local_files_only=True``: nothing is downloaded.
+
+    Features (paper Eq. 3): the model runs with ``output_hidden_states=True``; ``hidden_states[0]``
+    is the embedding output (patch embeddings + position embeddings, before any block) and
+    ``hidden_states[l]`` the output of block ``l`` (1-based), so ``layers=(6, 12, 18, 24)`` of a
+    24-block ViT-L are the outputs of blocks 6, 12, 18 and 24 (MuSc's ``n=[l-1 for l in layers]``).
+    The CLS token and the ``num_register_tokens`` register tokens that follow it are dropped, and the
+    P*P patch tokens are reshaped row-major to ``[N, hidden_size, P, P]`` with ``P = R // patch_size``.
+    Blocks after the deepest requested layer are removed from the model, so they never run.
+
+    Final LayerNorm: applied by default (``apply_layernorm=True``) to every selected hidden state.
+    This is what MuSc, whose layer choice the paper follows, actually computes: it calls DINOv2's
+    ``get_intermediate_layers(x, n=..., return_class_token=False)``, whose default ``norm=True``
+    passes each intermediate output through the model's final norm. Set ``apply_layernorm=False``
+    for the raw residual-stream hidden states.
+
+    Normalisation: ``image_mean``/``image_std`` of ``preprocessor_config.json`` when present
+    (RAD-DINO has its own), otherwise ImageNet mean/std (what DINOv2/DINOv3 were trained with).
+
+    Args:
+        model_dir: local directory of the checkpoint; a relative path is resolved with
+            :func:`resolve_bundle_path` (from the current directory, else from the bundle root).
+        layers: hidden-state indices (0 = embeddings, 1..num_hidden_layers = block outputs), in the
+            order the grids are returned. ``None``: the quarters of the depth, ``(L/4, L/2, 3L/4, L)``
+            (``(6, 12, 18, 24)`` for ViT-L, the paper's setting; ``(3, 6, 9, 12)`` for ViT-S/B).
+        input_size: R; must be a multiple of the patch size (e.g. 224 for patch 14 gives P = 16).
+        apply_layernorm: pass the selected hidden states through the model's final LayerNorm.
+        name: the name reported by ``name``/``identity()`` (the registry passes its own).
+        repo_id: Hugging Face repository named in the error message when weights are missing.
+
+    Raises:
+        FileNotFoundError: ``model_dir``, its ``config.json`` or its safetensors are missing.
+        ValueError: unsupported ``model_type``, a layer out of range, or ``input_size`` not a
+            multiple of the patch size.
+        RuntimeError: the checkpoint does not provide every weight of the model.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        layers: Sequence[int] | int | None = None,
+        input_size: int = 224,
+        apply_layernorm: bool = True,
+        name: str = "dinov2",
+        repo_id: str = "facebook/dinov2-large",
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.model_dir = resolve_bundle_path(model_dir)
+        self._check_files(self.model_dir, repo_id)
+
+        from transformers import AutoConfig, AutoModel  # imported lazily: heavy, DINO path only
+
+        config = AutoConfig.from_pretrained(self.model_dir, local_files_only=True)
+        if config.model_type not in VIT_MODEL_TYPES:
+            raise CS3FInputError(
+                f"{name}: {self.model_dir}/config.json has model_type {config.model_type!r}; "
+                f"supported: {list(VIT_MODEL_TYPES)}."
+            )
+        patch = config.patch_size
+        patch = int(patch[0] if isinstance(patch, list | tuple) else patch)
+        depth = int(config.num_hidden_layers)
+        self.patch_size = patch
+        self.num_register_tokens = int(getattr(config, "num_register_tokens", 0) or 0)
+        self.model_type = config.model_type
+        self.apply_layernorm = bool(apply_layernorm)
+
+        if layers is None:
+            layers = tuple(sorted({max(1, round(depth * k / 4)) for k in (1, 2, 3, 4)}))
+        layers = (layers,) if isinstance(layers, int) else tuple(int(v) for v in layers)
+        bad = [v for v in layers if not 0 <= v <= depth]
+        if not layers or bad or len(set(layers)) != len(layers):
+            raise CS3FInputError(
+                f"{name}: layers {list(layers)} must be distinct hidden-state indices in 0..{depth} "
+                f"(0 = embeddings, {depth} = last block of this {depth}-block model)."
+            )
+        self.layers = layers
+        self.input_size = int(input_size)
+        if self.input_size < patch or self.input_size % patch:
+            raise CS3FInputError(
+                f"{name}: input_size={self.input_size} must be a positive multiple of the patch size "
+                f"{patch} (e.g. {patch * max(1, round(224 / patch))})."
+            )
+
+        self.mean, self.std = self._read_normalisation(self.model_dir)
+
+        model, info = AutoModel.from_pretrained(
+            self.model_dir, local_files_only=True, output_loading_info=True
+        )
+        # mask_token is used only for masked-image pre-training, never at inference.
+        missing = sorted(k for k in info.get("missing_keys", ()) if not k.endswith("mask_token"))
+        mismatched = sorted(str(k) for k in info.get("mismatched_keys", ()))
+        if missing or mismatched:
+            raise RuntimeError(
+                f"{name}: the checkpoint in {self.model_dir} does not match its config "
+                f"(missing: {missing[:5]}, mismatched: {mismatched[:5]}); refusing a partly random model."
+            )
+        model = model.float()  # fp32 whatever the checkpoint dtype (portable across transformers versions)
+        # At least one block stays: transformers records hidden_states[0] (the embeddings) as the
+        # input of the first block, so a model without blocks would report no hidden states at all.
+        self._truncate(model, max(1, *layers), depth)
+        self.model = model
+        self.out_channels = [int(config.hidden_size)] * len(layers)
+        self._freeze()
+
+    @staticmethod
+    def _check_files(model_dir: Path, repo_id: str) -> None:
+        hint = DOWNLOAD_HINT.format(repo_id=repo_id, path=model_dir)
+        if not model_dir.is_dir():
+            raise WeightsNotFoundError(f"Encoder weights directory {model_dir} not found. {hint}")
+        if not (model_dir / "config.json").is_file():
+            raise WeightsNotFoundError(f"{model_dir / 'config.json'} not found. {hint}")
+        if not any(model_dir.glob("*.safetensors")):
+            raise WeightsNotFoundError(f"No *.safetensors weight file in {model_dir}. {hint}")
+
+    @staticmethod
+    def _read_normalisation(model_dir: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        pre = model_dir / "preprocessor_config.json"
+        if pre.is_file():
+            cfg = json.loads(pre.read_text())
+            mean, std = cfg.get("image_mean"), cfg.get("image_std")
+            if mean is not None and std is not None:
+                mean = [float(mean)] * 3 if isinstance(mean, int | float) else [float(v) for v in mean]
+                std = [float(std)] * 3 if isinstance(std, int | float) else [float(v) for v in std]
+                if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+                    raise ValueError(f"{pre}: image_mean/image_std must be 3 values (std > 0).")
+                return tuple(mean), tuple(std)
+        return IMAGENET_MEAN, IMAGENET_STD
+
+    @staticmethod
+    def _truncate(model: torch.nn.Module, keep: int, depth: int) -> None:
+        """Keep only the first ``keep`` blocks (the later ones would run for nothing)."""
+        if keep >= depth:
+            return
+        for parent_name in ("encoder", "model"):  # Dinov2*: encoder.layer; DINOv3ViT: model.layer
+            parent = getattr(model, parent_name, None)
+            blocks = getattr(parent, "layer", None)
+            if isinstance(blocks, torch.nn.ModuleList) and len(blocks) == depth:
+                parent.layer = torch.nn.ModuleList(list(blocks)[:keep])
+                return
+        # Unknown layout: leave the model whole (correct, only slower).
+
+    def _final_norm(self) -> torch.nn.Module:
+        # Dinov2Model / Dinov2WithRegistersModel call it `layernorm`, DINOv3ViTModel `norm`.
+        norm = getattr(self.model, "layernorm", None)
+        norm = getattr(self.model, "norm", None) if norm is None else norm
+        if norm is None:  # pragma: no cover - all supported model types have one
+            raise RuntimeError(f"{self.name}: no final norm found on {type(self.model).__name__}.")
+        return norm
+
+    def grid_sizes(self) -> list[int]:
+        """P = R // patch_size for every layer (``input_size`` is checked to be a multiple)."""
+        return [self.input_size // self.patch_size] * len(self.layers)
+
+    def extract(self, x: Tensor) -> list[Tensor]:
+        out = self.model(pixel_values=x, output_hidden_states=True)
+        hidden = out.hidden_states
+        n, p = x.shape[0], self.input_size // self.patch_size
+        skip = 1 + self.num_register_tokens  # CLS, then the register tokens, then the patches
+        norm = self._final_norm() if self.apply_layernorm else None
+        grids = []
+        for layer in self.layers:
+            h = hidden[layer]
+            if h.shape[1] != skip + p * p:
+                raise RuntimeError(
+                    f"{self.name}: layer {layer} has {h.shape[1]} tokens, expected 1 CLS + "
+                    f"{self.num_register_tokens} registers + {p}x{p} patches."
+                )
+            if norm is not None:
+                h = norm(h)
+            tokens = h[:, skip:, :]  # [N, P*P, C], row-major over the patch grid
+            grids.append(tokens.transpose(1, 2).reshape(n, -1, p, p))
+        return grids
+
+    def _weights_files(self) -> list[Path]:
+        return sorted(self.model_dir.glob("*.safetensors")) + [self.model_dir / "config.json"]
+
+    def _identity_extra(self) -> dict:
+        return {
+            "model_dir": self.model_dir.name,  # the name only: identical weights, identical identity
+            "model_type": self.model_type,
+            "patch_size": self.patch_size,
+            "num_register_tokens": self.num_register_tokens,
+            "apply_layernorm": self.apply_layernorm,
+        }
