@@ -147,3 +147,34 @@ def test_reference_bank_mode_excludes_the_subjects_scans() -> None:
     expected = inferer.score_references(rest, bank[:1])[0]
     for key in got:
         torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=1e-6)
+
+
+def test_subject_of_column_pattern_and_name() -> None:
+    from scripts.engine.subjects import subject_of
+    from scripts.errors import CS3FInputError
+
+    assert subject_of("a-001", {"subject": "s1"}) == "s1"
+    assert subject_of("BraTS-MET-00012-000", None, r"^(BraTS-MET-\d+)") == "BraTS-MET-00012"
+    assert subject_of("sub-01_ses-2_T1w", None, r"sub-\d+") == "sub-01"
+    assert subject_of("a-001", {"subject": ""}) == "a-001"
+    with pytest.raises(CS3FInputError, match="does not match"):
+        subject_of("x", None, r"^sub-\d+")
+    with pytest.raises(CS3FInputError, match="not a regular expression"):
+        subject_of("x", None, "(")
+
+
+def test_identical_volumes_join_one_subject_whatever_the_order() -> None:
+    from scripts.engine.subjects import join_identical
+
+    names = ["a", "b", "c", "d", "e"]
+    subjects = ["a", "b", "c", "c", "e"]  # c and d: one subject by column
+    digests = ["x", "y", "x", "z", "w"]  # a is a copy of c
+    with pytest.warns(UserWarning, match=r"identical volumes \['a', 'c'\]"):
+        joined = join_identical(names, subjects, digests)
+    assert joined == ["a", "b", "a", "a", "e"]
+    order = [4, 3, 2, 1, 0]
+    with pytest.warns(UserWarning):
+        reordered = join_identical(
+            [names[i] for i in order], [subjects[i] for i in order], [digests[i] for i in order]
+        )
+    assert reordered == [joined[i] for i in order]
