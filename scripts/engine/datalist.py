@@ -220,7 +220,7 @@ def _bad(err: CS3FInputError, row: dict, on_bad_input: str, skipped: list[dict[s
     """Raise ``err``, or (``on_bad_input="skip"``) warn and add the row to ``skipped``."""
     if on_bad_input == "error":
         raise err
-    warnings.warn(f"cs3f: skipping {row['image']}: {err}", stacklevel=3)
+    warnings.warn(f"cs3f: skipping {row['image']}: {err}", stacklevel=4)
     skipped.append({"image": row["image"], "reason": str(err)})
 
 
@@ -267,5 +267,3 @@ class CheckedDataset(Dataset):
             if self.on_bad_input == "skip":
                 return {"bad_input": str(found), "name": row.get("name", image_stem(row["image"]))}
             raise found from None
-
-

@@ -1,21 +1,17 @@
 """``CS3FEvaluator``: the bundle's cohort workflow as a MONAI/ignite engine.
 
 CS3F needs the whole cohort before it can score any volume, so the engine makes two passes over the
-data loader (two ignite epochs), with the scoring step (:mod:`scripts.engine.scoring_step`) between:
+data loader (two ignite epochs) with the scoring step (:mod:`scripts.engine.scoring_step`) between:
 
-1. **tokenize** (epoch 1): load + preprocess one volume, check its grid (:mod:`scripts.engine.grid`),
-   tokenize it (or read its tokens from the cache), keep only its tokens.
-2. **score** (after epoch 1): cross-subject scoring of the token bank, per axis x layer; or scoring
-   against a reference bank; or (``build_bank``) saving the bank, which ends the run.
-3. **write** (epoch 2): reload + preprocess each volume (cheap next to encoding, and it keeps memory at
-   the token bank), fuse its token scores into a voxel map, run ``postprocessing`` (``Invertd`` back
-   to the input grid, ``SaveImaged``), record the subject score.
+1. **tokenize** (epoch 1): per volume, check its grid (:mod:`scripts.engine.grid`) and keep its tokens
+   (encoded, or read from the cache: :mod:`scripts.engine.tokens`).
+2. **score**: the cohort against itself, or against a reference bank; or save the bank (``build_bank``).
+3. **write** (epoch 2): reload each volume (cheap next to encoding, and memory stays at the token bank),
+   fuse its token scores into a voxel map, run ``postprocessing`` (``Invertd``, ``SaveImaged``).
 
-The output tables are written by handlers (``val_handlers``, :mod:`scripts.engine.handlers`) when the
-run completes, after the scores of every process have been gathered (:mod:`scripts.engine.distributed`).
-
-Parts: a subclass may split each volume into parts scored independently (:meth:`CS3FEvaluator.split`,
-e.g. the left and right lung) and merge their maps (:meth:`CS3FEvaluator.merge`).
+The handlers of :mod:`scripts.engine.handlers` write the tables once the results of every process are
+gathered (:mod:`scripts.engine.distributed`). A subclass may score parts of each volume independently
+(:meth:`CS3FEvaluator.split`, e.g. the two lungs) and merge their maps (:meth:`CS3FEvaluator.merge`).
 """
 
 from __future__ import annotations
@@ -34,6 +30,7 @@ from scripts.engine.datalist import image_stem
 from scripts.engine.distributed import gather_scores, world
 from scripts.engine.grid import CohortGrid
 from scripts.engine.identity import preprocessing_identity, token_identity
+from scripts.engine.parts import WholeVolume
 from scripts.engine.record import StageTimes, run_record
 from scripts.engine.scoring_step import CohortScoring
 from scripts.engine.tokens import CachedTokenizer, source_digest
@@ -44,8 +41,9 @@ from scripts.storage.cache import TokenCache
 __all__ = ["CS3FEvaluator"]
 
 
-class CS3FEvaluator(CohortScoring, Workflow):
-    """Two-pass cohort inference engine (see the module docstring).
+class CS3FEvaluator(WholeVolume, CohortScoring, Workflow):
+    """Two-pass cohort inference engine (see the module docstring); the part hooks (``split``, ``merge``,
+    ``split_transform``, ``check_registration``) are those of :class:`scripts.engine.parts.WholeVolume`.
 
     Args:
         device: device of the encoder.
@@ -149,34 +147,9 @@ class CS3FEvaluator(CohortScoring, Workflow):
             raise found from None
 
     @property
-    def world_size(self) -> int:
-        """Number of processes taking part in the run."""
-        return world()[1]
-
-    @property
     def counts(self) -> dict[str, int]:
         """Volumes ``encoded`` and read from the token cache (``cached``), by all processes after pass 1."""
         return self.tokenizer.counts
-
-    # ------------------------------------------------------------------ parts (override in subclasses)
-    def split(self, item: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-        """Parts of one preprocessed item that are scored independently: ``{part: (image, mask)}``.
-
-        Each part's bank (that part of every volume) is scored on its own. Default: the whole volume.
-        """
-        return {"": (item[self.image_key], item.get(self.mask_key))}
-
-    def split_transform(self) -> Callable | None:
-        """The transform behind :meth:`split`, whose parameters shape the tokens (``None``: no split)."""
-        return None
-
-    def merge(self, item: dict, maps: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The ``[1, H, W, D]`` map of the whole preprocessed item from its parts' maps."""
-        return maps[""]
-
-    def check_registration(self, part: str, image: torch.Tensor) -> bool:
-        """Whether the volumes of ``part`` must share one affine (registered data); shapes always must."""
-        return True
 
     # ------------------------------------------------------------------ passes
     def _iteration(self, engine: Engine, batchdata: dict) -> dict:
@@ -216,7 +189,8 @@ class CS3FEvaluator(CohortScoring, Workflow):
                 self._skip(name, off_grid)
                 return None
         banks = self.build_bank is not None or self.reference is not None
-        source_key = source_digest(item, (self.image_key, self.mask_key)) if self.cache or banks else ""
+        digest = self.cache is not None or banks
+        source_key = source_digest(item, (self.image_key, self.mask_key)) if digest else ""
         self.sources[name] = source_key
         writer = self._bank_writer()
         for part, (image, mask) in parts.items():
@@ -264,7 +238,7 @@ class CS3FEvaluator(CohortScoring, Workflow):
     # ------------------------------------------------------------------ end of the run
     def _finish(self, engine: Engine) -> None:
         """Gather every process's scores and timings (before the handlers write them)."""
-        if self.world_size > 1:
+        if world()[1] > 1:
             self.subject_scores, self.times.seconds = gather_scores(self.subject_scores, self.times.seconds)
         if self.quiet or world()[0] != 0:
             return

@@ -47,9 +47,9 @@ class ScoresSaver:
         self.quiet = quiet
 
     def attach(self, engine: Engine) -> None:
-        """Write at ``engine``'s completion (and list the table among its outputs)."""
+        """Write at ``engine``'s completion (and list the table among its outputs, by file stem)."""
         if getattr(engine, "build_bank", None) is None:
-            engine.outputs["scores"] = str(self.path)
+            engine.outputs[self.path.stem] = str(self.path)
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from ignite.engine import Engine, Events
 
+from scripts.engine.distributed import world
 from scripts.engine.identity import encoder_identity
 
 if TYPE_CHECKING:
@@ -107,7 +108,7 @@ def run_record(evaluator: CS3FEvaluator) -> dict:
         "n_volumes": len(names),
         "volumes": names,
         "parts": list(evaluator.bank),
-        "world_size": evaluator.world_size,
+        "world_size": world()[1],
         "skipped": evaluator.skipped,
         "encoded_volumes": evaluator.counts["encoded"],
         "cached_volumes": evaluator.counts["cached"],

@@ -160,4 +160,3 @@ class AtomicNibabelWriter(NibabelWriter):
             NibabelWriter.write(self, str(tmp), verbose=verbose, **obj_kwargs)
 
         atomic_write(filename, write, keep_suffix=True)  # nibabel compresses by the .gz ending
-
