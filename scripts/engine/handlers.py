@@ -8,7 +8,9 @@ engine has gathered the results of every process, on one rank only (``save_rank`
   per-axis maxima);
 * :class:`RunRecorder`: ``run.json``, the run record of :func:`scripts.engine.record.run_record`.
 
-Both write atomically (:mod:`scripts.storage.atomic`); a run that fails writes neither.
+Both write atomically (:mod:`scripts.storage.atomic`); a run that fails writes neither. The rank comes
+from ``torch.distributed`` itself, not ``ignite.distributed``: the latter's first call runs collectives,
+which would hang a run whose handlers are attached on one rank only (``multi_gpu_inference.json``).
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import ignite.distributed as idist
 from ignite.engine import Engine, Events
 
+from scripts.engine.distributed import world
 from scripts.storage.atomic import atomic_write_csv, atomic_write_json
 
 __all__ = ["RunRecorder", "ScoresSaver"]
@@ -53,7 +55,7 @@ class ScoresSaver:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        if idist.get_rank() != self.save_rank or not engine.subject_scores:
+        if world()[0] != self.save_rank or not engine.subject_scores:
             return
         rows = [(name, engine.subject_scores[name]) for name in engine.names]
         axes = [k for k in rows[0][1] if k != "score"]
@@ -96,7 +98,7 @@ class RunRecorder:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        if idist.get_rank() != self.save_rank:
+        if world()[0] != self.save_rank:
             return
         atomic_write_json(self.path, {**engine.summary(), "config": self.config})
         if not self.quiet:
