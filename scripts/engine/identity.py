@@ -54,12 +54,12 @@ def _array(value: np.ndarray | np.generic | torch.Tensor) -> Any:
 def describe_transform(value: Any, depth: int = 0) -> Any:
     """The parameters of a transform (or of any value it holds) as plain JSON data.
 
-    A :class:`~monai.transforms.Compose` becomes ``{"<position>:<class name>": parameters}`` (so that a
-    difference is reported as e.g. ``4:Resized.resizer.spatial_size``); any other object with attributes
-    becomes ``{"_target_": module.Class, attribute: value, ...}`` over all its attributes, nested array
-    transforms included (``Resized.resizer``, ``ScaleIntensityRangePercentilesd.scaler``, ...). Enums give
-    their value, dtypes their name, small arrays their values and larger ones a digest; classes, functions
-    and networks their qualified name only (a lambda's body is not seen).
+    A :class:`~monai.transforms.Compose` becomes ``{"<position>:<class name>": parameters}`` and its own
+    options (so that a difference is reported as e.g. ``4:Resized.resizer.spatial_size``); any other
+    object with attributes becomes ``{"_target_": module.Class, attribute: value, ...}`` over all its
+    attributes, nested array transforms included (``Resized.resizer``, ``ScaleIntensityRangePercentilesd
+    .scaler``, ...). Enums give their value, dtypes their name, small arrays their values and larger ones a
+    digest; classes, functions and networks their qualified name only (a lambda's body is not seen).
     """
     if isinstance(value, Enum):
         value = value.value
@@ -78,8 +78,14 @@ def describe_transform(value: Any, depth: int = 0) -> Any:
     if depth >= _MAX_DEPTH or isinstance(value, type | torch.nn.Module) or inspect.isroutine(value):
         return _qualname(value)
     if isinstance(value, Compose):
-        steps = enumerate(value.transforms)
-        return {f"{i}:{type(t).__name__}": describe_transform(t, depth + 1) for i, t in steps}
+        steps = {
+            f"{i}:{type(t).__name__}": describe_transform(t, depth + 1)
+            for i, t in enumerate(value.transforms)
+        }
+        options = {
+            k: describe_transform(v, depth + 1) for k, v in sorted(vars(value).items()) if k != "transforms"
+        }
+        return {**steps, **options}  # the Compose's own options (map_items, lazy, ...) matter too
     if isinstance(value, functools.partial):
         return {
             "_target_": _qualname(value.func),

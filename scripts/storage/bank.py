@@ -75,13 +75,20 @@ def bank_identity(describe: Mapping, encoder: Mapping | str, preprocessing: Mapp
     )
 
 
-def _leaves(value, prefix: str) -> dict:  # noqa: ANN001
-    if isinstance(value, dict):
-        out = {}
-        for key in sorted(set(value)):
-            out.update(_leaves(value[key], f"{prefix}.{key}"))
+#: differences named in a mismatch error; the rest are counted
+_MAX_DIFFS = 8
+
+
+def _differences(run, bank, prefix: str) -> list[str]:  # noqa: ANN001 - JSON values
+    """``"<field> (bank <value>, run <value>)"`` for each differing field under ``prefix``: down to the
+    leaves where both sides are dicts, else at the highest level where they differ (an absent value is
+    ``null``), so that a section one side lacks is one difference, not one per leaf."""
+    if isinstance(run, dict) and isinstance(bank, dict):
+        out = []
+        for key in sorted(set(run) | set(bank)):
+            out += _differences(run.get(key), bank.get(key), f"{prefix}.{key}")
         return out
-    return {prefix: value}
+    return [] if run == bank else [f"{prefix} (bank {_short(bank)}, run {_short(run)})"]
 
 
 def _short(value) -> str:  # noqa: ANN001
@@ -341,10 +348,9 @@ class TokenBank:
             fields.append("q_fine")
         diffs = []
         for field in fields:
-            mine, theirs = _leaves(run.get(field), field), _leaves(bank.get(field), field)
-            for leaf in sorted(set(mine) | set(theirs)):
-                if mine.get(leaf) != theirs.get(leaf):
-                    diffs.append(f"{leaf} (bank {_short(theirs.get(leaf))}, run {_short(mine.get(leaf))})")
+            diffs += _differences(run.get(field), bank.get(field), field)
+        if len(diffs) > _MAX_DIFFS:
+            diffs[_MAX_DIFFS:] = [f"and {len(diffs) - _MAX_DIFFS} more"]
         if diffs:
             raise CS3FInputError(
                 f"reference_bank {self.folder} was built with another configuration: {'; '.join(diffs)}. "

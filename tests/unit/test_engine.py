@@ -159,7 +159,8 @@ def test_describe_transform_reads_nested_parameters() -> None:
 
     compose = Compose([Resized("image", spatial_size=(4, 5, 6)), ScaleIntensityRanged("image", 0, 10, 0, 1)])
     described = describe_transform(compose)
-    assert list(described) == ["0:Resized", "1:ScaleIntensityRanged"]
+    assert list(described)[:2] == ["0:Resized", "1:ScaleIntensityRanged"]
+    assert described["map_items"] is True  # the Compose's own options too
     assert described["0:Resized"]["resizer"]["spatial_size"] == [4, 5, 6]
     assert described["0:Resized"]["_target_"] == "monai.transforms.spatial.dictionary.Resized"
     assert described["1:ScaleIntensityRanged"]["scaler"]["a_max"] == 10

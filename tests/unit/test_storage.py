@@ -226,3 +226,26 @@ def test_file_digest_is_the_sha256_of_the_concatenated_bytes(tmp_path: Path) -> 
     expected = hashlib.sha256(a.read_bytes() + b.read_bytes()).hexdigest()
     assert file_digest([a, b], chunk=1000) == expected == file_digest([a, b])
     assert file_digest([b, a]) != expected
+
+
+def test_bank_mismatch_names_each_field_once_in_one_line(tmp_path: Path) -> None:
+    from scripts.errors import CS3FInputError
+
+    writer = BankWriter(tmp_path, capacity=1)
+    writer.add("a", "", _tokens())
+    built = {"d": 8, "seed": 0, "preprocessing": {"old_key": 1, "transforms": {"0:A": {"k": 1}}}}
+    writer.finish(built)
+    bank = TokenBank(tmp_path)
+    bank.check(dict(built))  # the same identity passes
+    run = {"d": 16, "seed": 0, "preprocessing": {"transforms": {"0:A": {"k": 2}, "1:B": {"x": 1, "y": 2}}}}
+    with pytest.raises(CS3FInputError) as info:
+        bank.check(run)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "d (bank 8, run 16)" in message and "seed" not in message
+    assert "preprocessing.old_key (bank 1, run null)" in message
+    assert "preprocessing.transforms.0:A.k (bank 1, run 2)" in message
+    assert 'preprocessing.transforms.1:B (bank null, run {"x": 1, "y": 2})' in message  # once, not per leaf
+    many = {"d": 8, "seed": 0, "preprocessing": {f"p{i}": i for i in range(12)}}
+    with pytest.raises(CS3FInputError, match=r"preprocessing.p4 \(bank null, run 4\); and 6 more\."):
+        bank.check(many)
