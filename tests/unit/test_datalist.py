@@ -122,15 +122,18 @@ def test_resolving_the_datalist_generates_nothing(tmp_path: Path) -> None:
 
 
 def test_initialize_generates_the_demo_on_first_use_only(tmp_path: Path) -> None:
+    from monai.bundle import ConfigWorkflow
+
     from scripts.synthetic.demo import ensure_demo
 
     overrides = {"demo#n_normal": 2, "demo#n_abnormal": 1, "demo#shape": 32}
-    generate = _parser(tmp_path, **overrides).get_parsed_content("generate_demo")
-    assert generate.func is ensure_demo
-    generate()
+    assert _parser(tmp_path, **overrides).get_parsed_content("generate_demo").func is ensure_demo
+    workflow = ConfigWorkflow(
+        config_file=str(CONFIG), workflow_type="infer", bundle_root=str(tmp_path), quiet=True, **overrides
+    )
+    workflow.initialize()
     demo = tmp_path / "demo_data"
-    rows = _cohort_rows(demo)
-    assert len(rows) == 3
+    assert len(_cohort_rows(demo)) == 3
     before = {p: p.stat().st_mtime_ns for p in demo.rglob("*")}
     _parser(tmp_path, **overrides).get_parsed_content("generate_demo")()
     assert {p: p.stat().st_mtime_ns for p in demo.rglob("*")} == before  # not generated again
