@@ -7,6 +7,10 @@ A dataset folder is either
 * ``DIR/images/*.nii[.gz]`` with optional ``DIR/masks/`` and ``DIR/labels/`` holding files of the
   same names; or
 * a flat folder of ``*.nii[.gz]`` volumes.
+
+:func:`make_datalist` checks every file's header before any heavy work and returns a :class:`Datalist`:
+the usable rows, and the volumes it left out with ``on_bad_input="skip"`` (which the evaluator records in
+``run.json`` together with those it leaves out itself).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import os
 import tempfile
 import warnings
 from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +30,7 @@ from monai.data import Dataset
 from scripts.errors import CS3FInputError, find_input_error, one_line
 
 __all__ = [
+    "Datalist",
     "image_stem",
     "make_datalist",
     "check_output_dir",
@@ -42,6 +49,21 @@ def image_stem(path: str | Path) -> str:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return Path(name).stem
+
+
+@dataclass(frozen=True)
+class Datalist(Sequence):
+    """The usable rows of a dataset folder (a sequence of ``{"image", "mask"?, "label"?, "name"}`` dicts,
+    as MONAI datasets take) and the volumes left out of it (``{"image", "reason"}``)."""
+
+    rows: list[dict[str, str]]
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    def __getitem__(self, index):  # noqa: ANN001, ANN204 - as Sequence
+        return self.rows[index]
+
+    def __len__(self) -> int:
+        return len(self.rows)
 
 
 def _niftis(folder: Path) -> list[Path]:
@@ -72,9 +94,9 @@ def make_datalist(
     min_volumes: int = 2,
     on_bad_input: str = "error",
     require_same_grid: bool = True,
-    skipped: list | None = None,
-) -> list[dict[str, str]]:
-    """Datalist ``[{"image": path, "mask": path?, "label": path?, "name": stem}, ...]`` of a dataset folder.
+) -> Datalist:
+    """The :class:`Datalist` (rows ``{"image": path, "mask": path?, "label": path?, "name": stem}``) of a
+    dataset folder.
 
     Args:
         dataset_dir: the dataset folder (see the module docstring for the layouts).
@@ -82,11 +104,10 @@ def make_datalist(
         labels: include ground-truth labels where the folder provides them (evaluation).
         min_volumes: CS3F scores volumes against each other, so fewer than this is an error.
         on_bad_input: ``"error"`` stops at the first unreadable file or off-grid volume; ``"skip"``
-            leaves it out with a warning and records ``{"image", "reason"}`` in ``skipped``.
+            leaves it out with a warning and lists it (``{"image", "reason"}``) in the result's ``skipped``.
         require_same_grid: volumes must be registered to one space: every image header must have the
             shape and affine that most of the cohort has (checked before any heavy work). Turn off
             for unregistered data that the preprocessing brings to one grid (e.g. lung CT crops).
-        skipped: list that receives the skipped volumes (shared with the workflow for ``run.json``).
 
     Raises:
         CS3FInputError: missing or empty folder, missing or unreadable files, duplicate names, too few
@@ -97,6 +118,21 @@ def make_datalist(
     root = Path(dataset_dir)
     if not root.is_dir():
         raise CS3FInputError(f"dataset_dir does not exist or is not a folder: {root}")
+    rows = _read_rows(root, masks, labels)
+    skipped: list[dict[str, str]] = []
+    good, grids = _readable(rows, on_bad_input, skipped)
+    if require_same_grid and good:
+        good = _on_common_grid(good, grids, on_bad_input, skipped)
+    if len(good) < min_volumes:
+        raise CS3FInputError(
+            f"CS3F compares volumes with each other: found {len(good)} usable volume(s) in {root}, "
+            f"need >= {min_volumes}"
+        )
+    return Datalist(good, skipped)
+
+
+def _read_rows(root: Path, masks: bool, labels: bool) -> list[dict[str, str]]:
+    """The named rows of ``root``'s cohort.csv or folders, checked for consistency (not yet read)."""
     rows: list[dict[str, str]] = []
     table = root / "cohort.csv"
     if table.is_file():
@@ -130,10 +166,18 @@ def make_datalist(
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise CS3FInputError(f"image names must be unique (outputs are named after them): {duplicates}")
+    return [{**row, "name": name} for row, name in zip(rows, names, strict=True)]
+
+
+def _readable(
+    rows: list[dict[str, str]], on_bad_input: str, skipped: list[dict[str, str]]
+) -> tuple[list[dict[str, str]], dict[str, tuple]]:
+    """The rows whose files are readable 3D volumes with masks/labels of their image's shape, and the
+    image grid of each (see :func:`_check_readable`)."""
     good: list[dict[str, str]] = []
     grids: dict[str, tuple] = {}
-    for row, name in zip(rows, names, strict=True):
-        row["name"] = name
+    for row in rows:
+        name = row["name"]
         try:
             for key in ("image", "mask", "label"):
                 if key in row:
@@ -148,36 +192,36 @@ def make_datalist(
             good.append(row)
         except CS3FInputError as err:
             _bad(err, row, on_bad_input, skipped)
-    if require_same_grid and good:
-        reference, count = Counter(grids[r["name"]] for r in good).most_common(1)[0]
-        kept = []
-        for row in good:
-            if grids[row["name"]] == reference:
-                kept.append(row)
-                continue
-            shape, affine = grids[row["name"]]
-            err = CS3FInputError(
-                f"{row['image']} is not on the cohort's grid (shape {shape}, affine rows "
-                f"{[list(a) for a in affine[:3]]}; {count} of {len(good)} volumes have shape {reference[0]}, "
-                f"affine rows {[list(a) for a in reference[1][:3]]}): register all volumes to one space, "
-                f"or set require_same_grid false if the preprocessing resamples them"
-            )
-            _bad(err, row, on_bad_input, skipped)
-        good = kept
-    if len(good) < min_volumes:
-        raise CS3FInputError(
-            f"CS3F compares volumes with each other: found {len(good)} usable volume(s) in {root}, "
-            f"need >= {min_volumes}"
+    return good, grids
+
+
+def _on_common_grid(
+    rows: list[dict[str, str]], grids: dict[str, tuple], on_bad_input: str, skipped: list[dict[str, str]]
+) -> list[dict[str, str]]:
+    """The rows whose image has the grid (shape and affine) that most of the cohort has."""
+    reference, count = Counter(grids[r["name"]] for r in rows).most_common(1)[0]
+    kept = []
+    for row in rows:
+        if grids[row["name"]] == reference:
+            kept.append(row)
+            continue
+        shape, affine = grids[row["name"]]
+        err = CS3FInputError(
+            f"{row['image']} is not on the cohort's grid (shape {shape}, affine rows "
+            f"{[list(a) for a in affine[:3]]}; {count} of {len(rows)} volumes have shape {reference[0]}, "
+            f"affine rows {[list(a) for a in reference[1][:3]]}): register all volumes to one space, "
+            f"or set require_same_grid false if the preprocessing resamples them"
         )
-    return good
+        _bad(err, row, on_bad_input, skipped)
+    return kept
 
 
-def _bad(err: CS3FInputError, row: dict, on_bad_input: str, skipped: list | None) -> None:
+def _bad(err: CS3FInputError, row: dict, on_bad_input: str, skipped: list[dict[str, str]]) -> None:
+    """Raise ``err``, or (``on_bad_input="skip"``) warn and add the row to ``skipped``."""
     if on_bad_input == "error":
         raise err
-    warnings.warn(f"cs3f: skipping {row['image']}: {err}", stacklevel=3)
-    if skipped is not None:
-        skipped.append({"image": row["image"], "reason": str(err)})
+    warnings.warn(f"cs3f: skipping {row['image']}: {err}", stacklevel=4)
+    skipped.append({"image": row["image"], "reason": str(err)})
 
 
 def check_output_dir(output_dir: str | Path) -> Path:
@@ -223,5 +267,3 @@ class CheckedDataset(Dataset):
             if self.on_bad_input == "skip":
                 return {"bad_input": str(found), "name": row.get("name", image_stem(row["image"]))}
             raise found from None
-
-

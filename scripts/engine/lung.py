@@ -58,19 +58,20 @@ class LungCS3FEvaluator(CS3FEvaluator):
             mode=mask_mode,
             labels=lung_labels,
         )
-        lung_info = {
+        self.lung_info = {  # for run.json; the token identity has the crop's parameters (split_transform)
             "crop_size": list(self.crop.cropper.crop_size),
             "margin": int(margin),
             "mask_mode": mask_mode,
             "lung_labels": [list(label_values(v)) for v in lung_labels],
         }
-        # part of the token-cache key: crops of another size or margin must not reuse cached tokens
-        kwargs["run_info"] = {**dict(kwargs.get("run_info") or {}), "lung": lung_info}
         super().__init__(*args, **kwargs)
         check_crop_divisible(
             self.crop.cropper.crop_size, [self.inferer.q[a] for a in AXES], self.inferer.axes
         )
         self.truncated: dict[str, dict[str, list[str]]] = {}
+
+    def split_transform(self) -> LungCropd:
+        return self.crop  # crops of another size or margin must not reuse cached tokens, nor a bank's
 
     def check_registration(self, part: str, image: torch.Tensor) -> bool:
         return False  # CT is not atlas-registered: crops share their size, not their affine
@@ -103,5 +104,5 @@ class LungCS3FEvaluator(CS3FEvaluator):
 
     def summary(self) -> dict:
         info = super().summary()
-        info["lung"] = {**self.run_info.get("lung", {}), "truncated": self.truncated}
+        info["lung"] = {**self.lung_info, "truncated": self.truncated}
         return info

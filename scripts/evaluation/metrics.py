@@ -90,11 +90,7 @@ no normal subject); no placeholder numbers are produced.
 
 from __future__ import annotations
 
-import csv
-import json
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -102,6 +98,8 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+
+from scripts.storage.atomic import atomic_write_csv, atomic_write_json
 
 __all__ = [
     "ARCHITECTURE_KEYS",
@@ -112,7 +110,6 @@ __all__ = [
     "SIZE_CLASSES",
     "size_class",
     "write_report",
-    "write_json_atomic",
     "STRUCTURE_18",
 ]
 
@@ -718,43 +715,9 @@ class CohortEvaluator:
 # ---------------------------------------------------------------------------------------------------------
 # Reports
 # ---------------------------------------------------------------------------------------------------------
-def _jsonable(x):
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
-def write_json_atomic(path, obj) -> Path:
-    """Write ``obj`` as JSON (NaN/inf -> null) through a temporary file + rename in the same folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_jsonable(obj), indent=2, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> Path:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r[k] for k in columns})
-    return path
+    """``rows`` as CSV with the given columns (in that order), written atomically."""
+    return atomic_write_csv(path, ([r[k] for k in columns] for r in rows), header=columns)
 
 
 LESION_COLUMNS = [
@@ -794,7 +757,7 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics = evaluator.compute() if metrics is None else metrics
-    paths = {"metrics": write_json_atomic(out / "metrics.json", metrics)}
+    paths = {"metrics": atomic_write_json(out / "metrics.json", metrics)}
     paths["lesions"] = _write_csv(out / "lesions.csv", evaluator.components, LESION_COLUMNS)
     paths["gt_lesions"] = _write_csv(out / "gt_lesions.csv", evaluator.gt_lesion_rows(), GT_LESION_COLUMNS)
     if plots:

@@ -11,6 +11,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from scripts.storage.atomic import atomic_write
+
 GT_COLOR = "lime"
 PRED_COLOR = "red"
 AXIS_NAMES = ("sagittal (axis 0)", "coronal (axis 1)", "axial (axis 2)")
@@ -21,11 +23,11 @@ def _fmt(v) -> str:
 
 
 def _save(fig: Figure, path) -> Path:
+    """Render ``fig`` to ``path`` (format from its extension, PNG by default), atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=100)
-    return path
+    fmt = path.suffix.lstrip(".") or "png"
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format=fmt))
 
 
 def plot_roc_pr(curve: dict, path, title: str, auroc=None, ap=None) -> Path:

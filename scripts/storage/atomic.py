@@ -1,48 +1,162 @@
-"""Crash-safe output writing: every file appears whole or not at all (temp file + ``os.replace``)."""
+"""Crash-safe output writing: every file the bundle writes appears whole or not at all.
+
+:func:`atomic_write` gives a writer a hidden temporary file beside the target, created the way ``open()``
+creates a file (mode ``0o666`` less the process umask, so outputs are as readable as any other file the
+user makes), flushes it to disk and renames it over the target (``os.replace``, atomic on POSIX). A writer
+that raises leaves neither the target nor the temporary file; a process killed mid-write leaves at most a
+hidden ``.<name>.tmp-<hex>`` file, never a truncated target that a later step would take for a result.
+
+Every writer of the bundle goes through it: text, bytes, JSON and CSV (the conveniences below), anomaly
+maps (:class:`AtomicNibabelWriter`), figures, reference banks and the token cache.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+import math
 import os
-import tempfile
 import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from enum import Enum
 from pathlib import Path
+from typing import Any
 
 from monai.data import NibabelWriter
 
-__all__ = ["atomic_write_text", "AtomicNibabelWriter"]
+__all__ = [
+    "AtomicNibabelWriter",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_csv",
+    "atomic_write_json",
+    "atomic_write_text",
+    "commit",
+    "jsonable",
+    "temp_path",
+]
+
+#: extensions that libraries read to pick a format (or append when missing): kept by ``keep_suffix``
+_DOUBLE_SUFFIXES = (".nii.gz",)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+def temp_path(path: str | Path, keep_suffix: bool = False) -> Path:
+    """Create an empty hidden temporary file beside ``path`` and return its name.
+
+    Args:
+        path: the target the temporary file will be renamed to (its folder is created).
+        keep_suffix: end the temporary name with the target's extension (``.nii.gz``, ``.npy``, ``.png``),
+            for libraries that choose the format from it or append it when it is missing.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    ext = ""
+    if keep_suffix:
+        ext = next((s for s in _DOUBLE_SUFFIXES if path.name.endswith(s)), path.suffix)
+    stem = path.name[: len(path.name) - len(ext)]
+    while True:
+        tmp = path.with_name(f".{stem}.tmp-{uuid.uuid4().hex[:8]}{ext}")
+        try:
+            # O_EXCL: never another writer's file; 0o666: the kernel applies the umask, as open() does.
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def commit(tmp: str | Path, path: str | Path) -> Path:
+    """Flush the finished ``tmp`` to disk and rename it to ``path`` (replacing any previous file)."""
+    fd = os.open(tmp, os.O_RDONLY)
     try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.fsync(fd)  # the rename must not reach the disk before the data does
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return Path(path)
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], Any], keep_suffix: bool = False) -> Path:
+    """Write ``path`` atomically: ``write(tmp)`` fills a temporary file, which then replaces ``path``.
+
+    Args:
+        path: the file to write.
+        write: called with the temporary file's path (it exists, empty; opening it for writing keeps its
+            umask-derived mode). Any library writer fits: ``lambda tmp: torch.save(obj, tmp)``.
+        keep_suffix: see :func:`temp_path`.
+
+    Returns:
+        ``path``.
+    """
+    tmp = temp_path(path, keep_suffix=keep_suffix)
+    try:
+        write(tmp)
+        return commit(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically, line endings as given (no newline translation)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding=encoding, newline="") as f:
+            f.write(text)
+
+    return atomic_write(path, write)
+
+
+def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Path:
+    """Write ``jsonable(obj)`` as JSON (non-finite floats as ``null``) and a final newline, atomically."""
+    return atomic_write_text(path, json.dumps(jsonable(obj), indent=indent, allow_nan=False) + "\n")
+
+
+def atomic_write_csv(
+    path: str | Path, rows: Iterable[Sequence], header: Sequence[str] | None = None, **fmtparams: Any
+) -> Path:
+    """Write ``header`` and ``rows`` through :func:`csv.writer` (``fmtparams`` as there), atomically."""
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer, **fmtparams)
+    if header is not None:
+        writer.writerow(header)
+    writer.writerows(rows)
+    return atomic_write_text(path, buffer.getvalue())
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON data: mappings (keys as strings), lists, strings, finite numbers, booleans
+    and ``None``. Tuples become lists, numpy/torch scalars and arrays numbers and lists, enums their value,
+    non-finite floats ``None``, anything else its ``str``; a JSON round trip then returns an equal value."""
+    if isinstance(value, Enum):
+        value = value.value
+    if hasattr(value, "tolist") and not isinstance(value, str):  # numpy and torch scalars and arrays
+        value = value.tolist()
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    return str(value)
+
+
 class AtomicNibabelWriter(NibabelWriter):
-    """MONAI's ``NibabelWriter`` that writes to a hidden temporary name and renames when complete.
+    """MONAI's ``NibabelWriter`` writing through :func:`atomic_write`.
 
     A run killed while saving leaves at most a hidden ``.*.tmp-*.nii.gz`` file, never a truncated
-    ``*_anomaly.nii.gz`` that a later step would take for a result. Use it as
-    ``SaveImaged(writer="scripts.storage.atomic.AtomicNibabelWriter")``.
+    ``*_anomaly.nii.gz``. Use it as ``SaveImaged(writer="scripts.storage.atomic.AtomicNibabelWriter")``.
     """
 
-    def write(self, filename, verbose: bool = False, **obj_kwargs) -> None:  # noqa: ANN001
-        final = Path(filename)
-        suffix = "".join(final.suffixes[-2:]) if final.name.endswith(".nii.gz") else final.suffix
-        tmp = final.with_name(f".{final.name[: -len(suffix)]}.tmp-{uuid.uuid4().hex[:8]}{suffix}")
-        try:
-            super().write(str(tmp), verbose=verbose, **obj_kwargs)
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+    def write(self, filename, verbose: bool = False, **obj_kwargs) -> None:  # noqa: ANN001 - as NibabelWriter
+        def write(tmp: Path) -> None:
+            NibabelWriter.write(self, str(tmp), verbose=verbose, **obj_kwargs)
+
+        atomic_write(filename, write, keep_suffix=True)  # nibabel compresses by the .gz ending

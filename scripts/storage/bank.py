@@ -1,4 +1,4 @@
-"""Reference token banks: tokenize a cohort once, then score new volumes against it (issue 9).
+"""Reference token banks: tokenize a cohort once, then score new volumes against it.
 
 A site screening daily arrivals builds the bank of a reference cohort once
 (``configs/build_bank.json``) and scores each day's scans against it (``reference_bank`` in
@@ -28,7 +28,6 @@ from disk block by block by :func:`scripts.scoring.reference_scores` (CS3F-C).
 from __future__ import annotations
 
 import json
-import os
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -38,7 +37,7 @@ import numpy as np
 import torch
 
 from scripts.errors import CS3FInputError
-from scripts.storage.atomic import atomic_write_text
+from scripts.storage.atomic import atomic_write, atomic_write_json, commit, jsonable, temp_path
 
 __all__ = ["BANK_FORMAT", "BANK_VERSION", "MANIFEST", "BankWriter", "TokenBank", "bank_identity", "save_bank"]
 
@@ -49,10 +48,6 @@ MANIFEST = "bank.json"
 COMPARED = ("encoder", "layers", "axes", "q", "d", "seed", "delta", "preprocessing")
 
 
-def _jsonable(value):  # noqa: ANN001, ANN202 - any JSON-like value
-    return json.loads(json.dumps(value, default=str))
-
-
 def bank_identity(describe: Mapping, encoder: Mapping | str, preprocessing: Mapping) -> dict:
     """What a bank and a run must agree on: everything that shapes tokens.
 
@@ -60,10 +55,11 @@ def bank_identity(describe: Mapping, encoder: Mapping | str, preprocessing: Mapp
         describe: :meth:`scripts.inferer.CS3FInferer.describe` of the run.
         encoder: the encoder's identity (``network.identity()``: name, layers, input size,
             normalisation, weights with their sha256), or its class name.
-        preprocessing: the preprocessing parameters (the workflow's ``run_info`` minus ``dataset_dir``).
+        preprocessing: the parameters of the preprocessing (see
+            :func:`scripts.engine.identity.preprocessing_identity`).
     """
-    layers = encoder.get("layers") if isinstance(encoder, Mapping) else preprocessing.get("layers")
-    return _jsonable(
+    layers = encoder.get("layers") if isinstance(encoder, Mapping) else None
+    return jsonable(
         {
             "encoder": encoder,
             "layers": layers,
@@ -79,13 +75,20 @@ def bank_identity(describe: Mapping, encoder: Mapping | str, preprocessing: Mapp
     )
 
 
-def _leaves(value, prefix: str) -> dict:  # noqa: ANN001
-    if isinstance(value, dict):
-        out = {}
-        for key in sorted(set(value)):
-            out.update(_leaves(value[key], f"{prefix}.{key}"))
+#: differences named in a mismatch error; the rest are counted
+_MAX_DIFFS = 8
+
+
+def _differences(run, bank, prefix: str) -> list[str]:  # noqa: ANN001 - JSON values
+    """``"<field> (bank <value>, run <value>)"`` for each differing field under ``prefix``: down to the
+    leaves where both sides are dicts, else at the highest level where they differ (an absent value is
+    ``null``), so that a section one side lacks is one difference, not one per leaf."""
+    if isinstance(run, dict) and isinstance(bank, dict):
+        out = []
+        for key in sorted(set(run) | set(bank)):
+            out += _differences(run.get(key), bank.get(key), f"{prefix}.{key}")
         return out
-    return {prefix: value}
+    return [] if run == bank else [f"{prefix} (bank {_short(bank)}, run {_short(run)})"]
 
 
 def _short(value) -> str:  # noqa: ANN001
@@ -103,9 +106,10 @@ def _part_dir(part: str) -> str:
 
 class BankWriter:
     """Writes a token bank volume by volume (see the module docstring), so that building a bank never
-    holds more than one volume's tokens: each ``(part, key)`` array is an ``open_memmap`` file of
-    ``capacity`` rows filled as volumes arrive, truncated to the volumes actually added (a streamed
-    copy, only when some were skipped) by :meth:`finish`, which writes the manifest last.
+    holds more than one volume's tokens: each ``(part, key)`` array is an ``open_memmap`` temporary file
+    (:func:`scripts.storage.atomic.temp_path`) of ``capacity`` rows filled as volumes arrive.
+    :meth:`finish` renames each into place, truncated to the volumes actually added (a streamed copy, only
+    when some were skipped), and writes the manifest last; :meth:`abort` removes the temporary files.
 
     Args:
         folder: the bank folder (created; an existing bank there is replaced: its manifest is removed
@@ -120,7 +124,8 @@ class BankWriter:
         self.capacity = int(capacity)
         self.names: list[str] = []
         self.spatial: dict[str, list[int]] = {}
-        self.arrays: dict[tuple[str, str], dict] = {}  # (part, key) -> spec + open memmaps
+        self.arrays: dict[tuple[str, str], dict] = {}  # (part, key) -> manifest spec
+        self._open: dict[tuple[str, str, str], tuple[np.memmap, Path]] = {}  # + "tokens"/"valid"
 
     def add(self, name: str, part: str, tokens) -> None:  # noqa: ANN001 - scripts.inferer.VolumeTokens
         """Write one volume's tokens of one part (parts of a volume are added one after the other)."""
@@ -136,31 +141,33 @@ class BankWriter:
             n_tokens, d = grid.valid.numel(), grid.tokens.shape[-1]
             spec = self.arrays.get((part, key))
             if spec is None:
-                stem = f"{_part_dir(part)}/{_key_file(key)}"
-                (self.folder / _part_dir(part)).mkdir(exist_ok=True)
-                spec = {
-                    "grid": list(grid.shape),
-                    "d": d,
-                    "tokens": f"{stem}.tokens.npy",
-                    "valid": f"{stem}.valid.npy",
-                }
-                for what, dtype, shape in (
-                    ("tokens", np.float16, (n_tokens, d)),
-                    ("valid", bool, (n_tokens,)),
-                ):
-                    spec["_" + what] = np.lib.format.open_memmap(
-                        self.folder / (spec[what] + ".tmp"),
-                        mode="w+",
-                        dtype=dtype,
-                        shape=(self.capacity, *shape),
-                    )
-                self.arrays[(part, key)] = spec
+                spec = self._open_arrays(part, key, list(grid.shape), n_tokens, d)
             if list(grid.shape) != spec["grid"] or d != spec["d"]:
                 raise ValueError(
                     f"{name}: {key} grid {tuple(grid.shape)} x {d} differs from the bank's {spec['grid']}"
                 )
-            spec["_tokens"][row] = grid.tokens.detach().reshape(n_tokens, d).to("cpu", torch.float16).numpy()
-            spec["_valid"][row] = grid.valid.detach().reshape(n_tokens).cpu().numpy()
+            tokens_rows, valid_rows = (self._open[(part, key, what)][0] for what in ("tokens", "valid"))
+            tokens_rows[row] = grid.tokens.detach().reshape(n_tokens, d).to("cpu", torch.float16).numpy()
+            valid_rows[row] = grid.valid.detach().reshape(n_tokens).cpu().numpy()
+
+    def _open_arrays(self, part: str, key: str, grid: list[int], n_tokens: int, d: int) -> dict:
+        """The manifest spec of a new ``(part, key)``, its two arrays opened as temporary memmaps."""
+        stem = f"{_part_dir(part)}/{_key_file(key)}"
+        spec = {"grid": grid, "d": d, "tokens": f"{stem}.tokens.npy", "valid": f"{stem}.valid.npy"}
+        for what, dtype, shape in (("tokens", np.float16, (n_tokens, d)), ("valid", bool, (n_tokens,))):
+            tmp = temp_path(self.folder / spec[what])
+            self._open[(part, key, what)] = (
+                np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(self.capacity, *shape)),
+                tmp,
+            )
+        self.arrays[(part, key)] = spec
+        return spec
+
+    def abort(self) -> None:
+        """Drop the arrays written so far (a failed build leaves no temporary file behind)."""
+        for _, tmp in self._open.values():
+            tmp.unlink(missing_ok=True)  # the memmaps go with the dict entries
+        self._open.clear()
 
     def finish(
         self,
@@ -183,23 +190,15 @@ class BankWriter:
         parts: dict[str, dict] = {}
         for (part, key), spec in self.arrays.items():
             for what in ("tokens", "valid"):
-                array, tmp = spec.pop("_" + what), self.folder / (spec[what] + ".tmp")
+                array, tmp = self._open.pop((part, key, what))
                 array.flush()
                 if b < self.capacity:  # volumes were skipped: copy the first b rows to a smaller file
-                    small = np.lib.format.open_memmap(
-                        self.folder / (spec[what] + ".tmp2"),
-                        mode="w+",
-                        dtype=array.dtype,
-                        shape=(b, *array.shape[1:]),
-                    )
-                    for start in range(0, b, 64):
-                        small[start : start + 64] = array[start : min(start + 64, b)]
-                    small.flush()
-                    del small
+                    atomic_write(self.folder / spec[what], lambda small, a=array: _copy_rows(a, b, small))
+                    del array
                     tmp.unlink()
-                    tmp = self.folder / (spec[what] + ".tmp2")
-                del array
-                os.replace(tmp, self.folder / spec[what])
+                else:
+                    del array
+                    commit(tmp, self.folder / spec[what])
             entry = parts.setdefault(part, {"keys": {}, "spatial_shape": self.spatial[part]})
             entry["keys"][key] = spec
         for part, entry in parts.items():
@@ -214,16 +213,23 @@ class BankWriter:
             "version": BANK_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "token_dtype": "float16",
-            "identity": _jsonable(dict(identity)),
+            "identity": jsonable(dict(identity)),
             "n_volumes": b,
             "volumes": list(self.names),
             "sources": [str(by_name.get(n, "")) for n in self.names],
             "parts": parts,
-            **_jsonable(dict(info or {})),
+            **jsonable(dict(info or {})),
         }
-        path = self.folder / MANIFEST
-        atomic_write_text(path, json.dumps(manifest, indent=1))
-        return path
+        return atomic_write_json(self.folder / MANIFEST, manifest, indent=1)
+
+
+def _copy_rows(array: np.ndarray, rows: int, path: Path) -> None:
+    """Write the first ``rows`` rows of ``array`` as a ``.npy`` file at ``path``, 64 rows at a time."""
+    small = np.lib.format.open_memmap(path, mode="w+", dtype=array.dtype, shape=(rows, *array.shape[1:]))
+    for start in range(0, rows, 64):
+        small[start : start + 64] = array[start : min(start + 64, rows)]
+    small.flush()
+    del small
 
 
 def save_bank(
@@ -330,7 +336,7 @@ class TokenBank:
         """Raise one :class:`CS3FInputError` line naming every field where ``identity`` (the run's
         :func:`bank_identity`) differs from the bank's. ``q_fine`` is compared only for a run that
         needs fine tokens (variant F/MS); a variant-C run may use a bank built with fine tokens."""
-        run, bank = _jsonable(dict(identity)), self.identity
+        run, bank = jsonable(dict(identity)), self.identity
         fields = list(COMPARED)
         if run.get("variant", "C") != "C":
             if bank.get("q_fine") is None:
@@ -342,10 +348,9 @@ class TokenBank:
             fields.append("q_fine")
         diffs = []
         for field in fields:
-            mine, theirs = _leaves(run.get(field), field), _leaves(bank.get(field), field)
-            for leaf in sorted(set(mine) | set(theirs)):
-                if mine.get(leaf) != theirs.get(leaf):
-                    diffs.append(f"{leaf} (bank {_short(theirs.get(leaf))}, run {_short(mine.get(leaf))})")
+            diffs += _differences(run.get(field), bank.get(field), field)
+        if len(diffs) > _MAX_DIFFS:
+            diffs[_MAX_DIFFS:] = [f"and {len(diffs) - _MAX_DIFFS} more"]
         if diffs:
             raise CS3FInputError(
                 f"reference_bank {self.folder} was built with another configuration: {'; '.join(diffs)}. "

@@ -7,35 +7,23 @@
 * the **source key**: a hash of the bytes of the input image and mask files.
 
 An entry is used only when both match, so a changed config, encoder or input file invalidates it.
-Entries are written atomically (temp file + rename); a half-written entry cannot exist.
+Entries are written through :func:`scripts.storage.atomic.atomic_write`: a half-written entry cannot exist.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from scripts.inferer import TokenGrid, VolumeTokens
+from scripts.storage.atomic import atomic_write
 
-__all__ = ["TokenCache", "file_digest"]
+__all__ = ["TokenCache"]
 
 CACHE_FORMAT = 1
-
-
-def file_digest(paths: Sequence[str | Path]) -> str:
-    """sha256 over the bytes of the given files (in order)."""
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 class TokenCache:
@@ -47,6 +35,7 @@ class TokenCache:
         self.run_key = hashlib.sha256(blob.encode()).hexdigest()
 
     def path(self, name: str) -> Path:
+        """The entry file of ``name``."""
         return self.folder / f"{name}.pt"
 
     def load(self, name: str, source_key: str) -> VolumeTokens | None:
@@ -64,18 +53,11 @@ class TokenCache:
         return VolumeTokens(spatial_shape=tuple(entry["spatial_shape"]), grids=grids)
 
     def save(self, name: str, source_key: str, tokens: VolumeTokens) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        """Store the tokens of ``name`` made from the source files whose digest is ``source_key``."""
         entry = {
             "run_key": self.run_key,
             "source_key": source_key,
             "spatial_shape": list(tokens.spatial_shape),
             "grids": {k: (g.tokens.cpu(), g.valid.cpu()) for k, g in tokens.grids.items()},
         }
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(entry, tmp)
-            os.replace(tmp, self.path(name))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(self.path(name), lambda tmp: torch.save(entry, tmp))

@@ -210,7 +210,8 @@ def _item(shape=(40, 24, 20)) -> dict:
 
 def test_combination_rule_max_over_lungs_and_union_of_maps(tmp_path: Path) -> None:
     ev = _evaluator(tmp_path, crop_size=(24, 28, 28))
-    assert ev.run_info["lung"]["crop_size"] == [24, 28, 28]  # part of the token-cache key
+    # the crop is part of the token identity (cache key and bank identity)
+    assert ev.preprocessing_identity["split"]["cropper"]["crop_size"] == [24, 28, 28]
     assert not ev.check_registration("right", torch.zeros(1))
     item = _item()
     parts = ev.split(item)

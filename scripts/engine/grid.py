@@ -1,0 +1,44 @@
+"""The cohort's common grid: CS3F matches tokens position by position, so every volume (every part of
+a volume) must have the same preprocessed shape, and the same affine when the data are registered."""
+
+from __future__ import annotations
+
+import torch
+from monai.data import MetaTensor
+
+__all__ = ["CohortGrid"]
+
+
+class CohortGrid:
+    """The grid ``(spatial shape, affine [4, 4] float64)`` of each part, set by its first volume (or
+    by a reference bank, :meth:`expect`), against which every later volume is checked."""
+
+    def __init__(self, atol: float = 1e-3) -> None:
+        self.atol = atol
+        self.grids: dict[str, tuple[tuple[int, ...], torch.Tensor]] = {}
+
+    def expect(self, part: str, grid: tuple[tuple[int, ...], torch.Tensor]) -> None:
+        """Require ``grid`` for ``part`` (e.g. the grid the reference bank was built on)."""
+        self.grids[part] = (tuple(grid[0]), torch.as_tensor(grid[1]).double())
+
+    def check(self, name: str, part: str, image: torch.Tensor, registered: bool = True) -> str | None:
+        """Why ``image`` (``[C, *spatial]``, part ``part`` of volume ``name``) is off the cohort's grid,
+        or ``None`` if it is on it (the first image of a part sets the grid).
+
+        Args:
+            name: the volume's name, for the message.
+            part: the part (``""``: the whole volume).
+            image: the preprocessed image; its affine is the identity if it carries none.
+            registered: whether the affine must match too (registered data) or the shape only.
+        """
+        affine = image.affine if isinstance(image, MetaTensor) else torch.eye(4)
+        grid = (tuple(image.shape[1:]), affine.double())
+        first = self.grids.setdefault(part, grid)
+        same_affine = torch.allclose(grid[1], first[1], atol=self.atol) or not registered
+        if grid[0] != first[0] or not same_affine:
+            where = f" ({part})" if part else ""
+            return (
+                f"{name}{where} is not on the cohort's grid after preprocessing (shape {grid[0]} vs "
+                f"{first[0]}, or a different affine): volumes must be registered to one space"
+            )
+        return None

@@ -1,0 +1,105 @@
+"""Output writers of a :class:`~scripts.engine.evaluator.CS3FEvaluator` run, as ignite handlers.
+
+Listed under ``handlers`` in ``configs/inference.json`` (next to ignite's ``ProgressBar``), they attach
+like MONAI's ``ClassificationSaver`` and ``MetricsSaver`` and write when the run completes, after the
+engine has gathered the results of every process, on one rank only (``save_rank``):
+
+* :class:`ScoresSaver`: ``scores.csv``, one row per volume in datalist order (``image,score`` and the
+  per-axis maxima);
+* :class:`RunRecorder`: ``run.json``, the run record of :func:`scripts.engine.record.run_record`.
+
+Both write atomically (:mod:`scripts.storage.atomic`); a run that fails writes neither. The rank comes
+from ``torch.distributed`` itself, not ``ignite.distributed``: the latter's first call runs collectives,
+which would hang a run whose handlers are attached on one rank only (``multi_gpu_inference.json``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ignite.engine import Engine, Events
+
+from scripts.engine.distributed import world
+from scripts.storage.atomic import atomic_write_csv, atomic_write_json
+
+__all__ = ["RunRecorder", "ScoresSaver"]
+
+
+class ScoresSaver:
+    """Write the subject scores of a run to ``<output_dir>/<filename>`` when it completes.
+
+    Columns: ``image`` (the volume's name), ``score`` (the subject score, the map's maximum) and
+    ``score_<axis>`` per slicing axis; numbers with 6 significant digits. A ``build_bank`` run scores
+    nothing and writes no table.
+
+    Args:
+        output_dir: folder of the table.
+        filename: name of the table.
+        save_rank: the process that writes (the scores of every process are gathered there).
+        quiet: do not print where the table is.
+    """
+
+    def __init__(
+        self, output_dir: str | Path, filename: str = "scores.csv", save_rank: int = 0, quiet: bool = False
+    ) -> None:
+        self.path = Path(output_dir) / filename
+        self.save_rank = save_rank
+        self.quiet = quiet
+
+    def attach(self, engine: Engine) -> None:
+        """Write at ``engine``'s completion (and list the table among its outputs, by file stem)."""
+        if getattr(engine, "build_bank", None) is None:
+            engine.outputs[self.path.stem] = str(self.path)
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if world()[0] != self.save_rank or not engine.subject_scores:
+            return
+        rows = [(name, engine.subject_scores[name]) for name in engine.names]
+        axes = [k for k in rows[0][1] if k != "score"]
+        atomic_write_csv(
+            self.path,
+            ([name, *(f"{row[k]:.6g}" for k in ("score", *axes))] for name, row in rows),
+            header=["image", "score", *(f"score_{a}" for a in axes)],
+            lineterminator="\n",
+        )
+        if not self.quiet:
+            print(f"cs3f: scores in {self.path}", flush=True)
+
+
+class RunRecorder:
+    """Write the run record (:func:`scripts.engine.record.run_record`) to ``<output_dir>/<filename>``.
+
+    Args:
+        output_dir: folder of the record.
+        filename: name of the record.
+        config: entries of the bundle config to record as ``config`` (e.g. ``dataset_dir``).
+        save_rank: the process that writes (timings and counts of every process are gathered there).
+        quiet: do not print where the record is.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        filename: str = "run.json",
+        config: Mapping[str, Any] | None = None,
+        save_rank: int = 0,
+        quiet: bool = False,
+    ) -> None:
+        self.path = Path(output_dir) / filename
+        self.config = dict(config or {})
+        self.save_rank = save_rank
+        self.quiet = quiet
+
+    def attach(self, engine: Engine) -> None:
+        """Write at ``engine``'s completion."""
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if world()[0] != self.save_rank:
+            return
+        atomic_write_json(self.path, {**engine.summary(), "config": self.config})
+        if not self.quiet:
+            print(f"cs3f: run record in {self.path}", flush=True)

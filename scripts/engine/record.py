@@ -1,0 +1,135 @@
+"""The run record (``run.json``): what a run did, with what, how long it took and how much memory it held.
+
+Everything that goes into the record is gathered here: :class:`StageTimes` measures the stages,
+:func:`peak_rss_mb` and :func:`versions` describe the process, :func:`token_stats` the token bank and
+:func:`run_record` assembles them with the evaluator's own account of the run.
+:class:`scripts.engine.handlers.RunRecorder` writes it.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import torch
+from ignite.engine import Engine, Events
+
+from scripts.engine.distributed import world
+from scripts.engine.identity import encoder_identity
+
+if TYPE_CHECKING:
+    from scripts.engine.evaluator import CS3FEvaluator
+
+__all__ = ["StageTimes", "peak_rss_mb", "run_record", "token_stats", "versions"]
+
+
+class StageTimes:
+    """Seconds spent per stage of a run: ``load`` (waiting for the data loader, timed through the engine's
+    ``GET_BATCH_*`` events once :meth:`attach` ed) and the stages timed by ``with times.measure(stage)``."""
+
+    def __init__(self, stages: Iterable[str] = ("tokenize", "score", "write")) -> None:
+        self.seconds: dict[str, float] = {"load": 0.0, **dict.fromkeys(stages, 0.0)}
+        self._batch_started = 0.0
+
+    def attach(self, engine: Engine) -> None:
+        """Time the data loading of ``engine``."""
+        engine.add_event_handler(Events.GET_BATCH_STARTED, self._start_loading)
+        engine.add_event_handler(Events.GET_BATCH_COMPLETED, self._stop_loading)
+
+    def _start_loading(self, engine: Engine) -> None:
+        self._batch_started = time.perf_counter()
+
+    def _stop_loading(self, engine: Engine) -> None:
+        self.seconds["load"] += time.perf_counter() - self._batch_started
+
+    @contextmanager
+    def measure(self, stage: str) -> Iterator[None]:
+        """Add the time spent in the ``with`` block to ``stage``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - start
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (MB): ``VmHWM`` where Linux's /proc has it.
+
+    Not ``ru_maxrss`` first: Linux carries it across ``execve``, so a bundle started from a large Python
+    process (``subprocess``, a notebook) would report its parent's peak instead of its own.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux, bytes on macOS
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and of the libraries that shape the results."""
+    import monai
+    import numpy
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def token_stats(bank: Mapping[str, Mapping[str, Any]]) -> dict:
+    """Token counts and size of a bank ``{part: {name: VolumeTokens}}``."""
+    volumes = [b for part in bank.values() for b in part.values()]
+    first = volumes[0] if volumes else None
+    return {
+        "per_volume": first.num_tokens() if first else 0,
+        "grids": {k: list(g.shape) for k, g in first.grids.items()} if first else {},
+        "bank_mb": round(sum(v.nbytes() for v in volumes) / 2**20, 2),
+    }
+
+
+def run_record(evaluator: CS3FEvaluator) -> dict:
+    """The run record of a finished :class:`~scripts.engine.evaluator.CS3FEvaluator` run: parameters,
+    encoder identity, preprocessing, volumes (used, skipped, encoded, cached), token counts, timings,
+    memory, versions and outputs."""
+    names, seconds = evaluator.names, evaluator.times.seconds
+    info = {
+        "inferer": evaluator.inferer.describe(),
+        "encoder": encoder_identity(evaluator.network),
+        "preprocessing": evaluator.preprocessing_identity,
+        "n_volumes": len(names),
+        "volumes": names,
+        "parts": list(evaluator.bank),
+        "world_size": world()[1],
+        "skipped": evaluator.skipped,
+        "encoded_volumes": evaluator.counts["encoded"],
+        "cached_volumes": evaluator.counts["cached"],
+        "timings_s": {k: round(v, 3) for k, v in seconds.items()},
+        "seconds_per_volume": round(sum(seconds.values()) / max(1, len(names)), 3),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "tokens": evaluator.token_stats or token_stats(evaluator.bank),
+        "versions": versions(),
+        "device": str(evaluator.state.device),
+        "outputs": dict(evaluator.outputs),
+    }
+    if evaluator.reference is not None:
+        reference = evaluator.reference
+        info["reference_bank"] = {
+            "folder": str(reference.folder),
+            "n_volumes": len(reference),
+            "version": reference.manifest["version"],
+            "excluded_self": sorted(
+                n for n in names if reference.index_of_source(evaluator.sources.get(n)) is not None
+            ),
+        }
+    if torch.cuda.is_available():
+        info["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return info

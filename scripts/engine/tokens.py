@@ -1,0 +1,50 @@
+"""Tokens of one preprocessed volume (or part of one): from the token cache when it holds an entry made
+by this configuration from the same source files, else encoded by the inferer and cached."""
+
+from __future__ import annotations
+
+import torch
+from monai.data import MetaTensor
+
+from scripts.errors import CS3FInputError
+from scripts.inferer import CS3FInferer, VolumeTokens
+from scripts.storage.cache import TokenCache
+from scripts.storage.digest import file_digest
+
+__all__ = ["CachedTokenizer", "source_digest"]
+
+
+def source_digest(item: dict, keys: tuple[str, ...] = ("image", "mask")) -> str:
+    """sha256 of the files ``item``'s ``keys`` were loaded from (their ``filename_or_obj`` meta)."""
+    files = []
+    for key in keys:
+        value = item.get(key)
+        if isinstance(value, MetaTensor) and value.meta.get("filename_or_obj"):
+            files.append(str(value.meta["filename_or_obj"]))
+    return file_digest(files)
+
+
+class CachedTokenizer:
+    """``inferer.tokenize`` behind a :class:`~scripts.storage.cache.TokenCache` (``None``: no cache),
+    counting the volumes ``encoded`` and those read from the ``cached`` entries."""
+
+    def __init__(self, inferer: CS3FInferer, network: torch.nn.Module, cache: TokenCache | None) -> None:
+        self.inferer, self.network, self.cache = inferer, network, cache
+        self.counts = {"encoded": 0, "cached": 0}
+
+    def __call__(
+        self, key: str, source_key: str, image: torch.Tensor, mask: torch.Tensor | None
+    ) -> VolumeTokens:
+        """The tokens of ``image`` (cache entry ``key``, made from files of digest ``source_key``)."""
+        tokens = self.cache.load(key, source_key) if self.cache is not None else None
+        if tokens is not None:
+            self.counts["cached"] += 1
+            return tokens
+        try:
+            tokens = self.inferer.tokenize(image, self.network, mask)
+        except ValueError as err:  # geometry/parameter problems (e.g. q not dividing an axis)
+            raise CS3FInputError(f"{key}: {' '.join(str(err).split())}") from None
+        self.counts["encoded"] += 1
+        if self.cache is not None:
+            self.cache.save(key, source_key, tokens)
+        return tokens

@@ -1,0 +1,251 @@
+"""The one atomic writer: every output honours the umask, appears whole or not at all, leaves no temp."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import stat
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from scripts.evaluation import metrics, plots
+from scripts.inferer import TokenGrid, VolumeTokens
+from scripts.storage.atomic import (
+    AtomicNibabelWriter,
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_csv,
+    atomic_write_json,
+    atomic_write_text,
+    jsonable,
+    temp_path,
+)
+from scripts.storage.bank import BankWriter, TokenBank
+from scripts.storage.cache import TokenCache
+from scripts.storage.digest import file_digest
+
+
+@contextmanager
+def umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _tokens(seed: int = 0) -> VolumeTokens:
+    gen = torch.Generator().manual_seed(seed)
+    grid = TokenGrid(torch.randn(2, 3, 3, 8, generator=gen), torch.rand(2, 3, 3, generator=gen) > 0.2)
+    return VolumeTokens((16, 24, 24), {"axial/0": grid})
+
+
+def _nifti(path: Path) -> None:
+    writer = AtomicNibabelWriter(output_dtype=np.float32)
+    writer.set_data_array(np.arange(64, dtype=np.float32).reshape(4, 4, 4), channel_dim=None)
+    writer.set_metadata({"affine": np.eye(4), "original_affine": np.eye(4)}, resample=False)
+    writer.write(path)
+
+
+def _bank(folder: Path) -> None:
+    writer = BankWriter(folder, capacity=3)  # one row short: finish() makes the truncated copy too
+    writer.add("a", "", _tokens(0))
+    writer.add("b", "", _tokens(1))
+    writer.finish({"d": 8}, {"a": "x"})
+
+
+# every writer of the bundle: (name, writes one or more files under the given folder)
+WRITERS: dict[str, Callable[[Path], None]] = {
+    "text": lambda d: atomic_write_text(d / "scores.csv", "image,score\na,1\n"),
+    "bytes": lambda d: atomic_write_bytes(d / "blob.bin", b"\x00\x01"),
+    "json": lambda d: atomic_write_json(d / "run.json", {"a": 1}),
+    "csv": lambda d: atomic_write_csv(d / "t.csv", [[1, 2]], header=["x", "y"]),
+    "lesions_csv": lambda d: metrics._write_csv(d / "lesions.csv", [{"x": 1, "y": 2}], ["x", "y"]),
+    "nifti_map": lambda d: _nifti(d / "v_anomaly.nii.gz"),
+    "png": lambda d: plots._save(Figure(figsize=(1, 1)), d / "fig.png"),
+    "token_cache": lambda d: TokenCache(d / "tokens", {"k": 1}).save("v", "src", _tokens()),
+    "bank": _bank,
+}
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+@pytest.mark.parametrize("name", list(WRITERS))
+def test_every_writer_honours_the_umask_and_leaves_no_temp(name: str, mask: int, tmp_path: Path) -> None:
+    with umask(mask):
+        WRITERS[name](tmp_path)
+        # what open() itself makes under this umask: the independent reference
+        (tmp_path / "reference").touch()
+    expected = stat.S_IMODE((tmp_path / "reference").stat().st_mode)
+    assert expected == 0o666 & ~mask
+    written = [p for p in _files(tmp_path) if p.name != "reference"]
+    assert written, name
+    for path in written:
+        assert stat.S_IMODE(path.stat().st_mode) == expected, (path.name, oct(path.stat().st_mode))
+        assert not path.name.startswith("."), f"temporary file left behind: {path}"
+
+
+def test_written_files_read_back(tmp_path: Path) -> None:
+    for write in WRITERS.values():
+        write(tmp_path)
+    assert (tmp_path / "scores.csv").read_text() == "image,score\na,1\n"
+    assert json.loads((tmp_path / "run.json").read_text()) == {"a": 1}
+    assert (tmp_path / "t.csv").read_bytes() == b"x,y\r\n1,2\r\n"  # csv's own dialect, as before
+    assert (tmp_path / "lesions.csv").read_bytes() == b"x,y\r\n1,2\r\n"
+    amap = nib.load(tmp_path / "v_anomaly.nii.gz")
+    assert np.array_equal(np.asarray(amap.dataobj), np.arange(64, dtype=np.float32).reshape(4, 4, 4))
+    assert (tmp_path / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cached = TokenCache(tmp_path / "tokens", {"k": 1}).load("v", "src")
+    assert cached is not None and torch.equal(
+        cached.grids["axial/0"].tokens, _tokens().grids["axial/0"].tokens
+    )
+    bank = TokenBank(tmp_path)
+    assert bank.names == ["a", "b"]
+    tokens, _ = bank.references("")["axial/0"]
+    assert tokens.shape == (2, 18, 8)  # truncated to the two volumes added
+    assert torch.equal(tokens[1], _tokens(1).grids["axial/0"].tokens.reshape(18, 8).half())
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+def _half_then_fail(tmp: Path) -> None:
+    with open(tmp, "w") as f:
+        f.write("half a fi")
+    raise _Boom
+
+
+def test_failing_writer_leaves_no_target_and_no_temp(tmp_path: Path) -> None:
+    with pytest.raises(_Boom):
+        atomic_write(tmp_path / "out.txt", _half_then_fail)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failing_writer_keeps_the_previous_file(tmp_path: Path) -> None:
+    atomic_write_text(tmp_path / "out.txt", "complete")
+    with pytest.raises(_Boom):
+        atomic_write(tmp_path / "out.txt", _half_then_fail)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+    assert (tmp_path / "out.txt").read_text() == "complete"
+
+
+def test_interrupted_writer_is_cleaned_up(tmp_path: Path) -> None:
+    def interrupted(tmp: Path) -> None:
+        tmp.write_text("partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_text(tmp_path / "a.txt", "x")  # a normal write first
+        atomic_write(tmp_path / "b.txt", interrupted)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_failing_library_writers_leave_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def torch_save_half(obj, path) -> None:  # noqa: ANN001
+        Path(path).write_bytes(b"PK\x03\x04 half")
+        raise _Boom
+
+    monkeypatch.setattr(torch, "save", torch_save_half)
+    with pytest.raises(_Boom):
+        TokenCache(tmp_path / "tokens", {}).save("v", "src", _tokens())
+    assert _files(tmp_path) == []
+
+    def nib_save_half(img, filename) -> None:  # noqa: ANN001
+        Path(filename).write_bytes(b"\x1f\x8b half")
+        raise _Boom
+
+    monkeypatch.setattr(nib, "save", nib_save_half)
+    with pytest.raises(_Boom):
+        _nifti(tmp_path / "v_anomaly.nii.gz")
+    assert _files(tmp_path) == []
+
+
+def test_aborted_bank_leaves_no_temp_and_no_manifest(tmp_path: Path) -> None:
+    writer = BankWriter(tmp_path / "bank", capacity=4)
+    writer.add("a", "", _tokens())
+    assert any(p.name.startswith(".") for p in _files(tmp_path))  # the arrays being filled
+    writer.abort()
+    assert _files(tmp_path) == []
+
+
+def test_temp_path_is_hidden_beside_the_target_and_keeps_the_extension_on_request(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "v_anomaly.nii.gz"
+    plain, kept = temp_path(target), temp_path(target, keep_suffix=True)
+    for tmp in (plain, kept):
+        assert tmp.parent == target.parent and tmp.name.startswith(".v_anomaly") and tmp.is_file()
+    assert kept.name.endswith(".nii.gz") and not plain.name.endswith(".gz")
+    assert temp_path(tmp_path / "a.npy", keep_suffix=True).suffix == ".npy"
+    assert len({temp_path(target) for _ in range(20)}) == 20  # never another writer's file
+
+
+class _Colour(Enum):
+    RED = "red"
+
+
+def test_jsonable_gives_plain_json_that_round_trips() -> None:
+    value = {
+        1: (np.float32(1.5), np.int64(3), torch.tensor([1, 2])),
+        "nan": float("nan"),
+        "inf": -math.inf,
+        "enum": _Colour.RED,
+        "path": Path("/a/b"),
+        "dtype": torch.float16,
+        "nested": [{"t": (True, None)}],
+    }
+    out = jsonable(value)
+    assert out == {
+        "1": [1.5, 3, [1, 2]],
+        "nan": None,
+        "inf": None,
+        "enum": "red",
+        "path": "/a/b",
+        "dtype": "torch.float16",
+        "nested": [{"t": [True, None]}],
+    }
+    assert json.loads(json.dumps(out, allow_nan=False)) == out
+
+
+def test_file_digest_is_the_sha256_of_the_concatenated_bytes(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(os.urandom(5000))
+    b.write_bytes(b"second file")
+    expected = hashlib.sha256(a.read_bytes() + b.read_bytes()).hexdigest()
+    assert file_digest([a, b], chunk=1000) == expected == file_digest([a, b])
+    assert file_digest([b, a]) != expected
+
+
+def test_bank_mismatch_names_each_field_once_in_one_line(tmp_path: Path) -> None:
+    from scripts.errors import CS3FInputError
+
+    writer = BankWriter(tmp_path, capacity=1)
+    writer.add("a", "", _tokens())
+    built = {"d": 8, "seed": 0, "preprocessing": {"old_key": 1, "transforms": {"0:A": {"k": 1}}}}
+    writer.finish(built)
+    bank = TokenBank(tmp_path)
+    bank.check(dict(built))  # the same identity passes
+    run = {"d": 16, "seed": 0, "preprocessing": {"transforms": {"0:A": {"k": 2}, "1:B": {"x": 1, "y": 2}}}}
+    with pytest.raises(CS3FInputError) as info:
+        bank.check(run)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "d (bank 8, run 16)" in message and "seed" not in message
+    assert "preprocessing.old_key (bank 1, run null)" in message
+    assert "preprocessing.transforms.0:A.k (bank 1, run 2)" in message
+    assert 'preprocessing.transforms.1:B (bank null, run {"x": 1, "y": 2})' in message  # once, not per leaf
+    many = {"d": 8, "seed": 0, "preprocessing": {f"p{i}": i for i in range(12)}}
+    with pytest.raises(CS3FInputError, match=r"preprocessing.p4 \(bank null, run 4\); and 6 more\."):
+        bank.check(many)
