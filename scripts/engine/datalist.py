@@ -3,7 +3,8 @@
 A dataset folder is either
 
 * ``DIR/cohort.csv`` (what ``python -m scripts synth`` writes) with at least an ``image`` column and
-  optionally ``mask`` and ``label`` columns, paths relative to ``DIR``; or
+  optionally ``mask`` and ``label`` columns, paths relative to ``DIR``, and a ``subject`` column
+  naming the subject of each scan (scans of one subject are never references for each other); or
 * ``DIR/images/*.nii[.gz]`` with optional ``DIR/masks/`` and ``DIR/labels/`` holding files of the
   same names; or
 * a flat folder of ``*.nii[.gz]`` volumes.
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from monai.data import Dataset
 
+from scripts.engine.subjects import subject_of
 from scripts.errors import CS3FInputError, find_input_error, one_line
 
 __all__ = [
@@ -94,6 +96,7 @@ def make_datalist(
     min_volumes: int = 2,
     on_bad_input: str = "error",
     require_same_grid: bool = True,
+    subject_pattern: str | None = None,
 ) -> Datalist:
     """The :class:`Datalist` (rows ``{"image": path, "mask": path?, "label": path?, "name": stem}``) of a
     dataset folder.
@@ -108,6 +111,9 @@ def make_datalist(
         require_same_grid: volumes must be registered to one space: every image header must have the
             shape and affine that most of the cohort has (checked before any heavy work). Turn off
             for unregistered data that the preprocessing brings to one grid (e.g. lung CT crops).
+        subject_pattern: a regular expression whose first group (or match) in the image name is the
+            subject of the scan, when ``cohort.csv`` has no ``subject`` column
+            (:func:`scripts.engine.subjects.subject_of`); rows then carry a ``"subject"``.
 
     Raises:
         CS3FInputError: missing or empty folder, missing or unreadable files, duplicate names, too few
@@ -119,6 +125,8 @@ def make_datalist(
     if not root.is_dir():
         raise CS3FInputError(f"dataset_dir does not exist or is not a folder: {root}")
     rows = _read_rows(root, masks, labels)
+    if subject_pattern or any("subject" in r for r in rows):
+        rows = [{**r, "subject": subject_of(r["name"], r, subject_pattern)} for r in rows]
     skipped: list[dict[str, str]] = []
     good, grids = _readable(rows, on_bad_input, skipped)
     if require_same_grid and good:
@@ -145,6 +153,8 @@ def _read_rows(root: Path, masks: bool, labels: bool) -> list[dict[str, str]]:
                 for key, wanted in (("mask", masks), ("label", labels)):
                     if wanted and rec.get(key):
                         row[key] = str(root / rec[key])
+                if str(rec.get("subject") or "").strip():
+                    row["subject"] = str(rec["subject"]).strip()
                 rows.append(row)
     else:
         image_dir = root / "images" if (root / "images").is_dir() else root
@@ -188,6 +198,13 @@ def _readable(
                         raise CS3FInputError(
                             f"{key} {row[key]} has shape {grid[0]} but its image "
                             f"{row['image']} has {grids[name][0]}"
+                        )
+                    elif not np.allclose(grid[1], grids[name][1], atol=1e-3):
+                        # Same shape, other affine (e.g. an LPS header): applied voxel by voxel it would
+                        # put the mask mirrored or shifted over the image.
+                        raise CS3FInputError(
+                            f"{key} {row[key]} has another affine than its image {row['image']} (rows "
+                            f"{[list(a) for a in grid[1][:3]]} vs {[list(a) for a in grids[name][1][:3]]})"
                         )
             good.append(row)
         except CS3FInputError as err:

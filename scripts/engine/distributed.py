@@ -57,7 +57,8 @@ def gather_cohort(
     counts: Mapping[str, int],
     sources: Mapping[str, str],
     order: Sequence[str] | None = None,
-) -> tuple[list[str], dict, list[dict], dict[str, int], dict[str, str]]:
+    subjects: Mapping[str, tuple[str, str]] | None = None,
+) -> tuple[list[str], dict, list[dict], dict[str, int], dict[str, str], dict[str, tuple[str, str]]]:
     """All-gather every rank's volumes so that each rank sees the whole cohort as references.
 
     Args:
@@ -68,11 +69,13 @@ def gather_cohort(
         sources: this rank's ``{name: sha256 of its source files}``.
         order: the single-process order of the names (e.g. :func:`dataset_order`), so that the tables
             are identical to a single-process run.
+        subjects: this rank's ``{name: (subject, sha256 of its voxels)}``.
 
     Returns:
-        ``(names, bank, skipped, counts, sources)`` of the whole cohort.
+        ``(names, bank, skipped, counts, sources, subjects)`` of the whole cohort.
     """
     local = {"names": names, "bank": _compact(bank), "skipped": skipped, "counts": counts, "sources": sources}
+    local["subjects"] = dict(subjects or {})
     gathered = _all_gather(local)
     all_names = [n for g in gathered for n in g["names"]]
     if order is not None:
@@ -82,7 +85,8 @@ def gather_cohort(
     all_skipped = [s for g in gathered for s in g["skipped"] if s not in skipped] + list(skipped)
     all_counts = {k: sum(g["counts"][k] for g in gathered) for k in counts}
     all_sources = {n: s for g in gathered for n, s in g["sources"].items()}
-    return all_names, all_bank, all_skipped, all_counts, all_sources
+    all_subjects = {n: s for g in gathered for n, s in g["subjects"].items()}
+    return all_names, all_bank, all_skipped, all_counts, all_sources, all_subjects
 
 
 def gather_scores(

@@ -33,9 +33,10 @@ from scripts.engine.identity import preprocessing_identity, token_identity
 from scripts.engine.parts import WholeVolume
 from scripts.engine.record import StageTimes, run_record
 from scripts.engine.scoring_step import CohortScoring
-from scripts.engine.tokens import CachedTokenizer, source_digest
+from scripts.engine.tokens import CachedTokenizer, source_digest, voxel_digest
 from scripts.errors import CS3FInputError, find_input_error
 from scripts.inferer import BatchBuffer, CS3FInferer, VolumeTokens
+from scripts.references import reject_replaced_keys
 from scripts.storage.cache import TokenCache
 
 __all__ = ["CS3FEvaluator"]
@@ -66,7 +67,8 @@ class CS3FEvaluator(WholeVolume, CohortScoring, Workflow):
         skipped: volumes left out before the run (:attr:`scripts.engine.datalist.Datalist.skipped`);
             recorded in ``run.json`` with those the engine leaves out.
         build_bank: folder to save the cohort's token bank in; the run then stops after pass 1.
-        reference_bank: a bank folder to score this run's volumes against (reference-bank mode).
+        reference_bank: replaced by the inferer's ``references="bank:DIR"``; setting it is an error
+            naming the new spelling.
         keep_tokens: keep the token bank (``self.bank``) after scoring, e.g. to inspect it; by default
             it is released once the token scores exist, so that writing the maps does not hold it.
     """
@@ -111,6 +113,7 @@ class CS3FEvaluator(WholeVolume, CohortScoring, Workflow):
         self.names: list[str] = []  # volumes tokenized, in order (after pass 1: the whole cohort's)
         self._my_names: list[str] = []  # this process's share of them
         self.sources: dict[str, str] = {}  # name -> sha256 of its source files
+        self.subjects: dict[str, tuple[str, str]] = {}  # name -> (subject, sha256 of its voxels)
         # part -> volume name -> tokens / token scores (part "" is the whole volume)
         self.bank: dict[str, dict[str, VolumeTokens]] = {}
         self._buffers: dict[str, BatchBuffer] = {}
@@ -119,7 +122,8 @@ class CS3FEvaluator(WholeVolume, CohortScoring, Workflow):
         self.subject_scores: dict[str, dict[str, float]] = {}
         self.times = StageTimes()
         self.times.attach(self)
-        self._init_banks(build_bank, reference_bank)
+        reject_replaced_keys(reference_bank=reference_bank)
+        self._init_banks(build_bank)
         self.outputs = {"bank": str(self.build_bank)} if self.build_bank else {"maps": str(self.output_dir)}
         if self.build_bank is not None:
             self.state.max_epochs = 1
@@ -192,6 +196,7 @@ class CS3FEvaluator(WholeVolume, CohortScoring, Workflow):
         digest = self.cache is not None or banks
         source_key = source_digest(item, (self.image_key, self.mask_key)) if digest else ""
         self.sources[name] = source_key
+        self.subjects[name] = (str(item.get("subject") or name), voxel_digest(item[self.image_key]))
         writer = self._bank_writer()
         for part, (image, mask) in parts.items():
             tokens = self.tokenizer(f"{name}.{part}" if part else name, source_key, image, mask)

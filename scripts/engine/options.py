@@ -16,7 +16,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from scripts.errors import CS3FInputError
-from scripts.references import ReferenceSet
+from scripts.references import REPLACED_KEYS, ReferenceSet, reject_replaced_keys
 from scripts.transforms.tokenization import AXES, axis_index
 
 __all__ = ["check_options", "as_bool"]
@@ -183,11 +183,15 @@ def _combinations(o: dict[str, Any]) -> None:
 def check_options(values: Mapping[str, Any]) -> SimpleNamespace:
     """The checked and normalised values of the user-facing keys in ``values``.
 
-    Keys this module does not know are passed through unchanged. Raises one :class:`CS3FInputError`
-    line for the first bad value or combination.
+    Keys this module does not know are passed through unchanged; keys that ``references`` replaced
+    (``chunk_size``, ``n_references``, ``reference_bank``) must be null. Raises one
+    :class:`CS3FInputError` line for the first bad value or combination.
     """
+    reject_replaced_keys(**{k: v for k, v in values.items() if k in REPLACED_KEYS})
     out: dict[str, Any] = {}
     for key, value in values.items():
+        if key in REPLACED_KEYS:
+            continue
         if key in _BOOLEANS:
             out[key] = as_bool(value, key)
         elif key in _CHECKS:

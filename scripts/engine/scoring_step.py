@@ -25,6 +25,7 @@ from ignite.engine import Engine
 from scripts.engine.distributed import dataset_order, gather_cohort, world
 from scripts.engine.identity import encoder_identity
 from scripts.engine.record import token_stats
+from scripts.engine.subjects import join_identical
 from scripts.errors import CS3FInputError
 from scripts.storage.bank import BankWriter, TokenBank, bank_identity, save_bank
 
@@ -34,21 +35,20 @@ __all__ = ["CohortScoring"]
 class CohortScoring:
     """The scoring step (see the module docstring), mixed into the evaluator."""
 
-    def _init_banks(self, build_bank: str | Path | None, reference_bank: str | Path | None) -> None:
-        """Set up building a bank (pass 1 only) or scoring against one (checked here, before any encoding)."""
-        if build_bank and reference_bank:
-            raise CS3FInputError("build_bank and reference_bank exclude each other: build a bank, or use one")
+    def _init_banks(self, build_bank: str | Path | None) -> None:
+        """Set up building a bank (pass 1 only) or scoring against one (the inferer's ``references``
+        is ``bank:DIR``; checked here, before any encoding)."""
+        folder = self.inferer.references.folder if self.inferer.references.mode == "bank" else None
+        if build_bank and folder:
+            raise CS3FInputError(
+                f"build_bank and references {self.inferer.references} exclude each other: build a bank, or "
+                f"score against one"
+            )
         self.build_bank = Path(build_bank) if build_bank else None
-        self.reference = TokenBank(reference_bank) if reference_bank else None
+        self.reference = TokenBank(folder) if folder else None
         self._writer: BankWriter | None = None
         self._bank_parts: set[str] = set()
         if self.reference is not None:
-            batching = {k: getattr(self.inferer, k, None) for k in ("chunk_size", "n_references")}
-            if any(v is not None for v in batching.values()):
-                raise CS3FInputError(
-                    f"reference_bank scores each volume against the whole bank; {batching} apply to "
-                    f"scoring a cohort against itself: leave them null"
-                )
             self.reference.check(self._bank_identity())  # before hours of encoding
             for part in self.reference.parts:
                 grid = self.reference.grid(part)
@@ -83,6 +83,9 @@ class CohortScoring:
         queries = [i for i, n in enumerate(names) if n in mine]
         # Each rank scores only its own volumes as queries (against every volume as a reference).
         only_mine = {"queries": queries} if world()[1] > 1 else {}
+        subjects = self._cohort_subjects()
+        if len(set(subjects)) < len(subjects):
+            only_mine["subjects"] = subjects
         for part, bank in self.bank.items():
             try:
                 scores = self.inferer.score([bank[n] for n in names], names=names, **only_mine)
@@ -95,11 +98,22 @@ class CohortScoring:
         self._my_names = list(self.names)
         if world()[1] == 1:
             return
-        self.names, self.bank, skipped, self.tokenizer.counts, self.sources = gather_cohort(
-            self.names, self.bank, self.skipped, self.counts, self.sources, dataset_order(self.data_loader)
+        self.names, self.bank, skipped, self.tokenizer.counts, self.sources, self.subjects = gather_cohort(
+            self.names,
+            self.bank,
+            self.skipped,
+            self.counts,
+            self.sources,
+            dataset_order(self.data_loader),
+            self.subjects,
         )
         self.skipped[:] = skipped
         self._buffers = {}  # every grid is now a gathered copy: let the local rows go
+
+    def _cohort_subjects(self) -> list[str]:
+        """The subject of each volume of the cohort, in ``names`` order, identical volumes joined."""
+        pairs = [self.subjects.get(n, (n, "")) for n in self.names]
+        return join_identical(self.names, [s for s, _ in pairs], [v for _, v in pairs])
 
     # ------------------------------------------------------------------ reference banks
     def _bank_identity(self) -> dict:
@@ -126,10 +140,12 @@ class CohortScoring:
         parts = self._bank_parts if self._writer is not None else set(self.bank)
         grids = {part: self.grid.grids[part] for part in parts if part in self.grid.grids}
         if self._writer is not None:
-            self._writer.finish(self._bank_identity(), self.sources, grids, info)
+            self._writer.finish(self._bank_identity(), self.sources, grids, info, self.subjects)
             return
         sources = [self.sources.get(n, "") for n in self.names]
-        save_bank(self.build_bank, self._bank_identity(), self.names, sources, self.bank, grids, info)
+        save_bank(
+            self.build_bank, self._bank_identity(), self.names, sources, self.bank, grids, info, self.subjects
+        )
 
     def _score_against_bank(self) -> None:
         """Score this run's volumes (this rank's share) against the reference bank's volumes only."""
@@ -145,7 +161,9 @@ class CohortScoring:
             )
         mine = set(self._my_names)
         queries = [i for i, n in enumerate(names) if n in mine]
-        exclude = [self.reference.index_of_source(self.sources.get(n)) for n in names]
+        exclude = [
+            self.reference.same_subject(self.sources.get(n), *self.subjects.get(n, (n, ""))) for n in names
+        ]
         for part, bank in self.bank.items():
             try:
                 scores = self.inferer.score_references(

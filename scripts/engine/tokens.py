@@ -3,6 +3,9 @@ by this configuration from the same source files, else encoded by the inferer an
 
 from __future__ import annotations
 
+import hashlib
+
+import numpy as np
 import torch
 from monai.data import MetaTensor
 
@@ -11,7 +14,14 @@ from scripts.inferer import CS3FInferer, VolumeTokens
 from scripts.storage.cache import TokenCache
 from scripts.storage.digest import file_digest
 
-__all__ = ["CachedTokenizer", "source_digest"]
+__all__ = ["CachedTokenizer", "source_digest", "voxel_digest"]
+
+
+def voxel_digest(image: torch.Tensor) -> str:
+    """sha256 of a preprocessed volume's shape and voxel values: equal for the same scan saved twice,
+    whatever its file name, compression or header."""
+    array = np.ascontiguousarray(torch.as_tensor(image).detach().cpu().numpy())
+    return hashlib.sha256(repr((array.shape, array.dtype.str)).encode() + array.tobytes()).hexdigest()
 
 
 def source_digest(item: dict, keys: tuple[str, ...] = ("image", "mask")) -> str:

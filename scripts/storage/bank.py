@@ -175,6 +175,7 @@ class BankWriter:
         sources: Mapping[str, str] | Sequence[str] = (),
         grids: Mapping[str, tuple] | None = None,
         info: Mapping | None = None,
+        subjects: Mapping[str, tuple[str, str]] | None = None,
     ) -> Path:
         """Close the arrays (truncated to the volumes added) and write the manifest; its path.
 
@@ -183,6 +184,8 @@ class BankWriter:
             sources: sha256 of each volume's source files, by name or in order (``""``: unknown).
             grids: ``{part: (spatial shape, affine [4, 4])}`` of the preprocessed volumes.
             info: extra entries for the manifest (e.g. software versions).
+            subjects: ``{name: (subject, sha256 of its voxels)}``: scans of one subject scored against
+                the bank later are never matched with each other.
         """
         b = len(self.names)
         if b == 0:
@@ -217,6 +220,7 @@ class BankWriter:
             "n_volumes": b,
             "volumes": list(self.names),
             "sources": [str(by_name.get(n, "")) for n in self.names],
+            "subjects": [list((subjects or {}).get(n, (n, ""))) for n in self.names],
             "parts": parts,
             **jsonable(dict(info or {})),
         }
@@ -240,6 +244,7 @@ def save_bank(
     banks: Mapping[str, Mapping[str, object]],
     grids: Mapping[str, tuple] | None = None,
     info: Mapping | None = None,
+    subjects: Mapping[str, tuple[str, str]] | None = None,
 ) -> Path:
     """Write the token bank of in-memory tokens ``banks = {part: {name: VolumeTokens}}`` (part ``""``
     is the whole volume) for ``names`` in that order; see :class:`BankWriter` for the other arguments."""
@@ -252,7 +257,7 @@ def save_bank(
     for name in names:
         for part, bank in banks.items():
             writer.add(name, part, bank[name])
-    return writer.finish(identity, list(sources), grids, info)
+    return writer.finish(identity, list(sources), grids, info, subjects)
 
 
 class TokenBank:
@@ -302,6 +307,17 @@ class TokenBank:
 
     def __len__(self) -> int:
         return len(self.manifest["volumes"])
+
+    def same_subject(self, digest: str | None, subject: str, voxels: str) -> list[int]:
+        """Bank indices that are the same scan (same source bytes or voxels) or the same subject."""
+        out = set()
+        source = self.index_of_source(digest)
+        if source is not None:
+            out.add(source)
+        for i, (bank_subject, bank_voxels) in enumerate(self.manifest.get("subjects") or []):
+            if bank_subject == subject or (voxels and bank_voxels == voxels):
+                out.add(i)
+        return sorted(out)
 
     def index_of_source(self, digest: str | None) -> int | None:
         """The bank index of the volume made from the same source bytes, if any."""
