@@ -86,7 +86,7 @@ def _case(shape: int, size: int, device: torch.device, demo: dict) -> _Case:
     for axis in inferer.axes:
         q = inferer.q[axis]
         count = volume.shape[1 + axis_index(axis)]
-        step = q * max(1, inferer.slab_size // q)
+        step = q * max(1, inferer.tokenizer.slab_size // q)
         spans += [(axis, s, min(s + step, count)) for s in range(0, count, step)]
     with torch.inference_mode():
         slabs = [slicer.slab(volume, a, s, e) for a, s, e in spans]
@@ -191,7 +191,7 @@ def tokenize_case(
     row = {
         **where,
         "slices": n_slices,
-        "slab_size": case.inferer.slab_size,
+        "slab_size": case.inferer.tokenizer.slab_size,
         "encoder_s": rounded(enc_s, 3),
         "tokenize_s": rounded(tok_s, 3),
         "ms_per_slice_encoder": rounded(1000 * enc_s / n_slices, 2),

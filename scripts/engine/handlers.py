@@ -5,7 +5,8 @@ like MONAI's ``ClassificationSaver`` and ``MetricsSaver`` and write when the run
 engine has gathered the results of every process, on one rank only (``save_rank``):
 
 * :class:`ScoresSaver`: ``scores.csv``, one row per volume in datalist order (``image,score`` and the
-  per-axis maxima);
+  per-axis maxima); the maps of volumes that an earlier run into the same folder listed and this
+  cohort no longer holds are removed, and so are temporary files left by a killed run;
 * :class:`RunRecorder`: ``run.json``, the run record of :func:`scripts.engine.record.run_record`.
 
 Both write atomically (:mod:`scripts.storage.atomic`); a run that fails writes neither. The rank comes
@@ -15,7 +16,8 @@ which would hang a run whose handlers are attached on one rank only (``multi_gpu
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import csv
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,29 @@ from ignite.engine import Engine, Events
 from scripts.engine.distributed import world
 from scripts.storage.atomic import atomic_write_csv, atomic_write_json
 
-__all__ = ["RunRecorder", "ScoresSaver"]
+__all__ = ["RunRecorder", "ScoresSaver", "remove_stale_outputs"]
+
+MAP_SUFFIX = "_anomaly.nii.gz"
+
+
+def _listed(table: Path) -> list[str]:
+    """The image names of an earlier ``scores.csv`` (none if there is none or it is unreadable)."""
+    try:
+        with table.open(newline="") as f:
+            return [row["image"] for row in csv.DictReader(f) if row.get("image")]
+    except (OSError, KeyError, csv.Error, UnicodeDecodeError):
+        return []
+
+
+def remove_stale_outputs(folder: Path, listed_before: Iterable[str], names: Iterable[str]) -> list[Path]:
+    """Remove the maps of volumes an earlier run listed but this one does not, and hidden temporary files
+    (``.<name>.tmp-<hex>...``) a killed run left; only files of those two forms are touched."""
+    keep = set(names)
+    stale = [folder / f"{n}{MAP_SUFFIX}" for n in listed_before if n not in keep and "/" not in n]
+    stale += [p for p in folder.glob(".*.tmp-*") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 class ScoresSaver:
@@ -57,6 +81,7 @@ class ScoresSaver:
     def __call__(self, engine: Engine) -> None:
         if world()[0] != self.save_rank or not engine.subject_scores:
             return
+        listed_before = _listed(self.path)
         rows = [(name, engine.subject_scores[name]) for name in engine.names]
         axes = [k for k in rows[0][1] if k != "score"]
         atomic_write_csv(
@@ -65,6 +90,7 @@ class ScoresSaver:
             header=["image", "score", *(f"score_{a}" for a in axes)],
             lineterminator="\n",
         )
+        remove_stale_outputs(self.path.parent, listed_before, engine.names)
         if not self.quiet:
             print(f"cs3f: scores in {self.path}", flush=True)
 

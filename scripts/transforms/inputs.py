@@ -33,7 +33,11 @@ class CheckVolumed(MapTransform):
     """Reject (or repair) volumes CS3F cannot score, naming the file.
 
     * non-finite voxels in ``keys``: ``nonfinite="error"`` raises; ``"zero"`` replaces them with 0;
+    * a constant image in ``keys`` (blank, all zero): raises (it carries no anatomy to compare);
     * an empty (all-background) ``mask_key``: raises (no token of that volume could be valid).
+
+    Each is one :class:`CS3FInputError` naming the file, which ``on_bad_input="skip"`` turns into a
+    skipped volume with a warning line.
 
     Place it right after loading, before intensity scaling (percentiles of NaN are NaN).
     """
@@ -70,6 +74,15 @@ class CheckVolumed(MapTransform):
                 )
             if count:
                 d[key] = img.masked_fill(bad, 0) if isinstance(img, torch.Tensor) else np.where(bad, 0, img)
+        for key in self.key_iterator(d):
+            values = torch.as_tensor(d[key])
+            if values.numel() and bool(values.amin() == values.amax()):
+                # A blank or constant image carries no anatomy: matched against real scans it would
+                # rank above any lesion.
+                raise CS3FInputError(
+                    f"{self._source(d[key])} is constant (every voxel {float(values.flatten()[0]):g}): "
+                    f"no anatomy to compare"
+                )
         if self.mask_key and self.mask_key in d and not bool((torch.as_tensor(d[self.mask_key]) > 0).any()):
             raise CS3FInputError(f"mask {self._source(d[self.mask_key])} is empty (all background)")
         return d

@@ -83,10 +83,10 @@ def test_scaling_passes_the_options(monkeypatch) -> None:
     monkeypatch.setattr(scaling, "metrics", lambda **kw: calls.append(("metrics", kw)))
     cli.main(["scaling", "costs", "--bank", "B"])
     assert calls[-1] == ("costs", {"bank": "B", **defaults})
-    cli.main(["scaling", "metrics", "--cohort", "C", "--out", "O", "--settings", "full,chunk_size=8"])
+    cli.main(["scaling", "metrics", "--cohort", "C", "--out", "O", "--settings", "full,chunks:8"])
     assert calls[-1] == (
         "metrics",
-        {"cohort": "C", "out": "O", "cache": None, "settings": "full,chunk_size=8", "threads": 1},
+        {"cohort": "C", "out": "O", "cache": None, "settings": "full,chunks:8", "threads": 1},
     )
 
 

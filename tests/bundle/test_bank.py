@@ -248,7 +248,7 @@ def test_new_volumes_scored_against_bank_equal_brute_force(
         CONFIGS,
         dataset_dir=str(new_cohort),
         output_dir=str(out),
-        reference_bank=str(bank),
+        references=f"bank:{bank}",
         rho=rho,
         keep_tokens=True,  # the test reads evaluator.bank after the run
     )
@@ -289,7 +289,7 @@ def _input_error(**overrides) -> str:
 
 
 def test_manifest_mismatch_is_one_clear_line(bank: Path, new_cohort: Path, tmp_path: Path) -> None:
-    common = {"dataset_dir": str(new_cohort), "output_dir": str(tmp_path / "o"), "reference_bank": str(bank)}
+    common = {"dataset_dir": str(new_cohort), "output_dir": str(tmp_path / "o"), "references": f"bank:{bank}"}
     line = _input_error(**common, d=64)
     assert "was built with another configuration" in line and "d (bank 128, run 64)" in line
     line = _input_error(**common, q=[4, 4, 4], pad_multiple=[8, 8, 8])
@@ -302,8 +302,10 @@ def test_manifest_mismatch_is_one_clear_line(bank: Path, new_cohort: Path, tmp_p
     line = _input_error(**common, variant="MS", q_fine=[2, 2, 2])
     assert "no fine tokens" in line
     line = _input_error(**common, n_references=4)
-    assert "whole bank" in line and "'n_references': 4" in line
-    line = _input_error(**{**common, "reference_bank": str(tmp_path)})
+    assert "n_references was replaced by the references key" in line and "random:4" in line
+    line = _input_error(**{**common, "reference_bank": str(bank), "references": "all"})
+    assert "reference_bank was replaced by the references key" in line and f"bank:{bank}" in line
+    line = _input_error(**{**common, "references": f"bank:{tmp_path}"})
     assert "is not a token bank" in line
     assert not (tmp_path / "o").exists()
 

@@ -2,10 +2,33 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import shutil
 from pathlib import Path
 
 from tests.helpers import FAST_ARGS, assert_success, run_bundle
+
+
+def _with_repeat_scan(cohort: Path, tmp_path: Path) -> tuple[Path, str]:
+    """The cohort with an exact copy of a lesion volume right after it (so that, sharded round-robin,
+    the two scans land on different ranks and only the gathered subjects keep them apart)."""
+    data = tmp_path / "data"
+    shutil.copytree(cohort, data)
+    with (data / "cohort.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    at = next(i for i, r in enumerate(rows) if r["abnormal"] == "1")
+    copy = dict(rows[at])
+    for key in ("image", "mask", "label"):
+        target = Path(copy[key]).with_name("repeat-0001.nii.gz")
+        shutil.copyfile(data / copy[key], data / target)
+        copy[key] = str(target)
+    rows.insert(at + 1, copy)
+    with (data / "cohort.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return data, Path(rows[at]["image"]).name.split(".")[0]
 
 
 def _files(out: Path) -> dict[str, bytes]:
@@ -14,13 +37,16 @@ def _files(out: Path) -> dict[str, bytes]:
 
 
 def test_torchrun_two_processes_equals_single_process(tiny_cohort: Path, tmp_path: Path) -> None:
+    """Also with a repeated scan whose two copies are sharded to different ranks."""
+    data, lesion = _with_repeat_scan(tiny_cohort, tmp_path)
     single, multi = tmp_path / "single", tmp_path / "multi"
-    assert_success(run_bundle("--dataset_dir", tiny_cohort, "--output_dir", single, *FAST_ARGS))
+    assert_success(run_bundle("--dataset_dir", data, "--output_dir", single, *FAST_ARGS))
     configs = ["configs/inference.json", "configs/multi_gpu_inference.json"]
-    proc = run_bundle(
-        "--dataset_dir", tiny_cohort, "--output_dir", multi, *FAST_ARGS, config_file=configs, nproc=2
-    )
+    proc = run_bundle("--dataset_dir", data, "--output_dir", multi, *FAST_ARGS, config_file=configs, nproc=2)
     assert_success(proc)
-    assert len(_files(single)) == 7 and _files(multi) == _files(single)
+    assert len(_files(single)) == 8 and _files(multi) == _files(single)
     run = json.loads((multi / "run.json").read_text())
-    assert run["world_size"] == 2 and run["n_volumes"] == 6 and run["encoded_volumes"] == 6
+    assert run["world_size"] == 2 and run["n_volumes"] == 7 and run["encoded_volumes"] == 7
+    with (multi / "scores.csv").open(newline="") as f:
+        scores = {r["image"]: float(r["score"]) for r in csv.DictReader(f)}
+    assert scores["repeat-0001"] == scores[lesion] > 0  # the copies do not explain each other away

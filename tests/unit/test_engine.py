@@ -148,7 +148,13 @@ def test_scoring_options_keep_the_token_cache_key(tmp_path: Path) -> None:
         return TokenCache(tmp_path, token_identity(describe, NETWORK, preprocessing)).run_key
 
     base = key()
-    for kwargs in ({"rho": 0.5}, {"variant": "F"}, {"L": 3}, {"chunk_size": 4}, {"n_references": 3}):
+    for kwargs in (
+        {"rho": 0.5},
+        {"variant": "F"},
+        {"L": 3},
+        {"references": "chunks:4"},
+        {"references": "random:3"},
+    ):
         assert key(**kwargs) == base, kwargs
     for kwargs in ({"d": 32}, {"seed": 1}, {"q": 16}, {"q_fine": 2}, {"delta": 0.5}, {"variant": "C"}):
         assert key(**kwargs) != base, kwargs  # variant C makes no fine tokens
