@@ -196,7 +196,8 @@ class CS3FEvaluator(WholeVolume, CohortScoring, Workflow):
         digest = self.cache is not None or banks
         source_key = source_digest(item, (self.image_key, self.mask_key)) if digest else ""
         self.sources[name] = source_key
-        self.subjects[name] = (str(item.get("subject") or name), voxel_digest(item[self.image_key]))
+        # The subject as given (cohort.csv column or subject_pattern; "" if none) and the voxels' digest.
+        self.subjects[name] = (str(item.get("subject") or ""), voxel_digest(item[self.image_key]))
         writer = self._bank_writer()
         for part, (image, mask) in parts.items():
             tokens = self.tokenizer(f"{name}.{part}" if part else name, source_key, image, mask)

@@ -112,8 +112,10 @@ class CohortScoring:
 
     def _cohort_subjects(self) -> list[str]:
         """The subject of each volume of the cohort, in ``names`` order, identical volumes joined."""
-        pairs = [self.subjects.get(n, (n, "")) for n in self.names]
-        return join_identical(self.names, [s for s, _ in pairs], [v for _, v in pairs])
+        pairs = [self.subjects.get(n, ("", "")) for n in self.names]
+        return join_identical(
+            self.names, [s or n for n, (s, _) in zip(self.names, pairs, strict=True)], [v for _, v in pairs]
+        )
 
     # ------------------------------------------------------------------ reference banks
     def _bank_identity(self) -> dict:
@@ -162,7 +164,7 @@ class CohortScoring:
         mine = set(self._my_names)
         queries = [i for i, n in enumerate(names) if n in mine]
         exclude = [
-            self.reference.same_subject(self.sources.get(n), *self.subjects.get(n, (n, ""))) for n in names
+            self.reference.same_subject(self.sources.get(n), *self.subjects.get(n, ("", ""))) for n in names
         ]
         for part, bank in self.bank.items():
             try:

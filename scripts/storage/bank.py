@@ -220,7 +220,7 @@ class BankWriter:
             "n_volumes": b,
             "volumes": list(self.names),
             "sources": [str(by_name.get(n, "")) for n in self.names],
-            "subjects": [list((subjects or {}).get(n, (n, ""))) for n in self.names],
+            "subjects": [list((subjects or {}).get(n, ("", ""))) for n in self.names],
             "parts": parts,
             **jsonable(dict(info or {})),
         }
@@ -309,13 +309,14 @@ class TokenBank:
         return len(self.manifest["volumes"])
 
     def same_subject(self, digest: str | None, subject: str, voxels: str) -> list[int]:
-        """Bank indices that are the same scan (same source bytes or voxels) or the same subject."""
+        """Bank indices that are the same scan (same source bytes or voxels) or, when both name one
+        (``subject`` column or pattern; ``""``: none), the same subject."""
         out = set()
         source = self.index_of_source(digest)
         if source is not None:
             out.add(source)
         for i, (bank_subject, bank_voxels) in enumerate(self.manifest.get("subjects") or []):
-            if bank_subject == subject or (voxels and bank_voxels == voxels):
+            if (subject and bank_subject == subject) or (voxels and bank_voxels == voxels):
                 out.add(i)
         return sorted(out)
 

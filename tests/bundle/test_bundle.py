@@ -265,7 +265,7 @@ def test_inference_config_resolves_to_the_documented_defaults(tiny_cohort: Path,
     assert inferer.q == {"sagittal": 8, "coronal": 8, "axial": 8}
     assert (inferer.rho, inferer.d, inferer.delta, inferer.seed) == (0.1, 128, 0.0, 0)
     assert inferer.variant == "C" and str(inferer.references) == "all"
-    assert (inferer.slab_size, inferer.token_dtype) == (32, torch.float32)
+    assert (inferer.tokenizer.slab_size, inferer.token_dtype) == (32, torch.float32)
     encoder = parser.get_parsed_content("network_def")
     assert encoder.name == "efficientnet_lite0" and encoder.input_size == 112
     assert tuple(encoder.layers) == ("stage3", "stage5")

@@ -88,6 +88,7 @@ ALTERNATIVES = {
     "a_min": lambda current: -1000.0,
     "a_max": lambda current: 500.0,
     "labels": lambda current: [2, 1],
+    "names": lambda current: "kept_mask",
     "mode": lambda current: "labels" if current == "@lung_mask_mode" else ["area", "nearest"],
 }
 # Config keys the transforms are built from: changing them must change the key as well.
@@ -341,11 +342,17 @@ def test_gathering_orders_names_as_the_dataset_and_copies_rows(one_process_group
         }
     }
     skipped = [{"image": "/data/x.nii.gz", "reason": "bad"}]
-    names, gathered, all_skipped, counts, sources = gather_cohort(
-        ["c", "a", "b"], bank, skipped, {"encoded": 2, "cached": 1}, {"a": "1"}, order=["a", "b", "c", "d"]
+    names, gathered, all_skipped, counts, sources, subjects = gather_cohort(
+        ["c", "a", "b"],
+        bank,
+        skipped,
+        {"encoded": 2, "cached": 1},
+        {"a": "1"},
+        order=["a", "b", "c", "d"],
+        subjects={"a": ("s", "v")},
     )
     assert names == ["a", "b", "c"] and all_skipped == skipped and counts == {"encoded": 2, "cached": 1}
-    assert sources == {"a": "1"}
+    assert sources == {"a": "1"} and subjects == {"a": ("s", "v")}
     for i, n in enumerate(["c", "a", "b"]):
         grid = gathered[""][n].grids["axial/0"]
         assert torch.equal(grid.tokens, rows[i]) and grid.tokens.untyped_storage().nbytes() == rows[i].nbytes
