@@ -41,8 +41,8 @@ __all__ = [
 ]
 
 # Elements of the largest intermediate block (fp32): 2^21 -> 8 MiB. Small enough that the GEMM's
-# output is still in cache when the min reads it back (a 64 MiB block goes through DRAM twice and
-# measured 1.06-1.33x slower, docs/performance.md), large enough to amortise the per-block calls.
+# output is still in cache when the min reads it back (a much larger block goes through DRAM twice;
+# docs/performance.md has the measurements), large enough to amortise the per-block calls.
 DEFAULT_BLOCK_ELEMENTS = 1 << 21
 DEFAULT_QUERY_TILE = 1024
 DEFAULT_ROUTES = 16
@@ -174,8 +174,8 @@ def _pack_valid(valid: torch.Tensor, sq_norms: torch.Tensor) -> tuple[torch.Tens
     Returns ``(index [B, M], packed_norms [B, M])`` with ``M`` the largest valid count: row ``b`` of
     ``index`` lists volume ``b``'s valid token positions in order, padded with positions of its
     invalid tokens, whose ``+inf`` norms keep them from ever being the nearest. With masks most
-    reference tokens are background (39 % valid on the demo's brain tokens), and multiplying them
-    only to discard the result was most of the scorer's work. ``(None, sq_norms)`` when every token
+    reference tokens are background (docs/performance.md), and multiplying them only to discard
+    the result would be most of the scorer's work. ``(None, sq_norms)`` when every token
     is valid: nothing to skip, and the bank is then read in place.
     """
     if bool(valid.all()):
@@ -276,8 +276,8 @@ def _distance_profile(
     """The ``[Q, B]`` squared-distance profile of :func:`nearest_distance_profile`, values only.
 
     ``amin`` instead of ``min`` with indices: on the CPU the indexed reduction is not vectorised and
-    cost ~20x the plain one (2 ms vs 0.1 ms per ``[1024, 2048]`` block, a third of that block's GEMM);
-    only the ``K`` chosen volumes need their nearest token, found afterwards by
+    costs many times the plain one (docs/performance.md); only the ``K`` chosen volumes need their
+    nearest token, found afterwards by
     :func:`_mean_of_k_nearest_exact` at ``K / (B - 1)`` of the GEMM's work.
     """
     b, nq = tokens.shape[0], queries.shape[0]
@@ -384,8 +384,8 @@ class _PairBlocks:
     The block of the pair ``a < b`` is always computed the same way: one query tile of ``a``'s valid
     tokens (rows; tiles from :func:`_query_tiles`) against all of ``b``'s packed valid tokens
     (columns), as the full squared distance ``(|p|^2 + |t|^2) - 2 p.t`` in one ``addmm``. (Folding
-    the norms into the GEMM as two extra operand columns, which saves the pass that adds them, was
-    measured slower: it needs augmented copies of both sides.) Its row
+    the norms into the GEMM as two extra operand columns, which saves the pass that adds them, is
+    slower: it needs augmented copies of both sides.) Its row
     minima are ``a``'s nearest distances in ``b`` and its column minima ``b``'s nearest distances in
     ``a``, so one GEMM serves both volumes (the pair-symmetric order) - and a query volume scored on
     its own (``volumes=``, a rank's share) reads the very same blocks, so both orders give the same
@@ -822,8 +822,8 @@ def _c2f_profiles(
                 torch.index_select(bank.fine_rows, 0, where, out=cand)
                 cand = cand.to(device=device, dtype=torch.float32).view(g * (s1 - s0), routes * h, d)
                 cand_norms = bank.fine_norm_rows.index_select(0, where).to(device).view(-1, routes * h, 1)
-                # [g * S, d, h] as the transpose of a contiguous [g * S, h, d]: MKL's small-N path is ~3x
-                # faster for this layout than for a contiguous [d, h] operand.
+                # [g * S, d, h] as the transpose of a contiguous [g * S, h, d]: MKL's small-N path is
+                # much faster for this layout than for a contiguous [d, h] operand (docs/multiscale.md).
                 queries = fine_q[s0:s1].expand(g, -1, -1, -1).reshape(-1, h, d).transpose(1, 2)
                 # |c|^2 - 2 c.f for the L*h candidates x h fine queries of each coarse query.
                 best = torch.baddbmm(cand_norms, cand, queries, alpha=-2.0).min(dim=1)  # [g * S, h]

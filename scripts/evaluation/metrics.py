@@ -81,8 +81,7 @@ Reports (``write_report``): ``metrics.json`` (the keys above plus counts, thresh
 volume mm^3, centroid in world mm through the affine, peak and mean score, matched GT lesion ids joined by
 ";" or "FP"), ``gt_lesions.csv`` (one row per GT lesion with size class, exclusion, peak score,
 detected99), ``roc_pr_patient.png``, ``roc_pr_voxel.png`` and ``overlays/<subject>.png`` (abnormal
-subjects; the three slices through the peak voxel of the highest-scoring lesion are kept from pass 2,
-about 0.3 MB per abnormal subject at 224^3).
+subjects; the three slices through the peak voxel of the highest-scoring lesion are kept from pass 2).
 
 NaN (null in metrics.json) marks a quantity that is undefined for the data (e.g. no lesion of a class,
 no normal subject); no placeholder numbers are produced.
