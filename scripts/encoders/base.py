@@ -7,7 +7,6 @@ weights relative to the current directory or the bundle root.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -15,19 +14,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from scripts.digest import file_digest
+
 __all__ = ["BUNDLE_ROOT", "SliceEncoder", "resolve_bundle_path", "sha256_file"]
 
 #: Root of the bundle (the repository root): this file is ``scripts/encoders/base.py`` below it.
 BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file's content, read in ``chunk``-byte blocks (weight files are large)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's content (weight files are large: read in blocks)."""
+    return file_digest([path])
 
 
 def resolve_bundle_path(path: str | Path) -> Path:

@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
+from scripts.digest import file_digest
 from scripts.errors import CS3FInputError
 from scripts.inferer import CS3FInferer, VolumeTokens
 from scripts.storage.cache import TokenCache
-from scripts.storage.digest import file_digest
 
 __all__ = ["CachedTokenizer", "source_digest", "voxel_digest"]
 

@@ -13,6 +13,7 @@ SCRIPTS = ROOT / "scripts"
 # Rank of each module prefix: a module may import modules of its own rank or lower only.
 LAYERS = {
     "scripts.errors": 0,
+    "scripts.digest": 0,
     "scripts.transforms": 1,
     "scripts.encoders": 1,
     "scripts.scoring": 1,

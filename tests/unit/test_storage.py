@@ -18,6 +18,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
+from scripts.digest import file_digest
 from scripts.evaluation import metrics, plots
 from scripts.inferer import TokenGrid, VolumeTokens
 from scripts.storage.atomic import (
@@ -32,7 +33,6 @@ from scripts.storage.atomic import (
 )
 from scripts.storage.bank import BankWriter, TokenBank
 from scripts.storage.cache import TokenCache
-from scripts.storage.digest import file_digest
 
 
 @contextmanager
