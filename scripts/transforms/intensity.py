@@ -1,0 +1,176 @@
+"""Nyúl histogram standardisation (Nyúl, Udupa & Zhang, IEEE TMI 2000), learned from the batch itself.
+
+MR intensities have no fixed meaning: the same tissue lands at different values in different scans.
+CS3F compares tokens across subjects, so the paper standardises every brain volume's histogram before
+tokenization (Sec. 4.1). Nyúl's method maps a few intensity landmarks of each volume's foreground
+(percentiles ``pc_low``, the deciles, ``pc_high``) piecewise linearly onto a *standard scale*: the
+mean, over a set of volumes, of their landmarks after mapping ``[pc_low, pc_high]`` linearly onto
+``[s_min, s_max]``.
+
+No separate training set is needed: :meth:`NyulStandardize.fit` learns the standard scale from the
+cohort being scored (training-free, as CS3F is), from each volume's foreground (its mask, or voxels
+above the volume's minimum). Outside ``[pc_low, pc_high]`` the first and last segments are extended.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, Transform
+from monai.utils import TransformBackends, convert_to_dst_type, convert_to_tensor
+
+__all__ = ["NyulStandardize", "NyulStandardized", "nyul_landmarks"]
+
+DECILES = tuple(range(10, 100, 10))
+
+
+def _foreground(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    values = image.reshape(-1)
+    if mask is not None:
+        return values[mask.reshape(-1) > 0]
+    return values[values > values.min()] if values.size and values.max() > values.min() else values
+
+
+def nyul_landmarks(
+    image: np.ndarray | torch.Tensor,
+    mask: np.ndarray | torch.Tensor | None = None,
+    pc_low: float = 1.0,
+    pc_high: float = 99.0,
+    deciles: Sequence[float] = DECILES,
+) -> np.ndarray:
+    """Intensity landmarks of a volume's foreground: percentiles ``[pc_low, *deciles, pc_high]``."""
+    image = np.asarray(convert_to_tensor(image, track_meta=False), dtype=np.float64)
+    mask = None if mask is None else np.asarray(convert_to_tensor(mask, track_meta=False))
+    values = _foreground(image, mask)
+    if values.size == 0:
+        raise ValueError("Nyúl standardisation needs foreground voxels; the mask is empty")
+    return np.percentile(values, [pc_low, *deciles, pc_high])
+
+
+class NyulStandardize(Transform):
+    """Piecewise-linear mapping of a volume's landmarks onto a standard scale.
+
+    Args:
+        standard: the standard landmarks (``[pc_low, *deciles, pc_high]`` on the standard scale), e.g.
+            from :meth:`fit`; ``None`` until fitted.
+        pc_low, pc_high: the outer percentiles (Nyúl: 1 and 99).
+        s_min, s_max: the standard scale's range that ``[pc_low, pc_high]`` maps to.
+
+    Call: ``image [C, H, W, D]`` (and optionally its ``mask``) -> standardised image of the same shape,
+    float32.
+    """
+
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
+
+    def __init__(
+        self,
+        standard: Sequence[float] | None = None,
+        pc_low: float = 1.0,
+        pc_high: float = 99.0,
+        s_min: float = 0.0,
+        s_max: float = 1.0,
+    ) -> None:
+        if not 0.0 <= pc_low < 10.0 or not 90.0 < pc_high <= 100.0 or not s_min < s_max:
+            raise ValueError(
+                f"need 0 <= pc_low < 10, 90 < pc_high <= 100 and s_min < s_max, got {pc_low}, {pc_high}, "
+                f"{s_min}, {s_max}"
+            )
+        self.pc_low, self.pc_high, self.s_min, self.s_max = (
+            float(pc_low),
+            float(pc_high),
+            float(s_min),
+            float(s_max),
+        )
+        self.standard = None if standard is None else np.asarray(standard, dtype=np.float64)
+
+    def landmarks(
+        self, image: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor | None = None
+    ) -> np.ndarray:
+        return nyul_landmarks(image, mask, self.pc_low, self.pc_high)
+
+    def fit(
+        self, volumes: Iterable[tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor | None]]
+    ) -> np.ndarray:
+        """Learn the standard scale from ``(image, mask or None)`` pairs; returns it (and keeps it)."""
+        mapped = []
+        for image, mask in volumes:
+            marks = self.landmarks(image, mask)
+            low, high = marks[0], marks[-1]
+            if high <= low:
+                continue  # a flat foreground says nothing about the scale
+            mapped.append(self.s_min + (marks - low) / (high - low) * (self.s_max - self.s_min))
+        if not mapped:
+            raise ValueError("Nyúl standardisation: no volume with a non-constant foreground to learn from")
+        self.standard = np.mean(mapped, axis=0)
+        return self.standard
+
+    def __call__(
+        self, image: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor | None = None
+    ) -> torch.Tensor | np.ndarray:
+        if self.standard is None:
+            raise RuntimeError("NyulStandardize has no standard scale: call fit() or pass standard=")
+        marks = self.landmarks(image, mask)
+        # np.interp needs increasing landmarks; ties (e.g. a binary foreground) are split by a hair.
+        marks = marks + np.arange(marks.size) * 1e-9 * max(1.0, float(np.abs(marks).max()))
+        image_t = convert_to_tensor(image, track_meta=False)
+        values = np.asarray(image_t, dtype=np.float64)
+        out = np.interp(values, marks, self.standard)
+        # np.interp clamps outside the landmarks: extend the first and last segments linearly instead.
+        for end, (x0, x1, y0, y1) in (
+            ("low", (marks[0], marks[1], self.standard[0], self.standard[1])),
+            ("high", (marks[-2], marks[-1], self.standard[-2], self.standard[-1])),
+        ):
+            outside = values < x0 if end == "low" else values > x1
+            slope = (y1 - y0) / (x1 - x0)
+            out[outside] = (y0 if end == "low" else y1) + (
+                values[outside] - (x0 if end == "low" else x1)
+            ) * slope
+        return convert_to_dst_type(out, image, dtype=torch.float32)[0]
+
+
+class NyulStandardized(MapTransform):
+    """Dictionary form of :class:`NyulStandardize`; ``mask_key`` (optional) selects the foreground.
+
+    :meth:`fit` learns the standard scale from a datalist (files loaded with MONAI's ``LoadImage``) or
+    from dicts already holding arrays, before any volume is transformed.
+    """
+
+    backend = NyulStandardize.backend
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        mask_key: str | None = "mask",
+        standard: Sequence[float] | None = None,
+        pc_low: float = 1.0,
+        pc_high: float = 99.0,
+        s_min: float = 0.0,
+        s_max: float = 1.0,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.mask_key = mask_key
+        self.standardize = NyulStandardize(standard, pc_low, pc_high, s_min, s_max)
+
+    def fit(self, data: Iterable[Mapping[Hashable, object]]) -> np.ndarray:
+        from monai.transforms import LoadImage
+
+        load = LoadImage(image_only=True)
+
+        def read(value: object) -> object:
+            return load(value) if isinstance(value, str) else value
+
+        def mask_of(d: Mapping[Hashable, object]) -> object:
+            return read(d[self.mask_key]) if self.mask_key and d.get(self.mask_key) is not None else None
+
+        return self.standardize.fit((read(d[self.keys[0]]), mask_of(d)) for d in data)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        mask = d.get(self.mask_key) if self.mask_key else None
+        for key in self.key_iterator(d):
+            d[key] = self.standardize(d[key], mask)
+        return d
