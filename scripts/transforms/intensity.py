@@ -14,7 +14,7 @@ above the volume's minimum). Outside ``[pc_low, pc_high]`` the first and last se
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -155,18 +155,21 @@ class NyulStandardized(MapTransform):
         self.mask_key = mask_key
         self.standardize = NyulStandardize(standard, pc_low, pc_high, s_min, s_max)
 
-    def fit(self, data: Iterable[Mapping[Hashable, object]]) -> np.ndarray:
+    def fit(self, data: Iterable[Mapping[Hashable, object]], transform: Callable | None = None) -> np.ndarray:
+        """Learn the standard scale from ``data``: dicts of arrays, or of file paths that ``transform``
+        (e.g. the preprocessing steps before this one: loading, orientation, crop, resize) or, without
+        one, MONAI's ``LoadImage`` turns into arrays. One volume is held at a time."""
         from monai.transforms import LoadImage
 
         load = LoadImage(image_only=True)
 
-        def read(value: object) -> object:
-            return load(value) if isinstance(value, str) else value
+        def arrays(row: Mapping[Hashable, object]) -> tuple[object, object]:
+            d = transform(dict(row)) if transform is not None else dict(row)
+            image = load(d[self.keys[0]]) if isinstance(d[self.keys[0]], str) else d[self.keys[0]]
+            mask = d.get(self.mask_key) if self.mask_key else None
+            return image, load(mask) if isinstance(mask, str) else mask
 
-        def mask_of(d: Mapping[Hashable, object]) -> object:
-            return read(d[self.mask_key]) if self.mask_key and d.get(self.mask_key) is not None else None
-
-        return self.standardize.fit((read(d[self.keys[0]]), mask_of(d)) for d in data)
+        return self.standardize.fit(arrays(row) for row in data)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
