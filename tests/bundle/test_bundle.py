@@ -277,3 +277,25 @@ def test_inference_config_resolves_to_the_documented_defaults(tiny_cohort: Path,
     evaluator = parser.get_parsed_content("evaluator")
     assert evaluator.inferer is inferer
     assert len(parser.get_parsed_content("datalist")) == 6
+
+
+@pytest.mark.parametrize(
+    "overlays",
+    [
+        ["multi_gpu_inference.json", "multi_gpu_evaluate.json"],
+        ["multi_gpu_evaluate.json", "multi_gpu_inference.json"],
+        ["multi_gpu_inference.json", "evaluate.json"],
+        ["evaluate.json", "multi_gpu_inference.json"],
+        ["evaluate.json"],
+    ],
+)
+def test_evaluation_runs_once_on_rank_0_whatever_the_overlay_order(overlays: list[str]) -> None:
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / f) for f in ["inference.json", *overlays]])
+    assert parser.get("run") == ["$@evaluator.run()", "$@evaluation"]
+    evaluation = parser.get("evaluation")
+    assert evaluation.endswith("if scripts.engine.distributed.world()[0] == 0 else None")
+    if "multi_gpu_inference.json" in overlays:
+        assert any("init_process_group" in step for step in parser.get("initialize"))

@@ -37,14 +37,37 @@ def _files(out: Path) -> dict[str, bytes]:
 
 
 def test_torchrun_two_processes_equals_single_process(tiny_cohort: Path, tmp_path: Path) -> None:
-    """Also with a repeated scan whose two copies are sharded to different ranks."""
+    """Also with a repeated scan whose two copies are sharded to different ranks, and the evaluation."""
     data, lesion = _with_repeat_scan(tiny_cohort, tmp_path)
     single, multi = tmp_path / "single", tmp_path / "multi"
-    assert_success(run_bundle("--dataset_dir", data, "--output_dir", single, *FAST_ARGS))
-    configs = ["configs/inference.json", "configs/multi_gpu_inference.json"]
-    proc = run_bundle("--dataset_dir", data, "--output_dir", multi, *FAST_ARGS, config_file=configs, nproc=2)
+    one = ["configs/inference.json", "configs/evaluate.json"]
+    assert_success(
+        run_bundle(
+            "--dataset_dir", data, "--output_dir", single, "--plots", "false", *FAST_ARGS, config_file=one
+        )
+    )
+    configs = [
+        "configs/inference.json",
+        "configs/multi_gpu_inference.json",
+        "configs/multi_gpu_evaluate.json",
+    ]
+    proc = run_bundle(
+        "--dataset_dir",
+        data,
+        "--output_dir",
+        multi,
+        "--plots",
+        "false",
+        *FAST_ARGS,
+        config_file=configs,
+        nproc=2,
+    )
     assert_success(proc)
     assert len(_files(single)) == 8 and _files(multi) == _files(single)
+    # the evaluation ran once, on rank 0, after every map was written: the same metrics as one process
+    assert json.loads((multi / "metrics.json").read_text()) == json.loads(
+        (single / "metrics.json").read_text()
+    )
     run = json.loads((multi / "run.json").read_text())
     assert run["world_size"] == 2 and run["n_volumes"] == 7 and run["encoded_volumes"] == 7
     with (multi / "scores.csv").open(newline="") as f:
