@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.transforms import Compose
+from monai.transforms import Compose, LoadImage
 
 __all__ = [
     "SCORING_ONLY",
@@ -95,6 +95,10 @@ def describe_transform(value: Any, depth: int = 0) -> Any:
     if not hasattr(value, "__dict__"):
         return _qualname(value)
     attributes = sorted(vars(value).items())
+    if isinstance(value, LoadImage) and value.auto_select:
+        # The readers MONAI registered depend on the optional packages installed (ITK, PIL, ...), not on
+        # the configuration: a cache or bank must not change identity from one machine to the next.
+        attributes = [(k, v) for k, v in attributes if k != "readers"]
     return {"_target_": _qualname(value), **{k: describe_transform(v, depth + 1) for k, v in attributes}}
 
 

@@ -358,3 +358,15 @@ def test_gathering_orders_names_as_the_dataset_and_copies_rows(one_process_group
         assert torch.equal(grid.tokens, rows[i]) and grid.tokens.untyped_storage().nbytes() == rows[i].nbytes
     scores, seconds = gather_scores({"a": {"score": 1.0}}, {"load": 2.0})
     assert scores == {"a": {"score": 1.0}} and seconds == {"load": 2.0}
+
+
+def test_the_identity_does_not_depend_on_the_installed_image_readers() -> None:
+    from monai.data import NibabelReader
+    from monai.transforms import LoadImaged
+
+    plain = LoadImaged("image")
+    more = LoadImaged("image")
+    more._loader.readers = [*more._loader.readers, NibabelReader()]  # as if another reader were installed
+    assert describe_transform(plain) == describe_transform(more)
+    chosen = LoadImaged("image", reader="NibabelReader")
+    assert describe_transform(chosen) != describe_transform(plain)  # a reader the config names does count
