@@ -7,12 +7,16 @@ import json
 import shutil
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
+
 from tests.helpers import FAST_ARGS, assert_success, run_bundle
 
 
 def _with_repeat_scan(cohort: Path, tmp_path: Path) -> tuple[Path, str]:
-    """The cohort with an exact copy of a lesion volume right after it (so that, sharded round-robin,
-    the two scans land on different ranks and only the gathered subjects keep them apart)."""
+    """The cohort with a second scan of a lesion subject (a copy shifted by one voxel, named as that
+    subject in a ``subject`` column) right after it: sharded round-robin, the two scans land on different
+    ranks, and only the gathered subjects keep them apart."""
     data = tmp_path / "data"
     shutil.copytree(cohort, data)
     with (data / "cohort.csv").open(newline="") as f:
@@ -21,8 +25,15 @@ def _with_repeat_scan(cohort: Path, tmp_path: Path) -> tuple[Path, str]:
     copy = dict(rows[at])
     for key in ("image", "mask", "label"):
         target = Path(copy[key]).with_name("repeat-0001.nii.gz")
-        shutil.copyfile(data / copy[key], data / target)
+        img = nib.load(data / copy[key])
+        nib.save(
+            nib.Nifti1Image(np.roll(np.asarray(img.dataobj), 1, axis=0), img.affine, img.header),
+            data / target,
+        )
         copy[key] = str(target)
+    for row in rows:
+        row["subject"] = Path(row["image"]).name.split(".")[0]
+    copy["subject"] = rows[at]["subject"]
     rows.insert(at + 1, copy)
     with (data / "cohort.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -72,4 +83,14 @@ def test_torchrun_two_processes_equals_single_process(tiny_cohort: Path, tmp_pat
     assert run["world_size"] == 2 and run["n_volumes"] == 7 and run["encoded_volumes"] == 7
     with (multi / "scores.csv").open(newline="") as f:
         scores = {r["image"]: float(r["score"]) for r in csv.DictReader(f)}
-    assert scores["repeat-0001"] == scores[lesion] > 0  # the copies do not explain each other away
+    assert scores["repeat-0001"] > 0 and scores[lesion] > 0  # the scans do not explain each other away
+    # Without the subject column the same run differs: the gathered subjects were what kept them apart.
+    with (data / "cohort.csv").open(newline="") as f:
+        rows = [{k: v for k, v in r.items() if k != "subject"} for r in csv.DictReader(f)]
+    with (data / "cohort.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plain = tmp_path / "plain"
+    assert_success(run_bundle("--dataset_dir", data, "--output_dir", plain, *FAST_ARGS))
+    assert _files(plain)["scores.csv"] != _files(single)["scores.csv"]
