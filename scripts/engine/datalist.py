@@ -7,7 +7,12 @@ A dataset folder is either
   naming the subject of each scan (scans of one subject are never references for each other); or
 * ``DIR/images/*.nii[.gz]`` with optional ``DIR/masks/`` and ``DIR/labels/`` holding files of the
   same names; or
-* a flat folder of ``*.nii[.gz]`` volumes.
+* a flat folder of ``*.nii[.gz]`` volumes; or
+* a BraTS-style folder (BraTS 2021, BraTS-METS/GLI 2023+): one folder per scan holding one file per
+  modality and a segmentation (``<scan>_t1/_t1ce/_t2/_flair/_seg.nii.gz`` or
+  ``<scan>-t1n/-t1c/-t2w/-t2f/-seg.nii.gz``); ``modality`` chooses the image, the segmentation is the
+  label (every label > 0 is lesion) and the foreground mask is the image's nonzero voxels (the scans
+  are skull-stripped), derived while loading (row key ``"foreground": "image"``).
 
 :func:`make_datalist` checks every file's header before any heavy work and returns a :class:`Datalist`:
 the usable rows, and the volumes it left out with ``on_bad_input="skip"`` (which the evaluator records in
@@ -97,6 +102,7 @@ def make_datalist(
     on_bad_input: str = "error",
     require_same_grid: bool = True,
     subject_pattern: str | None = None,
+    modality: str | None = None,
 ) -> Datalist:
     """The :class:`Datalist` (rows ``{"image": path, "mask": path?, "label": path?, "name": stem}``) of a
     dataset folder.
@@ -114,6 +120,8 @@ def make_datalist(
         subject_pattern: a regular expression whose first group (or match) in the image name is the
             subject of the scan, when ``cohort.csv`` has no ``subject`` column
             (:func:`scripts.engine.subjects.subject_of`); rows then carry a ``"subject"``.
+        modality: the image of a BraTS-style folder (``t1``, ``t1ce``, ``t2`` or ``flair``); required
+            for such a folder, an error for any other layout.
 
     Raises:
         CS3FInputError: missing or empty folder, missing or unreadable files, duplicate names, too few
@@ -124,7 +132,7 @@ def make_datalist(
     root = Path(dataset_dir)
     if not root.is_dir():
         raise CS3FInputError(f"dataset_dir does not exist or is not a folder: {root}")
-    rows = _read_rows(root, masks, labels)
+    rows = _brats_rows(root, modality, masks, labels) if modality else _read_rows(root, masks, labels)
     if subject_pattern or any("subject" in r for r in rows):
         rows = [{**r, "subject": subject_of(r["name"], r, subject_pattern)} for r in rows]
     skipped: list[dict[str, str]] = []
@@ -177,6 +185,53 @@ def _read_rows(root: Path, masks: bool, labels: bool) -> list[dict[str, str]]:
     if duplicates:
         raise CS3FInputError(f"image names must be unique (outputs are named after them): {duplicates}")
     return [{**row, "name": name} for row, name in zip(rows, names, strict=True)]
+
+
+# Modality -> file suffixes in BraTS 2021 and BraTS 2023+ (METS, GLI) naming.
+BRATS_FILES = {
+    "t1": ("_t1", "-t1n"),
+    "t1ce": ("_t1ce", "-t1c"),
+    "t2": ("_t2", "-t2w"),
+    "flair": ("_flair", "-t2f"),
+    "seg": ("_seg", "-seg"),
+}
+
+
+def _brats_file(folder: Path, kind: str) -> Path | None:
+    for suffix in BRATS_FILES[kind]:
+        for ext in NIFTI_SUFFIXES:
+            path = folder / f"{folder.name}{suffix}{ext}"
+            if path.is_file():
+                return path
+    return None
+
+
+def _brats_rows(root: Path, modality: str, masks: bool, labels: bool) -> list[dict[str, str]]:
+    """Rows of a BraTS-style folder: the ``modality`` image of each scan folder, its segmentation as the
+    label, its nonzero voxels as the mask."""
+    if modality not in BRATS_FILES or modality == "seg":
+        raise CS3FInputError(f"modality must be one of t1, t1ce, t2, flair, got {modality!r}")
+    rows = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        image = _brats_file(folder, modality)
+        if image is None:
+            raise CS3FInputError(
+                f"{folder} has no {modality} image ({folder.name}{BRATS_FILES[modality][0]}.nii.gz or "
+                f"{folder.name}{BRATS_FILES[modality][1]}.nii.gz): not a BraTS-style scan folder"
+            )
+        row = {"image": str(image), "name": image_stem(image)}
+        seg = _brats_file(folder, "seg")
+        if labels and seg is not None:
+            row["label"] = str(seg)
+        if masks:
+            row["foreground"] = "image"
+        rows.append(row)
+    if not rows:
+        raise CS3FInputError(f"no scan folders in {root}: a BraTS-style dataset has one folder per scan")
+    if labels and any("label" in r for r in rows) and not all("label" in r for r in rows):
+        missing = next(r["image"] for r in rows if "label" not in r)
+        raise CS3FInputError(f"some scans have a segmentation and others do not, e.g. none for {missing}")
+    return rows
 
 
 def _readable(

@@ -57,6 +57,13 @@ def evaluate_outputs(
     if missing:
         raise CS3FInputError(f"{out / 'scores.csv'} has no score for {missing[:5]}: re-run the inference")
 
+    def _foreground(row: dict, load: LoadImage) -> np.ndarray | None:
+        if "mask" in row:
+            return np.asarray(load(row["mask"])) > 0
+        if row.get("foreground") == "image":  # skull-stripped scans without a mask file (BraTS)
+            return np.asarray(load(row["image"])) > 0
+        return None
+
     def subjects() -> Iterator[dict]:
         for row in datalist:
             map_path = out / f"{row['name']}_anomaly.nii.gz"
@@ -68,7 +75,7 @@ def evaluate_outputs(
                 "name": row["name"],
                 "score_map": np.asarray(amap),
                 "label": np.asarray(load(row["label"])) if "label" in row else None,
-                "mask": np.asarray(load(row["mask"])) > 0 if "mask" in row else None,
+                "mask": _foreground(row, load),
                 "spacing": spacing,
                 "affine": np.asarray(amap.affine),
                 "subject_score": scores[row["name"]],

@@ -10,7 +10,7 @@ from monai.transforms import LoadImaged, MapTransform
 
 from scripts.errors import CS3FInputError, one_line
 
-__all__ = ["CheckedLoadImaged", "CheckVolumed"]
+__all__ = ["CheckedLoadImaged", "CheckVolumed", "ForegroundFromImaged"]
 
 
 class CheckedLoadImaged(LoadImaged):
@@ -87,3 +87,29 @@ class CheckVolumed(MapTransform):
             raise CS3FInputError(f"mask {self._source(d[self.mask_key])} is empty (all background)")
         return d
 
+
+class ForegroundFromImaged(MapTransform):
+    """The foreground mask of a skull-stripped scan that comes without one: its nonzero voxels.
+
+    Items whose datalist row says ``"foreground": "image"`` (e.g. BraTS scans) get ``mask_key`` =
+    ``image > 0``, with the image's metadata so that every later spatial transform treats it like a
+    loaded mask; other items are left unchanged. Place it after channel-first and before orientation.
+    """
+
+    def __init__(
+        self, keys: KeysCollection = "image", mask_key: str = "mask", flag: str = "foreground"
+    ) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.mask_key, self.flag = mask_key, flag
+
+    def __call__(self, data):  # noqa: ANN001 - MONAI dictionary transform
+        d = dict(data)
+        if d.get(self.flag) != "image" or self.mask_key in d:
+            return d
+        for key in self.key_iterator(d):
+            image = d[key]
+            mask = (torch.as_tensor(image) > 0).to(torch.uint8)
+            d[self.mask_key] = (
+                MetaTensor(mask, meta=dict(image.meta)) if isinstance(image, MetaTensor) else mask
+            )
+        return d

@@ -297,7 +297,7 @@ def test_manifest_mismatch_is_one_clear_line(bank: Path, new_cohort: Path, tmp_p
     line = _input_error(**common, image_size=64)
     assert "encoder.input_size (bank 32, run 64)" in line and "preprocessing" not in line
     line = _input_error(**common, intensity_percentiles=[1.0, 99.5])
-    changed = "preprocessing.transforms.5:ScaleIntensityRangePercentilesd.scaler.lower"
+    changed = "preprocessing.transforms.6:ScaleIntensityRangePercentilesd.scaler.lower"
     assert f"{changed} (bank 0.0, run 1.0)" in line
     line = _input_error(**common, variant="MS", q_fine=[2, 2, 2])
     assert "no fine tokens" in line
