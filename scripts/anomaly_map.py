@@ -4,6 +4,11 @@ Each (axis, layer) score grid is interpolated trilinearly to the volume grid; pe
 fine), the layers of an axis are averaged and the axes are averaged; CS3F-C takes the coarse map,
 CS3F-F the fine one and CS3F-MS their mean (Eq. 7); voxels outside the mask are set to 0. Fusion is
 linear, so it is done per axis: the axis map of MS is the mean of its coarse and fine axis maps.
+
+Edges: invalid tokens (too little foreground) score 0, and the paper's interpolation mixes those
+zeros into the foreground voxels next to the mask's edge, damping lesions there (a cortical
+metastasis, a juxta-pleural nodule). ``edge="normalized"`` interpolates ``score x validity`` and
+``validity`` and divides, so that a voxel takes the scores of the valid tokens around it only.
 """
 
 from __future__ import annotations
@@ -16,15 +21,31 @@ import torch.nn.functional as F
 from scripts.tokens import FINE_SUFFIX, as_volume
 from scripts.transforms.tokenization import axis_index, restore_axis
 
-__all__ = ["SCALES", "VARIANTS", "fuse_token_scores", "subject_score"]
+__all__ = ["EDGES", "SCALES", "VARIANTS", "fuse_token_scores", "subject_score"]
+
+#: how invalid tokens enter the interpolation: as zeros (the paper) or not at all (normalised)
+EDGES = ("zero", "normalized")
 
 #: the scales each variant fuses
 SCALES = {"C": ("coarse",), "F": ("fine",), "MS": ("coarse", "fine")}
 VARIANTS = tuple(SCALES)
 
 
+def _upsample(grid: torch.Tensor, target: tuple[int, ...], valid: torch.Tensor | None) -> torch.Tensor:
+    """Trilinear upsampling of one score grid; with ``valid``, normalised by the upsampled validity."""
+    up = F.interpolate(grid[None, None].float(), size=target, mode="trilinear", align_corners=False)
+    if valid is None:
+        return up
+    weight = F.interpolate(valid[None, None].float(), size=target, mode="trilinear", align_corners=False)
+    # Invalid tokens score 0, so the upsampled scores already are the upsampled score x validity.
+    return torch.where(weight > 1e-6, up / weight.clamp_min(1e-6), torch.zeros_like(up))
+
+
 def _axis_maps(
-    token_scores: dict[str, torch.Tensor], shape: tuple[int, ...], scales: Sequence[str]
+    token_scores: dict[str, torch.Tensor],
+    shape: tuple[int, ...],
+    scales: Sequence[str],
+    validity: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, dict[str, list[torch.Tensor]]]:
     """``{axis: {scale: [voxel map [H, W, D] per layer]}}`` of the grids of the wanted scales."""
     per_axis: dict[str, dict[str, list[torch.Tensor]]] = {}
@@ -35,7 +56,7 @@ def _axis_maps(
         axis = key.split("/")[0]
         dim = axis_index(axis)
         target = (shape[dim], *[shape[k] for k in range(3) if k != dim])
-        up = F.interpolate(grid[None, None].float(), size=target, mode="trilinear", align_corners=False)
+        up = _upsample(grid, target, None if validity is None else validity[key])
         per_axis.setdefault(axis, {}).setdefault(scale, []).append(restore_axis(up[0, 0], axis))
     return per_axis
 
@@ -46,6 +67,7 @@ def fuse_token_scores(
     variant: str = "C",
     mask: torch.Tensor | None = None,
     axis_max: dict[str, float] | None = None,
+    validity: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The voxel anomaly map ``[1, H, W, D]`` of one volume.
 
@@ -56,13 +78,15 @@ def fuse_token_scores(
         mask: optional foreground ``[1, H, W, D]``; the map is 0 outside it.
         axis_max: if given, filled with the (masked) maximum of each axis map (a cheap breakdown of
             the subject score).
+        validity: the token validity grids of the same keys for ``edge="normalized"`` interpolation
+            (see the module docstring); ``None``: invalid tokens enter as zeros (the paper).
     """
     variant = str(variant).upper()
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     scales = SCALES[variant]
     shape = tuple(int(s) for s in spatial_shape)
-    per_axis = _axis_maps(token_scores, shape, scales)
+    per_axis = _axis_maps(token_scores, shape, scales, validity)
     if not per_axis:
         hint = " (it needs '{axis}/{layer}/fine' scores: score with q_fine set)" if variant != "C" else ""
         raise ValueError(f"no token scores to fuse for variant {variant!r}{hint}")

@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from monai.inferers import Inferer
 
-from scripts.anomaly_map import VARIANTS, fuse_token_scores, subject_score
+from scripts.anomaly_map import EDGES, VARIANTS, fuse_token_scores, subject_score
 from scripts.batch_scorer import BatchScorer, TokenScores
 from scripts.references import ReferenceSet, check_bank_grids, reject_replaced_keys, score_with_references
 from scripts.scoring import DEFAULT_BLOCK_ELEMENTS, DEFAULT_QUERY_TILE, DEFAULT_ROUTES
@@ -88,6 +88,9 @@ class CS3FInferer(Inferer):
         L: coarse routes per (query coarse token, reference volume) of the C2F search (Eq. 6).
         references: the reference set (:class:`scripts.references.ReferenceSet`): ``"all"`` (the
             paper), ``"chunks:N"``, ``"random:N"`` or ``"bank:DIR"`` (scored by :meth:`score_references`).
+        edge: ``"zero"`` (the paper: invalid tokens enter the interpolation as zeros) or
+            ``"normalized"`` (voxels near the mask's edge take the valid tokens' scores only; see
+            :mod:`scripts.anomaly_map`).
         chunk_size, n_references: replaced by ``references``; setting them is an error naming the new
             spelling.
     """
@@ -110,6 +113,7 @@ class CS3FInferer(Inferer):
         q_fine: int | Sequence[int] | None = None,
         L: int = DEFAULT_ROUTES,
         references: ReferenceSet | str | Mapping | None = None,
+        edge: str = "zero",
         chunk_size: int | None = None,
         n_references: int | None = None,
     ) -> None:
@@ -126,6 +130,9 @@ class CS3FInferer(Inferer):
         if isinstance(L, bool) or int(L) != L or L < 1:
             raise ValueError(f"L (coarse routes per reference volume) must be an int >= 1, got {L}")
         self.references = ReferenceSet.parse(references)
+        if edge not in EDGES:
+            raise ValueError(f"edge must be one of {EDGES}, got {edge!r}")
+        self.edge = edge
         self.rho, self.d, self.delta, self.seed = float(rho), int(d), float(delta), int(seed)
         self.token_dtype = getattr(torch, token_dtype) if isinstance(token_dtype, str) else token_dtype
         self.tokenizer = Tokenizer(
@@ -234,11 +241,14 @@ class CS3FInferer(Inferer):
         mask: torch.Tensor | None = None,
         axis_max: dict[str, float] | None = None,
         variant: str | None = None,
+        validity: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Voxel anomaly map ``[1, H, W, D]`` of one volume (:func:`scripts.anomaly_map.fuse_token_scores`);
-        ``variant`` fuses as another variant than the inferer's (e.g. C, F and MS from one MS pass)."""
+        ``variant`` fuses as another variant than the inferer's (e.g. C, F and MS from one MS pass);
+        ``validity`` (the volume's token validity grids) is used with ``edge="normalized"``."""
         variant = self.variant if variant is None else variant
-        return fuse_token_scores(token_scores, spatial_shape, variant, mask, axis_max)
+        validity = validity if self.edge == "normalized" else None
+        return fuse_token_scores(token_scores, spatial_shape, variant, mask, axis_max, validity)
 
     subject_score = staticmethod(subject_score)
 
@@ -271,7 +281,7 @@ class CS3FInferer(Inferer):
         bank = [self.tokenize(v, network, m) for v, m in iterator]
         token_scores = self.score(bank)
         maps = [
-            self.voxel_map(ts, vt.spatial_shape, m)
+            self.voxel_map(ts, vt.spatial_shape, m, validity={k: g.valid for k, g in vt.grids.items()})
             for ts, vt, m in zip(token_scores, bank, mask_list, strict=True)
         ]
         scores = torch.tensor([self.subject_score(m) for m in maps])
@@ -295,4 +305,5 @@ class CS3FInferer(Inferer):
             "L": self.L,
             # only when not the paper's (it shapes scores, not tokens)
             **({"references": str(self.references)} if self.references.mode != "all" else {}),
+            **({"edge": self.edge} if self.edge != "zero" else {}),
         }

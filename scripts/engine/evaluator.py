@@ -118,6 +118,7 @@ class CS3FEvaluator(WholeVolume, CohortScoring, Workflow):
         self.bank: dict[str, dict[str, VolumeTokens]] = {}
         self._buffers: dict[str, BatchBuffer] = {}
         self.token_scores: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+        self.token_validity: dict[str, dict[str, dict[str, torch.Tensor]]] = {}  # edge="normalized" only
         self.token_stats: dict = {}
         self.subject_scores: dict[str, dict[str, float]] = {}
         self.times = StageTimes()
@@ -227,7 +228,11 @@ class CS3FEvaluator(WholeVolume, CohortScoring, Workflow):
         for part, (image, mask) in self.split(item).items():
             part_max: dict[str, float] = {}
             maps[part] = self.inferer.voxel_map(
-                self.token_scores[part][name], tuple(image.shape[1:]), mask, axis_max=part_max
+                self.token_scores[part][name],
+                tuple(image.shape[1:]),
+                mask,
+                axis_max=part_max,
+                validity=self.token_validity.get(part, {}).get(name),
             )
             for axis, value in part_max.items():
                 axis_max[axis] = max(axis_max.get(axis, 0.0), value)

@@ -156,6 +156,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "intensity_percentiles": _percentiles,
     "layers": _layers,
     "references": ReferenceSet.parse,
+    "edge": lambda v: _as_choice(v, "edge", ("zero", "normalized")),
     "encoder_name": lambda v: (
         v if isinstance(v, str) and v.strip() else _raise(_bad("encoder_name", v, "a name"))
     ),

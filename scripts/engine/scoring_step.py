@@ -60,6 +60,11 @@ class CohortScoring:
         with self.times.measure("score"):
             self._score_tokens()
             self.token_stats = token_stats(self.bank)
+            if self.inferer.edge == "normalized":  # pass 2 interpolates with the (small) validity grids
+                self.token_validity = {
+                    part: {n: {k: g.valid.clone() for k, g in vt.grids.items()} for n, vt in volumes.items()}
+                    for part, volumes in self.bank.items()
+                }
             if not self.keep_tokens:
                 # Pass 2 needs the token scores only: the bank and its buffers go before the maps are made.
                 self.bank = {part: {} for part in self.bank}
