@@ -134,16 +134,31 @@ def _add_scaling(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s)")
 
 
+def _add_quality(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "quality",
+        help="detection quality of config variants and baselines over fixed cohorts (docs/quality.md)",
+        description="Every variant on every cohort with configs/evaluate.json, two baselines, mean ± sd "
+        "over the cohorts (scripts.benchmarks.quality).",
+    )
+    p.add_argument("--out", default="bench_out/quality", help="working folder (default %(default)s)")
+    p.add_argument("--cohorts", help="comma-separated cohort names (default: all)")
+    p.add_argument("--variants", help="comma-separated variant names (default: all)")
+    p.add_argument("--quick", action="store_true", help="tiny cohorts and encoder input: a smoke run")
+    p.add_argument("--doc", help="also write the report here, e.g. docs/quality.md")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m scripts.benchmarks``."""
     parser = argparse.ArgumentParser(
         prog="python -m scripts.benchmarks",
         description="Benchmarks of the CS3F bundle (run from the bundle root).",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,c2f,scaling}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,c2f,scaling,quality}")
     _add_run(sub)
     _add_c2f(sub)
     _add_scaling(sub)
+    _add_quality(sub)
     return parser
 
 
@@ -159,6 +174,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from scripts.benchmarks.c2f import main as c2f_main
 
         c2f_main(**args)
+    elif command == "quality":
+        from scripts.benchmarks.quality import run_quality
+
+        for key in ("cohorts", "variants"):
+            args[key] = args[key].split(",") if args[key] else None
+        run_quality(**args)
     else:
         from scripts.benchmarks import scaling
 

@@ -17,7 +17,8 @@ from scripts.benchmarks.c2f import main as c2f_main
 ROOT = Path(__file__).resolve().parents[2]
 
 HELP = {
-    (): ["{run,c2f,scaling}", "run", "c2f", "scaling"],
+    (): ["{run,c2f,scaling,quality}", "run", "c2f", "scaling", "quality"],
+    ("quality",): ["--out", "--cohorts", "--variants", "--quick", "--doc"],
     ("run",): ["--quick", "--device", "--out", "--sections", "--threads", "--memory_b", "--doc"],
     ("c2f",): ["--B", "--n_coarse", "--Ls", "--tokens", "--cache", "--key"],
     ("scaling",): ["metrics", "costs"],

@@ -1,0 +1,233 @@
+"""Detection quality over several fixed synthetic cohorts: ``python -m scripts.benchmarks quality``.
+
+Every variant (a set of config overrides) runs the bundle with ``configs/evaluate.json`` on every
+cohort; variants that tokenize alike share a token cache, so scoring-only variants (``rho``,
+``variant``, ``references``, ``edge``) cost scoring time only. Two baselines run on the same cohorts:
+a cross-subject voxel z-score (each voxel against the same voxel of the other volumes) and random maps.
+The report gives each metric as mean ± sd over the cohorts, with the command of each run.
+
+The cohorts are fixed here, before any result is seen: T1 and T2, two seeds each, B = 32 and B = 64,
+and one cohort with smaller, fainter lesions than the generator's defaults. Decide by the mean over
+cohorts, never by one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from scripts.benchmarks.markdown import table
+from scripts.benchmarks.settings import ROOT
+
+__all__ = ["BASELINES", "COHORTS", "METRICS", "QUICK_COHORTS", "VARIANTS", "run_quality"]
+
+#: cohort name -> arguments of scripts.synthetic.brain.generate_cohort
+COHORTS: dict[str, dict] = {
+    "t1-seed0-b32": {"contrast": "t1", "seed": 0, "n_normal": 20, "n_abnormal": 12},
+    "t1-seed1-b64": {"contrast": "t1", "seed": 1, "n_normal": 40, "n_abnormal": 24},
+    "t2-seed0-b32": {"contrast": "t2", "seed": 0, "n_normal": 20, "n_abnormal": 12},
+    "t2-seed1-b64": {"contrast": "t2", "seed": 1, "n_normal": 40, "n_abnormal": 24},
+    "t1-seed2-small-faint": {
+        "contrast": "t1",
+        "seed": 2,
+        "n_normal": 20,
+        "n_abnormal": 12,
+        "lesion_volume": (20.0, 2000.0),
+        "lesion_contrast": (0.05, 0.3),
+    },
+}
+#: tiny cohorts for a smoke run (tests, CI)
+QUICK_COHORTS: dict[str, dict] = {
+    "t1-tiny": {"contrast": "t1", "seed": 0, "n_normal": 3, "n_abnormal": 2, "shape": 32},
+    "t2-tiny": {"contrast": "t2", "seed": 1, "n_normal": 3, "n_abnormal": 2, "shape": 32},
+}
+#: variant name -> config overrides (on top of configs/inference.json + configs/evaluate.json)
+VARIANTS: dict[str, dict] = {
+    "default": {},
+    "F": {"variant": "F", "q_fine": [2, 2, 2]},
+    "MS": {"variant": "MS", "q_fine": [2, 2, 2]},
+    "q4": {"q": [4, 4, 4]},
+    "R224-q4": {"image_size": 224, "q": [4, 4, 4]},
+    "rho0.2": {"rho": 0.2},
+    "edge-normalized": {"edge": "normalized"},
+}
+BASELINES = ("zscore", "random")
+METRICS = (
+    "patient_auroc",
+    "patient_ap",
+    "voxel_ap",
+    "dice_max",
+    "ltpr99_small",
+    "ltpr99_medium",
+    "ltpr99_large",
+    "fp_per_volume",
+)
+# Overrides that change scores but not tokens: variants differing only in these share a token cache.
+_SCORING_ONLY = ("rho", "variant", "L", "references", "edge", "plots", "quiet")
+
+
+def _cohort(root: Path, name: str, spec: Mapping) -> Path:
+    from scripts.synthetic.brain import ensure_cohort
+
+    return ensure_cohort(root / name, **spec)
+
+
+def _cache_key(overrides: Mapping) -> str:
+    """Variants that tokenize alike (same non-scoring overrides; F/MS add fine tokens) share a cache."""
+    shaping = {k: v for k, v in overrides.items() if k not in _SCORING_ONLY}
+    shaping["fine"] = overrides.get("variant", "C") != "C"
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _command(cohort: Path, out: Path, cache: Path, overrides: Mapping, extra: Sequence[str]) -> list[str]:
+    configs = "['configs/inference.json','configs/evaluate.json']"
+    args = ["--config_file", configs, "--dataset_dir", str(cohort), "--output_dir", str(out)]
+    args += ["--cache_dir", str(cache), "--plots", "false", "--quiet", "true", *extra]
+    for key, value in overrides.items():
+        args += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
+    return [sys.executable, "-m", "monai.bundle", "run", *args]
+
+
+def _run_variant(cohort: Path, out: Path, cache: Path, overrides: Mapping, extra: Sequence[str]) -> dict:
+    cmd = _command(cohort, out, cache, overrides, extra)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    shown = shlex.join(["python", *cmd[1:]])
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1:] or ["failed"], "command": shown}
+    metrics = json.loads((out / "metrics.json").read_text())
+    run = json.loads((out / "run.json").read_text())
+    return {
+        "metrics": {k: metrics.get(k) for k in METRICS},
+        "stages_s": sum(run.get("timings_s", {}).values()),
+        "wall_s": round(wall, 1),
+        "command": shown,
+    }
+
+
+def _baseline_maps(cohort: Path, out: Path, kind: str, seed: int = 0) -> dict:
+    """Write baseline maps for ``cohort`` into ``out`` and evaluate them like the bundle's."""
+    import nibabel as nib
+    import numpy as np
+
+    from scripts.engine.datalist import make_datalist
+    from scripts.evaluation.report import evaluate_outputs
+    from scripts.storage.atomic import atomic_write_csv
+
+    rows = make_datalist(cohort, labels=True).rows
+    images = []
+    for row in rows:
+        data = np.asarray(nib.load(row["image"]).dataobj, dtype=np.float32)
+        images.append(data / max(float(np.percentile(data, 99.5)), 1e-6))  # as the bundle's scaling
+    stack = np.stack(images)
+    total, total_sq, b = stack.sum(0), (stack**2).sum(0), len(images)
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    scores = []
+    for i, row in enumerate(rows):
+        mask = (
+            np.asarray(nib.load(row["mask"]).dataobj) > 0 if "mask" in row else np.ones(stack.shape[1:], bool)
+        )
+        if kind == "zscore":  # each voxel against the same voxel of the other volumes
+            mean = (total - stack[i]) / (b - 1)
+            var = np.maximum((total_sq - stack[i] ** 2) / (b - 1) - mean**2, 0.0)
+            amap = np.abs(stack[i] - mean) / np.sqrt(var + 1e-4)
+        else:
+            amap = rng.random(stack.shape[1:], dtype=np.float32)
+        amap = (amap * mask).astype(np.float32)
+        affine = nib.load(row["image"]).affine
+        nib.save(nib.Nifti1Image(amap, affine), out / f"{row['name']}_anomaly.nii.gz")
+        scores.append([row["name"], f"{float(amap.max()):.6g}"])
+    atomic_write_csv(out / "scores.csv", scores, header=["image", "score"], lineterminator="\n")
+    metrics = evaluate_outputs(rows, out, plots=False, quiet=True)
+    return {"metrics": {k: metrics.get(k) for k in METRICS}, "command": f"baseline {kind}"}
+
+
+def _summary(results: Mapping[str, Mapping[str, dict]]) -> list[list]:
+    """Per method: mean ± sd over the cohorts of every metric (runs that failed are counted apart)."""
+    rows = []
+    for method, by_cohort in results.items():
+        good = [r for r in by_cohort.values() if "metrics" in r]
+        cells: list = [method, f"{len(good)}/{len(by_cohort)}"]
+        for key in METRICS:
+            # NaN where a cohort has no lesion of a size class: averaged over the cohorts that have one
+            values = [
+                v for r in good if isinstance(v := r["metrics"].get(key), int | float) and math.isfinite(v)
+            ]
+            if not values:
+                cells.append(None)
+                continue
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.mean(values):.3f} ± {sd:.3f}")
+        times = [r["stages_s"] for r in good if "stages_s" in r]
+        cells.append(f"{statistics.mean(times):.1f}" if times else None)
+        rows.append(cells)
+    return rows
+
+
+def render(results: Mapping[str, Mapping[str, dict]], cohorts: Mapping[str, dict]) -> str:
+    """The markdown report: summary table, cohorts, and the command of every run."""
+    lines = ["# Detection quality", "", "Generated by `python -m scripts.benchmarks quality`.", ""]
+    lines += ["Mean ± sd over the cohorts (a method's failed runs are counted in `ok`).", ""]
+    lines.append(table(["method", "ok", *METRICS, "stages (s)"], _summary(results)))
+    lines += ["", "## Cohorts", ""]
+    lines.append(table(["cohort", "generator arguments"], [[n, json.dumps(s)] for n, s in cohorts.items()]))
+    lines += ["", "## Runs", ""]
+    rows = [
+        [m, c, r.get("command", ""), r.get("error", "")] for m, rs in results.items() for c, r in rs.items()
+    ]
+    lines.append(table(["method", "cohort", "command", "error"], rows))
+    return "\n".join(lines) + "\n"
+
+
+def run_quality(
+    out: str | Path = "bench_out/quality",
+    cohorts: Sequence[str] | None = None,
+    variants: Sequence[str] | None = None,
+    quick: bool = False,
+    doc: str | Path | None = None,
+    extra: Sequence[str] = (),
+) -> dict:
+    """Run the study; write ``<out>/quality.json`` and ``<out>/quality.md`` (and ``doc`` if given).
+
+    Args:
+        out: working folder (cohorts, token caches, run outputs, the report).
+        cohorts: names from :data:`COHORTS` (or :data:`QUICK_COHORTS` with ``quick``); default: all.
+        variants: names from :data:`VARIANTS`; default: all.
+        quick: tiny cohorts and a small encoder input, for a smoke run.
+        doc: also write the report there (e.g. ``docs/quality.md``).
+        extra: further command-line overrides for every bundle run.
+    """
+    from scripts.storage.atomic import atomic_write_json, atomic_write_text
+
+    out = Path(out)
+    table_of = QUICK_COHORTS if quick else COHORTS
+    chosen = {n: table_of[n] for n in (cohorts or table_of)}
+    names = list(variants or VARIANTS)
+    extra = [*(["--image_size", "32", "--q", "[8,8,8]"] if quick else []), *extra]
+    results: dict[str, dict[str, dict]] = {}
+    for cohort_name, spec in chosen.items():
+        cohort = _cohort(out / "cohorts", cohort_name, spec)
+        for name in names:
+            overrides = VARIANTS[name]
+            cache = out / "tokens" / cohort_name / _cache_key(overrides)
+            run_dir = out / "runs" / cohort_name / name
+            results.setdefault(name, {})[cohort_name] = _run_variant(cohort, run_dir, cache, overrides, extra)
+        for kind in BASELINES:
+            run_dir = out / "runs" / cohort_name / f"baseline-{kind}"
+            results.setdefault(f"baseline-{kind}", {})[cohort_name] = _baseline_maps(cohort, run_dir, kind)
+    atomic_write_json(out / "quality.json", {"cohorts": chosen, "results": results})
+    report = render(results, chosen)
+    atomic_write_text(out / "quality.md", report)
+    if doc is not None:
+        atomic_write_text(doc, report)
+    return results

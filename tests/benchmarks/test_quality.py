@@ -1,0 +1,52 @@
+"""The quality study's harness on one tiny cohort: runs, shared token caches, baselines, report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from scripts.benchmarks.quality import COHORTS, METRICS, _cache_key, run_quality
+from scripts.engine.datalist import make_datalist
+
+
+def test_quick_study_runs_variants_and_baselines(tmp_path: Path) -> None:
+    out = tmp_path / "q"
+    results = run_quality(
+        out, cohorts=["t1-tiny"], variants=["default", "rho0.2"], quick=True, doc=tmp_path / "q.md"
+    )
+    assert set(results) == {"default", "rho0.2", "baseline-zscore", "baseline-random"}
+    for method, by_cohort in results.items():
+        metrics = by_cohort["t1-tiny"]["metrics"]
+        assert set(metrics) == set(METRICS) and 0.0 <= metrics["patient_auroc"] <= 1.0, method
+    # rho only changes scores: the second variant read every token from the first one's cache
+    run = json.loads((out / "runs" / "t1-tiny" / "rho0.2" / "run.json").read_text())
+    assert run["encoded_volumes"] == 0 and run["cached_volumes"] == 5
+    assert _cache_key({"rho": 0.2}) == _cache_key({}) != _cache_key({"q": [4, 4, 4]})
+    report = (tmp_path / "q.md").read_text()
+    assert (
+        "| default | 1/1 |" in report
+        and "baseline-zscore" in report
+        and "python -m monai.bundle run" in report
+    )
+    # The z-score baseline against an independent computation at one voxel.
+    rows = make_datalist(out / "cohorts" / "t1-tiny").rows
+    images = [np.asarray(nib.load(r["image"]).dataobj, dtype=np.float64) for r in rows]
+    images = [v / np.percentile(v, 99.5) for v in images]
+    mask = np.asarray(nib.load(rows[0]["mask"]).dataobj) > 0
+    at = tuple(np.argwhere(mask)[len(np.argwhere(mask)) // 2])
+    others = np.array([v[at] for v in images[1:]])
+    expected = abs(images[0][at] - others.mean()) / np.sqrt(others.var() + 1e-4)
+    got = np.asarray(
+        nib.load(out / "runs" / "t1-tiny" / "baseline-zscore" / f"{rows[0]['name']}_anomaly.nii.gz").dataobj
+    )
+    assert abs(float(got[at]) - expected) < 1e-3 * max(1.0, expected)
+
+
+def test_the_study_cohorts_are_fixed() -> None:
+    """T1 and T2, two seeds each, B = 32 and 64, and one non-default lesion setting."""
+    assert {s["contrast"] for s in COHORTS.values()} == {"t1", "t2"}
+    assert {s["n_normal"] + s["n_abnormal"] for s in COHORTS.values()} == {32, 64}
+    assert any("lesion_volume" in s for s in COHORTS.values())
