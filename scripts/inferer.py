@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from monai.inferers import Inferer
 
-from scripts.anomaly_map import EDGES, VARIANTS, fuse_token_scores, subject_score
+from scripts.anomaly_map import EDGES, VARIANTS, fuse_token_scores, smooth_map, subject_score
 from scripts.batch_scorer import BatchScorer, TokenScores
 from scripts.references import ReferenceSet, check_bank_grids, reject_replaced_keys, score_with_references
 from scripts.scoring import DEFAULT_BLOCK_ELEMENTS, DEFAULT_QUERY_TILE, DEFAULT_ROUTES
@@ -64,6 +64,11 @@ def _fine_pooling(
     return fine
 
 
+def _mm(volume: torch.Tensor) -> list[float] | None:
+    """Voxel size (mm) of a MetaTensor volume; ``None`` (1 mm) for a plain tensor."""
+    return [float(s) for s in volume.pixdim] if hasattr(volume, "pixdim") else None
+
+
 class CS3FInferer(Inferer):
     """Batch mutual-similarity anomaly scoring of 3D volumes with a frozen 2D encoder.
 
@@ -91,6 +96,7 @@ class CS3FInferer(Inferer):
         edge: ``"zero"`` (the paper: invalid tokens enter the interpolation as zeros) or
             ``"normalized"`` (voxels near the mask's edge take the valid tokens' scores only; see
             :mod:`scripts.anomaly_map`).
+        smooth_mm: sigma (mm) of a Gaussian on each map inside its mask (:func:`smooth_map`); 0: off (paper).
         chunk_size, n_references: replaced by ``references``; setting them is an error naming the new
             spelling.
     """
@@ -114,6 +120,7 @@ class CS3FInferer(Inferer):
         L: int = DEFAULT_ROUTES,
         references: ReferenceSet | str | Mapping | None = None,
         edge: str = "zero",
+        smooth_mm: float = 0.0,
         chunk_size: int | None = None,
         n_references: int | None = None,
     ) -> None:
@@ -133,6 +140,8 @@ class CS3FInferer(Inferer):
         if edge not in EDGES:
             raise ValueError(f"edge must be one of {EDGES}, got {edge!r}")
         self.edge = edge
+        self.smooth_mm = float(smooth_mm)
+        smooth_map(torch.zeros(1, 1, 1, 1), self.smooth_mm)  # checks it
         self.rho, self.d, self.delta, self.seed = float(rho), int(d), float(delta), int(seed)
         self.token_dtype = getattr(torch, token_dtype) if isinstance(token_dtype, str) else token_dtype
         self.tokenizer = Tokenizer(
@@ -281,8 +290,10 @@ class CS3FInferer(Inferer):
         bank = [self.tokenize(v, network, m) for v, m in iterator]
         token_scores = self.score(bank)
         maps = [
-            self.voxel_map(ts, vt.spatial_shape, m, validity={k: g.valid for k, g in vt.grids.items()})
-            for ts, vt, m in zip(token_scores, bank, mask_list, strict=True)
+            smooth_map(
+                self.voxel_map(ts, vt.spatial_shape, m, validity=vt.validity()), self.smooth_mm, m, _mm(v)
+            )
+            for ts, vt, v, m in zip(token_scores, bank, volumes, mask_list, strict=True)
         ]
         scores = torch.tensor([self.subject_score(m) for m in maps])
         if isinstance(inputs, torch.Tensor) or len({tuple(m.shape) for m in maps}) == 1:
@@ -306,4 +317,5 @@ class CS3FInferer(Inferer):
             # only when not the paper's (it shapes scores, not tokens)
             **({"references": str(self.references)} if self.references.mode != "all" else {}),
             **({"edge": self.edge} if self.edge != "zero" else {}),
+            **({"smooth_mm": self.smooth_mm} if self.smooth_mm else {}),
         }

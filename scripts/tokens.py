@@ -77,6 +77,10 @@ class VolumeTokens:
     def nbytes(self) -> int:
         return sum(g.tokens.numel() * g.tokens.element_size() for g in self.grids.values())
 
+    def validity(self) -> dict[str, torch.Tensor]:
+        """``{key: [M, P, P]}`` token validity of every grid."""
+        return {k: g.valid for k, g in self.grids.items()}
+
 
 def per_axis(value: int | Sequence[int], name: str) -> list[int]:
     """One positive int per axis (sagittal, coronal, axial) from one int or three."""

@@ -71,7 +71,7 @@ METRICS = (
     "fp_per_volume",
 )
 # Overrides that change scores but not tokens: variants differing only in these share a token cache.
-_SCORING_ONLY = ("rho", "variant", "L", "references", "edge", "plots", "quiet")
+_SCORING_ONLY = ("rho", "variant", "L", "references", "edge", "smooth_mm", "plots", "quiet")
 
 
 def _cohort(root: Path, name: str, spec: Mapping) -> Path:

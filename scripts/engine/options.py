@@ -157,6 +157,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "layers": _layers,
     "references": ReferenceSet.parse,
     "edge": lambda v: _as_choice(v, "edge", ("zero", "normalized")),
+    "smooth_mm": lambda v: _as_float(v, "smooth_mm", lambda x: x >= 0.0, "a number >= 0 (mm; 0 = off)"),
     "encoder_name": lambda v: (
         v if isinstance(v, str) and v.strip() else _raise(_bad("encoder_name", v, "a name"))
     ),

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from scripts.anomaly_map import smooth_map
 from scripts.engine.datalist import make_datalist
 from scripts.errors import CS3FInputError
 from tests.helpers import FAST_ARGS, assert_success, run_bundle, run_workflow, start_bundle
@@ -252,13 +253,25 @@ def test_fuzz_inferer_only_documented_errors() -> None:
 
 
 def test_scoring_options_reuse_the_token_cache(tiny_cohort: Path, tmp_path: Path) -> None:
-    """rho, variant and batching shape scores, not tokens: changing them re-encodes nothing."""
+    """rho, variant, batching and smoothing shape scores, not tokens: changing them re-encodes nothing;
+    ``smooth_mm`` smooths each written map inside its mask."""
     out = tmp_path / "out"
     _run(tiny_cohort, out)
     assert json.loads((out / "run.json").read_text())["encoded_volumes"] == 6
+    plain = {f.name: nib.load(f) for f in out.glob("*_anomaly.nii.gz")}
+    plain = {name: (np.asarray(img.dataobj), img.header.get_zooms()[:3]) for name, img in plain.items()}
     _run(tiny_cohort, out, rho=0.5, references="chunks:3")
     run = json.loads((out / "run.json").read_text())
     assert (run["encoded_volumes"], run["cached_volumes"]) == (0, 6)
+    _run(tiny_cohort, out, smooth_mm=6.0)  # smoothing the maps: scoring only too
+    run = json.loads((out / "run.json").read_text())
+    assert (run["encoded_volumes"], run["cached_volumes"]) == (0, 6)
+    masks = {row["name"]: row["mask"] for row in make_datalist(tiny_cohort).rows}
+    for name, (before, zooms) in plain.items():
+        mask = np.asarray(nib.load(masks[name.removesuffix("_anomaly.nii.gz")]).dataobj)[None]
+        want = smooth_map(torch.from_numpy(before[None]), 6.0, torch.from_numpy(mask), zooms)[0]
+        np.testing.assert_allclose(np.asarray(nib.load(out / name).dataobj), want.numpy(), atol=1e-5)
+        assert np.abs(want.numpy() - before).max() > 1e-3
     _run(tiny_cohort, out, d=64)  # d shapes tokens: a different cache key
     assert json.loads((out / "run.json").read_text())["encoded_volumes"] == 6
 

@@ -36,3 +36,46 @@ def test_edge_option_through_the_inferer() -> None:
     assert torch.equal(normed * (1 - masks), torch.zeros_like(normed))
     assert not torch.equal(plain, normed) and bool((normed >= plain - 1e-6).all())
     assert CS3FInferer(edge="normalized").describe()["edge"] == "normalized"
+
+
+def test_smoothing_inside_the_mask_matches_scipy() -> None:
+    """Normalised Gaussian smoothing against an independent scipy computation; constants are kept."""
+    import numpy as np
+    from scipy import ndimage
+
+    from scripts.anomaly_map import smooth_map
+
+    rng = np.random.default_rng(0)
+    amap = rng.random((1, 20, 20, 20)).astype(np.float32)
+    mask = np.zeros((1, 20, 20, 20), np.float32)
+    mask[:, 3:17, 5:18, 2:12] = 1
+    sigma, spacing = (1.5, 1.0, 2.0), (2.0, 3.0, 1.5)  # voxels; 3 mm / spacing
+    got = smooth_map(torch.from_numpy(amap), 3.0, torch.from_numpy(mask), spacing)[0].numpy()
+    num = ndimage.gaussian_filter(amap[0] * mask[0], sigma, mode="constant", truncate=4.0)
+    den = ndimage.gaussian_filter(mask[0], sigma, mode="constant", truncate=4.0)
+    want = np.where(mask[0] > 0, num / np.maximum(den, 1e-12), 0.0)
+    # MONAI integrates the Gaussian over each voxel (erf), scipy samples it: close, not equal
+    np.testing.assert_allclose(got, want, atol=0.02)
+    assert np.all(got[mask[0] == 0] == 0)
+    assert np.abs(got - amap[0] * mask[0]).max() > 0.2  # it did smooth
+    constant = smooth_map(torch.from_numpy(mask * 0.7), 3.0, torch.from_numpy(mask), spacing)[0].numpy()
+    np.testing.assert_allclose(constant[mask[0] > 0], 0.7, rtol=1e-5)  # no damping at the edge
+    same = torch.from_numpy(amap)
+    assert smooth_map(same, 0.0, torch.from_numpy(mask)) is same
+
+
+def test_smooth_mm_through_the_inferer_uses_the_voxel_size() -> None:
+    from monai.data import MetaTensor
+
+    from scripts.anomaly_map import smooth_map
+
+    volume, encoder = torch.rand(3, 1, 16, 16, 16), TinyEncoder(32)
+    plain, plain_scores = CS3FInferer(q=4, d=8, rho=0.5)(volume, encoder)
+    affine = torch.diag(torch.tensor([2.0, 2.0, 4.0, 1.0]))
+    volumes = [MetaTensor(v, affine=affine) for v in volume]
+    smoothed, scores = CS3FInferer(q=4, d=8, rho=0.5, smooth_mm=4.0)(volumes, encoder)
+    for i in range(3):  # sigma 4 mm = 2, 2 and 1 voxels
+        torch.testing.assert_close(smoothed[i], smooth_map(plain[i], 4.0, spacing=(2.0, 2.0, 4.0)))
+    assert bool((scores <= plain_scores + 1e-6).all()) and not torch.equal(scores, plain_scores)
+    assert CS3FInferer(smooth_mm=2).describe()["smooth_mm"] == 2.0
+    assert "smooth_mm" not in CS3FInferer().describe()
