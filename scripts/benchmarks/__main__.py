@@ -146,6 +146,8 @@ def _add_quality(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variants", help="comma-separated variant names (default: all)")
     p.add_argument("--quick", action="store_true", help="tiny cohorts and encoder input: a smoke run")
     p.add_argument("--doc", help="also write the report here, e.g. docs/quality.md")
+    p.add_argument("--maps", help="map variants from one MS scoring pass per cohort, e.g. C,F,MS")
+    p.add_argument("--smooth", default="0", help="smooth_mm values of the map variants (default %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,8 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif command == "quality":
         from scripts.benchmarks.quality import run_quality
 
-        for key in ("cohorts", "variants"):
+        for key in ("cohorts", "variants", "maps"):
             args[key] = args[key].split(",") if args[key] else None
+        args["smooth"] = [float(v) for v in args["smooth"].split(",")]
         run_quality(**args)
     else:
         from scripts.benchmarks import scaling

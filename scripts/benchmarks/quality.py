@@ -58,6 +58,9 @@ VARIANTS: dict[str, dict] = {
     "R224-q4": {"image_size": 224, "q": [4, 4, 4]},
     "rho0.2": {"rho": 0.2},
     "edge-normalized": {"edge": "normalized"},
+    "smooth4": {"smooth_mm": 4.0},
+    "F-smooth2": {"variant": "F", "q_fine": [2, 2, 2], "smooth_mm": 2.0},
+    "F-smooth4": {"variant": "F", "q_fine": [2, 2, 2], "smooth_mm": 4.0},
 }
 BASELINES = ("zscore", "random")
 METRICS = (
@@ -196,6 +199,8 @@ def run_quality(
     quick: bool = False,
     doc: str | Path | None = None,
     extra: Sequence[str] = (),
+    maps: Sequence[str] | None = None,
+    smooth: Sequence[float] = (0.0,),
 ) -> dict:
     """Run the study; write ``<out>/quality.json`` and ``<out>/quality.md`` (and ``doc`` if given).
 
@@ -206,13 +211,17 @@ def run_quality(
         quick: tiny cohorts and a small encoder input, for a smoke run.
         doc: also write the report there (e.g. ``docs/quality.md``).
         extra: further command-line overrides for every bundle run.
+        maps: map variants (C, F, MS) made from one MS scoring pass per cohort, each with every ``smooth``
+            (``smooth_mm``) value (:mod:`scripts.benchmarks.quality_maps`); with ``maps`` and no
+            ``variants``, no bundle variant runs.
+        smooth: the ``smooth_mm`` values of the map variants.
     """
     from scripts.storage.atomic import atomic_write_json, atomic_write_text
 
     out = Path(out)
     table_of = QUICK_COHORTS if quick else COHORTS
     chosen = {n: table_of[n] for n in (cohorts or table_of)}
-    names = list(variants or VARIANTS)
+    names = list(variants or ([] if maps else VARIANTS))
     extra = [*(["--image_size", "32", "--q", "[8,8,8]"] if quick else []), *extra]
     results: dict[str, dict[str, dict]] = {}
     for cohort_name, spec in chosen.items():
@@ -225,6 +234,10 @@ def run_quality(
         for kind in BASELINES:
             run_dir = out / "runs" / cohort_name / f"baseline-{kind}"
             results.setdefault(f"baseline-{kind}", {})[cohort_name] = _baseline_maps(cohort, run_dir, kind)
+    if maps:
+        from scripts.benchmarks.quality_maps import run_map_variants
+
+        results.update(run_map_variants(out, list(chosen), maps, smooth, quick))
     atomic_write_json(out / "quality.json", {"cohorts": chosen, "results": results})
     report = render(results, chosen)
     atomic_write_text(out / "quality.md", report)

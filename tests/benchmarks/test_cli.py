@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 HELP = {
     (): ["{run,c2f,scaling,quality}", "run", "c2f", "scaling", "quality"],
-    ("quality",): ["--out", "--cohorts", "--variants", "--quick", "--doc"],
+    ("quality",): ["--out", "--cohorts", "--variants", "--quick", "--doc", "--maps", "--smooth"],
     ("run",): ["--quick", "--device", "--out", "--sections", "--threads", "--memory_b", "--doc"],
     ("c2f",): ["--B", "--n_coarse", "--Ls", "--tokens", "--cache", "--key"],
     ("scaling",): ["metrics", "costs"],

@@ -45,6 +45,29 @@ def test_quick_study_runs_variants_and_baselines(tmp_path: Path) -> None:
     assert abs(float(got[at]) - expected) < 1e-3 * max(1.0, expected)
 
 
+def test_map_variants_from_one_scoring_pass_equal_the_bundle_runs(tmp_path: Path) -> None:
+    """C from the MS scoring pass is the default bundle run, and C smoothed by 4 mm the bundle run with
+    ``--smooth_mm 4``: the same maps, the same metrics."""
+    results = run_quality(
+        tmp_path / "q",
+        cohorts=["t1-tiny"],
+        variants=["default", "smooth4"],
+        maps=["C", "F"],
+        smooth=[0, 4],
+        quick=True,
+    )
+    assert {"C", "C-smooth4", "F", "F-smooth4"} <= set(results)
+    for bundle_run, from_maps in (("default", "C"), ("smooth4", "C-smooth4")):
+        want, got = results[bundle_run]["t1-tiny"]["metrics"], results[from_maps]["t1-tiny"]["metrics"]
+        for key in METRICS:
+            assert (want[key] is None and got[key] is None) or abs(want[key] - got[key]) < 1e-6, (
+                bundle_run,
+                key,
+            )
+    assert results["C"]["t1-tiny"]["metrics"] != results["C-smooth4"]["t1-tiny"]["metrics"]
+    assert "--smooth_mm 4.0" in results["F-smooth4"]["t1-tiny"]["command"]
+
+
 def test_the_study_cohorts_are_fixed() -> None:
     """T1 and T2, two seeds each, B = 32 and 64, and one non-default lesion setting."""
     assert {s["contrast"] for s in COHORTS.values()} == {"t1", "t2"}
