@@ -69,9 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--config_file", nargs="+", default=["configs/inference.json"], help="config file(s) defining network_def"
     )
-    parser.add_argument(
-        "--check", action="store_true", help="exit 1 when the sha256 differs from large_files.yml's"
-    )
+    parser.add_argument("--check", action="store_true", help="exit 1 when the sha256 differs from large_files.yml's")
     args = parser.parse_args(argv)
     sha = export_model(args.out, args.config_file)
     listed = listed_sha256()

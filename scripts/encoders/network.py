@@ -23,9 +23,8 @@ import io
 from pathlib import Path
 
 import torch
-from torch import Tensor
-
 from scripts.encoders.base import SliceEncoder
+from torch import Tensor
 
 __all__ = ["SliceFeatureNetwork", "save_network_weights"]
 

@@ -782,7 +782,7 @@ def _safe(name: str) -> str:
 
 
 def format_table(metrics: Mapping) -> str:
-    """The ARCHITECTURE.md metrics (+ localisation rate) as a markdown table (percent for fractions)."""
+    """The documented metrics.json keys (+ localisation rate) as a markdown table (percent for fractions)."""
     lines = ["| metric | value |", "|---|---|"]
     for k in (*ARCHITECTURE_KEYS, "localization99"):
         v = metrics.get(k)
