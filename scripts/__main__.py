@@ -4,6 +4,7 @@ Usage from the bundle root::
 
     python -m scripts synth --out demo_data --n_normal 20 --n_abnormal 12   # a synthetic cohort
     python -m scripts synth --help
+    python -m scripts export_model                                           # models/model.pt
 
 Benchmarks are not a command of the bundle: they run with ``python -m scripts.benchmarks``.
 """
@@ -16,7 +17,8 @@ from collections.abc import Sequence
 USAGE = """usage: python -m scripts COMMAND [options]
 
 commands:
-  synth    write a synthetic brain-MRI or chest-CT cohort (python -m scripts synth --help)
+  synth           write a synthetic brain-MRI or chest-CT cohort (python -m scripts synth --help)
+  export_model    write models/model.pt, the weights of network_def (python -m scripts export_model --help)
 
 Benchmarks run with python -m scripts.benchmarks."""
 
@@ -32,8 +34,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from scripts.synthetic.cli import main as synth  # lazily: the generators import torch
 
         return synth(rest)
+    if command == "export_model":
+        from scripts.export import main as export_model  # lazily: imports torch and monai
+
+        return export_model(rest)
     print(
-        f"cs3f: error: unknown command {command!r}; known: synth (see python -m scripts --help)",
+        f"cs3f: error: unknown command {command!r}; known: synth, export_model (see python -m scripts --help)",
         file=sys.stderr,
     )
     return 2

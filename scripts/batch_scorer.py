@@ -40,7 +40,7 @@ class BatchScorer:
         self,
         variant: str,
         rho: float,
-        L: int,
+        L: int,  # noqa: N803
         query_tile: int,
         block_elements: int,
         score_device: torch.device | None = None,

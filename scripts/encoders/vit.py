@@ -17,9 +17,8 @@ __all__ = ["DOWNLOAD_HINT", "VIT_MODEL_TYPES", "Dinov2Encoder"]
 
 #: How to get missing weights; ``{repo_id}`` and ``{path}`` are filled in by the error.
 DOWNLOAD_HINT = (
-    "Get it with `python -m monai.bundle download_large_files --bundle_path .` from the bundle root "
-    "(downloads every file listed in large_files.yml), or for one model only "
-    "`hf download {repo_id} --local-dir {path}` (huggingface_hub); see models/README.md."
+    "Get it with `hf download {repo_id} --local-dir {path}` (huggingface_hub; the model's own licence "
+    "applies); see models/README.md."
 )
 #: transformers ``model_type`` values whose token layout is [CLS, registers..., patches...].
 VIT_MODEL_TYPES = ("dinov2", "dinov2_with_registers", "dinov3_vit")

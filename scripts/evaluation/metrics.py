@@ -209,7 +209,7 @@ def rank_metrics(pos: np.ndarray, neg: np.ndarray, exact=False) -> dict:
     pos = np.asarray(pos, dtype=np.float64)
     neg = np.asarray(neg, dtype=np.float64)
     binned = ~np.broadcast_to(np.asarray(exact, dtype=bool), pos.shape)
-    P, N = float(pos.sum()), float(neg.sum())
+    P, N = float(pos.sum()), float(neg.sum())  # noqa: N806
     tp, fp = np.cumsum(pos), np.cumsum(neg)
     tpa, fpa = tp - pos, fp - neg  # strictly above the group
     out = {"P": P, "N": N, "tp": tp, "fp": fp}
@@ -237,7 +237,7 @@ def rank_metrics(pos: np.ndarray, neg: np.ndarray, exact=False) -> dict:
     return out
 
 
-def _roc_pr_points(tp, fp, P, N, max_points: int = 4000) -> dict:
+def _roc_pr_points(tp, fp, P, N, max_points: int = 4000) -> dict:  # noqa: N803
     """ROC and PR curve points (thinned to about ``max_points`` for plotting)."""
     idx = np.arange(len(tp))
     if len(idx) > max_points:
@@ -630,7 +630,7 @@ class CohortEvaluator:
             m[f"ltpr99_{c}"] = det / len(cl) if cl else NAN
             m[f"n_lesions_{c}"] = len(cl)
             m[f"n_detected99_{c}"] = int(det)
-        P = float(self.h_pos.sum())
+        P = float(self.h_pos.sum())  # noqa: N806
         if P > 0 and math.isfinite(t99):
             b = th["threshold99_bin"]
             tp = float(self.h_pos[b:].sum())
@@ -782,7 +782,7 @@ def _safe(name: str) -> str:
 
 
 def format_table(metrics: Mapping) -> str:
-    """The ARCHITECTURE.md metrics (+ localisation rate) as a markdown table (percent for fractions)."""
+    """The documented metrics.json keys (+ localisation rate) as a markdown table (percent for fractions)."""
     lines = ["| metric | value |", "|---|---|"]
     for k in (*ARCHITECTURE_KEYS, "localization99"):
         v = metrics.get(k)

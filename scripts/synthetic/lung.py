@@ -175,20 +175,20 @@ class _Anatomy:
 def _draw_anatomy(
     rng, s: float, shift_mm: float, rot_deg: float, origin_mm: float, min_gap: float
 ) -> _Anatomy:
-    A = 160.0 * s * rng.uniform(0.92, 1.08)
-    B = 112.0 * s * rng.uniform(0.9, 1.1)
+    A = 160.0 * s * rng.uniform(0.92, 1.08)  # noqa: N806
+    B = 112.0 * s * rng.uniform(0.9, 1.1)  # noqa: N806
     fat = rng.uniform(5.0, 20.0) * s
     wall = rng.uniform(8.0, 14.0) * s
     rib = 6.0 * s
     inset = fat + wall + rib + 2.0 * s
-    Ac, Bc = A - inset, B - inset
+    Ac, Bc = A - inset, B - inset  # noqa: N806
     mw = rng.uniform(10.0, 18.0) * s
     gap = max(mw, min_gap)
     spine_r = 16.0 * s * rng.uniform(0.9, 1.1)
     spine_c = np.array([0.0, -Bc + 0.6 * spine_r])
     lungs = {}
     for side, sign in (("right", 1.0), ("left", -1.0)):
-        H = 230.0 * s * rng.uniform(0.85, 1.12)
+        H = 230.0 * s * rng.uniform(0.85, 1.12)  # noqa: N806
         # the liver lifts the right lung's base
         z0 = rng.uniform(5.0, 18.0) * s if side == "right" else rng.uniform(-4.0, 4.0) * s
         lungs[side] = dict(
@@ -292,7 +292,7 @@ def _lung_masks(an: _Anatomy, grid: _Grid, xb, yb, zb, rng) -> dict[str, np.ndar
     """Boolean masks of both lungs on the output grid."""
     warp = 0.08 * smooth_field(rng, grid.shape, 6)
     out = {}
-    for side, L in an.lungs.items():
+    for side, L in an.lungs.items():  # noqa: N806
         h = (zb - L["z0"]) / L["H"]  # [1, 1, K] (broadcast)
         g = np.sqrt(np.clip(1.0 - np.clip(h, 0.0, 1.0) ** 2.2, 1e-4, 1.0))
         # shrink the cross-section towards the lung's axis with height (apex)
@@ -514,7 +514,7 @@ def _tree_occupancy(an: _Anatomy, grid: _Grid, lungs: dict, rng_anat, vessel_gen
     carina_b = np.array([0.0, trachea_top[1], an.carina_z])
     carina = _to_world(an, carina_b)[0]
     central = [(_to_world(an, trachea_top)[0], carina, an.trachea_r, an.trachea_r)]
-    for side, L in an.lungs.items():
+    for side, L in an.lungs.items():  # noqa: N806
         mask = lungs[side]
         if not mask.any():
             continue

@@ -115,8 +115,7 @@ def test_inferer_score_references_equals_exact_scorer_on_query_plus_bank(variant
             torch.testing.assert_close(own[i][key], exact[i][key], atol=1e-5, rtol=1e-5)
 
 
-_MEMMAP_SCRIPT = textwrap.dedent(
-    """
+_MEMMAP_SCRIPT = """
     import json, sys, threading, time
     import torch
     sys.path.insert(0, {root!r})
@@ -162,7 +161,7 @@ _MEMMAP_SCRIPT = textwrap.dedent(
     error = float((scores[0, :3].double() - expected).abs().max())
     print(json.dumps({{"anon": max(peak) - base_anon, "rss": rss, "error": error, "b": b}}))
     """
-)
+_MEMMAP_SCRIPT = textwrap.dedent(_MEMMAP_SCRIPT)
 
 
 def test_memory_mapped_fp16_bank_is_streamed(tmp_path: Path) -> None:
@@ -351,8 +350,8 @@ def test_bank_writer_streams_volumes_and_truncates_to_those_added(tmp_path: Path
                 assert torch.equal(tokens[i], vt.grids[key].tokens.reshape(-1, 8).half())
                 assert torch.equal(valid[i], vt.grids[key].valid.reshape(-1))
     assert not list((tmp_path / "bank").rglob("*.tmp*"))
+    w = BankWriter(tmp_path / "b2", capacity=3)
+    w.add("a", "", volumes[0])
+    w.add("b", "", volumes[1])
     with pytest.raises(ValueError, match="already added"):
-        w = BankWriter(tmp_path / "b2", capacity=3)
-        w.add("a", "", volumes[0])
-        w.add("b", "", volumes[1])
         w.add("a", "", volumes[2])

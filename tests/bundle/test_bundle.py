@@ -54,16 +54,17 @@ def _check_outputs(cohort: Path, out: Path) -> list[dict]:
 
 
 def _check_declared_output_format(cohort: Path, out: Path) -> None:
-    """The maps are what metadata.json's network_data_format says the bundle outputs."""
-    pred = json.loads(META.read_text())["network_data_format"]["outputs"]["pred"]
-    low, high = pred["value_range"]
+    """The maps are what metadata.json's network_data_format says the bundle outputs after
+    post-processing: one float32 channel on the input's grid, scores >= 0 (no fixed upper bound)."""
+    pred = json.loads(META.read_text())["network_data_format"]["post_processed_outputs"]["pred"]
+    assert pred["value_range"] == [] and ">= 0" in json.loads(META.read_text())["pred_classes"]
     for image in sorted((cohort / "images").glob("*.nii.gz")):
         amap = nib.load(out / image.name.replace(".nii.gz", "_anomaly.nii.gz"))
         assert amap.get_data_dtype() == np.dtype(pred["dtype"])
         data = np.asarray(amap.dataobj)
         # one channel: a map on the input's 3D grid, no channel axis
         assert pred["num_channels"] == 1 and data.shape == nib.load(image).shape
-        assert low <= data.min() and data.max() <= high, (image.name, data.min(), data.max())
+        assert 0 <= data.min() and np.isfinite(data).all(), (image.name, data.min(), data.max())
 
 
 def test_config_workflow_life_cycle(tiny_cohort: Path, tmp_path: Path) -> None:
@@ -266,7 +267,8 @@ def test_inference_config_resolves_to_the_documented_defaults(tiny_cohort: Path,
     assert (inferer.rho, inferer.d, inferer.delta, inferer.seed) == (0.1, 128, 0.0, 0)
     assert inferer.variant == "C" and str(inferer.references) == "all"
     assert (inferer.tokenizer.slab_size, inferer.token_dtype) == (32, torch.float32)
-    encoder = parser.get_parsed_content("network_def")
+    encoder = parser.get_parsed_content("network")
+    assert encoder is parser.get_parsed_content("network_def").encoder
     assert encoder.name == "efficientnet_lite0" and encoder.input_size == 112
     assert tuple(encoder.layers) == ("stage3", "stage5")
     defaults = {"use_masks": True, "on_bad_input": "error", "nonfinite": "error", "keep_tokens": False}

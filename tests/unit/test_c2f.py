@@ -33,7 +33,7 @@ def exhaustive_fine(fine, fine_valid, rho):
     )
 
 
-def brute_force_c2f(coarse, fine, coarse_valid, fine_valid, rho, L):
+def brute_force_c2f(coarse, fine, coarse_valid, fine_valid, rho, L):  # noqa: N803
     """Eq. 6 + Eq. 2 transcribed with loops (float64): top-L routable coarse tokens, then their children."""
     b, n_c, h, _ = fine.shape
     k = max(1, math.floor(rho * (b - 1) + 1e-9))
@@ -97,14 +97,14 @@ def test_independent_coarse_and_fine_masks() -> None:
     cs, fs = c2f_scores(coarse, fine, coarse_valid, fine_valid, rho, L=n_c, query_tile=5)
     torch.testing.assert_close(fs, exhaustive_fine(fine, fine_valid, rho), atol=1e-4, rtol=0)
     torch.testing.assert_close(cs, mutual_similarity_scores(coarse, coarse_valid, rho), atol=1e-5, rtol=0)
-    for L in (1, 3):
+    for L in (1, 3):  # noqa: N806
         _, fs = c2f_scores(coarse, fine, coarse_valid, fine_valid, rho, L=L, query_tile=5, block_elements=200)
         expected = brute_force_c2f(coarse, fine, coarse_valid, fine_valid, rho, L)
         torch.testing.assert_close(fs.double(), expected, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("L", [1, 2, 5])
-def test_small_budgets_match_brute_force(L: int) -> None:
+def test_small_budgets_match_brute_force(L: int) -> None:  # noqa: N803
     b, n_c, h, d, rho = 5, 10, 3, 4, 0.5
     coarse, fine, coarse_valid, fine_valid = make_tokens(b, n_c, h, d, seed=20 + L)
     cs, fs = c2f_scores(coarse, fine, coarse_valid, fine_valid, rho, L=L, query_tile=3, block_elements=100)
@@ -116,13 +116,13 @@ def test_small_budgets_match_brute_force(L: int) -> None:
     assert torch.all(fs >= exhaustive_fine(fine, fine_valid, rho) - 1e-5)
 
 
-def test_fine_scores_never_increase_with_L() -> None:
+def test_fine_scores_never_increase_with_L() -> None:  # noqa: N802
     """Top-L sets are nested, so each approximate distance, hence the mean of the K smallest, is
     non-increasing in L; at L = N_c it reaches the exhaustive score."""
     b, n_c, h, d, rho = 7, 12, 2, 6, 0.34
     coarse, fine, coarse_valid, fine_valid = make_tokens(b, n_c, h, d, seed=5)
     previous = None
-    for L in range(1, n_c + 1):
+    for L in range(1, n_c + 1):  # noqa: N806
         _, fs = c2f_scores(coarse, fine, coarse_valid, fine_valid, rho, L=L)
         if previous is not None:
             assert torch.all(fs <= previous + 1e-5), L
@@ -194,8 +194,7 @@ def test_errors() -> None:
         c2f_scores(coarse, fine, volumes=[3])
 
 
-_PEAK_SCRIPT = textwrap.dedent(
-    """
+_PEAK_SCRIPT = """
     import resource, sys, torch
     sys.path.insert(0, {root!r})
     from scripts.scoring import c2f_scores
@@ -209,7 +208,7 @@ _PEAK_SCRIPT = textwrap.dedent(
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print((after - before) * 1024)
     """
-)
+_PEAK_SCRIPT = textwrap.dedent(_PEAK_SCRIPT)
 
 
 def test_peak_memory_does_not_grow_with_batch() -> None:

@@ -493,7 +493,7 @@ def test_missing_weight_directory_names_path_and_remedy(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         build_encoder("rad_dino", model_dir=missing)
     msg = str(err.value)
-    assert str(missing) in msg and "large_files.yml" in msg and "microsoft/rad-dino" in msg
+    assert str(missing) in msg and "models/README.md" in msg and "microsoft/rad-dino" in msg
 
 
 def test_missing_safetensors_and_config(tmp_path):

@@ -222,7 +222,7 @@ def test_run_writes_scores_and_run_record(tmp_path: Path, capsys: pytest.Capture
         ScoresSaver(out, filename="other_rank.csv", save_rank=1),
     ]
     datalist_skips = [{"image": "/data/v7.nii.gz", "reason": "not on the cohort's grid"}]
-    with pytest.warns(UserWarning, match="skipping"):
+    with pytest.warns(UserWarning, match="skipping"):  # noqa: B908 (warned while the evaluator runs)
         evaluator = _evaluator(
             items[:2] + [bad] + items[2:3] + [off_grid] + items[3:],
             out,

@@ -43,7 +43,7 @@ def exact_dice_sweep(scores, y):
     last = np.r_[s[1:] != s[:-1], True]  # end of each tie group
     tp = np.cumsum(t)[last]
     fp = np.cumsum(1 - t)[last]
-    P = t.sum()
+    P = t.sum()  # noqa: N806
     dice = 2 * tp / (tp + fp + P)
     return dice, tp / (fp + P), s[last]
 
@@ -249,8 +249,8 @@ def test_threshold99_is_percentile_of_all_normal_foreground_voxels():
     p99 = np.percentile(normal, 99)
     x = np.sort(normal)
     n, c = x.size, int(np.floor(0.01 * x.size))
-    X = x[n - 1 - c]  # (c+1)-th largest
-    wX = fb.width(fb.index(np.float32([X]))[0])
+    X = x[n - 1 - c]  # (c+1)-th largest  # noqa: N806
+    wX = fb.width(fb.index(np.float32([X]))[0])  # noqa: N806
     assert X <= t < X + wX  # the upper edge of X's bin
     gap = max(x[min(n - 1, n - c)] - X, X - x[n - 2 - c])
     assert abs(t - p99) <= wX + gap

@@ -124,8 +124,7 @@ def test_errors() -> None:
         mutual_similarity_scores(torch.randn(3, 4, 3), torch.ones(3, 5, dtype=torch.bool))
 
 
-_PEAK_SCRIPT = textwrap.dedent(
-    """
+_PEAK_SCRIPT = """
     import resource, sys, torch
     sys.path.insert(0, {root!r})
     from scripts.scoring import mutual_similarity_scores
@@ -138,7 +137,7 @@ _PEAK_SCRIPT = textwrap.dedent(
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print((after - before) * 1024)
     """
-)
+_PEAK_SCRIPT = textwrap.dedent(_PEAK_SCRIPT)
 
 
 def test_peak_memory_does_not_grow_with_batch() -> None:

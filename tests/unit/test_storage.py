@@ -119,25 +119,25 @@ def test_written_files_read_back(tmp_path: Path) -> None:
     assert torch.equal(tokens[1], _tokens(1).grids["axial/0"].tokens.reshape(18, 8).half())
 
 
-class _Boom(RuntimeError):
+class _BoomError(RuntimeError):
     pass
 
 
 def _half_then_fail(tmp: Path) -> None:
     with open(tmp, "w") as f:
         f.write("half a fi")
-    raise _Boom
+    raise _BoomError
 
 
 def test_failing_writer_leaves_no_target_and_no_temp(tmp_path: Path) -> None:
-    with pytest.raises(_Boom):
+    with pytest.raises(_BoomError):
         atomic_write(tmp_path / "out.txt", _half_then_fail)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_failing_writer_keeps_the_previous_file(tmp_path: Path) -> None:
     atomic_write_text(tmp_path / "out.txt", "complete")
-    with pytest.raises(_Boom):
+    with pytest.raises(_BoomError):
         atomic_write(tmp_path / "out.txt", _half_then_fail)
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
     assert (tmp_path / "out.txt").read_text() == "complete"
@@ -148,8 +148,8 @@ def test_interrupted_writer_is_cleaned_up(tmp_path: Path) -> None:
         tmp.write_text("partial")
         raise KeyboardInterrupt
 
+    atomic_write_text(tmp_path / "a.txt", "x")  # a normal write first
     with pytest.raises(KeyboardInterrupt):
-        atomic_write_text(tmp_path / "a.txt", "x")  # a normal write first
         atomic_write(tmp_path / "b.txt", interrupted)
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
 
@@ -157,19 +157,19 @@ def test_interrupted_writer_is_cleaned_up(tmp_path: Path) -> None:
 def test_failing_library_writers_leave_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def torch_save_half(obj, path) -> None:  # noqa: ANN001
         Path(path).write_bytes(b"PK\x03\x04 half")
-        raise _Boom
+        raise _BoomError
 
     monkeypatch.setattr(torch, "save", torch_save_half)
-    with pytest.raises(_Boom):
+    with pytest.raises(_BoomError):
         TokenCache(tmp_path / "tokens", {}).save("v", "src", _tokens())
     assert _files(tmp_path) == []
 
     def nib_save_half(img, filename) -> None:  # noqa: ANN001
         Path(filename).write_bytes(b"\x1f\x8b half")
-        raise _Boom
+        raise _BoomError
 
     monkeypatch.setattr(nib, "save", nib_save_half)
-    with pytest.raises(_Boom):
+    with pytest.raises(_BoomError):
         _nifti(tmp_path / "v_anomaly.nii.gz")
     assert _files(tmp_path) == []
 

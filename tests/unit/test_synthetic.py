@@ -273,8 +273,8 @@ def test_existing_output_and_failed_run_leave_no_half_cohort(tmp_path, monkeypat
     monkeypatch.setattr(synth, "generate_subject", failing)
     with pytest.raises(RuntimeError, match="boom"):
         synth.generate_cohort(tmp_path / "d", n_normal=2, n_abnormal=1, shape=32)
+    calls.clear()
     with pytest.raises(RuntimeError, match="boom"):
-        calls.clear()
         synth.generate_cohort(out, n_normal=2, n_abnormal=1, shape=32, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no "d", no temporary folders
     assert len(_read_cohort(out)) == 2  # the old cohort is untouched

