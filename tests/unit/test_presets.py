@@ -23,6 +23,7 @@ PAPER = {
         "spatial_size": [224, 224, 224],
         "q": [14, 14, 14],
         "q_fine": [2, 2, 2],
+        "smooth_mm": 0.0,  # not in the paper: off
         "delta": 0.0,
         "rho": 0.1,
         "L": 16,
@@ -37,6 +38,7 @@ PAPER = {
         "hu_window": [-800.0, 400.0],
         "q": [8, 14, 14],
         "q_fine": [2, 2, 2],
+        "smooth_mm": 0.0,
         "delta": 0.0,
         "rho": 0.1,
         "L": 16,
