@@ -235,9 +235,9 @@ class LowPrecisionBlocks:
         if self.right is None:  # hardware rounding (TF32): |q~.r~ - q.r| <= e_q |r| + |q| e_r + e_q e_r
             slope = torch.zeros_like(norms)
             offset += errors * big_norm + norms * big_error + errors * big_error
-        else:  # corrected operands: (e_q + e_r) |q - r| + e_q (e_q + e_r)
+        else:  # corrected operands: (e_q + e_r) |q - r| + e_q (e_q + e_r), with either token the row
             slope = errors + big_error
-            offset += errors * (errors + big_error)
+            offset += big_error * (errors + big_error)
         # 1e-30: products flushed to zero below fp32's normal range (bf16 dot instructions do).
         slope = torch.where(valid, slope * (1.0 + 1e-3), 0.0)
         return slope, torch.where(valid, offset * (1.0 + 1e-3) + 1e-30, 0.0)
