@@ -16,6 +16,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from scripts.errors import CS3FInputError
+from scripts.mixed_precision import PRECISIONS
 from scripts.references import REPLACED_KEYS, ReferenceSet, reject_replaced_keys
 from scripts.transforms.tokenization import AXES, axis_index
 
@@ -157,6 +158,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "layers": _layers,
     "references": ReferenceSet.parse,
     "edge": lambda v: _as_choice(v, "edge", ("zero", "normalized")),
+    "score_precision": lambda v: _as_choice(v, "score_precision", PRECISIONS),
     "encoder_name": lambda v: (
         v if isinstance(v, str) and v.strip() else _raise(_bad("encoder_name", v, "a name"))
     ),
