@@ -6,6 +6,8 @@ Usage from the bundle root::
     python -m scripts.benchmarks run --sections scoring,profile --threads 1
     python -m scripts.benchmarks run --doc docs/performance.md     # rewrite the tracked report
     python -m scripts.benchmarks c2f --B 24 --n_coarse 2048 --h 4 --Ls 1,4,16,64
+    python -m scripts.benchmarks mixed --cache eval/tokens           # mixed precision vs fp32 vs baseline
+    python -m scripts.benchmarks gpu                                 # the paper's brain setting on a GPU
     python -m scripts.benchmarks scaling metrics --cohort COHORT --out RUNS
     python -m scripts.benchmarks scaling costs --bank BANK --sizes 16,32,64
 
@@ -148,15 +150,41 @@ def _add_quality(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--doc", help="also write the report here, e.g. docs/quality.md")
 
 
+def _add_mixed(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "mixed",
+        help="mixed-precision scoring vs the exact fp32 scorer vs the MuSc-style baseline",
+        description="Time the three scorers interleaved on random unit tokens and on the real tokens of a "
+        "token cache; print a table and the JSON result (scripts.benchmarks.mixed_bench).",
+    )
+    p.add_argument("--B", type=int, default=24, help="volumes of the random case (default %(default)s)")
+    p.add_argument("--N", type=int, default=2048, help="tokens per volume (default %(default)s)")
+    p.add_argument("--d", type=int, default=128, help="token dimension (default %(default)s)")
+    p.add_argument(
+        "--cache", help="token cache of a bundle run (e.g. eval/tokens after the demo): real tokens"
+    )
+    p.add_argument(
+        "--keys", choices=("all", "largest"), default="all", help="(axis, layer) grids of the cache"
+    )
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default %(default)s)")
+    p.add_argument("--rho", type=float, default=0.1, help="neighbour ratio (default %(default)s)")
+    p.add_argument("--threads", dest="threads_", type=int, help="torch intra-op threads (default: unchanged)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
+    p.add_argument(
+        "--precision", default="auto", help="reduced-precision pass: auto, bf16 or tf32 (default %(default)s)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m scripts.benchmarks``."""
     parser = argparse.ArgumentParser(
         prog="python -m scripts.benchmarks",
         description="Benchmarks of the CS3F bundle (run from the bundle root).",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,c2f,scaling,quality}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,c2f,scaling,quality,mixed,gpu}")
     _add_run(sub)
     _add_c2f(sub)
+    _add_mixed(sub)
     _add_scaling(sub)
     _add_quality(sub)
     return parser
@@ -174,6 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from scripts.benchmarks.c2f import main as c2f_main
 
         c2f_main(**args)
+    elif command == "mixed":
+        from scripts.benchmarks.mixed_bench import main as mixed_main
+
+        mixed_main(**args)
     elif command == "quality":
         from scripts.benchmarks.quality import run_quality
 
