@@ -175,6 +175,28 @@ def _add_mixed(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _add_gpu(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "gpu",
+        help="the paper's brain setting end to end on a GPU (beside the paper's Table 6)",
+        description="Synthetic 224^3 cohort, DINOv2-L/14 (models/dinov2-large, or random weights of its "
+        "shapes), configs/paper_brain_mri.json, C and MS: seconds per volume and stage, peak VRAM, GPU "
+        "utilisation, distance passes of the scorer (scripts.benchmarks.gpu). --tiny: the CPU smoke run.",
+    )
+    p.add_argument("--B", type=int, default=180, help="volumes (default %(default)s, the paper's)")
+    p.add_argument("--size", type=int, default=224, help="volume side in voxels (default %(default)s)")
+    p.add_argument("--variants", default="C,MS", help="comma-separated variants (default %(default)s)")
+    p.add_argument("--out", default="bench_out/gpu", help="output folder (default %(default)s)")
+    p.add_argument("--tiny", action="store_true", help="toy sizes on the CPU (B 4, 28^3, a 2-layer ViT): CI")
+    p.add_argument("--workers", type=int, default=8, help="data loader processes (default %(default)s)")
+    p.add_argument("--pool", type=int, default=32, help="distinct synthetic subjects (default %(default)s)")
+    p.add_argument("--score_precision", default="auto", help="score_precision of the runs (default auto)")
+    p.add_argument("--encoder_precision", default="auto", help="encoder_precision of the runs (default auto)")
+    p.add_argument("--timeout_s", type=int, default=1800, help="limit per bundle run (default %(default)s)")
+    p.add_argument("--precision_repeats", type=int, default=2, help="rounds of the distance-pass timing")
+    p.add_argument("--doc", help="also rewrite the GPU block of this file, e.g. docs/performance.md")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m scripts.benchmarks``."""
     parser = argparse.ArgumentParser(
@@ -185,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_c2f(sub)
     _add_mixed(sub)
+    _add_gpu(sub)
     _add_scaling(sub)
     _add_quality(sub)
     return parser
@@ -202,6 +225,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from scripts.benchmarks.c2f import main as c2f_main
 
         c2f_main(**args)
+    elif command == "gpu":
+        from scripts.benchmarks.gpu import main as gpu_main
+
+        return gpu_main(**args)
     elif command == "mixed":
         from scripts.benchmarks.mixed_bench import main as mixed_main
 
