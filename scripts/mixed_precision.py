@@ -1,45 +1,55 @@
 """Reduced-precision distance blocks with a rigorous error bound, for exact-where-it-matters scoring.
 
 The exact scorer (:mod:`scripts.scoring`) needs, per query token, only the *choice* of its ``K``
-nearest volumes and of the nearest token in each; the chosen distances are recomputed in fp32. This
-module supplies a cheaper first pass for those choices: distance blocks computed with bf16 operands
-(CPUs with ``avx512_bf16``/AMX, GPU tensor cores) or TF32 (GPU tensor cores), together with a bound
-on their error, so that the scorer can keep every candidate whose low-precision value is within the
-bound of the best and decide among the candidates in fp32 (``scripts.scoring``).
+nearest volumes and of the nearest token in each; the chosen distances are computed in fp32. This
+module supplies a cheaper first pass for those choices: distance blocks with bf16 operands (CPUs with
+``avx512_bf16``/AMX, GPU tensor cores) or TF32 (GPU tensor cores), with a bound on their error, so that
+the scorer keeps every candidate whose low-precision value is within the bound of the best and decides
+among the candidates in fp32.
 
-What a block holds. Every block value is the *half* squared distance of a (query, reference) pair,
-``h = |q|^2/2 + |r|^2/2 - q.r``, clamped at 0 when read (the exact ``h`` is never negative, so
-clamping never moves a value away from it):
+What a block holds. Every value is a *half* squared distance ``h = |q - r|^2 / 2`` of a (query,
+reference) pair, clamped at 0 when read (the exact ``h`` is never negative, so clamping never moves a
+value away from it):
 
-* ``bf16``: one GEMM of augmented bf16 rows, ``[q~, 1, 1, n_hi, n_lo] . [-r~, m_hi, m_lo, 1, 1]``
-  (``q~`` = ``q`` rounded to bf16; ``n = |q|^2/2`` in fp32 split into two bf16 numbers, so that the
-  norms enter with ~2^-16 relative error instead of bf16's 2^-8), accumulated in fp32 and rounded once
-  to bf16. Its minima are taken on the int16 view of the bf16 bits (for values >= 0 the int16 order is
-  the float order, and any negative value - an ``h`` below its error - reads as 0 after clamping): the
-  integer reduction is several times faster than the bf16 one on the CPU.
-* ``tf32``: ``(n + m) - q.r`` with the fp32 tokens and the GEMM on TF32 tensor cores (CUDA only),
-  fp32 output.
+* ``bf16``: one GEMM of augmented bf16 rows ``[q~, 1, 1, n'_hi, n'_lo] . [-r~, m'_hi, m'_lo, 1, 1]``,
+  accumulated in fp32 and rounded once to bf16. ``t~`` is token ``t`` rounded to bf16 and
+  ``e_t = t~ - t`` its (exactly known) rounding error; ``n' = |q|^2/2 + e_q.q~`` and
+  ``m' = |r|^2/2 + r.e_r`` are computed in fp32 and each split into two bf16 numbers (so they enter
+  with ~2^-16 relative error instead of bf16's 2^-8). With these first-order corrections the value in
+  exact arithmetic is ``h - e_q.(r~ - q~) - (q - r).e_r``: its error is proportional to the distance,
+  so near neighbours - the ones whose order matters - are resolved far better than bf16's resolution
+  of ``|r|^2 - 2 q.r``. Minima are taken on the int16 view of the bf16 bits (for values >= 0 the int16
+  order is the float order, and a negative value reads below every positive one, hence as 0 after
+  clamping): the integer reduction is several times faster than the bf16 one on the CPU.
+* ``tf32``: ``(|q|^2/2 + |r|^2/2) - q.r`` with the fp32 tokens and the GEMM on TF32 tensor cores
+  (CUDA only), fp32 output. The hardware rounds the operands, so ``|e_t| <= u_in |t|`` is all that is
+  known and no correction applies.
 
-The bound (proof in ``docs/performance.md``, "Mixed-precision scoring"). Let ``e_t`` bound the norm of
-the operand rounding ``t~ - t`` of token ``t`` (measured exactly per token for bf16, where the operands
-are rounded here; ``u_in |t|`` for TF32, rounded by the hardware). Then
+The bound. For a token ``t`` let ``E`` be the largest ``|e_r|`` of the bank. Then for every pair
 
-``|q~.r~ - q.r| <= e_q |r| + |q| e_r + e_q e_r``,
+``|o - h| <= a_t sqrt(2 h) + b_t + w |o|``,
 
-the fp32 accumulation of the ``d + 4`` exact products adds at most ``gamma * sum|terms|`` with
-``gamma = 2 (d + 4) 2^-24`` (twice the textbook constant: fused pairs of products may round twice),
-and the split norms ``(u^2 + gamma_d) (n + m)``. With the bank's largest ``|r|``, ``e_r`` and ``m``
-this is a per-token *slack* ``A_q`` that holds against every reference. The output rounding adds
-``u_out |out|``. So the computed value ``o`` of a pair satisfies ``|o - h| <= A_q + w |o|`` with
-``w = u_out / (1 - u_out)``, and for the minimum ``o*`` over a volume and the exact minimum ``h*``:
+with, for bf16, ``a_t = |e_t| + E`` and ``b_t = E (|e_t| + E)`` plus the fp32 terms below (either token
+of the pair may be the row: ``|e_q.(r~ - q~)| + |(q - r).e_r| <= (|e_q| + |e_r|) |q - r| + |e_q|
+(|e_q| + |e_r|)``); for TF32, ``a_t = 0`` and ``b_t = |e_t| R + |t| E + |e_t| E`` (``R`` the largest
+norm; ``|q~.r~ - q.r| <= |e_q| |r| + |q| |e_r| + |e_q| |e_r|``). The fp32 terms: the accumulation of
+the ``d + 4`` exact products adds at most ``gamma * sum|terms|`` with ``gamma = 2 (d + 4) 2^-24``
+(twice the textbook constant: fused pairs of products may round twice), the fp32 norms and their
+split ``(2 (d + 2) 2^-24 + 2^-16) (|n'| + max|m'|)``; products flushed to zero below fp32's normal
+range add 1e-30; every term is then inflated by 0.1 %. ``w = u_out / (1 - u_out)`` covers the output
+rounding (bf16 rounds to nearest: ``u_out = 2^-8``).
 
-``o* (1 - w) - A_q <= h* <= o* (1 + w) + A_q``.
+Consequence (:meth:`LowPrecisionBlocks.radius`): if ``o*`` is the smallest low-precision value of a row
+(a token against one volume, or the ``K``-th smallest over the volumes), every pair whose exact value
+can be the smallest (or among the ``K`` smallest) has a low-precision value at most
 
-Hence every token (and every volume) whose exact value can be the smallest has a low-precision value
-``<= radius(o*) = (o* (1 + w) + 2 A_q) / (1 - w)`` (:meth:`LowPrecisionBlocks.radius`). The assumptions
-are the ones of the hardware: operands rounded to nearest (bf16, by torch here) or truncated at worst
-(TF32), products exact, fp32 accumulation, one final rounding; ``tests/unit/test_mixed_precision.py``
-checks the bound against float64 on adversarial inputs on the machine it runs on.
+``radius(o*) = (o* (1 + w) + 2 a sqrt(2 H) + 2 b) / (1 - w)``, ``H = o* (1 + w) + b + a sqrt(2 H)``,
+
+where ``H`` bounds the exact value of the low-precision minimum. The assumptions are those of the
+hardware: operands rounded to nearest (bf16, by torch here) or truncated at worst (TF32), products
+exact, fp32 accumulation, one final rounding (on CUDA, bf16 GEMMs run without reduced-precision
+split-K reductions). ``tests/unit/test_mixed_precision.py`` checks the bound against float64 on
+adversarial tokens on the machine it runs on.
 """
 
 from __future__ import annotations
@@ -231,7 +241,10 @@ class LowPrecisionBlocks:
         split = 2.0 * (d + 2) * FP32_EPS + (2.0**-16 if self.right is not None else FP32_EPS)
         n = torch.where(valid, torch.maximum(self.left_half.abs(), self.right_half.abs()), 0.0)
         big_half = float(n.max())
-        offset = split * (n + big_half) + gamma * ((norms + errors) * (big_norm + big_error) + n + big_half)
+        # |hi| + |lo| of a split number is at most 1.01 times the number
+        offset = split * (n + big_half) + gamma * (
+            (norms + errors) * (big_norm + big_error) + 1.01 * (n + big_half)
+        )
         if self.right is None:  # hardware rounding (TF32): |q~.r~ - q.r| <= e_q |r| + |q| e_r + e_q e_r
             slope = torch.zeros_like(norms)
             offset += errors * big_norm + norms * big_error + errors * big_error

@@ -343,9 +343,6 @@ def bench_gpu(
         "precision_repeats": precision_repeats,
         "overrides": TINY_OVERRIDES if tiny else GPU_OVERRIDES,
     }
-    runs = [run_variant(cohort, folder / f"run-{v}", v, model_dir, opts) for v in variants.split(",")]
-    c_run = folder / "run-C" / "tokens"
-    precision = _precision_rows(c_run, opts) if c_run.is_dir() else []
     result = {
         "device": torch.cuda.get_device_name(0) if cuda and not tiny else "cpu (tiny)",
         "B": B,
@@ -357,19 +354,34 @@ def bench_gpu(
         else "random init (DINOv2-L/14 shapes)"
         if not tiny
         else "tiny",
-        "runs": runs,
-        "precision": precision,
-        "wall_s": round(time.perf_counter() - started, 1),
+        "runs": [],
+        "precision": [],
+        "wall_s": 0.0,
         "command": "python -m scripts.benchmarks gpu" + (" --tiny" if tiny else f" --B {B}"),
         "versions": {"torch": torch.__version__, "cuda": torch.version.cuda},
     }
+    doc_path = None if not doc else ROOT / doc if not Path(doc).is_absolute() else Path(doc)
+    # Results are written after every step, so that a run cut short by a time limit keeps what it got.
+    for variant in variants.split(","):
+        result["runs"].append(run_variant(cohort, folder / f"run-{variant}", variant, model_dir, opts))
+        _write(result, folder, doc_path, started)
+    c_run = folder / "run-C" / "tokens"
+    if c_run.is_dir():
+        result["precision"] = _precision_rows(c_run, opts)
+    markdown = _write(result, folder, doc_path, started)
+    print(markdown)
+    return result
+
+
+def _write(result: dict, folder: Path, doc: Path | None, started: float) -> str:
+    """``gpu.json``, ``gpu.md`` (and the ``doc`` block) of the results so far; the markdown."""
+    result["wall_s"] = round(time.perf_counter() - started, 1)
     (folder / "gpu.json").write_text(json.dumps(jsonable(result), indent=2))
     markdown = "\n".join(render(result))
     (folder / "gpu.md").write_text(markdown + "\n")
-    if doc:
-        write_block(ROOT / doc if not Path(doc).is_absolute() else Path(doc), markdown)
-    print(markdown)
-    return result
+    if doc is not None:
+        write_block(doc, markdown)
+    return markdown
 
 
 def render(result: dict) -> list[str]:

@@ -48,11 +48,19 @@ def _hard_tokens(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens, valid
 
 
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("precision", ["bf16", "tf32"])
-def test_every_block_value_is_within_its_bound(precision: str) -> None:
+def test_every_block_value_is_within_its_bound(precision: str, device: str) -> None:
     """|o - h| <= a_t sqrt(2 h) + b_t + w |o| for every pair, with either token as the query, against
-    float64 (tf32 runs as fp32 on the CPU: the check covers its code path, not TF32 hardware)."""
-    tokens, valid = _hard_tokens()
+    float64 (tf32 runs as fp32 on the CPU: there the check covers its code path; on a GPU, the TF32
+    tensor cores themselves)."""
+    tokens, valid = (x.to(device) for x in _hard_tokens())
     b, n, _ = tokens.shape
     half = (tokens.pow(2).sum(-1) / 2).masked_fill(~valid, math.inf)
     low = LowPrecisionBlocks(spec_of(precision), lambda v: tokens[v], lambda v, p: tokens[v, p], half)
@@ -87,9 +95,10 @@ def test_every_block_value_is_within_its_bound(precision: str) -> None:
         (24, 128, 128, 0.0, 0.1, 6),
     ],
 )
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("precision", ["bf16", "tf32"])
 def test_scores_equal_the_float64_brute_force_on_random_tokens(
-    b, n, d, invalid, rho, seed, precision
+    b, n, d, invalid, rho, seed, precision, device
 ) -> None:
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.nn.functional.normalize(torch.randn(b, n, d, generator=gen), dim=-1)
@@ -98,15 +107,16 @@ def test_scores_equal_the_float64_brute_force_on_random_tokens(
         valid = torch.rand(b, n, generator=gen) >= invalid
         valid[:, 0] = True
     expected = brute_force(tokens, valid, rho)
-    got = _mixed(tokens, valid, rho, precision)
+    on = (lambda x: x) if device == "cpu" else (lambda x: None if x is None else x.to(device))
+    got = _mixed(on(tokens), on(valid), rho, precision).cpu()
     assert (got.double() - expected).abs().max() < 1e-6
-    reference = mutual_similarity_scores(tokens, valid, rho)
+    reference = mutual_similarity_scores(on(tokens), on(valid), rho).cpu()
     assert (got - reference).abs().max() < 1e-5
 
 
 def _mixed(tokens, valid, rho, precision, **kwargs) -> torch.Tensor:  # noqa: ANN001, ANN003
     """The mixed scorer with ``precision`` (tf32 forced on the CPU, where it runs in fp32)."""
-    if precision == "bf16":
+    if precision == "bf16" or tokens.is_cuda:
         return mutual_similarity_scores(tokens, valid, rho, precision="bf16", **kwargs)
     original = scoring.resolve_precision
     scoring.resolve_precision = lambda p, device: p
