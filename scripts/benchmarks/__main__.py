@@ -195,6 +195,7 @@ def _add_gpu(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout_s", type=int, default=1800, help="limit per bundle run (default %(default)s)")
     p.add_argument("--precision_repeats", type=int, default=2, help="rounds of the distance-pass timing")
     p.add_argument("--doc", help="also rewrite the GPU block of this file, e.g. docs/performance.md")
+    p.add_argument("--render", dest="render_json", help="only render this gpu.json (e.g. from a GPU machine)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -484,7 +484,14 @@ def write_block(doc: Path, markdown: str) -> None:
     doc.write_text(text)
 
 
-def main(**kwargs) -> int:
-    """Entry of ``python -m scripts.benchmarks gpu``."""
+def main(render_json: str | None = None, **kwargs) -> int:
+    """Entry of ``python -m scripts.benchmarks gpu``; ``render_json``: only re-render a ``gpu.json``
+    (e.g. one returned from a lent GPU machine) into ``doc``."""
+    if render_json:
+        markdown = "\n".join(render(json.loads(Path(render_json).read_text())))
+        if kwargs.get("doc"):
+            write_block(ROOT / kwargs["doc"], markdown)
+        print(markdown)
+        return 0
     result = bench_gpu(**kwargs)
     return 0 if all("error" not in r for r in result["runs"]) and not math.isnan(result["wall_s"]) else 1

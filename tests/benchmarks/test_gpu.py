@@ -47,6 +47,10 @@ def test_gpu_command_runs_on_the_cpu_at_toy_sizes(tmp_path: Path) -> None:
     assert row["precision"] == "bf16" and row["max_abs_diff_mixed_fp32"] <= 1e-5
     table = (tmp_path / "gpu.md").read_text()
     assert "| C | 4 |" in table and "| MS | 4 |" in table and "3.2" in table and "8.4" in table
+    # A gpu.json returned from a GPU machine renders into a document's GPU block.
+    doc = tmp_path / "doc.md"
+    assert gpu.main(render_json=str(tmp_path / "gpu.json"), doc=str(doc)) == 0
+    assert gpu.BEGIN in doc.read_text() and "| MS | 4 |" in doc.read_text()
     # Volume 3 is subject 0 shifted, rescaled and noisy: no two volumes are identical.
     images = [nib.load(p).get_fdata() for p in sorted((tmp_path / "cohort_4_28" / "images").glob("*.nii"))]
     assert len(images) == 4 and not np.array_equal(images[0], images[3])
