@@ -285,13 +285,21 @@ class LowPrecisionBlocks:
     def block(
         self, left: torch.Tensor, a: int, rows: slice, c: int, refs_c: torch.Tensor | None, out: torch.Tensor
     ) -> torch.Tensor:
-        """``[rows, M]`` low-precision ``h`` of volume ``a``'s tokens ``rows`` to volume ``c``'s packed
-        tokens, in its *raw* form (:meth:`raw`), written into ``out`` (flat workspace of the block's
-        dtype); ``refs_c``: ``c``'s fp32 packed tokens (TF32 only)."""
-        q = left[rows]
+        """``[R, M]`` low-precision ``h`` of volume ``a``'s packed tokens from ``rows.start`` to volume
+        ``c``'s packed tokens, in its *raw* form (:meth:`raw`), written into ``out`` (flat workspace of
+        the block's dtype); ``refs_c``: ``c``'s fp32 packed tokens (TF32 only).
+
+        ``R`` is the number of ``rows`` rounded up to a multiple of :data:`ROW_BUCKET` (at most to the
+        last packed token): oneDNN builds a GEMM primitive for every new shape, which costs more than a
+        small GEMM, and row counts that vary from volume to volume would rebuild one every call. The
+        rows beyond ``rows`` are other tokens of ``a`` (padding tokens are ``+inf``): harmless to column
+        minima, and row minima are taken over the first ``len(rows)`` rows.
+        """
+        stop = min(self.half.shape[1], rows.start + _bucket(rows.stop - rows.start))
+        q = left[rows.start : stop]
         m = self.half.shape[1]
         block = out[: q.shape[0] * m].view(q.shape[0], m)
-        self._fill(block, q, self.half[a, rows], c, refs_c)
+        self._fill(block, q, self.half[a, rows.start : stop], c, refs_c)
         return self.raw(block)
 
     def _fill(
@@ -348,31 +356,45 @@ class LowPrecisionBlocks:
         """
         rows, vols = entries
         m = self.half.shape[1]
-        step = max(1, workspace.numel() // m)
+        step = max(ROW_BUCKET, workspace.numel() // m)
         out = torch.empty(rows.numel(), dtype=torch.float32, device=p_a.device)
-        for e0 in range(0, rows.numel(), step):
-            r, v = rows[e0 : e0 + step], vols[e0 : e0 + step]
-            block = workspace[: r.numel() * m].view(r.numel(), m)
-            volumes, counts = (x.tolist() for x in torch.unique_consecutive(v, return_counts=True))
-            start = 0
-            for vol, n in zip(volumes, counts, strict=True):
-                seg = r[start : start + n]
+        e0 = 0
+        for e1, segments in _chunks(vols, step):
+            at_row, start = [], 0
+            for vol, n in segments:  # one GEMM per volume, its rows padded to a bucket (see block())
+                seg = rows[e0 : e0 + n]
+                padded = torch.cat([seg, seg[:1].expand(_bucket(n) - n)])
                 refs = self.refs(vol) if self.right is None else None
-                self._fill(block[start : start + n], left_a[seg], self.half[a, seg], vol, refs)
-                start += n
-            out[e0 : e0 + r.numel()] = self._candidates_nearest(a, r, v, self.raw(block), p_a)
+                target = workspace[start * m : (start + padded.numel()) * m].view(padded.numel(), m)
+                self._fill(target, left_a[padded], self.half[a, padded], vol, refs)
+                at_row.append(torch.arange(start, start + n, device=rows.device))
+                start += padded.numel()
+                e0 += n
+            raw = self.raw(workspace[: start * m].view(start, m))
+            real = torch.cat(at_row)
+            out[e1 - real.numel() : e1] = self._candidates_nearest(
+                a, rows[e1 - real.numel() : e1], vols[e1 - real.numel() : e1], raw, real, p_a
+            )
         return out
 
     def _candidates_nearest(
-        self, a: int, rows: torch.Tensor, vols: torch.Tensor, raw: torch.Tensor, p_a: torch.Tensor
+        self,
+        a: int,
+        rows: torch.Tensor,
+        vols: torch.Tensor,
+        raw: torch.Tensor,
+        real: torch.Tensor,
+        p_a: torch.Tensor,
     ) -> torch.Tensor:
-        """The exact nearest distance per row of a stacked raw block (see :meth:`nearest`)."""
+        """The exact nearest distance of each entry ``(rows, vols)``, whose low-precision values are
+        the rows ``real`` of the stacked raw block (see :meth:`nearest`)."""
         minima, columns = _group_minima(self, raw)
+        minima = minima[real]
         limit = self.radius(minima.amin(dim=1), self.slope[a, rows], self.offset[a, rows])
         at, group = torch.nonzero(minima <= limit.unsqueeze(1), as_tuple=True)
         where = columns[group]  # [P, GROUPS] packed positions of each candidate group's tokens
         # The candidate tokens themselves (padding tokens are +inf, never candidates) ...
-        values = self.values(raw[at.unsqueeze(1), where])
+        values = self.values(raw[real[at].unsqueeze(1), where])
         pick, slot = torch.nonzero(values <= limit[at].unsqueeze(1), as_tuple=True)
         at, where = at[pick], where[pick, slot]
         # ... and their exact distances.
@@ -383,6 +405,33 @@ class LowPrecisionBlocks:
 
 #: reference tokens per candidate group of :meth:`LowPrecisionBlocks.nearest`
 GROUPS = 16
+#: GEMM row counts are rounded up to a multiple of this (see :meth:`LowPrecisionBlocks.block`)
+ROW_BUCKET = 32
+
+
+def _bucket(n: int) -> int:
+    return -(-n // ROW_BUCKET) * ROW_BUCKET
+
+
+def _chunks(vols: torch.Tensor, rows: int) -> Iterator[tuple[int, list[tuple[int, int]]]]:
+    """Consecutive runs of equal volumes in ``vols`` (sorted), grouped so that each group's rows,
+    padded to buckets, fit in ``rows``: ``(end index of the group, [(volume, count), ...])``. A run
+    longer than ``rows`` is split."""
+    volumes, counts = (x.tolist() for x in torch.unique_consecutive(vols, return_counts=True))
+    group, used, end = [], 0, 0
+    limit = max(ROW_BUCKET, rows // ROW_BUCKET * ROW_BUCKET)
+    for vol, n in zip(volumes, counts, strict=True):
+        while n:
+            take = min(n, limit)
+            if group and used + _bucket(take) > rows:
+                yield end, group
+                group, used = [], 0
+            group.append((vol, take))
+            used += _bucket(take)
+            end += take
+            n -= take
+    if group:
+        yield end, group
 
 
 def _group_minima(low: LowPrecisionBlocks, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,7 +30,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
-from scripts.mixed_precision import LowPrecisionBlocks, kth_smallest, resolve_precision, spec_of
+from scripts.mixed_precision import ROW_BUCKET, LowPrecisionBlocks, kth_smallest, resolve_precision, spec_of
 
 __all__ = [
     "num_neighbours",
@@ -48,6 +48,9 @@ __all__ = [
 DEFAULT_BLOCK_ELEMENTS = 1 << 21
 DEFAULT_QUERY_TILE = 1024
 DEFAULT_ROUTES = 16
+# precision="auto" takes the reduced-precision pass only when volumes have at least this many valid
+# tokens: below, the blocks are so small that per-call costs dominate (docs/performance.md).
+AUTO_MIN_TOKENS = 256
 # Elements of the reused buffer of gathered C2F fine candidates.
 CANDIDATE_ELEMENTS = 1 << 21
 
@@ -623,7 +626,7 @@ def _scores_mixed_symmetric(
     device = scores.device
     best = torch.full((b, m, k_store), float("inf"), dtype=torch.float32, device=device)
     best_id = torch.zeros((b, m, k_store), dtype=torch.int16, device=device)
-    workspace = low.workspace(pairs.workspace.numel())
+    workspace = low.workspace(max(pairs.workspace.numel(), (pairs.tile + ROW_BUCKET) * pairs.m))
     fallbacks = 0
     for a in range(b):
         count, p_a = pairs.counts[a], pairs.refs(a)
@@ -637,7 +640,7 @@ def _scores_mixed_symmetric(
             refs_c = pairs.refs(c) if low.right is None else None
             for rows in pairs.tiles(a):
                 block = low.block(left, a, rows, c, refs_c, workspace)
-                row_min[rows, j] = block.amin(dim=1)
+                row_min[rows, j] = block[: rows.stop - rows.start].amin(dim=1)
                 torch.minimum(columns[j], block.amin(dim=0), out=columns[j])
         values = torch.cat([best[a, :count], low.values(row_min)], dim=1)
         higher_ids = torch.tensor(higher, dtype=torch.long, device=device).expand(count, -1)
@@ -662,7 +665,7 @@ def _scores_mixed_per_volume(
     blocks of :func:`_scores_mixed_symmetric`, and the same fallback rule (its ``k_store``-th smallest
     lower value), so both orders give bit-identical scores. Returns the fallback tokens."""
     b, k_store = len(pairs.counts), _store_width(ks)
-    workspace = low.workspace(pairs.workspace.numel())
+    workspace = low.workspace(max(pairs.workspace.numel(), (pairs.tile + ROW_BUCKET) * pairs.m))
     fallbacks = 0
     for i in volumes:
         count, p_i = pairs.counts[i], pairs.refs(i)
@@ -681,7 +684,8 @@ def _scores_mixed_per_volume(
                 continue
             refs_c = pairs.refs(c) if low.right is None else None
             for rows in pairs.tiles(i):
-                profile[c, rows] = low.block(left_i, i, rows, c, refs_c, workspace).amin(dim=1)
+                block = low.block(left_i, i, rows, c, refs_c, workspace)
+                profile[c, rows] = block[: rows.stop - rows.start].amin(dim=1)
         values = low.values(profile).t()
         ids = torch.arange(b, device=scores.device).expand(count, -1)
         lower = (values, ids, kth_smallest(values[:, :i], k_store))
@@ -718,7 +722,8 @@ def mutual_similarity_scores(
         precision: the distance pass that chooses the neighbours: ``"fp32"`` (default, the reference),
             ``"bf16"`` or ``"tf32"`` (a reduced-precision pass whose candidates within its error
             bound are decided in fp32: :mod:`scripts.mixed_precision`; the chosen distances are exact
-            either way), or ``"auto"`` (:func:`scripts.mixed_precision.resolve_precision`).
+            either way), or ``"auto"`` (:func:`scripts.mixed_precision.resolve_precision`; fp32 when
+            no volume has :data:`AUTO_MIN_TOKENS` valid tokens).
 
     Returns:
         ``[B, N]`` fp32 scores on the device of ``tokens``.
@@ -732,8 +737,11 @@ def mutual_similarity_scores(
     same = _same_subject(groups, b)
     ks = _neighbours_per_volume(b, rho, same)
     wanted = _check_volumes(volumes, b)
+    auto = str(precision).strip().lower() == "auto"
     precision = resolve_precision(precision, tokens.device)
     pairs = _PairBlocks(tokens, valid, query_tile, block_elements)
+    if auto and pairs.m < AUTO_MIN_TOKENS:
+        precision = "fp32"  # small blocks: fixed costs dominate and the exact pass is as fast
     scores = torch.zeros(b, n, dtype=torch.float32, device=tokens.device)
     low = None if precision == "fp32" else _low_blocks(pairs, precision)
     # The pair-symmetric order keeps a [B, M, K] top-K store (fp32 + int16; K + extra for the mixed

@@ -223,3 +223,20 @@ def test_resolve_precision(monkeypatch: pytest.MonkeyPatch) -> None:
         resolve_precision("fp16", "cpu")
     with pytest.raises(ValueError, match="fp16"):
         mutual_similarity_scores(torch.rand(3, 4, 2), precision="fp16")
+
+
+def test_auto_takes_the_reduced_pass_only_for_large_enough_volumes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto: fp32 while no volume has AUTO_MIN_TOKENS valid tokens (per-call costs dominate there)."""
+    monkeypatch.setattr(mp, "cpu_has_native_bf16", lambda: True)
+    passes = []
+    low_blocks = scoring._low_blocks
+    monkeypatch.setattr(scoring, "_low_blocks", lambda pairs, p: passes.append(p) or low_blocks(pairs, p))
+    gen = torch.Generator().manual_seed(0)
+    small = torch.nn.functional.normalize(
+        torch.randn(4, scoring.AUTO_MIN_TOKENS - 1, 8, generator=gen), dim=-1
+    )
+    mutual_similarity_scores(small, None, 0.5, precision="auto")
+    assert passes == []
+    large = torch.nn.functional.normalize(torch.randn(3, scoring.AUTO_MIN_TOKENS, 8, generator=gen), dim=-1)
+    got = mutual_similarity_scores(large, None, 0.5, precision="auto")
+    assert passes == ["bf16"] and (got.double() - brute_force(large, None, 0.5)).abs().max() < 1e-6
