@@ -120,8 +120,11 @@ def run_record(evaluator: CS3FEvaluator) -> dict:
         "tokens": evaluator.token_stats or token_stats(evaluator.bank),
         "versions": versions(),
         "device": str(evaluator.state.device),
-        # the distance pass the C scorer ran with (score_precision resolved on the scoring device)
-        "score_precision": resolve_precision(scorer.precision, scorer.score_device or evaluator.state.device),
+        # the distance pass of the exact C scorer (score_precision resolved on the scoring device); the
+        # C2F (F/MS), random:N and bank scorers run in fp32
+        "score_precision": resolve_precision(scorer.precision, scorer.score_device or evaluator.state.device)
+        if scorer.variant == "C" and evaluator.inferer.references.mode in ("all", "chunks")
+        else "fp32",
         "outputs": dict(evaluator.outputs),
     }
     if evaluator.reference is not None:
