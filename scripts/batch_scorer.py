@@ -14,13 +14,29 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from scripts.scoring import c2f_scores, mutual_similarity_scores, reference_scores, subset_scores
+from scripts.mixed_precision import PRECISIONS
+from scripts.scoring import (
+    DEFAULT_BLOCK_ELEMENTS,
+    DEFAULT_QUERY_TILE,
+    c2f_scores,
+    mutual_similarity_scores,
+    reference_scores,
+    subset_scores,
+)
 from scripts.tokens import FINE_SUFFIX, TokenGrid, VolumeTokens, batch_of, check_same_grids, children_last
 
-__all__ = ["BatchScorer", "TokenScores"]
+__all__ = ["BatchScorer", "TokenScores", "check_precision"]
 
 #: per volume, ``{key: [M, P, P]}`` fp32 token scores (``{}`` for volumes that were not queried)
 TokenScores = list[dict[str, torch.Tensor]]
+
+
+def check_precision(precision: str) -> str:
+    """``precision`` normalised (one of :data:`scripts.mixed_precision.PRECISIONS`), or ``ValueError``."""
+    name = str(precision).strip().lower()
+    if name not in PRECISIONS:
+        raise ValueError(f"score_precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return name
 
 
 class BatchScorer:
@@ -34,6 +50,8 @@ class BatchScorer:
         block_elements: scorer block budget.
         score_device: device of the scoring step (default: where the tokens are).
         progress: show a progress bar over the (axis, layer) keys.
+        precision: distance pass of the exact C scorer (``"fp32"``, ``"bf16"``, ``"tf32"`` or ``"auto"``,
+            see :func:`scripts.scoring.mutual_similarity_scores`); the other scorers run in fp32.
     """
 
     def __init__(
@@ -45,10 +63,23 @@ class BatchScorer:
         block_elements: int,
         score_device: torch.device | None = None,
         progress: bool = False,
+        precision: str = "fp32",
     ) -> None:
         self.variant, self.rho, self.L = variant, rho, L
         self.query_tile, self.block_elements = query_tile, block_elements
         self.score_device, self.progress = score_device, progress
+        self.precision = check_precision(precision)
+
+    def budget(self, device: torch.device) -> tuple[int, int]:
+        """``(query_tile, block_elements)`` on ``device``: as given on the CPU; on a GPU, the defaults
+        grow with the free memory (blocks of up to 2^27 fp32 elements, 1/16 of what is free, and query
+        tiles of whole volumes), since every block is a few kernel launches whatever its size."""
+        tile, block = self.query_tile, self.block_elements
+        if device.type != "cuda" or (tile, block) != (DEFAULT_QUERY_TILE, DEFAULT_BLOCK_ELEMENTS):
+            return tile, block
+        free, _ = torch.cuda.mem_get_info(device)
+        block = max(block, min(1 << 27, free // (16 * 4)))
+        return max(tile, 1 << 14), block
 
     def _key_batches(
         self, bank: Sequence[VolumeTokens], keys: Sequence[str], desc: str
@@ -95,14 +126,16 @@ class BatchScorer:
         for key, shape, tokens, valid in self._key_batches(bank, coarse_keys, "scoring (axis/layer)"):
             try:
                 if self.variant == "C":
+                    tile, block = self.budget(tokens.device)
                     scores = mutual_similarity_scores(
                         tokens,
                         valid,
                         self.rho,
-                        self.query_tile,
-                        self.block_elements,
+                        tile,
+                        block,
                         volumes=queries,
                         groups=subjects,
+                        precision=self.precision,
                     )
                 else:
                     scores = self._c2f(bank, key, shape, tokens, valid, (queries, wanted, subjects), results)
@@ -134,6 +167,7 @@ class BatchScorer:
             )
             for attr in ("tokens", "valid")
         )
+        tile, block = self.budget(tokens.device)
         scores, fine_scores = c2f_scores(
             tokens,
             fine,
@@ -141,8 +175,8 @@ class BatchScorer:
             fine_valid,
             self.rho,
             self.L,
-            self.query_tile,
-            self.block_elements,
+            tile,
+            block,
             volumes=queries,
             groups=subjects,
         )

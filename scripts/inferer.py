@@ -93,6 +93,9 @@ class CS3FInferer(Inferer):
         L: coarse routes per (query coarse token, reference volume) of the C2F search (Eq. 6).
         references: the reference set (:class:`scripts.references.ReferenceSet`): ``"all"`` (the
             paper), ``"chunks:N"``, ``"random:N"`` or ``"bank:DIR"`` (scored by :meth:`score_references`).
+        score_precision: distance pass of the exact C scorer: ``"fp32"`` (default, the reference),
+            ``"bf16"``, ``"tf32"`` (CUDA) or ``"auto"`` (:func:`scripts.mixed_precision.resolve_precision`);
+            a reduced-precision pass only proposes candidates, decided in fp32 (scores equal to fp32's).
         edge: ``"zero"`` (the paper: invalid tokens enter the interpolation as zeros) or
             ``"normalized"`` (voxels near the mask's edge take the valid tokens' scores only; see
             :mod:`scripts.anomaly_map`).
@@ -123,6 +126,7 @@ class CS3FInferer(Inferer):
         smooth_mm: float = 0.0,
         chunk_size: int | None = None,
         n_references: int | None = None,
+        score_precision: str = "fp32",
     ) -> None:
         super().__init__()
         reject_replaced_keys(chunk_size=chunk_size, n_references=n_references)
@@ -155,6 +159,7 @@ class CS3FInferer(Inferer):
             int(block_elements),
             torch.device(score_device) if score_device is not None else None,
             progress,
+            score_precision,
         )
 
     @property
@@ -318,4 +323,5 @@ class CS3FInferer(Inferer):
             **({"references": str(self.references)} if self.references.mode != "all" else {}),
             **({"edge": self.edge} if self.edge != "zero" else {}),
             **({"smooth_mm": self.smooth_mm} if self.smooth_mm else {}),
+            **({"score_precision": self.scorer.precision} if self.scorer.precision != "fp32" else {}),
         }

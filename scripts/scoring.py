@@ -30,6 +30,8 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
+from scripts.mixed_precision import ROW_BUCKET, LowPrecisionBlocks, kth_smallest, resolve_precision, spec_of
+
 __all__ = [
     "num_neighbours",
     "mutual_similarity_scores",
@@ -46,6 +48,9 @@ __all__ = [
 DEFAULT_BLOCK_ELEMENTS = 1 << 21
 DEFAULT_QUERY_TILE = 1024
 DEFAULT_ROUTES = 16
+# precision="auto" takes the reduced-precision pass only when volumes have at least this many valid
+# tokens: below, the blocks are so small that per-call costs dominate (docs/performance.md).
+AUTO_MIN_TOKENS = 256
 # Elements of the reused buffer of gathered C2F fine candidates.
 CANDIDATE_ELEMENTS = 1 << 21
 
@@ -320,20 +325,30 @@ def _mean_distance_to(
     there (see :func:`_mean_of_k_nearest_exact`)."""
     nq, k = chosen.shape
     dist = torch.empty(nq, k, dtype=torch.float32, device=queries.device)
-    m = ref_sq_norms.shape[1]
-    rows = max(1, block_elements // max(1, m))
     for v in chosen.unique().tolist():
         at, slot = torch.nonzero(chosen == v, as_tuple=True)
         positions = None if index is None else index[v].to(tokens.device)
         refs = tokens[v] if positions is None else tokens[v][positions]
         refs = refs.to(device=queries.device, dtype=torch.float32)
-        norms = ref_sq_norms[v].to(queries.device).unsqueeze(0)
-        for r0 in range(0, at.numel(), rows):
-            part_at, part_slot = at[r0 : r0 + rows], slot[r0 : r0 + rows]
-            q = queries[part_at]
-            nearest = torch.addmm(norms, q, refs.t(), alpha=-2.0).argmin(dim=1)
-            dist[part_at, part_slot] = (q - refs[nearest]).norm(dim=1)
+        dist[at, slot] = _nearest_distances(queries[at], refs, ref_sq_norms[v], block_elements)
     return dist.mean(dim=1)
+
+
+def _nearest_distances(
+    queries: torch.Tensor, refs: torch.Tensor, sq_norms: torch.Tensor, block_elements: int
+) -> torch.Tensor:
+    """``[Q]`` fp32 distance of each query to its nearest token of one volume (``refs [M, d]`` fp32,
+    ``sq_norms [M]``, ``+inf`` where invalid): the nearest chosen by one fp32 GEMM, the distance then
+    recomputed as ``|q - r|`` (exact near 0, where the GEMM form loses ~sqrt(eps)|v|). A few rows at a
+    time, within ``block_elements``."""
+    rows = max(1, block_elements // max(1, refs.shape[0]))
+    norms = sq_norms.to(queries.device).unsqueeze(0)
+    out = torch.empty(queries.shape[0], dtype=torch.float32, device=queries.device)
+    for r0 in range(0, queries.shape[0], rows):
+        q = queries[r0 : r0 + rows]
+        nearest = torch.addmm(norms, q, refs.t(), alpha=-2.0).argmin(dim=1)
+        out[r0 : r0 + rows] = (q - refs[nearest]).norm(dim=1)
+    return out
 
 
 def _query_tiles(index: torch.Tensor, tile: int) -> Iterator[torch.Tensor]:
@@ -412,6 +427,11 @@ class _PairBlocks:
         """``[M, d]`` fp32 packed tokens of volume ``b`` (its valid tokens first)."""
         t = self.tokens[b] if self.index is None else self.tokens[b][self.index[b]]
         return t.float()
+
+    def gather(self, volumes: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """fp32 tokens of ``volumes`` at their packed ``positions`` (two index tensors of one shape)."""
+        at = positions if self.index is None else self.index[volumes, positions]
+        return self.tokens[volumes.to(self.tokens.device), at.to(self.tokens.device)].float()
 
     def tiles(self, a: int) -> list[slice]:
         """Packed positions of volume ``a``'s query tiles (its valid tokens are packed first)."""
@@ -520,6 +540,160 @@ def _scores_pair_symmetric(
             best_id[c] = ids.gather(1, keep)
 
 
+def _low_blocks(pairs: _PairBlocks, precision: str) -> LowPrecisionBlocks:
+    """The reduced-precision blocks of ``pairs`` (half squared norms, per-token slacks)."""
+    return LowPrecisionBlocks(spec_of(precision), pairs.refs, pairs.gather, pairs.norms / 2.0)
+
+
+def _store_width(ks: Sequence[int]) -> int:
+    """Lower volumes kept per token by the mixed pair-symmetric order: the ``K`` nearest and as many
+    again (at least 4) for the candidates that the error bound cannot tell from them. A token whose
+    last kept value is still a candidate falls back to all volumes (:func:`_mixed_volume_scores`)."""
+    k = max(ks)
+    return k + max(8, 2 * k)
+
+
+def _mixed_volume_scores(
+    pairs: _PairBlocks,
+    low: LowPrecisionBlocks,
+    a: int,
+    operands: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    profile: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    k: int,
+    scores: torch.Tensor,
+    skip: Sequence[int],
+) -> int:
+    """Exact Eq. 2 for the valid tokens of volume ``a`` from their low-precision profile.
+
+    ``operands = (p_a, left_a, workspace)``: ``a``'s fp32 packed tokens, their low-precision left
+    operand and a workspace. ``profile = (values [count, W], ids [count, W], lower_kth [count])``:
+    low-precision nearest ``h`` per (token, volume ``ids``) and the ``k_store``-th smallest over the
+    lower volumes (``+inf`` if fewer). The candidates of a token are the volumes whose value is within
+    the error bound of its ``k``-th smallest (:meth:`LowPrecisionBlocks.radius`): they hold every volume
+    that can be among its ``k`` nearest. Each candidate's nearest distance is then found exactly
+    (:meth:`LowPrecisionBlocks.nearest`: the tokens within the bound, their distances ``|q - r|`` in
+    fp32) and the ``k`` smallest are averaged. A token whose last kept lower value is a candidate too
+    (the store may have dropped others) takes every volume but ``a`` and ``skip``: full search.
+
+    Returns the number of such fallback tokens.
+    """
+    p_a, left, workspace = operands
+    values, ids, lower_kth = profile
+    count, b = values.shape[0], len(pairs.counts)
+    limit = low.limits(a, slice(0, count), kth_smallest(values, k))
+    fallback = lower_kth <= limit
+    want = torch.zeros(b, count, dtype=torch.bool, device=values.device)
+    at, slot = torch.nonzero(values <= limit.unsqueeze(1), as_tuple=True)
+    want[ids[at, slot], at] = True
+    want[:, fallback] = True
+    want[[a, *skip]] = False
+    vols, rows = torch.nonzero(want, as_tuple=True)  # sorted by volume
+    dist = torch.full((count, b), float("inf"), dtype=torch.float32, device=values.device)
+    dist[rows, vols] = low.nearest(a, (rows, vols), left, p_a, workspace)
+    where = torch.arange(count, device=scores.device) if pairs.index is None else pairs.index[a, :count]
+    scores[a, where] = dist.topk(k, dim=1, largest=False).values.mean(dim=1)
+    return int(fallback.sum())
+
+
+def _keep_smallest(
+    best: tuple[torch.Tensor, torch.Tensor], new: torch.Tensor, volume: int, chunk: int = 16
+) -> None:
+    """Fold one more volume's values ``new [H, M]`` into the stores ``best = (values [H, M, k],
+    ids [H, M, k])`` of ``H`` volumes, keeping the ``k`` smallest (``chunk`` volumes at a time)."""
+    values, ids = best
+    k = values.shape[2]
+    for h0 in range(0, new.shape[0], chunk):
+        h1 = min(h0 + chunk, new.shape[0])
+        merged = torch.cat([values[h0:h1], new[h0:h1].unsqueeze(2)], dim=2)
+        merged_ids = torch.cat([ids[h0:h1], torch.full_like(ids[h0:h1, :, :1], volume)], dim=2)
+        keep = merged.topk(k, dim=2, largest=False).indices
+        values[h0:h1] = merged.gather(2, keep)
+        ids[h0:h1] = merged_ids.gather(2, keep)
+
+
+def _scores_mixed_symmetric(
+    pairs: _PairBlocks,
+    low: LowPrecisionBlocks,
+    ks: Sequence[int],
+    scores: torch.Tensor,
+    same: Sequence[Sequence[int]],
+) -> int:
+    """:func:`_scores_pair_symmetric` with the low-precision pass: one reduced-precision block per volume
+    pair and tile, its row minima for the row volume and its column minima into a running store of
+    the ``k_store`` (:func:`_store_width`) smallest values of each higher volume's tokens; each volume's
+    scores from its candidates, exactly (:func:`_mixed_volume_scores`). Returns the fallback tokens."""
+    b, m, k_store = len(pairs.counts), pairs.m, _store_width(ks)
+    device = scores.device
+    best = torch.full((b, m, k_store), float("inf"), dtype=torch.float32, device=device)
+    best_id = torch.zeros((b, m, k_store), dtype=torch.int16, device=device)
+    workspace = low.workspace(max(pairs.workspace.numel(), (pairs.tile + ROW_BUCKET) * pairs.m))
+    fallbacks = 0
+    for a in range(b):
+        count, p_a = pairs.counts[a], pairs.refs(a)
+        left = low.left(a, p_a)
+        higher = list(range(a + 1, b))
+        row_min = low.raw_full((count, len(higher)))
+        columns = low.raw_full((len(higher), m))
+        for j, c in enumerate(higher):
+            if c in same[a]:
+                continue
+            refs_c = pairs.refs(c) if low.right is None else None
+            for rows in pairs.tiles(a):
+                block = low.block(left, a, rows, c, refs_c, workspace)
+                row_min[rows, j] = block[: rows.stop - rows.start].amin(dim=1)
+                torch.minimum(columns[j], block.amin(dim=0), out=columns[j])
+        values = torch.cat([best[a, :count], low.values(row_min)], dim=1)
+        higher_ids = torch.tensor(higher, dtype=torch.long, device=device).expand(count, -1)
+        ids = torch.cat([best_id[a, :count].long(), higher_ids], dim=1)
+        profile = (values, ids, best[a, :count, -1])
+        operands = (p_a, left, workspace)
+        fallbacks += _mixed_volume_scores(pairs, low, a, operands, profile, ks[a], scores, same[a])
+        # Volume a is now a complete column of every higher volume's profile.
+        _keep_smallest((best[a + 1 :], best_id[a + 1 :]), low.values(columns), a)
+    return fallbacks
+
+
+def _scores_mixed_per_volume(
+    pairs: _PairBlocks,
+    low: LowPrecisionBlocks,
+    volumes: Sequence[int],
+    ks: Sequence[int],
+    scores: torch.Tensor,
+    same: Sequence[Sequence[int]],
+) -> int:
+    """:func:`_scores_per_volume` with the low-precision pass: each volume's profile from the very
+    blocks of :func:`_scores_mixed_symmetric`, and the same fallback rule (its ``k_store``-th smallest
+    lower value), so both orders give bit-identical scores. Returns the fallback tokens."""
+    b, k_store = len(pairs.counts), _store_width(ks)
+    workspace = low.workspace(max(pairs.workspace.numel(), (pairs.tile + ROW_BUCKET) * pairs.m))
+    fallbacks = 0
+    for i in volumes:
+        count, p_i = pairs.counts[i], pairs.refs(i)
+        profile = low.raw_full((b, count))
+        refs_i = p_i if low.right is None else None
+        for a in range(i):
+            if a in same[i]:
+                continue
+            left_a = low.left(a, pairs.refs(a))
+            for rows in pairs.tiles(a):
+                col = low.block(left_a, a, rows, i, refs_i, workspace).amin(dim=0)[:count]
+                torch.minimum(profile[a], col, out=profile[a])
+        left_i = low.left(i, p_i)
+        for c in range(i + 1, b):
+            if c in same[i]:
+                continue
+            refs_c = pairs.refs(c) if low.right is None else None
+            for rows in pairs.tiles(i):
+                block = low.block(left_i, i, rows, c, refs_c, workspace)
+                profile[c, rows] = block[: rows.stop - rows.start].amin(dim=1)
+        values = low.values(profile).t()
+        ids = torch.arange(b, device=scores.device).expand(count, -1)
+        lower = (values, ids, kth_smallest(values[:, :i], k_store))
+        operands = (p_i, left_i, workspace)
+        fallbacks += _mixed_volume_scores(pairs, low, i, operands, lower, ks[i], scores, same[i])
+    return fallbacks
+
+
 def mutual_similarity_scores(
     tokens: torch.Tensor,
     valid: torch.Tensor | None = None,
@@ -528,6 +702,7 @@ def mutual_similarity_scores(
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     volumes: Sequence[int] | None = None,
     groups: Sequence[object] | None = None,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Exact mutual-similarity anomaly scores (Eq. 1-2), tiled.
 
@@ -544,30 +719,46 @@ def mutual_similarity_scores(
             scans, follow-ups, copies) are never references for each other, and each volume's ``K`` is
             Eq. 2 over the references it has: ``max(1, floor(rho * (B - S)))`` for a subject with
             ``S`` scans. ``None``: every volume is its own subject (the paper).
+        precision: the distance pass that chooses the neighbours: ``"fp32"`` (default, the reference),
+            ``"bf16"`` or ``"tf32"`` (a reduced-precision pass whose candidates within its error
+            bound are decided in fp32: :mod:`scripts.mixed_precision`; the chosen distances are exact
+            either way), or ``"auto"`` (:func:`scripts.mixed_precision.resolve_precision`; fp32 when
+            no volume has :data:`AUTO_MIN_TOKENS` valid tokens).
 
     Returns:
         ``[B, N]`` fp32 scores on the device of ``tokens``.
 
     Raises:
-        ValueError: ``B < 2``, bad shapes, bad ``rho``, a volume without any valid token, or a volume
-            whose subject holds every other volume of the batch.
+        ValueError: ``B < 2``, bad shapes, bad ``rho``, a volume without any valid token, a volume
+            whose subject holds every other volume of the batch, or an unknown ``precision``.
     """
     valid = _check_inputs(tokens, valid)
     b, n, _ = tokens.shape
     same = _same_subject(groups, b)
     ks = _neighbours_per_volume(b, rho, same)
-    k = max(ks)
     wanted = _check_volumes(volumes, b)
+    auto = str(precision).strip().lower() == "auto"
+    precision = resolve_precision(precision, tokens.device)
     pairs = _PairBlocks(tokens, valid, query_tile, block_elements)
+    if auto and pairs.m < AUTO_MIN_TOKENS:
+        precision = "fp32"  # small blocks: fixed costs dominate and the exact pass is as fast
     scores = torch.zeros(b, n, dtype=torch.float32, device=tokens.device)
-    # The pair-symmetric order keeps a [B, M, K] top-K store (fp32 + int16): used when every volume
-    # is a query and the store stays within an eighth of the bank (or one block).
-    store = b * pairs.m * k * 6
+    low = None if precision == "fp32" else _low_blocks(pairs, precision)
+    # The pair-symmetric order keeps a [B, M, K] top-K store (fp32 + int16; K + extra for the mixed
+    # pass): used when every volume is a query and the store stays within an eighth of the bank (or
+    # one block).
+    store = b * pairs.m * (max(ks) if low is None else _store_width(ks)) * 6
     bank_bytes = tokens.numel() * tokens.element_size()
-    if set(wanted) == set(range(b)) and b < 2**15 and store <= max(bank_bytes // 8, 4 * block_elements):
-        _scores_pair_symmetric(pairs, ks, scores, same)
-    else:
+    symmetric = set(wanted) == set(range(b)) and b < 2**15
+    if symmetric and store <= max(bank_bytes // 8, 4 * block_elements):
+        if low is None:
+            _scores_pair_symmetric(pairs, ks, scores, same)
+        else:
+            _scores_mixed_symmetric(pairs, low, ks, scores, same)
+    elif low is None:
         _scores_per_volume(pairs, wanted, ks, scores, same)
+    else:
+        _scores_mixed_per_volume(pairs, low, wanted, ks, scores, same)
     return scores
 
 

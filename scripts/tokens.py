@@ -263,7 +263,7 @@ class Tokenizer:
             mean=getattr(encoder, "mean", default.mean.flatten().tolist()),
             std=getattr(encoder, "std", default.std.flatten().tolist()),
         )
-        volume_dev = volume.to(device)
+        volume_dev = volume.to(device, non_blocking=True)  # from pinned memory: no wait on the host
         out = VolumeTokens(spatial_shape=tuple(volume.shape[1:]))
         for axis in self.axes:
             grids = self._axis_grids(volume_dev, encoder, slicer, axis, device)

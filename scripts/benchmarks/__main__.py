@@ -6,6 +6,8 @@ Usage from the bundle root::
     python -m scripts.benchmarks run --sections scoring,profile --threads 1
     python -m scripts.benchmarks run --doc docs/performance.md     # rewrite the tracked report
     python -m scripts.benchmarks c2f --B 24 --n_coarse 2048 --h 4 --Ls 1,4,16,64
+    python -m scripts.benchmarks mixed --cache eval/tokens           # mixed precision vs fp32 vs baseline
+    python -m scripts.benchmarks gpu                                 # the paper's brain setting on a GPU
     python -m scripts.benchmarks scaling metrics --cohort COHORT --out RUNS
     python -m scripts.benchmarks scaling costs --bank BANK --sizes 16,32,64
 
@@ -150,15 +152,65 @@ def _add_quality(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--smooth", default="0", help="smooth_mm values of the map variants (default %(default)s)")
 
 
+def _add_mixed(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "mixed",
+        help="mixed-precision scoring vs the exact fp32 scorer vs the MuSc-style baseline",
+        description="Time the three scorers interleaved on random unit tokens and on the real tokens of a "
+        "token cache; print a table and the JSON result (scripts.benchmarks.mixed_bench).",
+    )
+    p.add_argument("--B", type=int, default=24, help="volumes of the random case (default %(default)s)")
+    p.add_argument("--N", type=int, default=2048, help="tokens per volume (default %(default)s)")
+    p.add_argument("--d", type=int, default=128, help="token dimension (default %(default)s)")
+    p.add_argument(
+        "--cache", help="token cache of a bundle run (e.g. eval/tokens after the demo): real tokens"
+    )
+    p.add_argument(
+        "--keys", choices=("all", "largest"), default="all", help="(axis, layer) grids of the cache"
+    )
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default %(default)s)")
+    p.add_argument("--rho", type=float, default=0.1, help="neighbour ratio (default %(default)s)")
+    p.add_argument("--threads", dest="threads_", type=int, help="torch intra-op threads (default: unchanged)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
+    p.add_argument(
+        "--precision", default="auto", help="reduced-precision pass: auto, bf16 or tf32 (default %(default)s)"
+    )
+
+
+def _add_gpu(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "gpu",
+        help="the paper's brain setting end to end on a GPU (beside the paper's Table 6)",
+        description="Synthetic 224^3 cohort, DINOv2-L/14 (models/dinov2-large, or random weights of its "
+        "shapes), configs/paper_brain_mri.json, C and MS: seconds per volume and stage, peak VRAM, GPU "
+        "utilisation, distance passes of the scorer (scripts.benchmarks.gpu). --tiny: the CPU smoke run.",
+    )
+    p.add_argument("--B", type=int, default=180, help="volumes (default %(default)s, the paper's)")
+    p.add_argument("--size", type=int, default=224, help="volume side in voxels (default %(default)s)")
+    p.add_argument("--variants", default="C,MS", help="comma-separated variants (default %(default)s)")
+    p.add_argument("--out", default="bench_out/gpu", help="output folder (default %(default)s)")
+    p.add_argument("--tiny", action="store_true", help="toy sizes on the CPU (B 4, 28^3, a 2-layer ViT): CI")
+    p.add_argument("--workers", type=int, default=8, help="data loader processes (default %(default)s)")
+    p.add_argument("--pool", type=int, default=32, help="distinct synthetic subjects (default %(default)s)")
+    p.add_argument("--score_precision", default="auto", help="score_precision of the runs (default auto)")
+    p.add_argument("--encoder_precision", default="auto", help="encoder_precision of the runs (default auto)")
+    p.add_argument("--timeout_s", type=int, default=1800, help="limit per bundle run (default %(default)s)")
+    p.add_argument("--precision_repeats", type=int, default=2, help="rounds of the distance-pass timing")
+    p.add_argument("--doc", help="also rewrite the GPU block of this file, e.g. docs/performance.md")
+    p.add_argument("--render", dest="render_json", help="only render this gpu.json (e.g. from a GPU machine)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m scripts.benchmarks``."""
     parser = argparse.ArgumentParser(
         prog="python -m scripts.benchmarks",
         description="Benchmarks of the CS3F bundle (run from the bundle root).",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,c2f,scaling,quality}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,c2f,scaling,quality,mixed,gpu}")
     _add_run(sub)
     _add_c2f(sub)
+    _add_mixed(sub)
+    _add_gpu(sub)
     _add_scaling(sub)
     _add_quality(sub)
     return parser
@@ -176,6 +228,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from scripts.benchmarks.c2f import main as c2f_main
 
         c2f_main(**args)
+    elif command == "gpu":
+        from scripts.benchmarks.gpu import main as gpu_main
+
+        return gpu_main(**args)
+    elif command == "mixed":
+        from scripts.benchmarks.mixed_bench import main as mixed_main
+
+        mixed_main(**args)
     elif command == "quality":
         from scripts.benchmarks.quality import run_quality
 

@@ -5,6 +5,8 @@ Sections (each module holds its measurement and its markdown):
 1. ``gemm``      GEMM roofline of the scorer's shapes (:mod:`~scripts.benchmarks.gemm`).
 2. ``scoring``   exact scorer GFLOP/s and fraction of (1) (:mod:`~scripts.benchmarks.scoring_bench`).
 3. ``baseline``  the MuSc-style baseline on the same tokens: speed ratio and score agreement.
+2b. ``mixed``    mixed-precision scoring vs fp32 vs the baseline, random and real tokens
+   (:mod:`~scripts.benchmarks.mixed_bench`).
 4. ``c2f``       coarse-to-fine vs exhaustive fine (:mod:`~scripts.benchmarks.c2f_section`).
 5. ``tokenize``  bare encoder vs the full tokenize path (:mod:`~scripts.benchmarks.tokenize_bench`).
 6. ``memory``    peak RSS of bundle runs at B and 2B volumes (:mod:`~scripts.benchmarks.memory`).
@@ -31,6 +33,7 @@ from scripts.benchmarks.c2f_section import bench_c2f_section
 from scripts.benchmarks.gemm import bench_gemm
 from scripts.benchmarks.machine import machine_info
 from scripts.benchmarks.memory import bench_bundle
+from scripts.benchmarks.mixed_bench import bench_mixed
 from scripts.benchmarks.profile_bench import bench_profile
 from scripts.benchmarks.report import COMMAND, check_doc, evaluate_targets, write_markdown
 from scripts.benchmarks.scoring_bench import baseline_summary, bench_scoring
@@ -128,6 +131,9 @@ def _run_sections(
         mem, e2e = runner.run("memory+e2e", lambda: bench_bundle(cfg, dev, out), fallback=lambda f: (f, f))
         real_run = mem["runs"][-1]["output_dir"] if "runs" in mem else real_run
         res.update({k: v for k, v in (("memory", mem), ("e2e", e2e)) if k in chosen})
+    if "mixed" in chosen:
+        cache = Path(real_run) / "tokens" if real_run else None
+        res["mixed"] = runner.run("mixed", lambda: bench_mixed(cfg, dev, cache))
     if "profile" in chosen:
         res["profile"] = runner.run("profile", lambda: bench_profile(cfg, dev, real_run))
 

@@ -14,6 +14,7 @@ from scripts.benchmarks import (
     gemm,
     machine,
     memory,
+    mixed_bench,
     profile_bench,
     scoring_bench,
     tokenize_bench,
@@ -29,6 +30,7 @@ TARGET_ROOFLINE = 0.50  # exact scoring >= 50 % of the fp32 GEMM roofline
 TARGET_BASELINE = 3.0  # exact scoring >= 3x the MuSc-style baseline
 TARGET_TOKENIZE = 0.15  # tokenization overhead <= 15 % over the bare encoder
 TARGET_MEMORY = 0.10  # RSS growth B -> 2B <= bank growth + 10 %
+TARGET_MIXED_DIFF = 1e-5  # mixed-precision scores equal the fp32 scores within this
 
 
 def _worst_case(r: dict) -> str:
@@ -85,6 +87,34 @@ def _memory_target(mem: dict) -> dict:
     }
 
 
+def _mixed_targets(rows: list[dict]) -> list[dict]:
+    """Mixed-precision scoring: >= 3x the baseline on random tokens and on real ones (their total, or
+    the one real case), scores equal to fp32's within 1e-5."""
+    chosen = [r for r in rows if r["case"].startswith("random")]
+    real = [r for r in rows if r["case"].startswith("real")]
+    chosen += [r for r in real if r["case"] == "real, all keys"] or real[:1]
+    worst = min(chosen, key=lambda r: r["baseline_over_mixed"])
+    diff = max(r["max_abs_diff_mixed_fp32"] for r in rows)
+    return [
+        {
+            "target": "mixed-precision scoring >= 3x faster than the MuSc-style baseline (random, real)",
+            "value": "; ".join(
+                f"{r['baseline_over_mixed']:.2f}x {r['case']} (B={r['B']}, pass {r['precision']}; "
+                f"fp32 scorer {r['baseline_over_fp32']:.2f}x)"
+                for r in chosen
+            ),
+            "met": worst["baseline_over_mixed"] >= TARGET_BASELINE,
+            "margin": rounded(worst["baseline_over_mixed"] - TARGET_BASELINE, 2),
+        },
+        {
+            "target": "mixed-precision scores equal the fp32 scores within 1e-5",
+            "value": f"max |mixed - fp32| {diff:.2e} over {len(rows)} case(s)",
+            "met": diff <= TARGET_MIXED_DIFF,
+            "margin": float(f"{TARGET_MIXED_DIFF - diff:.3g}"),
+        },
+    ]
+
+
 def evaluate_targets(res: dict) -> list[dict]:
     """The performance targets that the sections run can evaluate, each met or missed with its margin."""
     out = []
@@ -95,6 +125,9 @@ def evaluate_targets(res: dict) -> list[dict]:
     rows = [r for r in scoring_rows if r.get("speedup_vs_baseline") is not None]
     if rows:
         out.append(_baseline_target(rows))
+    rows = (res.get("mixed") or {}).get("rows", [])
+    if rows:
+        out += _mixed_targets(rows)
     rows = (res.get("tokenize") or {}).get("rows", [])
     if rows:
         out.append(_tokenize_target(rows))
@@ -125,6 +158,7 @@ def render_markdown(res: dict) -> str:
     md += machine.render(res["machine"], meta)
     md += gemm.render(res.get("gemm"))
     md += scoring_bench.render(res.get("scoring"))
+    md += mixed_bench.render(res.get("mixed"))
     md += c2f_section.render(res.get("c2f"))
     md += tokenize_bench.render(res.get("tokenize"))
     md += memory.render_memory(res.get("memory"))

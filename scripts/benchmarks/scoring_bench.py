@@ -86,12 +86,24 @@ def musc_baseline(
 
 
 def exact_scorer(
-    tokens: torch.Tensor, valid: torch.Tensor | None, rho: float, volumes: list[int] | None
+    tokens: torch.Tensor,
+    valid: torch.Tensor | None,
+    rho: float,
+    volumes: list[int] | None,
+    precision: str = "fp32",
 ) -> Callable[[], torch.Tensor]:
-    """A call of the exact scorer on fixed inputs, for timing."""
+    """A call of the exact scorer on fixed inputs, for timing (``precision``: its distance pass)."""
     from scripts.scoring import mutual_similarity_scores
 
-    return lambda: mutual_similarity_scores(tokens, valid, rho, volumes=volumes)
+    return lambda: mutual_similarity_scores(tokens, valid, rho, volumes=volumes, precision=precision)
+
+
+def mixed_pass(device: torch.device) -> str:
+    """The reduced-precision pass timed beside fp32: ``auto``'s choice on ``device``, else bf16."""
+    from scripts.mixed_precision import resolve_precision
+
+    used = resolve_precision("auto", device)
+    return "bf16" if used == "fp32" else used
 
 
 def effective_flops(counts: Sequence[int], d: int, query_volumes: Iterable[int]) -> int:
@@ -136,13 +148,14 @@ def _case(
     base = (lambda: musc_baseline(tokens, valid, rho, volumes)) if baseline else None
     # A call estimated above a second needs no warm-up: its one-off costs are noise against it.
     warm = effective_flops([n] * b, d, qv) / ((roof(gemm, n) or 50.0) * 1e9) < 1.0
-    (ts, tp, tb), (out_s, _, out_b) = interleaved(
-        [exact_scorer(tokens, valid, rho, volumes), probe, base],
+    mixed = exact_scorer(tokens, valid, rho, volumes, mixed_pass(device))
+    (ts, tp, tb, tm), (out_s, _, out_b, out_m) = interleaved(
+        [exact_scorer(tokens, valid, rho, volumes), probe, base, mixed],
         device,
         cfg["repeats"],
         cfg["case_s"],
         warmup=warm,
-        min_times=[0.0, cfg["min_time"], 0.0],
+        min_times=[0.0, cfg["min_time"], 0.0, 0.0],
     )
     t = statistics.median(ts)
     bf16 = roof(gemm, n, "bfloat16")
@@ -163,11 +176,15 @@ def _case(
         ),
         "frac_roofline_bf16": significant(flops / t / 1e9 / bf16, 3) if bf16 else None,
         "repeats": len(ts),
+        "mixed_s": significant(statistics.median(tm)),
+        "mixed_speedup": significant(ratio(ts, tm), 3),
+        "max_abs_diff_mixed": float((out_m - out_s).abs().max()),
     }
     if baseline:
         rows_q = torch.tensor(qv, device=device)
         row["baseline_s"] = significant(statistics.median(tb))
         row["speedup_vs_baseline"] = significant(ratio(tb, ts), 3)
+        row["mixed_speedup_vs_baseline"] = significant(ratio(tb, tm), 3)
         row["max_abs_diff"] = float((out_s[rows_q] - out_b[rows_q]).abs().max())
     return row
 
@@ -220,6 +237,9 @@ _HEADERS = [
     "baseline s",
     "speedup",
     "max abs diff",
+    "mixed s",
+    "mixed speedup",
+    "mixed max abs diff",
     "reps",
 ]
 
@@ -243,6 +263,9 @@ def render(scoring: dict | None) -> list[str]:
             r.get("baseline_s"),
             r.get("speedup_vs_baseline"),
             r.get("max_abs_diff"),
+            r.get("mixed_s"),
+            r.get("mixed_speedup_vs_baseline"),
+            r.get("max_abs_diff_mixed"),
             r["repeats"],
         ]
         for r in scoring["rows"]
@@ -251,7 +274,10 @@ def render(scoring: dict | None) -> list[str]:
         "Effective GFLOP/s count `2 N_q N_r d` over every (query volume, other volume) pair of *valid* "
         "tokens. `invalid` = fraction of tokens masked out. Baseline = `torch.cdist` per reference "
         f"volume, min, sort, mean of K (rho = {scoring['rho']}); speedup = baseline time / scorer time "
-        "(median of interleaved pairs); max |diff| = largest score difference between the two.",
+        "(median of interleaved pairs); max |diff| = largest score difference between the two. `mixed`: "
+        "the same exact scorer with its reduced-precision distance pass (score_precision auto's choice, "
+        "bf16 where auto is fp32), timed in the same rounds; mixed speedup = baseline time / mixed time; "
+        "mixed max abs diff = largest score difference from the fp32 scorer.",
         "",
         table(_HEADERS, rows),
         "",

@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "inference.json"
 
-SECTIONS = ("gemm", "scoring", "baseline", "c2f", "tokenize", "memory", "e2e", "profile")
+SECTIONS = ("gemm", "scoring", "baseline", "mixed", "c2f", "tokenize", "memory", "e2e", "profile")
 
 FULL = {
     "repeats": 3,
@@ -32,6 +32,8 @@ FULL = {
     # B = 8 -> 16 demo volumes: a bank growth large against the run-to-run noise of the peak.
     "memory": {"b": 8, "demo": True, "overrides": {}, "repeats": 2},
     "profile": {"B": 16, "N": 1024},
+    # the acceptance case of mixed-precision scoring (and the real tokens of the 2B bundle run)
+    "mixed": {"B": 24, "N": 2048, "d": 128, "keys": "all"},
 }
 QUICK = {
     "repeats": 2,
@@ -56,6 +58,7 @@ QUICK = {
         "overrides": {"image_size": 32, "q": [8, 8, 8]},
     },
     "profile": {"B": 4, "N": 128},
+    "mixed": {"B": 4, "N": 128, "d": 128, "keys": "largest"},
 }
 
 

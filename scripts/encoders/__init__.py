@@ -30,7 +30,7 @@ Nothing here ever downloads: weights are read from local files only, and missing
 
 from __future__ import annotations
 
-from scripts.encoders.base import BUNDLE_ROOT, SliceEncoder, resolve_bundle_path
+from scripts.encoders.base import BUNDLE_ROOT, ENCODER_PRECISIONS, SliceEncoder, resolve_bundle_path
 from scripts.encoders.efficientnet import EfficientNetLite0Encoder
 from scripts.encoders.network import SliceFeatureNetwork, save_network_weights
 from scripts.encoders.vit import Dinov2Encoder
@@ -40,6 +40,7 @@ from scripts.transforms.tokenization import IMAGENET_MEAN, IMAGENET_STD
 __all__ = [
     "BUNDLE_ROOT",
     "ENCODER_NAMES",
+    "ENCODER_PRECISIONS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "VIT_DEFAULTS",
@@ -77,7 +78,8 @@ def build_encoder(name: str = "efficientnet_lite0", **kwargs) -> SliceEncoder:
             (``models/dinov3-vitl16``) -> :class:`Dinov2Encoder`; pass ``model_dir=`` to use any
             other DINOv2/DINOv3-format checkpoint directory.
         kwargs: passed to the encoder's constructor (``layers``, ``input_size``, ``weights_path``,
-            ``model_dir``, ``apply_layernorm``).
+            ``model_dir``, ``apply_layernorm``), except ``precision``: the autocast of the forward
+            (:meth:`SliceEncoder.set_precision`; default fp32).
 
     Example config entry::
 
@@ -89,15 +91,20 @@ def build_encoder(name: str = "efficientnet_lite0", **kwargs) -> SliceEncoder:
     """
     # A config leaves a parameter to the encoder's default with null (e.g. "layers": null).
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    precision = kwargs.pop("precision", "fp32")
+    if str(precision).strip().lower() not in ENCODER_PRECISIONS:
+        raise CS3FInputError(
+            f"encoder_precision must be one of {', '.join(ENCODER_PRECISIONS)}, got {precision!r}"
+        )
     key = str(name).strip().lower().replace("-", "_")
     if key == "efficientnet_lite0":
-        return EfficientNetLite0Encoder(**kwargs)
+        return EfficientNetLite0Encoder(**kwargs).set_precision(precision)
     if key in VIT_DEFAULTS:
         default_dir, repo_id = VIT_DEFAULTS[key]
         kwargs.setdefault("model_dir", default_dir)
         kwargs.setdefault("repo_id", repo_id)
         kwargs.setdefault("name", key)
-        return Dinov2Encoder(**kwargs)
+        return Dinov2Encoder(**kwargs).set_precision(precision)
     raise CS3FInputError(f"Unknown encoder {name!r}; known encoders: {', '.join(ENCODER_NAMES)}.")
 
 

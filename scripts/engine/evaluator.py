@@ -37,6 +37,7 @@ from scripts.engine.scoring_step import CohortScoring
 from scripts.engine.tokens import CachedTokenizer, source_digest, voxel_digest
 from scripts.errors import CS3FInputError, find_input_error
 from scripts.inferer import BatchBuffer, CS3FInferer, VolumeTokens
+from scripts.mixed_precision import resolve_precision
 from scripts.references import reject_replaced_keys
 from scripts.storage.cache import TokenCache
 
@@ -100,6 +101,10 @@ class CS3FEvaluator(WholeVolume, CohortScoring, Workflow):
             raise CS3FInputError(
                 f"rho must be in (0, 1] so that K = max(1, floor(rho (B - 1))) <= B - 1, got {inferer.rho}"
             )
+        try:  # tf32 off CUDA, before any encoding
+            resolve_precision(inferer.scorer.precision, inferer.scorer.score_device or device)
+        except ValueError as err:
+            raise CS3FInputError(str(err)) from None
         self.network, self.inferer, self.postprocessing = network, inferer, postprocessing
         self.output_dir = Path(output_dir)
         self.image_key, self.mask_key, self.pred_key = image_key, mask_key, pred_key

@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 #: inferer parameters that change scores but not tokens: a run changing only these reuses the cache
-SCORING_ONLY = ("rho", "k_rule", "variant", "L", "references", "edge", "smooth_mm")
+SCORING_ONLY = ("rho", "k_rule", "variant", "L", "references", "edge", "smooth_mm", "score_precision")
 
 # Nested objects deeper than this are named by their class only (transforms nest one or two levels).
 _MAX_DEPTH = 4

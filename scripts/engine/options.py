@@ -15,7 +15,9 @@ from collections.abc import Callable, Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
 
+from scripts.encoders.base import ENCODER_PRECISIONS
 from scripts.errors import CS3FInputError
+from scripts.mixed_precision import PRECISIONS
 from scripts.references import REPLACED_KEYS, ReferenceSet, reject_replaced_keys
 from scripts.transforms.tokenization import AXES, axis_index
 
@@ -158,6 +160,8 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "references": ReferenceSet.parse,
     "edge": lambda v: _as_choice(v, "edge", ("zero", "normalized")),
     "smooth_mm": lambda v: _as_float(v, "smooth_mm", lambda x: x >= 0.0, "a number >= 0 (mm; 0 = off)"),
+    "score_precision": lambda v: _as_choice(v, "score_precision", PRECISIONS),
+    "encoder_precision": lambda v: _as_choice(v, "encoder_precision", ENCODER_PRECISIONS),
     "encoder_name": lambda v: (
         v if isinstance(v, str) and v.strip() else _raise(_bad("encoder_name", v, "a name"))
     ),

@@ -20,6 +20,7 @@ from ignite.engine import Engine, Events
 
 from scripts.engine.distributed import world
 from scripts.engine.identity import encoder_identity
+from scripts.mixed_precision import resolve_precision
 
 if TYPE_CHECKING:
     from scripts.engine.evaluator import CS3FEvaluator
@@ -101,6 +102,7 @@ def run_record(evaluator: CS3FEvaluator) -> dict:
     encoder identity, preprocessing, volumes (used, skipped, encoded, cached), token counts, timings,
     memory, versions and outputs."""
     names, seconds = evaluator.names, evaluator.times.seconds
+    scorer = evaluator.inferer.scorer
     info = {
         "inferer": evaluator.inferer.describe(),
         "encoder": encoder_identity(evaluator.network),
@@ -118,6 +120,11 @@ def run_record(evaluator: CS3FEvaluator) -> dict:
         "tokens": evaluator.token_stats or token_stats(evaluator.bank),
         "versions": versions(),
         "device": str(evaluator.state.device),
+        # the distance pass of the exact C scorer (score_precision resolved on the scoring device); the
+        # C2F (F/MS), random:N and bank scorers run in fp32
+        "score_precision": resolve_precision(scorer.precision, scorer.score_device or evaluator.state.device)
+        if scorer.variant == "C" and evaluator.inferer.references.mode in ("all", "chunks")
+        else "fp32",
         "outputs": dict(evaluator.outputs),
     }
     if evaluator.reference is not None:

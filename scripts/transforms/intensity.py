@@ -155,21 +155,40 @@ class NyulStandardized(MapTransform):
         self.mask_key = mask_key
         self.standardize = NyulStandardize(standard, pc_low, pc_high, s_min, s_max)
 
-    def fit(self, data: Iterable[Mapping[Hashable, object]], transform: Callable | None = None) -> np.ndarray:
+    def fit(
+        self,
+        data: Iterable[Mapping[Hashable, object]],
+        transform: Callable | None = None,
+        num_workers: int = 0,
+    ) -> np.ndarray:
         """Learn the standard scale from ``data``: dicts of arrays, or of file paths that ``transform``
         (e.g. the preprocessing steps before this one: loading, orientation, crop, resize) or, without
-        one, MONAI's ``LoadImage`` turns into arrays. One volume is held at a time."""
+        one, MONAI's ``LoadImage`` turns into arrays. One volume is held at a time in this process;
+        ``num_workers > 0`` loads and transforms the volumes in that many worker processes (a cohort of
+        224^3 volumes would otherwise keep a GPU waiting on one CPU core before the run starts). The
+        scale does not depend on the number of workers (the volumes arrive in order)."""
         from monai.transforms import LoadImage
 
         load = LoadImage(image_only=True)
 
-        def arrays(row: Mapping[Hashable, object]) -> tuple[object, object]:
-            d = transform(dict(row)) if transform is not None else dict(row)
+        def loaded(row: Mapping[Hashable, object]) -> dict:
+            return transform(dict(row)) if transform is not None else dict(row)
+
+        def arrays(d: Mapping[Hashable, object]) -> tuple[object, object]:
             image = load(d[self.keys[0]]) if isinstance(d[self.keys[0]], str) else d[self.keys[0]]
             mask = d.get(self.mask_key) if self.mask_key else None
             return image, load(mask) if isinstance(mask, str) else mask
 
-        return self.standardize.fit(arrays(row) for row in data)
+        if num_workers and int(num_workers) > 0:
+            from monai.data import Dataset
+            from torch.utils.data import DataLoader
+
+            rows = [dict(row) for row in data]
+            loader = DataLoader(
+                Dataset(rows, transform=loaded), batch_size=None, num_workers=int(num_workers)
+            )
+            return self.standardize.fit(arrays(d) for d in loader)
+        return self.standardize.fit(arrays(loaded(row)) for row in data)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)

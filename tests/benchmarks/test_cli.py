@@ -17,7 +17,9 @@ from scripts.benchmarks.c2f import main as c2f_main
 ROOT = Path(__file__).resolve().parents[2]
 
 HELP = {
-    (): ["{run,c2f,scaling,quality}", "run", "c2f", "scaling", "quality"],
+    (): ["{run,c2f,scaling,quality,mixed,gpu}", "run", "c2f", "scaling", "quality", "mixed", "gpu"],
+    ("mixed",): ["--B", "--N", "--cache", "--keys", "--repeats", "--threads", "--precision"],
+    ("gpu",): ["--B", "--size", "--variants", "--tiny", "--workers", "--score_precision", "--doc"],
     ("quality",): ["--out", "--cohorts", "--variants", "--quick", "--doc", "--maps", "--smooth"],
     ("run",): ["--quick", "--device", "--out", "--sections", "--threads", "--memory_b", "--doc"],
     ("c2f",): ["--B", "--n_coarse", "--Ls", "--tokens", "--cache", "--key"],

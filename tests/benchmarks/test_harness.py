@@ -25,6 +25,7 @@ HEADINGS = (
     "## Machine",
     "## 1. GEMM roofline",
     "## 2-3. Exact scoring",
+    "## 2b. Mixed-precision scoring",
     "## 4. C2F",
     "## 5. Tokenization",
     "## 6. Peak memory",
@@ -80,7 +81,12 @@ def test_quick_run_produces_every_figure(quick) -> None:
         for key in ("gflops", "frac_roofline", "scorer_s", "baseline_s", "speedup_vs_baseline"):
             assert r[key] is not None and r[key] > 0, (key, r)
         assert r["max_abs_diff"] < 1e-4  # correctness, not speed
+        assert r["mixed_s"] > 0 and r["max_abs_diff_mixed"] <= 1e-5
     assert res["baseline"]["max_abs_diff"] < 1e-4
+
+    mixed = res["mixed"]["rows"]
+    assert mixed[0]["case"] == "random unit tokens" and any(r["case"].startswith("real") for r in mixed)
+    assert all(r["max_abs_diff_mixed_fp32"] <= 1e-5 and r["baseline_over_mixed"] > 0 for r in mixed)
 
     for key, kind in (("result", "random"), ("result_structured", "structured")):
         c2f = res["c2f"][key]
@@ -107,7 +113,7 @@ def test_quick_run_produces_every_figure(quick) -> None:
         if "bf16" not in v["variant"] and "fp16" not in v["variant"]:  # exact variants stay exact
             assert v["max_abs_diff_random"] < 1e-4 and v["max_abs_diff_real"] < 1e-4
 
-    assert len(res["targets"]) == 4 and all(isinstance(t["met"], bool) for t in res["targets"])
+    assert len(res["targets"]) == 6 and all(isinstance(t["met"], bool) for t in res["targets"])
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ LAYERS = {
     "scripts.transforms": 1,
     "scripts.encoders": 1,
     "scripts.scoring": 1,
+    "scripts.mixed_precision": 1,
     "scripts.tokens": 2,
     "scripts.batch_scorer": 2,
     "scripts.references": 2,

@@ -23,6 +23,7 @@ from scripts.encoders import (
     SliceEncoder,
     build_encoder,
 )
+from scripts.errors import CS3FInputError
 
 # ------------------------------------------------------------------------------------------------
 # EfficientNet-Lite0 with its real ImageNet weights
@@ -546,3 +547,27 @@ def test_imagenet_normalisation_is_defined_once():
     assert vit.IMAGENET_MEAN is tokenization.IMAGENET_MEAN is IMAGENET_MEAN
     assert vit.IMAGENET_STD is tokenization.IMAGENET_STD is encoders.IMAGENET_STD
     assert IMAGENET_MEAN == (0.485, 0.456, 0.406) and encoders.IMAGENET_STD == (0.229, 0.224, 0.225)
+
+
+def test_encoder_precision_autocasts_the_forward_and_keys_the_identity(tmp_path, enc64):
+    """auto: fp32 on the CPU (the CPU path and its token identity unchanged), fp16 on CUDA; an explicit
+    autocast runs the forward in that dtype, returns fp32 grids and changes the identity."""
+    model_dir = _save_tiny(tmp_path)[0]
+    vit = build_encoder("dinov2", model_dir=model_dir, layers=(1, 2), input_size=32, precision="auto")
+    assert vit.precision == "auto" and vit.autocast(torch.device("cpu")) == "fp32"
+    assert vit.autocast(torch.device("cuda")) == "fp16"
+    fp32 = build_encoder("dinov2", model_dir=model_dir, layers=(1, 2), input_size=32)
+    assert vit.identity() == fp32.identity() and "autocast" not in fp32.identity()
+    x = torch.rand(3, 3, 32, 32)
+    vit.set_precision("bf16")
+    assert vit.identity()["autocast"] == "bf16"
+    low, exact = vit(x), fp32(x)
+    assert all(g.dtype == torch.float32 for g in low)
+    assert all(
+        0 < float((a - b).abs().max()) < 0.1 * float(b.abs().max()) for a, b in zip(low, exact, strict=True)
+    )
+    assert enc64.precision == "fp32"  # the default
+    with pytest.raises(CS3FInputError, match="encoder_precision must be one of"):
+        build_encoder("efficientnet_lite0", input_size=32, precision="int8")
+    with pytest.raises(ValueError, match="encoder_precision"):
+        fp32.set_precision("fp8")

@@ -53,6 +53,11 @@ def test_dict_form_uses_the_mask_and_is_deterministic() -> None:
     assert torch.equal(first, second) and first.dtype == torch.float32 and first.shape == image.shape
     array = NyulStandardize(nyul.standardize.standard)(image.numpy(), mask.numpy())
     assert isinstance(array, np.ndarray) and np.allclose(array, first.numpy())
+    # Loading in worker processes learns the very same scale.
+    rows = [{"image": image, "mask": mask}, {"image": _volume(3.0, seed=2), "mask": mask}]
+    in_workers = NyulStandardized("image", mask_key="mask")
+    in_workers.fit(rows, transform=lambda d: {**d, "image": d["image"] * 1.0}, num_workers=2)
+    assert np.array_equal(in_workers.standardize.standard, nyul.standardize.standard)
 
 
 def test_errors() -> None:
