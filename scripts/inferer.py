@@ -151,15 +151,9 @@ class CS3FInferer(Inferer):
         self.tokenizer = Tokenizer(
             self.axes, self.q, self.q_fine, self.d, self.delta, self.seed, int(slab_size), self.token_dtype
         )
+        device = torch.device(score_device) if score_device is not None else None
         self.scorer = BatchScorer(
-            self.variant,
-            self.rho,
-            int(L),
-            int(query_tile),
-            int(block_elements),
-            torch.device(score_device) if score_device is not None else None,
-            progress,
-            score_precision,
+            self.variant, self.rho, int(L), int(query_tile), int(block_elements), device, progress, score_precision
         )
 
     @property

@@ -24,31 +24,13 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from scripts.benchmarks.cohorts import COHORTS, METRICS, QUICK_COHORTS
+from scripts.benchmarks.cohorts import cohort as _cohort
 from scripts.benchmarks.markdown import table
 from scripts.benchmarks.settings import ROOT
 
 __all__ = ["BASELINES", "COHORTS", "METRICS", "QUICK_COHORTS", "VARIANTS", "run_quality"]
 
-#: cohort name -> arguments of scripts.synthetic.brain.generate_cohort
-COHORTS: dict[str, dict] = {
-    "t1-seed0-b32": {"contrast": "t1", "seed": 0, "n_normal": 20, "n_abnormal": 12},
-    "t1-seed1-b64": {"contrast": "t1", "seed": 1, "n_normal": 40, "n_abnormal": 24},
-    "t2-seed0-b32": {"contrast": "t2", "seed": 0, "n_normal": 20, "n_abnormal": 12},
-    "t2-seed1-b64": {"contrast": "t2", "seed": 1, "n_normal": 40, "n_abnormal": 24},
-    "t1-seed2-small-faint": {
-        "contrast": "t1",
-        "seed": 2,
-        "n_normal": 20,
-        "n_abnormal": 12,
-        "lesion_volume": (20.0, 2000.0),
-        "lesion_contrast": (0.05, 0.3),
-    },
-}
-#: tiny cohorts for a smoke run (tests, CI)
-QUICK_COHORTS: dict[str, dict] = {
-    "t1-tiny": {"contrast": "t1", "seed": 0, "n_normal": 3, "n_abnormal": 2, "shape": 32},
-    "t2-tiny": {"contrast": "t2", "seed": 1, "n_normal": 3, "n_abnormal": 2, "shape": 32},
-}
 #: variant name -> config overrides (on top of configs/inference.json + configs/evaluate.json)
 VARIANTS: dict[str, dict] = {
     "default": {},
@@ -63,24 +45,8 @@ VARIANTS: dict[str, dict] = {
     "F-smooth4": {"variant": "F", "q_fine": [2, 2, 2], "smooth_mm": 4.0},
 }
 BASELINES = ("zscore", "random")
-METRICS = (
-    "patient_auroc",
-    "patient_ap",
-    "voxel_ap",
-    "dice_max",
-    "ltpr99_small",
-    "ltpr99_medium",
-    "ltpr99_large",
-    "fp_per_volume",
-)
 # Overrides that change scores but not tokens: variants differing only in these share a token cache.
 _SCORING_ONLY = ("rho", "variant", "L", "references", "edge", "smooth_mm", "plots", "quiet")
-
-
-def _cohort(root: Path, name: str, spec: Mapping) -> Path:
-    from scripts.synthetic.brain import ensure_cohort
-
-    return ensure_cohort(root / name, **spec)
 
 
 def _cache_key(overrides: Mapping) -> str:

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scripts.benchmarks.quality import COHORTS, METRICS, QUICK_COHORTS, _cohort
+from scripts.benchmarks.cohorts import COHORTS, METRICS, QUICK_COHORTS
+from scripts.benchmarks.cohorts import cohort as _cohort
 from scripts.benchmarks.settings import ROOT
 
 __all__ = ["SCORED_AS", "run_map_variants"]
