@@ -23,7 +23,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from monai.transforms import GaussianSmooth
-
 from scripts.tokens import FINE_SUFFIX, as_volume
 from scripts.transforms.tokenization import axis_index, restore_axis
 
@@ -98,9 +97,7 @@ def fuse_token_scores(
         raise ValueError(f"no token scores to fuse for variant {variant!r}{hint}")
     for axis, by_scale in per_axis.items():
         if len(by_scale) != len(scales):
-            raise ValueError(
-                f"variant {variant!r} fuses {scales} scores but the {axis} axis has only {list(by_scale)}"
-            )
+            raise ValueError(f"variant {variant!r} fuses {scales} scores but the {axis} axis has only {list(by_scale)}")
     inside = (as_volume(mask)[0] > 0) if mask is not None else None
     fused = torch.zeros(shape)
     for axis, by_scale in per_axis.items():
@@ -115,10 +112,7 @@ def fuse_token_scores(
 
 
 def smooth_map(
-    anomaly_map: torch.Tensor,
-    sigma_mm: float,
-    mask: torch.Tensor | None = None,
-    spacing: Sequence[float] | None = None,
+    anomaly_map: torch.Tensor, sigma_mm: float, mask: torch.Tensor | None = None, spacing: Sequence[float] | None = None
 ) -> torch.Tensor:
     """Gaussian smoothing of a voxel map ``[1, H, W, D]`` inside ``mask`` (see the module docstring).
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
-
 from scripts.mixed_precision import PRECISIONS
 from scripts.scoring import (
     DEFAULT_BLOCK_ELEMENTS,
@@ -109,9 +108,7 @@ class BatchScorer:
         the coarse ones coming from the same coarse distance pass.
         """
         if len(bank) < 2:
-            raise ValueError(
-                f"CS3F scores volumes against each other: need at least 2 volumes, got {len(bank)}"
-            )
+            raise ValueError(f"CS3F scores volumes against each other: need at least 2 volumes, got {len(bank)}")
         keys = check_same_grids(bank)
         coarse_keys = [k for k in keys if not k.endswith(FINE_SUFFIX)]
         if self.variant != "C":
@@ -128,14 +125,7 @@ class BatchScorer:
                 if self.variant == "C":
                     tile, block = self.budget(tokens.device)
                     scores = mutual_similarity_scores(
-                        tokens,
-                        valid,
-                        self.rho,
-                        tile,
-                        block,
-                        volumes=queries,
-                        groups=subjects,
-                        precision=self.precision,
+                        tokens, valid, self.rho, tile, block, volumes=queries, groups=subjects, precision=self.precision
                     )
                 else:
                     scores = self._c2f(bank, key, shape, tokens, valid, (queries, wanted, subjects), results)
@@ -162,23 +152,12 @@ class BatchScorer:
         fine_shape = bank[0].grids[key + FINE_SUFFIX].shape
         h = fine_shape[0] // shape[0]
         fine, fine_valid = (
-            torch.stack([children_last(getattr(vt.grids[key + FINE_SUFFIX], attr), h) for vt in bank]).to(
-                tokens.device
-            )
+            torch.stack([children_last(getattr(vt.grids[key + FINE_SUFFIX], attr), h) for vt in bank]).to(tokens.device)
             for attr in ("tokens", "valid")
         )
         tile, block = self.budget(tokens.device)
         scores, fine_scores = c2f_scores(
-            tokens,
-            fine,
-            valid,
-            fine_valid,
-            self.rho,
-            self.L,
-            tile,
-            block,
-            volumes=queries,
-            groups=subjects,
+            tokens, fine, valid, fine_valid, self.rho, self.L, tile, block, volumes=queries, groups=subjects
         )
         for i in wanted:  # [N_c, h] -> [M * h, P, P]
             grid = fine_scores[i].cpu().reshape(*shape, h).permute(0, 3, 1, 2)
@@ -257,18 +236,12 @@ def _skipped(skip: int | Sequence[int] | None) -> set[int]:
 
 
 def _reference_volume(
-    references: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-    keys: Sequence[str],
-    j: int,
-    like: VolumeTokens,
+    references: Mapping[str, tuple[torch.Tensor, torch.Tensor]], keys: Sequence[str], j: int, like: VolumeTokens
 ) -> VolumeTokens:
     """Reference ``j`` of a bank as a :class:`VolumeTokens` on the grids of ``like`` (views, no copy)."""
     d = like.grids[keys[0]].tokens.shape[-1]
     grids = {
-        k: TokenGrid(
-            references[k][0][j].view(*like.grids[k].shape, d),
-            references[k][1][j].view(like.grids[k].shape),
-        )
+        k: TokenGrid(references[k][0][j].view(*like.grids[k].shape, d), references[k][1][j].view(like.grids[k].shape))
         for k in keys
     }
     return VolumeTokens(spatial_shape=like.spatial_shape, grids=grids)

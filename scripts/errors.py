@@ -66,4 +66,3 @@ def install_excepthook() -> None:
         previous(exc_type, exc, tb)
 
     sys.excepthook = hook
-

@@ -27,28 +27,17 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from monai.inferers import Inferer
-
 from scripts.anomaly_map import EDGES, VARIANTS, fuse_token_scores, smooth_map, subject_score
 from scripts.batch_scorer import BatchScorer, TokenScores
 from scripts.references import ReferenceSet, check_bank_grids, reject_replaced_keys, score_with_references
 from scripts.scoring import DEFAULT_BLOCK_ELEMENTS, DEFAULT_QUERY_TILE, DEFAULT_ROUTES
-from scripts.tokens import (
-    FINE_SUFFIX,
-    BatchBuffer,
-    TokenGrid,
-    Tokenizer,
-    VolumeTokens,
-    canonical_axes,
-    per_axis,
-)
+from scripts.tokens import FINE_SUFFIX, BatchBuffer, TokenGrid, Tokenizer, VolumeTokens, canonical_axes, per_axis
 from scripts.transforms.tokenization import AXES
 
 __all__ = ["BatchBuffer", "TokenGrid", "VolumeTokens", "CS3FInferer", "VARIANTS", "FINE_SUFFIX"]
 
 
-def _fine_pooling(
-    variant: str, q: dict[str, int], q_fine: object, axes: Sequence[str]
-) -> dict[str, int] | None:
+def _fine_pooling(variant: str, q: dict[str, int], q_fine: object, axes: Sequence[str]) -> dict[str, int] | None:
     """``q_fine`` per axis for F/MS (``q = h * q_fine`` on every slicing axis); ``None`` for C."""
     if variant == "C":
         return None
@@ -134,9 +123,7 @@ class CS3FInferer(Inferer):
         self.q = dict(zip(AXES, per_axis(q, "q"), strict=True))
         self.variant = str(variant).upper()
         if self.variant not in VARIANTS:
-            raise ValueError(
-                f"variant must be one of {VARIANTS} (coarse, fine C2F, multi-scale), got {variant!r}"
-            )
+            raise ValueError(f"variant must be one of {VARIANTS} (coarse, fine C2F, multi-scale), got {variant!r}")
         self.q_fine = _fine_pooling(self.variant, self.q, q_fine, self.axes)
         if isinstance(L, bool) or int(L) != L or L < 1:
             raise ValueError(f"L (coarse routes per reference volume) must be an int >= 1, got {L}")
@@ -168,9 +155,7 @@ class CS3FInferer(Inferer):
     def progress(self, value: bool) -> None:
         self.scorer.progress = value
 
-    def tokenize(
-        self, volume: torch.Tensor, encoder: Callable, mask: torch.Tensor | None = None
-    ) -> VolumeTokens:
+    def tokenize(self, volume: torch.Tensor, encoder: Callable, mask: torch.Tensor | None = None) -> VolumeTokens:
         """Tokens of one volume, streamed slab by slab (raw slice features never outlive a slab).
 
         Args:
@@ -289,9 +274,7 @@ class CS3FInferer(Inferer):
         bank = [self.tokenize(v, network, m) for v, m in iterator]
         token_scores = self.score(bank)
         maps = [
-            smooth_map(
-                self.voxel_map(ts, vt.spatial_shape, m, validity=vt.validity()), self.smooth_mm, m, _mm(v)
-            )
+            smooth_map(self.voxel_map(ts, vt.spatial_shape, m, validity=vt.validity()), self.smooth_mm, m, _mm(v))
             for ts, vt, v, m in zip(token_scores, bank, volumes, mask_list, strict=True)
         ]
         scores = torch.tensor([self.subject_score(m) for m in maps])

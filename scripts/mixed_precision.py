@@ -242,9 +242,7 @@ class LowPrecisionBlocks:
         n = torch.where(valid, torch.maximum(self.left_half.abs(), self.right_half.abs()), 0.0)
         big_half = float(n.max())
         # |hi| + |lo| of a split number is at most 1.01 times the number
-        offset = split * (n + big_half) + gamma * (
-            (norms + errors) * (big_norm + big_error) + 1.01 * (n + big_half)
-        )
+        offset = split * (n + big_half) + gamma * ((norms + errors) * (big_norm + big_error) + 1.01 * (n + big_half))
         if self.right is None:  # hardware rounding (TF32): |q~.r~ - q.r| <= e_q |r| + |q| e_r + e_q e_r
             slope = torch.zeros_like(norms)
             offset += errors * big_norm + norms * big_error + errors * big_error
@@ -378,13 +376,7 @@ class LowPrecisionBlocks:
         return out
 
     def _candidates_nearest(
-        self,
-        a: int,
-        rows: torch.Tensor,
-        vols: torch.Tensor,
-        raw: torch.Tensor,
-        real: torch.Tensor,
-        p_a: torch.Tensor,
+        self, a: int, rows: torch.Tensor, vols: torch.Tensor, raw: torch.Tensor, real: torch.Tensor, p_a: torch.Tensor
     ) -> torch.Tensor:
         """The exact nearest distance of each entry ``(rows, vols)``, whose low-precision values are
         the rows ``real`` of the stacked raw block (see :meth:`nearest`)."""

@@ -32,7 +32,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
 from scripts.batch_scorer import BatchScorer, TokenScores
 from scripts.errors import CS3FInputError
 from scripts.tokens import FINE_SUFFIX, VolumeTokens
@@ -137,9 +136,7 @@ def chunk_ranges(b: int, chunk_size: int) -> list[tuple[int, int]]:
     paper's equal-sized chunks. ``b <= chunk_size``: one chunk, the whole cohort.
     """
     if isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 2:
-        raise ValueError(
-            f"chunk_size must be an int >= 2 (volumes per independently scored chunk), got {chunk_size}"
-        )
+        raise ValueError(f"chunk_size must be an int >= 2 (volumes per independently scored chunk), got {chunk_size}")
     n_chunks = max(1, b // int(chunk_size))
     base, extra = divmod(b, n_chunks)
     ranges, start = [], 0
@@ -236,9 +233,7 @@ def score_with_references(
     if references.mode == "bank":
         raise ValueError("a reference bank is scored with CS3FInferer.score_references")
     b = len(bank)
-    if references.mode == "all" or (
-        references.mode == "random" and subjects is None and references.size >= b - 1
-    ):
+    if references.mode == "all" or (references.mode == "random" and subjects is None and references.size >= b - 1):
         return scorer.exact(bank, queries, subjects)  # every other volume is a reference: exact
     if b < 2:
         raise ValueError(f"CS3F scores volumes against each other: need at least 2 volumes, got {b}")

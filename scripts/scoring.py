@@ -29,7 +29,6 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
-
 from scripts.mixed_precision import ROW_BUCKET, LowPrecisionBlocks, kth_smallest, resolve_precision, spec_of
 
 __all__ = [
@@ -158,8 +157,7 @@ def _neighbours_per_volume(b: int, rho: float, same: Sequence[Sequence[int]]) ->
     lonely = [i for i, s in enumerate(same) if b - len(s) < 2]
     if lonely:
         raise ValueError(
-            f"volume(s) {lonely} have no reference: every other volume of the batch is a scan of the "
-            f"same subject"
+            f"volume(s) {lonely} have no reference: every other volume of the batch is a scan of the same subject"
         )
     return [num_neighbours(b - len(s), rho) for s in same]
 
@@ -407,9 +405,7 @@ class _PairBlocks:
     profile values and the same scores, bit for bit, whatever the sharding.
     """
 
-    def __init__(
-        self, tokens: torch.Tensor, valid: torch.Tensor, query_tile: int, block_elements: int
-    ) -> None:
+    def __init__(self, tokens: torch.Tensor, valid: torch.Tensor, query_tile: int, block_elements: int) -> None:
         self.tokens = tokens
         self.index, self.norms = _pack_valid(valid, _sq_norms(tokens, valid))
         self.m = self.norms.shape[1]
@@ -456,11 +452,7 @@ class _PairBlocks:
 
 
 def _scores_per_volume(
-    pairs: _PairBlocks,
-    volumes: Sequence[int],
-    ks: Sequence[int],
-    scores: torch.Tensor,
-    same: Sequence[Sequence[int]],
+    pairs: _PairBlocks, volumes: Sequence[int], ks: Sequence[int], scores: torch.Tensor, same: Sequence[Sequence[int]]
 ) -> None:
     """Exact scores of each of ``volumes`` on its own: its column minima in every lower volume's blocks,
     then its tiles' row minima in every higher volume's blocks (the scans of its own subject,
@@ -524,11 +516,7 @@ def _scores_pair_symmetric(
         # every higher one; ids index the batch.
         values = torch.cat([best[a, :count], row_min], dim=1)
         ids = torch.cat(
-            [
-                best_id[a, :count].long(),
-                torch.tensor(higher, dtype=torch.long, device=device).expand(count, -1),
-            ],
-            dim=1,
+            [best_id[a, :count].long(), torch.tensor(higher, dtype=torch.long, device=device).expand(count, -1)], dim=1
         )
         pairs.scores(a, p_a, ids.gather(1, values.topk(ks[a], dim=1, largest=False).indices), scores)
         # Volume a is now a complete column of every higher volume's profile: keep their k best.
@@ -595,9 +583,7 @@ def _mixed_volume_scores(
     return int(fallback.sum())
 
 
-def _keep_smallest(
-    best: tuple[torch.Tensor, torch.Tensor], new: torch.Tensor, volume: int, chunk: int = 16
-) -> None:
+def _keep_smallest(best: tuple[torch.Tensor, torch.Tensor], new: torch.Tensor, volume: int, chunk: int = 16) -> None:
     """Fold one more volume's values ``new [H, M]`` into the stores ``best = (values [H, M, k],
     ids [H, M, k])`` of ``H`` volumes, keeping the ``k`` smallest (``chunk`` volumes at a time)."""
     values, ids = best
@@ -612,11 +598,7 @@ def _keep_smallest(
 
 
 def _scores_mixed_symmetric(
-    pairs: _PairBlocks,
-    low: LowPrecisionBlocks,
-    ks: Sequence[int],
-    scores: torch.Tensor,
-    same: Sequence[Sequence[int]],
+    pairs: _PairBlocks, low: LowPrecisionBlocks, ks: Sequence[int], scores: torch.Tensor, same: Sequence[Sequence[int]]
 ) -> int:
     """:func:`_scores_pair_symmetric` with the low-precision pass: one reduced-precision block per volume
     pair and tile, its row minima for the row volume and its column minima into a running store of
@@ -849,12 +831,8 @@ def reference_scores(
         k = num_neighbours(b_ref - len(_excluded(skips[i])) + 1, rho)
         for idx in _query_tiles(torch.nonzero(query_valid[i]).flatten(), query_tile):
             tile = queries[i, idx].float()
-            profile = _distance_profile(
-                tile, references, ref_sq_norms, skips[i], block_elements, workspace, index
-            )
-            scores[i, idx] = _mean_of_k_nearest_exact(
-                tile, profile, k, references, ref_sq_norms, index, block_elements
-            )
+            profile = _distance_profile(tile, references, ref_sq_norms, skips[i], block_elements, workspace, index)
+            scores[i, idx] = _mean_of_k_nearest_exact(tile, profile, k, references, ref_sq_norms, index, block_elements)
     return scores
 
 
@@ -909,9 +887,7 @@ def subset_scores(
         k = num_neighbours(len(refs) + 1, rho)
         for idx in _query_tiles(torch.nonzero(valid[i]).flatten(), query_tile):
             tile = tokens[i, idx].float()
-            profile = _distance_profile(
-                tile, subset, subset_norms, None, block_elements, workspace, subset_packed
-            )
+            profile = _distance_profile(tile, subset, subset_norms, None, block_elements, workspace, subset_packed)
             scores[i, idx] = _mean_of_k_nearest_exact(
                 tile, profile, k, subset, subset_norms, subset_packed, block_elements
             )
@@ -953,11 +929,7 @@ def _check_c2f_inputs(
 
 
 def _c2f_profiles(
-    coarse_q: torch.Tensor,
-    fine_q: torch.Tensor,
-    bank: _C2FBank,
-    exclude: int | Sequence[int],
-    group: int,
+    coarse_q: torch.Tensor, fine_q: torch.Tensor, bank: _C2FBank, exclude: int | Sequence[int], group: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Coarse and C2F fine distance profiles of one query tile against every other volume.
 
@@ -1074,9 +1046,7 @@ class _C2FBank:
             for start in range(0, query_index.numel(), self.tile):
                 idx = query_index[start : start + self.tile]
                 group = max(1, self.block_elements // (idx.numel() * self.per_query))
-                profiles = _c2f_profiles(
-                    self.coarse[i, idx].float(), self.fine[i, idx].float(), self, exclude, group
-                )
+                profiles = _c2f_profiles(self.coarse[i, idx].float(), self.fine[i, idx].float(), self, exclude, group)
                 yield i, idx, profiles
 
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 import torch
 from monai.utils import convert_to_tensor
-
 from scripts.transforms.tokenization import (
     AXES,
     DepthPool,
@@ -86,9 +85,7 @@ def per_axis(value: int | Sequence[int], name: str) -> list[int]:
     """One positive int per axis (sagittal, coronal, axial) from one int or three."""
     values = [int(value)] * 3 if isinstance(value, int) else [int(v) for v in value]
     if len(values) != 3 or min(values) < 1:
-        raise ValueError(
-            f"{name} must be one positive int or one per axis (sagittal, coronal, axial), got {value}"
-        )
+        raise ValueError(f"{name} must be one positive int or one per axis (sagittal, coronal, axial), got {value}")
     return values
 
 
@@ -193,8 +190,7 @@ class BatchBuffer:
         if not self._rows:
             self._rows = {
                 key: tuple(
-                    torch.empty((self.capacity, *t.shape), dtype=t.dtype, device=t.device)
-                    for t in (g.tokens, g.valid)
+                    torch.empty((self.capacity, *t.shape), dtype=t.dtype, device=t.device) for t in (g.tokens, g.valid)
                 )
                 for key, g in volume.grids.items()
             }
@@ -248,9 +244,7 @@ class Tokenizer:
         return self._projections[key]
 
     @torch.inference_mode()
-    def __call__(
-        self, volume: torch.Tensor, encoder: Callable, mask: torch.Tensor | None = None
-    ) -> VolumeTokens:
+    def __call__(self, volume: torch.Tensor, encoder: Callable, mask: torch.Tensor | None = None) -> VolumeTokens:
         """Tokens of ``volume`` ``[1, H, W, D]`` in ``[0, 1]``; ``mask`` (optional, same shape) makes
         tokens whose foreground fraction is ``<= delta`` invalid."""
         volume = as_volume(volume)
@@ -283,12 +277,7 @@ class Tokenizer:
         return [("", self.q[axis]), *fine]
 
     def _axis_grids(
-        self,
-        volume: torch.Tensor,
-        encoder: Callable,
-        slicer: MultiAxisSlice,
-        axis: str,
-        device: torch.device,
+        self, volume: torch.Tensor, encoder: Callable, slicer: MultiAxisSlice, axis: str, device: torch.device
     ) -> list[dict[str, torch.Tensor]]:
         """Per encoder layer, ``{suffix: [count // q_s, P, P, d]}`` token grids of one axis."""
         q = self.q[axis]

@@ -17,6 +17,4 @@ def tiny_cohort(tmp_path_factory) -> Path:
     """A 6-subject synthetic cohort at 32^3 (4 normal, 2 abnormal), generated once per session."""
     from scripts.synthetic.brain import generate_cohort
 
-    return generate_cohort(
-        tmp_path_factory.mktemp("cohort") / "tiny", n_normal=4, n_abnormal=2, shape=32, seed=1
-    )
+    return generate_cohort(tmp_path_factory.mktemp("cohort") / "tiny", n_normal=4, n_abnormal=2, shape=32, seed=1)

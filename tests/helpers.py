@@ -28,9 +28,7 @@ def _config_arg(config_file: str | Sequence[str]) -> str:
     return "[" + ",".join(repr(str(c)) for c in config_file) + "]"
 
 
-def bundle_command(
-    *args: Arg, config_file: str | Sequence[str] = CONFIG, nproc: int | None = None
-) -> list[str]:
+def bundle_command(*args: Arg, config_file: str | Sequence[str] = CONFIG, nproc: int | None = None) -> list[str]:
     """``python -m monai.bundle run --config_file CONFIG ARGS`` (under torchrun with ``nproc``)."""
     launcher = [sys.executable, "-m"]
     if nproc:

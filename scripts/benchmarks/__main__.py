@@ -89,26 +89,18 @@ def _add_c2f(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--h", type=int, help=f"fine children per coarse token (default {d['h']})")
     p.add_argument("--d", type=int, help=f"token dimension (default {d['d']})")
     p.add_argument(
-        "--Ls",
-        type=_int_list,
-        help=f"routing budgets, e.g. 1,4,16,64 (default {','.join(map(str, d['Ls']))})",
+        "--Ls", type=_int_list, help=f"routing budgets, e.g. 1,4,16,64 (default {','.join(map(str, d['Ls']))})"
     )
     p.add_argument("--repeats", type=int, help=f"interleaved timing rounds (default {d['repeats']})")
     p.add_argument("--device", help=f"cpu or cuda (default {d['device']})")
     p.add_argument("--rho", type=float, help=f"neighbour ratio (default {d['rho']})")
     p.add_argument(
-        "--query_volumes",
-        type=_optional_int,
-        help=f"query volumes timed, or 'all' (default {d['query_volumes']})",
+        "--query_volumes", type=_optional_int, help=f"query volumes timed, or 'all' (default {d['query_volumes']})"
     )
-    p.add_argument(
-        "--tokens", choices=("random", "structured"), help=f"synthetic token kind (default {d['tokens']})"
-    )
+    p.add_argument("--tokens", choices=("random", "structured"), help=f"synthetic token kind (default {d['tokens']})")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: unchanged)")
     p.add_argument("--seed", type=int, help=f"token seed (default {d['seed']})")
-    p.add_argument(
-        "--cache", help="token cache folder of an F/MS bundle run: real tokens instead of synthetic"
-    )
+    p.add_argument("--cache", help="token cache folder of an F/MS bundle run: real tokens instead of synthetic")
     p.add_argument("--key", help=f"axis/layer grid of the cache (default {C2F_KEY})")
 
 
@@ -129,9 +121,7 @@ def _add_scaling(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--bank", required=True, help="token bank folder (configs/build_bank.json)")
     c.add_argument("--sizes", default="16,32,64", help="batch sizes B (default %(default)s)")
     c.add_argument(
-        "--settings",
-        default="full,chunks:16,random:16,bank",
-        help="comma-separated settings (default %(default)s)",
+        "--settings", default="full,chunks:16,random:16,bank", help="comma-separated settings (default %(default)s)"
     )
     c.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s)")
 
@@ -162,12 +152,8 @@ def _add_mixed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--B", type=int, default=24, help="volumes of the random case (default %(default)s)")
     p.add_argument("--N", type=int, default=2048, help="tokens per volume (default %(default)s)")
     p.add_argument("--d", type=int, default=128, help="token dimension (default %(default)s)")
-    p.add_argument(
-        "--cache", help="token cache of a bundle run (e.g. eval/tokens after the demo): real tokens"
-    )
-    p.add_argument(
-        "--keys", choices=("all", "largest"), default="all", help="(axis, layer) grids of the cache"
-    )
+    p.add_argument("--cache", help="token cache of a bundle run (e.g. eval/tokens after the demo): real tokens")
+    p.add_argument("--keys", choices=("all", "largest"), default="all", help="(axis, layer) grids of the cache")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default %(default)s)")
     p.add_argument("--rho", type=float, default=0.1, help="neighbour ratio (default %(default)s)")
     p.add_argument("--threads", dest="threads_", type=int, help="torch intra-op threads (default: unchanged)")
@@ -203,8 +189,7 @@ def _add_gpu(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m scripts.benchmarks``."""
     parser = argparse.ArgumentParser(
-        prog="python -m scripts.benchmarks",
-        description="Benchmarks of the CS3F bundle (run from the bundle root).",
+        prog="python -m scripts.benchmarks", description="Benchmarks of the CS3F bundle (run from the bundle root)."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{run,c2f,scaling,quality,mixed,gpu}")
     _add_run(sub)

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from scripts.benchmarks.settings import CONFIG, ROOT, demo_config
 
 
@@ -148,10 +147,7 @@ def bundle_runs(
             results.append(bundle_result(proc, cmd, out_dir, time.perf_counter() - start))
         return results
     start = time.perf_counter()
-    procs = [
-        subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for cmd in cmds
-    ]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for cmd in cmds]
     outs = [p.communicate(timeout=3600) for p in procs]
     wall = time.perf_counter() - start
     return [

@@ -33,7 +33,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from scripts.scoring import (
     DEFAULT_BLOCK_ELEMENTS,
     c2f_scores,
@@ -157,11 +156,7 @@ def _make_bank(
 
 
 def _time_all(
-    scorers: dict[str, Callable[[list[int]], object]],
-    n_query: int,
-    b: int,
-    repeats: int,
-    device: torch.device,
+    scorers: dict[str, Callable[[list[int]], object]], n_query: int, b: int, repeats: int, device: torch.device
 ) -> tuple[dict[str, float], dict[str, object]]:
     """Seconds for all ``b`` query volumes per scorer (minimum over rounds), and each one's output.
 
@@ -311,9 +306,7 @@ def bench_c2f(
             "exhaustive": lambda v: mutual_similarity_scores(
                 bk.flat, bk.flat_valid, rho, block_elements=block_elements, volumes=v
             ),
-            "coarse": lambda v: mutual_similarity_scores(
-                bk.coarse, cv, rho, block_elements=block_elements, volumes=v
-            ),
+            "coarse": lambda v: mutual_similarity_scores(bk.coarse, cv, rho, block_elements=block_elements, volumes=v),
         }
         for L in Ls:  # noqa: N806
             scorers[f"L={L}"] = lambda v, L=L: c2f_scores(  # noqa: N803
@@ -327,11 +320,7 @@ def bench_c2f(
         for L in Ls:  # noqa: N806
             approx = outputs[f"L={L}"][1][:n_query].reshape(-1)[query_valid]
             nn_match = _nn_match(bk, L, exact_nn, block_elements)
-            runs.append(
-                _run_figures(
-                    L, seconds[f"L={L}"], seconds["exhaustive"], approx, exact, nn_match, n_coarse, h
-                )
-            )
+            runs.append(_run_figures(L, seconds[f"L={L}"], seconds["exhaustive"], approx, exact, nn_match, n_coarse, h))
         return {
             "params": _params(bk, rho, device, repeats, n_query),
             "exhaustive_s": round(seconds["exhaustive"], 4),
@@ -349,10 +338,8 @@ def format_table(result: dict) -> str:
         f"B={p['B']} N_c={p['n_coarse']} (valid {p['n_valid_coarse']}) h={p['h']} d={p['d']} "
         f"tokens={p['tokens']} device={p['device']} "
         f"threads={p['threads']}; {p['times']}",
-        f"exhaustive fine: {result['exhaustive_s']:.2f} s   "
-        f"coarse only (exact): {result['coarse_exact_s']:.2f} s",
-        f"{'L':>4} {'C2F s':>9} {'speedup':>8} {'Eq.9':>7} {'ratio':>6} {'spearman':>9} {'NN match':>9} "
-        f"{'excess':>8}",
+        f"exhaustive fine: {result['exhaustive_s']:.2f} s   coarse only (exact): {result['coarse_exact_s']:.2f} s",
+        f"{'L':>4} {'C2F s':>9} {'speedup':>8} {'Eq.9':>7} {'ratio':>6} {'spearman':>9} {'NN match':>9} {'excess':>8}",
     ]
     for r in result["runs"]:
         lines.append(

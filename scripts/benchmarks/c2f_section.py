@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from scripts.benchmarks.c2f import bench_c2f
 from scripts.benchmarks.markdown import joined, missing, table
 from scripts.benchmarks.values import jsonable

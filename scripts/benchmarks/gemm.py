@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-
 from scripts.benchmarks.markdown import missing, table
 from scripts.benchmarks.settings import scoring_defaults
 from scripts.benchmarks.timing import median_time, thread_counts, threads
@@ -71,14 +70,7 @@ def bench_gemm(cfg: dict, device: torch.device) -> dict:
                     with threads(count):
                         gflops = flops / median_time(fn, device, cfg["repeats"], cfg["min_time"]) / 1e9
                     rows.append(
-                        {
-                            "form": form,
-                            "N": n,
-                            "G": g,
-                            "dtype": name,
-                            "threads": count,
-                            "gflops": significant(gflops),
-                        }
+                        {"form": form, "N": n, "G": g, "dtype": name, "threads": count, "gflops": significant(gflops)}
                     )
                     key = name if count == counts[0] else f"{name}_1thread"
                     best[key] = max(best.get(key, 0.0), round(gflops, 1))

@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from scripts.benchmarks.markdown import table
 from scripts.benchmarks.settings import ROOT
 from scripts.benchmarks.values import jsonable, significant
@@ -109,12 +108,7 @@ def make_cohort(folder: Path, b: int, size: int, pool: int, workers: int, seed: 
     pool = max(2, min(pool, b))
     shutil.rmtree(folder, ignore_errors=True)
     base = generate_cohort(
-        folder / "pool",
-        n_normal=pool - pool // 3,
-        n_abnormal=pool // 3,
-        shape=size,
-        seed=seed,
-        workers=max(1, workers),
+        folder / "pool", n_normal=pool - pool // 3, n_abnormal=pool // 3, shape=size, seed=seed, workers=max(1, workers)
     )
     rows = [line.split(",") for line in (base / "cohort.csv").read_text().splitlines()]
     sources = [dict(zip(rows[0], row, strict=False)) for row in rows[1:]]
@@ -126,9 +120,7 @@ def make_cohort(folder: Path, b: int, size: int, pool: int, workers: int, seed: 
             names = list(ex.map(_derived_volume, jobs, chunksize=4))
     else:
         names = [_derived_volume(job) for job in jobs]
-    (folder / "cohort.csv").write_text(
-        "\n".join(["image,mask", *(f"images/{n},masks/{n}" for n in names)]) + "\n"
-    )
+    (folder / "cohort.csv").write_text("\n".join(["image,mask", *(f"images/{n},masks/{n}" for n in names)]) + "\n")
     (folder / "done").write_text("ok\n")
     return folder
 
@@ -149,9 +141,7 @@ def _derived_volume(job: tuple) -> str:
         image = torch.roll(image * scale + noise * (image > 0), shift, dims=(0, 1, 2)).clamp(0, 1)
         mask = torch.roll(mask, shift, dims=(0, 1, 2))
     name = f"vol-{i:04d}.nii"
-    nib.save(
-        nib.Nifti1Image((image * 1000).round().short().numpy(), image_nii.affine), folder / "images" / name
-    )
+    nib.save(nib.Nifti1Image((image * 1000).round().short().numpy(), image_nii.affine), folder / "images" / name)
     nib.save(nib.Nifti1Image(mask.to(torch.uint8).numpy(), image_nii.affine), folder / "masks" / name)
     return name
 
@@ -298,7 +288,7 @@ def _precision_rows(cache: Path, opts: dict) -> list[dict]:
 
 
 def bench_gpu(
-    B: int = 180,
+    B: int = 180,  # noqa: N803 - the paper's B
     size: int = 224,
     variants: str = "C,MS",
     out: str = "bench_out/gpu",
@@ -318,20 +308,16 @@ def bench_gpu(
     """
     cuda = torch.cuda.is_available()
     if not cuda and not tiny:
-        raise ValueError(
-            "no CUDA device: `python -m scripts.benchmarks gpu --tiny` runs the CPU smoke version"
-        )
+        raise ValueError("no CUDA device: `python -m scripts.benchmarks gpu --tiny` runs the CPU smoke version")
     if tiny:
-        B, size, pool, workers = TINY["B"], TINY["size"], TINY["pool"], TINY["workers"]
+        B, size, pool, workers = TINY["B"], TINY["size"], TINY["pool"], TINY["workers"]  # noqa: N806
     folder = Path(out) if Path(out).is_absolute() else ROOT / out
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     cohort = make_cohort(folder / f"cohort_{B}_{size}", B, size, pool, workers)
     real = CHECKPOINT.is_dir() and any(CHECKPOINT.glob("*.safetensors")) and not tiny
     model_dir = (
-        CHECKPOINT
-        if real
-        else random_dinov2(folder / ("dinov2-tiny-random" if tiny else "dinov2-large-random"), tiny)
+        CHECKPOINT if real else random_dinov2(folder / ("dinov2-tiny-random" if tiny else "dinov2-large-random"), tiny)
     )
     opts = {
         "device": "cuda" if cuda and not tiny else "cpu",
@@ -349,11 +335,7 @@ def bench_gpu(
         "size": size,
         "pool": pool,
         "workers": workers,
-        "weights": "models/dinov2-large"
-        if real
-        else "random init (DINOv2-L/14 shapes)"
-        if not tiny
-        else "tiny",
+        "weights": "models/dinov2-large" if real else "random init (DINOv2-L/14 shapes)" if not tiny else "tiny",
         "runs": [],
         "precision": [],
         "wall_s": 0.0,
@@ -392,9 +374,7 @@ def render(result: dict) -> list[str]:
     for r in result["runs"]:
         paper = PAPER.get(r["variant"], {})
         if "error" in r:
-            rows.append(
-                [r["variant"], result["B"], *["-"] * 10, paper.get("s_per_volume"), paper.get("vram_gb")]
-            )
+            rows.append([r["variant"], result["B"], *["-"] * 10, paper.get("s_per_volume"), paper.get("vram_gb")])
             continue
         st = r["stages_s_per_volume"]
         util = "-" if r["gpu_util_mean"] is None else f"{r['gpu_util_mean']:.0f} / {r['gpu_util_max']:.0f}"
@@ -428,30 +408,13 @@ def render(result: dict) -> list[str]:
         table(headers, rows),
         "",
     ]
-    errors = [
-        f"- {r['variant']}: {' '.join(str(r['error']).split())[-400:]}"
-        for r in result["runs"]
-        if "error" in r
-    ]
+    errors = [f"- {r['variant']}: {' '.join(str(r['error']).split())[-400:]}" for r in result["runs"] if "error" in r]
     md += errors + ([""] if errors else [])
     if result["precision"]:
-        md += [
-            "Distance passes of the C scorer on the C run's largest token grid (same process, interleaved):",
-            "",
-        ]
+        md += ["Distance passes of the C scorer on the C run's largest token grid (same process, interleaved):", ""]
         md += [
             table(
-                [
-                    "pass",
-                    "grid",
-                    "B",
-                    "N",
-                    "fp32 s",
-                    "mixed s",
-                    "fp32 / mixed",
-                    "baseline / mixed",
-                    "max abs diff",
-                ],
+                ["pass", "grid", "B", "N", "fp32 s", "mixed s", "fp32 / mixed", "baseline / mixed", "max abs diff"],
                 [
                     [
                         r["precision"],

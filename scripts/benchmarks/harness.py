@@ -28,7 +28,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-
 from scripts.benchmarks.c2f_section import bench_c2f_section
 from scripts.benchmarks.gemm import bench_gemm
 from scripts.benchmarks.machine import machine_info
@@ -87,9 +86,7 @@ class _Runner:
         if self.verbose:
             print(f"[bench {time.perf_counter() - self.started:6.1f}s] {msg}", flush=True)
 
-    def run(
-        self, name: str, fn: Callable[[], object], fallback: Callable[[dict], object] | None = None
-    ) -> object:
+    def run(self, name: str, fn: Callable[[], object], fallback: Callable[[dict], object] | None = None) -> object:
         """``fn()``, or on failure ``{"error": ...}`` (passed through ``fallback`` when given)."""
         self.log(f"{name} ...")
         t0 = time.perf_counter()
@@ -105,9 +102,7 @@ class _Runner:
         return value
 
 
-def _run_sections(
-    res: dict, chosen: list[str], cfg: dict, dev: torch.device, out: Path, runner: _Runner
-) -> None:
+def _run_sections(res: dict, chosen: list[str], cfg: dict, dev: torch.device, out: Path, runner: _Runner) -> None:
     """Fill ``res`` with the chosen sections, in the order their dependencies need."""
     for name in SECTIONS:
         if name not in chosen:

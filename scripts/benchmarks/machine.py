@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import torch
-
 from scripts.benchmarks.markdown import table
 from scripts.benchmarks.timing import loadavg
 
@@ -58,9 +57,7 @@ def machine_info(device: torch.device) -> dict:
     info = {
         "cpu_model": cpu_model,
         "logical_cpus": logical or os.cpu_count(),
-        "cpus_available": len(os.sched_getaffinity(0))
-        if hasattr(os, "sched_getaffinity")
-        else os.cpu_count(),
+        "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "memory_gb": _memory_gb(),
         "simd": sorted(flags & _SIMD),
         "torch_threads": torch.get_num_threads(),
@@ -85,17 +82,11 @@ def render(machine: dict, meta: dict) -> list[str]:
         ["logical CPUs / available", f"{machine['logical_cpus']} / {machine['cpus_available']}"],
         ["memory", f"{machine.get('memory_gb')} GB"],
         ["SIMD", ", ".join(machine["simd"]) or "-"],
-        [
-            "torch threads (intra / inter-op)",
-            f"{machine['torch_threads']} / {machine['torch_interop_threads']}",
-        ],
+        ["torch threads (intra / inter-op)", f"{machine['torch_threads']} / {machine['torch_interop_threads']}"],
         ["torch CPU capability / BLAS", f"{machine['cpu_capability']} / {machine['blas']}"],
         ["build", "; ".join(machine["build"])],
         ["versions", f"python {machine['python']}, torch {machine['torch']}, monai {machine.get('monai')}"],
-        [
-            "load average (1/5/15 min) start -> end",
-            f"{machine['loadavg_start']} -> {meta.get('loadavg_end')}",
-        ],
+        ["load average (1/5/15 min) start -> end", f"{machine['loadavg_start']} -> {meta.get('loadavg_end')}"],
     ]
     if "gpu" in machine:
         rows.append(["GPU", machine["gpu"]])

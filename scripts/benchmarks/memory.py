@@ -11,7 +11,6 @@ import math
 from pathlib import Path
 
 import torch
-
 from scripts.benchmarks.bundle_runs import bundle_runs, cohort, subset
 from scripts.benchmarks.markdown import cell, joined, missing, table
 from scripts.benchmarks.settings import demo_config, scoring_defaults
@@ -167,8 +166,7 @@ def render_memory(memory: dict | None) -> list[str]:
         f"Cohort: {joined(memory['cohort'])}; overrides {memory['overrides'] or 'none'}. {memory['note']}.",
         "",
         table(
-            ["B", "tokens", "peak RSS MB (run.json)", "VmHWM MB (polled)", "token bank MB", "wall s"],
-            _run_rows(memory),
+            ["B", "tokens", "peak RSS MB (run.json)", "VmHWM MB (polled)", "token bank MB", "wall s"], _run_rows(memory)
         ),
         "",
         f"Encoding runs: RSS growth B -> 2B **{memory['rss_growth_mb']} MB**; token-bank growth "
@@ -200,8 +198,7 @@ def render_e2e(e2e: dict | None) -> list[str]:
     if "extrapolated" in e2e:
         x = e2e["extrapolated"]
         md += [
-            f"Demo cohort size B={x['B']}: score ~{x['score']} s/volume, total ~{x['total']} "
-            f"s/volume ({x['note']}).",
+            f"Demo cohort size B={x['B']}: score ~{x['score']} s/volume, total ~{x['total']} s/volume ({x['note']}).",
             "",
         ]
     return md

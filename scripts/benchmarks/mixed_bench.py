@@ -19,16 +19,13 @@ import statistics
 from pathlib import Path
 
 import torch
-
 from scripts.benchmarks.markdown import missing, table
 from scripts.benchmarks.scoring_bench import musc_baseline, synthetic_bank
 from scripts.benchmarks.timing import interleaved, ratio, threads
 from scripts.benchmarks.values import jsonable, significant
 
 
-def _case(
-    name: str, tokens: torch.Tensor, valid: torch.Tensor | None, cfg: dict, device: torch.device
-) -> dict:
+def _case(name: str, tokens: torch.Tensor, valid: torch.Tensor | None, cfg: dict, device: torch.device) -> dict:
     """One row: the three scorers timed interleaved on ``tokens``, their ratios and score differences."""
     from scripts.mixed_precision import resolve_precision
     from scripts.scoring import mutual_similarity_scores
@@ -43,9 +40,7 @@ def _case(
         lambda: mutual_similarity_scores(tokens, valid, rho, precision=used),
         lambda: musc_baseline(tokens, valid, rho),
     ]
-    (t32, tmix, tbase), (s32, smix, sbase) = interleaved(
-        fns, device, cfg["repeats"], cfg["case_s"], warmup=False
-    )
+    (t32, tmix, tbase), (s32, smix, sbase) = interleaved(fns, device, cfg["repeats"], cfg["case_s"], warmup=False)
     return {
         "case": name,
         "B": tokens.shape[0],
@@ -69,10 +64,7 @@ def _case(
 def cache_banks(cache: str | Path, keys: str = "all") -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """``(key, tokens [B, N, d] fp32, valid [B, N])`` of every (axis, layer) in a bundle run's token
     cache (``keys="largest"``: the one with the most tokens)."""
-    entries = [
-        torch.load(p, map_location="cpu", weights_only=True)["grids"]
-        for p in sorted(Path(cache).glob("*.pt"))
-    ]
+    entries = [torch.load(p, map_location="cpu", weights_only=True)["grids"] for p in sorted(Path(cache).glob("*.pt"))]
     if len(entries) < 2:
         raise ValueError(f"{cache}: a token cache of at least 2 volumes is needed, found {len(entries)}")
     names = list(entries[0])
@@ -91,9 +83,7 @@ def cache_banks(cache: str | Path, keys: str = "all") -> list[tuple[str, torch.T
 def _total(rows: list[dict], name: str) -> dict:
     """A row summing the times of ``rows`` round by round (the whole cache scored once per scorer)."""
     rounds = min(r["repeats"] for r in rows)
-    sums = {
-        s: [sum(r["times"][s][i] for r in rows) for i in range(rounds)] for s in ("fp32", "mixed", "baseline")
-    }
+    sums = {s: [sum(r["times"][s][i] for r in rows) for i in range(rounds)] for s in ("fp32", "mixed", "baseline")}
     return {
         "case": name,
         "B": rows[0]["B"],
@@ -194,8 +184,8 @@ def render(section: dict | None) -> list[str]:
 
 
 def main(
-    B: int = 24,
-    N: int = 2048,
+    B: int = 24,  # noqa: N803 - the paper's B
+    N: int = 2048,  # noqa: N803 - the paper's N
     d: int = 128,
     cache: str | None = None,
     keys: str = "all",

@@ -14,8 +14,6 @@ import statistics
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
-
 from scripts.benchmarks.markdown import cell, missing, pct, table
 from scripts.benchmarks.prototypes import render_variants, variant_rows
 from scripts.benchmarks.scoring_bench import effective_flops, exact_scorer, musc_baseline, synthetic_bank
@@ -23,6 +21,7 @@ from scripts.benchmarks.settings import demo_config
 from scripts.benchmarks.timing import paired, ratio, thread_counts, threads
 from scripts.benchmarks.tokenize_bench import build_encoder
 from scripts.benchmarks.values import rounded, significant
+from torch.profiler import ProfilerActivity, profile
 
 
 def real_bank(run_dir: str | Path | None) -> tuple[torch.Tensor, torch.Tensor, str] | None:
@@ -36,9 +35,7 @@ def real_bank(run_dir: str | Path | None) -> tuple[torch.Tensor, torch.Tensor, s
     if cache is None or not cache.is_dir():
         return None
     try:
-        entries = [
-            torch.load(p, map_location="cpu", weights_only=True)["grids"] for p in sorted(cache.glob("*.pt"))
-        ]
+        entries = [torch.load(p, map_location="cpu", weights_only=True)["grids"] for p in sorted(cache.glob("*.pt"))]
     except Exception:  # a cache of another format: the real-token figures are left out
         return None
     if len(entries) < 2:
@@ -162,8 +159,7 @@ def bench_profile(cfg: dict, device: torch.device, real_run: str | Path | None =
 
 def _ops_table(ops: list[dict]) -> str:
     return table(
-        ["op", "self ms", "self %", "calls"],
-        [[o["op"], o["self_ms"], o["self_pct"], o["calls"]] for o in ops],
+        ["op", "self ms", "self %", "calls"], [[o["op"], o["self_ms"], o["self_pct"], o["calls"]] for o in ops]
     )
 
 
@@ -183,16 +179,7 @@ def render(prof: dict | None) -> list[str]:
         ]
     if prof.get("threads"):
         keys = ["B", "N", "threads", "s", "gflops", "s_1thread", "gflops_1thread", "speedup_1thread"]
-        headers = [
-            "B",
-            "N",
-            "threads",
-            "s",
-            "GFLOP/s",
-            "s (1 thread)",
-            "GFLOP/s (1 thread)",
-            "1-thread speedup",
-        ]
+        headers = ["B", "N", "threads", "s", "GFLOP/s", "s (1 thread)", "GFLOP/s (1 thread)", "1-thread speedup"]
         md += [
             "Same call with the configured threads vs one thread (interleaved):",
             "",

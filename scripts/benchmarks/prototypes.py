@@ -13,7 +13,6 @@ import statistics
 from collections.abc import Callable, Sequence
 
 import torch
-
 from scripts.benchmarks.markdown import table
 from scripts.benchmarks.scoring_bench import exact_scorer, synthetic_bank
 from scripts.benchmarks.settings import scoring_defaults
@@ -75,9 +74,7 @@ def _group_minima(
     g, nq = g1 - g0, qg.shape[0]
     if form == "baddbmm":
         refs = flat[g0 * m : g1 * m].view(g, m, -1)
-        d2 = torch.baddbmm(
-            sq[g0:g1].unsqueeze(1).to(qg.dtype), qg.expand(g, -1, -1), refs.transpose(1, 2), alpha=-2.0
-        )
+        d2 = torch.baddbmm(sq[g0:g1].unsqueeze(1).to(qg.dtype), qg.expand(g, -1, -1), refs.transpose(1, 2), alpha=-2.0)
         best = d2.min(dim=-1)  # [G, Q]
         return best.values.t().float(), best.indices.t()
     refs = flat[g0 * m : g1 * m].t()
@@ -165,9 +162,7 @@ PROTOTYPES = {
 }
 
 
-def variant_fn(
-    label: str, rho: float
-) -> Callable[[torch.Tensor, torch.Tensor, list[int] | None], torch.Tensor]:
+def variant_fn(label: str, rho: float) -> Callable[[torch.Tensor, torch.Tensor, list[int] | None], torch.Tensor]:
     """``(tokens, valid, volumes) -> scores`` of the variant ``label``."""
     from scripts.scoring import mutual_similarity_scores
 
@@ -231,9 +226,7 @@ def variant_rows(
     rows = []
     for label in variant_labels(device):
         fn = variant_fn(label, rho)
-        ts, tp, out_s, out_p = paired(
-            scorer, lambda fn=fn: fn(tokens, valid, volumes), device, reps, cfg["case_s"]
-        )
+        ts, tp, out_s, out_p = paired(scorer, lambda fn=fn: fn(tokens, valid, volumes), device, reps, cfg["case_s"])
         row = {
             "variant": label,
             "B": b,

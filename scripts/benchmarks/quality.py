@@ -87,7 +87,6 @@ def _baseline_maps(cohort: Path, out: Path, kind: str, seed: int = 0) -> dict:
     """Write baseline maps for ``cohort`` into ``out`` and evaluate them like the bundle's."""
     import nibabel as nib
     import numpy as np
-
     from scripts.engine.datalist import make_datalist
     from scripts.evaluation.report import evaluate_outputs
     from scripts.storage.atomic import atomic_write_csv
@@ -103,9 +102,7 @@ def _baseline_maps(cohort: Path, out: Path, kind: str, seed: int = 0) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     scores = []
     for i, row in enumerate(rows):
-        mask = (
-            np.asarray(nib.load(row["mask"]).dataobj) > 0 if "mask" in row else np.ones(stack.shape[1:], bool)
-        )
+        mask = np.asarray(nib.load(row["mask"]).dataobj) > 0 if "mask" in row else np.ones(stack.shape[1:], bool)
         if kind == "zscore":  # each voxel against the same voxel of the other volumes
             mean = (total - stack[i]) / (b - 1)
             var = np.maximum((total_sq - stack[i] ** 2) / (b - 1) - mean**2, 0.0)
@@ -129,9 +126,7 @@ def _summary(results: Mapping[str, Mapping[str, dict]]) -> list[list]:
         cells: list = [method, f"{len(good)}/{len(by_cohort)}"]
         for key in METRICS:
             # NaN where a cohort has no lesion of a size class: averaged over the cohorts that have one
-            values = [
-                v for r in good if isinstance(v := r["metrics"].get(key), int | float) and math.isfinite(v)
-            ]
+            values = [v for r in good if isinstance(v := r["metrics"].get(key), int | float) and math.isfinite(v)]
             if not values:
                 cells.append(None)
                 continue
@@ -151,9 +146,7 @@ def render(results: Mapping[str, Mapping[str, dict]], cohorts: Mapping[str, dict
     lines += ["", "## Cohorts", ""]
     lines.append(table(["cohort", "generator arguments"], [[n, json.dumps(s)] for n, s in cohorts.items()]))
     lines += ["", "## Runs", ""]
-    rows = [
-        [m, c, r.get("command", ""), r.get("error", "")] for m, rs in results.items() for c, r in rs.items()
-    ]
+    rows = [[m, c, r.get("command", ""), r.get("error", "")] for m, rs in results.items() for c, r in rs.items()]
     lines.append(table(["method", "cohort", "command", "error"], rows))
     return "\n".join(lines) + "\n"
 

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from scripts.benchmarks.cohorts import COHORTS, METRICS, QUICK_COHORTS
 from scripts.benchmarks.cohorts import cohort as _cohort
 from scripts.benchmarks.settings import ROOT
@@ -55,7 +54,6 @@ def _scored(cohort: Path, overrides: Mapping) -> tuple[list[dict], list, list, o
 
 def _evaluate(rows, bank, scores, inferer, variant: str, smooth_mm: float) -> dict:
     from monai.transforms import LoadImage
-
     from scripts.anomaly_map import smooth_map
     from scripts.evaluation.metrics import evaluate_cohort
 
@@ -82,9 +80,7 @@ def _evaluate(rows, bank, scores, inferer, variant: str, smooth_mm: float) -> di
 
     metrics = evaluate_cohort(subjects, out_dir=None, plots=False)
     # as in metrics.json: NaN (e.g. no lesion of a size class) is null
-    return {
-        k: v if isinstance(v := metrics.get(k), int | float) and np.isfinite(v) else None for k in METRICS
-    }
+    return {k: v if isinstance(v := metrics.get(k), int | float) and np.isfinite(v) else None for k in METRICS}
 
 
 def _command(cohort: Path, overrides: Mapping, variant: str, smooth_mm: float) -> str:

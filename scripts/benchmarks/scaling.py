@@ -45,9 +45,7 @@ def _items(value: str | Sequence) -> list[str]:
     return [str(v).strip() for v in values if str(v).strip()]
 
 
-def metrics(
-    cohort: str, out: str, cache: str | None = None, settings: str | None = None, threads: int = 1
-) -> None:
+def metrics(cohort: str, out: str, cache: str | None = None, settings: str | None = None, threads: int = 1) -> None:
     """Run the bundle + evaluation per setting; print a markdown table."""
     out_dir = Path(out)
     cache = cache or str(out_dir / "tokens")
@@ -69,12 +67,7 @@ def metrics(
         run = json.loads((run_dir / "run.json").read_text())
         record[name] = {"metrics": m, "timings_s": run["timings_s"], "peak_rss_mb": run["peak_rss_mb"]}
         rows.append(
-            [
-                name,
-                *[f"{100 * m[k]:.1f}" for k in METRICS],
-                f"{run['timings_s']['score']:.1f}",
-                run["n_volumes"],
-            ]
+            [name, *[f"{100 * m[k]:.1f}" for k in METRICS], f"{run['timings_s']['score']:.1f}", run["n_volumes"]]
         )
     (out_dir / "metrics_table.json").write_text(json.dumps(record, indent=1))
     print(table(["setting", *METRICS, "score s", "B"], rows))
@@ -126,10 +119,7 @@ _COST_SCRIPT = textwrap.dedent(_COST_SCRIPT)
 
 
 def costs(
-    bank: str,
-    sizes: str = "16,32,64",
-    settings: str = "full,chunks:16,random:16,bank",
-    threads: int = 1,
+    bank: str, sizes: str = "16,32,64", settings: str = "full,chunks:16,random:16,bank", threads: int = 1
 ) -> None:
     """Scoring time and peak-memory growth per (B, setting), each in a fresh process."""
     options = {**SETTINGS, "bank": {}}

@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
-
 from scripts.benchmarks.gemm import roof, roofline_probe
 from scripts.benchmarks.markdown import missing, pct, table
 from scripts.benchmarks.timing import interleaved, ratio
@@ -47,10 +46,7 @@ def synthetic_bank(
 
 
 def musc_baseline(
-    tokens: torch.Tensor,
-    valid: torch.Tensor | None = None,
-    rho: float = 0.1,
-    volumes: Sequence[int] | None = None,
+    tokens: torch.Tensor, valid: torch.Tensor | None = None, rho: float = 0.1, volumes: Sequence[int] | None = None
 ) -> torch.Tensor:
     """A straightforward MuSc-style mutual scorer, the peer baseline (not tiled, not clever).
 
@@ -78,19 +74,14 @@ def musc_baseline(
     for i in range(b) if volumes is None else volumes:
         queries = tokens[i][valid[i]].float()
         profile = torch.stack(
-            [torch.cdist(queries, tokens[j][valid[j]].float()).min(dim=1).values for j in range(b) if j != i],
-            dim=1,
+            [torch.cdist(queries, tokens[j][valid[j]].float()).min(dim=1).values for j in range(b) if j != i], dim=1
         )
         scores[i, valid[i]] = profile.sort(dim=1).values[:, :k].mean(dim=1)
     return scores
 
 
 def exact_scorer(
-    tokens: torch.Tensor,
-    valid: torch.Tensor | None,
-    rho: float,
-    volumes: list[int] | None,
-    precision: str = "fp32",
+    tokens: torch.Tensor, valid: torch.Tensor | None, rho: float, volumes: list[int] | None, precision: str = "fp32"
 ) -> Callable[[], torch.Tensor]:
     """A call of the exact scorer on fixed inputs, for timing (``precision``: its distance pass)."""
     from scripts.scoring import mutual_similarity_scores

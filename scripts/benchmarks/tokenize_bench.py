@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
 from scripts.benchmarks.markdown import joined, missing, table
 from scripts.benchmarks.settings import demo_config
 from scripts.benchmarks.timing import median_time, paired, ratio
@@ -139,16 +138,12 @@ def _steps(case: _Case, feats: list[list[torch.Tensor]]) -> dict:
 
 def _breakdown(case: _Case, feats: list, enc_s: float, tok_s: float, cfg: dict, device: torch.device) -> dict:
     """Where the overhead goes: each step timed alone, against the bare encoder time."""
-    parts = {
-        name: median_time(fn, device, cfg["repeats"], cfg["min_time"])
-        for name, fn in _steps(case, feats).items()
-    }
+    parts = {name: median_time(fn, device, cfg["repeats"], cfg["min_time"]) for name, fn in _steps(case, feats).items()}
     # Pooling alone is a part of "pooling + projection + layout": it is shown, not added.
     measured = sum(v for k, v in parts.items() if k != "depth pooling + L2")
     return {
         "parts": [
-            {"step": k, "s": significant(v), "frac_of_encoder": significant(v / enc_s, 3)}
-            for k, v in parts.items()
+            {"step": k, "s": significant(v), "frac_of_encoder": significant(v / enc_s, 3)} for k, v in parts.items()
         ],
         "overhead_s": rounded(tok_s - enc_s, 3),
         "unattributed_s": rounded(tok_s - enc_s - measured, 3),
@@ -160,9 +155,7 @@ def _whatif(case: _Case, feats: list, pairs: int, device: torch.device) -> list[
     unfused = unfused_encoder(case.encoder)
     if unfused is None:
         return []
-    ta, tv, before, _ = paired(
-        lambda: [unfused(x) for x in case.slabs], case.bare, device, pairs, float("inf")
-    )
+    ta, tv, before, _ = paired(lambda: [unfused(x) for x in case.slabs], case.bare, device, pairs, float("inf"))
     diff = max(
         float((a - b).abs().max() / a.abs().max())
         for slab_a, slab_b in zip(before, feats, strict=True)
@@ -198,11 +191,7 @@ def tokenize_case(
         "overhead": rounded(ratio(tf, tb) - 1.0, 3),
         "pairs": len(tb),
     }
-    breakdown = {
-        **where,
-        "encoder_s": rounded(enc_s, 3),
-        **_breakdown(case, feats, enc_s, tok_s, cfg, device),
-    }
+    breakdown = {**where, "encoder_s": rounded(enc_s, 3), **_breakdown(case, feats, enc_s, tok_s, cfg, device)}
     variants = _whatif(case, feats, cfg.get("whatif_pairs", pairs), device) if whatif else []
     return row, breakdown, [{**where, **v} for v in variants]
 
@@ -251,19 +240,10 @@ def render(tok: dict | None) -> list[str]:
         for p in b["parts"]
     ]
     steps += [
-        [f"{b['volume']}^3", b["R"], "total overhead (tokenize - bare)", b["overhead_s"], "-"]
-        for b in tok["breakdown"]
+        [f"{b['volume']}^3", b["R"], "total overhead (tokenize - bare)", b["overhead_s"], "-"] for b in tok["breakdown"]
     ]
     whatif = [
-        [
-            f"{w['volume']}^3",
-            w["R"],
-            w["variant"],
-            w["encoder_s"],
-            w["variant_s"],
-            w["speedup"],
-            w["max_rel_diff"],
-        ]
+        [f"{w['volume']}^3", w["R"], w["variant"], w["encoder_s"], w["variant_s"], w["speedup"], w["max_rel_diff"]]
         for w in tok["encoder_whatif"]
     ]
     return md + [
@@ -272,8 +252,7 @@ def render(tok: dict | None) -> list[str]:
         "interleaved (tokenize / bare) - 1.",
         "",
         table(
-            ["volume", "R", "slices", "encoder s", "tokenize s", "ms/slice (encoder)", "overhead", "pairs"],
-            overhead,
+            ["volume", "R", "slices", "encoder s", "tokenize s", "ms/slice (encoder)", "overhead", "pairs"], overhead
         ),
         "",
         "Where the overhead goes (each step timed alone on the same data, % of the bare encoder time):",

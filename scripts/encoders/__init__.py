@@ -93,9 +93,7 @@ def build_encoder(name: str = "efficientnet_lite0", **kwargs) -> SliceEncoder:
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     precision = kwargs.pop("precision", "fp32")
     if str(precision).strip().lower() not in ENCODER_PRECISIONS:
-        raise CS3FInputError(
-            f"encoder_precision must be one of {', '.join(ENCODER_PRECISIONS)}, got {precision!r}"
-        )
+        raise CS3FInputError(f"encoder_precision must be one of {', '.join(ENCODER_PRECISIONS)}, got {precision!r}")
     key = str(name).strip().lower().replace("-", "_")
     if key == "efficientnet_lite0":
         return EfficientNetLite0Encoder(**kwargs).set_precision(precision)

@@ -12,9 +12,8 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
-from torch import Tensor
-
 from scripts.digest import file_digest
+from torch import Tensor
 
 __all__ = ["BUNDLE_ROOT", "ENCODER_PRECISIONS", "SliceEncoder", "resolve_bundle_path", "sha256_file"]
 
@@ -89,9 +88,7 @@ class SliceEncoder(torch.nn.Module, ABC):
         """
         name = str(precision).strip().lower()
         if name not in ENCODER_PRECISIONS:
-            raise ValueError(
-                f"encoder_precision must be one of {', '.join(ENCODER_PRECISIONS)}, got {precision!r}"
-            )
+            raise ValueError(f"encoder_precision must be one of {', '.join(ENCODER_PRECISIONS)}, got {precision!r}")
         self.precision = name
         self._identity = None
         return self

@@ -6,11 +6,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
-
 from scripts.encoders.base import SliceEncoder, resolve_bundle_path
 from scripts.errors import CS3FInputError, WeightsNotFoundError
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = ["EfficientNetLite0Encoder"]
 
@@ -82,10 +81,7 @@ class EfficientNetLite0Encoder(SliceEncoder):
     _STEM_STRIDE = 2
 
     def __init__(
-        self,
-        layers: Sequence[str] | str | None = None,
-        input_size: int = 224,
-        weights_path: str | Path | None = None,
+        self, layers: Sequence[str] | str | None = None, input_size: int = 224, weights_path: str | Path | None = None
     ) -> None:
         super().__init__()
         try:
@@ -130,9 +126,7 @@ class EfficientNetLite0Encoder(SliceEncoder):
             stage_end[name], stage_stride[name] = idx, stride
             stage_ch[name] = int(model._blocks[idx]._bn2.num_features)
         if idx != len(model._blocks) - 1:  # the package changed its block layout
-            raise RuntimeError(
-                f"efficientnet_lite0: stage table covers {idx + 1} of {len(model._blocks)} blocks."
-            )
+            raise RuntimeError(f"efficientnet_lite0: stage table covers {idx + 1} of {len(model._blocks)} blocks.")
 
         unknown = [name for name in layers if name not in stage_end]
         if unknown:

@@ -7,11 +7,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch import Tensor
-
 from scripts.encoders.base import SliceEncoder, resolve_bundle_path
 from scripts.errors import CS3FInputError, WeightsNotFoundError
 from scripts.transforms.tokenization import IMAGENET_MEAN, IMAGENET_STD
+from torch import Tensor
 
 __all__ = ["DOWNLOAD_HINT", "VIT_MODEL_TYPES", "Dinov2Encoder"]
 
@@ -116,9 +115,7 @@ class Dinov2Encoder(SliceEncoder):
 
         self.mean, self.std = self._read_normalisation(self.model_dir)
 
-        model, info = AutoModel.from_pretrained(
-            self.model_dir, local_files_only=True, output_loading_info=True
-        )
+        model, info = AutoModel.from_pretrained(self.model_dir, local_files_only=True, output_loading_info=True)
         # mask_token is used only for masked-image pre-training, never at inference.
         missing = sorted(k for k in info.get("missing_keys", ()) if not k.endswith("mask_token"))
         mismatched = sorted(str(k) for k in info.get("mismatched_keys", ()))

@@ -32,17 +32,10 @@ from pathlib import Path
 
 import numpy as np
 from monai.data import Dataset
-
 from scripts.engine.subjects import subject_of
 from scripts.errors import CS3FInputError, find_input_error, one_line
 
-__all__ = [
-    "Datalist",
-    "image_stem",
-    "make_datalist",
-    "check_output_dir",
-    "CheckedDataset",
-]
+__all__ = ["Datalist", "image_stem", "make_datalist", "check_output_dir", "CheckedDataset"]
 
 ON_BAD_INPUT = ("error", "skip")
 
@@ -251,8 +244,7 @@ def _readable(
                         grids[name] = grid
                     elif grid[0] != grids[name][0]:
                         raise CS3FInputError(
-                            f"{key} {row[key]} has shape {grid[0]} but its image "
-                            f"{row['image']} has {grids[name][0]}"
+                            f"{key} {row[key]} has shape {grid[0]} but its image {row['image']} has {grids[name][0]}"
                         )
                     elif not np.allclose(grid[1], grids[name][1], atol=1e-3):
                         # Same shape, other affine (e.g. an LPS header): applied voxel by voxel it would
@@ -333,9 +325,7 @@ class CheckedDataset(Dataset):
             return super()._transform(index)
         except Exception as err:
             row = self.data[index]
-            found = find_input_error(err) or CS3FInputError(
-                f"cannot preprocess {row['image']}: {one_line(err)}"
-            )
+            found = find_input_error(err) or CS3FInputError(f"cannot preprocess {row['image']}: {one_line(err)}")
             if self.on_bad_input == "skip":
                 return {"bad_input": str(found), "name": row.get("name", image_stem(row["image"]))}
             raise found from None

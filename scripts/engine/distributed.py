@@ -11,7 +11,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-
 from scripts.inferer import TokenGrid, VolumeTokens
 
 __all__ = ["dataset_order", "gather_cohort", "gather_scores", "world"]

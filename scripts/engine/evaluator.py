@@ -25,7 +25,6 @@ import torch
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor, decollate_batch
 from monai.engines import Workflow
-
 from scripts.anomaly_map import smooth_map
 from scripts.engine.datalist import image_stem
 from scripts.engine.distributed import gather_scores, world

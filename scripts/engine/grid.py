@@ -27,9 +27,7 @@ def grid_difference(
         out.append(f"origin {_rounded(affine[:3, 3])} vs {_rounded(affine0[:3, 3])} mm")
     direction, direction0 = affine[:3, :3] / spacing, affine0[:3, :3] / spacing0
     if not torch.allclose(direction, direction0, atol=atol):
-        out.append(
-            f"direction {direction.round(decimals=3).tolist()} vs {direction0.round(decimals=3).tolist()}"
-        )
+        out.append(f"direction {direction.round(decimals=3).tolist()} vs {direction0.round(decimals=3).tolist()}")
     return out
 
 
@@ -61,9 +59,7 @@ class CohortGrid:
         same_affine = torch.allclose(grid[1], first[1], atol=self.atol) or not registered
         if grid[0] != first[0] or not same_affine:
             where = f" ({part})" if part else ""
-            differs = (
-                grid_difference(grid, first, self.atol) if registered else [f"shape {grid[0]} vs {first[0]}"]
-            )
+            differs = grid_difference(grid, first, self.atol) if registered else [f"shape {grid[0]} vs {first[0]}"]
             return (
                 f"{name}{where} is not on the cohort's grid after preprocessing ({'; '.join(differs)}, "
                 f"this volume vs the cohort): volumes must be registered to one space and preprocessed to "

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from ignite.engine import Engine, Events
-
 from scripts.engine.distributed import world
 from scripts.storage.atomic import atomic_write_csv, atomic_write_json
 

@@ -20,13 +20,7 @@ import numpy as np
 import torch
 from monai.transforms import Compose, LoadImage
 
-__all__ = [
-    "SCORING_ONLY",
-    "describe_transform",
-    "encoder_identity",
-    "preprocessing_identity",
-    "token_identity",
-]
+__all__ = ["SCORING_ONLY", "describe_transform", "encoder_identity", "preprocessing_identity", "token_identity"]
 
 #: inferer parameters that change scores but not tokens: a run changing only these reuses the cache
 SCORING_ONLY = ("rho", "k_rule", "variant", "L", "references", "edge", "smooth_mm", "score_precision")
@@ -78,13 +72,8 @@ def describe_transform(value: Any, depth: int = 0) -> Any:
     if depth >= _MAX_DEPTH or isinstance(value, type | torch.nn.Module) or inspect.isroutine(value):
         return _qualname(value)
     if isinstance(value, Compose):
-        steps = {
-            f"{i}:{type(t).__name__}": describe_transform(t, depth + 1)
-            for i, t in enumerate(value.transforms)
-        }
-        options = {
-            k: describe_transform(v, depth + 1) for k, v in sorted(vars(value).items()) if k != "transforms"
-        }
+        steps = {f"{i}:{type(t).__name__}": describe_transform(t, depth + 1) for i, t in enumerate(value.transforms)}
+        options = {k: describe_transform(v, depth + 1) for k, v in sorted(vars(value).items()) if k != "transforms"}
         return {**steps, **options}  # the Compose's own options (map_items, lazy, ...) matter too
     if isinstance(value, functools.partial):
         return {

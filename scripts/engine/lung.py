@@ -6,17 +6,8 @@ import warnings
 from collections.abc import Sequence
 
 import torch
-
 from scripts.engine.evaluator import CS3FEvaluator
-from scripts.transforms.lung import (
-    LEFT,
-    PAPER_CROP_SIZE,
-    RIGHT,
-    SIDES,
-    LungCropd,
-    check_crop_divisible,
-    label_values,
-)
+from scripts.transforms.lung import LEFT, PAPER_CROP_SIZE, RIGHT, SIDES, LungCropd, check_crop_divisible, label_values
 from scripts.transforms.tokenization import AXES
 
 __all__ = ["LungCS3FEvaluator"]
@@ -65,9 +56,7 @@ class LungCS3FEvaluator(CS3FEvaluator):
             "lung_labels": [list(label_values(v)) for v in lung_labels],
         }
         super().__init__(*args, **kwargs)
-        check_crop_divisible(
-            self.crop.cropper.crop_size, [self.inferer.q[a] for a in AXES], self.inferer.axes
-        )
+        check_crop_divisible(self.crop.cropper.crop_size, [self.inferer.q[a] for a in AXES], self.inferer.axes)
         self.truncated: dict[str, dict[str, list[str]]] = {}
 
     def split_transform(self) -> LungCropd:
@@ -78,9 +67,7 @@ class LungCS3FEvaluator(CS3FEvaluator):
 
     def split(self, item: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         name = self._name(item)
-        d = self.crop(
-            {self.image_key: item[self.image_key], self.mask_key: item.get(self.mask_key)}, name=name
-        )
+        d = self.crop({self.image_key: item[self.image_key], self.mask_key: item.get(self.mask_key)}, name=name)
         for side, box in d[f"{self.mask_key}_boxes"].items():
             cut = self.crop.cropper.truncated(box)
             if cut and side not in self.truncated.get(name, {}):

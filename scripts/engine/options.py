@@ -89,9 +89,7 @@ def _per_axis(value: object, key: str, allow_none: bool = False) -> list[int] | 
     ok = isinstance(values, Sequence) and not isinstance(values, str) and len(values) == 3
     ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values)
     if not ok:
-        allowed = "a positive integer or three (sagittal, coronal, axial)" + (
-            " or null" if allow_none else ""
-        )
+        allowed = "a positive integer or three (sagittal, coronal, axial)" + (" or null" if allow_none else "")
         raise _bad(key, value, allowed)
     return [int(v) for v in values]
 
@@ -109,9 +107,7 @@ def _axes(value: object) -> list[str]:
 
 def _spatial_size(value: object) -> list[int]:
     items = _as_list(value, "spatial_size")
-    ok = len(items) == 3 and all(
-        isinstance(v, int) and not isinstance(v, bool) and (v == -1 or v >= 1) for v in items
-    )
+    ok = len(items) == 3 and all(isinstance(v, int) and not isinstance(v, bool) and (v == -1 or v >= 1) for v in items)
     if not ok:
         raise _bad("spatial_size", value, "three integers, each >= 1 or -1 (keep that axis)")
     return [int(v) for v in items]
@@ -162,9 +158,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "smooth_mm": lambda v: _as_float(v, "smooth_mm", lambda x: x >= 0.0, "a number >= 0 (mm; 0 = off)"),
     "score_precision": lambda v: _as_choice(v, "score_precision", PRECISIONS),
     "encoder_precision": lambda v: _as_choice(v, "encoder_precision", ENCODER_PRECISIONS),
-    "encoder_name": lambda v: (
-        v if isinstance(v, str) and v.strip() else _raise(_bad("encoder_name", v, "a name"))
-    ),
+    "encoder_name": lambda v: v if isinstance(v, str) and v.strip() else _raise(_bad("encoder_name", v, "a name")),
 }
 
 

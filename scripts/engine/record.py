@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from ignite.engine import Engine, Events
-
 from scripts.engine.distributed import world
 from scripts.engine.identity import encoder_identity
 from scripts.mixed_precision import resolve_precision

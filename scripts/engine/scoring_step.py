@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 from ignite.engine import Engine
-
 from scripts.engine.distributed import dataset_order, gather_cohort, world
 from scripts.engine.identity import encoder_identity
 from scripts.engine.record import token_stats
@@ -124,9 +123,7 @@ class CohortScoring:
 
     # ------------------------------------------------------------------ reference banks
     def _bank_identity(self) -> dict:
-        return bank_identity(
-            self.inferer.describe(), encoder_identity(self.network), self.preprocessing_identity
-        )
+        return bank_identity(self.inferer.describe(), encoder_identity(self.network), self.preprocessing_identity)
 
     def _bank_writer(self) -> BankWriter | None:
         """In a single-process ``build_bank`` run, the writer that streams each volume's tokens to the
@@ -150,17 +147,13 @@ class CohortScoring:
             self._writer.finish(self._bank_identity(), self.sources, grids, info, self.subjects)
             return
         sources = [self.sources.get(n, "") for n in self.names]
-        save_bank(
-            self.build_bank, self._bank_identity(), self.names, sources, self.bank, grids, info, self.subjects
-        )
+        save_bank(self.build_bank, self._bank_identity(), self.names, sources, self.bank, grids, info, self.subjects)
 
     def _score_against_bank(self) -> None:
         """Score this run's volumes (this rank's share) against the reference bank's volumes only."""
         names = self.names
         if not names:
-            raise CS3FInputError(
-                f"no usable volume to score against the reference bank ({len(self.skipped)} skipped)"
-            )
+            raise CS3FInputError(f"no usable volume to score against the reference bank ({len(self.skipped)} skipped)")
         if set(self.bank) != set(self.reference.parts):
             raise CS3FInputError(
                 f"reference_bank {self.reference.folder} holds parts {sorted(self.reference.parts)} but this "
@@ -168,9 +161,7 @@ class CohortScoring:
             )
         mine = set(self._my_names)
         queries = [i for i, n in enumerate(names) if n in mine]
-        exclude = [
-            self.reference.same_subject(self.sources.get(n), *self.subjects.get(n, ("", ""))) for n in names
-        ]
+        exclude = [self.reference.same_subject(self.sources.get(n), *self.subjects.get(n, ("", ""))) for n in names]
         for part, bank in self.bank.items():
             try:
                 scores = self.inferer.score_references(

@@ -61,8 +61,7 @@ def join_identical(names: Sequence[str], subjects: Sequence[str], digests: Seque
             continue
         same = sorted(names[i] for i in members)
         warnings.warn(
-            f"cs3f: identical volumes {same}: scored as scans of one subject (never references for each "
-            f"other)",
+            f"cs3f: identical volumes {same}: scored as scans of one subject (never references for each other)",
             stacklevel=2,
         )
         roots = sorted({root(subjects[i]) for i in members})

@@ -8,7 +8,6 @@ import hashlib
 import numpy as np
 import torch
 from monai.data import MetaTensor
-
 from scripts.digest import file_digest
 from scripts.errors import CS3FInputError
 from scripts.inferer import CS3FInferer, VolumeTokens
@@ -42,9 +41,7 @@ class CachedTokenizer:
         self.inferer, self.network, self.cache = inferer, network, cache
         self.counts = {"encoded": 0, "cached": 0}
 
-    def __call__(
-        self, key: str, source_key: str, image: torch.Tensor, mask: torch.Tensor | None
-    ) -> VolumeTokens:
+    def __call__(self, key: str, source_key: str, image: torch.Tensor, mask: torch.Tensor | None) -> VolumeTokens:
         """The tokens of ``image`` (cache entry ``key``, made from files of digest ``source_key``)."""
         tokens = self.cache.load(key, source_key) if self.cache is not None else None
         if tokens is not None:

@@ -97,7 +97,6 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
-
 from scripts.storage.atomic import atomic_write_csv, atomic_write_json
 
 __all__ = [
@@ -295,8 +294,7 @@ def _components(binary: np.ndarray, score: np.ndarray, valid: np.ndarray | None 
     n_vox = np.bincount(lab, minlength=n + 1)[1:]
     ijk = np.unravel_index(idx, cc.shape)
     centroid = (
-        np.stack([np.bincount(lab, weights=c, minlength=n + 1)[1:] for c in ijk], 1)
-        / np.maximum(n_vox, 1)[:, None]
+        np.stack([np.bincount(lab, weights=c, minlength=n + 1)[1:] for c in ijk], 1) / np.maximum(n_vox, 1)[:, None]
     )
     vals = score.ravel()[idx].astype(np.float64)
     ok = np.ones(idx.shape, bool) if valid is None else valid.ravel()[idx]
@@ -359,14 +357,7 @@ class CohortEvaluator:
 
     # ----------------------------------------------------------------------------------------- pass 1
     def add(
-        self,
-        name: str,
-        score_map,
-        label=None,
-        mask=None,
-        spacing=None,
-        subject_score: float | None = None,
-        affine=None,
+        self, name: str, score_map, label=None, mask=None, spacing=None, subject_score: float | None = None, affine=None
     ) -> None:
         """Pass 1: accumulate one subject.
 
@@ -378,9 +369,7 @@ class CohortEvaluator:
         MetaTensor, else diag(spacing).
         """
         if self._frozen is not None:
-            raise RuntimeError(
-                "add() after pass 2 started: all subjects must be added before add_components()"
-            )
+            raise RuntimeError("add() after pass 2 started: all subjects must be added before add_components()")
         name = str(name)
         if name in self.subjects:
             raise ValueError(f"subject {name!r} added twice")
@@ -747,9 +736,7 @@ GT_LESION_COLUMNS = [
 ]
 
 
-def write_report(
-    out_dir, evaluator: CohortEvaluator, metrics: dict | None = None, plots: bool = True
-) -> dict:
+def write_report(out_dir, evaluator: CohortEvaluator, metrics: dict | None = None, plots: bool = True) -> dict:
     """Write ``metrics.json`` (atomic), ``lesions.csv`` (predicted components at threshold99, pass 2),
     ``gt_lesions.csv``, ``roc_pr_patient.png``, ``roc_pr_voxel.png`` and ``overlays/<subject>.png``
     (abnormal subjects that went through pass 2). Returns {name: path}."""
@@ -763,10 +750,7 @@ def write_report(
         from scripts.evaluation import plots as P
 
         cur = evaluator.curves()
-        for level, key_a, key_p in (
-            ("patient", "patient_auroc", "patient_ap"),
-            ("voxel", "voxel_auroc", "voxel_ap"),
-        ):
+        for level, key_a, key_p in (("patient", "patient_auroc", "patient_ap"), ("voxel", "voxel_auroc", "voxel_ap")):
             p = out / f"roc_pr_{level}.png"
             P.plot_roc_pr(cur[level], p, f"{level}-level", metrics.get(key_a), metrics.get(key_p))
             paths[f"roc_pr_{level}"] = p
@@ -800,9 +784,7 @@ ADD_KEYS = ("name", "score_map", "label", "mask", "spacing", "subject_score", "a
 PASS2_KEYS = ("name", "score_map", "label", "mask", "image")
 
 
-def evaluate_cohort(
-    subjects: Callable[[], Iterable[Mapping]], out_dir=None, plots: bool = True, **kwargs
-) -> dict:
+def evaluate_cohort(subjects: Callable[[], Iterable[Mapping]], out_dir=None, plots: bool = True, **kwargs) -> dict:
     """Run both passes. ``subjects()`` must return a fresh iterable of dicts with keys among
     ``name, score_map, label, mask, spacing, subject_score, affine, image`` (it is called twice, once
     per pass, so maps can be loaded lazily). ``kwargs`` go to ``CohortEvaluator``. Writes the report

@@ -10,7 +10,6 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-
 from scripts.storage.atomic import atomic_write
 
 GT_COLOR = "lime"
@@ -43,9 +42,7 @@ def plot_roc_pr(curve: dict, path, title: str, auroc=None, ap=None) -> Path:
     ax_roc.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01))
     ax_roc.set_title(f"{title} ROC")
     if "recall" in curve:
-        ax_pr.step(
-            curve["recall"], curve["precision"], where="pre", color="C1", lw=1.8, label=f"AP {_fmt(ap)}"
-        )
+        ax_pr.step(curve["recall"], curve["precision"], where="pre", color="C1", lw=1.8, label=f"AP {_fmt(ap)}")
         ax_pr.axhline(curve["prevalence"], color="0.7", lw=1, ls="--", label="prevalence")
         ax_pr.legend(loc="upper right")
     else:

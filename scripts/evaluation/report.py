@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 from monai.transforms import LoadImage
-
 from scripts.errors import CS3FInputError
 from scripts.evaluation.metrics import evaluate_cohort, format_table
 
@@ -29,12 +28,7 @@ def _read_scores(path: Path) -> dict[str, float]:
         return {row["image"]: float(row["score"]) for row in csv.DictReader(f)}
 
 
-def evaluate_outputs(
-    datalist: Sequence[dict],
-    output_dir: str | Path,
-    plots: bool = True,
-    quiet: bool = False,
-) -> dict:
+def evaluate_outputs(datalist: Sequence[dict], output_dir: str | Path, plots: bool = True, quiet: bool = False) -> dict:
     """Metrics of the maps in ``output_dir`` for the volumes of ``datalist``.
 
     Args:

@@ -35,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from scripts.errors import CS3FInputError
 from scripts.storage.atomic import atomic_write, atomic_write_json, commit, jsonable, temp_path
 
@@ -143,9 +142,7 @@ class BankWriter:
             if spec is None:
                 spec = self._open_arrays(part, key, list(grid.shape), n_tokens, d)
             if list(grid.shape) != spec["grid"] or d != spec["d"]:
-                raise ValueError(
-                    f"{name}: {key} grid {tuple(grid.shape)} x {d} differs from the bank's {spec['grid']}"
-                )
+                raise ValueError(f"{name}: {key} grid {tuple(grid.shape)} x {d} differs from the bank's {spec['grid']}")
             tokens_rows, valid_rows = (self._open[(part, key, what)][0] for what in ("tokens", "valid"))
             tokens_rows[row] = grid.tokens.detach().reshape(n_tokens, d).to("cpu", torch.float16).numpy()
             valid_rows[row] = grid.valid.detach().reshape(n_tokens).cpu().numpy()
@@ -208,9 +205,7 @@ class BankWriter:
             if grids and part in grids:
                 shape, affine = grids[part]
                 entry["grid"] = {"shape": list(shape), "affine": torch.as_tensor(affine).double().tolist()}
-        by_name = (
-            dict(sources) if isinstance(sources, Mapping) else dict(zip(self.names, sources, strict=False))
-        )
+        by_name = dict(sources) if isinstance(sources, Mapping) else dict(zip(self.names, sources, strict=False))
         manifest = {
             "format": BANK_FORMAT,
             "version": BANK_VERSION,
@@ -337,9 +332,7 @@ class TokenBank:
     def references(self, part: str = "") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{key: (tokens [B, N, d] fp16, valid [B, N] bool)}`` of ``part``, memory-mapped read-only."""
         if part not in self.parts:
-            raise CS3FInputError(
-                f"reference_bank {self.folder} has no part {part!r} (it has {list(self.parts)})"
-            )
+            raise CS3FInputError(f"reference_bank {self.folder} has no part {part!r} (it has {list(self.parts)})")
         out = {}
         with warnings.catch_warnings():  # torch warns that the read-only memmap is not writable
             warnings.simplefilter("ignore", UserWarning)

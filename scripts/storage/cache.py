@@ -17,7 +17,6 @@ import json
 from pathlib import Path
 
 import torch
-
 from scripts.inferer import TokenGrid, VolumeTokens
 from scripts.storage.atomic import atomic_write
 

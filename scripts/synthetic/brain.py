@@ -55,7 +55,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
-
 from scripts.synthetic import common
 from scripts.synthetic.common import (
     check_counts,
@@ -131,8 +130,7 @@ def output_geometry(shape=96, fov_mm: float = 192.0):
 def _world_grid(shape, affine) -> torch.Tensor:
     """World coordinates (mm) of the voxel centres, ``[X, Y, Z, 3]`` float32."""
     axes = [
-        torch.arange(n, dtype=torch.float32) * float(affine[i, i]) + float(affine[i, 3])
-        for i, n in enumerate(shape)
+        torch.arange(n, dtype=torch.float32) * float(affine[i, i]) + float(affine[i, 3]) for i, n in enumerate(shape)
     ]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
 
@@ -343,9 +341,7 @@ def _draw_lesions(
         nec = float(rng.uniform(0.2, 0.5)) if (necrosis and vol * core > 1500 and rng.random() < 0.6) else 0.0
         me = float(mass_effect * rng.uniform(0.5, 1.0))
         rep = float(rng.uniform(0.6, 1.0))
-        specs.append(
-            LesionSpec(vol, c, ax, rot, irr, core, ed_c, nec, me, rep, voxels=max(1, round(vol / voxel_mm3)))
-        )
+        specs.append(LesionSpec(vol, c, ax, rot, irr, core, ed_c, nec, me, rep, voxels=max(1, round(vol / voxel_mm3))))
     specs.sort(key=lambda s: -s.volume_mm3)  # place the large ones first
     return specs
 
@@ -391,22 +387,11 @@ class _Warp:
 
 
 def _draw_warp(
-    rng,
-    geom,
-    *,
-    affine_scale,
-    affine_rot_deg,
-    affine_shift_mm,
-    deform_mm,
-    deform_smooth_mm,
-    ventricle,
-    atrophy,
+    rng, geom, *, affine_scale, affine_rot_deg, affine_shift_mm, deform_mm, deform_smooth_mm, ventricle, atrophy
 ) -> _Warp:
     shape, spacing, affine = geom
     fov = np.asarray(shape) * spacing
-    scale = (1.0 + rng.uniform(-affine_scale, affine_scale)) * (
-        1.0 + rng.uniform(-0.4, 0.4, 3) * affine_scale
-    )
+    scale = (1.0 + rng.uniform(-affine_scale, affine_scale)) * (1.0 + rng.uniform(-0.4, 0.4, 3) * affine_scale)
     shear = np.eye(3) + np.triu(rng.uniform(-0.02, 0.02, (3, 3)), 1)
     matrix = _rotation(rng, affine_rot_deg) @ np.diag(scale) @ shear
     shift = rng.uniform(-affine_shift_mm, affine_shift_mm, 3)
@@ -515,9 +500,7 @@ def _upsample_map(out: torch.Tensor, pts: torch.Tensor, shape, affine) -> torch.
 # ----------------------------------------------------------------------------------------------
 
 
-def _choose_centers(
-    lesions, mask: np.ndarray, tissue: np.ndarray, csf: np.ndarray, spacing, rng
-) -> np.ndarray:
+def _choose_centers(lesions, mask: np.ndarray, tissue: np.ndarray, csf: np.ndarray, spacing, rng) -> np.ndarray:
     """Pick lesion centres inside the brain: in tissue, away from the brain edge, from CSF pools
     (ventricles, large sulci) and from each other; constraints are relaxed step by step if needed.
     Returns the depth map (distance to the brain edge, mm)."""

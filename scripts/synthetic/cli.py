@@ -188,9 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     brain_defaults = _defaults(brain.generate_cohort, brain.generate_subject)
     lung_defaults = _defaults(lung.generate_cohort, lung.generate_subject)
     common = parser.add_argument_group("cohort")
-    common.add_argument(
-        "--organ", choices=ORGANS, default="brain", help="brain MRI or chest CT (default: brain)"
-    )
+    common.add_argument("--organ", choices=ORGANS, default="brain", help="brain MRI or chest CT (default: brain)")
     common.add_argument(
         "--out", default=None, help="output folder (default: demo_data, or demo_data_lung with --organ lung)"
     )
@@ -204,9 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--overwrite", type=_bool, nargs="?", const=True, default=False, help="replace an existing --out"
     )
-    common.add_argument(
-        "--quiet", type=_bool, nargs="?", const=True, default=False, help="no per-subject lines"
-    )
+    common.add_argument("--quiet", type=_bool, nargs="?", const=True, default=False, help="no per-subject lines")
     group = parser.add_argument_group("brain MRI (--organ brain)")
     for name, kind, text in _BRAIN_OPTIONS:
         _add(group, name, kind, text, brain_defaults)

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
-
 from scripts.evaluation.metrics import SIZE_CLASSES, size_class
 
 __all__ = [
@@ -190,8 +189,7 @@ def report_subject(row: dict, detail: str) -> None:
     """Print the progress line of a written subject; ``detail`` is what the organ adds."""
     kind = "abnormal" if row["abnormal"] else "normal  "
     print(
-        f"  {Path(row['image']).name}  {kind}  {detail}  lesions (mm3): {row['lesion_volumes_mm3'] or '-'}",
-        flush=True,
+        f"  {Path(row['image']).name}  {kind}  {detail}  lesions (mm3): {row['lesion_volumes_mm3'] or '-'}", flush=True
     )
 
 
@@ -250,9 +248,7 @@ def write_cohort(
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it"
-        )
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:

@@ -12,9 +12,7 @@ from pathlib import Path
 __all__ = ["ensure_demo", "ensure_lung_demo"]
 
 
-def _ensure(
-    dataset_dir: str | Path, demo_dir: str | Path, generator: str, what: str, synth_kwargs: dict
-) -> Path:
+def _ensure(dataset_dir: str | Path, demo_dir: str | Path, generator: str, what: str, synth_kwargs: dict) -> Path:
     """Generate the cohort of ``scripts.synthetic.<generator>`` into ``demo_dir`` when ``dataset_dir``
     is the demo folder and it is absent; returns ``dataset_dir``."""
     dataset_dir, demo_dir = Path(dataset_dir), Path(demo_dir)

@@ -52,7 +52,6 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
-
 from scripts.synthetic import common
 from scripts.synthetic.common import (
     check_counts,
@@ -172,9 +171,7 @@ class _Anatomy:
     carina_z: float
 
 
-def _draw_anatomy(
-    rng, s: float, shift_mm: float, rot_deg: float, origin_mm: float, min_gap: float
-) -> _Anatomy:
+def _draw_anatomy(rng, s: float, shift_mm: float, rot_deg: float, origin_mm: float, min_gap: float) -> _Anatomy:
     A = 160.0 * s * rng.uniform(0.92, 1.08)  # noqa: N806
     B = 112.0 * s * rng.uniform(0.9, 1.1)  # noqa: N806
     fat = rng.uniform(5.0, 20.0) * s
@@ -201,11 +198,7 @@ def _draw_anatomy(
         )
     heart_r = np.array([50.0, 42.0, 45.0]) * s * rng.uniform(0.85, 1.15, 3)
     heart_c = np.array(
-        [
-            -rng.uniform(8.0, 22.0) * s,
-            0.35 * Bc,
-            min(lungs["left"]["z0"], lungs["right"]["z0"]) + 0.3 * heart_r[2],
-        ]
+        [-rng.uniform(8.0, 22.0) * s, 0.35 * Bc, min(lungs["left"]["z0"], lungs["right"]["z0"]) + 0.3 * heart_r[2]]
     )
     aorta_r = rng.uniform(9.0, 13.0) * s
     aorta_c = np.array([-(spine_r * 0.8 + aorta_r * 0.5), spine_c[1] + spine_r + aorta_r * 0.6])
@@ -241,12 +234,7 @@ def _draw_anatomy(
         rib_slope=rng.uniform(0.25, 0.45),
         trachea_r=rng.uniform(7.0, 10.0) * s,
         carina_z=0.5
-        * (
-            lungs["left"]["z0"]
-            + lungs["left"]["H"] * 0.62
-            + lungs["right"]["z0"]
-            + lungs["right"]["H"] * 0.62
-        ),
+        * (lungs["left"]["z0"] + lungs["left"]["H"] * 0.62 + lungs["right"]["z0"] + lungs["right"]["H"] * 0.62),
     )
 
 
@@ -307,10 +295,7 @@ def _lung_masks(an: _Anatomy, grid: _Grid, xb, yb, zb, rng) -> dict[str, np.ndar
         dome = L["dome"] * np.clip(1.0 - rho2, 0.0, 1.0)
         vertical = (h >= dome + 0.02 * warp) & (h <= 1.0)
         heart = (
-            (
-                (np.stack([xb, yb], 0) - an.heart_c[:2, None, None, None])
-                / (an.heart_r[:2, None, None, None] + 4 * an.s)
-            )
+            ((np.stack([xb, yb], 0) - an.heart_c[:2, None, None, None]) / (an.heart_r[:2, None, None, None] + 4 * an.s))
             ** 2
         ).sum(0) + ((zb - an.heart_c[2]) / (an.heart_r[2] + 4 * an.s)) ** 2 <= 1.0
         spine = (xb - an.spine_c[0]) ** 2 + (yb - an.spine_c[1]) ** 2 <= (an.spine_r + 10 * an.s) ** 2
@@ -327,9 +312,7 @@ def _lung_masks(an: _Anatomy, grid: _Grid, xb, yb, zb, rng) -> dict[str, np.ndar
 # ----------------------------------------------------------------------------------------------
 
 
-def _grow_tree(
-    rng, root: np.ndarray, points: np.ndarray, r0: float, min_r: float, max_gen: int, min_points: int = 6
-):
+def _grow_tree(rng, root: np.ndarray, points: np.ndarray, r0: float, min_r: float, max_gen: int, min_points: int = 6):
     """Segments ``(p0, p1, r0, r1)`` (world mm) of a tree from ``root`` supplying ``points``.
 
     Recursive territory splitting: a branch runs from its start towards the centroid of its territory
@@ -372,9 +355,7 @@ def _draw_tubes(grid: _Grid, occ: np.ndarray, segments, scale_r: float = 1.0, ad
         d = p1 - p0
         length2 = float(d @ d) + 1e-9
         t = np.clip(((x - p0[0]) * d[0] + (y - p0[1]) * d[1] + (z - p0[2]) * d[2]) / length2, 0.0, 1.0)
-        dist = np.sqrt(
-            (x - p0[0] - t * d[0]) ** 2 + (y - p0[1] - t * d[1]) ** 2 + (z - p0[2] - t * d[2]) ** 2
-        )
+        dist = np.sqrt((x - p0[0] - t * d[0]) ** 2 + (y - p0[1] - t * d[1]) ** 2 + (z - p0[2] - t * d[2]) ** 2)
         r = ra + (rb - ra) * t
         o = np.clip(0.5 + (r - dist) / w, 0.0, 1.0).astype(np.float32)
         np.maximum(occ[tuple(sl)], o, out=occ[tuple(sl)])
@@ -443,17 +424,13 @@ def _place_lesions(rng, lungs: dict, grid: _Grid, lesion_volume, lesions_per_sub
         rot = np.linalg.qr(rng.standard_normal((3, 3)))[0]
         local = np.stack(np.meshgrid(*axes, indexing="ij"), -1) @ rot
         rho2 = ((local / (r * ax)) ** 2).sum(-1)
-        noise = ndimage.gaussian_filter(
-            rng.standard_normal(rho2.shape), np.maximum(0.35 * r / grid.spacing, 0.5)
-        )
+        noise = ndimage.gaussian_filter(rng.standard_normal(rho2.shape), np.maximum(0.35 * r / grid.spacing, 0.5))
         field_ = 1.0 - rho2 + rng.uniform(0.2, 0.7) * noise / (noise.std() + 1e-8)
         allowed = free[sl]
         order = grow_region(field_, allowed, tuple(seed - lo), nvox)
         if order.size == 0:
             continue
-        full = np.ravel_multi_index(
-            tuple(np.add(np.unravel_index(order, rho2.shape), lo[:, None])), grid.shape
-        )
+        full = np.ravel_multi_index(tuple(np.add(np.unravel_index(order, rho2.shape), lo[:, None])), grid.shape)
         label.flat[full] = True
         out.append((full, order.size * voxel_mm3))
     return label, out
@@ -488,9 +465,7 @@ def _body_hu(an: _Anatomy, grid: _Grid, xb, yb, zb, rng_int, ribs: bool) -> tupl
     r_sp = np.sqrt((xb - an.spine_c[0]) ** 2 + (yb - an.spine_c[1]) ** 2)
     hu[np.broadcast_to(r_sp <= an.spine_r, shape)] = rng_int.uniform(250, 350)
     hu[np.broadcast_to((r_sp <= an.spine_r) & (r_sp > 0.8 * an.spine_r), shape)] = 700.0
-    canal = (
-        np.sqrt((xb - an.spine_c[0]) ** 2 + (yb - an.spine_c[1] + 1.4 * an.spine_r) ** 2) <= 0.45 * an.spine_r
-    )
+    canal = np.sqrt((xb - an.spine_c[0]) ** 2 + (yb - an.spine_c[1] + 1.4 * an.spine_r) ** 2) <= 0.45 * an.spine_r
     hu[np.broadcast_to(canal, shape)] = 20.0
     aorta = (xb - an.aorta_c[0]) ** 2 + (yb - an.aorta_c[1]) ** 2 <= an.aorta_r**2
     hu[np.broadcast_to(aorta, shape) & (zb < an.carina_z + 20 * s)] = rng_int.uniform(35, 60)
@@ -578,9 +553,7 @@ def generate_subject(
         raise ValueError(f"scale must be > 0, got {scale}")
     spacing = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (3,)).copy()
     rng_anat, rng_les, rng_int = np.random.default_rng([seed, index]).spawn(3)
-    an = _draw_anatomy(
-        rng_anat, float(scale), shift_mm, rot_deg, origin_mm, min_gap=1.1 * float(spacing.max())
-    )
+    an = _draw_anatomy(rng_anat, float(scale), shift_mm, rot_deg, origin_mm, min_gap=1.1 * float(spacing.max()))
     grid = _make_grid(an, spacing, axcodes)
     x, y, z = grid.world([slice(None)] * 3)
     xb, yb, zb = _to_body(an, x, y, z)  # xb, yb: [X, Y, 1]; zb: [1, 1, Z]
@@ -596,9 +569,7 @@ def generate_subject(
     hu = np.where(both, par, hu).astype(np.float32)
 
     # vessels (inside the lungs), airway walls, air in the lumens (inside the body)
-    vessel_occ, wall_occ, lumen_occ = _tree_occupancy(
-        an, grid, lungs, rng_anat, vessel_generations, airway_generations
-    )
+    vessel_occ, wall_occ, lumen_occ = _tree_occupancy(an, grid, lungs, rng_anat, vessel_generations, airway_generations)
     vessel_hu = rng_int.uniform(30, 120)
     v = np.where(both, vessel_occ, 0.0)
     hu = hu * (1 - v) + vessel_hu * v
@@ -611,9 +582,7 @@ def generate_subject(
     volumes: list[float] = []
     lesion_means: list[float] = []
     if abnormal:
-        label, grown = _place_lesions(
-            rng_les, lungs, grid, lesion_volume, lesions_per_subject, max_lesion_fraction
-        )
+        label, grown = _place_lesions(rng_les, lungs, grid, lesion_volume, lesions_per_subject, max_lesion_fraction)
         volumes = [vol for _, vol in grown]
         lesion_means = _paint_lesions(hu, label, grown, lesion_hu, rng_les)
 
@@ -750,9 +719,7 @@ def save_preview(cohort_dir, png, n_each: int = 3) -> Path:
     pick = preview_rows(read_cohort(cohort_dir), n_each)
     fig, axes = plt.subplots(len(pick), 3, figsize=(9, 2.8 * len(pick)), squeeze=False)
     for row, ax in zip(pick, axes, strict=True):
-        imgs = [
-            nib.as_closest_canonical(nib.load(str(cohort_dir / row[k]))) for k in ("image", "mask", "label")
-        ]
+        imgs = [nib.as_closest_canonical(nib.load(str(cohort_dir / row[k]))) for k in ("image", "mask", "label")]
         img, lung, lab = (np.asarray(i.dataobj) for i in imgs)
         zooms = imgs[0].header.get_zooms()[:3]
         centre = largest_lesion_centre(lab)
@@ -762,15 +729,7 @@ def save_preview(cohort_dir, png, n_each: int = 3) -> Path:
             (img[:, :, centre[2]], lung[:, :, centre[2]], lab[:, :, centre[2]], zooms[1] / zooms[0]),
         ]
         for a, (im, lg, lb, aspect), title in zip(ax, views, ("sagittal", "coronal", "axial"), strict=True):
-            a.imshow(
-                im.T,
-                cmap="gray",
-                origin="lower",
-                vmin=-1100,
-                vmax=300,
-                aspect=aspect,
-                interpolation="nearest",
-            )
+            a.imshow(im.T, cmap="gray", origin="lower", vmin=-1100, vmax=300, aspect=aspect, interpolation="nearest")
             for value, colour in ((RIGHT_LABEL, "c"), (LEFT_LABEL, "b")):
                 if (lg == value).any():
                     a.contour((lg == value).T.astype(float), levels=[0.5], colors=colour, linewidths=0.6)

@@ -7,7 +7,6 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import LoadImaged, MapTransform
-
 from scripts.errors import CS3FInputError, one_line
 
 __all__ = ["CheckedLoadImaged", "CheckVolumed", "ForegroundFromImaged"]
@@ -57,9 +56,7 @@ class CheckVolumed(MapTransform):
 
     @staticmethod
     def _source(img) -> str:  # noqa: ANN001
-        return (
-            str(img.meta.get("filename_or_obj", "<in-memory volume>")) if isinstance(img, MetaTensor) else ""
-        )
+        return str(img.meta.get("filename_or_obj", "<in-memory volume>")) if isinstance(img, MetaTensor) else ""
 
     def __call__(self, data):  # noqa: ANN001 - MONAI dictionary transform
         d = dict(data)
@@ -69,8 +66,7 @@ class CheckVolumed(MapTransform):
             count = int(bad.sum())
             if count and self.nonfinite == "error":
                 raise CS3FInputError(
-                    f"{self._source(img)} has {count} NaN/Inf voxels "
-                    f"(set nonfinite to 'zero' to replace them with 0)"
+                    f"{self._source(img)} has {count} NaN/Inf voxels (set nonfinite to 'zero' to replace them with 0)"
                 )
             if count:
                 d[key] = img.masked_fill(bad, 0) if isinstance(img, torch.Tensor) else np.where(bad, 0, img)
@@ -96,9 +92,7 @@ class ForegroundFromImaged(MapTransform):
     loaded mask; other items are left unchanged. Place it after channel-first and before orientation.
     """
 
-    def __init__(
-        self, keys: KeysCollection = "image", mask_key: str = "mask", flag: str = "foreground"
-    ) -> None:
+    def __init__(self, keys: KeysCollection = "image", mask_key: str = "mask", flag: str = "foreground") -> None:
         super().__init__(keys, allow_missing_keys=True)
         self.mask_key, self.flag = mask_key, flag
 
@@ -109,7 +103,5 @@ class ForegroundFromImaged(MapTransform):
         for key in self.key_iterator(d):
             image = d[key]
             mask = (torch.as_tensor(image) > 0).to(torch.uint8)
-            d[self.mask_key] = (
-                MetaTensor(mask, meta=dict(image.meta)) if isinstance(image, MetaTensor) else mask
-            )
+            d[self.mask_key] = MetaTensor(mask, meta=dict(image.meta)) if isinstance(image, MetaTensor) else mask
         return d

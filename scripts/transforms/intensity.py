@@ -78,22 +78,13 @@ class NyulStandardize(Transform):
                 f"need 0 <= pc_low < 10, 90 < pc_high <= 100 and s_min < s_max, got {pc_low}, {pc_high}, "
                 f"{s_min}, {s_max}"
             )
-        self.pc_low, self.pc_high, self.s_min, self.s_max = (
-            float(pc_low),
-            float(pc_high),
-            float(s_min),
-            float(s_max),
-        )
+        self.pc_low, self.pc_high, self.s_min, self.s_max = (float(pc_low), float(pc_high), float(s_min), float(s_max))
         self.standard = None if standard is None else np.asarray(standard, dtype=np.float64)
 
-    def landmarks(
-        self, image: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor | None = None
-    ) -> np.ndarray:
+    def landmarks(self, image: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor | None = None) -> np.ndarray:
         return nyul_landmarks(image, mask, self.pc_low, self.pc_high)
 
-    def fit(
-        self, volumes: Iterable[tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor | None]]
-    ) -> np.ndarray:
+    def fit(self, volumes: Iterable[tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor | None]]) -> np.ndarray:
         """Learn the standard scale from ``(image, mask or None)`` pairs; returns it (and keeps it)."""
         mapped = []
         for image, mask in volumes:
@@ -125,9 +116,7 @@ class NyulStandardize(Transform):
         ):
             outside = values < x0 if end == "low" else values > x1
             slope = (y1 - y0) / (x1 - x0)
-            out[outside] = (y0 if end == "low" else y1) + (
-                values[outside] - (x0 if end == "low" else x1)
-            ) * slope
+            out[outside] = (y0 if end == "low" else y1) + (values[outside] - (x0 if end == "low" else x1)) * slope
         return convert_to_dst_type(out, image, dtype=torch.float32)[0]
 
 
@@ -156,10 +145,7 @@ class NyulStandardized(MapTransform):
         self.standardize = NyulStandardize(standard, pc_low, pc_high, s_min, s_max)
 
     def fit(
-        self,
-        data: Iterable[Mapping[Hashable, object]],
-        transform: Callable | None = None,
-        num_workers: int = 0,
+        self, data: Iterable[Mapping[Hashable, object]], transform: Callable | None = None, num_workers: int = 0
     ) -> np.ndarray:
         """Learn the standard scale from ``data``: dicts of arrays, or of file paths that ``transform``
         (e.g. the preprocessing steps before this one: loading, orientation, crop, resize) or, without
@@ -184,9 +170,7 @@ class NyulStandardized(MapTransform):
             from torch.utils.data import DataLoader
 
             rows = [dict(row) for row in data]
-            loader = DataLoader(
-                Dataset(rows, transform=loaded), batch_size=None, num_workers=int(num_workers)
-            )
+            loader = DataLoader(Dataset(rows, transform=loaded), batch_size=None, num_workers=int(num_workers))
             return self.standardize.fit(arrays(d) for d in loader)
         return self.standardize.fit(arrays(loaded(row)) for row in data)
 

@@ -38,7 +38,6 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import Compose, MapTransform, ResizeWithPadOrCrop, SpatialCrop, Transform
 from scipy import ndimage
-
 from scripts.errors import CS3FInputError
 from scripts.transforms.tokenization import AXES, axis_index
 
@@ -70,15 +69,11 @@ MASK_MODES = ("auto", "labels", "binary")
 def _triple(value, name: str) -> tuple[int, int, int]:
     values = [int(value)] * 3 if isinstance(value, int | np.integer) else [int(v) for v in value]
     if len(values) != 3 or min(values) < 1:
-        raise CS3FInputError(
-            f"{name} must be one positive int or three (sagittal, coronal, axial), got {value}"
-        )
+        raise CS3FInputError(f"{name} must be one positive int or three (sagittal, coronal, axial), got {value}")
     return tuple(values)  # type: ignore[return-value]
 
 
-def check_crop_divisible(
-    crop_size: Sequence[int], q: int | Sequence[int], axes: Sequence[str | int] = AXES
-) -> None:
+def check_crop_divisible(crop_size: Sequence[int], q: int | Sequence[int], axes: Sequence[str | int] = AXES) -> None:
     """Raise :class:`CS3FInputError` unless the depth pooling ``q`` divides the crop size on every
     slicing axis (the crops have a fixed size, so there is no padding to a multiple of ``q``)."""
     size = _triple(crop_size, "crop_size")
@@ -173,10 +168,7 @@ class LungSplit(Transform):
         centroids = np.array(ndimage.center_of_mass(np.ones_like(lab), lab, ids))
         world_x = centroids @ affine[0, :3] + affine[0, 3]
         right, left = (ids[0], ids[1]) if world_x[0] > world_x[1] else (ids[1], ids[0])
-        return {
-            "right": torch.from_numpy(lab == right)[None],
-            "left": torch.from_numpy(lab == left)[None],
-        }
+        return {"right": torch.from_numpy(lab == right)[None], "left": torch.from_numpy(lab == left)[None]}
 
 
 class CheckLungsd(MapTransform):
@@ -188,11 +180,7 @@ class CheckLungsd(MapTransform):
     """
 
     def __init__(
-        self,
-        keys: KeysCollection = "mask",
-        mode: str = "auto",
-        labels=(RIGHT, LEFT),
-        image_key: str = "image",
+        self, keys: KeysCollection = "mask", mode: str = "auto", labels=(RIGHT, LEFT), image_key: str = "image"
     ) -> None:
         super().__init__(keys, allow_missing_keys=False)
         self.splitter = LungSplit(mode, labels)
@@ -230,9 +218,7 @@ class LungCrop(Transform):
         value: pad value (0 = the bottom of the HU window after scaling).
     """
 
-    def __init__(
-        self, crop_size: Sequence[int] = PAPER_CROP_SIZE, margin: int = 0, value: float = 0.0
-    ) -> None:
+    def __init__(self, crop_size: Sequence[int] = PAPER_CROP_SIZE, margin: int = 0, value: float = 0.0) -> None:
         self.crop_size = _triple(crop_size, "crop_size")
         self.margin = int(margin)
         if self.margin < 0:
@@ -281,12 +267,8 @@ class LungCrop(Transform):
         reference = transform(self._fresh(torch.as_tensor(like)[:1]))
         data = crop_map.as_tensor() if isinstance(crop_map, MetaTensor) else torch.as_tensor(crop_map)
         if tuple(data.shape[1:]) != self.crop_size:
-            raise ValueError(
-                f"map of shape {tuple(data.shape)} does not match the crop size {self.crop_size}"
-            )
-        out = MetaTensor(
-            data.float(), affine=reference.affine, applied_operations=list(reference.applied_operations)
-        )
+            raise ValueError(f"map of shape {tuple(data.shape)} does not match the crop size {self.crop_size}")
+        out = MetaTensor(data.float(), affine=reference.affine, applied_operations=list(reference.applied_operations))
         return transform.inverse(out).as_tensor()
 
     def truncated(self, box) -> list[str]:

@@ -50,14 +50,7 @@ __all__ = [
 AXES: tuple[str, str, str] = ("sagittal", "coronal", "axial")
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-_AXIS_ALIASES = {
-    "s": "sagittal",
-    "c": "coronal",
-    "a": "axial",
-    "sag": "sagittal",
-    "cor": "coronal",
-    "ax": "axial",
-}
+_AXIS_ALIASES = {"s": "sagittal", "c": "coronal", "a": "axial", "sag": "sagittal", "cor": "coronal", "ax": "axial"}
 
 
 def axis_index(axis: str | int) -> int:
@@ -139,9 +132,7 @@ class MultiAxisSlice(Transform):
         self.mean = torch.as_tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.as_tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
 
-    def slab(
-        self, volume: torch.Tensor, axis: str | int, start: int = 0, stop: int | None = None
-    ) -> torch.Tensor:
+    def slab(self, volume: torch.Tensor, axis: str | int, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Slices ``start:stop`` along ``axis`` of a ``[1, H, W, D]`` volume -> ``[n, 3, R, R]``."""
         slices = slices_first(convert_to_tensor(volume, track_meta=False), axis)[start:stop]
         if slices.shape[1] != 1:
@@ -217,9 +208,7 @@ class DepthPoold(MapTransform):
 
     backend = DepthPool.backend
 
-    def __init__(
-        self, keys: KeysCollection, q: int, normalize: bool = True, allow_missing_keys: bool = False
-    ) -> None:
+    def __init__(self, keys: KeysCollection, q: int, normalize: bool = True, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         self.pool = DepthPool(q, normalize)
 
@@ -263,9 +252,7 @@ class RandomProjection(Transform):
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         tokens = convert_to_tensor(tokens, track_meta=False)
         if tokens.ndim < 2 or tokens.shape[1] != self.matrix.shape[0]:
-            raise ValueError(
-                f"expected tokens [M, {self.matrix.shape[0]}, ...], got shape {tuple(tokens.shape)}"
-            )
+            raise ValueError(f"expected tokens [M, {self.matrix.shape[0]}, ...], got shape {tuple(tokens.shape)}")
         matrix = self.matrix.to(tokens.device)
         return torch.einsum("mc...,cd->md...", tokens.float(), matrix)
 
@@ -276,12 +263,7 @@ class RandomProjectiond(MapTransform):
     backend = RandomProjection.backend
 
     def __init__(
-        self,
-        keys: KeysCollection,
-        in_channels: int,
-        d: int = 128,
-        seed: int = 0,
-        allow_missing_keys: bool = False,
+        self, keys: KeysCollection, in_channels: int, d: int = 128, seed: int = 0, allow_missing_keys: bool = False
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.projections = {key: RandomProjection(in_channels, d, seed, str(key)) for key in self.keys}
@@ -346,9 +328,7 @@ class TokenValidityd(MapTransform):
         super().__init__(keys, allow_missing_keys)
         if len(q) != len(axes):
             raise ValueError(f"q needs one value per axis: got q={tuple(q)} for axes {tuple(axes)}")
-        self.validity = {
-            AXES[axis_index(a)]: TokenValidity(a, qa, grid, delta) for a, qa in zip(axes, q, strict=True)
-        }
+        self.validity = {AXES[axis_index(a)]: TokenValidity(a, qa, grid, delta) for a, qa in zip(axes, q, strict=True)}
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from scripts.benchmarks import __main__ as cli
 from scripts.benchmarks import harness, scaling
 from scripts.benchmarks.c2f import bench_c2f
@@ -31,11 +30,7 @@ HELP = {
 
 def _module(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "scripts.benchmarks", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [sys.executable, "-m", "scripts.benchmarks", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
 
 
@@ -95,21 +90,7 @@ def test_scaling_passes_the_options(monkeypatch) -> None:
 
 def test_c2f_command_runs_bench_c2f(capsys) -> None:
     # L = N_c routes to every coarse token: the exhaustive search, so every nearest token matches.
-    argv = [
-        "c2f",
-        "--B",
-        "3",
-        "--n_coarse",
-        "8",
-        "--h",
-        "2",
-        "--d",
-        "4",
-        "--Ls",
-        "[1,8]",
-        "--query_volumes",
-        "all",
-    ]
+    argv = ["c2f", "--B", "3", "--n_coarse", "8", "--h", "2", "--d", "4", "--Ls", "[1,8]", "--query_volumes", "all"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "Eq.9" in out and '"query_volumes_timed": 3' in out

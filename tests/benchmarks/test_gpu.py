@@ -11,7 +11,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from scripts.benchmarks import gpu
 
 ROOT = Path(__file__).resolve().parents[2]

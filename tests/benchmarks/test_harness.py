@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from scripts.benchmarks.harness import run_bench
 from scripts.benchmarks.markdown import table
 from scripts.benchmarks.report import BEGIN, END, check_doc, write_markdown

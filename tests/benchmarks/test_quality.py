@@ -7,16 +7,13 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-
 from scripts.benchmarks.quality import COHORTS, METRICS, _cache_key, run_quality
 from scripts.engine.datalist import make_datalist
 
 
 def test_quick_study_runs_variants_and_baselines(tmp_path: Path) -> None:
     out = tmp_path / "q"
-    results = run_quality(
-        out, cohorts=["t1-tiny"], variants=["default", "rho0.2"], quick=True, doc=tmp_path / "q.md"
-    )
+    results = run_quality(out, cohorts=["t1-tiny"], variants=["default", "rho0.2"], quick=True, doc=tmp_path / "q.md")
     assert set(results) == {"default", "rho0.2", "baseline-zscore", "baseline-random"}
     for method, by_cohort in results.items():
         metrics = by_cohort["t1-tiny"]["metrics"]
@@ -26,11 +23,7 @@ def test_quick_study_runs_variants_and_baselines(tmp_path: Path) -> None:
     assert run["encoded_volumes"] == 0 and run["cached_volumes"] == 5
     assert _cache_key({"rho": 0.2}) == _cache_key({}) != _cache_key({"q": [4, 4, 4]})
     report = (tmp_path / "q.md").read_text()
-    assert (
-        "| default | 1/1 |" in report
-        and "baseline-zscore" in report
-        and "python -m monai.bundle run" in report
-    )
+    assert "| default | 1/1 |" in report and "baseline-zscore" in report and "python -m monai.bundle run" in report
     # The z-score baseline against an independent computation at one voxel.
     rows = make_datalist(out / "cohorts" / "t1-tiny").rows
     images = [np.asarray(nib.load(r["image"]).dataobj, dtype=np.float64) for r in rows]
@@ -49,21 +42,13 @@ def test_map_variants_from_one_scoring_pass_equal_the_bundle_runs(tmp_path: Path
     """C from the MS scoring pass is the default bundle run, and C smoothed by 4 mm the bundle run with
     ``--smooth_mm 4``: the same maps, the same metrics."""
     results = run_quality(
-        tmp_path / "q",
-        cohorts=["t1-tiny"],
-        variants=["default", "smooth4"],
-        maps=["C", "F"],
-        smooth=[0, 4],
-        quick=True,
+        tmp_path / "q", cohorts=["t1-tiny"], variants=["default", "smooth4"], maps=["C", "F"], smooth=[0, 4], quick=True
     )
     assert {"C", "C-smooth4", "F", "F-smooth4"} <= set(results)
     for bundle_run, from_maps in (("default", "C"), ("smooth4", "C-smooth4")):
         want, got = results[bundle_run]["t1-tiny"]["metrics"], results[from_maps]["t1-tiny"]["metrics"]
         for key in METRICS:
-            assert (want[key] is None and got[key] is None) or abs(want[key] - got[key]) < 1e-6, (
-                bundle_run,
-                key,
-            )
+            assert (want[key] is None and got[key] is None) or abs(want[key] - got[key]) < 1e-6, (bundle_run, key)
     assert results["C"]["t1-tiny"]["metrics"] != results["C-smooth4"]["t1-tiny"]["metrics"]
     assert "--smooth_mm 4.0" in results["F-smooth4"]["t1-tiny"]["command"]
 

@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-
 from scripts.benchmarks.prototypes import FORMS, prototype_scores
 from scripts.benchmarks.scoring_bench import effective_flops, musc_baseline, synthetic_bank
 from scripts.scoring import mutual_similarity_scores

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from scripts.benchmarks.unfused import package_model, stage_last_blocks, unfused_encoder
 from scripts.encoders import build_encoder
 from tests.helpers import TinyEncoder

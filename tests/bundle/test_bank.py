@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from scripts.inferer import CS3FInferer, TokenGrid, VolumeTokens
 from scripts.scoring import mutual_similarity_scores, reference_scores
 from scripts.storage.bank import TokenBank
@@ -70,9 +69,7 @@ def test_reference_scores_match_brute_force_and_fp16_bank() -> None:
     qv, rv = torch.rand(3, 20, generator=gen) > 0.3, torch.rand(7, 25, generator=gen) > 0.3
     for rho in (0.1, 0.5, 1.0):
         got = reference_scores(queries, qv, refs, rv, rho, query_tile=4, block_elements=50)
-        torch.testing.assert_close(
-            got.double(), brute_force_against(queries, qv, refs, rv, rho), atol=1e-5, rtol=0
-        )
+        torch.testing.assert_close(got.double(), brute_force_against(queries, qv, refs, rv, rho), atol=1e-5, rtol=0)
 
 
 def test_reference_scores_of_the_bank_itself_equal_the_exact_scorer() -> None:
@@ -238,9 +235,7 @@ def new_cohort(tiny_cohort: Path, tmp_path_factory) -> Path:
     return folder
 
 
-def test_new_volumes_scored_against_bank_equal_brute_force(
-    bank: Path, new_cohort: Path, tmp_path: Path
-) -> None:
+def test_new_volumes_scored_against_bank_equal_brute_force(bank: Path, new_cohort: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     rho = 0.5  # K = floor(0.5 * 6) = 3 of the 6 bank volumes (2 of 5 for the scan already in the bank)
     evaluator = _workflow(
@@ -254,9 +249,7 @@ def test_new_volumes_scored_against_bank_equal_brute_force(
     names = ["sub-0001", "sub-0002", "old-0004"]
     with open(out / "scores.csv") as f:
         assert [r["image"] for r in csv.DictReader(f)] == names  # the new volumes only
-    assert sorted(p.name for p in out.glob("*_anomaly.nii.gz")) == sorted(
-        f"{n}_anomaly.nii.gz" for n in names
-    )
+    assert sorted(p.name for p in out.glob("*_anomaly.nii.gz")) == sorted(f"{n}_anomaly.nii.gz" for n in names)
     run = json.loads((out / "run.json").read_text())
     assert run["encoded_volumes"] == 3 and run["n_volumes"] == 3  # the bank is not encoded again
     # a volume is never its own reference: the resent scan is matched against the 5 other bank volumes
@@ -270,9 +263,7 @@ def test_new_volumes_scored_against_bank_equal_brute_force(
         expected = brute_force_against(queries[:2], query_valid[:2], ref_tokens, ref_valid.clone(), rho)
         torch.testing.assert_close(got[:2], expected, atol=1e-4, rtol=1e-4)
         others = [0, 1, 2, 4, 5]  # the bank without sub-0004 (index 3)
-        expected = brute_force_against(
-            queries[2:], query_valid[2:], ref_tokens[others], ref_valid[others], rho
-        )
+        expected = brute_force_against(queries[2:], query_valid[2:], ref_tokens[others], ref_valid[others], rho)
         torch.testing.assert_close(got[2:], expected, atol=1e-4, rtol=1e-4)
 
 
@@ -321,9 +312,7 @@ def test_token_bank_views_are_read_only_memmaps(bank: Path) -> None:
         perms = _mapping_of(tensor, bank / rel)
         assert perms is not None, f"{rel}: the tensor's data is not in a mapping of the file (a copy?)"
         assert "w" not in perms, f"{rel}: mapped {perms}, not read-only"
-    grid = VolumeTokens(
-        (32, 32, 32), {"axial/0": TokenGrid(tokens[0].view(4, 4, 4, 128), valid[0].view(4, 4, 4))}
-    )
+    grid = VolumeTokens((32, 32, 32), {"axial/0": TokenGrid(tokens[0].view(4, 4, 4, 128), valid[0].view(4, 4, 4))})
     assert grid.num_tokens() == 64
 
 

@@ -10,16 +10,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from scripts.engine.datalist import make_datalist
 from scripts.errors import CS3FInputError
 from scripts.transforms.inputs import ForegroundFromImaged
 from tests.helpers import run_workflow
 
-SUFFIXES = {
-    "2021": ("_t1", "_t1ce", "_t2", "_flair", "_seg"),
-    "2023": ("-t1n", "-t1c", "-t2w", "-t2f", "-seg"),
-}
+SUFFIXES = {"2021": ("_t1", "_t1ce", "_t2", "_flair", "_seg"), "2023": ("-t1n", "-t1c", "-t2w", "-t2f", "-seg")}
 
 
 def _brats(cohort: Path, root: Path, naming: str) -> dict[str, str]:
@@ -34,17 +30,9 @@ def _brats(cohort: Path, root: Path, naming: str) -> dict[str, str]:
         folder = root / scan
         folder.mkdir(parents=True)
         img = nib.load(cohort / row["image"])
-        image = np.asarray(img.dataobj, dtype=np.float32) * (
-            np.asarray(nib.load(cohort / row["mask"]).dataobj) > 0
-        )
+        image = np.asarray(img.dataobj, dtype=np.float32) * (np.asarray(nib.load(cohort / row["mask"]).dataobj) > 0)
         label = np.asarray(nib.load(cohort / row["label"]).dataobj)
-        for suffix, array in (
-            (t1, image * 0.5),
-            (t1ce, image + 1),
-            (t2, image),
-            (flair, image**2),
-            (seg, label * 2),
-        ):
+        for suffix, array in ((t1, image * 0.5), (t1ce, image + 1), (t2, image), (flair, image**2), (seg, label * 2)):
             nib.save(nib.Nifti1Image(array, img.affine), folder / f"{scan}{suffix}.nii.gz")
         names[scan + t2] = row["image"]
     return names

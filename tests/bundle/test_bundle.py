@@ -15,16 +15,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.bundle.reference_resolver import ReferenceResolver
-
-from tests.helpers import (
-    FAST,
-    FAST_ARGS,
-    ROOT,
-    assert_one_error_line,
-    assert_success,
-    run_bundle,
-    run_workflow,
-)
+from tests.helpers import FAST, FAST_ARGS, ROOT, assert_one_error_line, assert_success, run_bundle, run_workflow
 
 CONFIG = str(ROOT / "configs" / "inference.json")
 META = ROOT / "configs" / "metadata.json"
@@ -266,7 +257,7 @@ def test_inference_config_resolves_to_the_documented_defaults(tiny_cohort: Path,
     assert inferer.q == {"sagittal": 8, "coronal": 8, "axial": 8}
     assert (inferer.rho, inferer.d, inferer.delta, inferer.seed) == (0.1, 128, 0.0, 0)
     assert inferer.variant == "F" and str(inferer.references) == "all"  # chosen in docs/quality.md
-    assert (inferer.q_fine, inferer.smooth_mm, inferer.L) == ({a: 2 for a in inferer.q}, 4.0, 16)
+    assert (inferer.q_fine, inferer.smooth_mm, inferer.L) == (dict.fromkeys(inferer.q, 2), 4.0, 16)
     assert (inferer.tokenizer.slab_size, inferer.token_dtype) == (32, torch.float32)
     encoder = parser.get_parsed_content("network")
     assert encoder is parser.get_parsed_content("network_def").encoder

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-
 from tests.helpers import FAST_ARGS, assert_success, run_bundle
 
 
@@ -26,10 +25,7 @@ def _with_repeat_scan(cohort: Path, tmp_path: Path) -> tuple[Path, str]:
     for key in ("image", "mask", "label"):
         target = Path(copy[key]).with_name("repeat-0001.nii.gz")
         img = nib.load(data / copy[key])
-        nib.save(
-            nib.Nifti1Image(np.roll(np.asarray(img.dataobj), 1, axis=0), img.affine, img.header),
-            data / target,
-        )
+        nib.save(nib.Nifti1Image(np.roll(np.asarray(img.dataobj), 1, axis=0), img.affine, img.header), data / target)
         copy[key] = str(target)
     for row in rows:
         row["subject"] = Path(row["image"]).name.split(".")[0]
@@ -53,32 +49,16 @@ def test_torchrun_two_processes_equals_single_process(tiny_cohort: Path, tmp_pat
     single, multi = tmp_path / "single", tmp_path / "multi"
     one = ["configs/inference.json", "configs/evaluate.json"]
     assert_success(
-        run_bundle(
-            "--dataset_dir", data, "--output_dir", single, "--plots", "false", *FAST_ARGS, config_file=one
-        )
+        run_bundle("--dataset_dir", data, "--output_dir", single, "--plots", "false", *FAST_ARGS, config_file=one)
     )
-    configs = [
-        "configs/inference.json",
-        "configs/multi_gpu_inference.json",
-        "configs/multi_gpu_evaluate.json",
-    ]
+    configs = ["configs/inference.json", "configs/multi_gpu_inference.json", "configs/multi_gpu_evaluate.json"]
     proc = run_bundle(
-        "--dataset_dir",
-        data,
-        "--output_dir",
-        multi,
-        "--plots",
-        "false",
-        *FAST_ARGS,
-        config_file=configs,
-        nproc=2,
+        "--dataset_dir", data, "--output_dir", multi, "--plots", "false", *FAST_ARGS, config_file=configs, nproc=2
     )
     assert_success(proc)
     assert len(_files(single)) == 8 and _files(multi) == _files(single)
     # the evaluation ran once, on rank 0, after every map was written: the same metrics as one process
-    assert json.loads((multi / "metrics.json").read_text()) == json.loads(
-        (single / "metrics.json").read_text()
-    )
+    assert json.loads((multi / "metrics.json").read_text()) == json.loads((single / "metrics.json").read_text())
     run = json.loads((multi / "run.json").read_text())
     assert run["world_size"] == 2 and run["n_volumes"] == 7 and run["encoded_volumes"] == 7
     with (multi / "scores.csv").open(newline="") as f:

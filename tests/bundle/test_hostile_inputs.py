@@ -13,7 +13,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from scripts.engine.grid import grid_difference
 from scripts.errors import find_input_error
 from tests.helpers import run_workflow
@@ -36,9 +35,7 @@ def _scores(out: Path) -> dict[str, float]:
         return {r["image"]: float(r["score"]) for r in csv.DictReader(f)}
 
 
-def _with_copy(
-    cohort: Path, tmp_path: Path, shift: int = 0, subject_column: bool = False
-) -> tuple[Path, str]:
+def _with_copy(cohort: Path, tmp_path: Path, shift: int = 0, subject_column: bool = False) -> tuple[Path, str]:
     """The cohort plus a copy of its first lesion volume (rolled by ``shift`` voxels) as ``copy-0001``."""
     data = tmp_path / "data"
     shutil.copytree(cohort, data)
@@ -98,13 +95,9 @@ def test_a_bank_never_matches_a_scan_with_its_own_subject(tiny_cohort: Path, tmp
     _write_rows(new, [r for r in _rows(data) if r["image"].endswith("copy-0001.nii.gz")])
     configs = ["configs/inference.json", "configs/build_bank.json"]
     run_workflow(configs, dataset_dir=str(bank_cohort), bank_dir=str(tmp_path / "bank"))
-    run_workflow(
-        dataset_dir=str(new), output_dir=str(tmp_path / "out"), references=f"bank:{tmp_path / 'bank'}"
-    )
+    run_workflow(dataset_dir=str(new), output_dir=str(tmp_path / "out"), references=f"bank:{tmp_path / 'bank'}")
     run_workflow(dataset_dir=str(bank_cohort), output_dir=str(tmp_path / "cohort"))
-    assert _scores(tmp_path / "out")["copy-0001"] > max(
-        _scores(tmp_path / "cohort")[n] for n in _normals(tiny_cohort)
-    )
+    assert _scores(tmp_path / "out")["copy-0001"] > max(_scores(tmp_path / "cohort")[n] for n in _normals(tiny_cohort))
 
 
 def test_false_spelled_as_on_the_command_line_is_false(tiny_cohort: Path, tmp_path: Path) -> None:
@@ -148,9 +141,7 @@ def test_bad_parameters_are_one_line_before_any_work(
 def test_an_unwritable_token_folder_is_one_line(tiny_cohort: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "tokens"
     blocker.write_text("a file where the cache folder should be")
-    line = _input_error(
-        dataset_dir=str(tiny_cohort), output_dir=str(tmp_path / "out"), cache_dir=str(blocker)
-    )
+    line = _input_error(dataset_dir=str(tiny_cohort), output_dir=str(tmp_path / "out"), cache_dir=str(blocker))
     assert "cannot be created" in line and str(blocker) in line
 
 
@@ -203,17 +194,12 @@ def test_grid_messages_say_what_differs() -> None:
     moved[:3, 3] = torch.tensor([0.0, 5.0, 0.0])
     moved[0, 0] = 2.0
     diff = grid_difference(((24, 24, 24), moved), first, 1e-3)
-    assert diff == [
-        "spacing [2.0, 1.0, 1.0] vs [1.0, 1.0, 1.0] mm",
-        "origin [0.0, 5.0, 0.0] vs [0.0, 0.0, 0.0] mm",
-    ]
+    assert diff == ["spacing [2.0, 1.0, 1.0] vs [1.0, 1.0, 1.0] mm", "origin [0.0, 5.0, 0.0] vs [0.0, 0.0, 0.0] mm"]
     assert grid_difference(((24, 24, 20), first[1]), first, 1e-3) == ["shape (24, 24, 20) vs (24, 24, 24)"]
     assert grid_difference(first, first, 1e-3) == []
 
 
-def test_a_rerun_without_a_volume_removes_its_old_map_and_temp_files(
-    tiny_cohort: Path, tmp_path: Path
-) -> None:
+def test_a_rerun_without_a_volume_removes_its_old_map_and_temp_files(tiny_cohort: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
     shutil.copytree(tiny_cohort, data)
     out = tmp_path / "out"

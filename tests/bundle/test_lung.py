@@ -15,7 +15,6 @@ import pytest
 import torch
 from monai.data import DataLoader, MetaTensor
 from scipy import ndimage
-
 from scripts.engine.lung import LungCS3FEvaluator
 from scripts.errors import CS3FInputError
 from scripts.inferer import CS3FInferer
@@ -85,9 +84,7 @@ def test_crop_paste_round_trip(start, end, crop) -> None:
         assert covered == min(n, s)
         assert start[i] <= src[:, i].min() and src[:, i].max() < end[i]
         assert abs(float(offset[0, i]) - (start[i] + (n - s) / 2)) <= 0.5  # centred (to half a voxel)
-    assert int((out[0] > 0).sum()) == math.prod(
-        min(e - s, c) for s, e, c in zip(start, end, crop, strict=True)
-    )
+    assert int((out[0] > 0).sum()) == math.prod(min(e - s, c) for s, e, c in zip(start, end, crop, strict=True))
     assert torch.all(out[0][out[0] <= 0] == 0)  # padding value
     # the crop's affine is the volume's, translated: same world position for the same voxel
     ijk = torch.cat([idx[:1].double(), torch.ones(1, 1, dtype=torch.float64)], 1)[0]
@@ -349,9 +346,7 @@ def test_default_cohort_covers_the_three_lesion_size_classes() -> None:
 
 def test_cohort_layout_cli_and_determinism(tmp_path: Path, capsys) -> None:
     args = ["--n_normal", "2", "--n_abnormal", "2", "--seed", "3", "--scale", "0.15", "--quiet"]
-    assert (
-        synth_main(["--organ", "lung", "--out", str(tmp_path / "a"), *args]) == 0
-    )  # python -m scripts synth
+    assert synth_main(["--organ", "lung", "--out", str(tmp_path / "a"), *args]) == 0  # python -m scripts synth
     assert "lung CT cohort written to" in capsys.readouterr().out
     again = synth_lung.generate_cohort(tmp_path / "b", n_normal=2, n_abnormal=2, seed=3, scale=0.15)
     rows = list(csv.DictReader(open(tmp_path / "a" / "cohort.csv")))

@@ -6,7 +6,6 @@ import re
 import shlex
 
 import torch
-
 from tests.helpers import ROOT
 
 README = (ROOT / "README.md").read_text()

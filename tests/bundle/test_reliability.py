@@ -16,7 +16,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from scripts.anomaly_map import smooth_map
 from scripts.engine.datalist import make_datalist
 from scripts.errors import CS3FInputError
@@ -132,9 +131,7 @@ def test_fewer_than_two_volumes(tiny_cohort: Path, tmp_path: Path) -> None:
 def test_unknown_encoder_and_missing_weights(tiny_cohort: Path, tmp_path: Path) -> None:
     line = _input_error(tiny_cohort, tmp_path / "o1", encoder_name="resnet9000")
     assert "Unknown encoder 'resnet9000'" in line and "efficientnet_lite0" in line
-    line = _input_error(
-        tiny_cohort, tmp_path / "o2", encoder_name="dinov2", **{"network_def#model_dir": "models/nope"}
-    )
+    line = _input_error(tiny_cohort, tmp_path / "o2", encoder_name="dinov2", **{"network_def#model_dir": "models/nope"})
     assert "models/nope" in line and "not found" in line
 
 
@@ -237,9 +234,7 @@ def test_fuzz_inferer_only_documented_errors() -> None:
         axes = rng.sample(["sagittal", "coronal", "axial"], rng.randint(1, 3))
         vols = torch.rand(b, 1, *shape)
         masks = (torch.rand(b, 1, *shape) > rng.choice([0.0, 0.5, 0.95, 1.0])).float()
-        inferer = CS3FInferer(
-            axes=axes, q=q, d=8, rho=rng.choice([0.1, 0.5, 1.0]), delta=rng.choice([0.0, 0.3])
-        )
+        inferer = CS3FInferer(axes=axes, q=q, d=8, rho=rng.choice([0.1, 0.5, 1.0]), delta=rng.choice([0.0, 0.3]))
         try:
             maps, scores = inferer(vols, encoder, masks)
         except ValueError as err:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from scripts.anomaly_map import fuse_token_scores
 from scripts.inferer import CS3FInferer
 from tests.helpers import TinyEncoder
@@ -42,7 +41,6 @@ def test_smoothing_inside_the_mask_matches_scipy() -> None:
     """Normalised Gaussian smoothing against an independent scipy computation; constants are kept."""
     import numpy as np
     from scipy import ndimage
-
     from scripts.anomaly_map import smooth_map
 
     rng = np.random.default_rng(0)
@@ -66,7 +64,6 @@ def test_smoothing_inside_the_mask_matches_scipy() -> None:
 
 def test_smooth_mm_through_the_inferer_uses_the_voxel_size() -> None:
     from monai.data import MetaTensor
-
     from scripts.anomaly_map import smooth_map
 
     volume, encoder = torch.rand(3, 1, 16, 16, 16), TinyEncoder(32)

@@ -50,10 +50,7 @@ def _imports(path: Path, name: str) -> set[str]:
     found = set()
     tree = ast.parse(path.read_text())
     for block in ast.walk(tree):  # imports only for type checkers never run
-        if (
-            isinstance(block, ast.If)
-            and getattr(block.test, "id", getattr(block.test, "attr", "")) == "TYPE_CHECKING"
-        ):
+        if isinstance(block, ast.If) and getattr(block.test, "id", getattr(block.test, "attr", "")) == "TYPE_CHECKING":
             block.body = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -61,9 +58,7 @@ def _imports(path: Path, name: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(
-                    package.split(".")[: len(package.split(".")) - node.level + 1] + [base]
-                ).strip(".")
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + [base]).strip(".")
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)
     return {m for m in found if m.split(".")[0] in ("scripts", "tests")}
@@ -76,10 +71,7 @@ def _rank(module: str) -> int:
 
 def _graph() -> dict[str, set[str]]:
     modules = _modules()
-    return {
-        name: {m for m in _imports(path, name) if m in modules and m != name}
-        for name, path in modules.items()
-    }
+    return {name: {m for m in _imports(path, name) if m in modules and m != name} for name, path in modules.items()}
 
 
 def test_every_module_has_a_layer() -> None:

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from scripts.scoring import c2f_scores, c2f_tiles, mutual_similarity_scores
 
 
@@ -28,9 +27,7 @@ def make_tokens(b: int, n_c: int, h: int, d: int, seed: int, p_invalid: float = 
 
 def exhaustive_fine(fine, fine_valid, rho):
     b, n_c, h, d = fine.shape
-    return mutual_similarity_scores(fine.reshape(b, n_c * h, d), fine_valid.reshape(b, -1), rho).view(
-        b, n_c, h
-    )
+    return mutual_similarity_scores(fine.reshape(b, n_c * h, d), fine_valid.reshape(b, -1), rho).view(b, n_c, h)
 
 
 def brute_force_c2f(coarse, fine, coarse_valid, fine_valid, rho, L):  # noqa: N803
@@ -218,10 +215,7 @@ def test_peak_memory_does_not_grow_with_batch() -> None:
     growth = {}
     for b in (4, 40):
         out = subprocess.run(
-            [sys.executable, "-c", _PEAK_SCRIPT.format(root=root), str(b)],
-            check=True,
-            capture_output=True,
-            text=True,
+            [sys.executable, "-c", _PEAK_SCRIPT.format(root=root), str(b)], check=True, capture_output=True, text=True
         )
         growth[b] = int(out.stdout.strip().splitlines()[-1])
     assert growth[40] <= growth[4] + 8 * 2**20, growth

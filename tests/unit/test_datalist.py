@@ -11,7 +11,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 from monai.bundle import ConfigParser
-
 from scripts.engine.datalist import Datalist, make_datalist
 from scripts.errors import CS3FInputError, find_input_error
 
@@ -32,9 +31,7 @@ def test_datalist_of_a_cohort_csv(tiny_cohort: Path) -> None:
     assert list(datalist) == datalist.rows and datalist[0] is datalist.rows[0]
     for row, rec in zip(datalist, rows, strict=True):
         assert row["image"] == str(tiny_cohort / rec["image"])
-        assert row["mask"] == str(tiny_cohort / rec["mask"]) and row["label"] == str(
-            tiny_cohort / rec["label"]
-        )
+        assert row["mask"] == str(tiny_cohort / rec["mask"]) and row["label"] == str(tiny_cohort / rec["label"])
         assert row["name"] == Path(rec["image"]).name.removesuffix(".nii.gz")
     assert "mask" not in make_datalist(tiny_cohort, masks=False)[0]
 
@@ -123,7 +120,6 @@ def test_resolving_the_datalist_generates_nothing(tmp_path: Path) -> None:
 
 def test_initialize_generates_the_demo_on_first_use_only(tmp_path: Path) -> None:
     from monai.bundle import ConfigWorkflow
-
     from scripts.synthetic.demo import ensure_demo
 
     overrides = {"demo#n_normal": 2, "demo#n_abnormal": 1, "demo#shape": 32}

@@ -10,11 +10,10 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
-
 import scripts.encoders as encoders
 import scripts.encoders.base as encoders_base
+import torch
+from safetensors.torch import load_file, save_file
 from scripts.encoders import (
     ENCODER_NAMES,
     IMAGENET_MEAN,
@@ -146,10 +145,7 @@ def test_efficientnet_real_weights_loaded(enc64):
     # the default weights are the package's file, and identity() hashes it
     ident = enc64.identity()
     assert ident["weights"] == [
-        {
-            "file": "efficientnet-lite0-57934424.pth",
-            "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
-        }
+        {"file": "efficientnet-lite0-57934424.pth", "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
     ]
     assert ident["weights"][0]["sha256"].startswith("57934424")  # the package names files by hash prefix
     assert json.loads(json.dumps(ident)) == ident == enc64.identity()
@@ -162,9 +158,7 @@ def test_efficientnet_matches_package_forward(enc64):
     x = _slices(2, 64, seed=1)
     seen = {}
     m = _reference_model(64)
-    hooks = [
-        m._blocks[i].register_forward_hook(lambda _m, _i, o, i=i: seen.__setitem__(i, o)) for i in (4, 10)
-    ]
+    hooks = [m._blocks[i].register_forward_hook(lambda _m, _i, o, i=i: seen.__setitem__(i, o)) for i in (4, 10)]
     try:
         with torch.no_grad():
             m.extract_features(x)
@@ -203,9 +197,7 @@ def test_efficientnet_runs_in_fused_inference_form(enc64):
     assert not [n for n, mod in m.named_modules() if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)]
     convs = [mod for mod in m.modules() if isinstance(mod, torch.nn.Conv2d)]
     assert all(c.bias is not None for c in convs)
-    assert all(
-        c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs if c.weight.shape[-1] > 1
-    )
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs if c.weight.shape[-1] > 1)
     pads = [mod.padding for mod in m.modules() if isinstance(mod, torch.nn.ZeroPad2d)]
     assert pads and all(left != right or top != bottom for left, right, top, bottom in pads)
     assert any(c.padding != (0, 0) for c in convs)  # the symmetric ones moved into the convs
@@ -214,12 +206,7 @@ def test_efficientnet_runs_in_fused_inference_form(enc64):
     # even inputs (stem, blocks 1, 3, 5 at R=64), whereas the package's forward pads at every k>1 conv.
     x = _slices(2, 64)
     calls = _traced_calls(lambda: enc64(x))
-    assert calls == [
-        ("pad", (0, 1, 0, 1)),
-        ("pad", (0, 1, 0, 1)),
-        ("pad", (1, 2, 1, 2)),
-        ("pad", (0, 1, 0, 1)),
-    ]
+    assert calls == [("pad", (0, 1, 0, 1)), ("pad", (0, 1, 0, 1)), ("pad", (1, 2, 1, 2)), ("pad", (0, 1, 0, 1))]
     ref = _reference_model(64)
 
     def unfused():
@@ -348,8 +335,7 @@ def test_efficientnet_normalisation_matches_the_weights(enc64):
 
 
 @pytest.mark.parametrize(
-    "bad",
-    [torch.zeros(1, 1, 64, 64), torch.zeros(3, 64, 64), torch.zeros(1, 3, 32, 32), torch.zeros(0, 3, 64, 64)],
+    "bad", [torch.zeros(1, 1, 64, 64), torch.zeros(3, 64, 64), torch.zeros(1, 3, 32, 32), torch.zeros(0, 3, 64, 64)]
 )
 def test_forward_rejects_bad_shapes(enc64, bad):
     with pytest.raises(ValueError, match=r"\[N, 3, 64, 64\]|empty"):
@@ -402,9 +388,7 @@ def _final_norm(model):
 @pytest.mark.parametrize("apply_layernorm", [True, False])
 def test_vit_roundtrip_drops_cls_and_registers(tmp_path, kind, apply_layernorm):
     model_dir, model, n_prefix = _save_tiny(tmp_path, kind)
-    enc = build_encoder(
-        "dinov2", model_dir=model_dir, layers=(1, 2), input_size=48, apply_layernorm=apply_layernorm
-    )
+    enc = build_encoder("dinov2", model_dir=model_dir, layers=(1, 2), input_size=48, apply_layernorm=apply_layernorm)
     assert isinstance(enc, Dinov2Encoder) and enc.num_register_tokens == n_prefix - 1
     assert enc.out_channels == [32, 32] and enc.grid_sizes() == [6, 6]
     x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(0))
@@ -563,9 +547,7 @@ def test_encoder_precision_autocasts_the_forward_and_keys_the_identity(tmp_path,
     assert vit.identity()["autocast"] == "bf16"
     low, exact = vit(x), fp32(x)
     assert all(g.dtype == torch.float32 for g in low)
-    assert all(
-        0 < float((a - b).abs().max()) < 0.1 * float(b.abs().max()) for a, b in zip(low, exact, strict=True)
-    )
+    assert all(0 < float((a - b).abs().max()) < 0.1 * float(b.abs().max()) for a, b in zip(low, exact, strict=True))
     assert enc64.precision == "fp32"  # the default
     with pytest.raises(CS3FInputError, match="encoder_precision must be one of"):
         build_encoder("efficientnet_lite0", input_size=32, precision="int8")

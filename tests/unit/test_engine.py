@@ -16,7 +16,6 @@ import torch
 from ignite.engine import Engine
 from monai.bundle import ConfigParser
 from monai.data import DataLoader, MetaTensor
-
 from scripts.engine.distributed import gather_cohort, gather_scores
 from scripts.engine.evaluator import CS3FEvaluator
 from scripts.engine.grid import CohortGrid
@@ -68,9 +67,7 @@ def test_a_bank_grid_is_expected_from_the_first_volume_on() -> None:
 # ----------------------------------------------------------------------------------- token identity
 # For every argument of every preprocessing transform in the configs, another valid value.
 ALTERNATIVES = {
-    "keys": lambda current: (
-        ["mask", "image"] if current == "@image_keys" else {"image": "mask"}.get(current, "image")
-    ),
+    "keys": lambda current: ["mask", "image"] if current == "@image_keys" else {"image": "mask"}.get(current, "image"),
     "image_only": lambda current: False,
     "allow_missing_keys": lambda current: current is not True,
     "mask_key": lambda current: "seg",
@@ -93,11 +90,7 @@ ALTERNATIVES = {
 }
 # Config keys the transforms are built from: changing them must change the key as well.
 PARAMETERS = {
-    "brain": {
-        "spatial_size": [64, 64, 64],
-        "intensity_percentiles": [1.0, 99.0],
-        "pad_multiple": [16, 16, 16],
-    },
+    "brain": {"spatial_size": [64, 64, 64], "intensity_percentiles": [1.0, 99.0], "pad_multiple": [16, 16, 16]},
     "lung": {"spacing": [1.5, 1.5, 1.5], "hu_window": [-1000.0, 400.0], "lung_mask_mode": "binary"},
 }
 INFERER = CS3FInferer(q=8, d=16)
@@ -180,9 +173,7 @@ def test_describe_transform_reads_nested_parameters() -> None:
 
 def _cohort_items(n: int = 4) -> tuple[torch.Tensor, list[dict]]:
     volumes, _ = blob_cohort(n=n, size=32, abnormal=(1,))
-    items = [
-        {"image": MetaTensor(volumes[i], meta={"filename_or_obj": f"/data/v{i}.nii.gz"})} for i in range(n)
-    ]
+    items = [{"image": MetaTensor(volumes[i], meta={"filename_or_obj": f"/data/v{i}.nii.gz"})} for i in range(n)]
     return volumes, items
 
 
@@ -194,7 +185,6 @@ def _evaluator(items: list, out: Path, **kwargs) -> CS3FEvaluator:
 
 def test_evaluator_cache_key_is_that_of_its_loaders_transform(tmp_path: Path) -> None:
     from monai.transforms import Compose, ScaleIntensityd
-
     from scripts.engine.datalist import CheckedDataset
 
     def cache_key(transform: Compose) -> str:
@@ -203,9 +193,7 @@ def test_evaluator_cache_key_is_that_of_its_loaders_transform(tmp_path: Path) ->
 
     key = cache_key(Compose([ScaleIntensityd("image", minv=0.0, maxv=1.0)]))
     identity = token_identity(
-        INFERER.describe(),
-        NETWORK,
-        preprocessing_identity(Compose([ScaleIntensityd("image", minv=0.0, maxv=1.0)])),
+        INFERER.describe(), NETWORK, preprocessing_identity(Compose([ScaleIntensityd("image", minv=0.0, maxv=1.0)]))
     )
     assert key == TokenCache(tmp_path, identity).run_key
     assert cache_key(Compose([ScaleIntensityd("image", minv=0.0, maxv=2.0)])) != key
@@ -293,10 +281,7 @@ def test_bad_input_stops_the_run_unless_skipped_and_a_failed_run_writes_nothing(
     assert not (tmp_path / "a").exists()
     # skipping leaves one usable volume: CS3F cannot compare it with anything
     handlers = [ScoresSaver(tmp_path / "b"), RunRecorder(tmp_path / "b")]
-    with (
-        pytest.warns(UserWarning),
-        pytest.raises(CS3FInputError, match=r"only 1 usable volume\(s\) \(1 skipped\)"),
-    ):
+    with pytest.warns(UserWarning), pytest.raises(CS3FInputError, match=r"only 1 usable volume\(s\) \(1 skipped\)"):
         _evaluator([items[0], bad], tmp_path / "b", val_handlers=handlers, on_bad_input="skip").run()
     assert not (tmp_path / "b").exists()
 
@@ -331,9 +316,7 @@ def test_stage_times_add_up_measured_intervals(monkeypatch: pytest.MonkeyPatch) 
 
 @pytest.fixture
 def one_process_group(tmp_path: Path):
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1
-    )
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     yield
     torch.distributed.destroy_process_group()
 

@@ -7,16 +7,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-
 from scripts.evaluation.metrics import ARCHITECTURE_KEYS
 from tests.helpers import run_workflow
 
 
 def test_evaluate_overlay_writes_metrics_and_report(tiny_cohort: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval"
-    run_workflow(
-        ["configs/inference.json", "configs/evaluate.json"], dataset_dir=str(tiny_cohort), output_dir=str(out)
-    )
+    run_workflow(["configs/inference.json", "configs/evaluate.json"], dataset_dir=str(tiny_cohort), output_dir=str(out))
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(ARCHITECTURE_KEYS) <= set(metrics)
     for key in ("patient_auroc", "patient_ap", "voxel_auroc", "voxel_ap", "dice_max", "iou_max"):

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from monai.inferers import Inferer
-
 from scripts.inferer import CS3FInferer
 from scripts.scoring import mutual_similarity_scores
 from tests.helpers import TinyEncoder, blob_cohort

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from scripts.transforms.intensity import NyulStandardize, NyulStandardized, nyul_landmarks
 
 

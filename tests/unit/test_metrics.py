@@ -9,8 +9,6 @@ import math
 import numpy as np
 import pytest
 from scipy import ndimage
-from sklearn.metrics import average_precision_score, roc_auc_score
-
 from scripts.evaluation.metrics import (
     ARCHITECTURE_KEYS,
     CohortEvaluator,
@@ -20,6 +18,7 @@ from scripts.evaluation.metrics import (
     size_class,
     write_report,
 )
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 # ----------------------------------------------------------------------------------------- helpers
 
@@ -187,9 +186,7 @@ def test_voxel_auroc_ap_vs_sklearn_within_reported_bound():
     assert m["n_voxels"] == sc.size and m["n_positive_voxels"] == y.sum()
     # teeth: background voxels (outside the mask) must not count
     all_s = np.concatenate([s["score_map"].ravel() for s in subs])
-    all_y = np.concatenate(
-        [(s["label"] if s["label"] is not None else 0 * s["score_map"]).ravel() for s in subs]
-    )
+    all_y = np.concatenate([(s["label"] if s["label"] is not None else 0 * s["score_map"]).ravel() for s in subs])
     assert abs(roc_auc_score(all_y > 0, all_s) - m["voxel_auroc"]) > 0.01
 
 
@@ -240,10 +237,7 @@ def test_threshold99_is_percentile_of_all_normal_foreground_voxels():
     ev = build(subs)
     m = ev.compute()
     normal = np.concatenate(
-        [
-            s["score_map"][s["mask"] & ((s["label"] if s["label"] is not None else 0 * s["mask"]) == 0)]
-            for s in subs
-        ]
+        [s["score_map"][s["mask"] & ((s["label"] if s["label"] is not None else 0 * s["mask"]) == 0)] for s in subs]
     )
     t, fb = m["threshold99"], ev.bins
     p99 = np.percentile(normal, 99)
@@ -290,12 +284,7 @@ def test_size_classes_use_anisotropic_spacing_and_diameter_exclusion():
         (512, 1536.0, "large", False),
     ]
     m = ev.compute()
-    assert (m["n_lesions_small"], m["n_lesions_medium"], m["n_lesions_large"], m["n_lesions_excluded"]) == (
-        1,
-        1,
-        1,
-        1,
-    )
+    assert (m["n_lesions_small"], m["n_lesions_medium"], m["n_lesions_large"], m["n_lesions_excluded"]) == (1, 1, 1, 1)
     for r in rows.values():
         assert r["diameter_mm"] == pytest.approx((6 * r["volume_mm3"] / np.pi) ** (1 / 3))
     # the paper's example: a 4x4x4-voxel cube at 1.5 mm is 216 mm3 = medium; class boundaries
@@ -305,12 +294,12 @@ def test_size_classes_use_anisotropic_spacing_and_diameter_exclusion():
     ev1 = CohortEvaluator(mantissa_bits=4)
     ev1.add("a", np.zeros(shape, np.float32), lab, None, (1.0, 1.0, 1.0), 1.0)
     m1 = ev1.compute()
-    assert (
-        m1["n_lesions_small"],
-        m1["n_lesions_medium"],
-        m1["n_lesions_large"],
-        m1["n_lesions_excluded"],
-    ) == (1, 1, 0, 2)
+    assert (m1["n_lesions_small"], m1["n_lesions_medium"], m1["n_lesions_large"], m1["n_lesions_excluded"]) == (
+        1,
+        1,
+        0,
+        2,
+    )
 
 
 def test_18_connectivity_corner_vs_edge():
@@ -382,12 +371,7 @@ def test_lesion_metrics_fp_per_volume_and_localisation_hand_built(tmp_path):
     for s in subs:
         ev.add_components(s["name"], s["score_map"], s["label"], s["mask"])
     m = ev.compute()
-    assert (m["n_lesions_small"], m["n_lesions_medium"], m["n_lesions_large"], m["n_lesions_excluded"]) == (
-        1,
-        2,
-        1,
-        1,
-    )
+    assert (m["n_lesions_small"], m["n_lesions_medium"], m["n_lesions_large"], m["n_lesions_excluded"]) == (1, 2, 1, 1)
     assert (m["ltpr99_small"], m["ltpr99_medium"], m["ltpr99_large"]) == (1.0, 0.0, 1.0)
     # FP components: normal1 2 + 1, abnA 1 (next to L2); the component on excluded L3 is matched
     assert m["n_fp_components"] == 4 and m["fp_per_volume"] == pytest.approx(4 / 6)
@@ -397,8 +381,7 @@ def test_lesion_metrics_fp_per_volume_and_localisation_hand_built(tmp_path):
     r1 = next(r for r in rows if r["matched_lesion"] == "1")
     assert r1["n_voxels"] == 3 and r1["peak_score"] == 1.0 and r1["mean_score"] == 1.0
     np.testing.assert_allclose(
-        [r1["centroid_x_mm"], r1["centroid_y_mm"], r1["centroid_z_mm"]],
-        affine[:3, :3] @ [6, 6, 7] + affine[:3, 3],
+        [r1["centroid_x_mm"], r1["centroid_y_mm"], r1["centroid_z_mm"]], affine[:3, :3] @ [6, 6, 7] + affine[:3, 3]
     )
     fp = next(r for r in rows if r["matched_lesion"] == "FP")
     assert fp["volume_mm3"] == 1.0

@@ -6,10 +6,9 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
-
 import scripts.mixed_precision as mp
 import scripts.scoring as scoring
+import torch
 from scripts.mixed_precision import LowPrecisionBlocks, resolve_precision, spec_of
 from scripts.scoring import mutual_similarity_scores, num_neighbours
 
@@ -48,10 +47,7 @@ def _hard_tokens(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens, valid
 
 
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
-]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -88,18 +84,11 @@ def test_every_block_value_is_within_its_bound(precision: str, device: str) -> N
 
 @pytest.mark.parametrize(
     ("b", "n", "d", "invalid", "rho", "seed"),
-    [
-        (5, 48, 16, 0.3, 0.5, 3),
-        (9, 64, 16, 0.0, 0.4, 4),
-        (12, 200, 32, 0.3, 0.3, 5),
-        (24, 128, 128, 0.0, 0.1, 6),
-    ],
+    [(5, 48, 16, 0.3, 0.5, 3), (9, 64, 16, 0.0, 0.4, 4), (12, 200, 32, 0.3, 0.3, 5), (24, 128, 128, 0.0, 0.1, 6)],
 )
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("precision", ["bf16", "tf32"])
-def test_scores_equal_the_float64_brute_force_on_random_tokens(
-    b, n, d, invalid, rho, seed, precision, device
-) -> None:
+def test_scores_equal_the_float64_brute_force_on_random_tokens(b, n, d, invalid, rho, seed, precision, device) -> None:
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.nn.functional.normalize(torch.randn(b, n, d, generator=gen), dim=-1)
     valid = None
@@ -174,9 +163,7 @@ def test_orders_and_fallback_give_identical_exact_scores(monkeypatch: pytest.Mon
     fallbacks = []
     symmetric = scoring._scores_mixed_symmetric
     monkeypatch.setattr(scoring, "_store_width", lambda ks: max(ks))
-    monkeypatch.setattr(
-        scoring, "_scores_mixed_symmetric", lambda *a: fallbacks.append(symmetric(*a)) or fallbacks[-1]
-    )
+    monkeypatch.setattr(scoring, "_scores_mixed_symmetric", lambda *a: fallbacks.append(symmetric(*a)) or fallbacks[-1])
     got = _mixed(tokens, valid, 0.4, "bf16", groups=groups)
     assert fallbacks and fallbacks[0] > 0
     assert (got.double() - expected).abs().max() < 1e-6
@@ -185,7 +172,6 @@ def test_orders_and_fallback_give_identical_exact_scores(monkeypatch: pytest.Mon
 def test_scores_equal_the_brute_force_on_real_tokens(tiny_cohort) -> None:  # noqa: ANN001
     """Tokens of a real (tiny) cohort through the default encoder: every (axis, layer)."""
     from monai.transforms import LoadImage
-
     from scripts.encoders import build_encoder
     from scripts.inferer import CS3FInferer
     from scripts.tokens import batch_of
@@ -232,9 +218,7 @@ def test_auto_takes_the_reduced_pass_only_for_large_enough_volumes(monkeypatch: 
     low_blocks = scoring._low_blocks
     monkeypatch.setattr(scoring, "_low_blocks", lambda pairs, p: passes.append(p) or low_blocks(pairs, p))
     gen = torch.Generator().manual_seed(0)
-    small = torch.nn.functional.normalize(
-        torch.randn(4, scoring.AUTO_MIN_TOKENS - 1, 8, generator=gen), dim=-1
-    )
+    small = torch.nn.functional.normalize(torch.randn(4, scoring.AUTO_MIN_TOKENS - 1, 8, generator=gen), dim=-1)
     mutual_similarity_scores(small, None, 0.5, precision="auto")
     assert passes == []
     large = torch.nn.functional.normalize(torch.randn(3, scoring.AUTO_MIN_TOKENS, 8, generator=gen), dim=-1)

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import pytest
-
 from scripts.engine.options import as_bool, check_options
 from scripts.errors import CS3FInputError
 from scripts.references import ReferenceSet
 
 
 @pytest.mark.parametrize(
-    ("text", "expected"),
-    [("false", False), ("FALSE", False), ("True", True), (True, True), ("no", False), (0, False)],
+    ("text", "expected"), [("false", False), ("FALSE", False), ("True", True), (True, True), ("no", False), (0, False)]
 )
 def test_booleans_accept_true_and_false_in_any_case(text: object, expected: bool) -> None:
     assert as_bool(text, "use_masks") is expected

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 from monai.bundle import ConfigParser
-
 from tests.helpers import run_workflow
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,9 +75,7 @@ def test_brain_preset_standardises_with_nyul_after_the_crop_and_resize() -> None
     assert any("nyul.fit" in step for step in parser.get("initialize"))
 
 
-def test_brain_preset_runs_with_the_standard_scale_learned_from_the_cohort(
-    tiny_cohort: Path, tmp_path: Path
-) -> None:
+def test_brain_preset_runs_with_the_standard_scale_learned_from_the_cohort(tiny_cohort: Path, tmp_path: Path) -> None:
     """The preset's pipeline end to end at tiny sizes (the default encoder stands in for DINOv2)."""
     evaluator = run_workflow(
         ["configs/inference.json", "configs/paper_brain_mri.json"],
@@ -92,11 +89,7 @@ def test_brain_preset_runs_with_the_standard_scale_learned_from_the_cohort(
         q_fine=[2, 2, 2],
         **{"dataloader#num_workers": 0},
     )
-    nyul = next(
-        t
-        for t in evaluator.data_loader.dataset.transform.transforms
-        if type(t).__name__ == "NyulStandardized"
-    )
+    nyul = next(t for t in evaluator.data_loader.dataset.transform.transforms if type(t).__name__ == "NyulStandardized")
     standard = nyul.standardize.standard
     assert standard is not None and len(standard) == 11 and all(standard[1:] >= standard[:-1])
     with (tmp_path / "out" / "scores.csv").open(newline="") as f:

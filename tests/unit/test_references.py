@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from scripts.errors import CS3FInputError
 from scripts.inferer import CS3FInferer, TokenGrid, VolumeTokens
 from scripts.references import ReferenceSet, chunk_ranges, reference_subsets
@@ -27,9 +26,7 @@ def random_volumes(b: int, fine: bool = False, seed: int = 0) -> list[VolumeToke
     for _ in range(b):
         grids = {}
         for key, shape in (("axial/0", (2, 4, 4)), ("coronal/1", (2, 2, 2))):
-            grids[key] = TokenGrid(
-                torch.randn(*shape, 8, generator=gen), torch.rand(shape, generator=gen) > 0.2
-            )
+            grids[key] = TokenGrid(torch.randn(*shape, 8, generator=gen), torch.rand(shape, generator=gen) > 0.2)
             if fine:
                 fine_shape = (2 * shape[0], *shape[1:])
                 grids[key + "/fine"] = TokenGrid(

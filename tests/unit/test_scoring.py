@@ -9,7 +9,6 @@ import textwrap
 
 import pytest
 import torch
-
 from scripts.scoring import mutual_similarity_scores, num_neighbours
 
 
@@ -27,9 +26,7 @@ def brute_force_scores(tokens: torch.Tensor, valid: torch.Tensor, rho: float) ->
             for j in range(b):
                 if j == i:
                     continue
-                best = min(
-                    float(torch.linalg.vector_norm(t[i, a] - t[j, c])) for c in range(n) if valid[j, c]
-                )
+                best = min(float(torch.linalg.vector_norm(t[i, a] - t[j, c])) for c in range(n) if valid[j, c])
                 profile.append(best)
             profile.sort()
             out[i, a] = sum(profile[:k]) / k
@@ -152,10 +149,7 @@ def test_peak_memory_does_not_grow_with_batch() -> None:
     growth = {}
     for b in (4, 48):
         out = subprocess.run(
-            [sys.executable, "-c", _PEAK_SCRIPT.format(root=root), str(b)],
-            check=True,
-            capture_output=True,
-            text=True,
+            [sys.executable, "-c", _PEAK_SCRIPT.format(root=root), str(b)], check=True, capture_output=True, text=True
         )
         growth[b] = int(out.stdout.strip().splitlines()[-1])
     assert growth[48] <= growth[4] + 8 * 2**20, growth
@@ -220,9 +214,7 @@ def test_pair_symmetric_order_equals_per_volume_scores_with_half_the_gemms(
         together = mutual_similarity_scores(tokens, valid, rho=rho, query_tile=8, block_elements=1 << 12)
         symmetric_calls, calls["n"] = calls["n"], 0
         alone = sum(
-            mutual_similarity_scores(
-                tokens, valid, rho=rho, query_tile=8, block_elements=1 << 12, volumes=[i]
-            )
+            mutual_similarity_scores(tokens, valid, rho=rho, query_tile=8, block_elements=1 << 12, volumes=[i])
             for i in range(b)
         )
         assert torch.equal(together, alone)

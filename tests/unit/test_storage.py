@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 from matplotlib.figure import Figure
-
 from scripts.digest import file_digest
 from scripts.evaluation import metrics, plots
 from scripts.inferer import TokenGrid, VolumeTokens
@@ -109,9 +108,7 @@ def test_written_files_read_back(tmp_path: Path) -> None:
     assert np.array_equal(np.asarray(amap.dataobj), np.arange(64, dtype=np.float32).reshape(4, 4, 4))
     assert (tmp_path / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     cached = TokenCache(tmp_path / "tokens", {"k": 1}).load("v", "src")
-    assert cached is not None and torch.equal(
-        cached.grids["axial/0"].tokens, _tokens().grids["axial/0"].tokens
-    )
+    assert cached is not None and torch.equal(cached.grids["axial/0"].tokens, _tokens().grids["axial/0"].tokens)
     bank = TokenBank(tmp_path)
     assert bank.names == ["a", "b"]
     tokens, _ = bank.references("")["axial/0"]

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from scripts.scoring import c2f_scores, mutual_similarity_scores, reference_scores
 
 
@@ -73,9 +72,7 @@ def test_c2f_with_groups_at_full_routing_is_exact_on_fine_tokens() -> None:
     c, f = c2f_scores(coarse, fine, rho=0.5, L=n_c, groups=groups)
     ones = torch.ones(b, n_c, dtype=torch.bool)
     torch.testing.assert_close(c.double(), _brute_force(coarse, ones, 0.5, groups), atol=1e-5, rtol=1e-5)
-    expected = _brute_force(
-        fine.reshape(b, n_c * h, d), torch.ones(b, n_c * h, dtype=torch.bool), 0.5, groups
-    )
+    expected = _brute_force(fine.reshape(b, n_c * h, d), torch.ones(b, n_c * h, dtype=torch.bool), 0.5, groups)
     torch.testing.assert_close(f.reshape(b, -1).double(), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -108,9 +105,7 @@ def _volumes(b: int = 8) -> list:
             for key in ("axial/0", "coronal/0")
         }
         out.append(VolumeTokens((8, 8, 8), grids))
-    out[1] = VolumeTokens(
-        (8, 8, 8), {k: TokenGrid(g.tokens.clone(), g.valid.clone()) for k, g in out[0].grids.items()}
-    )
+    out[1] = VolumeTokens((8, 8, 8), {k: TokenGrid(g.tokens.clone(), g.valid.clone()) for k, g in out[0].grids.items()})
     return out
 
 
@@ -174,7 +169,5 @@ def test_identical_volumes_join_one_subject_whatever_the_order() -> None:
     assert joined == ["a", "b", "a", "a", "e"]
     order = [4, 3, 2, 1, 0]
     with pytest.warns(UserWarning):
-        reordered = join_identical(
-            [names[i] for i in order], [subjects[i] for i in order], [digests[i] for i in order]
-        )
+        reordered = join_identical([names[i] for i in order], [subjects[i] for i in order], [digests[i] for i in order])
     assert reordered == [joined[i] for i in order]

@@ -19,7 +19,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
-
 from scripts.evaluation import metrics
 from scripts.synthetic import brain as synth
 from scripts.synthetic import common
@@ -56,9 +55,7 @@ DEFAULTS = {k: v.default for k, v in inspect.signature(synth.generate_cohort).pa
 
 
 def _default_layout():
-    return synth.cohort_layout(
-        DEFAULTS["n_normal"], DEFAULTS["n_abnormal"], DEFAULTS["seed"], DEFAULTS["base"]
-    )
+    return synth.cohort_layout(DEFAULTS["n_normal"], DEFAULTS["n_abnormal"], DEFAULTS["seed"], DEFAULTS["base"])
 
 
 @pytest.fixture(scope="module")
@@ -91,16 +88,7 @@ def test_layout_shapes_and_shared_affine(cohorts):
     _, spacing, affine = synth.output_geometry(SHAPE)
     rows = _read_cohort(cohorts["t1"])
     assert len(rows) == 8 and sum(r["abnormal"] == "1" for r in rows) == 4
-    assert {
-        "image",
-        "label",
-        "mask",
-        "abnormal",
-        "n_lesions",
-        "lesion_volumes_mm3",
-        "contrast",
-        "base",
-    } <= set(rows[0])
+    assert {"image", "label", "mask", "abnormal", "n_lesions", "lesion_volumes_mm3", "contrast", "base"} <= set(rows[0])
     for r in rows:
         for key, dtype in (("image", np.float32), ("label", np.uint8), ("mask", np.uint8)):
             assert not Path(r[key]).is_absolute() and r[key].startswith(f"{key}s/")
@@ -150,9 +138,7 @@ def test_mask_dice_in_band(cohorts):
     reason="the Colin27 base needs Debian's mricron-data package (optional; .ci/run installs it)",
 )
 def test_mask_dice_in_band_both_bases():
-    subjects = [
-        synth.generate_subject(i, abnormal=False, shape=32, base=synth.BASES[i % 2]) for i in range(6)
-    ]
+    subjects = [synth.generate_subject(i, abnormal=False, shape=32, base=synth.BASES[i % 2]) for i in range(6)]
     assert 0.85 <= synth.mean_pairwise_dice([s.mask for s in subjects]) <= 0.95
     colin = [s.mask for s in subjects[1::2]]
     assert 0.85 <= synth.mean_pairwise_dice(colin) <= 0.95
@@ -321,16 +307,7 @@ def test_cli_help_prints_usage_and_generates_nothing(tmp_path):
     res = _synth("--help", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("usage: python -m scripts synth")
-    for option in (
-        "--out",
-        "--n_normal",
-        "--n_abnormal",
-        "--shape",
-        "--contrast",
-        "--seed",
-        "--organ",
-        "--overwrite",
-    ):
+    for option in ("--out", "--n_normal", "--n_abnormal", "--shape", "--contrast", "--seed", "--organ", "--overwrite"):
         assert option in res.stdout
     assert "Traceback" not in res.stderr
     assert list(tmp_path.iterdir()) == []  # --help never runs the generator
@@ -455,12 +432,7 @@ def test_synthetic_modules_import_no_private_names_and_form_no_cycle():
 def test_size_classes_are_the_evaluation_ones():
     """One definition of the lesion size classes: what the generators report is what the metrics count."""
     assert common.size_class is metrics.size_class and common.SIZE_CLASSES is metrics.SIZE_CLASSES
-    assert [common.size_class(v) for v in (99.9, 100.0, 1000.0, 1000.1)] == [
-        "small",
-        "medium",
-        "medium",
-        "large",
-    ]
+    assert [common.size_class(v) for v in (99.9, 100.0, 1000.0, 1000.1)] == ["small", "medium", "medium", "large"]
     assert common.SIZE_CLASSES == ("small", "medium", "large")
 
 

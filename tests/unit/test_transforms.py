@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 from monai.transforms import Compose
-
 from scripts.transforms import (
     AXES,
     DepthPool,
@@ -81,9 +80,7 @@ def test_depth_pool_is_mean_then_l2() -> None:
 
 
 def test_depth_pool_divisibility_error_names_axis_count_and_fix() -> None:
-    with pytest.raises(
-        ValueError, match=r"q=5 does not divide the 12 slices along the coronal axis.*DivisiblePadd"
-    ):
+    with pytest.raises(ValueError, match=r"q=5 does not divide the 12 slices along the coronal axis.*DivisiblePadd"):
         DepthPool(5, axis="coronal")(torch.randn(12, 4, 2, 2))
 
 
