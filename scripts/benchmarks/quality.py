@@ -34,15 +34,14 @@ __all__ = ["BASELINES", "COHORTS", "METRICS", "QUICK_COHORTS", "VARIANTS", "run_
 #: variant name -> config overrides (on top of configs/inference.json + configs/evaluate.json)
 VARIANTS: dict[str, dict] = {
     "default": {},
-    "F": {"variant": "F", "q_fine": [2, 2, 2]},
-    "MS": {"variant": "MS", "q_fine": [2, 2, 2]},
+    "run-C": {"variant": "C", "smooth_mm": 0.0},
+    "run-C-smooth4": {"variant": "C", "smooth_mm": 4.0},
+    "run-F": {"variant": "F", "q_fine": [2, 2, 2], "smooth_mm": 0.0},
+    "run-MS": {"variant": "MS", "q_fine": [2, 2, 2], "smooth_mm": 0.0},
     "q4": {"q": [4, 4, 4]},
     "R224-q4": {"image_size": 224, "q": [4, 4, 4]},
     "rho0.2": {"rho": 0.2},
     "edge-normalized": {"edge": "normalized"},
-    "smooth4": {"smooth_mm": 4.0},
-    "F-smooth2": {"variant": "F", "q_fine": [2, 2, 2], "smooth_mm": 2.0},
-    "F-smooth4": {"variant": "F", "q_fine": [2, 2, 2], "smooth_mm": 4.0},
 }
 BASELINES = ("zscore", "random")
 # Overrides that change scores but not tokens: variants differing only in these share a token cache.
@@ -196,7 +195,10 @@ def run_quality(
     if maps:
         from scripts.benchmarks.quality_maps import run_map_variants
 
-        results.update(run_map_variants(out, list(chosen), maps, smooth, quick))
+        from_maps = run_map_variants(out, list(chosen), maps, smooth, quick)
+        if set(from_maps) & set(results):  # a bundle variant's name must not hide a map variant's
+            raise ValueError(f"variant names used twice: {sorted(set(from_maps) & set(results))}")
+        results.update(from_maps)
     atomic_write_json(out / "quality.json", {"cohorts": chosen, "results": results})
     report = render(results, chosen)
     atomic_write_text(out / "quality.md", report)

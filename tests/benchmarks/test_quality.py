@@ -39,13 +39,19 @@ def test_quick_study_runs_variants_and_baselines(tmp_path: Path) -> None:
 
 
 def test_map_variants_from_one_scoring_pass_equal_the_bundle_runs(tmp_path: Path) -> None:
-    """C from the MS scoring pass is the default bundle run, and C smoothed by 4 mm the bundle run with
-    ``--smooth_mm 4``: the same maps, the same metrics."""
+    """C and C smoothed by 4 mm made from the MS scoring pass equal the bundle runs ``--variant C
+    --smooth_mm 0`` and ``--variant C --smooth_mm 4``: the same maps, the same metrics."""
     results = run_quality(
-        tmp_path / "q", cohorts=["t1-tiny"], variants=["default", "smooth4"], maps=["C", "F"], smooth=[0, 4], quick=True
+        tmp_path / "q",
+        cohorts=["t1-tiny"],
+        variants=["run-C", "run-C-smooth4"],
+        maps=["C", "F"],
+        smooth=[0, 4],
+        quick=True,
     )
-    assert {"C", "C-smooth4", "F", "F-smooth4"} <= set(results)
-    for bundle_run, from_maps in (("default", "C"), ("smooth4", "C-smooth4")):
+    assert {"run-C", "run-C-smooth4", "C", "C-smooth4", "F", "F-smooth4"} <= set(results)
+    assert "--variant C" in results["run-C"]["t1-tiny"]["command"]  # a bundle run, not a map variant
+    for bundle_run, from_maps in (("run-C", "C"), ("run-C-smooth4", "C-smooth4")):
         want, got = results[bundle_run]["t1-tiny"]["metrics"], results[from_maps]["t1-tiny"]["metrics"]
         for key in METRICS:
             assert (want[key] is None and got[key] is None) or abs(want[key] - got[key]) < 1e-6, (bundle_run, key)
