@@ -26,7 +26,8 @@ BUILD = [*CONFIGS, "configs/build_bank.json"]
 
 
 def _workflow(config_file: list[str], **overrides):  # noqa: ANN202 - the run's CS3FEvaluator
-    return run_workflow(config_file, **{"dataloader#num_workers": 0, **overrides})
+    # CS3F-C, unsmoothed: what the brute-force references below compute
+    return run_workflow(config_file, **{"dataloader#num_workers": 0, "variant": "C", "smooth_mm": 0.0, **overrides})
 
 
 def _mapping_of(tensor: torch.Tensor, path: Path) -> str | None:

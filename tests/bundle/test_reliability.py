@@ -149,7 +149,7 @@ def test_output_dir_not_writable(tiny_cohort: Path, tmp_path: Path) -> None:
 
 def test_q_not_dividing_after_preprocessing(tiny_cohort: Path, tmp_path: Path) -> None:
     """Without DivisiblePadd the workflow reports the axis, the count, q and the fix in one error."""
-    line = _input_error(tiny_cohort, tmp_path / "out", q=[5, 5, 5], pad_multiple=[1, 1, 1])
+    line = _input_error(tiny_cohort, tmp_path / "out", q=[5, 5, 5], pad_multiple=[1, 1, 1], variant="C")
     assert "q=5 does not divide the 32 slices along the sagittal axis" in line and "DivisiblePadd" in line
 
 
@@ -251,7 +251,7 @@ def test_scoring_options_reuse_the_token_cache(tiny_cohort: Path, tmp_path: Path
     """rho, variant, batching and smoothing shape scores, not tokens: changing them re-encodes nothing;
     ``smooth_mm`` smooths each written map inside its mask."""
     out = tmp_path / "out"
-    _run(tiny_cohort, out)
+    _run(tiny_cohort, out, smooth_mm=0.0)
     assert json.loads((out / "run.json").read_text())["encoded_volumes"] == 6
     plain = {f.name: nib.load(f) for f in out.glob("*_anomaly.nii.gz")}
     plain = {name: (np.asarray(img.dataobj), img.header.get_zooms()[:3]) for name, img in plain.items()}
