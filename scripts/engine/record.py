@@ -102,6 +102,11 @@ def run_record(evaluator: CS3FEvaluator) -> dict:
     memory, versions and outputs."""
     names, seconds = evaluator.names, evaluator.times.seconds
     scorer = evaluator.inferer.scorer
+    # the distance pass of the exact C scorer (score_precision resolved on the scoring device); the
+    # C2F (F/MS), random:N and bank scorers run in fp32
+    precision = "fp32"
+    if scorer.variant == "C" and evaluator.inferer.references.mode in ("all", "chunks"):
+        precision = resolve_precision(scorer.precision, scorer.score_device or evaluator.state.device)
     info = {
         "inferer": evaluator.inferer.describe(),
         "encoder": encoder_identity(evaluator.network),
@@ -119,11 +124,7 @@ def run_record(evaluator: CS3FEvaluator) -> dict:
         "tokens": evaluator.token_stats or token_stats(evaluator.bank),
         "versions": versions(),
         "device": str(evaluator.state.device),
-        # the distance pass of the exact C scorer (score_precision resolved on the scoring device); the
-        # C2F (F/MS), random:N and bank scorers run in fp32
-        "score_precision": resolve_precision(scorer.precision, scorer.score_device or evaluator.state.device)
-        if scorer.variant == "C" and evaluator.inferer.references.mode in ("all", "chunks")
-        else "fp32",
+        "score_precision": precision,
         "outputs": dict(evaluator.outputs),
     }
     if evaluator.reference is not None:
