@@ -42,6 +42,12 @@ VARIANTS: dict[str, dict] = {
     "R224-q4": {"image_size": 224, "q": [4, 4, 4]},
     "rho0.2": {"rho": 0.2},
     "edge-normalized": {"edge": "normalized"},
+    # Token geometry and size (on top of the default CS3F-MS + 4 mm unless they say otherwise).
+    "stage3": {"layers": ["stage3"]},
+    "stage5": {"layers": ["stage5"]},
+    "d256": {"d": 256},
+    "q4-C": {"variant": "C", "q": [4, 4, 4], "smooth_mm": 0.0},
+    "q4-C-smooth4": {"variant": "C", "q": [4, 4, 4], "smooth_mm": 4.0},
 }
 BASELINES = ("zscore", "random")
 # Overrides that change scores but not tokens: variants differing only in these share a token cache.
