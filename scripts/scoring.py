@@ -952,7 +952,7 @@ def _c2f_profiles(
     coarse_nn = torch.zeros((nq, b), dtype=torch.long, device=device)
     fine_d2 = torch.full((nq, h, b), inf, dtype=torch.float32, device=device)
     fine_nn = torch.zeros((nq, h, b), dtype=torch.long, device=device)
-    blocks = _reference_blocks(coarse_q, bank.coarse, bank.coarse_norms, exclude, group, bank.workspace)
+    blocks = _reference_blocks(coarse_q, bank.coarse, bank.packed_norms, exclude, group, bank.workspace, bank.index)
     for start, stop, d2 in blocks:
         if masks is None:
             # The same reduction yields the coarse nearest neighbour (Eq. 1) and the routing (Eq. 6).
@@ -966,6 +966,10 @@ def _c2f_profiles(
             best = d2.masked_fill(~coarse_ok, inf).min(dim=-1)
             best_values, best_index = best.values, best.indices
             route_index = d2.masked_fill_(~route_ok, inf).topk(routes, dim=-1, largest=False).indices
+        if bank.index is not None:  # packed columns -> token positions
+            columns = bank.index[start:stop].to(device).unsqueeze(1).expand(-1, nq, -1)  # [G, Q, M]
+            route_index = columns.gather(2, route_index)
+            best_index = columns.gather(2, best_index.unsqueeze(-1)).squeeze(-1)
         coarse_d2[:, start:stop] = best_values.t()
         coarse_nn[:, start:stop] = best_index.t()
         # Restricted fine search (Eq. 6): the h children of each of the L routed coarse tokens, gathered
@@ -1016,18 +1020,25 @@ class _C2FBank:
         self.coarse, self.fine = coarse, fine
         b, n_c, h, d = fine.shape
         self.h = h
-        self.routes = min(int(L), n_c)
         # A coarse token is worth routing to iff it has a valid fine child (see c2f_scores).
         routable = self.fine_valid.any(dim=2)
-        self.coarse_norms = _sq_norms(coarse, self.coarse_valid | routable)
-        same = torch.equal(routable, self.coarse_valid)
-        self.masks = None if same else (self.coarse_valid, routable)
         self.queries_of = self.coarse_valid | routable
+        self.coarse_norms = _sq_norms(coarse, self.queries_of)
+        # The coarse GEMM and top-L read each reference volume at the positions of the union only
+        # (most tokens are background under a mask); ``index`` maps a packed column to its token.
+        self.index, self.packed_norms = _pack_valid(self.queries_of, self.coarse_norms)
+        width = n_c if self.index is None else self.index.shape[1]
+        self.routes = min(int(L), width)
+        same = torch.equal(routable, self.coarse_valid)
+        masks = None if same else (self.coarse_valid, routable)
+        if masks is not None and self.index is not None:
+            masks = tuple(m.gather(1, self.index) for m in masks)
+        self.masks = masks
         # Rows of h children: one index_select row per routed coarse token (a view when contiguous).
         self.fine_rows = fine.reshape(b * n_c, h * d)
         self.fine_norm_rows = _sq_norms(fine, self.fine_valid).reshape(b * n_c, h)
-        # Per query and reference volume: N_c coarse distances (the routes and profiles are small).
-        self.per_query = n_c + 2 * self.routes
+        # Per query and reference volume: the packed coarse distances (the routes and profiles are small).
+        self.per_query = width + 2 * self.routes
         self.tile = max(1, min(int(query_tile), block_elements // self.per_query))
         self.block_elements = block_elements
         self.workspace = _workspace(block_elements, coarse.device)
