@@ -124,13 +124,18 @@ def _percentiles(value: object) -> list[float]:
     return [low, high]
 
 
-def _layers(value: object) -> list[int] | None:
+def _layers(value: object) -> list[int | str] | None:
+    """Block indices (ViTs) or stage names (EfficientNet, e.g. ``"stage3"``); the encoder checks they exist."""
     if value is None:
         return None
     items = _as_list(value, "layers")
-    if not items or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in items):
-        raise _bad("layers", value, "null or a non-empty list of layer indices >= 0")
-    return [int(v) for v in items]
+
+    def ok(v: object) -> bool:
+        return (isinstance(v, int) and not isinstance(v, bool) and v >= 0) or (isinstance(v, str) and v != "")
+
+    if not items or not all(ok(v) for v in items):
+        raise _bad("layers", value, "null or a non-empty list of layer indices >= 0 or stage names")
+    return list(items)
 
 
 _BOOLEANS = ("use_masks", "use_labels", "require_same_grid", "quiet", "keep_tokens", "plots")

@@ -48,6 +48,8 @@ def test_other_booleans_are_one_error_line(text: object) -> None:
         ("intensity_percentiles", [99, 1], "intensity_percentiles must be"),
         ("num_threads", 0, "num_threads must be"),
         ("layers", [], "layers must be"),
+        ("layers", [-1], "layers must be"),
+        ("layers", [""], "layers must be"),
         ("references", "random:0", "references must be"),
         ("score_precision", "fp16", "score_precision must be one of auto, fp32, bf16, tf32"),
     ],
@@ -87,3 +89,9 @@ def test_combinations(values: dict, fragment: str) -> None:
         check_options(values)
     values = {**values, "axes": ["coronal"], "q_fine": [3, 2, 2]}
     assert check_options(values).q_fine == [3, 2, 2]  # only the slicing axes must divide
+
+
+def test_layers_are_block_indices_or_stage_names() -> None:
+    """ViTs name blocks by index, EfficientNet by stage name; both pass, the encoder checks existence."""
+    assert check_options({"layers": [4, 11]}).layers == [4, 11]
+    assert check_options({"layers": ["stage3"]}).layers == ["stage3"]
