@@ -47,7 +47,9 @@ VARIANTS: dict[str, dict] = {
     "stage5": {"layers": ["stage5"]},
     "d256": {"d": 256},
     "q4-C": {"variant": "C", "q": [4, 4, 4], "smooth_mm": 0.0},
+    "q4-C-smooth2": {"variant": "C", "q": [4, 4, 4], "smooth_mm": 2.0},
     "q4-C-smooth4": {"variant": "C", "q": [4, 4, 4], "smooth_mm": 4.0},
+    "q4-C-smooth6": {"variant": "C", "q": [4, 4, 4], "smooth_mm": 6.0},
 }
 BASELINES = ("zscore", "random")
 # Overrides that change scores but not tokens: variants differing only in these share a token cache.
