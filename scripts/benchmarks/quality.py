@@ -32,24 +32,29 @@ from scripts.benchmarks.settings import ROOT
 __all__ = ["BASELINES", "COHORTS", "METRICS", "QUICK_COHORTS", "VARIANTS", "run_quality"]
 
 #: variant name -> config overrides (on top of configs/inference.json + configs/evaluate.json)
+_C8 = {"variant": "C", "q": [8, 8, 8], "smooth_mm": 0.0}  # the paper's CS3F-C at this grid's earlier token size
+_MS4 = {"variant": "MS", "q": [8, 8, 8], "q_fine": [2, 2, 2], "smooth_mm": 4.0}  # CS3F-MS + 4 mm (study 2)
+_C4 = {"variant": "C", "q": [4, 4, 4]}  # 4-slice CS3F-C tokens (study 3)
 VARIANTS: dict[str, dict] = {
     "default": {},
-    "run-C": {"variant": "C", "smooth_mm": 0.0},
-    "run-C-smooth4": {"variant": "C", "smooth_mm": 4.0},
-    "run-F": {"variant": "F", "q_fine": [2, 2, 2], "smooth_mm": 0.0},
-    "run-MS": {"variant": "MS", "q_fine": [2, 2, 2], "smooth_mm": 0.0},
-    "q4": {"q": [4, 4, 4]},
-    "R224-q4": {"image_size": 224, "q": [4, 4, 4]},
-    "rho0.2": {"rho": 0.2},
-    "edge-normalized": {"edge": "normalized"},
-    # Token geometry and size (on top of the default CS3F-MS + 4 mm unless they say otherwise).
-    "stage3": {"layers": ["stage3"]},
-    "stage5": {"layers": ["stage5"]},
-    "d256": {"d": 256},
-    "q4-C": {"variant": "C", "q": [4, 4, 4], "smooth_mm": 0.0},
-    "q4-C-smooth2": {"variant": "C", "q": [4, 4, 4], "smooth_mm": 2.0},
-    "q4-C-smooth4": {"variant": "C", "q": [4, 4, 4], "smooth_mm": 4.0},
-    "q4-C-smooth6": {"variant": "C", "q": [4, 4, 4], "smooth_mm": 6.0},
+    # Study 1 (CS3F-C at q = 8 unsmoothed and single changes to it) and its C / F / MS runs
+    "run-C": _C8,
+    "run-C-smooth4": {**_C8, "smooth_mm": 4.0},
+    "run-F": {**_MS4, "variant": "F", "smooth_mm": 0.0},
+    "run-MS": {**_MS4, "smooth_mm": 0.0},
+    "C-rho0.2": {**_C8, "rho": 0.2},
+    "C-edge-normalized": {**_C8, "edge": "normalized"},
+    "R224-q4": {**_C4, "image_size": 224, "smooth_mm": 0.0},
+    # Study 3: encoder stages, projection dimension and rho on top of MS + 4 mm; token size with CS3F-C
+    "MS4": _MS4,
+    "MS4-stage3": {**_MS4, "layers": ["stage3"]},
+    "MS4-stage5": {**_MS4, "layers": ["stage5"]},
+    "MS4-d256": {**_MS4, "d": 256},
+    "MS4-rho0.2": {**_MS4, "rho": 0.2},
+    "q4-C": {**_C4, "smooth_mm": 0.0},
+    "q4-C-smooth2": {**_C4, "smooth_mm": 2.0},
+    "q4-C-smooth4": {**_C4, "smooth_mm": 4.0},
+    "q4-C-smooth6": {**_C4, "smooth_mm": 6.0},
 }
 BASELINES = ("zscore", "random")
 # Overrides that change scores but not tokens: variants differing only in these share a token cache.

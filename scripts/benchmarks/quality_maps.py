@@ -12,6 +12,7 @@ cost one scoring pass per cohort instead of one bundle run per variant.
 
 from __future__ import annotations
 
+import json
 import shlex
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -25,8 +26,9 @@ from scripts.benchmarks.settings import ROOT
 
 __all__ = ["SCORED_AS", "run_map_variants"]
 
-#: how each cohort is tokenized and scored (MS scores hold the coarse and the fine token scores)
-SCORED_AS = {"variant": "MS", "q_fine": [2, 2, 2]}
+#: how each cohort is tokenized and scored (MS scores hold the coarse and the fine token scores): 8-slice
+#: coarse tokens with 2-slice children, whatever the default's ``q``
+SCORED_AS = {"variant": "MS", "q": [8, 8, 8], "q_fine": [2, 2, 2]}
 
 
 def _parser(cohort: Path, overrides: Mapping):
@@ -86,8 +88,8 @@ def _evaluate(rows, bank, scores, inferer, variant: str, smooth_mm: float) -> di
 def _command(cohort: Path, overrides: Mapping, variant: str, smooth_mm: float) -> str:
     args = ["python", "-m", "monai.bundle", "run", "--config_file"]
     args += ["['configs/inference.json','configs/evaluate.json']", "--dataset_dir", str(cohort)]
-    for key, value in {**overrides, "variant": variant, "q_fine": "[2,2,2]", "smooth_mm": smooth_mm}.items():
-        args += [f"--{key}", str(value)]
+    for key, value in {**SCORED_AS, **overrides, "variant": variant, "smooth_mm": smooth_mm}.items():
+        args += [f"--{key}", json.dumps(value) if isinstance(value, list) else str(value)]
     return shlex.join(args)
 
 

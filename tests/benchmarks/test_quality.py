@@ -13,17 +13,17 @@ from scripts.engine.datalist import make_datalist
 
 def test_quick_study_runs_variants_and_baselines(tmp_path: Path) -> None:
     out = tmp_path / "q"
-    results = run_quality(out, cohorts=["t1-tiny"], variants=["default", "rho0.2"], quick=True, doc=tmp_path / "q.md")
-    assert set(results) == {"default", "rho0.2", "baseline-zscore", "baseline-random"}
+    results = run_quality(out, cohorts=["t1-tiny"], variants=["run-C", "C-rho0.2"], quick=True, doc=tmp_path / "q.md")
+    assert set(results) == {"run-C", "C-rho0.2", "baseline-zscore", "baseline-random"}
     for method, by_cohort in results.items():
         metrics = by_cohort["t1-tiny"]["metrics"]
         assert set(metrics) == set(METRICS) and 0.0 <= metrics["patient_auroc"] <= 1.0, method
     # rho only changes scores: the second variant read every token from the first one's cache
-    run = json.loads((out / "runs" / "t1-tiny" / "rho0.2" / "run.json").read_text())
+    run = json.loads((out / "runs" / "t1-tiny" / "C-rho0.2" / "run.json").read_text())
     assert run["encoded_volumes"] == 0 and run["cached_volumes"] == 5
     assert _cache_key({"rho": 0.2}) == _cache_key({}) != _cache_key({"q": [4, 4, 4]})
     report = (tmp_path / "q.md").read_text()
-    assert "| default | 1/1 |" in report and "baseline-zscore" in report and "python -m monai.bundle run" in report
+    assert "| run-C | 1/1 |" in report and "baseline-zscore" in report and "python -m monai.bundle run" in report
     # The z-score baseline against an independent computation at one voxel.
     rows = make_datalist(out / "cohorts" / "t1-tiny").rows
     images = [np.asarray(nib.load(r["image"]).dataobj, dtype=np.float64) for r in rows]

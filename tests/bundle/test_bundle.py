@@ -254,10 +254,10 @@ def test_inference_config_resolves_to_the_documented_defaults(tiny_cohort: Path,
     parser.update({"bundle_root": str(ROOT), "dataset_dir": str(tiny_cohort), "output_dir": str(tmp_path)})
     inferer = parser.get_parsed_content("inferer")
     assert inferer.axes == ["sagittal", "coronal", "axial"]
-    assert inferer.q == {"sagittal": 8, "coronal": 8, "axial": 8}
+    assert inferer.q == {"sagittal": 4, "coronal": 4, "axial": 4}  # chosen in docs/quality.md
     assert (inferer.rho, inferer.d, inferer.delta, inferer.seed) == (0.1, 128, 0.0, 0)
-    assert inferer.variant == "MS" and str(inferer.references) == "all"  # chosen in docs/quality.md
-    assert (inferer.q_fine, inferer.smooth_mm, inferer.L) == (dict.fromkeys(inferer.q, 2), 4.0, 16)
+    assert inferer.variant == "C" and str(inferer.references) == "all"  # chosen in docs/quality.md
+    assert (inferer.q_fine, inferer.smooth_mm, inferer.L) == (None, 4.0, 16)  # CS3F-C has no fine tokens
     assert (inferer.tokenizer.slab_size, inferer.token_dtype) == (32, torch.float32)
     encoder = parser.get_parsed_content("network")
     assert encoder is parser.get_parsed_content("network_def").encoder

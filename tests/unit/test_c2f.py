@@ -354,7 +354,7 @@ def test_multiscale_overlay_configures_the_inferer() -> None:
     parser = ConfigParser()
     parser.read_config([str(root / "inference.json")])
     base = parser.get_parsed_content("inferer")
-    assert (base.variant, base.describe()["q_fine"], base.L) == ("MS", [2, 2, 2], 16)
+    assert (base.variant, base.describe()["q"]) == ("C", [4, 4, 4])
     for override, expected in ((None, "MS"), ("F", "F")):
         parser = ConfigParser()
         parser.read_config([str(root / "inference.json"), str(root / "multiscale.json")])
