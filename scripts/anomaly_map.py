@@ -10,8 +10,9 @@ zeros into the foreground voxels next to the mask's edge, damping lesions there 
 metastasis, a juxta-pleural nodule). ``edge="normalized"`` interpolates ``score x validity`` and
 ``validity`` and divides, so that a voxel takes the scores of the valid tokens around it only.
 
-Smoothing (not in the paper; ``sigma`` 0 turns it off): fine (CS3F-F) maps are noisy at the scale of
-one fine token, and each noise peak above the 99 %-TNR threshold is a false-positive component.
+Smoothing (not in the paper; ``sigma`` 0 turns it off): maps made from small tokens (4-slice coarse
+tokens, CS3F-F's fine ones) are noisy at the scale of one token, and each noise peak above the 99 %-TNR
+threshold is a false-positive component.
 :func:`smooth_map` applies a Gaussian inside the mask (normalised convolution: the map and the mask
 are both smoothed and divided, so that background zeros do not damp the scores next to the edge).
 """
