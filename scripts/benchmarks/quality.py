@@ -55,6 +55,9 @@ VARIANTS: dict[str, dict] = {
     "q4-C-smooth2": {**_C4, "smooth_mm": 2.0},
     "q4-C-smooth4": {**_C4, "smooth_mm": 4.0},
     "q4-C-smooth6": {**_C4, "smooth_mm": 6.0},
+    # Study 4: the stride-8 stage alone with 4-slice CS3F-C tokens
+    "q4-C-stage3-smooth4": {**_C4, "layers": ["stage3"], "smooth_mm": 4.0},
+    "q4-C-stage3-smooth6": {**_C4, "layers": ["stage3"], "smooth_mm": 6.0},
 }
 BASELINES = ("zscore", "random")
 # Overrides that change scores but not tokens: variants differing only in these share a token cache.
