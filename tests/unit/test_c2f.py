@@ -362,7 +362,12 @@ def test_multiscale_overlay_configures_the_inferer() -> None:
             parser["variant"] = override
         inferer = parser.get_parsed_content("inferer")
         assert inferer.variant == expected and inferer.L == 16
-        assert inferer.describe()["q_fine"] == [2, 2, 2] and inferer.describe()["q"] == [8, 8, 8]
+        assert inferer.describe()["q_fine"] == [2, 2, 2] and inferer.describe()["q"] == [4, 4, 4]
+    # The overlay changes the variant only: after the lung overlay it keeps the lung's token depths.
+    parser = ConfigParser()
+    parser.read_config([str(root / f) for f in ("inference.json", "lung_ct.json", "multiscale.json")])
+    lung = parser.get_parsed_content("inferer")
+    assert lung.variant == "MS" and lung.describe()["q"] == [8, 14, 14]
 
 
 def test_bench_c2f_smoke(tmp_path: Path) -> None:
