@@ -1023,10 +1023,10 @@ class _C2FBank:
         # A coarse token is worth routing to iff it has a valid fine child (see c2f_scores).
         routable = self.fine_valid.any(dim=2)
         self.queries_of = self.coarse_valid | routable
-        self.coarse_norms = _sq_norms(coarse, self.queries_of)
+        coarse_norms = _sq_norms(coarse, self.queries_of)
         # The coarse GEMM and top-L read each reference volume at the positions of the union only
         # (most tokens are background under a mask); ``index`` maps a packed column to its token.
-        self.index, self.packed_norms = _pack_valid(self.queries_of, self.coarse_norms)
+        self.index, self.packed_norms = _pack_valid(self.queries_of, coarse_norms)
         width = n_c if self.index is None else self.index.shape[1]
         self.routes = min(int(L), width)
         same = torch.equal(routable, self.coarse_valid)

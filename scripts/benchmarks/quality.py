@@ -31,10 +31,11 @@ from scripts.benchmarks.settings import ROOT
 
 __all__ = ["BASELINES", "COHORTS", "METRICS", "QUICK_COHORTS", "VARIANTS", "run_quality"]
 
-#: variant name -> config overrides (on top of configs/inference.json + configs/evaluate.json)
 _C8 = {"variant": "C", "q": [8, 8, 8], "smooth_mm": 0.0}  # the paper's CS3F-C at this grid's earlier token size
 _MS4 = {"variant": "MS", "q": [8, 8, 8], "q_fine": [2, 2, 2], "smooth_mm": 4.0}  # CS3F-MS + 4 mm (study 2)
 _C4 = {"variant": "C", "q": [4, 4, 4]}  # 4-slice CS3F-C tokens (study 3)
+#: variant name -> config overrides (on top of configs/inference.json + configs/evaluate.json), every
+#: key spelled out so that a name keeps its meaning when the default changes
 VARIANTS: dict[str, dict] = {
     "default": {},
     # Study 1 (CS3F-C at q = 8 unsmoothed and single changes to it) and its C / F / MS runs

@@ -124,16 +124,16 @@ def _percentiles(value: object) -> list[float]:
     return [low, high]
 
 
+def _is_layer(v: object) -> bool:
+    return (isinstance(v, int) and not isinstance(v, bool) and v >= 0) or (isinstance(v, str) and v != "")
+
+
 def _layers(value: object) -> list[int | str] | None:
     """Block indices (ViTs) or stage names (EfficientNet, e.g. ``"stage3"``); the encoder checks they exist."""
     if value is None:
         return None
     items = _as_list(value, "layers")
-
-    def ok(v: object) -> bool:
-        return (isinstance(v, int) and not isinstance(v, bool) and v >= 0) or (isinstance(v, str) and v != "")
-
-    if not items or not all(ok(v) for v in items):
+    if not items or not all(_is_layer(v) for v in items):
         raise _bad("layers", value, "null or a non-empty list of layer indices >= 0 or stage names")
     return list(items)
 
