@@ -347,6 +347,8 @@ def bench_gpu(
     for variant in variants.split(","):
         result["runs"].append(run_variant(cohort, folder / f"run-{variant}", variant, model_dir, opts))
         _write(result, folder, doc_path, started)
+        if "error" in result["runs"][-1]:
+            break  # the next variant would fail the same way; a lent GPU's minutes are few
     c_run = folder / "run-C" / "tokens"
     if c_run.is_dir():
         result["precision"] = _precision_rows(c_run, opts)
