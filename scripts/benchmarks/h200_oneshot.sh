@@ -7,12 +7,11 @@
 # 2. On the device, one call of the session's `run` tool:
 #        run(command="bash scripts/benchmarks/h200_oneshot.sh run", carry=[".whl"], timeout_s=600)
 #    It checks the mixed-precision bound on the GPU's own bf16 and TF32 tensor cores (pytest, -k cuda),
-#    then runs `python -m scripts.benchmarks gpu` with B = 32 (B=... overrides it), C then MS, the bf16
-#    distance pass (exact fp32 decisions), each bundle run cut at 200 s, and leaves gpu.md, gpu.json,
-#    the logs and the updated docs/performance.md in $OUT. Why not the paper's B = 180 here: exact
-#    scoring is quadratic in B; with the preset's ~3170 valid tokens per grid it is ~41 PFLOP per
-#    grid (12 grids) at B = 180, i.e. hours in fp32 and over ten minutes even at the bf16 peak, which
-#    is more than a 15-minute loan. At B = 32 it is ~1.3 PFLOP per grid.
+#    then runs `python -m scripts.benchmarks gpu` with B = 32 (B=... overrides it), C then MS, exact fp32 scoring
+#    (PRECISION=bf16 for the reduced-precision pass), each bundle run cut at 200 s, and leaves gpu.md, gpu.json,
+#    the logs and the updated docs/performance.md in $OUT. Why not the paper's B = 180 here: a loan is
+#    15 minutes in all, and on an H200 the C run alone took 100 s at B = 32 (scoring grows with B^2;
+#    docs/performance.md, GPU).
 # 3. Back here: `python -m scripts.benchmarks gpu --render <files_at>/gpu.json --doc docs/performance.md`
 #    writes the returned table into docs/performance.md (its GPU block); then flip score_precision's
 #    `auto` on CUDA in scripts/mixed_precision.py only if the table shows a pass faster than fp32.
@@ -41,7 +40,7 @@ run)
     timeout 100 python3 -m pytest -q -p no:cacheprovider tests/unit/test_mixed_precision.py -k cuda 2>&1 \
         | tee "$OUT/pytest_cuda.log"
     timeout 440 python3 -m scripts.benchmarks gpu --B "${B:-32}" --workers 14 --timeout_s 200 \
-        --score_precision "${PRECISION:-bf16}" --precision_repeats 1 \
+        --score_precision "${PRECISION:-fp32}" --precision_repeats 1 \
         --out bench_out/gpu --doc docs/performance.md 2>&1 | tee "$OUT/gpu.log"
     cp bench_out/gpu/gpu.md bench_out/gpu/gpu.json docs/performance.md "$OUT/" 2>/dev/null
     ls -la "$OUT"
