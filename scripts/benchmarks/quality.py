@@ -31,9 +31,11 @@ from scripts.benchmarks.settings import ROOT
 
 __all__ = ["BASELINES", "COHORTS", "METRICS", "QUICK_COHORTS", "VARIANTS", "run_quality"]
 
-_C8 = {"variant": "C", "q": [8, 8, 8], "smooth_mm": 0.0}  # the paper's CS3F-C at this grid's earlier token size
-_MS4 = {"variant": "MS", "q": [8, 8, 8], "q_fine": [2, 2, 2], "smooth_mm": 4.0}  # CS3F-MS + 4 mm (study 2)
-_C4 = {"variant": "C", "q": [4, 4, 4]}  # 4-slice CS3F-C tokens (study 3)
+#: EfficientNet-Lite0's stride-8 and stride-16 stages: the layers of every study before study 4
+_BOTH = ["stage3", "stage5"]
+_C8 = {"variant": "C", "q": [8, 8, 8], "smooth_mm": 0.0, "layers": _BOTH}  # CS3F-C at the earlier token size
+_MS4 = {"variant": "MS", "q": [8, 8, 8], "q_fine": [2, 2, 2], "smooth_mm": 4.0, "layers": _BOTH}  # study 2
+_C4 = {"variant": "C", "q": [4, 4, 4], "layers": _BOTH}  # 4-slice CS3F-C tokens (study 3)
 #: variant name -> config overrides (on top of configs/inference.json + configs/evaluate.json), every
 #: key spelled out so that a name keeps its meaning when the default changes
 VARIANTS: dict[str, dict] = {
@@ -59,6 +61,9 @@ VARIANTS: dict[str, dict] = {
     # Study 4: the stride-8 stage alone with 4-slice CS3F-C tokens
     "q4-C-stage3-smooth4": {**_C4, "layers": ["stage3"], "smooth_mm": 4.0},
     "q4-C-stage3-smooth6": {**_C4, "layers": ["stage3"], "smooth_mm": 6.0},
+    # Study 5: CS3F-MS on the default's tokens (4-slice coarse, 2-slice fine, stride-8 stage)
+    "MS-q4-stage3-smooth6": {**_C4, "variant": "MS", "q_fine": [2, 2, 2], "layers": ["stage3"], "smooth_mm": 6.0},
+    "MS-q4-stage3-smooth4": {**_C4, "variant": "MS", "q_fine": [2, 2, 2], "layers": ["stage3"], "smooth_mm": 4.0},
 }
 BASELINES = ("zscore", "random")
 # Overrides that change scores but not tokens: variants differing only in these share a token cache.

@@ -27,8 +27,8 @@ from scripts.benchmarks.settings import ROOT
 __all__ = ["SCORED_AS", "run_map_variants"]
 
 #: how each cohort is tokenized and scored (MS scores hold the coarse and the fine token scores): 8-slice
-#: coarse tokens with 2-slice children, whatever the default's ``q``
-SCORED_AS = {"variant": "MS", "q": [8, 8, 8], "q_fine": [2, 2, 2]}
+#: coarse tokens with 2-slice children of both EfficientNet-Lite0 stages, whatever the default's
+SCORED_AS = {"variant": "MS", "q": [8, 8, 8], "q_fine": [2, 2, 2], "layers": ["stage3", "stage5"]}
 
 
 def _parser(cohort: Path, overrides: Mapping):

@@ -363,11 +363,13 @@ def test_multiscale_overlay_configures_the_inferer() -> None:
         inferer = parser.get_parsed_content("inferer")
         assert inferer.variant == expected and inferer.L == 16
         assert inferer.describe()["q_fine"] == [2, 2, 2] and inferer.describe()["q"] == [4, 4, 4]
-    # The overlay changes the variant only: after the lung overlay it keeps the lung's token depths.
+    # The overlay changes the variant only: after the lung overlay it keeps the lung's token depths,
+    # encoder stages (the encoder's default, not the brain default's stride-8 stage) and smoothing.
     parser = ConfigParser()
     parser.read_config([str(root / f) for f in ("inference.json", "lung_ct.json", "multiscale.json")])
     lung = parser.get_parsed_content("inferer")
-    assert lung.variant == "MS" and lung.describe()["q"] == [8, 14, 14]
+    assert lung.variant == "MS" and lung.describe()["q"] == [8, 14, 14] and lung.smooth_mm == 0.0
+    assert parser.get_parsed_content("layers") is None
 
 
 def test_bench_c2f_smoke(tmp_path: Path) -> None:
