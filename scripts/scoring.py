@@ -50,7 +50,7 @@ DEFAULT_ROUTES = 16
 # precision="auto" takes the reduced-precision pass only when volumes have at least this many valid
 # tokens: below, the blocks are so small that per-call costs dominate (docs/performance.md).
 AUTO_MIN_TOKENS = 256
-# Elements of the reused buffer of gathered C2F fine candidates.
+# Elements of the reused buffer of gathered C2F fine candidates on the CPU (see _candidate_elements).
 CANDIDATE_ELEMENTS = 1 << 21
 
 
@@ -1003,6 +1003,14 @@ def _c2f_profiles(
     return coarse_d2, coarse_nn, fine_d2, fine_nn
 
 
+def _candidate_elements(device: torch.device, block_elements: int) -> int:
+    """Elements of the C2F candidate buffer: :data:`CANDIDATE_ELEMENTS` on the CPU (8 MiB stays in
+    cache and below glibc's mmap threshold); on a GPU as large as the scorer's block, since each
+    gather-and-match step is a few kernel launches whatever its size, and a buffer of a few thousand
+    rows turns the fine search into millions of launches at the paper's scale."""
+    return CANDIDATE_ELEMENTS if device.type != "cuda" else max(CANDIDATE_ELEMENTS, int(block_elements))
+
+
 class _C2FBank:
     """Validated inputs of a C2F run and the per-bank quantities every query tile needs."""
 
@@ -1042,11 +1050,9 @@ class _C2FBank:
         self.tile = max(1, min(int(query_tile), block_elements // self.per_query))
         self.block_elements = block_elements
         self.workspace = _workspace(block_elements, coarse.device)
-        # Gathered fine candidates (rows of h*d values), reused by every block: 8 MiB, at least one
-        # query's L routes (below glibc's mmap threshold, so the buffer stays resident).
-        self.candidates = torch.empty(
-            max(self.routes, CANDIDATE_ELEMENTS // (h * d)), h * d, dtype=fine.dtype, device=fine.device
-        )
+        # Gathered fine candidates (rows of h*d values), reused by every block: at least one query's L routes.
+        rows = _candidate_elements(fine.device, block_elements) // (h * d)
+        self.candidates = torch.empty(max(self.routes, rows), h * d, dtype=fine.dtype, device=fine.device)
 
     def tiles(
         self, volumes: Sequence[int] | None, same: Sequence[Sequence[int]] | None = None
