@@ -40,7 +40,9 @@ class EfficientNetLite0Encoder(SliceEncoder):
     local enough to localise small lesions, deep enough to be semantic. At R=224 that gives grids
     of 28x28 (40 channels) and 14x14 (112 channels); at R=112, 14x14 and 7x7. The forward stops
     after the last block of the deepest requested stage: later blocks and the classification head
-    (``_conv_head``, pooling, ``_fc``) never run.
+    (``_conv_head``, pooling, ``_fc``) never run. The bundle's brain default (``configs/inference.json``)
+    asks for ``["stage3"]`` alone: with 4-slice tokens the stride-16 stage lowered every quality
+    metric but false positives on the synthetic cohorts (``docs/quality.md``, study 4).
 
     Inference form: at construction every BatchNorm is folded into the convolution before it,
     symmetric "same" pads become the convs' own padding and the convs run in ``channels_last``
