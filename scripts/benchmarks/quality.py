@@ -36,6 +36,8 @@ _BOTH = ["stage3", "stage5"]
 _C8 = {"variant": "C", "q": [8, 8, 8], "smooth_mm": 0.0, "layers": _BOTH}  # CS3F-C at the earlier token size
 _MS4 = {"variant": "MS", "q": [8, 8, 8], "q_fine": [2, 2, 2], "smooth_mm": 4.0, "layers": _BOTH}  # study 2
 _C4 = {"variant": "C", "q": [4, 4, 4], "layers": _BOTH}  # 4-slice CS3F-C tokens (study 3)
+#: key of a variant's config overlays (files read after configs/inference.json), not a bundle key
+OVERLAYS = "overlays"
 #: variant name -> config overrides (on top of configs/inference.json + configs/evaluate.json), every
 #: key spelled out so that a name keeps its meaning when the default changes
 VARIANTS: dict[str, dict] = {
@@ -64,6 +66,8 @@ VARIANTS: dict[str, dict] = {
     # Study 5: CS3F-MS on the default's tokens (4-slice coarse, 2-slice fine, stride-8 stage)
     "MS-q4-stage3-smooth6": {**_C4, "variant": "MS", "q_fine": [2, 2, 2], "layers": ["stage3"], "smooth_mm": 6.0},
     "MS-q4-stage3-smooth4": {**_C4, "variant": "MS", "q_fine": [2, 2, 2], "layers": ["stage3"], "smooth_mm": 4.0},
+    # Study 6: Nyúl standardisation (configs/nyul.json) in place of the percentile scaling, on the default
+    "q4-C-stage3-smooth6-nyul": {**_C4, "layers": ["stage3"], "smooth_mm": 6.0, OVERLAYS: ["configs/nyul.json"]},
 }
 BASELINES = ("zscore", "random")
 # Overrides that change scores but not tokens: variants differing only in these share a token cache.
@@ -78,11 +82,15 @@ def _cache_key(overrides: Mapping) -> str:
 
 
 def _command(cohort: Path, out: Path, cache: Path, overrides: Mapping, extra: Sequence[str]) -> list[str]:
-    configs = "['configs/inference.json','configs/evaluate.json']"
+    """The bundle command of a variant: its ``overlays`` (config files) after the inference config, its
+    other keys as ``--key value`` overrides."""
+    files = ["configs/inference.json", *overrides.get(OVERLAYS, []), "configs/evaluate.json"]
+    configs = "[" + ",".join(f"'{f}'" for f in files) + "]"
     args = ["--config_file", configs, "--dataset_dir", str(cohort), "--output_dir", str(out)]
     args += ["--cache_dir", str(cache), "--plots", "false", "--quiet", "true", *extra]
     for key, value in overrides.items():
-        args += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
+        if key != OVERLAYS:
+            args += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
     return [sys.executable, "-m", "monai.bundle", "run", *args]
 
 
