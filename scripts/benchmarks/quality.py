@@ -36,6 +36,7 @@ _BOTH = ["stage3", "stage5"]
 _C8 = {"variant": "C", "q": [8, 8, 8], "smooth_mm": 0.0, "layers": _BOTH}  # CS3F-C at the earlier token size
 _MS4 = {"variant": "MS", "q": [8, 8, 8], "q_fine": [2, 2, 2], "smooth_mm": 4.0, "layers": _BOTH}  # study 2
 _C4 = {"variant": "C", "q": [4, 4, 4], "layers": _BOTH}  # 4-slice CS3F-C tokens (study 3)
+_C4S3 = {**_C4, "layers": ["stage3"], "smooth_mm": 6.0}  # the stride-8 stage alone, 6 mm (study 4; the default)
 #: key of a variant's config overlays (files read after configs/inference.json), not a bundle key
 OVERLAYS = "overlays"
 #: variant name -> config overrides (on top of configs/inference.json + configs/evaluate.json), every
@@ -60,14 +61,14 @@ VARIANTS: dict[str, dict] = {
     "q4-C-smooth2": {**_C4, "smooth_mm": 2.0},
     "q4-C-smooth4": {**_C4, "smooth_mm": 4.0},
     "q4-C-smooth6": {**_C4, "smooth_mm": 6.0},
-    # Study 4: the stride-8 stage alone with 4-slice CS3F-C tokens
-    "q4-C-stage3-smooth4": {**_C4, "layers": ["stage3"], "smooth_mm": 4.0},
-    "q4-C-stage3-smooth6": {**_C4, "layers": ["stage3"], "smooth_mm": 6.0},
+    # Study 4: the stride-8 stage alone with 4-slice CS3F-C tokens (its 6 mm variant became the default)
+    "q4-C-stage3-smooth4": {**_C4S3, "smooth_mm": 4.0},
+    "q4-C-stage3-smooth6": _C4S3,
     # Study 5: CS3F-MS on the default's tokens (4-slice coarse, 2-slice fine, stride-8 stage)
-    "MS-q4-stage3-smooth6": {**_C4, "variant": "MS", "q_fine": [2, 2, 2], "layers": ["stage3"], "smooth_mm": 6.0},
-    "MS-q4-stage3-smooth4": {**_C4, "variant": "MS", "q_fine": [2, 2, 2], "layers": ["stage3"], "smooth_mm": 4.0},
+    "MS-q4-stage3-smooth6": {**_C4S3, "variant": "MS", "q_fine": [2, 2, 2]},
+    "MS-q4-stage3-smooth4": {**_C4S3, "variant": "MS", "q_fine": [2, 2, 2], "smooth_mm": 4.0},
     # Study 6: Nyúl standardisation (configs/nyul.json) in place of the percentile scaling, on the default
-    "q4-C-stage3-smooth6-nyul": {**_C4, "layers": ["stage3"], "smooth_mm": 6.0, OVERLAYS: ["configs/nyul.json"]},
+    "q4-C-stage3-smooth6-nyul": {**_C4S3, OVERLAYS: ["configs/nyul.json"]},
 }
 BASELINES = ("zscore", "random")
 # Overrides that change scores but not tokens: variants differing only in these share a token cache.

@@ -101,15 +101,13 @@ def test_nyul_overlay_replaces_the_percentile_scaling_in_place() -> None:
     learns the scale from the steps before it, so it must stay at that position in inference.json."""
     base = ConfigParser()
     base.read_config(str(ROOT / "configs" / "inference.json"))
-    steps = base.get_parsed_content("preprocessing").transforms
-    assert type(steps[6]).__name__ == "ScaleIntensityRangePercentilesd" and type(steps[5]).__name__ == "Resized"
+    base_names = [type(t).__name__ for t in base.get_parsed_content("preprocessing").transforms]
+    assert base_names[5:7] == ["Resized", "ScaleIntensityRangePercentilesd"]
     parser = ConfigParser()
     parser.read_config([str(ROOT / "configs" / f) for f in ("inference.json", "nyul.json")])
     steps = parser.get_parsed_content("preprocessing").transforms
     assert [type(t).__name__ for t in steps[6].transforms] == ["NyulStandardized", "ScaleIntensityd"]
-    assert [type(t).__name__ for t in steps[:6]] == [
-        type(t).__name__ for t in base.get_parsed_content("preprocessing").transforms[:6]
-    ]
+    assert [type(t).__name__ for t in steps[:6]] == base_names[:6]
     assert parser.get("initialize")[-1].startswith("$@nyul.fit(") and "transforms[:6]" in parser.get("initialize")[-1]
 
 
