@@ -15,6 +15,9 @@ tokens, CS3F-F's fine ones) are noisy at the scale of one token, and each noise 
 threshold is a false-positive component.
 :func:`smooth_map` applies a Gaussian inside the mask (normalised convolution: the map and the mask
 are both smoothed and divided, so that background zeros do not damp the scores next to the edge).
+The Gaussian is MONAI's (``GaussianSmooth``: the erf kernel truncated at 4 sigma, zero padding), applied
+per axis as a product with the kernel's banded matrix: the same sums as MONAI's separable ``conv3d``, about
+25 times faster on CPU for a 96^3 map (``docs/performance.md``).
 """
 
 from __future__ import annotations
@@ -23,11 +26,11 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.transforms import GaussianSmooth
+from monai.networks.layers.convutils import gaussian_1d
 from scripts.tokens import FINE_SUFFIX, as_volume
 from scripts.transforms.tokenization import axis_index, restore_axis
 
-__all__ = ["EDGES", "SCALES", "VARIANTS", "fuse_token_scores", "smooth_map", "subject_score"]
+__all__ = ["EDGES", "SCALES", "VARIANTS", "fuse_token_scores", "gaussian_filter", "smooth_map", "subject_score"]
 
 #: how invalid tokens enter the interpolation: as zeros (the paper) or not at all (normalised)
 EDGES = ("zero", "normalized")
@@ -132,14 +135,50 @@ def smooth_map(
         return anomaly_map
     if spacing is None:
         spacing = [float(s) for s in getattr(anomaly_map, "pixdim", (1.0, 1.0, 1.0))]
-    gaussian = GaussianSmooth(sigma=[float(sigma_mm) / float(s) for s in spacing])
+    sigmas = [float(sigma_mm) / float(s) for s in spacing]
     amap = as_volume(anomaly_map).float()
     if mask is None:
-        return gaussian(amap).float()
+        return gaussian_filter(amap, sigmas)
     inside = (as_volume(mask) > 0).to(amap.device, torch.float32)
-    weight = gaussian(inside)
-    smoothed = gaussian(amap * inside) / weight.clamp_min(1e-6)
-    return torch.where(inside > 0, smoothed, torch.zeros_like(smoothed)).float()
+    # one pass over both channels: the masked map and the mask, whose ratio is the normalised smoothing
+    numerator, weight = gaussian_filter(torch.cat([amap * inside, inside]), sigmas)
+    smoothed = numerator / weight.clamp_min(1e-6)
+    return torch.where(inside[0] > 0, smoothed, torch.zeros_like(smoothed)).unsqueeze(0)
+
+
+def gaussian_filter(volume: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
+    """MONAI's Gaussian smoothing (``monai.transforms.GaussianSmooth``) of ``[C, H, W, D]``, by banded matrices.
+
+    Each axis is multiplied by an ``[n, n]`` matrix whose band holds MONAI's 1D kernel
+    (``gaussian_1d``: erf approximation, truncated at 4 sigma); rows near the border lose the taps that
+    fall outside, which is MONAI's zero padding. The result equals ``GaussianSmooth(sigma=sigmas)`` up
+    to float32 rounding, and a matrix product runs far faster on CPU than MONAI's grouped ``conv3d``
+    with a one-dimensional kernel.
+
+    Args:
+        volume: ``[C, H, W, D]`` float tensor.
+        sigmas: the standard deviation per spatial axis, in voxels (> 0).
+
+    Returns:
+        the smoothed ``[C, H, W, D]`` float32 tensor, on the device of ``volume``.
+    """
+    out = volume.float()
+    for axis, sigma in enumerate(sigmas, start=1):
+        matrix = _gaussian_matrix(out.shape[axis], float(sigma), out.device)
+        out = torch.movedim(torch.movedim(out, axis, -1) @ matrix.T, -1, axis)
+    return out.contiguous()
+
+
+def _gaussian_matrix(n: int, sigma: float, device: torch.device) -> torch.Tensor:
+    """``[n, n]`` matrix ``M`` with ``M[i, j] = kernel[j - i + r]`` for ``|j - i| <= r`` (the kernel's radius)."""
+    kernel = gaussian_1d(torch.tensor(sigma), truncated=4.0, approx="erf").to(device, torch.float32)
+    radius = (kernel.numel() - 1) // 2
+    index = torch.arange(n, device=device)
+    offset = index[None, :] - index[:, None]
+    band = offset.abs() <= radius
+    matrix = torch.zeros(n, n, device=device)
+    matrix[band] = kernel[(offset + radius)[band]]
+    return matrix
 
 
 def subject_score(anomaly_map: torch.Tensor) -> float:

@@ -62,6 +62,20 @@ def test_smoothing_inside_the_mask_matches_scipy() -> None:
     assert smooth_map(same, 0.0, torch.from_numpy(mask)) is same
 
 
+def test_gaussian_filter_equals_monai_gaussian_smooth() -> None:
+    """The banded-matrix filter against MONAI's separable conv3d: anisotropic sigmas, a kernel longer than an axis."""
+    from monai.transforms import GaussianSmooth
+    from scripts.anomaly_map import gaussian_filter
+
+    volume = torch.rand(2, 11, 17, 6, generator=torch.Generator().manual_seed(0))
+    for sigmas in ([1.0, 2.5, 3.0], [0.6, 0.6, 0.6], [4.0, 1.0, 2.0]):  # 4 sigma * 3 > 6 voxels on the last axis
+        want = GaussianSmooth(sigma=sigmas)(volume)
+        got = gaussian_filter(volume, sigmas)
+        assert got.shape == volume.shape
+        torch.testing.assert_close(got, torch.as_tensor(want), rtol=0, atol=2e-6)
+    assert not torch.allclose(gaussian_filter(volume, [1.0, 1.0, 1.0]), volume, atol=0.05)  # it did smooth
+
+
 def test_smooth_mm_through_the_inferer_uses_the_voxel_size() -> None:
     from monai.data import MetaTensor
     from scripts.anomaly_map import smooth_map
