@@ -69,6 +69,10 @@ VARIANTS: dict[str, dict] = {
     "MS-q4-stage3-smooth4": {**_C4S3, "variant": "MS", "q_fine": [2, 2, 2], "smooth_mm": 4.0},
     # Study 6: Nyúl standardisation (configs/nyul.json) in place of the percentile scaling, on the default
     "q4-C-stage3-smooth6-nyul": {**_C4S3, OVERLAYS: ["configs/nyul.json"]},
+    # Study 7: a larger encoder input R on the default (14 -> 16 and 18 stride-8 patches across a slice)
+    "R128-q4-C-stage3-smooth6": {**_C4S3, "image_size": 128},
+    "R144-q4-C-stage3-smooth6": {**_C4S3, "image_size": 144},
+    "R144-q4-C-stage3-smooth8": {**_C4S3, "image_size": 144, "smooth_mm": 8.0},
 }
 BASELINES = ("zscore", "random")
 # Overrides that change scores but not tokens: variants differing only in these share a token cache.
