@@ -94,6 +94,7 @@ PARAMETERS = {
     "lung": {"spacing": [1.5, 1.5, 1.5], "hu_window": [-1000.0, 400.0], "lung_mask_mode": "binary"},
 }
 INFERER = CS3FInferer(q=8, d=16)
+STEP_LISTS = ("loading", "intensity", "finishing")
 NETWORK = TinyEncoder(32)
 
 
@@ -115,22 +116,23 @@ def test_every_preprocessing_parameter_changes_the_token_cache_key(config: str, 
     parser = ConfigParser()
     parser.read_config([str(c) for c in configs])
     changed = []
-    for i, transform in enumerate(parser.get("preprocessing#transforms")):
-        for arg, current in transform.items():
-            if arg == "_target_":
-                continue
-            assert arg in ALTERNATIVES, f"add another value of {transform['_target_']}'s {arg!r} to this test"
-            override = {f"preprocessing#transforms#{i}#{arg}": ALTERNATIVES[arg](current)}
-            assert _run_key(configs, tmp_path, **override) != base, override
-            changed.append(arg)
+    for steps in STEP_LISTS:  # the named lists that preprocessing composes
+        for i, transform in enumerate(parser.get(steps)):
+            for arg, current in transform.items():
+                if arg == "_target_":
+                    continue
+                assert arg in ALTERNATIVES, f"add another value of {transform['_target_']}'s {arg!r} to this test"
+                override = {f"{steps}#{i}#{arg}": ALTERNATIVES[arg](current)}
+                assert _run_key(configs, tmp_path, **override) != base, override
+                changed.append(arg)
     assert len(changed) >= 20
     for key, value in PARAMETERS[config].items():
         assert _run_key(configs, tmp_path, **{key: value}) != base, key
     # a transform removed, or added, changes the key too
-    transforms = parser.get("preprocessing#transforms")
-    without = _run_key(configs, tmp_path, **{"preprocessing#transforms": transforms[:-1]})
+    finishing = parser.get("finishing")
+    without = _run_key(configs, tmp_path, finishing=finishing[:-1])
     extra = {"_target_": "ScaleIntensityd", "keys": "image"}
-    added = _run_key(configs, tmp_path, **{"preprocessing#transforms": [*transforms, extra]})
+    added = _run_key(configs, tmp_path, finishing=[*finishing, extra])
     assert len({base, without, added}) == 3
 
 

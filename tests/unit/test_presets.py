@@ -96,19 +96,20 @@ def test_brain_preset_runs_with_the_standard_scale_learned_from_the_cohort(tiny_
         assert len(list(csv.DictReader(f))) == 6
 
 
-def test_nyul_overlay_replaces_the_percentile_scaling_in_place() -> None:
-    """configs/nyul.json swaps the default's percentile scaling (step 6) for Nyúl + min-max scaling and
-    learns the scale from the steps before it, so it must stay at that position in inference.json."""
+def test_nyul_overlay_replaces_the_intensity_steps_only() -> None:
+    """configs/nyul.json replaces the default's `intensity` list (percentile scaling) with Nyúl + min-max
+    scaling, keeps `loading` and `finishing`, and learns the scale from the `loading` steps."""
     base = ConfigParser()
     base.read_config(str(ROOT / "configs" / "inference.json"))
+    assert base.get("preprocessing#transforms") == "$@loading + @intensity + @finishing"
     base_names = [type(t).__name__ for t in base.get_parsed_content("preprocessing").transforms]
-    assert base_names[5:7] == ["Resized", "ScaleIntensityRangePercentilesd"]
+    assert base_names[5:7] == ["Resized", "ScaleIntensityRangePercentilesd"] and len(base.get("loading")) == 6
     parser = ConfigParser()
     parser.read_config([str(ROOT / "configs" / f) for f in ("inference.json", "nyul.json")])
-    steps = parser.get_parsed_content("preprocessing").transforms
-    assert [type(t).__name__ for t in steps[6].transforms] == ["NyulStandardized", "ScaleIntensityd"]
-    assert [type(t).__name__ for t in steps[:6]] == base_names[:6]
-    assert parser.get("initialize")[-1].startswith("$@nyul.fit(") and "transforms[:6]" in parser.get("initialize")[-1]
+    names = [type(t).__name__ for t in parser.get_parsed_content("preprocessing").transforms]
+    assert names == [*base_names[:6], "NyulStandardized", "ScaleIntensityd", *base_names[7:]]
+    fit = parser.get("initialize")[-1]
+    assert fit.startswith("$@nyul.fit(") and "Compose(@loading)" in fit
 
 
 def test_nyul_overlay_standardises_each_volume_with_the_scale_learned_from_the_cohort(
@@ -128,7 +129,7 @@ def test_nyul_overlay_standardises_each_volume_with_the_scale_learned_from_the_c
         **{"dataloader#num_workers": 0},
     )
     transform = evaluator.data_loader.dataset.transform
-    nyul = transform.transforms[6].transforms[0]
+    nyul = transform.transforms[6]
     standard = nyul.standardize.standard
     assert standard is not None and all(standard[1:] >= standard[:-1])
     item = evaluator.data_loader.dataset.data[0]
