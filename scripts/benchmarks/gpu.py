@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 from scripts.benchmarks.markdown import table
+from scripts.benchmarks.markdown import write_block as write_doc_block
 from scripts.benchmarks.settings import ROOT
 from scripts.benchmarks.values import jsonable, significant
 
@@ -439,14 +440,7 @@ def render(result: dict) -> list[str]:
 
 def write_block(doc: Path, markdown: str) -> None:
     """Replace the GPU block of ``doc`` (between :data:`BEGIN` and :data:`END`), or append one."""
-    text = doc.read_text() if doc.is_file() else ""
-    block = f"{BEGIN}\n{markdown}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    doc.write_text(text)
+    write_doc_block(doc, BEGIN, END, markdown)
 
 
 def main(render_json: str | None = None, **kwargs) -> int:

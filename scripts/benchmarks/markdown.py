@@ -1,8 +1,11 @@
-"""Markdown helpers: the one table formatter of the benchmarks, and cell formats."""
+"""Markdown helpers: the one table formatter of the benchmarks, cell formats, generated blocks in docs."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from scripts.storage.atomic import atomic_write_text
 
 
 def cell(value: object) -> str:
@@ -40,3 +43,25 @@ def missing(section: dict | None) -> list[str]:
 def joined(params: dict) -> str:
     """``k=v, k=v`` of a parameter dict, for prose around the tables."""
     return ", ".join(f"{k}={v}" for k, v in params.items())
+
+
+def splice_block(text: str, begin: str, end: str, markdown: str) -> str | None:
+    """``text`` with the block between its ``begin`` and ``end`` marker lines replaced by ``markdown``.
+
+    Everything outside the markers (hand-written analysis) is kept. ``None`` where ``text`` lacks a
+    marker: the caller decides whether to append a block or refuse.
+    """
+    if begin not in text or end not in text.split(begin, 1)[1]:
+        return None
+    head, rest = text.split(begin, 1)
+    return f"{head}{begin}\n{markdown}\n{end}{rest.split(end, 1)[1]}"
+
+
+def write_block(doc: Path, begin: str, end: str, markdown: str) -> None:
+    """Replace the ``begin`` ... ``end`` block of ``doc``; append one where it has none (or create ``doc``)."""
+    text = doc.read_text() if doc.is_file() else ""
+    spliced = splice_block(text, begin, end, markdown)
+    if spliced is None:
+        spliced = (text.rstrip("\n") + "\n\n" if text else "") + f"{begin}\n{markdown}\n{end}\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(doc, spliced)

@@ -163,3 +163,17 @@ def test_table_formats_every_cell() -> None:
         "| yes | 2.00e-05 | x |",
         "| no | 1.23e+05 | 0 |",
     ]
+
+
+def test_write_block_keeps_the_text_and_the_other_blocks(tmp_path: Path) -> None:
+    from scripts.benchmarks.markdown import splice_block, write_block
+
+    doc = tmp_path / "quality.md"
+    doc.write_text("# Quality\n\nanalysis\n")
+    write_block(doc, "<!-- A -->", "<!-- /A -->", "a1")
+    write_block(doc, "<!-- B -->", "<!-- /B -->", "b1")
+    write_block(doc, "<!-- A -->", "<!-- /A -->", "a2")
+    text = doc.read_text()
+    assert text == "# Quality\n\nanalysis\n\n<!-- A -->\na2\n<!-- /A -->\n\n<!-- B -->\nb1\n<!-- /B -->\n"
+    assert splice_block("no markers", "<!-- A -->", "<!-- /A -->", "x") is None
+    assert splice_block("<!-- /A --> then <!-- A -->", "<!-- A -->", "<!-- /A -->", "x") is None  # end before begin

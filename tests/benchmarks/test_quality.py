@@ -7,12 +7,13 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from scripts.benchmarks.quality import COHORTS, METRICS, _cache_key, run_quality
+from scripts.benchmarks.quality import COHORTS, METRICS, _cache_key, doc_markers, run_quality
 from scripts.engine.datalist import make_datalist
 
 
 def test_quick_study_runs_variants_and_baselines(tmp_path: Path) -> None:
     out = tmp_path / "q"
+    (tmp_path / "q.md").write_text("# Quality\n\nHand-written analysis.\n")
     results = run_quality(out, cohorts=["t1-tiny"], variants=["run-C", "C-rho0.2"], quick=True, doc=tmp_path / "q.md")
     assert set(results) == {"run-C", "C-rho0.2", "baseline-zscore", "baseline-random"}
     for method, by_cohort in results.items():
@@ -23,6 +24,8 @@ def test_quick_study_runs_variants_and_baselines(tmp_path: Path) -> None:
     assert run["encoded_volumes"] == 0 and run["cached_volumes"] == 5
     assert _cache_key({"rho": 0.2}) == _cache_key({}) != _cache_key({"q": [4, 4, 4]})
     report = (tmp_path / "q.md").read_text()
+    assert report.startswith("# Quality\n\nHand-written analysis.\n")  # the block is appended, nothing lost
+    assert report.rstrip().endswith(doc_markers(out)[1]) and "## Detection quality (generated)" in report
     assert "| run-C | 1/1 |" in report and "baseline-zscore" in report and "python -m monai.bundle run" in report
     # The z-score baseline against an independent computation at one voxel.
     rows = make_datalist(out / "cohorts" / "t1-tiny").rows
