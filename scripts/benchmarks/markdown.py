@@ -57,11 +57,13 @@ def splice_block(text: str, begin: str, end: str, markdown: str) -> str | None:
     return f"{head}{begin}\n{markdown}\n{end}{rest.split(end, 1)[1]}"
 
 
-def write_block(doc: Path, begin: str, end: str, markdown: str) -> None:
-    """Replace the ``begin`` ... ``end`` block of ``doc``; append one where it has none (or create ``doc``)."""
-    text = doc.read_text() if doc.is_file() else ""
+def write_block(doc: Path, begin: str, end: str, markdown: str, head: str = "") -> None:
+    """Replace the ``begin`` ... ``end`` block of ``doc``; append one where it has none.
+
+    A new ``doc`` (its folder too) is created as ``head`` followed by the block; the write is atomic.
+    """
+    text = doc.read_text() if doc.is_file() else head
     spliced = splice_block(text, begin, end, markdown)
     if spliced is None:
         spliced = (text.rstrip("\n") + "\n\n" if text else "") + f"{begin}\n{markdown}\n{end}\n"
-    doc.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(doc, spliced)

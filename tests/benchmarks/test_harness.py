@@ -175,5 +175,8 @@ def test_write_block_keeps_the_text_and_the_other_blocks(tmp_path: Path) -> None
     write_block(doc, "<!-- A -->", "<!-- /A -->", "a2")
     text = doc.read_text()
     assert text == "# Quality\n\nanalysis\n\n<!-- A -->\na2\n<!-- /A -->\n\n<!-- B -->\nb1\n<!-- /B -->\n"
+    new = tmp_path / "sub" / "new.md"
+    write_block(new, "<!-- A -->", "<!-- /A -->", "a", head="# New\n")
+    assert new.read_text() == "# New\n\n<!-- A -->\na\n<!-- /A -->\n"  # folder and head made once
     assert splice_block("no markers", "<!-- A -->", "<!-- /A -->", "x") is None
     assert splice_block("<!-- /A --> then <!-- A -->", "<!-- A -->", "<!-- /A -->", "x") is None  # end before begin
