@@ -27,7 +27,16 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from monai.inferers import Inferer
-from scripts.anomaly_map import EDGES, VARIANTS, fuse_token_scores, smooth_map, subject_score
+from scripts.anomaly_map import (
+    EDGES,
+    MAP_NORMALIZATIONS,
+    SUBJECT_SCORES,
+    VARIANTS,
+    fuse_token_scores,
+    robust_z,
+    smooth_map,
+    subject_score,
+)
 from scripts.batch_scorer import BatchScorer, TokenScores
 from scripts.references import ReferenceSet, check_bank_grids, reject_replaced_keys, score_with_references
 from scripts.scoring import DEFAULT_BLOCK_ELEMENTS, DEFAULT_QUERY_TILE, DEFAULT_ROUTES
@@ -89,6 +98,10 @@ class CS3FInferer(Inferer):
             ``"normalized"`` (voxels near the mask's edge take the valid tokens' scores only; see
             :mod:`scripts.anomaly_map`).
         smooth_mm: sigma (mm) of a Gaussian on each map inside its mask (:func:`smooth_map`); 0: off (paper).
+        subject_score: ``"max"`` (the paper: the map's maximum) or ``"robust_z"`` (the peak of the subject's
+            robust z-map; :func:`scripts.anomaly_map.subject_score`).
+        map_normalization: ``"none"`` (the paper) or ``"robust_z"``: each map written as the subject's robust
+            z-map (:func:`scripts.anomaly_map.robust_z`).
         chunk_size, n_references: replaced by ``references``; setting them is an error naming the new
             spelling.
     """
@@ -113,6 +126,8 @@ class CS3FInferer(Inferer):
         references: ReferenceSet | str | Mapping | None = None,
         edge: str = "zero",
         smooth_mm: float = 0.0,
+        subject_score: str = "max",
+        map_normalization: str = "none",
         chunk_size: int | None = None,
         n_references: int | None = None,
         score_precision: str = "fp32",
@@ -133,6 +148,11 @@ class CS3FInferer(Inferer):
         self.edge = edge
         self.smooth_mm = float(smooth_mm)
         smooth_map(torch.zeros(1, 1, 1, 1), self.smooth_mm)  # checks it
+        if subject_score not in SUBJECT_SCORES:
+            raise ValueError(f"subject_score must be one of {SUBJECT_SCORES}, got {subject_score!r}")
+        if map_normalization not in MAP_NORMALIZATIONS:
+            raise ValueError(f"map_normalization must be one of {MAP_NORMALIZATIONS}, got {map_normalization!r}")
+        self.subject_statistic, self.map_normalization = subject_score, map_normalization
         self.rho, self.d, self.delta, self.seed = float(rho), int(d), float(delta), int(seed)
         self.token_dtype = getattr(torch, token_dtype) if isinstance(token_dtype, str) else token_dtype
         self.tokenizer = Tokenizer(
@@ -243,7 +263,19 @@ class CS3FInferer(Inferer):
         validity = validity if self.edge == "normalized" else None
         return fuse_token_scores(token_scores, spatial_shape, variant, mask, axis_max, validity)
 
-    subject_score = staticmethod(subject_score)
+    def finish_map(
+        self, anomaly_map: torch.Tensor, mask: torch.Tensor | None = None, spacing: Sequence[float] | None = None
+    ) -> tuple[torch.Tensor, float]:
+        """The last steps on a fused voxel map ``[1, H, W, D]``: smoothing, normalisation, the subject score.
+
+        Returns:
+            ``(map, subject score)``: the score is taken from the map as written, so ``"max"`` of a
+            normalised map is ``"robust_z"`` of the plain one.
+        """
+        amap = smooth_map(anomaly_map, self.smooth_mm, mask, spacing)
+        if self.map_normalization == "robust_z":
+            amap = robust_z(amap, mask)
+        return amap, subject_score(amap, mask, self.subject_statistic)
 
     def __call__(  # type: ignore[override]
         self,
@@ -273,11 +305,12 @@ class CS3FInferer(Inferer):
             iterator = tqdm(iterator, total=len(volumes), desc="tokenizing", unit="vol")
         bank = [self.tokenize(v, network, m) for v, m in iterator]
         token_scores = self.score(bank)
-        maps = [
-            smooth_map(self.voxel_map(ts, vt.spatial_shape, m, validity=vt.validity()), self.smooth_mm, m, _mm(v))
+        finished = [
+            self.finish_map(self.voxel_map(ts, vt.spatial_shape, m, validity=vt.validity()), m, _mm(v))
             for ts, vt, v, m in zip(token_scores, bank, volumes, mask_list, strict=True)
         ]
-        scores = torch.tensor([self.subject_score(m) for m in maps])
+        maps = [amap for amap, _ in finished]
+        scores = torch.tensor([score for _, score in finished])
         if isinstance(inputs, torch.Tensor) or len({tuple(m.shape) for m in maps}) == 1:
             return torch.stack(maps), scores
         return maps, scores
@@ -300,5 +333,7 @@ class CS3FInferer(Inferer):
             **({"references": str(self.references)} if self.references.mode != "all" else {}),
             **({"edge": self.edge} if self.edge != "zero" else {}),
             **({"smooth_mm": self.smooth_mm} if self.smooth_mm else {}),
+            **({"subject_score": self.subject_statistic} if self.subject_statistic != "max" else {}),
+            **({"map_normalization": self.map_normalization} if self.map_normalization != "none" else {}),
             **({"score_precision": self.scorer.precision} if self.scorer.precision != "fp32" else {}),
         }

@@ -134,7 +134,9 @@ def _add_quality(sub: argparse._SubParsersAction) -> None:
         "over the cohorts (scripts.benchmarks.quality).",
     )
     p.add_argument("--out", default="bench_out/quality", help="working folder (default %(default)s)")
-    p.add_argument("--cohorts", help="comma-separated cohort names (default: all)")
+    p.add_argument(
+        "--cohorts", help="comma-separated cohort names (default: the five study cohorts; confirmation ones by name)"
+    )
     p.add_argument("--variants", help="comma-separated variant names (default: all)")
     p.add_argument("--quick", action="store_true", help="tiny cohorts and encoder input: a smoke run")
     p.add_argument("--doc", help="also write the report here, e.g. docs/quality.md")

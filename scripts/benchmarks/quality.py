@@ -24,7 +24,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from scripts.benchmarks.cohorts import COHORTS, METRICS, QUICK_COHORTS
+from scripts.benchmarks.cohorts import COHORTS, CONFIRMATION_COHORTS, METRICS, QUICK_COHORTS
 from scripts.benchmarks.cohorts import cohort as _cohort
 from scripts.benchmarks.markdown import table, write_block
 from scripts.benchmarks.settings import ROOT
@@ -33,9 +33,11 @@ __all__ = ["BASELINES", "COHORTS", "METRICS", "QUICK_COHORTS", "VARIANTS", "run_
 
 #: EfficientNet-Lite0's stride-8 and stride-16 stages: the layers of every study before study 4
 _BOTH = ["stage3", "stage5"]
-_C8 = {"variant": "C", "q": [8, 8, 8], "smooth_mm": 0.0, "layers": _BOTH}  # CS3F-C at the earlier token size
-_MS4 = {"variant": "MS", "q": [8, 8, 8], "q_fine": [2, 2, 2], "smooth_mm": 4.0, "layers": _BOTH}  # study 2
-_C4 = {"variant": "C", "q": [4, 4, 4], "layers": _BOTH}  # 4-slice CS3F-C tokens (study 3)
+#: the paper's subject score and map, which every study before study 9 used
+_PAPER_MAP = {"subject_score": "max", "map_normalization": "none"}
+_C8 = {"variant": "C", "q": [8, 8, 8], "smooth_mm": 0.0, "layers": _BOTH, **_PAPER_MAP}  # CS3F-C, earlier tokens
+_MS4 = {"variant": "MS", "q": [8, 8, 8], "q_fine": [2, 2, 2], "smooth_mm": 4.0, "layers": _BOTH, **_PAPER_MAP}
+_C4 = {"variant": "C", "q": [4, 4, 4], "layers": _BOTH, **_PAPER_MAP}  # 4-slice CS3F-C tokens (study 3)
 _C4S3 = {**_C4, "layers": ["stage3"], "smooth_mm": 6.0}  # the stride-8 stage alone, 6 mm (study 4; the default)
 #: key of a variant's config overlays (files read after configs/inference.json), not a bundle key
 OVERLAYS = "overlays"
@@ -73,10 +75,24 @@ VARIANTS: dict[str, dict] = {
     "R128-q4-C-stage3-smooth6": {**_C4S3, "image_size": 128},
     "R144-q4-C-stage3-smooth6": {**_C4S3, "image_size": 144},
     "R144-q4-C-stage3-smooth8": {**_C4S3, "image_size": 144, "smooth_mm": 8.0},
+    # Study 9: each subject against its own level: the subject score, or the whole map, as a robust z-map
+    "q4-C-stage3-smooth6-zscore": {**_C4S3, "subject_score": "robust_z"},
+    "q4-C-stage3-smooth6-zmap": {**_C4S3, "map_normalization": "robust_z"},
 }
 BASELINES = ("zscore", "random")
 # Overrides that change scores but not tokens: variants differing only in these share a token cache.
-_SCORING_ONLY = ("rho", "variant", "L", "references", "edge", "smooth_mm", "plots", "quiet")
+_SCORING_ONLY = (
+    "rho",
+    "variant",
+    "L",
+    "references",
+    "edge",
+    "smooth_mm",
+    "subject_score",
+    "map_normalization",
+    "plots",
+    "quiet",
+)
 
 
 def _cache_key(overrides: Mapping) -> str:
@@ -212,7 +228,8 @@ def run_quality(
 
     Args:
         out: working folder (cohorts, token caches, run outputs, the report).
-        cohorts: names from :data:`COHORTS` (or :data:`QUICK_COHORTS` with ``quick``); default: all.
+        cohorts: names from :data:`COHORTS` or :data:`CONFIRMATION_COHORTS` (:data:`QUICK_COHORTS` with
+            ``quick``); default: all of :data:`COHORTS`.
         variants: names from :data:`VARIANTS`; default: all.
         quick: tiny cohorts and a small encoder input, for a smoke run.
         doc: also write the report into this document (e.g. ``docs/quality.md``), as the block between
@@ -227,8 +244,8 @@ def run_quality(
     from scripts.storage.atomic import atomic_write_json, atomic_write_text
 
     out = Path(out)
-    table_of = QUICK_COHORTS if quick else COHORTS
-    chosen = {n: table_of[n] for n in (cohorts or table_of)}
+    table_of = QUICK_COHORTS if quick else {**COHORTS, **CONFIRMATION_COHORTS}
+    chosen = {n: table_of[n] for n in (cohorts or (QUICK_COHORTS if quick else COHORTS))}
     names = list(variants or ([] if maps else VARIANTS))
     extra = [*(["--image_size", "32", "--q", "[8,8,8]"] if quick else []), *extra]
     results: dict[str, dict[str, dict]] = {}

@@ -25,7 +25,6 @@ import torch
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor, decollate_batch
 from monai.engines import Workflow
-from scripts.anomaly_map import smooth_map
 from scripts.engine.datalist import image_stem
 from scripts.engine.distributed import gather_scores, world
 from scripts.engine.grid import CohortGrid
@@ -245,8 +244,8 @@ class CS3FEvaluator(WholeVolume, CohortScoring, Workflow):
         mask = item.get(self.mask_key)
         if mask is not None:
             amap = amap * (torch.as_tensor(mask) > 0).to(amap.device)
-        amap = smooth_map(amap, self.inferer.smooth_mm, mask, getattr(item[self.image_key], "pixdim", None))
-        self.subject_scores[name] = {"score": self.inferer.subject_score(amap), **axis_max}
+        amap, score = self.inferer.finish_map(amap, mask, getattr(item[self.image_key], "pixdim", None))
+        self.subject_scores[name] = {"score": score, **axis_max}
         item[self.pred_key] = MetaTensor(amap, meta=item[self.image_key].meta)
         if self.postprocessing is not None:
             self.postprocessing(item)

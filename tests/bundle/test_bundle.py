@@ -96,12 +96,18 @@ def test_bank_is_held_as_rows_of_one_buffer(tiny_cohort: Path, tmp_path: Path) -
 
 def test_bundle_command_with_overrides(tiny_cohort: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli"
-    overrides = ["--image_size", "32", "--q", "[8,8,8]", "--rho", "0.2"]  # not quiet: the user's view
-    proc = run_bundle("--dataset_dir", tiny_cohort, "--output_dir", out, *overrides)
+    overrides = ["--image_size", "32", "--q", "[8,8,8]", "--rho", "0.2", "--map_normalization", "robust_z"]
+    proc = run_bundle("--dataset_dir", tiny_cohort, "--output_dir", out, *overrides)  # not quiet: the user's view
     assert_success(proc)
     assert "scores.csv" in proc.stdout and str(out) in proc.stdout  # tells the user where things are
-    _check_outputs(tiny_cohort, out)
-    assert json.loads((out / "run.json").read_text())["inferer"]["rho"] == 0.2
+    scores = _check_outputs(tiny_cohort, out)
+    inferer = json.loads((out / "run.json").read_text())["inferer"]
+    assert inferer["rho"] == 0.2 and inferer["map_normalization"] == "robust_z"
+    for row in scores:  # each written map is its subject's z-map: 0 up to its median; the score is its peak
+        data = nib.load(out / f"{row['image']}_anomaly.nii.gz").get_fdata()
+        mask = nib.load(tiny_cohort / "masks" / f"{row['image']}.nii.gz").get_fdata() > 0
+        assert (data[mask] == 0).mean() >= 0.5 and data.max() > 1.0
+        assert float(row["score"]) == pytest.approx(data.max(), rel=1e-5)
 
 
 def _run_expect_error(dataset_dir: Path, out: Path) -> str:
