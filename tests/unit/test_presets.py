@@ -23,6 +23,8 @@ PAPER = {
         "q": [14, 14, 14],
         "q_fine": [2, 2, 2],
         "smooth_mm": 0.0,  # not in the paper: off
+        "subject_score": "max",  # Sec. 3.3.4: the map's maximum
+        "map_normalization": "none",
         "delta": 0.0,
         "rho": 0.1,
         "L": 16,
@@ -38,6 +40,8 @@ PAPER = {
         "q": [8, 14, 14],
         "q_fine": [2, 2, 2],
         "smooth_mm": 0.0,
+        "subject_score": "max",
+        "map_normalization": "none",
         "delta": 0.0,
         "rho": 0.1,
         "L": 16,
