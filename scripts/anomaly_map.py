@@ -19,11 +19,10 @@ The Gaussian is MONAI's (``GaussianSmooth``: the erf kernel truncated at 4 sigma
 per axis as a product with the kernel's banded matrix: the same sums as MONAI's separable ``conv3d``, about
 19 times faster on CPU for a 96^3 map and its mask (``docs/performance.md``).
 
-Each subject against its own level (not in the paper; ``docs/quality.md``, studies 8 and 9): a normal subject
-whose tokens all sit far from the other volumes' has its whole map raised, and its peak can outrank a
-lesion. :func:`robust_z` measures a map against the subject's own foreground median and spread;
-``subject_score(..., statistic="robust_z")`` scores the subject by the peak of that z-map while the voxel
-map stays as it is.
+The subject score against the subject's own level (not in the paper; ``docs/quality.md``, studies 8 and 9):
+a normal subject whose tokens all sit far from the other volumes' has its whole map raised, and its maximum
+can outrank a lesion's. ``subject_score(..., statistic="robust_z")`` measures the map's peak against the
+subject's own foreground median and spread; the voxel map stays as it is.
 """
 
 from __future__ import annotations
@@ -38,13 +37,11 @@ from scripts.transforms.tokenization import axis_index, restore_axis
 
 __all__ = [
     "EDGES",
-    "MAP_NORMALIZATIONS",
     "SCALES",
     "SUBJECT_SCORES",
     "VARIANTS",
     "fuse_token_scores",
     "gaussian_filter",
-    "robust_z",
     "smooth_map",
     "subject_score",
 ]
@@ -56,9 +53,7 @@ EDGES = ("zero", "normalized")
 SCALES = {"C": ("coarse",), "F": ("fine",), "MS": ("coarse", "fine")}
 VARIANTS = tuple(SCALES)
 
-#: the voxel map as fused and smoothed (the paper), or as the subject's robust z-map (:func:`robust_z`)
-MAP_NORMALIZATIONS = ("none", "robust_z")
-#: the subject score: the map's maximum (the paper) or the peak of the subject's robust z-map
+#: the subject score: the map's maximum (the paper) or its peak against the subject's own level
 SUBJECT_SCORES = ("max", "robust_z")
 
 #: 1.4826 x MAD estimates the standard deviation of normally distributed values
@@ -206,56 +201,24 @@ def _gaussian_matrix(n: int, sigma: float, device: torch.device) -> torch.Tensor
     return matrix
 
 
-def _foreground(amap: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """The scores of ``amap`` ``[1, H, W, D]`` inside ``mask`` (every voxel without one), flat."""
-    return amap.reshape(-1) if mask is None else amap[as_volume(mask).to(amap.device) > 0]
-
-
-def _level_and_spread(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The median of ``values`` and ``1.4826 x`` their MAD (1 where the MAD is 0: a shift alone then)."""
-    if values.numel() == 0:
-        return values.new_zeros(()), values.new_ones(())
-    median = values.median()  # the lower median for an even count: a value of the map, no averaging
-    spread = MAD_TO_SD * (values - median).abs().median()
-    return median, torch.where(spread > 0, spread, torch.ones_like(spread))
-
-
-def robust_z(anomaly_map: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The map against the subject's own foreground level: ``max(0, (a - median_M(a)) / (1.4826 MAD_M(a)))``.
-
-    Median and MAD (median absolute deviation) are taken over the foreground voxels ``M``, so lesions, a small
-    part of any subject, hardly move them; where more than half the foreground shares one value (MAD 0) the
-    map is only shifted. Below its subject's median a voxel scores 0, so maps stay >= 0 like the paper's.
-
-    Args:
-        anomaly_map: ``[1, H, W, D]`` voxel scores.
-        mask: optional foreground ``[1, H, W, D]`` (``None``: every voxel); the result is 0 outside it.
-
-    Returns:
-        the z-map ``[1, H, W, D]``, float32, >= 0.
-    """
-    amap = as_volume(anomaly_map).float()
-    median, spread = _level_and_spread(_foreground(amap, mask))
-    z = ((amap - median) / spread).clamp_min(0.0)
-    if mask is None:
-        return z
-    return torch.where(as_volume(mask).to(z.device) > 0, z, torch.zeros_like(z))
-
-
 def subject_score(anomaly_map: torch.Tensor, mask: torch.Tensor | None = None, statistic: str = "max") -> float:
     """Subject-level anomaly score.
 
     Args:
         anomaly_map: ``[1, H, W, D]`` voxel scores (0 outside the mask).
-        mask: optional foreground ``[1, H, W, D]``; ``"robust_z"`` is taken over it.
-        statistic: ``"max"``, the maximum voxel score (the paper, Sec. 3.3.4), or ``"robust_z"``, the maximum
-            of :func:`robust_z`: how far the subject's peak stands above its own level, in its own spread.
+        mask: optional foreground ``[1, H, W, D]`` (``None``: every voxel); ``"robust_z"`` is taken over it.
+        statistic: ``"max"``, the maximum voxel score (the paper, Sec. 3.3.4), or ``"robust_z"``, how far the
+            maximum stands above the subject's own level in its own spread:
+            ``(max_M(a) - median_M(a)) / (1.4826 MAD_M(a))`` over the foreground voxels ``M``. Median and MAD
+            (median absolute deviation) hardly move with a lesion, a small part of any subject; where more
+            than half the foreground shares one value (MAD 0) the score is ``max - median``.
     """
     if statistic not in SUBJECT_SCORES:
         raise ValueError(f"subject_score must be one of {SUBJECT_SCORES}, got {statistic!r}")
     amap = as_volume(anomaly_map).float()
-    values = _foreground(amap, mask)
+    values = amap.reshape(-1) if mask is None else amap[as_volume(mask).to(amap.device) > 0]
     if statistic == "max" or values.numel() == 0:
         return float(amap.max())
-    median, spread = _level_and_spread(values)
-    return float((values.max() - median) / spread)
+    median = values.median()  # the lower median for an even count: a value of the map, no averaging
+    spread = MAD_TO_SD * float((values - median).abs().median())
+    return float(values.max() - median) / (spread if spread > 0 else 1.0)

@@ -27,16 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from monai.inferers import Inferer
-from scripts.anomaly_map import (
-    EDGES,
-    MAP_NORMALIZATIONS,
-    SUBJECT_SCORES,
-    VARIANTS,
-    fuse_token_scores,
-    robust_z,
-    smooth_map,
-    subject_score,
-)
+from scripts.anomaly_map import EDGES, SUBJECT_SCORES, VARIANTS, fuse_token_scores, smooth_map, subject_score
 from scripts.batch_scorer import BatchScorer, TokenScores
 from scripts.references import ReferenceSet, check_bank_grids, reject_replaced_keys, score_with_references
 from scripts.scoring import DEFAULT_BLOCK_ELEMENTS, DEFAULT_QUERY_TILE, DEFAULT_ROUTES
@@ -98,10 +89,8 @@ class CS3FInferer(Inferer):
             ``"normalized"`` (voxels near the mask's edge take the valid tokens' scores only; see
             :mod:`scripts.anomaly_map`).
         smooth_mm: sigma (mm) of a Gaussian on each map inside its mask (:func:`smooth_map`); 0: off (paper).
-        subject_score: ``"max"`` (the paper: the map's maximum) or ``"robust_z"`` (the peak of the subject's
-            robust z-map; :func:`scripts.anomaly_map.subject_score`).
-        map_normalization: ``"none"`` (the paper) or ``"robust_z"``: each map written as the subject's robust
-            z-map (:func:`scripts.anomaly_map.robust_z`).
+        subject_score: ``"max"`` (the paper: the map's maximum) or ``"robust_z"`` (the maximum against the
+            subject's own median and spread; :func:`scripts.anomaly_map.subject_score`).
         chunk_size, n_references: replaced by ``references``; setting them is an error naming the new
             spelling.
     """
@@ -127,7 +116,6 @@ class CS3FInferer(Inferer):
         edge: str = "zero",
         smooth_mm: float = 0.0,
         subject_score: str = "max",
-        map_normalization: str = "none",
         chunk_size: int | None = None,
         n_references: int | None = None,
         score_precision: str = "fp32",
@@ -150,9 +138,7 @@ class CS3FInferer(Inferer):
         smooth_map(torch.zeros(1, 1, 1, 1), self.smooth_mm)  # checks it
         if subject_score not in SUBJECT_SCORES:
             raise ValueError(f"subject_score must be one of {SUBJECT_SCORES}, got {subject_score!r}")
-        if map_normalization not in MAP_NORMALIZATIONS:
-            raise ValueError(f"map_normalization must be one of {MAP_NORMALIZATIONS}, got {map_normalization!r}")
-        self.subject_statistic, self.map_normalization = subject_score, map_normalization
+        self.subject_statistic = subject_score
         self.rho, self.d, self.delta, self.seed = float(rho), int(d), float(delta), int(seed)
         self.token_dtype = getattr(torch, token_dtype) if isinstance(token_dtype, str) else token_dtype
         self.tokenizer = Tokenizer(
@@ -266,15 +252,12 @@ class CS3FInferer(Inferer):
     def finish_map(
         self, anomaly_map: torch.Tensor, mask: torch.Tensor | None = None, spacing: Sequence[float] | None = None
     ) -> tuple[torch.Tensor, float]:
-        """The last steps on a fused voxel map ``[1, H, W, D]``: smoothing, normalisation, the subject score.
+        """The last steps on a fused voxel map ``[1, H, W, D]``: smoothing, then the subject score.
 
         Returns:
-            ``(map, subject score)``: the score is taken from the map as written, so ``"max"`` of a
-            normalised map is ``"robust_z"`` of the plain one.
+            ``(map, subject score)``.
         """
         amap = smooth_map(anomaly_map, self.smooth_mm, mask, spacing)
-        if self.map_normalization == "robust_z":
-            amap = robust_z(amap, mask)
         return amap, subject_score(amap, mask, self.subject_statistic)
 
     def __call__(  # type: ignore[override]
@@ -334,6 +317,5 @@ class CS3FInferer(Inferer):
             **({"edge": self.edge} if self.edge != "zero" else {}),
             **({"smooth_mm": self.smooth_mm} if self.smooth_mm else {}),
             **({"subject_score": self.subject_statistic} if self.subject_statistic != "max" else {}),
-            **({"map_normalization": self.map_normalization} if self.map_normalization != "none" else {}),
             **({"score_precision": self.scorer.precision} if self.scorer.precision != "fp32" else {}),
         }

@@ -34,7 +34,7 @@ __all__ = ["BASELINES", "COHORTS", "METRICS", "QUICK_COHORTS", "VARIANTS", "run_
 #: EfficientNet-Lite0's stride-8 and stride-16 stages: the layers of every study before study 4
 _BOTH = ["stage3", "stage5"]
 #: the paper's subject score and map, which every study before study 9 used
-_PAPER_MAP = {"subject_score": "max", "map_normalization": "none"}
+_PAPER_MAP = {"subject_score": "max"}
 _C8 = {"variant": "C", "q": [8, 8, 8], "smooth_mm": 0.0, "layers": _BOTH, **_PAPER_MAP}  # CS3F-C, earlier tokens
 _MS4 = {"variant": "MS", "q": [8, 8, 8], "q_fine": [2, 2, 2], "smooth_mm": 4.0, "layers": _BOTH, **_PAPER_MAP}
 _C4 = {"variant": "C", "q": [4, 4, 4], "layers": _BOTH, **_PAPER_MAP}  # 4-slice CS3F-C tokens (study 3)
@@ -75,24 +75,12 @@ VARIANTS: dict[str, dict] = {
     "R128-q4-C-stage3-smooth6": {**_C4S3, "image_size": 128},
     "R144-q4-C-stage3-smooth6": {**_C4S3, "image_size": 144},
     "R144-q4-C-stage3-smooth8": {**_C4S3, "image_size": 144, "smooth_mm": 8.0},
-    # Study 9: each subject against its own level: the subject score, or the whole map, as a robust z-map
+    # Study 9: the subject score against the subject's own level (the default's since study 9)
     "q4-C-stage3-smooth6-zscore": {**_C4S3, "subject_score": "robust_z"},
-    "q4-C-stage3-smooth6-zmap": {**_C4S3, "map_normalization": "robust_z"},
 }
 BASELINES = ("zscore", "random")
 # Overrides that change scores but not tokens: variants differing only in these share a token cache.
-_SCORING_ONLY = (
-    "rho",
-    "variant",
-    "L",
-    "references",
-    "edge",
-    "smooth_mm",
-    "subject_score",
-    "map_normalization",
-    "plots",
-    "quiet",
-)
+_SCORING_ONLY = ("rho", "variant", "L", "references", "edge", "smooth_mm", "subject_score", "plots", "quiet")
 
 
 def _cache_key(overrides: Mapping) -> str:

@@ -53,7 +53,7 @@ def remove_stale_outputs(folder: Path, listed_before: Iterable[str], names: Iter
 class ScoresSaver:
     """Write the subject scores of a run to ``<output_dir>/<filename>`` when it completes.
 
-    Columns: ``image`` (the volume's name), ``score`` (the subject score, the map's maximum) and
+    Columns: ``image`` (the volume's name), ``score`` (the subject score, ``subject_score``) and
     ``score_<axis>`` per slicing axis; numbers with 6 significant digits. A ``build_bank`` run scores
     nothing and writes no table.
 

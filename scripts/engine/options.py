@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
 
-from scripts.anomaly_map import EDGES, MAP_NORMALIZATIONS, SUBJECT_SCORES
+from scripts.anomaly_map import EDGES, SUBJECT_SCORES
 from scripts.encoders.base import ENCODER_PRECISIONS
 from scripts.errors import CS3FInputError
 from scripts.mixed_precision import PRECISIONS
@@ -163,7 +163,6 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "edge": lambda v: _as_choice(v, "edge", EDGES),
     "smooth_mm": lambda v: _as_float(v, "smooth_mm", lambda x: x >= 0.0, "a number >= 0 (mm; 0 = off)"),
     "subject_score": lambda v: _as_choice(v, "subject_score", SUBJECT_SCORES),
-    "map_normalization": lambda v: _as_choice(v, "map_normalization", MAP_NORMALIZATIONS),
     "score_precision": lambda v: _as_choice(v, "score_precision", PRECISIONS),
     "encoder_precision": lambda v: _as_choice(v, "encoder_precision", ENCODER_PRECISIONS),
     "encoder_name": lambda v: v if isinstance(v, str) and v.strip() else _raise(_bad("encoder_name", v, "a name")),

@@ -1,4 +1,4 @@
-"""Voxel maps from token scores: the mask's edge, smoothing, each subject against its own level, the subject score."""
+"""Voxel maps from token scores (the mask's edge, smoothing) and the subject score."""
 
 from __future__ import annotations
 
@@ -94,62 +94,56 @@ def test_smooth_mm_through_the_inferer_uses_the_voxel_size() -> None:
     assert "smooth_mm" not in CS3FInferer().describe()
 
 
-def _robust_z_by_hand(amap: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """numpy, written from the definition: lower median and MAD over the foreground, 0 outside."""
+def _robust_z_by_hand(amap: np.ndarray, mask: np.ndarray) -> float:
+    """numpy, written from the definition: the peak against the lower median and MAD of the foreground."""
     values = np.sort(amap[mask])
     median = values[(values.size - 1) // 2]
     deviations = np.sort(np.abs(values - median))
-    spread = 1.4826 * deviations[(deviations.size - 1) // 2]
-    return np.where(mask, np.maximum((amap - median) / spread, 0.0), 0.0)
+    return float((values[-1] - median) / (1.4826 * deviations[(deviations.size - 1) // 2]))
 
 
-def test_robust_z_matches_a_hand_computation() -> None:
-    from scripts.anomaly_map import robust_z, subject_score
+def test_robust_z_subject_score_matches_a_hand_computation() -> None:
+    from scripts.anomaly_map import subject_score
 
     rng = np.random.default_rng(3)
     amap = rng.gamma(2.0, 0.1, size=(1, 12, 10, 9)).astype(np.float32)
     mask = np.zeros(amap.shape, bool)
     mask[:, 2:10, 1:9, 1:8] = True  # 448 voxels: an even count, where the lower median matters
     amap[~mask] = 0.0
+    amap[0, 0, 0, 0] = 9.0  # outside the mask: neither the peak nor the level
     want = _robust_z_by_hand(amap.astype(np.float64), mask)
-    got = robust_z(torch.as_tensor(amap), torch.as_tensor(mask))
-    torch.testing.assert_close(got, torch.as_tensor(want, dtype=torch.float32), rtol=1e-5, atol=1e-5)
-    assert float(got[0, 0, 0, 0]) == 0.0 and float(got.max()) > 3.0
-    assert 0.3 < float((got[torch.as_tensor(mask)] == 0).float().mean()) <= 0.5  # below the median: 0
-    # the subject score is the z-map's peak; "max" stays the plain maximum
-    score = subject_score(torch.as_tensor(amap), torch.as_tensor(mask), "robust_z")
-    assert score == pytest.approx(float(want.max()), rel=1e-5)
-    assert subject_score(torch.as_tensor(amap), torch.as_tensor(mask)) == pytest.approx(float(amap.max()))
+    got = subject_score(torch.as_tensor(amap), torch.as_tensor(mask), "robust_z")
+    assert got == pytest.approx(want, rel=1e-5) and got > 3.0
+    assert subject_score(torch.as_tensor(amap), torch.as_tensor(mask)) == 9.0  # "max": the map's maximum
+    # a subject whose whole map is raised and stretched keeps its robust-z score, not its maximum
+    raised = torch.as_tensor(np.where(mask, 2.0 * amap + 0.3, 0.0))
+    assert subject_score(raised, torch.as_tensor(mask), "robust_z") == pytest.approx(want, rel=1e-5)
     with pytest.raises(ValueError, match="subject_score must be one of"):
         subject_score(torch.as_tensor(amap), None, "mean")
 
 
-def test_robust_z_shifts_only_where_the_spread_is_zero() -> None:
-    from scripts.anomaly_map import robust_z
+def test_robust_z_subject_score_shifts_only_where_the_spread_is_zero() -> None:
+    from scripts.anomaly_map import subject_score
 
     amap = torch.full((1, 4, 4, 4), 0.5)
     amap[0, 0, 0, :2] = torch.tensor([0.9, 0.7])  # 2 of 64 voxels differ: MAD 0
-    torch.testing.assert_close(robust_z(amap), amap - 0.5)
+    assert subject_score(amap, statistic="robust_z") == pytest.approx(0.4)
 
 
-def test_subject_score_and_map_normalization_through_the_inferer() -> None:
-    from scripts.anomaly_map import robust_z, subject_score
+def test_subject_score_through_the_inferer() -> None:
+    from scripts.anomaly_map import subject_score
 
     volume, encoder = torch.rand(4, 1, 16, 16, 16), TinyEncoder(32)
     mask = torch.zeros(4, 1, 16, 16, 16)
     mask[:, :, 2:14, 2:14, 2:14] = 1
     plain, plain_scores = CS3FInferer(q=4, d=8, rho=0.5)(volume, encoder, mask)
-    _, z_scores = CS3FInferer(q=4, d=8, rho=0.5, subject_score="robust_z")(volume, encoder, mask)
-    z_maps, z_map_scores = CS3FInferer(q=4, d=8, rho=0.5, map_normalization="robust_z")(volume, encoder, mask)
+    maps, z_scores = CS3FInferer(q=4, d=8, rho=0.5, subject_score="robust_z")(volume, encoder, mask)
+    torch.testing.assert_close(maps, plain)  # the voxel maps stay as they are
     for i in range(4):
         assert float(plain_scores[i]) == pytest.approx(float(plain[i].max()))
-        assert float(z_scores[i]) == pytest.approx(subject_score(plain[i], mask[i], "robust_z"), rel=1e-5)
-        torch.testing.assert_close(z_maps[i], robust_z(plain[i], mask[i]))
-    # the maximum of a normalised map is the robust-z score of the plain one
-    torch.testing.assert_close(z_map_scores, z_scores, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(z_scores, plain_scores)
-    described = CS3FInferer(subject_score="robust_z", map_normalization="robust_z").describe()
-    assert described["subject_score"] == "robust_z" and described["map_normalization"] == "robust_z"
+        assert float(z_scores[i]) == pytest.approx(_robust_z_by_hand(plain[i].numpy(), mask[i].numpy() > 0), rel=1e-5)
+        assert float(z_scores[i]) == pytest.approx(subject_score(plain[i], mask[i], "robust_z"), rel=1e-6)
+    assert CS3FInferer(subject_score="robust_z").describe()["subject_score"] == "robust_z"
     assert "subject_score" not in CS3FInferer().describe()
-    with pytest.raises(ValueError, match="map_normalization must be one of"):
-        CS3FInferer(map_normalization="z")
+    with pytest.raises(ValueError, match="subject_score must be one of"):
+        CS3FInferer(subject_score="z")

@@ -40,7 +40,6 @@ def test_other_booleans_are_one_error_line(text: object) -> None:
         ("smooth_mm", -1, "smooth_mm must be a number >= 0"),
         ("smooth_mm", "x", "smooth_mm must be"),
         ("subject_score", "mean", "subject_score must be one of max, robust_z"),
-        ("map_normalization", "z", "map_normalization must be one of none, robust_z"),
         ("d", 0, "d must be an integer >= 1"),
         ("L", 2.5, "L must be an integer"),
         ("token_dtype", "int8", "token_dtype must be one of"),

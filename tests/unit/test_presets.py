@@ -24,7 +24,6 @@ PAPER = {
         "q_fine": [2, 2, 2],
         "smooth_mm": 0.0,  # not in the paper: off
         "subject_score": "max",  # Sec. 3.3.4: the map's maximum
-        "map_normalization": "none",
         "delta": 0.0,
         "rho": 0.1,
         "L": 16,
@@ -41,7 +40,6 @@ PAPER = {
         "q_fine": [2, 2, 2],
         "smooth_mm": 0.0,
         "subject_score": "max",
-        "map_normalization": "none",
         "delta": 0.0,
         "rho": 0.1,
         "L": 16,
