@@ -23,7 +23,7 @@ from monai.transforms import Compose, LoadImage
 __all__ = ["SCORING_ONLY", "describe_transform", "encoder_identity", "preprocessing_identity", "token_identity"]
 
 #: inferer parameters that change scores but not tokens: a run changing only these reuses the cache
-SCORING_ONLY = ("rho", "k_rule", "variant", "L", "references", "edge", "smooth_mm", "score_precision")
+SCORING_ONLY = ("rho", "k_rule", "variant", "L", "references", "edge", "smooth_mm", "subject_score", "score_precision")
 
 # Nested objects deeper than this are named by their class only (transforms nest one or two levels).
 _MAX_DEPTH = 4

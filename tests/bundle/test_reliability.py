@@ -248,8 +248,8 @@ def test_fuzz_inferer_only_documented_errors() -> None:
 
 
 def test_scoring_options_reuse_the_token_cache(tiny_cohort: Path, tmp_path: Path) -> None:
-    """rho, variant, batching and smoothing shape scores, not tokens: changing them re-encodes nothing;
-    ``smooth_mm`` smooths each written map inside its mask."""
+    """rho, variant, batching, smoothing and the subject score shape scores, not tokens: changing them
+    re-encodes nothing; ``smooth_mm`` smooths each written map inside its mask."""
     out = tmp_path / "out"
     _run(tiny_cohort, out, smooth_mm=0.0)
     assert json.loads((out / "run.json").read_text())["encoded_volumes"] == 6
@@ -267,6 +267,14 @@ def test_scoring_options_reuse_the_token_cache(tiny_cohort: Path, tmp_path: Path
         want = smooth_map(torch.from_numpy(before[None]), 6.0, torch.from_numpy(mask), zooms)[0]
         np.testing.assert_allclose(np.asarray(nib.load(out / name).dataobj), want.numpy(), atol=1e-5)
         assert np.abs(want.numpy() - before).max() > 1e-3
+    _run(tiny_cohort, out, smooth_mm=6.0, subject_score="max")  # the subject score: scoring only too
+    run = json.loads((out / "run.json").read_text())
+    assert (run["encoded_volumes"], run["cached_volumes"]) == (0, 6)
+    with open(out / "scores.csv") as f:
+        scores = {row["image"]: float(row["score"]) for row in csv.DictReader(f)}
+    for name in plain:
+        peak = float(np.asarray(nib.load(out / name).dataobj).max())
+        assert scores[name.removesuffix("_anomaly.nii.gz")] == pytest.approx(peak, rel=1e-5)
     _run(tiny_cohort, out, d=64)  # d shapes tokens: a different cache key
     assert json.loads((out / "run.json").read_text())["encoded_volumes"] == 6
 
