@@ -53,6 +53,12 @@ def _fine_pooling(variant: str, q: dict[str, int], q_fine: object, axes: Sequenc
     return fine
 
 
+def _one_of(key: str, value: str, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
+    return value
+
+
 def _mm(volume: torch.Tensor) -> list[float] | None:
     """Voxel size (mm) of a MetaTensor volume; ``None`` (1 mm) for a plain tensor."""
     return [float(s) for s in volume.pixdim] if hasattr(volume, "pixdim") else None
@@ -124,21 +130,15 @@ class CS3FInferer(Inferer):
         reject_replaced_keys(chunk_size=chunk_size, n_references=n_references)
         self.axes = canonical_axes(axes)
         self.q = dict(zip(AXES, per_axis(q, "q"), strict=True))
-        self.variant = str(variant).upper()
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS} (coarse, fine C2F, multi-scale), got {variant!r}")
+        self.variant = _one_of("variant", str(variant).upper(), VARIANTS)  # coarse, fine (C2F), multi-scale
         self.q_fine = _fine_pooling(self.variant, self.q, q_fine, self.axes)
         if isinstance(L, bool) or int(L) != L or L < 1:
             raise ValueError(f"L (coarse routes per reference volume) must be an int >= 1, got {L}")
         self.references = ReferenceSet.parse(references)
-        if edge not in EDGES:
-            raise ValueError(f"edge must be one of {EDGES}, got {edge!r}")
-        self.edge = edge
+        self.edge = _one_of("edge", edge, EDGES)
         self.smooth_mm = float(smooth_mm)
         smooth_map(torch.zeros(1, 1, 1, 1), self.smooth_mm)  # checks it
-        if subject_score not in SUBJECT_SCORES:
-            raise ValueError(f"subject_score must be one of {SUBJECT_SCORES}, got {subject_score!r}")
-        self.subject_statistic = subject_score
+        self.subject_statistic = _one_of("subject_score", subject_score, SUBJECT_SCORES)
         self.rho, self.d, self.delta, self.seed = float(rho), int(d), float(delta), int(seed)
         self.token_dtype = getattr(torch, token_dtype) if isinstance(token_dtype, str) else token_dtype
         self.tokenizer = Tokenizer(
@@ -252,11 +252,7 @@ class CS3FInferer(Inferer):
     def finish_map(
         self, anomaly_map: torch.Tensor, mask: torch.Tensor | None = None, spacing: Sequence[float] | None = None
     ) -> tuple[torch.Tensor, float]:
-        """The last steps on a fused voxel map ``[1, H, W, D]``: smoothing, then the subject score.
-
-        Returns:
-            ``(map, subject score)``.
-        """
+        """``(map, subject score)`` from a fused voxel map ``[1, H, W, D]``: smoothing, then the score."""
         amap = smooth_map(anomaly_map, self.smooth_mm, mask, spacing)
         return amap, subject_score(amap, mask, self.subject_statistic)
 
@@ -292,8 +288,7 @@ class CS3FInferer(Inferer):
             self.finish_map(self.voxel_map(ts, vt.spatial_shape, m, validity=vt.validity()), m, _mm(v))
             for ts, vt, v, m in zip(token_scores, bank, volumes, mask_list, strict=True)
         ]
-        maps = [amap for amap, _ in finished]
-        scores = torch.tensor([score for _, score in finished])
+        maps, scores = [amap for amap, _ in finished], torch.tensor([score for _, score in finished])
         if isinstance(inputs, torch.Tensor) or len({tuple(m.shape) for m in maps}) == 1:
             return torch.stack(maps), scores
         return maps, scores
