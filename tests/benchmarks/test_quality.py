@@ -67,3 +67,16 @@ def test_the_study_cohorts_are_fixed() -> None:
     assert {s["contrast"] for s in COHORTS.values()} == {"t1", "t2"}
     assert {s["n_normal"] + s["n_abnormal"] for s in COHORTS.values()} == {32, 64}
     assert any("lesion_volume" in s for s in COHORTS.values())
+
+
+def test_the_confirmation_cohorts_repeat_the_study_cohorts_with_new_seeds() -> None:
+    from scripts.benchmarks.cohorts import CONFIRMATION_COHORTS
+
+    def without_seed(spec: dict) -> dict:
+        return {k: v for k, v in spec.items() if k != "seed"}
+
+    study = sorted(map(json.dumps, map(without_seed, COHORTS.values())))
+    assert sorted(map(json.dumps, map(without_seed, CONFIRMATION_COHORTS.values()))) == study
+    seeds = [s["seed"] for s in CONFIRMATION_COHORTS.values()]
+    assert len(set(seeds)) == 5 and not set(seeds) & {s["seed"] for s in COHORTS.values()}
+    assert not set(CONFIRMATION_COHORTS) & set(COHORTS)
