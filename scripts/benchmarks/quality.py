@@ -28,6 +28,7 @@ from scripts.benchmarks.cohorts import COHORTS, CONFIRMATION_COHORTS, METRICS, Q
 from scripts.benchmarks.cohorts import cohort as _cohort
 from scripts.benchmarks.markdown import table, write_block
 from scripts.benchmarks.settings import ROOT
+from scripts.engine.identity import SCORING_ONLY
 
 __all__ = ["BASELINES", "COHORTS", "METRICS", "QUICK_COHORTS", "VARIANTS", "run_quality"]
 
@@ -80,7 +81,7 @@ VARIANTS: dict[str, dict] = {
 }
 BASELINES = ("zscore", "random")
 # Overrides that change scores but not tokens: variants differing only in these share a token cache.
-_SCORING_ONLY = ("rho", "variant", "L", "references", "edge", "smooth_mm", "subject_score", "plots", "quiet")
+_SCORING_ONLY = (*SCORING_ONLY, "plots", "quiet")  # the bundle's own list, and what it only prints or plots
 
 
 def _cache_key(overrides: Mapping) -> str:
