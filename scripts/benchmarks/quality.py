@@ -34,11 +34,11 @@ __all__ = ["BASELINES", "COHORTS", "METRICS", "QUICK_COHORTS", "VARIANTS", "run_
 
 #: EfficientNet-Lite0's stride-8 and stride-16 stages: the layers of every study before study 4
 _BOTH = ["stage3", "stage5"]
-#: the paper's subject score and map, which every study before study 9 used
-_PAPER_MAP = {"subject_score": "max"}
-_C8 = {"variant": "C", "q": [8, 8, 8], "smooth_mm": 0.0, "layers": _BOTH, **_PAPER_MAP}  # CS3F-C, earlier tokens
-_MS4 = {"variant": "MS", "q": [8, 8, 8], "q_fine": [2, 2, 2], "smooth_mm": 4.0, "layers": _BOTH, **_PAPER_MAP}
-_C4 = {"variant": "C", "q": [4, 4, 4], "layers": _BOTH, **_PAPER_MAP}  # 4-slice CS3F-C tokens (study 3)
+#: the paper's subject score (the map's maximum), which every study before study 9 used
+_PAPER_SCORE = {"subject_score": "max"}
+_C8 = {"variant": "C", "q": [8, 8, 8], "smooth_mm": 0.0, "layers": _BOTH, **_PAPER_SCORE}  # CS3F-C, earlier tokens
+_MS4 = {"variant": "MS", "q": [8, 8, 8], "q_fine": [2, 2, 2], "smooth_mm": 4.0, "layers": _BOTH, **_PAPER_SCORE}
+_C4 = {"variant": "C", "q": [4, 4, 4], "layers": _BOTH, **_PAPER_SCORE}  # 4-slice CS3F-C tokens (study 3)
 _C4S3 = {**_C4, "layers": ["stage3"], "smooth_mm": 6.0}  # the stride-8 stage alone, 6 mm (study 4; the default)
 #: key of a variant's config overlays (files read after configs/inference.json), not a bundle key
 OVERLAYS = "overlays"
