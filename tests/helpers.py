@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -151,3 +152,12 @@ def blob_cohort(n: int = 8, size: int = 32, abnormal: tuple[int, ...] = (2, 5), 
         vols.append(vol)
         blobs.append(blob)
     return torch.cat(vols), torch.cat(blobs)
+
+
+def robust_z_peak(scores: np.ndarray, mask: np.ndarray) -> float:
+    """The robust-z subject score from its definition, in numpy, independent of the bundle's torch code:
+    ``(max - median) / (1.4826 MAD)`` over the foreground, with the lower median (as torch takes it)."""
+    values = np.sort(scores[mask])
+    median = values[(values.size - 1) // 2]
+    mad = np.sort(np.abs(values - median))[(values.size - 1) // 2]
+    return float((values[-1] - median) / (1.4826 * mad))

@@ -15,18 +15,19 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.bundle.reference_resolver import ReferenceResolver
-from tests.helpers import FAST, FAST_ARGS, ROOT, assert_one_error_line, assert_success, run_bundle, run_workflow
+from tests.helpers import (
+    FAST,
+    FAST_ARGS,
+    ROOT,
+    assert_one_error_line,
+    assert_success,
+    robust_z_peak,
+    run_bundle,
+    run_workflow,
+)
 
 CONFIG = str(ROOT / "configs" / "inference.json")
 META = ROOT / "configs" / "metadata.json"
-
-
-def _robust_z_peak(data: np.ndarray, mask: np.ndarray) -> float:
-    """The default subject score from its definition (numpy; the lower median, as torch takes it)."""
-    values = np.sort(data[mask])
-    median = values[(values.size - 1) // 2]
-    mad = np.sort(np.abs(values - median))[(values.size - 1) // 2]
-    return float((values[-1] - median) / (1.4826 * mad))
 
 
 def _check_outputs(cohort: Path, out: Path, statistic: str = "robust_z") -> list[dict]:
@@ -46,7 +47,7 @@ def _check_outputs(cohort: Path, out: Path, statistic: str = "robust_z") -> list
         assert np.all(data[~mask] == 0) and data[mask].max() > 0
         name = Path(row["image"]).name.removesuffix(".nii.gz")
         score = float(next(s["score"] for s in scores if s["image"] == name))
-        want = _robust_z_peak(data, mask) if statistic == "robust_z" else data.max()
+        want = robust_z_peak(data, mask) if statistic == "robust_z" else data.max()
         assert score == pytest.approx(want, rel=2e-5), name
     run = json.loads((out / "run.json").read_text())
     for key in ("inferer", "encoder", "timings_s", "peak_rss_mb", "tokens", "versions", "config"):

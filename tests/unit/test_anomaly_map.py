@@ -7,7 +7,7 @@ import pytest
 import torch
 from scripts.anomaly_map import fuse_token_scores
 from scripts.inferer import CS3FInferer
-from tests.helpers import TinyEncoder
+from tests.helpers import TinyEncoder, robust_z_peak
 
 
 def test_normalized_edges_keep_the_valid_tokens_score() -> None:
@@ -94,14 +94,6 @@ def test_smooth_mm_through_the_inferer_uses_the_voxel_size() -> None:
     assert "smooth_mm" not in CS3FInferer().describe()
 
 
-def _robust_z_by_hand(amap: np.ndarray, mask: np.ndarray) -> float:
-    """numpy, written from the definition: the peak against the lower median and MAD of the foreground."""
-    values = np.sort(amap[mask])
-    median = values[(values.size - 1) // 2]
-    deviations = np.sort(np.abs(values - median))
-    return float((values[-1] - median) / (1.4826 * deviations[(deviations.size - 1) // 2]))
-
-
 def test_robust_z_subject_score_matches_a_hand_computation() -> None:
     from scripts.anomaly_map import subject_score
 
@@ -111,7 +103,7 @@ def test_robust_z_subject_score_matches_a_hand_computation() -> None:
     mask[:, 2:10, 1:9, 1:8] = True  # 448 voxels: an even count, where the lower median matters
     amap[~mask] = 0.0
     amap[0, 0, 0, 0] = 9.0  # outside the mask: neither the peak nor the level
-    want = _robust_z_by_hand(amap.astype(np.float64), mask)
+    want = robust_z_peak(amap.astype(np.float64), mask)
     got = subject_score(torch.as_tensor(amap), torch.as_tensor(mask), "robust_z")
     assert got == pytest.approx(want, rel=1e-5) and got > 3.0
     assert subject_score(torch.as_tensor(amap), torch.as_tensor(mask)) == 9.0  # "max": the map's maximum
@@ -141,7 +133,7 @@ def test_subject_score_through_the_inferer() -> None:
     torch.testing.assert_close(maps, plain)  # the voxel maps stay as they are
     for i in range(4):
         assert float(plain_scores[i]) == pytest.approx(float(plain[i].max()))
-        assert float(z_scores[i]) == pytest.approx(_robust_z_by_hand(plain[i].numpy(), mask[i].numpy() > 0), rel=1e-5)
+        assert float(z_scores[i]) == pytest.approx(robust_z_peak(plain[i].numpy(), mask[i].numpy() > 0), rel=1e-5)
         assert float(z_scores[i]) == pytest.approx(subject_score(plain[i], mask[i], "robust_z"), rel=1e-6)
     assert CS3FInferer(subject_score="robust_z").describe()["subject_score"] == "robust_z"
     assert "subject_score" not in CS3FInferer().describe()
