@@ -78,6 +78,8 @@ VARIANTS: dict[str, dict] = {
     "R144-q4-C-stage3-smooth8": {**_C4S3, "image_size": 144, "smooth_mm": 8.0},
     # Study 9: the subject score against the subject's own level (the default's since study 9)
     "q4-C-stage3-smooth6-zscore": {**_C4S3, "subject_score": "robust_z"},
+    # Study 12: one nearest reference volume (K = 1 for B = 32 and 64) instead of rho = 0.1's K = 3 or 6
+    "q4-C-stage3-smooth6-zscore-K1": {**_C4S3, "subject_score": "robust_z", "rho": 0.03},
 }
 BASELINES = ("zscore", "random")
 # Overrides that change scores but not tokens: variants differing only in these share a token cache.
