@@ -80,6 +80,9 @@ VARIANTS: dict[str, dict] = {
     "q4-C-stage3-smooth6-zscore": {**_C4S3, "subject_score": "robust_z"},
     # Study 12: one nearest reference volume (K = 1 for B = 32 and 64) instead of rho = 0.1's K = 3 or 6
     "q4-C-stage3-smooth6-zscore-K1": {**_C4S3, "subject_score": "robust_z", "rho": 0.03},
+    # Study 13: rho between and beyond (K = 2 / 4 at 0.065; K = 6 / 12 at 0.2, the paper's range's middle)
+    "q4-C-stage3-smooth6-zscore-rho0.065": {**_C4S3, "subject_score": "robust_z", "rho": 0.065},
+    "q4-C-stage3-smooth6-zscore-rho0.2": {**_C4S3, "subject_score": "robust_z", "rho": 0.2},
 }
 BASELINES = ("zscore", "random")
 # Overrides that change scores but not tokens: variants differing only in these share a token cache.
