@@ -70,11 +70,25 @@ def _upsample(grid: torch.Tensor, target: tuple[int, ...], valid: torch.Tensor |
     return torch.where(weight > 1e-6, up / weight.clamp_min(1e-6), torch.zeros_like(up))
 
 
+def _grid_map(grid: torch.Tensor, target: tuple[int, ...], valid: torch.Tensor | None, phases: int) -> torch.Tensor:
+    """``[T, h, w]`` map of a grid of ``phases`` blocks of tokens (see :class:`scripts.tokens.Tokenizer`):
+    the mean of every phase's map, each moved back to the slices its tokens pooled."""
+    rows = grid.shape[0] // phases
+    maps = []
+    for j in range(phases):
+        block = slice(j * rows, (j + 1) * rows)
+        up = _upsample(grid[block], target, None if valid is None else valid[block])[0, 0]
+        shift = j * (target[0] // rows) // phases
+        maps.append(torch.roll(up, shift, dims=0) if shift else up)
+    return torch.stack(maps).mean(dim=0) if phases > 1 else maps[0]
+
+
 def _axis_maps(
     token_scores: dict[str, torch.Tensor],
     shape: tuple[int, ...],
     scales: Sequence[str],
     validity: dict[str, torch.Tensor] | None = None,
+    phases: int = 1,
 ) -> dict[str, dict[str, list[torch.Tensor]]]:
     """``{axis: {scale: [voxel map [H, W, D] per layer]}}`` of the grids of the wanted scales."""
     per_axis: dict[str, dict[str, list[torch.Tensor]]] = {}
@@ -85,8 +99,9 @@ def _axis_maps(
         axis = key.split("/")[0]
         dim = axis_index(axis)
         target = (shape[dim], *[shape[k] for k in range(3) if k != dim])
-        up = _upsample(grid, target, None if validity is None else validity[key])
-        per_axis.setdefault(axis, {}).setdefault(scale, []).append(restore_axis(up[0, 0], axis))
+        valid = None if validity is None else validity[key]
+        up = _grid_map(grid, target, valid, phases if scale == "coarse" else 1)
+        per_axis.setdefault(axis, {}).setdefault(scale, []).append(restore_axis(up, axis))
     return per_axis
 
 
@@ -97,6 +112,7 @@ def fuse_token_scores(
     mask: torch.Tensor | None = None,
     axis_max: dict[str, float] | None = None,
     validity: dict[str, torch.Tensor] | None = None,
+    phases: int = 1,
 ) -> torch.Tensor:
     """The voxel anomaly map ``[1, H, W, D]`` of one volume.
 
@@ -109,13 +125,16 @@ def fuse_token_scores(
             the subject score).
         validity: the token validity grids of the same keys for ``edge="normalized"`` interpolation
             (see the module docstring); ``None``: invalid tokens enter as zeros (the paper).
+        phases: pooling phases of the coarse grids (``Tokenizer(depth_phases=...)``): each holds
+            ``phases`` blocks of ``M`` rows, and the map is the mean of the phases' maps, each moved
+            back to the slices its tokens pooled.
     """
     variant = str(variant).upper()
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     scales = SCALES[variant]
     shape = tuple(int(s) for s in spatial_shape)
-    per_axis = _axis_maps(token_scores, shape, scales, validity)
+    per_axis = _axis_maps(token_scores, shape, scales, validity, phases)
     if not per_axis:
         hint = " (it needs '{axis}/{layer}/fine' scores: score with q_fine set)" if variant != "C" else ""
         raise ValueError(f"no token scores to fuse for variant {variant!r}{hint}")

@@ -64,7 +64,9 @@ class BatchScorer:
         progress: bool = False,
         precision: str = "fp32",
     ) -> None:
-        self.variant, self.rho, self.L = variant, rho, L
+        if isinstance(L, bool) or int(L) != L or L < 1:
+            raise ValueError(f"L (coarse routes per reference volume) must be an int >= 1, got {L}")
+        self.variant, self.rho, self.L = variant, rho, int(L)
         self.query_tile, self.block_elements = query_tile, block_elements
         self.score_device, self.progress = score_device, progress
         self.precision = check_precision(precision)

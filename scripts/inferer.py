@@ -97,6 +97,7 @@ class CS3FInferer(Inferer):
         smooth_mm: sigma (mm) of a Gaussian on each map inside its mask (:func:`smooth_map`); 0: off (paper).
         subject_score: ``"max"`` (the paper: the map's maximum) or ``"robust_z"`` (the maximum against the
             subject's own median and spread; :func:`scripts.anomaly_map.subject_score`).
+        depth_phases: coarse tokens pooled at this many slice offsets, maps averaged (1: the paper; C only).
         chunk_size, n_references: replaced by ``references``; setting them is an error naming the new
             spelling.
     """
@@ -125,6 +126,7 @@ class CS3FInferer(Inferer):
         chunk_size: int | None = None,
         n_references: int | None = None,
         score_precision: str = "fp32",
+        depth_phases: int = 1,
     ) -> None:
         super().__init__()
         reject_replaced_keys(chunk_size=chunk_size, n_references=n_references)
@@ -132,8 +134,6 @@ class CS3FInferer(Inferer):
         self.q = dict(zip(AXES, per_axis(q, "q"), strict=True))
         self.variant = _one_of("variant", str(variant).upper(), VARIANTS)  # coarse, fine (C2F), multi-scale
         self.q_fine = _fine_pooling(self.variant, self.q, q_fine, self.axes)
-        if isinstance(L, bool) or int(L) != L or L < 1:
-            raise ValueError(f"L (coarse routes per reference volume) must be an int >= 1, got {L}")
         self.references = ReferenceSet.parse(references)
         self.edge = _one_of("edge", edge, EDGES)
         self.smooth_mm = float(smooth_mm)
@@ -141,12 +141,11 @@ class CS3FInferer(Inferer):
         self.subject_statistic = _one_of("subject_score", subject_score, SUBJECT_SCORES)
         self.rho, self.d, self.delta, self.seed = float(rho), int(d), float(delta), int(seed)
         self.token_dtype = getattr(torch, token_dtype) if isinstance(token_dtype, str) else token_dtype
-        self.tokenizer = Tokenizer(
-            self.axes, self.q, self.q_fine, self.d, self.delta, self.seed, int(slab_size), self.token_dtype
-        )
+        token_shape = (self.d, self.delta, self.seed, int(slab_size), self.token_dtype, depth_phases)
+        self.tokenizer = Tokenizer(self.axes, self.q, self.q_fine, *token_shape)
         device = torch.device(score_device) if score_device is not None else None
         self.scorer = BatchScorer(
-            self.variant, self.rho, int(L), int(query_tile), int(block_elements), device, progress, score_precision
+            self.variant, self.rho, L, int(query_tile), int(block_elements), device, progress, score_precision
         )
 
     @property
@@ -245,9 +244,9 @@ class CS3FInferer(Inferer):
         """Voxel anomaly map ``[1, H, W, D]`` of one volume (:func:`scripts.anomaly_map.fuse_token_scores`);
         ``variant`` fuses as another variant than the inferer's (e.g. C, F and MS from one MS pass);
         ``validity`` (the volume's token validity grids) is used with ``edge="normalized"``."""
-        variant = self.variant if variant is None else variant
+        variant, phases = self.variant if variant is None else variant, self.tokenizer.depth_phases
         validity = validity if self.edge == "normalized" else None
-        return fuse_token_scores(token_scores, spatial_shape, variant, mask, axis_max, validity)
+        return fuse_token_scores(token_scores, spatial_shape, variant, mask, axis_max, validity, phases)
 
     def finish_map(
         self, anomaly_map: torch.Tensor, mask: torch.Tensor | None = None, spacing: Sequence[float] | None = None
@@ -307,7 +306,8 @@ class CS3FInferer(Inferer):
             "variant": self.variant,
             "q_fine": [self.q_fine[a] for a in AXES] if self.q_fine is not None else None,
             "L": self.L,
-            # only when not the paper's (it shapes scores, not tokens)
+            # only when not the paper's (depth_phases shapes tokens, the others scores only)
+            **({"depth_phases": self.tokenizer.depth_phases} if self.tokenizer.depth_phases > 1 else {}),
             **({"references": str(self.references)} if self.references.mode != "all" else {}),
             **({"edge": self.edge} if self.edge != "zero" else {}),
             **({"smooth_mm": self.smooth_mm} if self.smooth_mm else {}),

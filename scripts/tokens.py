@@ -30,6 +30,7 @@ from scripts.transforms.tokenization import (
 
 __all__ = [
     "FINE_SUFFIX",
+    "ShiftedPool",
     "BatchBuffer",
     "TokenGrid",
     "Tokenizer",
@@ -38,8 +39,10 @@ __all__ = [
     "batch_of",
     "check_same_grids",
     "canonical_axes",
+    "check_depth_phases",
     "children_last",
     "per_axis",
+    "phase_shifts",
 ]
 
 FINE_SUFFIX = "/fine"
@@ -219,6 +222,13 @@ class Tokenizer:
         slab_size: slices per encoder forward, rounded to a multiple of ``q`` so that a slab pools
             into whole tokens and its raw features can be dropped at once.
         token_dtype: storage dtype of the tokens.
+        depth_phases: ``n`` pooling phases of the coarse tokens (not in the paper; 1: the paper's tokens).
+            With ``n > 1`` each coarse grid holds ``n`` blocks of ``M`` rows, phase ``j`` pooling slices
+            ``s_j + q t .. s_j + q t + q - 1`` (:func:`phase_shifts`: ``s_j = floor(j q / n)``) from the
+            same slice features (no extra encoder pass); the last token of a shifted phase would run past
+            the volume's end and is invalid. Why: a token pools ``q`` slices from a multiple of ``q``, so
+            anatomy that sits a slice or two apart in two subjects is pooled out of step; with a second
+            phase every token has references pooled in step with it (``docs/quality.md``, study 14).
     """
 
     def __init__(
@@ -231,10 +241,12 @@ class Tokenizer:
         seed: int,
         slab_size: int,
         token_dtype: torch.dtype,
+        depth_phases: int = 1,
     ) -> None:
         self.axes, self.q, self.q_fine = list(axes), q, q_fine
         self.d, self.delta, self.seed = d, delta, seed
         self.slab_size, self.token_dtype = slab_size, token_dtype
+        self.depth_phases = check_depth_phases(depth_phases, q, q_fine, axes)
         self._projections: dict[tuple[str, int, int], RandomProjection] = {}
 
     def projection(self, axis: str, layer: int, channels: int) -> RandomProjection:
@@ -264,12 +276,25 @@ class Tokenizer:
             for suffix, qs in self._scales(axis):
                 for layer, by_scale in enumerate(grids):
                     grid = by_scale[suffix]
-                    if mask is not None:
-                        valid = TokenValidity(axis, qs, tuple(grid.shape[1:3]), self.delta)(as_volume(mask))
-                    else:
-                        valid = torch.ones(grid.shape[:3], dtype=torch.bool)
+                    valid = self._validity(axis, qs, grid.shape, mask, phased=not suffix)
                     out.grids[f"{axis}/{layer}{suffix}"] = TokenGrid(grid, valid.to(device))
         return out
+
+    def _validity(self, axis: str, q: int, shape: torch.Size, mask: torch.Tensor | None, phased: bool) -> torch.Tensor:
+        """``[rows, P, P]`` validity of a grid of ``shape`` (all phases of a coarse one, ``phased``)."""
+        shifts = phase_shifts(q, self.depth_phases) if phased else [0]
+        rows = shape[0] // len(shifts)
+        blocks = []
+        for shift in shifts:
+            if mask is None:
+                valid = torch.ones((rows, *shape[1:3]), dtype=torch.bool)
+            else:
+                rolled = torch.roll(as_volume(mask), -shift, dims=1 + axis_index(axis)) if shift else as_volume(mask)
+                valid = TokenValidity(axis, q, tuple(shape[1:3]), self.delta)(rolled)
+            if shift:
+                valid[-1] = False  # it wraps round the volume's end
+            blocks.append(valid)
+        return torch.cat(blocks)
 
     def _scales(self, axis: str) -> list[tuple[str, int]]:
         """``(key suffix, pooling)`` of each scale: the coarse ``q``, then (F/MS) the fine ``q_fine``."""
@@ -288,12 +313,16 @@ class Tokenizer:
         pools = [DepthPool(qs, axis=axis) for _, qs in scales]
         step = q * max(1, self.slab_size // q)
         grids: list[dict[str, torch.Tensor]] = []
+        shifted: list[list[ShiftedPool]] = []  # per layer, the coarse tokens' other phases
         for start in range(0, count, step):
             features = encoder(slicer.slab(volume, axis, start, min(start + step, count)))
             for layer, feat in enumerate(features):
                 projection = self.projection(axis, layer, feat.shape[1])
                 if start == 0:
                     grids.append({})
+                    shifted.append([ShiftedPool(pools[0], s) for s in phase_shifts(q, self.depth_phases)[1:]])
+                for phase in shifted[layer]:
+                    phase.feed(feat)
                 for (suffix, qs), pool in zip(scales, pools, strict=True):
                     tokens = projection(pool(feat)).permute(0, 2, 3, 1).to(self.token_dtype)  # [m, P, P, d]
                     if start == 0:
@@ -302,7 +331,65 @@ class Tokenizer:
                         )
                     grids[layer][suffix][start // qs : start // qs + tokens.shape[0]] = tokens
             del features  # the raw features of this slab are gone before the next forward
+        for layer, phases in enumerate(shifted):
+            if phases:
+                projection = self.projection(axis, layer, phases[0].channels)
+                others = [projection(p.finish()).permute(0, 2, 3, 1).to(self.token_dtype) for p in phases]
+                grids[layer][""] = torch.cat([grids[layer][""], *(t.to(device) for t in others)])
         return grids
+
+
+def check_depth_phases(depth_phases: int, q: dict[str, int], q_fine: dict[str, int] | None, axes: Sequence[str]) -> int:
+    """``depth_phases`` as an int, or ``ValueError``: it must be >= 1, at most the smallest ``q`` of the
+    used axes, and 1 with fine tokens (F/MS route fine tokens through the paper's coarse grid)."""
+    if isinstance(depth_phases, bool) or int(depth_phases) != depth_phases or depth_phases < 1:
+        raise ValueError(f"depth_phases must be an int >= 1, got {depth_phases!r}")
+    depth_phases = int(depth_phases)
+    smallest = min(q[a] for a in axes)
+    if depth_phases > smallest:
+        raise ValueError(f"depth_phases={depth_phases} exceeds the depth pooling q={smallest}: one phase per slice")
+    if depth_phases > 1 and q_fine is not None:
+        raise ValueError("depth_phases > 1 is implemented for variant C only (F and MS need the paper's coarse grid)")
+    return depth_phases
+
+
+def phase_shifts(q: int, depth_phases: int) -> list[int]:
+    """Slice offsets of the pooling phases of ``q``-slice tokens: ``floor(j q / n)`` for ``j < n``."""
+    return [j * q // depth_phases for j in range(depth_phases)]
+
+
+class ShiftedPool:
+    """Depth pooling of a slice stack rolled by ``-shift``, fed slab by slab.
+
+    Token ``t`` pools slices ``shift + q t .. shift + q t + q - 1``; the last one wraps round to slices
+    ``0 .. shift - 1`` (the caller marks it invalid). Only the first ``shift`` slices' features and fewer
+    than ``q`` pending ones are kept between slabs. Slabs must hold at least ``shift`` slices.
+    """
+
+    def __init__(self, pool: DepthPool, shift: int) -> None:
+        self.pool, self.shift = pool, int(shift)
+        self.head: torch.Tensor | None = None
+        self.pending: torch.Tensor | None = None
+        self.pooled: list[torch.Tensor] = []
+
+    @property
+    def channels(self) -> int:
+        return int(self.pending.shape[1])  # type: ignore[union-attr]
+
+    def feed(self, features: torch.Tensor) -> None:
+        """Raw features ``[n, C, P, P]`` of the next slab."""
+        if self.head is None:
+            self.head, features = features[: self.shift], features[self.shift :]
+        pending = features if self.pending is None else torch.cat([self.pending, features])
+        whole = pending.shape[0] // self.pool.q * self.pool.q
+        if whole:
+            self.pooled.append(self.pool(pending[:whole]))
+        self.pending = pending[whole:]
+
+    def finish(self) -> torch.Tensor:
+        """All pooled tokens ``[M, C, P, P]``, the wrapping one last."""
+        self.pooled.append(self.pool(torch.cat([self.pending, self.head])))  # type: ignore[list-item]
+        return torch.cat(self.pooled)
 
 
 def canonical_axes(axes: Sequence[str | int]) -> list[str]:

@@ -36,10 +36,22 @@ __all__ = ["BASELINES", "COHORTS", "METRICS", "QUICK_COHORTS", "VARIANTS", "run_
 _BOTH = ["stage3", "stage5"]
 #: the paper's subject score (the map's maximum), which every study before study 9 used
 _PAPER_SCORE = {"subject_score": "max"}
-_C8 = {"variant": "C", "q": [8, 8, 8], "smooth_mm": 0.0, "layers": _BOTH, **_PAPER_SCORE}  # CS3F-C, earlier tokens
-_MS4 = {"variant": "MS", "q": [8, 8, 8], "q_fine": [2, 2, 2], "smooth_mm": 4.0, "layers": _BOTH, **_PAPER_SCORE}
-_C4 = {"variant": "C", "q": [4, 4, 4], "layers": _BOTH, **_PAPER_SCORE}  # 4-slice CS3F-C tokens (study 3)
+#: the paper's tokens, pooled from the volume's first slice only (every study before study 14)
+_ONE_PHASE = {"depth_phases": 1}
+_C8 = {"variant": "C", "q": [8, 8, 8], "smooth_mm": 0.0, "layers": _BOTH, **_PAPER_SCORE, **_ONE_PHASE}  # CS3F-C
+_MS4 = {
+    "variant": "MS",
+    "q": [8, 8, 8],
+    "q_fine": [2, 2, 2],
+    "smooth_mm": 4.0,
+    "layers": _BOTH,
+    **_PAPER_SCORE,
+    **_ONE_PHASE,
+}
+_C4 = {"variant": "C", "q": [4, 4, 4], "layers": _BOTH, **_PAPER_SCORE, **_ONE_PHASE}  # 4-slice tokens (study 3)
 _C4S3 = {**_C4, "layers": ["stage3"], "smooth_mm": 6.0}  # the stride-8 stage alone, 6 mm (study 4; the default)
+#: the default's tokens at two pooling phases (study 14)
+_PHASES2 = {**_C4S3, "subject_score": "robust_z", "depth_phases": 2}
 #: key of a variant's config overlays (files read after configs/inference.json), not a bundle key
 OVERLAYS = "overlays"
 #: variant name -> config overrides (on top of configs/inference.json + configs/evaluate.json), every
@@ -83,6 +95,11 @@ VARIANTS: dict[str, dict] = {
     # Study 13: rho between and beyond (K = 2 / 4 at 0.065; K = 6 / 12 at 0.2, the paper's range's middle)
     "q4-C-stage3-smooth6-zscore-rho0.065": {**_C4S3, "subject_score": "robust_z", "rho": 0.065},
     "q4-C-stage3-smooth6-zscore-rho0.2": {**_C4S3, "subject_score": "robust_z", "rho": 0.2},
+    # Study 14: a second pooling phase (tokens also pooled from slice q / 2), the phases' maps averaged
+    "q4-C-stage3-smooth6-zscore-phases2": _PHASES2,
+    # Study 15: study 14's tokens with a wider Gaussian (its 6 mm had 0.016 more false positives per volume)
+    "q4-C-stage3-smooth6.5-zscore-phases2": {**_PHASES2, "smooth_mm": 6.5},
+    "q4-C-stage3-smooth7-zscore-phases2": {**_PHASES2, "smooth_mm": 7.0},
 }
 BASELINES = ("zscore", "random")
 # Overrides that change scores but not tokens: variants differing only in these share a token cache.

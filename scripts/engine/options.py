@@ -163,6 +163,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "edge": lambda v: _as_choice(v, "edge", EDGES),
     "smooth_mm": lambda v: _as_float(v, "smooth_mm", lambda x: x >= 0.0, "a number >= 0 (mm; 0 = off)"),
     "subject_score": lambda v: _as_choice(v, "subject_score", SUBJECT_SCORES),
+    "depth_phases": lambda v: _as_int(v, "depth_phases", 1),
     "score_precision": lambda v: _as_choice(v, "score_precision", PRECISIONS),
     "encoder_precision": lambda v: _as_choice(v, "encoder_precision", ENCODER_PRECISIONS),
     "encoder_name": lambda v: v if isinstance(v, str) and v.strip() else _raise(_bad("encoder_name", v, "a name")),
@@ -175,7 +176,13 @@ def _raise(err: Exception) -> Any:
 
 def _combinations(o: dict[str, Any]) -> None:
     """Checks across keys (each key alone is already valid)."""
+    phases = o.get("depth_phases", 1)
+    smallest = min(o["q"][axis_index(axis)] for axis in o.get("axes", AXES))
+    if phases > smallest:
+        raise CS3FInputError(f"depth_phases={phases} exceeds the depth pooling q={smallest}: one phase per slice")
     if o.get("variant", "C") != "C":
+        if o.get("depth_phases", 1) > 1:
+            raise CS3FInputError(f"depth_phases > 1 is implemented for variant C only, got variant {o['variant']}")
         if o.get("q_fine") is None:
             raise CS3FInputError(f"variant {o['variant']} needs q_fine (e.g. [2, 2, 2]), got null")
         for axis in o.get("axes", AXES):

@@ -24,6 +24,7 @@ PAPER = {
         "q_fine": [2, 2, 2],
         "smooth_mm": 0.0,  # not in the paper: off
         "subject_score": "max",  # Sec. 3.3.4: the map's maximum
+        "depth_phases": 1,  # Sec. 3.3.2: tokens pool q slices from the volume's first
         "delta": 0.0,
         "rho": 0.1,
         "L": 16,
@@ -40,6 +41,7 @@ PAPER = {
         "q_fine": [2, 2, 2],
         "smooth_mm": 0.0,
         "subject_score": "max",
+        "depth_phases": 1,
         "delta": 0.0,
         "rho": 0.1,
         "L": 16,
