@@ -109,13 +109,25 @@ def test_bank_is_held_as_rows_of_one_buffer(tiny_cohort: Path, tmp_path: Path) -
 
 def test_bundle_command_with_overrides(tiny_cohort: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli"
-    overrides = ["--image_size", "32", "--q", "[8,8,8]", "--rho", "0.2", "--subject_score", "max"]
+    overrides = [
+        "--image_size",
+        "32",
+        "--q",
+        "[8,8,8]",
+        "--rho",
+        "0.2",
+        "--subject_score",
+        "max",
+        "--depth_phases",
+        "2",
+    ]
     proc = run_bundle("--dataset_dir", tiny_cohort, "--output_dir", out, *overrides)  # not quiet: the user's view
     assert_success(proc)
     assert "scores.csv" in proc.stdout and str(out) in proc.stdout  # tells the user where things are
     _check_outputs(tiny_cohort, out, statistic="max")
     inferer = json.loads((out / "run.json").read_text())["inferer"]
     assert inferer["rho"] == 0.2 and "subject_score" not in inferer  # the paper's maximum is not recorded
+    assert inferer["depth_phases"] == 2
 
 
 def _run_expect_error(dataset_dir: Path, out: Path) -> str:
@@ -273,6 +285,7 @@ def test_inference_config_resolves_to_the_documented_defaults(tiny_cohort: Path,
     assert inferer.variant == "C" and str(inferer.references) == "all"  # chosen in docs/quality.md
     assert (inferer.q_fine, inferer.smooth_mm, inferer.L) == (None, 6.0, 16)  # CS3F-C has no fine tokens
     assert inferer.subject_statistic == "robust_z"  # chosen in docs/quality.md
+    assert inferer.tokenizer.depth_phases == 1  # the paper's tokens (docs/quality.md, studies 14 and 15)
     assert (inferer.tokenizer.slab_size, inferer.token_dtype) == (32, torch.float32)
     encoder = parser.get_parsed_content("network")
     assert encoder is parser.get_parsed_content("network_def").encoder
