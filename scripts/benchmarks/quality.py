@@ -49,7 +49,7 @@ _MS4 = {
     **_ONE_PHASE,
 }
 _C4 = {"variant": "C", "q": [4, 4, 4], "layers": _BOTH, **_PAPER_SCORE, **_ONE_PHASE}  # 4-slice tokens (study 3)
-_C4S3 = {**_C4, "layers": ["stage3"], "smooth_mm": 6.0}  # the stride-8 stage alone, 6 mm (study 4; the default)
+_C4S3 = {**_C4, "layers": ["stage3"], "smooth_mm": 6.0}  # the stride-8 stage alone, 6 mm (study 4)
 #: the default's tokens at two pooling phases (study 14)
 _PHASES2 = {**_C4S3, "subject_score": "robust_z", "depth_phases": 2}
 #: key of a variant's config overlays (files read after configs/inference.json), not a bundle key
