@@ -27,14 +27,15 @@ from scripts.benchmarks.settings import ROOT
 __all__ = ["SCORED_AS", "run_map_variants"]
 
 #: how each cohort is tokenized and scored (MS scores hold the coarse and the fine token scores): 8-slice
-#: coarse tokens with 2-slice children of both EfficientNet-Lite0 stages, whatever the default's; the
-#: subject score is the paper's maximum, as in study 2
+#: coarse tokens with 2-slice children of both EfficientNet-Lite0 stages at the paper's one pooling phase,
+#: whatever the default's; the subject score is the paper's maximum, as in study 2
 SCORED_AS = {
     "variant": "MS",
     "q": [8, 8, 8],
     "q_fine": [2, 2, 2],
     "layers": ["stage3", "stage5"],
     "subject_score": "max",
+    "depth_phases": 1,
 }
 
 

@@ -181,10 +181,13 @@ def _combinations(o: dict[str, Any]) -> None:
     if phases > smallest:
         raise CS3FInputError(f"depth_phases={phases} exceeds the depth pooling q={smallest}: one phase per slice")
     if o.get("variant", "C") != "C":
-        if o.get("depth_phases", 1) > 1:
-            raise CS3FInputError(f"depth_phases > 1 is implemented for variant C only, got variant {o['variant']}")
         if o.get("q_fine") is None:
             raise CS3FInputError(f"variant {o['variant']} needs q_fine (e.g. [2, 2, 2]), got null")
+        if o.get("depth_phases", 1) > 1:
+            raise CS3FInputError(
+                f"variant {o['variant']} needs depth_phases 1 (two or more phases are implemented for variant C "
+                "only): add --depth_phases 1, or use the configs/multiscale.json overlay"
+            )
         for axis in o.get("axes", AXES):
             i = axis_index(axis)
             if o["q"][i] % o["q_fine"][i]:

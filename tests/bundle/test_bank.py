@@ -290,8 +290,8 @@ def test_manifest_mismatch_is_one_clear_line(bank: Path, new_cohort: Path, tmp_p
     line = _input_error(**common, intensity_percentiles=[1.0, 99.5])
     changed = "preprocessing.transforms.6:ScaleIntensityRangePercentilesd.scaler.lower"
     assert f"{changed} (bank 0.0, run 1.0)" in line
-    line = _input_error(**common, variant="MS", q_fine=[2, 2, 2])
-    assert "no fine tokens" in line
+    line = _input_error(**common, variant="MS", q_fine=[2, 2, 2], depth_phases=1)
+    assert "no fine tokens" in line, line
     line = _input_error(**common, n_references=4)
     assert "n_references was replaced by the references key" in line and "random:4" in line
     line = _input_error(**{**common, "reference_bank": str(bank), "references": "all"})
@@ -313,8 +313,8 @@ def test_token_bank_views_are_read_only_memmaps(bank: Path) -> None:
         perms = _mapping_of(tensor, bank / rel)
         assert perms is not None, f"{rel}: the tensor's data is not in a mapping of the file (a copy?)"
         assert "w" not in perms, f"{rel}: mapped {perms}, not read-only"
-    grid = VolumeTokens((32, 32, 32), {"axial/0": TokenGrid(tokens[0].view(4, 4, 4, 128), valid[0].view(4, 4, 4))})
-    assert grid.num_tokens() == 64
+    grid = VolumeTokens((32, 32, 32), {"axial/0": TokenGrid(tokens[0].view(-1, 4, 4, 128), valid[0].view(-1, 4, 4))})
+    assert grid.num_tokens() == 2 * 64  # 4 x 4 x 4 tokens at each of the default's two pooling phases
 
 
 def test_bank_writer_streams_volumes_and_truncates_to_those_added(tmp_path: Path) -> None:

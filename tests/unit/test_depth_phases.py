@@ -119,7 +119,7 @@ def test_record_cache_key_and_errors() -> None:
     for bad, message in [
         ({"depth_phases": 0}, "depth_phases"),
         ({"depth_phases": 8}, "exceeds the depth pooling q=4"),
-        ({"variant": "MS", "q_fine": [2, 2, 2], "depth_phases": 2}, "variant C only"),
+        ({"variant": "MS", "q_fine": [2, 2, 2], "depth_phases": 2}, "variant MS needs depth_phases 1"),
     ]:
         with pytest.raises(CS3FInputError, match=message):
             check_options({**base, **bad})
