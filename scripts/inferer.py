@@ -141,8 +141,8 @@ class CS3FInferer(Inferer):
         self.subject_statistic = _one_of("subject_score", subject_score, SUBJECT_SCORES)
         self.rho, self.d, self.delta, self.seed = float(rho), int(d), float(delta), int(seed)
         self.token_dtype = getattr(torch, token_dtype) if isinstance(token_dtype, str) else token_dtype
-        token_shape = (self.d, self.delta, self.seed, int(slab_size), self.token_dtype, depth_phases)
-        self.tokenizer = Tokenizer(self.axes, self.q, self.q_fine, *token_shape)
+        token_args = (self.d, self.delta, self.seed, int(slab_size), self.token_dtype, depth_phases)
+        self.tokenizer = Tokenizer(self.axes, self.q, self.q_fine, *token_args)
         device = torch.device(score_device) if score_device is not None else None
         self.scorer = BatchScorer(
             self.variant, self.rho, L, int(query_tile), int(block_elements), device, progress, score_precision

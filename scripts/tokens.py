@@ -30,8 +30,8 @@ from scripts.transforms.tokenization import (
 
 __all__ = [
     "FINE_SUFFIX",
-    "ShiftedPool",
     "BatchBuffer",
+    "ShiftedPool",
     "TokenGrid",
     "Tokenizer",
     "VolumeTokens",

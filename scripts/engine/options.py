@@ -183,7 +183,7 @@ def _combinations(o: dict[str, Any]) -> None:
     if o.get("variant", "C") != "C":
         if o.get("q_fine") is None:
             raise CS3FInputError(f"variant {o['variant']} needs q_fine (e.g. [2, 2, 2]), got null")
-        if o.get("depth_phases", 1) > 1:
+        if phases > 1:
             raise CS3FInputError(
                 f"variant {o['variant']} needs depth_phases 1 (two or more phases are implemented for variant C "
                 "only): add --depth_phases 1, or use the configs/multiscale.json overlay"
