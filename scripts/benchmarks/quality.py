@@ -100,6 +100,10 @@ VARIANTS: dict[str, dict] = {
     # Study 15: study 14's tokens with a wider Gaussian (its 6 mm had 0.016 more false positives per volume)
     "q4-C-stage3-smooth6.5-zscore-phases2": {**_PHASES2, "smooth_mm": 6.5},
     "q4-C-stage3-smooth7-zscore-phases2": {**_PHASES2, "smooth_mm": 7.0},
+    # Study 16: token depth q at the default's cost: a token starts every 2 slices (q / depth_phases = 2)
+    "q2-C-stage3-smooth6.5-zscore": {**_PHASES2, "q": [2, 2, 2], "depth_phases": 1, "smooth_mm": 6.5},
+    "q6-C-stage3-smooth6.5-zscore-phases3": {**_PHASES2, "q": [6, 6, 6], "depth_phases": 3, "smooth_mm": 6.5},
+    "q8-C-stage3-smooth6.5-zscore-phases4": {**_PHASES2, "q": [8, 8, 8], "depth_phases": 4, "smooth_mm": 6.5},
 }
 BASELINES = ("zscore", "random")
 # Overrides that change scores but not tokens: variants differing only in these share a token cache.
