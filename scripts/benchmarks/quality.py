@@ -52,6 +52,8 @@ _C4 = {"variant": "C", "q": [4, 4, 4], "layers": _BOTH, **_PAPER_SCORE, **_ONE_P
 _C4S3 = {**_C4, "layers": ["stage3"], "smooth_mm": 6.0}  # the stride-8 stage alone, 6 mm (study 4)
 #: the default's tokens at two pooling phases (study 14)
 _PHASES2 = {**_C4S3, "subject_score": "robust_z", "depth_phases": 2}
+#: 6-slice tokens at three pooling phases, 6.5 mm (study 16)
+_Q6P3 = {**_PHASES2, "q": [6, 6, 6], "depth_phases": 3, "smooth_mm": 6.5}
 #: key of a variant's config overlays (files read after configs/inference.json), not a bundle key
 OVERLAYS = "overlays"
 #: variant name -> config overrides (on top of configs/inference.json + configs/evaluate.json), every
@@ -102,8 +104,12 @@ VARIANTS: dict[str, dict] = {
     "q4-C-stage3-smooth7-zscore-phases2": {**_PHASES2, "smooth_mm": 7.0},
     # Study 16: token depth q at the default's cost: a token starts every 2 slices (q / depth_phases = 2)
     "q2-C-stage3-smooth6.5-zscore": {**_PHASES2, "q": [2, 2, 2], "depth_phases": 1, "smooth_mm": 6.5},
-    "q6-C-stage3-smooth6.5-zscore-phases3": {**_PHASES2, "q": [6, 6, 6], "depth_phases": 3, "smooth_mm": 6.5},
+    "q6-C-stage3-smooth6.5-zscore-phases3": _Q6P3,
     "q8-C-stage3-smooth6.5-zscore-phases4": {**_PHASES2, "q": [8, 8, 8], "depth_phases": 4, "smooth_mm": 6.5},
+    # Study 17: study 16's 6-slice tokens at three phases with a narrower Gaussian
+    "q6-C-stage3-smooth5-zscore-phases3": {**_Q6P3, "smooth_mm": 5.0},
+    "q6-C-stage3-smooth5.5-zscore-phases3": {**_Q6P3, "smooth_mm": 5.5},
+    "q6-C-stage3-smooth6-zscore-phases3": {**_Q6P3, "smooth_mm": 6.0},
 }
 BASELINES = ("zscore", "random")
 # Overrides that change scores but not tokens: variants differing only in these share a token cache.
