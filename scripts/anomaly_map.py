@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from monai.networks.layers.convutils import gaussian_1d
-from scripts.tokens import FINE_SUFFIX, as_volume
+from scripts.tokens import FINE_SUFFIX, as_volume, phase_shifts
 from scripts.transforms.tokenization import axis_index, restore_axis
 
 __all__ = [
@@ -75,10 +75,9 @@ def _grid_map(grid: torch.Tensor, target: tuple[int, ...], valid: torch.Tensor |
     the mean of every phase's map, each moved back to the slices its tokens pooled."""
     rows = grid.shape[0] // phases
     maps = []
-    for j in range(phases):
+    for j, shift in enumerate(phase_shifts(target[0] // rows, phases)):
         block = slice(j * rows, (j + 1) * rows)
         up = _upsample(grid[block], target, None if valid is None else valid[block])[0, 0]
-        shift = j * (target[0] // rows) // phases
         maps.append(torch.roll(up, shift, dims=0) if shift else up)
     return torch.stack(maps).mean(dim=0) if phases > 1 else maps[0]
 
