@@ -3,6 +3,7 @@ deterministic encoder and toy volumes."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -161,3 +162,37 @@ def robust_z_peak(scores: np.ndarray, mask: np.ndarray) -> float:
     median = values[(values.size - 1) // 2]
     mad = np.sort(np.abs(values - median))[(values.size - 1) // 2]
     return float((values[-1] - median) / (1.4826 * mad))
+
+
+def float64_brute_force(
+    tokens: torch.Tensor, valid: torch.Tensor | None, rho: float, groups: list | None = None
+) -> torch.Tensor:
+    """Eq. 1-2 in float64 over all tokens at once: ``tokens [B, N, d]`` -> scores ``[B, N]`` (scans of
+    one subject, equal entries of ``groups``, are not references for each other)."""
+    from scripts.scoring import num_neighbours
+
+    b, n, d = tokens.shape
+    valid = torch.ones(b, n, dtype=torch.bool) if valid is None else valid
+    groups = list(range(b)) if groups is None else groups
+    flat = tokens.reshape(b * n, d).double()
+    dist = torch.cdist(flat, flat)
+    dist[:, ~valid.reshape(-1)] = math.inf
+    per_volume = dist.view(b * n, b, n).min(dim=2).values.view(b, n, b)
+    out = torch.zeros(b, n, dtype=torch.float64)
+    for i in range(b):
+        others = [j for j in range(b) if groups[j] != groups[i]]
+        k = num_neighbours(len(others) + 1, rho)
+        out[i] = per_volume[i][:, others].sort(dim=1).values[:, :k].mean(dim=1)
+    return torch.where(valid, out, 0.0)
+
+
+def float32_distance_tolerance(tokens: torch.Tensor) -> float:
+    """Worst-case error of a float32 distance between two of ``tokens [..., d]`` formed as
+    ``|p|^2 + |t|^2 - 2 p.t``: the squared distance is off by at most ``gamma_(d+2) (|p|^2 + |t|^2)``
+    (``gamma_n = n u / (1 - n u)``, ``u = 2^-24``), and ``|sqrt(a) - sqrt(b)| <= sqrt(|a - b|)``. A mean
+    of K such distances, whichever near-equal reference each scorer picks, is within the same bound."""
+    u = 2.0**-24
+    n = tokens.shape[-1] + 2
+    gamma = n * u / (1 - n * u)
+    max_sq_norm = float(tokens.double().pow(2).sum(-1).max())
+    return math.sqrt(gamma * 2 * max_sq_norm)

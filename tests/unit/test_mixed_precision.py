@@ -10,26 +10,8 @@ import scripts.mixed_precision as mp
 import scripts.scoring as scoring
 import torch
 from scripts.mixed_precision import LowPrecisionBlocks, resolve_precision, spec_of
-from scripts.scoring import mutual_similarity_scores, num_neighbours
-
-
-def brute_force(
-    tokens: torch.Tensor, valid: torch.Tensor | None, rho: float, groups: list | None = None
-) -> torch.Tensor:
-    """Eq. 1-2 in float64 over all tokens at once (scans of one subject are not references)."""
-    b, n, d = tokens.shape
-    valid = torch.ones(b, n, dtype=torch.bool) if valid is None else valid
-    groups = list(range(b)) if groups is None else groups
-    flat = tokens.reshape(b * n, d).double()
-    dist = torch.cdist(flat, flat)
-    dist[:, ~valid.reshape(-1)] = math.inf
-    per_volume = dist.view(b * n, b, n).min(dim=2).values.view(b, n, b)
-    out = torch.zeros(b, n, dtype=torch.float64)
-    for i in range(b):
-        others = [j for j in range(b) if groups[j] != groups[i]]
-        k = num_neighbours(len(others) + 1, rho)
-        out[i] = per_volume[i][:, others].sort(dim=1).values[:, :k].mean(dim=1)
-    return torch.where(valid, out, 0.0)
+from scripts.scoring import mutual_similarity_scores
+from tests.helpers import float64_brute_force as brute_force
 
 
 def _hard_tokens(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
