@@ -65,7 +65,7 @@ def _scored(cohort: Path, overrides: Mapping) -> tuple[list[dict], list, list, o
 def _evaluate(rows, bank, scores, inferer, variant: str, smooth_mm: float) -> dict:
     from monai.transforms import LoadImage
     from scripts.anomaly_map import smooth_map, subject_score
-    from scripts.evaluation.metrics import evaluate_cohort
+    from scripts.evaluation.report import evaluate_cohort
 
     load = LoadImage(image_only=True)
     maps, subject_scores = [], []

@@ -8,9 +8,7 @@ Usage (two passes over the score maps; nothing but small histograms and per-lesi
     for s in cohort:                                   # pass 2 (needs the 99 %-TNR threshold of pass 1)
         ev.add_components(s.name, s.score_map, s.label, s.mask, image=s.image)
     metrics = ev.compute()
-    write_report("out", ev, metrics)                   # metrics.json, lesions.csv, gt_lesions.csv, PNGs
-
-or ``evaluate_cohort(lambda: iter(records), out_dir="out")`` which runs both passes.
+    write_report("out", ev, metrics)  # scripts.evaluation.report; evaluate_cohort runs both passes
 
 Definitions (what each number is, exactly)
 ------------------------------------------
@@ -76,13 +74,6 @@ gap between neighbouring order statistics (for continuous scores, about one bin;
   normal and abnormal). This needs the maps again at the now known threshold: pass 2,
   ``add_components``; until every subject has had its pass 2 the value is NaN.
 
-Reports (``write_report``): ``metrics.json`` (the keys above plus counts, thresholds and bounds),
-``lesions.csv`` (one row per predicted component at ``threshold99``: subject, component id, voxels,
-volume mm^3, centroid in world mm through the affine, peak and mean score, matched GT lesion ids joined by
-";" or "FP"), ``gt_lesions.csv`` (one row per GT lesion with size class, exclusion, peak score,
-detected99), ``roc_pr_patient.png``, ``roc_pr_voxel.png`` and ``overlays/<subject>.png`` (abnormal
-subjects; the three slices through the peak voxel of the highest-scoring lesion are kept from pass 2).
-
 NaN (null in metrics.json) marks a quantity that is undefined for the data (e.g. no lesion of a class,
 no normal subject); no placeholder numbers are produced.
 """
@@ -90,26 +81,24 @@ no normal subject); no placeholder numbers are produced.
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
-from scripts.storage.atomic import atomic_write_csv, atomic_write_json
+from scripts.evaluation.lesions import (
+    MIN_DIAMETER_MM,
+    SIZE_CLASSES,
+    STRUCTURE_18,
+    affine_of,
+    as_volume_array,
+    components,
+    equivalent_diameter,
+    size_class,
+    to_world,
+)
+from scripts.evaluation.ranking import NAN, FloatBins, rank_metrics, roc_pr_points
 
-__all__ = [
-    "ARCHITECTURE_KEYS",
-    "CohortEvaluator",
-    "FloatBins",
-    "evaluate_cohort",
-    "rank_metrics",
-    "SIZE_CLASSES",
-    "size_class",
-    "write_report",
-    "STRUCTURE_18",
-]
+__all__ = ["ARCHITECTURE_KEYS", "CohortEvaluator"]
 
 ARCHITECTURE_KEYS = (
     "patient_auroc",
@@ -125,196 +114,7 @@ ARCHITECTURE_KEYS = (
     "dice99",
     "fp_per_volume",
 )
-STRUCTURE_18 = ndimage.generate_binary_structure(3, 2)  # faces + edges: 18-connectivity
-MIN_DIAMETER_MM = 3.0
-SMALL_MAX_MM3 = 100.0
-LARGE_MIN_MM3 = 1000.0
-#: lesion size classes (Sec. 4.5), in increasing size; :func:`size_class` gives a lesion's
-SIZE_CLASSES: tuple[str, str, str] = ("small", "medium", "large")
 TNR = 0.99
-NAN = float("nan")
-
-
-def size_class(volume_mm3: float) -> str:
-    """Size class of a lesion: small < 100 <= medium <= 1000 < large (mm^3)."""
-    if volume_mm3 < SMALL_MAX_MM3:
-        return "small"
-    return "large" if volume_mm3 > LARGE_MIN_MM3 else "medium"
-
-
-def equivalent_diameter(volume_mm3):
-    """Diameter (mm) of the sphere with the given volume (mm^3): (6 V / pi)^(1/3)."""
-    return np.cbrt(6.0 * np.asarray(volume_mm3, dtype=np.float64) / np.pi)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Order-preserving float binning
-# ---------------------------------------------------------------------------------------------------------
-class FloatBins:
-    """Monotone map float32 -> bin index keeping ``mantissa_bits`` mantissa bits (see module docstring).
-
-    Exact zero (+0.0 and -0.0) gets a bin of its own (maps are zero wherever a token is invalid, and
-    pairs of exact zeros must not count as binning error); the positive floats below the first grid
-    value above zero (2**-126 * 2**-mantissa_bits region, i.e. denormals) form the next bin.
-    """
-
-    def __init__(self, mantissa_bits: int = 12):
-        if not 0 <= mantissa_bits <= 14:
-            raise ValueError(f"mantissa_bits must be in [0, 14], got {mantissa_bits}")
-        self.mantissa_bits = int(mantissa_bits)
-        self.shift = 23 - self.mantissa_bits
-        self.zero_bin = 1 << (31 - self.shift)  # grid index of +0.0
-        self.n_bins = (1 << (32 - self.shift)) + 1
-
-    def index(self, x: np.ndarray) -> np.ndarray:
-        """Bin index (intp) of each float32 value; larger value -> larger or equal index."""
-        x = np.ascontiguousarray(x, dtype=np.float32) + np.float32(0.0)  # -0.0 -> +0.0
-        u = x.view(np.uint32)
-        key = np.where(u >= np.uint32(0x80000000), ~u, u | np.uint32(0x80000000))
-        return (key >> np.uint32(self.shift)).astype(np.intp) + (x > 0)
-
-    def lower_edge(self, b) -> np.ndarray:
-        """Smallest float32 of bin(s) ``b`` (``b >= n_bins``: +inf); ``x >= edge(b)`` iff bin(x) >= b."""
-        b = np.asarray(b, dtype=np.int64)
-        out = np.full(b.shape, np.inf, dtype=np.float64)
-        ok = b < self.n_bins
-        g = b[ok] - (b[ok] > self.zero_bin)  # grid index
-        key = (g.astype(np.uint64) << np.uint64(self.shift)).astype(np.uint32)
-        u = np.where(key >= np.uint32(0x80000000), key & np.uint32(0x7FFFFFFF), ~key)
-        e = u.view(np.float32).astype(np.float64)
-        e[np.isnan(e)] = -np.inf  # the lowest keys are NaN bit patterns: the bin starts at -inf
-        e[b[ok] == self.zero_bin + 1] = float(np.nextafter(np.float32(0), np.float32(1)))
-        out[ok] = e
-        return out if out.ndim else out[()]
-
-    def width(self, b) -> np.ndarray:
-        return self.lower_edge(np.asarray(b) + 1) - self.lower_edge(b)
-
-    def histogram(self, x: np.ndarray) -> np.ndarray:
-        return np.bincount(self.index(x).ravel(), minlength=self.n_bins).astype(np.int64)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Rank metrics from tie-grouped counts (used exactly for patients, per bin for voxels)
-# ---------------------------------------------------------------------------------------------------------
-def rank_metrics(pos: np.ndarray, neg: np.ndarray, exact=False) -> dict:
-    """AUROC, AP, max F1 (= max Dice) from positive/negative counts per tie group, highest score first.
-
-    Group i is "all items with the i-th highest score value" (or bin); the operating points are the
-    thresholds "score >= lowest value of group i". ``exact`` (bool or bool per group) marks groups that
-    hold a single score value (exact ties); the other groups are bins of distinct values, and the
-    returned bounds (see module docstring) say how far the exact metrics can be from the binned ones.
-    """
-    pos = np.asarray(pos, dtype=np.float64)
-    neg = np.asarray(neg, dtype=np.float64)
-    binned = ~np.broadcast_to(np.asarray(exact, dtype=bool), pos.shape)
-    P, N = float(pos.sum()), float(neg.sum())  # noqa: N806
-    tp, fp = np.cumsum(pos), np.cumsum(neg)
-    tpa, fpa = tp - pos, fp - neg  # strictly above the group
-    out = {"P": P, "N": N, "tp": tp, "fp": fp}
-    if P > 0 and N > 0:
-        out["auroc"] = float((np.dot(pos, N - fp) + 0.5 * np.dot(pos, neg)) / (P * N))
-        out["auroc_bound"] = float(0.5 * np.dot(pos[binned], neg[binned]) / (P * N))
-    else:
-        out["auroc"] = out["auroc_bound"] = NAN
-    if P > 0:
-        has = pos > 0
-        prec = tp[has] / (tp[has] + fp[has])
-        out["ap"] = float(np.dot(pos[has] / P, prec))
-        b = binned[has]
-        lo = (tpa[has] + 1) / (tpa[has] + 1 + fpa[has] + neg[has])
-        hi = (tpa[has] + pos[has]) / (tpa[has] + pos[has] + fpa[has])
-        out["ap_bound"] = float(np.dot(pos[has][b] / P, hi[b] - lo[b]))
-        f1 = 2 * tp / (tp + fp + P)
-        i = int(np.argmax(f1))
-        out["f1"], out["argmax"] = float(f1[i]), i
-        out["iou_at_argmax"] = float(tp[i] / (fp[i] + P))
-        f1_in_bin = np.where(binned, 2 * (tpa + pos) / (tpa + pos + fpa + P), f1)
-        out["f1_upper"] = float(max(np.max(f1_in_bin), f1[i]))
-    else:
-        out.update(ap=NAN, ap_bound=NAN, f1=NAN, argmax=-1, iou_at_argmax=NAN, f1_upper=NAN)
-    return out
-
-
-def _roc_pr_points(tp, fp, P, N, max_points: int = 4000) -> dict:  # noqa: N803
-    """ROC and PR curve points (thinned to about ``max_points`` for plotting)."""
-    idx = np.arange(len(tp))
-    if len(idx) > max_points:
-        idx = np.unique(np.linspace(0, len(tp) - 1, max_points).round().astype(int))
-    tp, fp = np.asarray(tp)[idx], np.asarray(fp)[idx]
-    d = {}
-    if P > 0 and N > 0:
-        d["fpr"] = np.concatenate([[0.0], fp / N])
-        d["tpr"] = np.concatenate([[0.0], tp / P])
-    if P > 0:
-        up = np.diff(np.concatenate([[0.0], tp])) > 0  # points where recall grows: the AP step function
-        tp, fp = tp[up], fp[up]
-        prec = tp / np.maximum(tp + fp, 1)
-        d["recall"] = np.concatenate([[0.0], tp / P])  # precision p_i holds on (r_{i-1}, r_i] (step "pre")
-        d["precision"] = np.concatenate([prec[:1], prec])
-        d["prevalence"] = P / (P + N)
-    return d
-
-
-def _as_numpy(x, dtype=None) -> np.ndarray | None:
-    if x is None:
-        return None
-    if hasattr(x, "detach"):  # torch.Tensor / MetaTensor
-        x = x.detach().cpu().numpy()
-    x = np.asarray(x)
-    if x.ndim == 4 and x.shape[0] == 1:  # [1, H, W, D] channel-first
-        x = x[0]
-    if x.ndim != 3:
-        raise ValueError(f"expected a [H, W, D] (or [1, H, W, D]) array, got shape {x.shape}")
-    return x.astype(dtype, copy=False) if dtype is not None else x
-
-
-def _affine_of(x):
-    aff = getattr(x, "affine", None)
-    if aff is None:
-        return None
-    if hasattr(aff, "detach"):
-        aff = aff.detach().cpu().numpy()
-    aff = np.asarray(aff, dtype=np.float64)
-    return aff[0] if aff.ndim == 3 else aff
-
-
-def _to_world(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
-    ijk = np.atleast_2d(np.asarray(ijk, dtype=np.float64))
-    return ijk @ affine[:3, :3].T + affine[:3, 3]
-
-
-def _components(binary: np.ndarray, score: np.ndarray, valid: np.ndarray | None = None) -> dict:
-    """18-connected components of ``binary`` and per-component statistics, vectorised over the labelled
-    voxels only (scipy's labelled max/argmax sort the whole volume). ``valid``: voxels whose score counts
-    for the peak/mean (others are ignored; a component with no valid voxel has peak -inf)."""
-    cc, n = ndimage.label(binary, structure=STRUCTURE_18)
-    idx = np.flatnonzero(cc)  # labelled voxels, raster order
-    lab = cc.ravel()[idx]
-    n_vox = np.bincount(lab, minlength=n + 1)[1:]
-    ijk = np.unravel_index(idx, cc.shape)
-    centroid = (
-        np.stack([np.bincount(lab, weights=c, minlength=n + 1)[1:] for c in ijk], 1) / np.maximum(n_vox, 1)[:, None]
-    )
-    vals = score.ravel()[idx].astype(np.float64)
-    ok = np.ones(idx.shape, bool) if valid is None else valid.ravel()[idx]
-    vals_ok = np.where(ok, vals, -np.inf)
-    order = np.lexsort((vals_ok, lab))  # by label, then score: the last of each label is its peak
-    last = order[np.cumsum(n_vox) - 1] if n else np.zeros(0, np.intp)
-    n_ok = np.bincount(lab, weights=ok, minlength=n + 1)[1:]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.bincount(lab, weights=np.where(ok, vals, 0.0), minlength=n + 1)[1:] / n_ok
-    return {
-        "cc": cc,
-        "n": n,
-        "n_voxels": n_vox,
-        "centroid": centroid,
-        "peak": vals_ok[last],
-        "peak_voxel": np.stack(np.unravel_index(idx[last], cc.shape), 1),
-        "mean": mean,
-        "flat": idx,
-        "labels": lab,
-    }
 
 
 @dataclass
@@ -374,10 +174,10 @@ class CohortEvaluator:
         if name in self.subjects:
             raise ValueError(f"subject {name!r} added twice")
         if affine is None:
-            affine = _affine_of(score_map)
-        s = _as_numpy(score_map, np.float32)
-        lab = np.zeros(s.shape, bool) if label is None else _as_numpy(label) > 0
-        fg = np.ones(s.shape, bool) if mask is None else _as_numpy(mask) > 0
+            affine = affine_of(score_map)
+        s = as_volume_array(score_map, np.float32)
+        lab = np.zeros(s.shape, bool) if label is None else as_volume_array(label) > 0
+        fg = np.ones(s.shape, bool) if mask is None else as_volume_array(mask) > 0
         if lab.shape != s.shape or fg.shape != s.shape:
             raise ValueError(f"{name}: shapes differ: score {s.shape}, label {lab.shape}, mask {fg.shape}")
         if np.isnan(s).any():
@@ -425,12 +225,12 @@ class CohortEvaluator:
         self.subjects[name] = rec
 
     def _gt_lesions(self, s, lab, fg, spacing, affine) -> list[dict]:
-        c = _components(lab, s, fg)
+        c = components(lab, s, fg)
         n, n_vox, peak, peak_pos, com = c["n"], c["n_voxels"], c["peak"], c["peak_voxel"], c["centroid"]
         ids = np.arange(1, n + 1)
         volume = n_vox * float(np.prod(spacing))
         diameter = equivalent_diameter(volume)
-        world = _to_world(affine, com)
+        world = to_world(affine, com)
         rows = []
         for i in range(n):
             rows.append(
@@ -508,11 +308,11 @@ class CohortEvaluator:
             raise KeyError(f"add_components({name!r}): subject was not added in pass 1")
         if rec.done_pass2:
             raise ValueError(f"add_components({name!r}) called twice")
-        s = _as_numpy(score_map, np.float32)
+        s = as_volume_array(score_map, np.float32)
         if s.shape != rec.shape:
             raise ValueError(f"{name}: pass-2 shape {s.shape} != pass-1 shape {rec.shape}")
-        lab = np.zeros(s.shape, bool) if label is None else _as_numpy(label) > 0
-        fg = np.ones(s.shape, bool) if mask is None else _as_numpy(mask) > 0
+        lab = np.zeros(s.shape, bool) if label is None else as_volume_array(label) > 0
+        fg = np.ones(s.shape, bool) if mask is None else as_volume_array(mask) > 0
         if bool(lab.any()) != rec.abnormal:
             raise ValueError(f"{name}: pass-2 label disagrees with pass 1 (abnormal={rec.abnormal})")
 
@@ -520,11 +320,11 @@ class CohortEvaluator:
         rows = []
         if not math.isnan(t99):
             pred = (s >= np.float32(t99)) & fg
-            c = _components(pred, s)
+            c = components(pred, s)
             n = c["n"]
             if n:
                 n_vox, peak, mean = c["n_voxels"], c["peak"], c["mean"]
-                world = _to_world(rec.affine, c["centroid"])
+                world = to_world(rec.affine, c["centroid"])
                 matched: dict[int, list[int]] = {}
                 if rec.abnormal:
                     gt, n_gt = ndimage.label(lab, structure=STRUCTURE_18)
@@ -553,7 +353,7 @@ class CohortEvaluator:
         rec.n_fp = sum(r["matched_lesion"] == "FP" for r in rows)
         self.components.extend(rows)
         if rec.abnormal and rec.overlay_voxel is not None:
-            self.overlays[name] = self._overlay_slices(rec, s, lab, fg, _as_numpy(image, np.float32))
+            self.overlays[name] = self._overlay_slices(rec, s, lab, fg, as_volume_array(image, np.float32))
         rec.done_pass2 = True
 
     def _overlay_slices(self, rec, s, lab, fg, image) -> dict:
@@ -671,8 +471,8 @@ class CohortEvaluator:
         nz = np.flatnonzero(self.h_pos | neg)[::-1]
         vp, vn = self.h_pos[nz].astype(np.float64), neg[nz].astype(np.float64)
         return {
-            "patient": _roc_pr_points(np.cumsum(pp), np.cumsum(pn), pp.sum(), pn.sum()),
-            "voxel": _roc_pr_points(np.cumsum(vp), np.cumsum(vn), vp.sum(), vn.sum()),
+            "patient": roc_pr_points(np.cumsum(pp), np.cumsum(pn), pp.sum(), pn.sum()),
+            "voxel": roc_pr_points(np.cumsum(vp), np.cumsum(vn), vp.sum(), vn.sum()),
         }
 
     def gt_lesion_rows(self) -> list[dict]:
@@ -698,106 +498,3 @@ class CohortEvaluator:
                     }
                 )
         return rows
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Reports
-# ---------------------------------------------------------------------------------------------------------
-def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> Path:
-    """``rows`` as CSV with the given columns (in that order), written atomically."""
-    return atomic_write_csv(path, ([r[k] for k in columns] for r in rows), header=columns)
-
-
-LESION_COLUMNS = [
-    "subject",
-    "component_id",
-    "n_voxels",
-    "volume_mm3",
-    "centroid_x_mm",
-    "centroid_y_mm",
-    "centroid_z_mm",
-    "peak_score",
-    "mean_score",
-    "matched_lesion",
-]
-GT_LESION_COLUMNS = [
-    "subject",
-    "lesion_id",
-    "n_voxels",
-    "volume_mm3",
-    "diameter_mm",
-    "size_class",
-    "excluded",
-    "centroid_x_mm",
-    "centroid_y_mm",
-    "centroid_z_mm",
-    "peak_score",
-    "detected99",
-]
-
-
-def write_report(out_dir, evaluator: CohortEvaluator, metrics: dict | None = None, plots: bool = True) -> dict:
-    """Write ``metrics.json`` (atomic), ``lesions.csv`` (predicted components at threshold99, pass 2),
-    ``gt_lesions.csv``, ``roc_pr_patient.png``, ``roc_pr_voxel.png`` and ``overlays/<subject>.png``
-    (abnormal subjects that went through pass 2). Returns {name: path}."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = evaluator.compute() if metrics is None else metrics
-    paths = {"metrics": atomic_write_json(out / "metrics.json", metrics)}
-    paths["lesions"] = _write_csv(out / "lesions.csv", evaluator.components, LESION_COLUMNS)
-    paths["gt_lesions"] = _write_csv(out / "gt_lesions.csv", evaluator.gt_lesion_rows(), GT_LESION_COLUMNS)
-    if plots:
-        from scripts.evaluation import plots as P
-
-        cur = evaluator.curves()
-        for level, key_a, key_p in (("patient", "patient_auroc", "patient_ap"), ("voxel", "voxel_auroc", "voxel_ap")):
-            p = out / f"roc_pr_{level}.png"
-            P.plot_roc_pr(cur[level], p, f"{level}-level", metrics.get(key_a), metrics.get(key_p))
-            paths[f"roc_pr_{level}"] = p
-        for name, ov in evaluator.overlays.items():
-            p = out / "overlays" / f"{_safe(name)}.png"
-            P.plot_overlay(ov, p, title=name)
-            paths[f"overlay:{name}"] = p
-    return paths
-
-
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "subject"
-
-
-def format_table(metrics: Mapping) -> str:
-    """The documented metrics.json keys (+ localisation rate) as a markdown table (percent for fractions)."""
-    lines = ["| metric | value |", "|---|---|"]
-    for k in (*ARCHITECTURE_KEYS, "localization99"):
-        v = metrics.get(k)
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            s = "n/a"
-        elif k == "fp_per_volume":
-            s = f"{v:.2f}"
-        else:
-            s = f"{100 * v:.1f} %"
-        lines.append(f"| {k} | {s} |")
-    return "\n".join(lines)
-
-
-ADD_KEYS = ("name", "score_map", "label", "mask", "spacing", "subject_score", "affine")
-PASS2_KEYS = ("name", "score_map", "label", "mask", "image")
-
-
-def evaluate_cohort(subjects: Callable[[], Iterable[Mapping]], out_dir=None, plots: bool = True, **kwargs) -> dict:
-    """Run both passes. ``subjects()`` must return a fresh iterable of dicts with keys among
-    ``name, score_map, label, mask, spacing, subject_score, affine, image`` (it is called twice, once
-    per pass, so maps can be loaded lazily). ``kwargs`` go to ``CohortEvaluator``. Writes the report
-    to ``out_dir`` if given; returns the metrics dict."""
-    ev = CohortEvaluator(**kwargs)
-    for s in subjects():
-        ev.add(**{k: s[k] for k in ADD_KEYS if k in s})
-    for s in subjects():
-        ev.add_components(**{k: s[k] for k in PASS2_KEYS if k in s})
-    missing = [r.name for r in ev.subjects.values() if not r.done_pass2]
-    if missing:
-        warnings.warn(f"pass 2 missed {len(missing)} subject(s), e.g. {missing[:3]}", stacklevel=2)
-    m = ev.compute()
-    if out_dir is not None:
-        write_report(out_dir, ev, m, plots=plots)
-    return m

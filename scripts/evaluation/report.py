@@ -5,20 +5,30 @@ Reads the written outputs (``<output_dir>/<stem>_anomaly.nii.gz`` on each input 
 :class:`scripts.evaluation.metrics.CohortEvaluator` (pass 1: histograms and lesion peaks; pass 2: predicted
 components at the 99 %-TNR threshold), and writes ``metrics.json``, ``lesions.csv``, ``gt_lesions.csv``
 and the PNG figures next to the maps. Metrics are computed at the input resolution, as in the paper.
+
+Files (:func:`write_report`): ``metrics.json`` (the keys of :mod:`scripts.evaluation.metrics` plus counts,
+thresholds and bounds), ``lesions.csv`` (one row per predicted component at ``threshold99``: subject,
+component id, voxels, volume mm^3, centroid in world mm through the affine, peak and mean score, matched GT
+lesion ids joined by ";" or "FP"), ``gt_lesions.csv`` (one row per GT lesion with size class, exclusion,
+peak score, detected99), ``roc_pr_patient.png``, ``roc_pr_voxel.png`` and ``overlays/<subject>.png``
+(abnormal subjects; the three slices through the peak voxel of the highest-scoring lesion, kept in pass 2).
 """
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator, Sequence
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 from monai.transforms import LoadImage
 from scripts.errors import CS3FInputError
-from scripts.evaluation.metrics import evaluate_cohort, format_table
+from scripts.evaluation.metrics import ARCHITECTURE_KEYS, CohortEvaluator
+from scripts.storage.atomic import atomic_write_csv, atomic_write_json
 
-__all__ = ["evaluate_outputs"]
+__all__ = ["evaluate_cohort", "evaluate_outputs", "format_table", "write_report"]
 
 
 def _read_scores(path: Path) -> dict[str, float]:
@@ -81,3 +91,103 @@ def evaluate_outputs(datalist: Sequence[dict], output_dir: str | Path, plots: bo
         print(format_table(metrics), flush=True)
         print(f"cs3f: metrics in {out / 'metrics.json'}, lesion report in {out / 'lesions.csv'}", flush=True)
     return metrics
+
+
+def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> Path:
+    """``rows`` as CSV with the given columns (in that order), written atomically."""
+    return atomic_write_csv(path, ([r[k] for k in columns] for r in rows), header=columns)
+
+
+LESION_COLUMNS = [
+    "subject",
+    "component_id",
+    "n_voxels",
+    "volume_mm3",
+    "centroid_x_mm",
+    "centroid_y_mm",
+    "centroid_z_mm",
+    "peak_score",
+    "mean_score",
+    "matched_lesion",
+]
+GT_LESION_COLUMNS = [
+    "subject",
+    "lesion_id",
+    "n_voxels",
+    "volume_mm3",
+    "diameter_mm",
+    "size_class",
+    "excluded",
+    "centroid_x_mm",
+    "centroid_y_mm",
+    "centroid_z_mm",
+    "peak_score",
+    "detected99",
+]
+
+
+def write_report(out_dir, evaluator: CohortEvaluator, metrics: dict | None = None, plots: bool = True) -> dict:
+    """Write ``metrics.json`` (atomic), ``lesions.csv`` (predicted components at threshold99, pass 2),
+    ``gt_lesions.csv``, ``roc_pr_patient.png``, ``roc_pr_voxel.png`` and ``overlays/<subject>.png``
+    (abnormal subjects that went through pass 2). Returns {name: path}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = evaluator.compute() if metrics is None else metrics
+    paths = {"metrics": atomic_write_json(out / "metrics.json", metrics)}
+    paths["lesions"] = _write_csv(out / "lesions.csv", evaluator.components, LESION_COLUMNS)
+    paths["gt_lesions"] = _write_csv(out / "gt_lesions.csv", evaluator.gt_lesion_rows(), GT_LESION_COLUMNS)
+    if plots:
+        from scripts.evaluation import plots as P
+
+        cur = evaluator.curves()
+        for level, key_a, key_p in (("patient", "patient_auroc", "patient_ap"), ("voxel", "voxel_auroc", "voxel_ap")):
+            p = out / f"roc_pr_{level}.png"
+            P.plot_roc_pr(cur[level], p, f"{level}-level", metrics.get(key_a), metrics.get(key_p))
+            paths[f"roc_pr_{level}"] = p
+        for name, ov in evaluator.overlays.items():
+            p = out / "overlays" / f"{_safe(name)}.png"
+            P.plot_overlay(ov, p, title=name)
+            paths[f"overlay:{name}"] = p
+    return paths
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "subject"
+
+
+def format_table(metrics: Mapping) -> str:
+    """The documented metrics.json keys (+ localisation rate) as a markdown table (percent for fractions)."""
+    lines = ["| metric | value |", "|---|---|"]
+    for k in (*ARCHITECTURE_KEYS, "localization99"):
+        v = metrics.get(k)
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            s = "n/a"
+        elif k == "fp_per_volume":
+            s = f"{v:.2f}"
+        else:
+            s = f"{100 * v:.1f} %"
+        lines.append(f"| {k} | {s} |")
+    return "\n".join(lines)
+
+
+ADD_KEYS = ("name", "score_map", "label", "mask", "spacing", "subject_score", "affine")
+PASS2_KEYS = ("name", "score_map", "label", "mask", "image")
+
+
+def evaluate_cohort(subjects: Callable[[], Iterable[Mapping]], out_dir=None, plots: bool = True, **kwargs) -> dict:
+    """Run both passes. ``subjects()`` must return a fresh iterable of dicts with keys among
+    ``name, score_map, label, mask, spacing, subject_score, affine, image`` (it is called twice, once
+    per pass, so maps can be loaded lazily). ``kwargs`` go to ``CohortEvaluator``. Writes the report
+    to ``out_dir`` if given; returns the metrics dict."""
+    ev = CohortEvaluator(**kwargs)
+    for s in subjects():
+        ev.add(**{k: s[k] for k in ADD_KEYS if k in s})
+    for s in subjects():
+        ev.add_components(**{k: s[k] for k in PASS2_KEYS if k in s})
+    missing = [r.name for r in ev.subjects.values() if not r.done_pass2]
+    if missing:
+        warnings.warn(f"pass 2 missed {len(missing)} subject(s), e.g. {missing[:3]}", stacklevel=2)
+    m = ev.compute()
+    if out_dir is not None:
+        write_report(out_dir, ev, m, plots=plots)
+    return m

@@ -3,7 +3,7 @@ atomic cohort writer.
 
 A cohort is a folder ``images/ labels/ masks/ cohort.csv``; :func:`write_cohort` makes it appear whole
 or not at all, :func:`ensure_cohort` reuses a finished one. Lesion size classes are the evaluation's
-(:func:`scripts.evaluation.metrics.size_class`), re-exported here so that the generators and the
+(:func:`scripts.evaluation.lesions.size_class`), re-exported here so that the generators and the
 metrics can never disagree about them.
 """
 
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
-from scripts.evaluation.metrics import SIZE_CLASSES, size_class
+from scripts.evaluation.lesions import SIZE_CLASSES, size_class
 
 __all__ = [
     "SIZE_CLASSES",

@@ -9,15 +9,10 @@ import math
 import numpy as np
 import pytest
 from scipy import ndimage
-from scripts.evaluation.metrics import (
-    ARCHITECTURE_KEYS,
-    CohortEvaluator,
-    FloatBins,
-    evaluate_cohort,
-    format_table,
-    size_class,
-    write_report,
-)
+from scripts.evaluation.lesions import size_class
+from scripts.evaluation.metrics import ARCHITECTURE_KEYS, CohortEvaluator
+from scripts.evaluation.ranking import FloatBins
+from scripts.evaluation.report import evaluate_cohort, format_table, write_report
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 # ----------------------------------------------------------------------------------------- helpers

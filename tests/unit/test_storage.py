@@ -18,7 +18,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 from scripts.digest import file_digest
-from scripts.evaluation import metrics, plots
+from scripts.evaluation import plots, report
 from scripts.inferer import TokenGrid, VolumeTokens
 from scripts.storage.atomic import (
     AtomicNibabelWriter,
@@ -69,7 +69,7 @@ WRITERS: dict[str, Callable[[Path], None]] = {
     "bytes": lambda d: atomic_write_bytes(d / "blob.bin", b"\x00\x01"),
     "json": lambda d: atomic_write_json(d / "run.json", {"a": 1}),
     "csv": lambda d: atomic_write_csv(d / "t.csv", [[1, 2]], header=["x", "y"]),
-    "lesions_csv": lambda d: metrics._write_csv(d / "lesions.csv", [{"x": 1, "y": 2}], ["x", "y"]),
+    "lesions_csv": lambda d: report._write_csv(d / "lesions.csv", [{"x": 1, "y": 2}], ["x", "y"]),
     "nifti_map": lambda d: _nifti(d / "v_anomaly.nii.gz"),
     "png": lambda d: plots._save(Figure(figsize=(1, 1)), d / "fig.png"),
     "token_cache": lambda d: TokenCache(d / "tokens", {"k": 1}).save("v", "src", _tokens()),

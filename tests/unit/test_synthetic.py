@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
-from scripts.evaluation import metrics
+from scripts.evaluation import lesions
 from scripts.synthetic import brain as synth
 from scripts.synthetic import common
 from scripts.synthetic.cli import main as synth_main
@@ -431,7 +431,7 @@ def test_synthetic_modules_import_no_private_names_and_form_no_cycle():
 
 def test_size_classes_are_the_evaluation_ones():
     """One definition of the lesion size classes: what the generators report is what the metrics count."""
-    assert common.size_class is metrics.size_class and common.SIZE_CLASSES is metrics.SIZE_CLASSES
+    assert common.size_class is lesions.size_class and common.SIZE_CLASSES is lesions.SIZE_CLASSES
     assert [common.size_class(v) for v in (99.9, 100.0, 1000.0, 1000.1)] == ["small", "medium", "medium", "large"]
     assert common.SIZE_CLASSES == ("small", "medium", "large")
 
