@@ -41,25 +41,36 @@ The output grid is a cube of ``fov_mm`` (default 192 mm) around the brain in MNI
 to ``shape`` (96^3 -> 2 mm voxels; 224^3 -> the paper's grid): all subjects share one NIfTI
 affine with the true voxel spacing, so lesion volumes in mm^3 are right.
 
-``nilearn`` is imported here only (lazily), never by the engine.
+Modules: templates and output grid in ``brain_templates.py``, lesion plans, warps and lesion shapes in
+``brain_lesions.py``, one subject and the cohort here. ``nilearn`` is imported (lazily) by the templates
+only, never by the engine.
 """
 
 from __future__ import annotations
 
-import functools
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 from scripts.synthetic import common
+from scripts.synthetic.brain_lesions import (
+    LesionSpec,
+    Warp,
+    choose_centers,
+    draw_lesions,
+    draw_warp,
+    lesion_defaults,
+    lesion_plan,
+    pullback,
+    rasterize,
+    subject_rngs,
+)
+from scripts.synthetic.brain_templates import BASES, COLIN27_PATH, BaseAnatomy, base_anatomy, output_geometry, sample_at
 from scripts.synthetic.common import (
     check_counts,
     cohort_counts,
-    grow_region,
     largest_component,
     largest_lesion_centre,
     preview_rows,
@@ -91,485 +102,10 @@ __all__ = [
     "summarize_cohort",
 ]
 
-COLIN27_PATH = Path("/usr/share/mricron/templates/ch2bet.nii.gz")
-NILEARN_HINT = "pip install 'nilearn>=0.10'"
-BASES = ("mni152", "colin27")
-#: cube centre (MNI mm): the centre of the brain bounding box of both templates
-FOV_CENTER_MM = (0.0, -17.0, 6.0)
 #: NIfTI qform/sform code of the written cohort: 4 = MNI152 (the subjects are registered)
 MNI_XFORM = 4
 #: ``np.random.default_rng([seed, COHORT_STREAM])`` shuffles which subjects are abnormal
 COHORT_STREAM = 2**31 - 1
-
-
-# ----------------------------------------------------------------------------------------------
-# geometry
-# ----------------------------------------------------------------------------------------------
-
-
-def _as_shape(shape) -> tuple[int, int, int]:
-    if isinstance(shape, int | np.integer):
-        return (int(shape),) * 3
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != 3 or min(shape) < 8:
-        raise ValueError(f"shape must be an int or 3 ints >= 8, got {shape}")
-    return shape
-
-
-def output_geometry(shape=96, fov_mm: float = 192.0):
-    """``(shape, spacing_mm, affine)`` of the shared output grid: a cube of ``fov_mm`` in MNI space."""
-    shape = _as_shape(shape)
-    spacing = np.array([fov_mm / n for n in shape], dtype=np.float64)
-    lo = np.asarray(FOV_CENTER_MM, dtype=np.float64) - fov_mm / 2.0
-    affine = np.eye(4)
-    affine[:3, :3] = np.diag(spacing)
-    affine[:3, 3] = lo + spacing / 2.0
-    return shape, spacing, affine
-
-
-def _world_grid(shape, affine) -> torch.Tensor:
-    """World coordinates (mm) of the voxel centres, ``[X, Y, Z, 3]`` float32."""
-    axes = [
-        torch.arange(n, dtype=torch.float32) * float(affine[i, i]) + float(affine[i, 3]) for i, n in enumerate(shape)
-    ]
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
-
-
-def _sample(volume: torch.Tensor, points: torch.Tensor, inv_affine: np.ndarray) -> torch.Tensor:
-    """Trilinear samples of ``volume [1, C, X, Y, Z]`` (voxel->world ``inv(inv_affine)``) at world
-    ``points [..., 3]``; zero outside. Returns ``[C, ...]``."""
-    size = volume.shape[2:]
-    m = torch.as_tensor(inv_affine[:3, :3], dtype=torch.float32)
-    b = torch.as_tensor(inv_affine[:3, 3], dtype=torch.float32)
-    idx = points @ m.T + b
-    scale = torch.tensor([2.0 / (s - 1) for s in size], dtype=torch.float32)
-    grid = (idx * scale - 1.0).flip(-1)  # grid_sample wants (W, H, D) = (z, y, x) order
-    out_shape = points.shape[:-1]
-    grid = grid.reshape(1, 1, 1, -1, 3)
-    out = F.grid_sample(volume, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-    return out.reshape(volume.shape[1], *out_shape)
-
-
-# ----------------------------------------------------------------------------------------------
-# base anatomies
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Base:
-    name: str
-    maps: torch.Tensor  # [1, 4, X, Y, Z]: gm, wm, csf, mask (fractions), anti-aliased
-    inv_affine: np.ndarray  # world -> voxel of ``maps``
-    vent_center: np.ndarray  # world mm
-    vent_prec: np.ndarray  # precision matrix (mm^-2) of the ventricle-scaling envelope
-
-
-def _require_nilearn():
-    try:
-        from nilearn import datasets  # lazily: only the generator needs nilearn
-    except ImportError as err:  # pragma: no cover - exercised by monkeypatching in the tests
-        raise ImportError(
-            "The synthetic cohort generator needs the MNI152 templates shipped in the nilearn wheel, "
-            f"but nilearn cannot be imported ({err}). Install it with: {NILEARN_HINT}"
-        ) from err
-    return datasets
-
-
-def _load_mni152():
-    datasets = _require_nilearn()
-    mask_img = datasets.load_mni152_brain_mask(resolution=1)
-    mask = (np.asarray(mask_img.dataobj) > 0.5).astype(np.float32)
-    gm = np.asarray(datasets.load_mni152_gm_template(resolution=1).dataobj, dtype=np.float32) * mask
-    wm = np.asarray(datasets.load_mni152_wm_template(resolution=1).dataobj, dtype=np.float32) * mask
-    gm, wm = np.clip(gm, 0, 1), np.clip(wm, 0, 1)
-    s = gm + wm
-    over = s > 1
-    gm[over] /= s[over]
-    wm[over] /= s[over]
-    csf = np.clip(mask - gm - wm, 0, 1)
-    return np.stack([gm, wm, csf, mask]), np.asarray(mask_img.affine, dtype=np.float64)
-
-
-def _kmeans_1d(values: np.ndarray, k: int = 3, iters: int = 50) -> np.ndarray:
-    centers = np.percentile(values, np.linspace(15, 85, k))
-    for _ in range(iters):
-        lab = np.argmin(np.abs(values[:, None] - centers[None]), axis=1)
-        new = np.array([values[lab == j].mean() if np.any(lab == j) else centers[j] for j in range(k)])
-        if np.allclose(new, centers):
-            break
-        centers = new
-    return np.sort(centers)
-
-
-def _load_colin27():
-    import nibabel as nib
-
-    if not COLIN27_PATH.is_file():
-        raise FileNotFoundError(
-            f"base='colin27' needs the Colin27 template {COLIN27_PATH}, which is missing; install "
-            "Debian's mricron-data package (`apt-get install mricron-data`) or use base='mni152'."
-        )
-    img = nib.load(str(COLIN27_PATH))
-    t1 = np.asarray(img.dataobj, dtype=np.float32)
-    mask = ndimage.binary_fill_holes(ndimage.binary_closing(t1 > 0, iterations=2)).astype(np.float32)
-    vals = t1[mask > 0]
-    rng = np.random.default_rng(0)
-    c_csf, c_gm, c_wm = _kmeans_1d(rng.choice(vals, size=min(vals.size, 200_000), replace=False))
-    # linear partial-volume model between neighbouring classes
-    gm = np.where(t1 <= c_gm, (t1 - c_csf) / (c_gm - c_csf), (c_wm - t1) / (c_wm - c_gm))
-    gm = np.clip(gm, 0, 1) * mask
-    wm = np.clip((t1 - c_gm) / (c_wm - c_gm), 0, 1) * mask
-    csf = np.clip(mask - gm - wm, 0, 1)
-    return np.stack([gm, wm, csf, mask]).astype(np.float32), np.asarray(img.affine, dtype=np.float64)
-
-
-def _ventricles(csf: np.ndarray, affine: np.ndarray):
-    """Centre and envelope of the lateral ventricles: the largest CSF components near the centre."""
-    centre_vox = np.linalg.solve(affine[:3, :3], np.asarray(FOV_CENTER_MM) + [0, 0, 10] - affine[:3, 3])
-    grid = np.indices(csf.shape, dtype=np.float32)
-    dist = np.sqrt(sum((grid[i] - centre_vox[i]) ** 2 * affine[i, i] ** 2 for i in range(3)))
-    cand = (csf > 0.6) & (dist < 35)
-    lab, n = ndimage.label(cand)
-    if n == 0:
-        return affine[:3, 3] + affine[:3, :3] @ centre_vox, np.eye(3) / 15.0**2
-    sizes = ndimage.sum(cand, lab, index=np.arange(1, n + 1))
-    keep = np.isin(lab, 1 + np.argsort(sizes)[::-1][:2])
-    pts = np.argwhere(keep) @ affine[:3, :3].T + affine[:3, 3]
-    cov = np.cov(pts.T) * 1.5 + np.eye(3) * 25.0
-    return pts.mean(0), np.linalg.inv(cov)
-
-
-@functools.lru_cache(maxsize=2)
-def _raw_base(name: str):
-    """Tissue maps ``[4, X, Y, Z]`` (gm, wm, csf, mask) of a template cropped to the brain + 12 mm,
-    their voxel->world affine and the ventricle envelope (centre, precision)."""
-    if name == "mni152":
-        maps, affine = _load_mni152()
-    elif name == "colin27":
-        maps, affine = _load_colin27()
-    else:
-        raise ValueError(f"unknown base {name!r}; choose one of {BASES + ('both',)}")
-    # one brain: drop detached specks of the template's mask
-    maps = maps * largest_component(maps[3] > 0.5)
-    vent_center, vent_prec = _ventricles(maps[2], affine)
-    idx = np.argwhere(maps[3] > 0)
-    lo, hi = np.maximum(idx.min(0) - 12, 0), np.minimum(idx.max(0) + 13, maps.shape[1:])
-    maps = np.ascontiguousarray(maps[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]])
-    affine = affine.copy()
-    affine[:3, 3] += affine[:3, :3] @ lo
-    maps.setflags(write=False)
-    return maps, affine, vent_center, vent_prec
-
-
-@functools.lru_cache(maxsize=4)
-def _base(name: str, spacing: tuple[float, float, float]) -> _Base:
-    """A template anti-aliased for sampling at the output ``spacing`` (mm)."""
-    maps, affine, vent_center, vent_prec = _raw_base(name)
-    vox = np.abs(np.diag(affine)[:3])
-    sigma = 0.42 * np.sqrt(np.maximum(np.asarray(spacing) ** 2 - vox**2, 0.0)) / vox
-    if np.any(sigma > 0.05):
-        maps = np.stack([ndimage.gaussian_filter(m, sigma) for m in maps])
-    tensor = torch.from_numpy(np.array(maps, dtype=np.float32))[None]
-    return _Base(name, tensor, np.linalg.inv(affine), vent_center, vent_prec)
-
-
-# ----------------------------------------------------------------------------------------------
-# per-subject random draws
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LesionSpec:
-    volume_mm3: float  # target volume
-    contrast: float  # signed relative contrast of the core (+ hyper, - hypo)
-    axes: tuple[float, float, float]  # relative semi-axes of the envelope (product 1)
-    rotation: np.ndarray  # 3x3
-    irregularity: float  # weight of the smooth noise in the growth field
-    core_fraction: float  # 1.0 = no edema rim; otherwise edema = the outer part of the label
-    edema_contrast: float
-    necrosis_fraction: float  # fraction of the core that is necrotic (0 = none)
-    mass_effect: float  # radial push strength (0..~0.4)
-    replacement: float  # how much of the underlying tissue the core replaces (0..1)
-    voxels: int = 0  # planned voxel count at the output spacing
-    center: np.ndarray | None = field(default=None, repr=False)
-
-
-def _rotation(rng, max_deg: float) -> np.ndarray:
-    a, b, c = np.deg2rad(rng.uniform(-max_deg, max_deg, size=3))
-    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
-    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
-    rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
-def _subject_rngs(seed: int, index: int):
-    """Independent anatomy, lesion and intensity streams of one subject."""
-    return np.random.default_rng([seed, index]).spawn(3)
-
-
-def _draw_lesions(
-    rng,
-    *,
-    contrast: str,
-    spacing,
-    lesion_volume,
-    lesion_contrast,
-    lesions_per_subject,
-    p_hyper,
-    edema,
-    necrosis,
-    mass_effect,
-) -> list[LesionSpec]:
-    lo_n, hi_n = lesions_per_subject
-    n = int(rng.integers(lo_n, hi_n + 1))
-    v_lo, v_hi = (float(v) for v in lesion_volume)
-    c_lo, c_hi = (float(c) for c in lesion_contrast)
-    voxel_mm3 = float(np.prod(spacing))
-    specs = []
-    for _ in range(n):
-        vol = float(np.exp(rng.uniform(np.log(v_lo), np.log(v_hi))))
-        sign = 1.0 if rng.random() < p_hyper else -1.0
-        c = sign * float(rng.uniform(c_lo, c_hi))
-        ax = rng.uniform([1.0, 0.55, 0.45], [1.0, 1.0, 1.0])
-        ax = tuple(float(a) for a in ax / np.prod(ax) ** (1 / 3))
-        rot = _rotation(rng, 180.0)
-        irr = float(rng.uniform(0.25, 0.8))
-        has_edema = edema and vol > 300 and rng.random() < 0.6
-        core = float(rng.uniform(0.3, 0.65)) if has_edema else 1.0
-        # edema is fluid: bright in T2w, darker in T1w
-        ed_c = float(rng.uniform(0.2, 0.45)) if contrast == "t2" else -float(rng.uniform(0.08, 0.2))
-        nec = float(rng.uniform(0.2, 0.5)) if (necrosis and vol * core > 1500 and rng.random() < 0.6) else 0.0
-        me = float(mass_effect * rng.uniform(0.5, 1.0))
-        rep = float(rng.uniform(0.6, 1.0))
-        specs.append(LesionSpec(vol, c, ax, rot, irr, core, ed_c, nec, me, rep, voxels=max(1, round(vol / voxel_mm3))))
-    specs.sort(key=lambda s: -s.volume_mm3)  # place the large ones first
-    return specs
-
-
-def _defaults(**kw):
-    d = dict(
-        lesion_volume=(20.0, 20000.0),
-        lesion_contrast=(0.05, 0.6),
-        lesions_per_subject=(1, 3),
-        p_hyper=0.5,
-        edema=True,
-        necrosis=True,
-        mass_effect=0.3,
-    )
-    d.update({k: v for k, v in kw.items() if v is not None})
-    return d
-
-
-def lesion_plan(
-    seed: int, index: int, *, shape=96, fov_mm: float = 192.0, contrast: str = "t1", **lesion_kw
-) -> list[LesionSpec]:
-    """The lesions an abnormal subject ``index`` of a cohort with ``seed`` gets (the same draws the
-    generator uses; placement needs the anatomy, the volumes do not)."""
-    _, spacing, _ = output_geometry(shape, fov_mm)
-    _, rng_les, _ = _subject_rngs(seed, index)
-    return _draw_lesions(rng_les, contrast=contrast, spacing=spacing, **_defaults(**lesion_kw))
-
-
-# ----------------------------------------------------------------------------------------------
-# anatomy warp
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Warp:
-    center: np.ndarray
-    matrix: np.ndarray
-    shift: np.ndarray
-    disp: torch.Tensor  # [1, 3, g, g, g] coarse displacement field (mm) over the output cube
-    disp_inv_affine: np.ndarray
-    vent_k: float
-    atrophy: float
-
-
-def _draw_warp(
-    rng, geom, *, affine_scale, affine_rot_deg, affine_shift_mm, deform_mm, deform_smooth_mm, ventricle, atrophy
-) -> _Warp:
-    shape, spacing, affine = geom
-    fov = np.asarray(shape) * spacing
-    scale = (1.0 + rng.uniform(-affine_scale, affine_scale)) * (1.0 + rng.uniform(-0.4, 0.4, 3) * affine_scale)
-    shear = np.eye(3) + np.triu(rng.uniform(-0.02, 0.02, (3, 3)), 1)
-    matrix = _rotation(rng, affine_rot_deg) @ np.diag(scale) @ shear
-    shift = rng.uniform(-affine_shift_mm, affine_shift_mm, 3)
-    # smooth random displacement on a coarse grid (half the smoothing length apart)
-    step = deform_smooth_mm / 2.0
-    g = np.ceil(fov / step).astype(int) + 3
-    noise = rng.standard_normal((3, *g))
-    field_ = np.stack([ndimage.gaussian_filter(c, 2.0, mode="wrap") for c in noise])
-    norm = np.sqrt((field_**2).sum(0)).max()
-    amp = deform_mm * rng.uniform(0.6, 1.0)
-    field_ *= amp / max(norm, 1e-8)
-    # invertibility: det(I + grad u) > 0 everywhere (holds easily for a few mm over ~16 mm)
-    for _ in range(10):
-        jac = np.stack([np.stack(np.gradient(field_[i], step), 0) for i in range(3)])  # [3, 3, ...]
-        det = np.linalg.det(np.moveaxis(jac, (0, 1), (-2, -1)) + np.eye(3))
-        if det.min() > 0.5:
-            break
-        field_ *= 0.5
-    lo = affine[:3, 3] - spacing / 2 - step
-    d_aff = np.diag([step, step, step, 1.0])
-    d_aff[:3, 3] = lo
-    return _Warp(
-        center=np.asarray(FOV_CENTER_MM),
-        matrix=matrix,
-        shift=shift,
-        disp=torch.from_numpy(field_.astype(np.float32))[None],
-        disp_inv_affine=np.linalg.inv(d_aff),
-        vent_k=float(rng.uniform(-0.4 * ventricle, ventricle)),
-        atrophy=float(rng.uniform(0.0, atrophy)),
-    )
-
-
-def _mass_effect(points: torch.Tensor, lesions, affine: np.ndarray, depth=None) -> torch.Tensor:
-    """Pull-back of a radial push of the tissue away from each lesion centre (Gaussian profile of
-    width 1.2 r). ``depth = (edt [1, 1, ...] in mm, its world->voxel affine)``: the push tapers to
-    zero over the outer 10 mm of the brain, so the tissue is compressed against the brain edge
-    instead of moving it (the skull does not give way)."""
-    lesions = [les for les in lesions if les.mass_effect > 0 and les.center is not None]
-    if not lesions:
-        return points
-    taper = 1.0
-    if depth is not None:
-        taper = torch.clamp(torch.movedim(_sample(depth[0], points, depth[1]), 0, -1) / 10.0, 0.0, 1.0)
-    for les in lesions:
-        r = (3 * les.volume_mm3 / (4 * math.pi)) ** (1 / 3)
-        c = torch.as_tensor(affine[:3, :3] @ les.center + affine[:3, 3], dtype=torch.float32)
-        d = points - c
-        g = torch.exp(-(d**2).sum(-1, keepdim=True) / (2 * (1.2 * r) ** 2))
-        points = c + d * (1.0 - les.mass_effect * g * taper)
-    return points
-
-
-def _apply_warp(points: torch.Tensor, warp: _Warp, base: _Base) -> torch.Tensor:
-    """Output-space world points -> template world points."""
-    u = _sample(warp.disp, points, warp.disp_inv_affine)  # [3, ...]
-    c = torch.as_tensor(warp.center, dtype=torch.float32)
-    m = torch.as_tensor(warp.matrix, dtype=torch.float32)
-    t = torch.as_tensor(warp.shift, dtype=torch.float32)
-    y = (points - c) @ m.T + c + t + torch.movedim(u, 0, -1)
-    if warp.vent_k != 0.0:
-        v = torch.as_tensor(base.vent_center, dtype=torch.float32)
-        p = torch.as_tensor(base.vent_prec, dtype=torch.float32)
-        d = y - v
-        g = torch.exp(-0.5 * ((d @ p) * d).sum(-1, keepdim=True))
-        y = v + d * (1.0 - warp.vent_k * g)
-    return y
-
-
-def _pullback(
-    shape, affine, warp: _Warp, base: _Base, lesions=(), stride: int = 1, depth=None
-) -> torch.Tensor | tuple[torch.Tensor, float]:
-    """Template-world points ``[X, Y, Z, 3]`` for the output voxels: mass effect, then the subject
-    warp. ``stride > 1``: only every ``stride``-th voxel (exact). ``stride == 1``: all parts are
-    smooth, so the map is evaluated on about every second voxel and the displacement is interpolated
-    trilinearly to the full grid (exact at the coarse nodes, which include both edges); returns the
-    points and the smallest Jacobian determinant of the whole map on the coarse grid."""
-    if stride > 1:
-        idx = [np.arange(0, n, stride) for n in shape]
-    else:
-        idx = [np.linspace(0, n - 1, (n + 1) // 2 + 1) for n in shape]
-    axes = [torch.as_tensor(c * affine[i, i] + affine[i, 3], dtype=torch.float32) for i, c in enumerate(idx)]
-    pts = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
-    out = _apply_warp(_mass_effect(pts, lesions, affine, depth), warp, base)
-    if stride > 1:
-        return out
-    return _upsample_map(out, pts, shape, affine), _min_jacobian(out, pts)
-
-
-def _min_jacobian(out: torch.Tensor, pts: torch.Tensor) -> float:
-    """Smallest Jacobian determinant of a sampled map ``pts -> out`` (both ``[X, Y, Z, 3]`` on a
-    rectilinear grid): > 0 means the map is locally invertible (no folding)."""
-    y = out.numpy().astype(np.float64)
-    axes = [pts[:, 0, 0, 0].numpy(), pts[0, :, 0, 1].numpy(), pts[0, 0, :, 2].numpy()]
-    jac = np.stack([np.stack(np.gradient(y[..., k], *axes), -1) for k in range(3)], -2)
-    return float(np.linalg.det(jac).min())
-
-
-def _upsample_map(out: torch.Tensor, pts: torch.Tensor, shape, affine) -> torch.Tensor:
-    disp = torch.movedim(out - pts, -1, 0)[None]
-    disp = F.interpolate(disp, size=shape, mode="trilinear", align_corners=True)
-    return _world_grid(shape, affine) + torch.movedim(disp[0], 0, -1)
-
-
-# ----------------------------------------------------------------------------------------------
-# lesions
-# ----------------------------------------------------------------------------------------------
-
-
-def _choose_centers(lesions, mask: np.ndarray, tissue: np.ndarray, csf: np.ndarray, spacing, rng) -> np.ndarray:
-    """Pick lesion centres inside the brain: in tissue, away from the brain edge, from CSF pools
-    (ventricles, large sulci) and from each other; constraints are relaxed step by step if needed.
-    Returns the depth map (distance to the brain edge, mm)."""
-    edt = ndimage.distance_transform_edt(mask, sampling=spacing)
-    edt_csf = ndimage.distance_transform_edt(mask & (csf < 0.6), sampling=spacing)
-    placed: list[tuple[np.ndarray, float]] = []
-    for les in lesions:
-        r = (3 * les.volume_mm3 / (4 * math.pi)) ** (1 / 3)
-        for relax in (1.0, 0.6, 0.3, 0.0):
-            depth = min(relax * (0.8 * r + 3.0), 0.8 * edt.max())
-            cand = np.argwhere((edt >= depth) & (edt_csf >= relax * min(0.5 * r, 8.0)) & (tissue > 0.5))
-            if len(cand) == 0:
-                continue
-            pts = cand * spacing
-            ok = np.ones(len(cand), bool)
-            for c, rr in placed:
-                ok &= np.linalg.norm(pts - c, axis=1) >= relax * (r + rr) + 2 * spacing.max()
-            if ok.any():
-                choice = cand[rng.choice(np.flatnonzero(ok))]
-                break
-        else:
-            choice = np.argwhere(mask)[rng.integers(int(mask.sum()))]
-        les.center = choice.astype(np.float64)  # voxel index for now
-        placed.append((choice * spacing, r))
-    return edt
-
-
-def _rasterize(lesions, mask: np.ndarray, csf: np.ndarray, spacing, rng):
-    """Grow every lesion inside ``mask`` (avoiding CSF: never where the CSF fraction is >= 0.6, and
-    penalised in the growth field elsewhere). Returns the label, per lesion the flat indices of its
-    core, edema rim and necrosis plus the core heterogeneity, and the voxel count per lesion.
-    Lesions stay one voxel apart, so 18/26-connected components of the label are the lesions."""
-    shape = mask.shape
-    label = np.zeros(shape, bool)
-    parts, counts = [], []
-    for les in lesions:
-        seed = np.asarray(les.center, dtype=int)
-        r = (3 * les.volume_mm3 / (4 * math.pi)) ** (1 / 3)
-        half = np.ceil(2.5 * r * max(les.axes) / spacing).astype(int) + 2
-        lo = np.maximum(seed - half, 0)
-        hi = np.minimum(seed + half + 1, shape)
-        sl = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
-        axes = [(np.arange(a, b) - s) * sp for a, b, s, sp in zip(lo, hi, seed, spacing, strict=True)]
-        local = np.stack(np.meshgrid(*axes, indexing="ij"), -1) @ les.rotation  # envelope frame
-        rho2 = ((local / (r * np.asarray(les.axes))) ** 2).sum(-1)
-        box = rho2.shape
-        noise = ndimage.gaussian_filter(rng.standard_normal(box), np.maximum(0.35 * r / spacing, 0.5))
-        f = 1.0 - rho2 + les.irregularity * noise / (noise.std() + 1e-8) - 0.6 * csf[sl]
-        busy = ndimage.binary_dilation(label[sl], structure=np.ones((3, 3, 3), bool))
-        allowed = mask[sl] & (csf[sl] < 0.6) & ~busy
-        start = tuple(seed - lo)
-        if not allowed[start]:  # the centre was chosen on a coarser grid: take the best allowed voxel
-            if not allowed.any():
-                counts.append(0)
-                continue
-            start = np.unravel_index(int(np.argmax(np.where(allowed, f, -np.inf))), box)
-        order = grow_region(f, allowed, start, les.voxels)
-        counts.append(int(order.size))
-        if order.size == 0:
-            continue
-        het = ndimage.gaussian_filter(rng.standard_normal(box), 0.8)
-        het = (het / (het.std() + 1e-8)).ravel()
-        n_core = max(1, round(les.core_fraction * order.size))
-        n_nec = round(les.necrosis_fraction * n_core)
-        full = np.ravel_multi_index(tuple(np.add(np.unravel_index(order, box), lo[:, None])), shape)
-        label.flat[full] = True
-        parts.append((les, full[:n_core], full[n_core:], full[:n_nec], het[order[:n_core]]))
-    return label, parts, counts
-
 
 # ----------------------------------------------------------------------------------------------
 # one subject
@@ -592,7 +128,7 @@ class Subject:
     min_jacobian: float  # of the whole output->template map (> 0: invertible, no folding)
 
 
-def _subject_anatomy(geom, warp: _Warp, b: _Base, lesions: list[LesionSpec], rng_les):
+def _subject_anatomy(geom, warp: Warp, b: BaseAnatomy, lesions: list[LesionSpec], rng_les):
     """Warp the template onto the output grid (lesion centres first: their mass effect is part of
     the warp). Returns the sampled maps ``[4, ...]``, the brain mask, the tissue fractions
     ``(gm, wm, csf)`` after cortical atrophy and the smallest Jacobian determinant of the map."""
@@ -600,15 +136,15 @@ def _subject_anatomy(geom, warp: _Warp, b: _Base, lesions: list[LesionSpec], rng
     depth = None
     if lesions:
         # centres are chosen on every second voxel (cheap): tissue, away from the edge and each other
-        pre = _sample(b.maps, _pullback(shape, affine, warp, b, stride=2), b.inv_affine).numpy()
-        edt = _choose_centers(lesions, pre[3] > 0.5, pre[0] + pre[1], pre[2], spacing * 2, rng_les)
+        pre = sample_at(b.maps, pullback(shape, affine, warp, b, stride=2), b.inv_affine).numpy()
+        edt = choose_centers(lesions, pre[3] > 0.5, pre[0] + pre[1], pre[2], spacing * 2, rng_les)
         affine2 = affine.copy()
         affine2[:3, :3] *= 2
         depth = (torch.from_numpy(edt.astype(np.float32))[None, None], np.linalg.inv(affine2))
         for les in lesions:
             les.center = les.center * 2
-    points, min_jacobian = _pullback(shape, affine, warp, b, lesions, depth=depth)
-    maps = _sample(b.maps, points, b.inv_affine).numpy()
+    points, min_jacobian = pullback(shape, affine, warp, b, lesions, depth=depth)
+    maps = sample_at(b.maps, points, b.inv_affine).numpy()
     mask = largest_component(maps[3] > 0.5)
     gm, wm, csf = (np.where(mask, m, 0.0).astype(np.float32) for m in maps[:3])
     # cortical atrophy: GM next to CSF becomes CSF
@@ -634,7 +170,7 @@ def _tissue_image(rng_int, contrast: str, shape, gm, wm, csf) -> tuple[np.ndarra
 
 
 def _paint_lesions(img, lesions, mask, csf_raw, spacing, means, rng_les, rng_int):
-    """Grow the lesions (:func:`_rasterize`) and paint them into ``img``; returns the image, the
+    """Grow the lesions (:func:`rasterize`) and paint them into ``img``; returns the image, the
     label and the lesion volumes (mm^3).
 
     Core: replaces the tissue (weight ``replacement``) by lesion tissue whose mean differs from the
@@ -642,7 +178,7 @@ def _paint_lesions(img, lesions, mask, csf_raw, spacing, means, rng_les, rng_int
     anatomy); necrosis: fluid. Edges are softened, the label stays binary.
     """
     shape = mask.shape
-    label, parts, counts = _rasterize(lesions, mask, np.where(mask, csf_raw, 1.0), spacing, rng_les)
+    label, parts, counts = rasterize(lesions, mask, np.where(mask, csf_raw, 1.0), spacing, rng_les)
     volumes = [c * float(np.prod(spacing)) for c in counts if c > 0]
     weight, target, rim, necro = (np.zeros(shape, np.float32) for _ in range(4))
     for les, core_idx, rim_idx, nec_idx, het in parts:
@@ -708,9 +244,9 @@ def generate_subject(
         raise ValueError(f"a subject's base is one of {BASES} ('both' is a cohort option), got {base!r}")
     geom = output_geometry(shape, fov_mm)
     shape, spacing, _ = geom
-    b = _base(base, tuple(float(s) for s in spacing))
-    rng_anat, rng_les, rng_int = _subject_rngs(seed, index)
-    warp = _draw_warp(
+    b = base_anatomy(base, tuple(float(s) for s in spacing))
+    rng_anat, rng_les, rng_int = subject_rngs(seed, index)
+    warp = draw_warp(
         rng_anat,
         geom,
         affine_scale=affine_scale,
@@ -723,7 +259,7 @@ def generate_subject(
     )
     lesions: list[LesionSpec] = []
     if abnormal:
-        lesions = _draw_lesions(rng_les, contrast=contrast, spacing=spacing, **_defaults(**lesion_kw))
+        lesions = draw_lesions(rng_les, contrast=contrast, spacing=spacing, **lesion_defaults(**lesion_kw))
     maps, mask, (gm, wm, csf), min_jacobian = _subject_anatomy(geom, warp, b, lesions, rng_les)
     img, means = _tissue_image(rng_int, contrast, shape, gm, wm, csf)
     label = np.zeros(shape, bool)

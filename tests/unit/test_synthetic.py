@@ -268,8 +268,8 @@ def test_existing_output_and_failed_run_leave_no_half_cohort(tmp_path, monkeypat
 
 def test_missing_template_package_error(monkeypatch):
     # bypass the caches so that the templates are loaded again, with nilearn unimportable
-    monkeypatch.setattr(synth, "_raw_base", synth._raw_base.__wrapped__)
-    monkeypatch.setattr(synth, "_base", synth._base.__wrapped__)
+    monkeypatch.setattr(synth, "raw_base", synth.raw_base.__wrapped__)
+    monkeypatch.setattr(synth, "base_anatomy", synth.base_anatomy.__wrapped__)
     monkeypatch.setitem(sys.modules, "nilearn", None)
     monkeypatch.setitem(sys.modules, "nilearn.datasets", None)
     with pytest.raises(ImportError, match=r"pip install 'nilearn"):
@@ -277,8 +277,8 @@ def test_missing_template_package_error(monkeypatch):
 
 
 def test_missing_colin27_error(monkeypatch, tmp_path):
-    monkeypatch.setattr(synth, "_raw_base", synth._raw_base.__wrapped__)
-    monkeypatch.setattr(synth, "_base", synth._base.__wrapped__)
+    monkeypatch.setattr(synth, "raw_base", synth.raw_base.__wrapped__)
+    monkeypatch.setattr(synth, "base_anatomy", synth.base_anatomy.__wrapped__)
     missing = tmp_path / "ch2bet.nii.gz"
     monkeypatch.setattr(synth, "COLIN27_PATH", missing)
     with pytest.raises(FileNotFoundError, match="apt-get install mricron-data") as err:
