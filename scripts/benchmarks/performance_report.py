@@ -152,8 +152,9 @@ def _memory(sec: dict | None) -> list[str]:
         return md + _missing(sec)
     keys = ["B", "tokens", "peak_rss_mb", "bank_mb", "wall_s"]
     enc, cached = sec["encoded"], sec["cached"]
+    cohort = ", ".join(f"{k}={v}" for k, v in sec["cohort"].items())
     return md + [
-        f"Cohort: {sec['cohort']}; overrides {sec['overrides'] or 'none'}. Peak RSS of the bundle process "
+        f"Cohort: {cohort}; overrides {sec['overrides'] or 'none'}. Peak RSS of the bundle process "
         "(run.json); encoded runs: the lowest of the repeats' peaks.",
         "",
         table(["B", "tokens", "peak RSS MB", "token bank MB", "wall s"], [[r[k] for k in keys] for r in sec["runs"]]),
