@@ -418,7 +418,7 @@ def write_block(doc: Path, markdown: str) -> None:
 
 def main(render_json: str | None = None, **kwargs) -> int:
     """Entry of ``python -m scripts.benchmarks gpu``; ``render_json``: only re-render a ``gpu.json``
-    (e.g. one returned from a lent GPU machine) into ``doc``."""
+    (e.g. one brought back from a GPU machine) into ``doc``."""
     if render_json:
         markdown = "\n".join(render(json.loads(Path(render_json).read_text())))
         if kwargs.get("doc"):
