@@ -108,13 +108,12 @@ def test_quick_sections_run_and_render_without_touching_the_tracked_doc(tmp_path
 
 @pytest.mark.slow
 def test_memory_section_runs_the_bundle_at_b_and_2b(tmp_path: Path) -> None:
-    cfg = {**QUICK, "memory": {**QUICK["memory"], "b": 1}}
-    mem = bench_memory(cfg, torch.device("cpu"), tmp_path)
+    mem = bench_memory(QUICK, torch.device("cpu"), tmp_path)
     encoded = [r for r in mem["runs"] if r["tokens"] == "encoded"]
     cached = [r for r in mem["runs"] if r["tokens"] == "from cache"]
-    assert [r["B"] for r in encoded] == [1, 2] and all(r["peak_rss_mb"] > 0 for r in encoded)
+    assert [r["B"] for r in encoded] == [2, 4] and all(r["peak_rss_mb"] > 0 for r in encoded)
     assert [r["encoded_volumes"] for r in cached] == [0, 0]  # the re-runs read the caches
-    assert mem["encoded"]["bank_growth_mb"] > 0 and [r["B"] for r in mem["e2e"]] == [1, 2]
+    assert mem["encoded"]["bank_growth_mb"] > 0 and [r["B"] for r in mem["e2e"]] == [2, 4]
 
 
 def test_tables_and_generated_blocks(tmp_path: Path) -> None:
