@@ -26,8 +26,8 @@ COHORTS: dict[str, dict] = {
         "lesion_contrast": (0.05, 0.3),
     },
 }
-#: the five specifications above with new seeds, fixed before they were generated: a finding chosen after
-#: seeing numbers on COHORTS is judged on these (docs/quality.md, study 9); not part of the default study
+#: the five specifications above with new seeds: a finding chosen after seeing numbers on COHORTS is judged
+#: on these; not part of the default study
 CONFIRMATION_COHORTS: dict[str, dict] = {
     "t1-seed10-b32": {**COHORTS["t1-seed0-b32"], "seed": 10},
     "t2-seed11-b32": {**COHORTS["t2-seed0-b32"], "seed": 11},

@@ -1,43 +1,38 @@
 """The paper's brain setting end to end on a GPU: ``python -m scripts.benchmarks gpu``.
 
-What it runs, beside the paper's Table 6 (RTX 4070 Ti SUPER, B = 180: CS3F-C 3.2 s/volume, 5.5 GB;
-CS3F-MS 5.2 s/volume, 8.4 GB):
-
 1. a synthetic cohort of ``B`` brain volumes at ``size``^3 (``--pool`` distinct subjects of
    :mod:`scripts.synthetic.brain`, the others derived from them by an intensity change, noise and a
    shift of a few voxels; uncompressed NIfTI so that decoding stays cheap);
-2. DINOv2-L/14 shapes: the checkpoint in ``models/dinov2-large`` when present, otherwise a randomly
-   initialised ``transformers`` model from a hand-built ``Dinov2Config`` (same layers, widths and
-   patch size, hence the same FLOPs; nothing is downloaded), saved once to the output folder;
-3. the bundle with ``configs/inference.json`` + ``configs/paper_brain_mri.json`` (156^3 crop, 224^3,
-   Nyúl, q 14, layers 6/12/18/24, rho 0.1, d 128) once per variant (C, MS), each in its own process,
-   fp16 token banks on the GPU, ``--workers`` loader processes, maps written uncompressed;
-   per stage seconds/volume (run.json), wall time, peak VRAM (``torch.cuda.max_memory_allocated``,
-   run.json ``peak_gpu_mb``) and GPU utilisation (``nvidia-smi`` sampled every 0.25 s);
-4. the C run's tokens re-scored in-process with each distance pass (fp32, TF32, bf16; exact fp32
-   decisions either way) against the MuSc-style baseline (:mod:`scripts.benchmarks.mixed_bench`).
+2. DINOv2-L/14: the checkpoint in ``models/dinov2-large`` when present, otherwise a randomly
+   initialised ``transformers`` model of its shapes (same layers, widths and patch size, hence the
+   same FLOPs; nothing is downloaded), saved once to the output folder;
+3. the bundle with ``configs/inference.json`` + ``configs/paper_brain_mri.json`` once per variant
+   (C, MS), each in its own process, fp16 token banks on the GPU: seconds per volume and stage
+   (run.json), wall time, peak VRAM (run.json ``peak_gpu_mb``) and GPU utilisation (``nvidia-smi``
+   sampled every 0.25 s), beside the paper's Table 6 (:data:`PAPER`);
+4. the C run's largest token grid re-scored in-process with the reduced-precision distance passes
+   against fp32 and the MuSc-style baseline (:func:`scripts.benchmarks.performance.score_case`).
 
-``--tiny`` runs the same code on the CPU at toy sizes (B = 4, 28^3, a 2-layer ViT): the CI smoke
-test (``tests/benchmarks/test_gpu.py``). Results: ``<out>/gpu.json`` and ``<out>/gpu.md``; ``--doc
-docs/performance.md`` also rewrites that file's GPU block.
+``--tiny`` runs the same code on the CPU at toy sizes (B = 4, 28^3, a 2-layer ViT): the smoke test.
+Results: ``<out>/gpu.json`` and ``<out>/gpu.md``; ``--doc docs/performance.md`` also rewrites that
+file's GPU block, and ``--render gpu.json`` re-renders a result brought back from a GPU machine.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import torch
-from scripts.benchmarks.markdown import table
-from scripts.benchmarks.markdown import write_block as write_doc_block
-from scripts.benchmarks.settings import ROOT
-from scripts.benchmarks.values import jsonable, significant
+from scripts.benchmarks.common import ROOT, bundle_command, in_bundle, jsonable, significant
+from scripts.benchmarks.tables import table
+from scripts.benchmarks.tables import write_block as write_doc_block
 
 #: the paper's Table 6 (RTX 4070 Ti SUPER, B = 180)
 PAPER = {"C": {"s_per_volume": 3.2, "vram_gb": 5.5}, "MS": {"s_per_volume": 5.2, "vram_gb": 8.4}}
@@ -196,10 +191,6 @@ class GpuSampler:
         }
 
 
-def _arg(value: object) -> str:
-    return json.dumps(value) if isinstance(value, list | bool) else str(value)
-
-
 def bundle_args(cohort: Path, out: Path, variant: str, model_dir: Path, opts: dict) -> list[str]:
     """The ``monai.bundle run`` command line of one variant."""
     overrides = {
@@ -211,17 +202,12 @@ def bundle_args(cohort: Path, out: Path, variant: str, model_dir: Path, opts: di
         "encoder_precision": opts["encoder_precision"],
         "token_dtype": opts["token_dtype"],
         "dataloader#num_workers": opts["workers"],
-        "postprocessing#transforms#1#output_ext": ".nii",  # maps uncompressed: gzip is not the method
         "quiet": True,
         # the C run's token cache feeds the distance-pass comparison; MS's fine tokens would be ~8x more
         **({} if variant == "C" else {"cache_dir": "$None"}),
         **opts.get("overrides", {}),
     }
-    config = "[" + ",".join(repr(c) for c in CONFIGS) + "]"
-    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config]
-    for key, value in overrides.items():
-        args += [f"--{key}", _arg(value)]
-    return args
+    return bundle_command(CONFIGS, overrides)
 
 
 def run_variant(cohort: Path, out: Path, variant: str, model_dir: Path, opts: dict) -> dict:
@@ -236,7 +222,7 @@ def run_variant(cohort: Path, out: Path, variant: str, model_dir: Path, opts: di
             capture_output=True,
             text=True,
             timeout=opts["timeout_s"],
-            env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **_environ()},
+            env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **os.environ},
         )
         error = None if proc.returncode == 0 else proc.stderr[-2000:]
     except subprocess.TimeoutExpired:
@@ -264,28 +250,15 @@ def run_variant(cohort: Path, out: Path, variant: str, model_dir: Path, opts: di
     }
 
 
-def _environ() -> dict:
-    import os
-
-    return dict(os.environ)
-
-
 def _precision_rows(cache: Path, opts: dict) -> list[dict]:
-    """The C run's tokens (its largest grid) scored with each distance pass vs fp32 vs the baseline."""
-    from scripts.benchmarks.mixed_bench import bench_mixed
+    """The C run's largest token grid scored with each reduced-precision pass vs fp32 vs the baseline."""
+    from scripts.benchmarks.performance import cache_grids, score_case
 
     device = torch.device(opts["device"])
+    key, (tokens, valid) = max(cache_grids(cache).items(), key=lambda kv: kv[1][1].numel())
+    cfg = {"rho": 0.1, "repeats": opts["precision_repeats"], "case_s": float("inf"), "budget_gflop": float("inf")}
     passes = ["bf16"] + (["tf32"] if device.type == "cuda" else [])
-    rows = []
-    for name in passes:
-        cfg = {
-            "rho": 0.1,
-            "repeats": opts["precision_repeats"],
-            "case_s": float("inf"),
-            "mixed": {"B": 2, "N": 16, "d": 128, "keys": "largest", "precision": name},
-        }
-        rows += [r for r in bench_mixed(cfg, device, cache)["rows"] if r["case"].startswith("real")]
-    return rows
+    return [score_case(f"real {key}", tokens.to(device), valid.to(device), cfg, device, p) for p in passes]
 
 
 def bench_gpu(
@@ -312,7 +285,7 @@ def bench_gpu(
         raise ValueError("no CUDA device: `python -m scripts.benchmarks gpu --tiny` runs the CPU smoke version")
     if tiny:
         B, size, pool, workers = TINY["B"], TINY["size"], TINY["pool"], TINY["workers"]  # noqa: N806
-    folder = Path(out) if Path(out).is_absolute() else ROOT / out
+    folder = in_bundle(out)
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     cohort = make_cohort(folder / f"cohort_{B}_{size}", B, size, pool, workers)
@@ -343,13 +316,13 @@ def bench_gpu(
         "command": "python -m scripts.benchmarks gpu" + (" --tiny" if tiny else f" --B {B}"),
         "versions": {"torch": torch.__version__, "cuda": torch.version.cuda},
     }
-    doc_path = None if not doc else ROOT / doc if not Path(doc).is_absolute() else Path(doc)
+    doc_path = in_bundle(doc) if doc else None
     # Results are written after every step, so that a run cut short by a time limit keeps what it got.
     for variant in variants.split(","):
         result["runs"].append(run_variant(cohort, folder / f"run-{variant}", variant, model_dir, opts))
         _write(result, folder, doc_path, started)
         if "error" in result["runs"][-1]:
-            break  # the next variant would fail the same way; a lent GPU's minutes are few
+            break  # the next variant would fail the same way
     c_run = folder / "run-C" / "tokens"
     if c_run.is_dir():
         result["precision"] = _precision_rows(c_run, opts)
@@ -403,8 +376,8 @@ def render(result: dict) -> list[str]:
         f"_`{result['command']}` on {result['device']} ({result['wall_s']:.0f} s; torch "
         f"{result['versions']['torch']}, CUDA {result['versions']['cuda']}). Cohort: {result['B']} synthetic "
         f"brain volumes at {result['size']}^3 ({result['pool']} distinct subjects), paper preset "
-        f"(configs/paper_brain_mri.json), weights: {result['weights']}, {result['workers']} loader workers, "
-        "maps written uncompressed. Seconds per volume per stage from run.json; `method` = load + tokenize "
+        f"(configs/paper_brain_mri.json), weights: {result['weights']}, {result['workers']} loader workers. "
+        "Seconds per volume per stage from run.json; `method` = load + tokenize "
         "+ score; `wall` includes start-up and the Nyúl fit; VRAM = torch.cuda.max_memory_allocated; "
         "paper = Table 6 (RTX 4070 Ti SUPER, B = 180)._",
         "",
@@ -428,7 +401,7 @@ def render(result: dict) -> list[str]:
                         r["mixed_s"],
                         r["fp32_over_mixed"],
                         r["baseline_over_mixed"],
-                        r["max_abs_diff_mixed_fp32"],
+                        r["diff_mixed"],
                     ]
                     for r in result["precision"]
                 ],
@@ -445,11 +418,11 @@ def write_block(doc: Path, markdown: str) -> None:
 
 def main(render_json: str | None = None, **kwargs) -> int:
     """Entry of ``python -m scripts.benchmarks gpu``; ``render_json``: only re-render a ``gpu.json``
-    (e.g. one returned from a lent GPU machine) into ``doc``."""
+    (e.g. one brought back from a GPU machine) into ``doc``."""
     if render_json:
         markdown = "\n".join(render(json.loads(Path(render_json).read_text())))
         if kwargs.get("doc"):
-            write_block(ROOT / kwargs["doc"], markdown)
+            write_block(in_bundle(kwargs["doc"]), markdown)
         print(markdown)
         return 0
     result = bench_gpu(**kwargs)

@@ -27,8 +27,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from scripts.benchmarks.markdown import table
-from scripts.benchmarks.settings import ROOT
+from scripts.benchmarks.common import ROOT, bundle_command
+from scripts.benchmarks.tables import table
 
 METRICS = ("patient_auroc", "patient_ap", "voxel_ap", "dice_max", "ltpr99_large", "localization99")
 # Setting name -> the bundle's ``references`` key (see scripts/references.py).
@@ -54,12 +54,9 @@ def metrics(cohort: str, out: str, cache: str | None = None, settings: str | Non
     for name in chosen:
         run_dir = out_dir / name.replace(":", "")
         if not (run_dir / "metrics.json").is_file():
-            cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file"]
-            cmd += ["['configs/inference.json','configs/evaluate.json']", "--dataset_dir", cohort]
-            cmd += ["--output_dir", str(run_dir), "--cache_dir", cache, "--quiet", "true", "--plots", "false"]
-            cmd += ["--num_threads", str(threads)]
-            for key, value in SETTINGS[name].items():
-                cmd += [f"--{key}", str(value)]
+            args = {"dataset_dir": cohort, "output_dir": run_dir, "cache_dir": cache, "quiet": True, "plots": False}
+            args |= {"num_threads": threads, **SETTINGS[name]}
+            cmd = bundle_command(["configs/inference.json", "configs/evaluate.json"], args)
             start = time.perf_counter()
             subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
             print(f"{name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)

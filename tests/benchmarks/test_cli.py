@@ -9,19 +9,15 @@ from pathlib import Path
 
 import pytest
 from scripts.benchmarks import __main__ as cli
-from scripts.benchmarks import harness, scaling
-from scripts.benchmarks.c2f import bench_c2f
-from scripts.benchmarks.c2f import main as c2f_main
+from scripts.benchmarks import performance, quality, scaling
 
 ROOT = Path(__file__).resolve().parents[2]
 
 HELP = {
-    (): ["{run,c2f,scaling,quality,mixed,gpu}", "run", "c2f", "scaling", "quality", "mixed", "gpu"],
-    ("mixed",): ["--B", "--N", "--cache", "--keys", "--repeats", "--threads", "--precision"],
-    ("gpu",): ["--B", "--size", "--variants", "--tiny", "--workers", "--score_precision", "--doc"],
-    ("quality",): ["--out", "--cohorts", "--variants", "--quick", "--doc", "--maps", "--smooth"],
-    ("run",): ["--quick", "--device", "--out", "--sections", "--threads", "--memory_b", "--doc"],
-    ("c2f",): ["--B", "--n_coarse", "--Ls", "--tokens", "--cache", "--key"],
+    (): ["{quality,performance,scaling,gpu}", "quality", "performance", "scaling", "gpu"],
+    ("quality",): ["--out", "--cohorts", "--variants", "--quick", "--doc"],
+    ("performance",): ["--quick", "--device", "--out", "--sections", "--threads", "--cache", "--memory_b", "--doc"],
+    ("gpu",): ["--B", "--size", "--variants", "--tiny", "--workers", "--score_precision", "--doc", "--render"],
     ("scaling",): ["metrics", "costs"],
     ("scaling", "metrics"): ["--cohort", "--out", "--cache", "--settings", "--threads"],
     ("scaling", "costs"): ["--bank", "--sizes", "--settings", "--threads"],
@@ -48,33 +44,35 @@ def test_no_command_is_an_error() -> None:
     assert proc.returncode == 2 and "required" in proc.stderr
 
 
-def test_c2f_help_defaults_are_bench_c2fs() -> None:
-    params = inspect.signature(bench_c2f).parameters
-    for name, value in cli.C2F_DEFAULTS.items():
-        default = params[name].default
-        assert (tuple(default) if name == "Ls" else default) == value, name
-    assert inspect.signature(c2f_main).parameters["key"].default == cli.C2F_KEY
+def test_the_parser_lists_the_performance_sections() -> None:
+    assert cli.PERFORMANCE_SECTIONS == performance.SECTIONS
 
 
-def test_run_passes_the_options_and_writes_no_tracked_doc_by_default(monkeypatch) -> None:
+def test_performance_passes_the_options(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    monkeypatch.setattr(harness, "run_bench", lambda **kw: calls.append(kw) or {"targets": []})
-    assert cli.main(["run", "--quick"]) == 0
-    assert calls[-1] == {
-        "quick": True,
-        "device": "cpu",
-        "out": "bench_out",
-        "sections": None,
-        "threads": None,
-        "memory_b": None,
-        "doc": None,
-    }
-    cli.main(["run", "--sections", "gemm,c2f", "--memory-b", "3", "--doc", "docs/performance.md"])
-    assert calls[-1]["sections"] == "gemm,c2f" and calls[-1]["memory_b"] == 3
+    defaults = {k: p.default for k, p in inspect.signature(performance.run_performance).parameters.items()}
+    monkeypatch.setattr(performance, "run_performance", lambda **kw: calls.append(kw))
+    assert cli.main(["performance", "--quick"]) == 0
+    assert calls[-1] == {k: v for k, v in {**defaults, "quick": True}.items() if k != "verbose"}
+    cli.main(["performance", "--sections", "scoring, c2f", "--memory_b", "3", "--doc", "docs/performance.md"])
+    assert calls[-1]["sections"] == ["scoring", "c2f"] and calls[-1]["memory_b"] == 3
     assert calls[-1]["doc"] == "docs/performance.md"
 
 
-def test_scaling_passes_the_options(monkeypatch) -> None:
+def test_quality_passes_the_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setattr(quality, "run_quality", lambda **kw: calls.append(kw))
+    cli.main(["quality", "--quick", "--variants", "default,paper", "--cohorts", "t1-tiny"])
+    assert calls[-1] == {
+        "out": "bench_out/quality",
+        "cohorts": ["t1-tiny"],
+        "variants": ["default", "paper"],
+        "quick": True,
+        "doc": None,
+    }
+
+
+def test_scaling_passes_the_options(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     defaults = {k: p.default for k, p in inspect.signature(scaling.costs).parameters.items() if k != "bank"}
     monkeypatch.setattr(scaling, "costs", lambda **kw: calls.append(("costs", kw)))
@@ -86,19 +84,3 @@ def test_scaling_passes_the_options(monkeypatch) -> None:
         "metrics",
         {"cohort": "C", "out": "O", "cache": None, "settings": "full,chunks:8", "threads": 1},
     )
-
-
-def test_c2f_command_runs_bench_c2f(capsys) -> None:
-    # L = N_c routes to every coarse token: the exhaustive search, so every nearest token matches.
-    argv = ["c2f", "--B", "3", "--n_coarse", "8", "--h", "2", "--d", "4", "--Ls", "[1,8]", "--query_volumes", "all"]
-    assert cli.main(argv) == 0
-    out = capsys.readouterr().out
-    assert "Eq.9" in out and '"query_volumes_timed": 3' in out
-    assert '"nn_match": 1.0' in out
-
-
-def test_unknown_sections_are_refused() -> None:
-    assert harness.parse_sections(" gemm, profile ") == ["gemm", "profile"]
-    assert harness.parse_sections(None) == list(harness.SECTIONS)
-    with pytest.raises(ValueError, match="unknown sections"):
-        harness.parse_sections("gemm,speed")

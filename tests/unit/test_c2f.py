@@ -407,34 +407,3 @@ def test_multiscale_overlay_configures_the_inferer() -> None:
     lung = parser.get_parsed_content("inferer")
     assert lung.variant == "MS" and lung.describe()["q"] == [8, 14, 14] and lung.smooth_mm == 0.0
     assert parser.get_parsed_content("layers") is None
-
-
-def test_bench_c2f_smoke(tmp_path: Path) -> None:
-    from scripts.benchmarks.c2f import bench_c2f, format_table, load_bank, theoretical_speedup
-    from scripts.inferer import CS3FInferer
-    from tests.helpers import TinyEncoder
-
-    result = bench_c2f(B=4, n_coarse=16, h=2, d=8, Ls=(1, 16), repeats=1, device="cpu", tokens="structured")
-    assert result["params"]["query_volumes_timed"] == 2 and result["exhaustive_s"] > 0
-    short, full = result["runs"]
-    assert short["L"] == 1 and short["theoretical"] == round(theoretical_speedup(2, 1, 16), 2)
-    assert 0 <= short["nn_match"] <= 1 and short["score_excess"] >= -1e-4
-    # L = N_c is the exhaustive search: same nearest neighbours, same scores.
-    assert full["nn_match"] == 1.0 and full["spearman"] > 0.9999 and abs(full["score_excess"]) < 1e-4
-    assert "Eq.9" in format_table(result)
-    # A given bank with masks (as the inferer makes them).
-    coarse, fine, coarse_valid, fine_valid = make_tokens(4, 12, 3, 8, seed=2)
-    result = bench_c2f(Ls=(12,), bank=(coarse, fine, coarse_valid, fine_valid), query_volumes=None)
-    assert result["params"]["B"] == 4 and result["params"]["n_valid_coarse"] <= 12
-    assert result["runs"][0]["nn_match"] == 1.0 and result["runs"][0]["spearman"] > 0.9999
-    # Real tokens from a token cache (entries as scripts.storage.cache writes them).
-    inferer = CS3FInferer(axes=["axial"], q=4, q_fine=2, variant="MS", d=8)
-    for i in range(3):
-        tokens = inferer.tokenize(torch.rand(1, 8, 8, 8), TinyEncoder(32))
-        entry = {"grids": {k: (g.tokens, g.valid) for k, g in tokens.grids.items()}}
-        torch.save(entry, tmp_path / f"sub-{i}.pt")
-    coarse, fine, coarse_valid, fine_valid = load_bank(tmp_path, "axial/1")
-    assert coarse.shape == (3, 2 * 4 * 4, 8) and fine.shape == (3, 32, 2, 8) and fine_valid.all()
-    # Coarse token (m, u, v) = (1, 1, 1) is row 1*16 + 1*4 + 1 = 21; its child 1 is fine block 2*1 + 1.
-    assert torch.equal(fine[2, 21, 1], tokens.grids["axial/1/fine"].tokens[3, 1, 1])
-    assert torch.equal(coarse[2, 21], tokens.grids["axial/1"].tokens[1, 1, 1])

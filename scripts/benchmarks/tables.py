@@ -1,4 +1,4 @@
-"""Markdown helpers: the one table formatter of the benchmarks, cell formats, generated blocks in docs."""
+"""Markdown of the benchmarks: the one table formatter, and generated blocks inside tracked documents."""
 
 from __future__ import annotations
 
@@ -28,28 +28,11 @@ def table(headers: Sequence[str], rows: Iterable[Sequence]) -> str:
     return "\n".join(lines)
 
 
-def pct(value: float | None) -> str:
-    """A fraction as a whole percentage (``0.3`` -> ``30%``); ``-`` for ``None``."""
-    return "-" if value is None else f"{value:.0%}"
-
-
-def missing(section: dict | None) -> list[str]:
-    """The lines standing in for a section without results: its error, or that it was not run."""
-    if section and "error" in section:
-        return [f"failed: `{section['error']}`", ""]
-    return ["not run", ""]
-
-
-def joined(params: dict) -> str:
-    """``k=v, k=v`` of a parameter dict, for prose around the tables."""
-    return ", ".join(f"{k}={v}" for k, v in params.items())
-
-
 def splice_block(text: str, begin: str, end: str, markdown: str) -> str | None:
     """``text`` with the block between its ``begin`` and ``end`` marker lines replaced by ``markdown``.
 
-    Everything outside the markers (hand-written analysis) is kept. ``None`` where ``text`` lacks a
-    marker: the caller decides whether to append a block or refuse.
+    Everything outside the markers is kept. ``None`` where ``text`` lacks a marker (or ``end`` comes
+    before ``begin``): the caller decides whether to append a block or refuse.
     """
     if begin not in text or end not in text.split(begin, 1)[1]:
         return None

@@ -1,0 +1,147 @@
+"""Helpers shared by the benchmark commands: paths, bundle command lines, interleaved timing, rounding."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def in_bundle(path: str | Path) -> Path:
+    """``path``, relative ones taken from the bundle root (where the commands run from)."""
+    path = Path(path)
+    return path if path.is_absolute() else ROOT / path
+
+
+def bundle_command(configs: Sequence[str], overrides: Mapping[str, object]) -> list[str]:
+    """``python -m monai.bundle run`` with ``configs`` (read in order) and ``--key value`` overrides.
+
+    Lists and booleans are passed as JSON, everything else as ``str``.
+    """
+    files = "[" + ",".join(f"'{c}'" for c in configs) + "]"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", json.dumps(value) if isinstance(value, list | tuple | bool) else str(value)]
+    return cmd
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued kernels on ``device`` (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(
+    fns: Sequence[Callable[[], object] | None],
+    device: torch.device,
+    repeats: int,
+    time_budget: float = float("inf"),
+    warmup: bool = True,
+) -> tuple[list[list[float]], list[object]]:
+    """Time ``fns`` in interleaved rounds (A B C A B C ...) so that a load change hits all alike.
+
+    ``None`` entries are skipped (empty sample list). Rounds stop once ``time_budget`` seconds are
+    exceeded (at least one round). Returns per-function seconds and each function's last output.
+    """
+    times: list[list[float]] = [[] for _ in fns]
+    outs: list[object] = [None for _ in fns]
+    if warmup:
+        for fn in fns:
+            if fn is not None:
+                fn()
+    start = time.perf_counter()
+    for _ in range(max(1, repeats)):
+        for k, fn in enumerate(fns):
+            if fn is None:
+                continue
+            sync(device)
+            t0 = time.perf_counter()
+            outs[k] = fn()
+            sync(device)
+            times[k].append(time.perf_counter() - t0)
+        if time.perf_counter() - start > time_budget:
+            break
+    return times, outs
+
+
+def ratio(num: Sequence[float], den: Sequence[float]) -> float:
+    """Median of the per-round ratios ``num[i] / den[i]`` of an interleaved timing."""
+    return statistics.median(a / b for a, b in zip(num, den, strict=True))
+
+
+@contextlib.contextmanager
+def threads(n: int | None) -> Iterator[None]:
+    """Temporarily run torch ops with ``n`` intra-op threads (``None`` or 0: unchanged)."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def significant(x: float | None, digits: int = 4) -> float | None:
+    """``x`` to ``digits`` significant digits (tiny quick-mode figures stay non-zero); ``None`` if not finite."""
+    if x is None or not math.isfinite(x):
+        return None
+    if x == 0:
+        return 0.0
+    return round(float(x), digits - 1 - math.floor(math.log10(abs(x))))
+
+
+def jsonable(obj: object) -> object:
+    """``obj`` with tensors as lists, non-finite floats as ``None`` and anything unknown as ``str``."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, str | int | float | bool) or obj is None:
+        return obj
+    return str(obj)
+
+
+def loadavg() -> list[float] | None:
+    """The 1/5/15-minute load averages (``None`` where the OS has none)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:  # pragma: no cover - not on Linux
+        return None
+
+
+def machine_info(device: torch.device) -> dict:
+    """CPU model, CPUs, torch threads and versions, load average, and the GPU if one is used."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, flags=re.M)
+        cpu = model.group(1).strip() if model else platform.processor()
+    except OSError:  # pragma: no cover - not on Linux
+        cpu = platform.processor()
+    info = {
+        "cpu": cpu or "unknown",
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "loadavg_start": loadavg(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info

@@ -1,0 +1,564 @@
+"""Speed and memory of the bundle: ``python -m scripts.benchmarks performance``.
+
+Sections (``--sections``, default all):
+
+* ``scoring``: the exact scorer (:func:`scripts.scoring.mutual_similarity_scores`, fp32 distance
+  pass), the same scorer with its reduced-precision pass, the MuSc-style baseline (``torch.cdist`` per
+  reference volume) and an fp32 GEMM of the scorer's shape, interleaved on the same tokens: random
+  unit tokens per (B, N, invalid fraction), and with ``--cache`` every grid of a bundle run's tokens.
+  Effective GFLOP/s count ``2 N_q N_r d`` per (query volume, other volume) pair of valid tokens.
+* ``c2f``: :func:`scripts.scoring.c2f_scores` against exhaustive fine scoring for each routing budget
+  ``L`` (time, Eq. 9's operation-count ratio, Spearman and mean relative excess of the fine scores),
+  on random and on structured tokens, and with ``--cache`` on an F/MS run's real tokens.
+* ``tokenize``: :meth:`scripts.inferer.CS3FInferer.tokenize` of the bundle's inferer and encoder
+  (``configs/inference.json``) on a phantom volume; the encoder's own forward is timed inside the same
+  call, so ``overhead = tokenize / encoder - 1`` is the cost of everything around the encoder.
+* ``memory``: bundle runs on the first B and 2B subjects of one cohort, each repeated and the lowest
+  peak RSS kept, then re-run from their token caches: peak-RSS growth against token-bank growth, and
+  seconds per volume and stage (``run.json``).
+
+Every ratio is the median of per-round ratios of an interleaved timing: on a shared machine compare
+ratios, not absolute times. Writes ``<out>/performance.json`` and the markdown report
+(:mod:`scripts.benchmarks.performance_report`).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+import math
+import shutil
+import statistics
+import subprocess
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from scripts.benchmarks.common import ROOT, in_bundle, interleaved, jsonable, loadavg, machine_info, ratio, significant
+from scripts.benchmarks.common import bundle_command as _bundle_command
+
+SECTIONS = ("scoring", "c2f", "tokenize", "memory")
+FULL = {
+    "repeats": 3,
+    "d": 128,
+    "rho": 0.1,
+    "score_b": [8, 24, 64],
+    "score_n": [1024, 4096],
+    "invalid": 0.3,
+    "budget_gflop": 300.0,  # larger cases time this many GFLOP of query volumes (``volumes=``)
+    "case_s": 4.0,  # stop repeating a case after this many seconds
+    "c2f": {"B": 16, "n_coarse": 256, "h": 4, "Ls": [4, 16, 64], "repeats": 1},
+    "tokenize": [[48, 112], [16, 224]],  # [volume side, encoder input R]
+    "tokenize_repeats": 3,
+    "memory": {"b": 8, "demo": True, "repeats": 2, "overrides": {}},
+}
+QUICK = {
+    **FULL,
+    "repeats": 2,
+    "rho": 0.5,
+    "score_b": [3, 4],
+    "score_n": [64, 128],
+    "budget_gflop": 1.0,
+    "case_s": 2.0,
+    "c2f": {"B": 4, "n_coarse": 32, "h": 2, "Ls": [2, 8], "repeats": 1},
+    "tokenize": [[32, 32]],
+    "tokenize_repeats": 1,
+    "memory": {"b": 2, "demo": False, "shape": 32, "repeats": 1, "overrides": {"image_size": 32, "q": [8, 8, 8]}},
+}
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+def synthetic_bank(
+    b: int, n: int, d: int, invalid: float = 0.0, seed: int = 0, device: str | torch.device = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(tokens [b, n, d] of unit norm, valid [b, n] or None)``: about ``invalid`` of the tokens are
+    invalid (token 0 of every volume stays valid); ``invalid == 0`` returns no mask."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = F.normalize(torch.randn(b, n, d, generator=gen), dim=-1)
+    valid = None
+    if invalid > 0:
+        valid = torch.rand(b, n, generator=gen) >= invalid
+        valid[:, 0] = True
+        valid = valid.to(device)
+    return tokens.to(device), valid
+
+
+def musc_baseline(
+    tokens: torch.Tensor, valid: torch.Tensor | None = None, rho: float = 0.1, volumes: Sequence[int] | None = None
+) -> torch.Tensor:
+    """The straightforward MuSc-style scorer: per query volume ``torch.cdist`` to every other volume's
+    valid tokens, min over them, mean of the ``K = max(1, floor(rho (B - 1)))`` smallest; invalid
+    tokens and volumes not in ``volumes`` score 0. Returns ``[B, N]`` float32."""
+    b, n, _ = tokens.shape
+    k = max(1, math.floor(rho * (b - 1) + 1e-9))  # the epsilon keeps the floor exact (0.29 * 100)
+    if valid is None:
+        valid = torch.ones(b, n, dtype=torch.bool, device=tokens.device)
+    scores = torch.zeros(b, n, dtype=torch.float32, device=tokens.device)
+    for i in range(b) if volumes is None else volumes:
+        queries = tokens[i][valid[i]].float()
+        profile = torch.stack(
+            [torch.cdist(queries, tokens[j][valid[j]].float()).min(dim=1).values for j in range(b) if j != i], dim=1
+        )
+        scores[i, valid[i]] = profile.sort(dim=1).values[:, :k].mean(dim=1)
+    return scores
+
+
+def effective_flops(counts: Sequence[int], d: int, query_volumes: Sequence[int]) -> int:
+    """``2 N_q N_r d`` summed over every (query volume, other volume) pair, valid tokens only."""
+    total = sum(counts)
+    return sum(2 * counts[i] * (total - counts[i]) * d for i in query_volumes)
+
+
+def _gemm_probe(n: int, d: int, device: torch.device) -> tuple[object, int]:
+    """``(call, flops)``: one fp32 ``addmm [1024, d] x [d, n]`` with a norm row, the scorer's GEMM."""
+    gen = torch.Generator().manual_seed(1)
+    q, r = torch.randn(1024, d, generator=gen).to(device), torch.randn(n, d, generator=gen).to(device)
+    norms = torch.randn(1, n, generator=gen).to(device)
+    return (lambda: torch.addmm(norms, q, r.t(), alpha=-2.0)), 2 * 1024 * n * d
+
+
+def score_case(
+    name: str, tokens: torch.Tensor, valid: torch.Tensor | None, cfg: dict, device: torch.device, precision: str
+) -> dict:
+    """One row: fp32 scorer, ``precision`` pass, baseline and GEMM probe timed interleaved on ``tokens``."""
+    from scripts.scoring import mutual_similarity_scores
+
+    b, n, d = tokens.shape
+    rho = cfg["rho"]
+    counts = valid.sum(dim=1).tolist() if valid is not None else [n] * b
+    per_volume = effective_flops(counts, d, [0]) / 1e9
+    budget = cfg["budget_gflop"]
+    n_query = b if per_volume * b <= budget else max(1, int(budget / per_volume))
+    volumes = None if n_query == b else list(range(n_query))
+    flops = effective_flops(counts, d, range(n_query))
+    probe, probe_flops = _gemm_probe(n, d, device)
+    (t32, tmix, tbase, tprobe), (s32, smix, sbase, _) = interleaved(
+        [
+            lambda: mutual_similarity_scores(tokens, valid, rho, volumes=volumes),
+            lambda: mutual_similarity_scores(tokens, valid, rho, volumes=volumes, precision=precision),
+            lambda: musc_baseline(tokens, valid, rho, volumes),
+            probe,
+        ],
+        device,
+        cfg["repeats"],
+        cfg["case_s"],
+    )
+    rows = slice(0, n_query)
+    return {
+        "case": name,
+        "B": b,
+        "N": n,
+        "valid": significant(sum(counts) / (b * n), 3),
+        "query_volumes": n_query,
+        "gflops": significant(flops / statistics.median(t32) / 1e9),
+        "frac_roofline": significant(
+            statistics.median((flops / a) / (probe_flops / p) for a, p in zip(t32, tprobe, strict=True)), 3
+        ),
+        "precision": precision,
+        "fp32_s": significant(statistics.median(t32)),
+        "mixed_s": significant(statistics.median(tmix)),
+        "baseline_s": significant(statistics.median(tbase)),
+        "baseline_over_fp32": significant(ratio(tbase, t32), 3),
+        "baseline_over_mixed": significant(ratio(tbase, tmix), 3),
+        "fp32_over_mixed": significant(ratio(t32, tmix), 3),
+        "diff_baseline": float((s32[rows] - sbase[rows]).abs().max()),
+        "diff_mixed": float((smix[rows] - s32[rows]).abs().max()),
+        "repeats": len(t32),
+    }
+
+
+def cache_grids(cache: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{grid key: (tokens [B, N, d] fp32, valid [B, N])}`` of a bundle run's token cache (``*.pt``)."""
+    entries = [torch.load(p, map_location="cpu", weights_only=True)["grids"] for p in sorted(Path(cache).glob("*.pt"))]
+    if len(entries) < 2:
+        raise ValueError(f"{cache}: a token cache of at least 2 volumes is needed, found {len(entries)}")
+    return {
+        k: (
+            torch.stack([e[k][0].reshape(-1, e[k][0].shape[-1]).float() for e in entries]),
+            torch.stack([e[k][1].reshape(-1) for e in entries]).bool(),
+        )
+        for k in entries[0]
+    }
+
+
+def bench_scoring(cfg: dict, device: torch.device, cache: str | Path | None, precision: str) -> dict:
+    """Random cases of every (B, N, invalid fraction), then every coarse grid of ``cache``."""
+    rows = []
+    for b, n in sorted(((b, n) for b in cfg["score_b"] for n in cfg["score_n"]), key=lambda c: c[0] * c[1]):
+        for invalid in (0.0, cfg["invalid"]):
+            tokens, valid = synthetic_bank(b, n, cfg["d"], invalid, seed=b * 1000 + n, device=device)
+            rows.append(score_case(f"random, {invalid:.0%} invalid", tokens, valid, cfg, device, precision))
+    if cache:
+        for key, (tokens, valid) in cache_grids(cache).items():
+            if not key.endswith("/fine"):
+                rows.append(score_case(f"real {key}", tokens.to(device), valid.to(device), cfg, device, precision))
+    return {"rows": rows, "rho": cfg["rho"]}
+
+
+# -------------------------------------------------------------------------------------------------- c2f
+def theoretical_speedup(h: int, L: int, n_coarse: int) -> float:  # noqa: N803
+    """Operation-count reduction of C2F over exhaustive fine matching (Eq. 9), ``h^2 / (1 + L h^2 / N_c)``."""
+    return h**2 / (1 + min(L, n_coarse) * h**2 / n_coarse)
+
+
+def synthetic_tokens(b: int, n_coarse: int, h: int, d: int, kind: str, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """``(coarse [b, N_c, d], fine [b, N_c, h, d])`` unit tokens, coarse = normalised mean of the children.
+
+    ``random``: no structure, the worst case for routing. ``structured``: a smooth template shared by
+    all volumes (the h children of a region alike) plus per-volume noise, what routing relies on.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        fine = torch.randn(b, n_coarse, h, d, generator=gen)
+    else:
+        field = torch.randn(1, d, n_coarse + 4, generator=gen)
+        region = F.normalize(F.avg_pool1d(field, 5, stride=1).transpose(1, 2).unsqueeze(2), dim=-1)
+        template = F.normalize(region + 0.5 * torch.randn(1, n_coarse, h, d, generator=gen), dim=-1)
+        fine = template + 0.8 * F.normalize(torch.randn(b, n_coarse, h, d, generator=gen), dim=-1)
+    fine = F.normalize(fine, dim=-1)
+    return F.normalize(fine.mean(dim=2), dim=-1), fine
+
+
+def cache_c2f_bank(cache: str | Path, key: str) -> tuple[torch.Tensor, ...]:
+    """``(coarse, fine [B, N_c, h, d], coarse_valid, fine_valid)`` of one grid of an F/MS run's cache."""
+    from scripts.tokens import FINE_SUFFIX, children_last
+
+    parts: list[list[torch.Tensor]] = [[], [], [], []]
+    for path in sorted(Path(cache).glob("*.pt")):
+        grids = torch.load(path, map_location="cpu", weights_only=True)["grids"]
+        (tc, vc), (tf, vf) = grids[key], grids[key + FINE_SUFFIX]
+        h = tf.shape[0] // tc.shape[0]
+        for part, t in zip(
+            parts,
+            (tc.reshape(-1, tc.shape[-1]), children_last(tf, h), vc.reshape(-1), children_last(vf, h)),
+            strict=True,
+        ):
+            part.append(t)
+    return tuple(torch.stack(p) for p in parts)
+
+
+def bench_c2f(
+    B: int = 24,  # noqa: N803
+    n_coarse: int = 2048,
+    h: int = 4,
+    d: int = 128,
+    Ls: Sequence[int] = (1, 4, 16, 64),  # noqa: N803
+    repeats: int = 1,
+    device: str | torch.device = "cpu",
+    tokens: str = "random",
+    bank: tuple[torch.Tensor, ...] | None = None,
+    rho: float = 0.1,
+    query_volumes: int | None = 2,
+) -> dict:
+    """C2F against exhaustive fine scoring on one bank (synthetic ``tokens``, or ``bank`` as
+    :func:`cache_c2f_bank` returns it).
+
+    ``query_volumes`` volumes are scored (all ``B`` stay references); the time for all ``B`` is
+    ``setup + (t - setup) B / query_volumes`` with ``setup`` timed by a call scoring no volume. Times
+    are the minimum over ``repeats`` interleaved rounds.
+    """
+    from scipy.stats import spearmanr
+    from scripts.scoring import c2f_scores, mutual_similarity_scores
+
+    device = torch.device(device)
+    if bank is None:
+        coarse, fine = synthetic_tokens(B, n_coarse, h, d, tokens)
+        cv, fv = torch.ones(fine.shape[:2], dtype=torch.bool), torch.ones(fine.shape[:3], dtype=torch.bool)
+    else:
+        (coarse, fine, cv, fv), tokens = bank, "real"
+    coarse, fine, cv, fv = (t.to(device) for t in (coarse, fine, cv.bool(), fv.bool()))
+    b, n, h, d = fine.shape
+    flat, flat_valid = fine.reshape(b, n * h, d), fv.reshape(b, n * h)
+    nq = b if query_volumes is None else max(1, min(query_volumes, b))
+    scorers = {
+        "exhaustive": lambda v: mutual_similarity_scores(flat, flat_valid, rho, volumes=v),
+        "coarse": lambda v: mutual_similarity_scores(coarse, cv, rho, volumes=v),
+        **{L: (lambda v, L=L: c2f_scores(coarse, fine, cv, fv, rho, L=L, volumes=v)[1]) for L in Ls},  # noqa: N803
+    }
+    fns = [
+        fn for s in scorers.values() for fn in ((lambda s=s: s([])) if nq < b else None, lambda s=s: s(list(range(nq))))
+    ]
+    times, outs = interleaved(fns, device, repeats, warmup=False)
+    seconds = {}
+    for k, name in enumerate(scorers):
+        setups = times[2 * k] or [0.0] * len(times[2 * k + 1])
+        seconds[name] = min(s + max(0.0, t - s) * b / nq for s, t in zip(setups, times[2 * k + 1], strict=True))
+    query_valid = flat_valid[:nq].reshape(-1)
+    exact = outs[1][:nq].reshape(-1)[query_valid]
+    runs = []
+    for k, L in enumerate(Ls):  # noqa: N806
+        approx = outs[2 * (k + 2) + 1][:nq].reshape(-1)[query_valid]
+        speedup, theory = seconds["exhaustive"] / seconds[L], theoretical_speedup(h, L, n)
+        runs.append(
+            {
+                "L": L,
+                "c2f_s": significant(seconds[L]),
+                "speedup": significant(speedup, 3),
+                "eq9": significant(theory, 3),
+                "speedup_over_eq9": significant(speedup / theory, 3),
+                "spearman": significant(float(spearmanr(approx.double().cpu(), exact.double().cpu()).statistic), 4),
+                "score_excess": significant(float(((approx - exact) / exact.clamp_min(1e-12)).mean()), 3),
+            }
+        )
+    return {
+        "params": {"tokens": tokens, "B": b, "n_coarse": n, "n_valid_coarse": round(float(cv.sum(1).float().mean()), 1)}
+        | {"h": h, "d": d, "rho": rho, "query_volumes_timed": nq, "threads": torch.get_num_threads()},
+        "exhaustive_s": significant(seconds["exhaustive"]),
+        "coarse_s": significant(seconds["coarse"]),
+        "runs": runs,
+    }
+
+
+def bench_c2f_section(cfg: dict, device: torch.device, cache: str | Path | None, key: str) -> list[dict]:
+    """:func:`bench_c2f` on random and structured tokens, and on ``cache``'s grid ``key`` if it has one."""
+    params = {**cfg["c2f"], "d": cfg["d"], "rho": cfg["rho"], "device": device}
+    results = [bench_c2f(**params, tokens=kind) for kind in ("random", "structured")]
+    if cache and any(Path(cache).glob("*.pt")):
+        shared = {k: params[k] for k in ("Ls", "repeats", "rho", "device")}
+        results.append(bench_c2f(**shared, bank=cache_c2f_bank(cache, key)))
+    return results
+
+
+# --------------------------------------------------------------------------------------------- tokenize
+def phantom(shape: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(image [1, S, S, S] in [0, 1], ellipsoid mask [1, S, S, S])``: smooth texture in an ellipsoid
+    (tokenization cost does not depend on the anatomy)."""
+    gen = torch.Generator().manual_seed(seed)
+    axis = (torch.arange(shape, dtype=torch.float32) + 0.5) / shape - 0.5
+    x, y, z = torch.meshgrid(axis, axis, axis, indexing="ij")
+    mask = (x / 0.40) ** 2 + (y / 0.46) ** 2 + (z / 0.38) ** 2 <= 1.0
+    texture = F.avg_pool3d(torch.rand(1, 1, shape, shape, shape, generator=gen), 5, stride=1, padding=2)[0]
+    texture = (texture - texture.min()) / (texture.max() - texture.min())
+    return torch.where(mask, 0.3 + 0.7 * texture, torch.zeros(())), mask[None].float()
+
+
+def bundle_parts(overrides: dict) -> tuple[object, torch.nn.Module, dict]:
+    """The inferer and encoder that ``configs/inference.json`` builds with ``overrides``, and its settings."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / "inference.json"))
+    parser.update({"bundle_root": str(ROOT), "quiet": True, **overrides})
+    settings = {k: parser.get_parsed_content(k) for k in ("encoder_name", "q", "d", "layers", "depth_phases")}
+    return parser.get_parsed_content("inferer"), parser.get_parsed_content("network").eval(), settings
+
+
+def bench_tokenize(cfg: dict, device: torch.device) -> dict:
+    """Per (volume side, R): encoder seconds inside ``tokenize`` and the whole call's, median overhead."""
+    rows, settings = [], {}
+    for shape, size in cfg["tokenize"]:
+        inferer, encoder, settings = bundle_parts({"image_size": size})
+        encoder.to(device)
+        volume, mask = (t.to(device) for t in phantom(shape))
+        spent = [0.0]
+        forward = encoder.forward
+
+        def timed(*args, forward=forward, spent=spent, **kwargs):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            out = forward(*args, **kwargs)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            spent[0] += time.perf_counter() - start
+            return out
+
+        encoder.forward = timed
+        encoder_s, total_s = [], []
+        with torch.inference_mode():
+            inferer.tokenize(volume, encoder, mask)  # warm-up
+            for _ in range(cfg["tokenize_repeats"]):
+                spent[0], start = 0.0, time.perf_counter()
+                inferer.tokenize(volume, encoder, mask)
+                total_s.append(time.perf_counter() - start)
+                encoder_s.append(spent[0])
+        rows.append(
+            {
+                "volume": shape,
+                "R": size,
+                "encoder_s": significant(statistics.median(encoder_s)),
+                "tokenize_s": significant(statistics.median(total_s)),
+                "overhead": significant(ratio(total_s, encoder_s) - 1.0, 3),
+                "repeats": len(total_s),
+            }
+        )
+    return {"rows": rows, "settings": settings}
+
+
+# --------------------------------------------------------------------------------------- memory and e2e
+STAGES = ("load", "tokenize", "score", "write")
+
+
+def _cohort(cfg: dict, out: Path, n: int) -> tuple[Path, dict]:
+    """The demo cohort (``demo_data`` or generated from ``configs/inference.json#demo``) or a small one."""
+    from scripts.synthetic.brain import ensure_cohort
+
+    mem = cfg["memory"]
+    if mem["demo"]:
+        demo = json.loads((ROOT / "configs" / "inference.json").read_text())["demo"]
+        args = {k: demo[k] for k in ("n_normal", "n_abnormal", "shape", "contrast", "seed") if k in demo}
+        path = ROOT / "demo_data" if (ROOT / "demo_data" / "cohort.csv").is_file() else None
+        return Path(path or ensure_cohort(out / "demo_data", **args)), {"cohort": "demo", **args}
+    args = {"n_normal": n - n // 2, "n_abnormal": n // 2, "shape": mem["shape"], "seed": 0}
+    return Path(ensure_cohort(out / f"cohort_{mem['shape']}_{n}", **args)), {"cohort": "synthetic", **args}
+
+
+def _subset(source: Path, n: int, where: Path) -> Path:
+    """A dataset folder with the first ``n`` subjects of ``source`` (folder links, a cut cohort.csv)."""
+    lines = (source / "cohort.csv").read_text().splitlines()
+    if len(lines) - 1 < n:
+        raise ValueError(f"{source} has {len(lines) - 1} subjects, {n} needed")
+    shutil.rmtree(where, ignore_errors=True)
+    where.mkdir(parents=True)
+    for sub in ("images", "labels", "masks"):
+        if (source / sub).is_dir():
+            (where / sub).symlink_to((source / sub).resolve(), target_is_directory=True)
+    (where / "cohort.csv").write_text("\n".join(lines[: n + 1]) + "\n")
+    return where
+
+
+def _bundle_run(dataset: Path, out_dir: Path, overrides: dict, device: torch.device, fresh: bool) -> dict:
+    """One ``monai.bundle run`` (fresh: no token cache); its run.json figures and wall seconds."""
+    if fresh:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    args = {"dataset_dir": dataset, "output_dir": out_dir, "quiet": True, **overrides}
+    if device.type == "cuda":
+        args["device"] = "$torch.device('cuda:0')"
+    cmd = _bundle_command(["configs/inference.json"], args)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bundle run failed ({' '.join(cmd[3:])}):\n{proc.stderr[-3000:]}")
+    run = json.loads((out_dir / "run.json").read_text())
+    return {
+        "n_volumes": run["n_volumes"],
+        "encoded_volumes": run.get("encoded_volumes"),
+        "wall_s": round(time.perf_counter() - start, 2),
+        "timings_s": run.get("timings_s", {}),
+        "peak_rss_mb": run.get("peak_rss_mb"),
+        "bank_mb": run.get("tokens", {}).get("bank_mb"),
+    }
+
+
+def bench_memory(cfg: dict, device: torch.device, out: Path) -> dict:
+    """Bundle runs at B and 2B: fresh runs (lowest peak of ``repeats``), then from their caches.
+
+    The encoding runs' peak moves from run to run (the loader's prefetch queue at the moment of the
+    peak), hence the lowest of the repeats. The peak's growth is compared with the bank's.
+    """
+    mem = cfg["memory"]
+    sizes = (mem["b"], 2 * mem["b"])
+    source, desc = _cohort(cfg, out, sizes[1])
+    jobs = [(_subset(source, n, out / "subsets" / f"B{n}"), out / "runs" / f"B{n}") for n in sizes]
+    runs: dict[int, dict] = {}
+    for _ in range(max(1, mem["repeats"])):
+        for n, (dataset, run_dir) in zip(sizes, jobs, strict=True):
+            run = _bundle_run(dataset, run_dir, mem["overrides"], device, fresh=True)
+            run["peaks_mb"] = runs.get(n, {}).get("peaks_mb", []) + [run["peak_rss_mb"]]
+            if n not in runs or run["peak_rss_mb"] < runs[n]["peak_rss_mb"]:
+                runs[n] = run
+            runs[n]["peaks_mb"] = run["peaks_mb"]
+    cached = {n: _bundle_run(*job, mem["overrides"], device, fresh=False) for n, job in zip(sizes, jobs, strict=True)}
+    b1, b2 = sizes
+
+    def growth(rs: dict[int, dict]) -> dict:
+        rss, bank = rs[b2]["peak_rss_mb"] - rs[b1]["peak_rss_mb"], rs[b2]["bank_mb"] - rs[b1]["bank_mb"]
+        return {"rss_growth_mb": round(rss, 1), "bank_growth_mb": round(bank, 2), "ratio": significant(rss / bank, 3)}
+
+    e2e = [
+        {"B": n, **{s: significant(r["timings_s"].get(s, 0.0) / n, 3) for s in STAGES}}
+        | {"total": significant(sum(r["timings_s"].get(s, 0.0) for s in STAGES) / n, 3)}
+        | {"wall": significant(r["wall_s"] / n, 3)}
+        for n, r in runs.items()
+    ]
+    return {
+        "cohort": desc,
+        "overrides": mem["overrides"],
+        "runs": [{"B": n, "tokens": "encoded", **r} for n, r in runs.items()]
+        + [{"B": n, "tokens": "from cache", **r} for n, r in cached.items()],
+        "encoded": growth(runs),
+        "cached": growth(cached),
+        "e2e": e2e,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- command
+def run_performance(
+    quick: bool = False,
+    device: str = "cpu",
+    out: str | Path = "bench_out/performance",
+    sections: Sequence[str] | None = None,
+    threads: int | None = None,
+    cache: str | None = None,
+    c2f_key: str = "axial/0",
+    precision: str = "bf16",
+    memory_b: int | None = None,
+    doc: str | Path | None = None,
+    verbose: bool = True,
+) -> dict:
+    """Run the chosen sections; write ``<out>/performance.json`` and the report (``doc`` or
+    ``<out>/performance.md``). A failing section is recorded as ``{"error": ...}`` and the others run.
+
+    Raises:
+        ValueError: an unknown section, CUDA unavailable, or a ``doc`` without the block markers.
+    """
+    from scripts.benchmarks.performance_report import check_doc, evaluate_targets, write_markdown
+
+    chosen = list(sections or SECTIONS)
+    if unknown := [s for s in chosen if s not in SECTIONS]:
+        raise ValueError(f"unknown sections {unknown}; choose from {list(SECTIONS)}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but torch.cuda.is_available() is False")
+    out = in_bundle(out)
+    doc_path = in_bundle(doc) if doc else out / "performance.md"
+    check_doc(doc_path)  # before minutes of measuring
+    if threads:
+        torch.set_num_threads(int(threads))
+    cfg = copy.deepcopy(QUICK if quick else FULL)
+    if memory_b:
+        cfg["memory"]["b"] = int(memory_b)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    options = {"device": None if device == "cpu" else device, "threads": threads, "cache": cache}
+    command = "python -m scripts.benchmarks performance" + (" --quick" if quick else "")
+    command += "".join(f" --{k} {v}" for k, v in options.items() if v)
+    res: dict = {
+        "meta": {
+            "command": command,
+            "quick": quick,
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "sections": chosen,
+            "section_s": {},
+        },
+        "machine": machine_info(dev),
+    }
+    work = {
+        "scoring": lambda: bench_scoring(cfg, dev, cache, precision),
+        "c2f": lambda: bench_c2f_section(cfg, dev, cache, c2f_key),
+        "tokenize": lambda: bench_tokenize(cfg, dev),
+        "memory": lambda: bench_memory(cfg, dev, out),
+    }
+    for name in chosen:
+        if verbose:
+            print(f"[performance {time.perf_counter() - started:6.1f}s] {name} ...", flush=True)
+        t0 = time.perf_counter()
+        try:
+            res[name] = work[name]()
+        except Exception as err:  # recorded and rendered: the other sections still run
+            res[name] = {"error": f"{type(err).__name__}: {' '.join(str(err).split())[:500]}"}
+            res["meta"].setdefault("errors", {})[name] = traceback.format_exc()[-3000:]
+        res["meta"]["section_s"][name] = round(time.perf_counter() - t0, 1)
+    res["targets"] = evaluate_targets(res)
+    res["meta"]["wall_s"] = round(time.perf_counter() - started, 1)
+    res["machine"]["loadavg_end"] = loadavg()
+    res = jsonable(res)
+    (out / "performance.json").write_text(json.dumps(res, indent=2))
+    write_markdown(res, doc_path)
+    for target in res["targets"]:
+        print(f"{'MET   ' if target['met'] else 'MISSED'} {target['target']}: {target['value']}")
+    return res
