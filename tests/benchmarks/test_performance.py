@@ -12,15 +12,13 @@ import pytest
 import torch
 from scripts.benchmarks.performance import (
     QUICK,
-    bench_c2f,
     bench_memory,
-    cache_c2f_bank,
     effective_flops,
     musc_baseline,
     run_performance,
     synthetic_bank,
-    theoretical_speedup,
 )
+from scripts.benchmarks.performance_c2f import bench_c2f, cache_c2f_bank, theoretical_speedup
 from scripts.benchmarks.performance_report import BEGIN, END
 from scripts.benchmarks.tables import splice_block, table, write_block
 from scripts.scoring import mutual_similarity_scores
