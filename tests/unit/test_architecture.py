@@ -14,6 +14,7 @@ SCRIPTS = ROOT / "scripts"
 LAYERS = {
     "scripts.errors": 0,
     "scripts.digest": 0,
+    "scripts.progress": 0,
     "scripts.transforms": 1,
     "scripts.encoders": 1,
     "scripts.scoring": 1,

@@ -1,0 +1,121 @@
+"""Progress a person can read: named stages with counts, rate and time left.
+
+On a terminal a stage is a tqdm bar (what MONAI and ignite show); when the stream is not a terminal (a
+log file, a pipe, a notebook's captured output) it is plain lines, at most one every ``interval``
+seconds plus the last one, with no cursor codes::
+
+    cs3f: encoding volume 12/32 (0.81 vol/s, 25 s left)
+
+A stage may also report work inside one step (``detail``, e.g. the query block of a scoring pass), so
+that a long step still shows movement.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import TextIO
+
+__all__ = ["Progress", "format_seconds"]
+
+
+def format_seconds(seconds: float) -> str:
+    """``42 s``, ``3 min 5 s`` or ``1 h 02 min``: a duration for a person."""
+    seconds = max(0.0, float(seconds))
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+class Progress:
+    """One named stage of ``total`` steps.
+
+    Args:
+        stage: what is being done, e.g. ``"encoding volume"``, ``"writing maps"``.
+        total: number of steps (volumes, blocks, ...).
+        unit: short unit for the rate, e.g. ``"vol"``.
+        enabled: ``False`` shows nothing (``--quiet``).
+        stream: where to write; default ``sys.stderr``.
+        interval: seconds between two plain lines (the bar refreshes on its own).
+        clock: time source (tests pass a fake one).
+    """
+
+    def __init__(
+        self,
+        stage: str,
+        total: int,
+        unit: str = "it",
+        enabled: bool = True,
+        stream: TextIO | None = None,
+        interval: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.stage, self.total, self.unit = stage, int(total), unit
+        self.enabled, self.interval, self.clock = bool(enabled), float(interval), clock
+        self.stream = sys.stderr if stream is None else stream
+        self.done = 0
+        self.detail = ""
+        self.start = self.clock()
+        self._last_line = -float("inf")
+        self._bar = None
+        if self.enabled and _is_terminal(self.stream):
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self.total, desc=stage, unit=unit, file=self.stream, dynamic_ncols=True)
+
+    def update(self, n: int = 1, detail: str = "") -> None:
+        """``n`` more steps done; ``detail`` says where inside the stage the work is."""
+        self.done += n
+        self.detail = detail
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(n)
+            if detail:
+                self._bar.set_postfix_str(detail, refresh=False)
+        elif self.done >= self.total or self.clock() - self._last_line >= self.interval:
+            self._write_line()
+
+    def close(self) -> None:
+        """End the stage (the bar stays on screen; a plain stream gets its last line if not yet written)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        elif self.enabled and self._last_line < self.start and self.done:
+            self._write_line()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def line(self) -> str:
+        """The plain line for the current state."""
+        elapsed = self.clock() - self.start
+        text = f"cs3f: {self.stage} {self.done}/{self.total}"
+        if self.detail:
+            text += f" ({self.detail})"
+        if elapsed > 0 and self.done:
+            rate = self.done / elapsed
+            left = (self.total - self.done) / rate
+            text += f" [{rate:.3g} {self.unit}/s, {format_seconds(left)} left]"
+        return text
+
+    def _write_line(self) -> None:
+        self._last_line = self.clock()
+        self.stream.write(self.line() + "\n")
+        self.stream.flush()
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except ValueError:  # a closed stream
+        return False
