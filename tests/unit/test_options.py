@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from scripts.engine.options import as_bool, check_options
 from scripts.errors import CS3FInputError
-from scripts.references import ReferenceSet
+from scripts.scoring.references import ReferenceSet
 
 
 @pytest.mark.parametrize(
