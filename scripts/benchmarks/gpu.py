@@ -270,22 +270,9 @@ def _environ() -> dict:
     return dict(os.environ)
 
 
-def _precision_rows(cache: Path, opts: dict) -> list[dict]:
-    """The C run's tokens (its largest grid) scored with each distance pass vs fp32 vs the baseline."""
-    from scripts.benchmarks.mixed_bench import bench_mixed
-
-    device = torch.device(opts["device"])
-    passes = ["bf16"] + (["tf32"] if device.type == "cuda" else [])
-    rows = []
-    for name in passes:
-        cfg = {
-            "rho": 0.1,
-            "repeats": opts["precision_repeats"],
-            "case_s": float("inf"),
-            "mixed": {"B": 2, "N": 16, "d": 128, "keys": "largest", "precision": name},
-        }
-        rows += [r for r in bench_mixed(cfg, device, cache)["rows"] if r["case"].startswith("real")]
-    return rows
+def _precision_rows(cache: Path, opts: dict) -> list[dict]:  # noqa: ARG001
+    """No rows: scoring has a single (fp32) distance pass, so there is no other pass to compare."""
+    return []
 
 
 def bench_gpu(
