@@ -200,6 +200,8 @@ class _C2FBank:
     def tiles(
         self, volumes: Sequence[int] | None, same: Sequence[Sequence[int]] | None = None
     ) -> Iterator[tuple[int, torch.Tensor, tuple]]:
+        """``(i, index, profiles)`` per query tile of each of ``volumes`` (see :func:`c2f_tiles`);
+        ``same[i]``: the other scans of volume ``i``'s subject, left out of its references."""
         for i in check_volumes(volumes, self.coarse.shape[0]):
             exclude = [i, *same[i]] if same is not None and same[i] else i
             query_index = torch.nonzero(self.queries_of[i]).flatten()
