@@ -2,8 +2,8 @@
 
 The inferer wires the parts and owns no maths of its own: :class:`scripts.tokens.Tokenizer` makes the
 tokens (with the transforms of :mod:`scripts.transforms.tokenization`), the
-:class:`scripts.batch_scorer.BatchScorer` scores them with :mod:`scripts.scoring` against the reference
-set of :mod:`scripts.references`, and :mod:`scripts.anomaly_map` fuses the scores into voxel maps.
+:class:`scripts.scoring.scorer.Scorer` scores them against the reference plan of
+:mod:`scripts.scoring.references`, and :mod:`scripts.anomaly_map` fuses the scores into voxel maps.
 The encoder is any :class:`scripts.encoders.SliceEncoder`-like module (``[N, 3, R, R]`` in, list of
 ``[N, C, P, P]`` out, with ``input_size``, ``mean`` and ``std`` attributes).
 
@@ -28,9 +28,9 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from monai.inferers import Inferer
 from scripts.anomaly_map import EDGES, SUBJECT_SCORES, VARIANTS, fuse_token_scores, smooth_map, subject_score
-from scripts.batch_scorer import BatchScorer, TokenScores
-from scripts.references import ReferenceSet, check_bank_grids, reject_replaced_keys, score_with_references
 from scripts.scoring import DEFAULT_BLOCK_ELEMENTS, DEFAULT_QUERY_TILE, DEFAULT_ROUTES
+from scripts.scoring.references import ReferenceSet, bank_plan, plan_references, reject_replaced_keys
+from scripts.scoring.scorer import BankTokens, Scorer, TokenScores
 from scripts.tokens import FINE_SUFFIX, BatchBuffer, TokenGrid, Tokenizer, VolumeTokens, canonical_axes, per_axis
 from scripts.transforms.tokenization import AXES
 
@@ -86,11 +86,11 @@ class CS3FInferer(Inferer):
         q_fine: fine depth-pooling size per axis (or one int) for F/MS; must divide ``q`` on every
             used axis (``q = h * q_fine``). Required for F/MS, unused (and recorded as ``None``) for C.
         L: coarse routes per (query coarse token, reference volume) of the C2F search (Eq. 6).
-        references: the reference set (:class:`scripts.references.ReferenceSet`): ``"all"`` (the
-            paper), ``"chunks:N"``, ``"random:N"`` or ``"bank:DIR"`` (scored by :meth:`score_references`).
-        score_precision: distance pass of the exact C scorer: ``"fp32"`` (default, the reference),
-            ``"bf16"``, ``"tf32"`` (CUDA) or ``"auto"`` (:func:`scripts.mixed_precision.resolve_precision`);
-            a reduced-precision pass only proposes candidates, decided in fp32 (scores equal to fp32's).
+        references: the reference set (:class:`scripts.scoring.references.ReferenceSet`): ``"all"``
+            (the paper), ``"chunks:N"``, ``"random:N"`` or ``"bank:DIR"`` (:meth:`score` with the bank's
+            tokens as ``reference_bank``).
+        score_precision: ``"fp32"`` or ``"auto"`` (:data:`scripts.scoring.scorer.PRECISIONS`): scores
+            are computed in fp32 on every device; the value is recorded.
         edge: ``"zero"`` (the paper: invalid tokens enter the interpolation as zeros) or
             ``"normalized"`` (voxels near the mask's edge take the valid tokens' scores only; see
             :mod:`scripts.anomaly_map`).
@@ -144,7 +144,7 @@ class CS3FInferer(Inferer):
         token_args = (self.d, self.delta, self.seed, int(slab_size), self.token_dtype, depth_phases)
         self.tokenizer = Tokenizer(self.axes, self.q, self.q_fine, *token_args)
         device = torch.device(score_device) if score_device is not None else None
-        self.scorer = BatchScorer(
+        self.scorer = Scorer(
             self.variant, self.rho, L, int(query_tile), int(block_elements), device, progress, score_precision
         )
 
@@ -181,56 +181,42 @@ class CS3FInferer(Inferer):
         queries: Sequence[int] | None = None,
         names: Sequence[str] | None = None,
         subjects: Sequence[object] | None = None,
+        reference_bank: BankTokens | None = None,
+        exclude: Sequence[int | Sequence[int] | None] | None = None,
     ) -> TokenScores:
         """Cross-subject token scores for every volume, per axis x layer (Eq. 1-2; Eq. 6 for F/MS).
 
+        The volumes are scored against their references in the batch (the inferer's ``references``
+        set), or, when ``reference_bank`` is given (``references: bank:DIR``), against the bank's
+        volumes only: new volumes are then not references for each other (a daily batch may be one
+        scan, and its scores must not depend on what else arrived that day), and
+        ``K = max(1, floor(rho * B_ref))``.
+
         Args:
-            bank: tokens of the ``B >= 2`` volumes of the batch.
+            bank: tokens of the volumes of the batch (``B >= 2``; ``>= 1`` against a reference bank).
             queries: score only these volumes (indices into ``bank``), e.g. one rank's share, against
-                their references in the batch; ``None``: all.
+                their references; ``None``: all.
             names: volume names, used by ``random:N`` to draw each volume's references (so that the
                 draw does not depend on the order of ``bank``); ``None``: the positions.
             subjects: the subject of each volume: scans of one subject (repeat scans, follow-ups,
                 copies) are never references for each other, and ``K`` counts the references each
                 volume has; ``None``: every volume is its own subject (the paper).
+            reference_bank: ``{key: (tokens [B_ref, N, d], valid [B_ref, N])}`` for every grid key the
+                volumes have (e.g. :meth:`scripts.storage.bank.TokenBank.references`: memory-mapped).
+            exclude: with ``reference_bank``: per volume of ``bank``, the index of the reference that
+                is that same scan (a volume is never its own reference), or the indices of every scan
+                of its subject in the bank, or ``None``.
 
         Returns:
             per volume, ``{key: [M, P, P]}`` fp32 token scores (0 for invalid tokens); for F/MS also
             ``{key + "/fine": [M * h, P, P]}`` C2F fine scores. Volumes not in ``queries`` get ``{}``.
             A bank held in a :class:`BatchBuffer` is scored in place.
         """
-        return score_with_references(self.scorer, bank, self.references, self.seed, queries, names, subjects)
-
-    def score_references(
-        self,
-        references: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-        bank: Sequence[VolumeTokens],
-        queries: Sequence[int] | None = None,
-        exclude: Sequence[int | Sequence[int] | None] | None = None,
-    ) -> TokenScores:
-        """Token scores of new volumes against a reference bank only (``references: bank:DIR``).
-
-        New volumes are not references for each other (a daily batch may be one scan, and its scores
-        must not depend on what else arrived that day); ``K = max(1, floor(rho * B_ref))``.
-
-        Args:
-            references: ``{key: (tokens [B_ref, N, d], valid [B_ref, N])}`` for every grid key the
-                volumes have (e.g. :meth:`scripts.storage.bank.TokenBank.references`: memory-mapped).
-            bank: tokens of the ``>= 1`` new volumes.
-            queries: score only these (indices into ``bank``); ``None``: all.
-            exclude: per volume of ``bank``, the index of the reference that is that same scan (a
-                volume is never its own reference), or the indices of every scan of its subject in the
-                bank, or ``None``.
-        """
-        if not bank:
-            raise ValueError("no volumes to score against the reference bank")
-        b = len(bank)
-        wanted = list(range(b)) if queries is None else sorted({int(i) for i in queries})
-        skips = [None] * b if exclude is None else list(exclude)
-        if len(skips) != b:
-            raise ValueError(f"exclude has {len(skips)} entries for {b} volumes")
-        check_bank_grids(references, bank, self.d)
-        return self.scorer.against_bank(references, bank, wanted, skips)
+        if reference_bank is not None:
+            plan = bank_plan(len(bank), queries, exclude)
+        else:
+            plan = plan_references(self.references, len(bank), self.seed, queries, names, subjects)
+        return self.scorer.score(bank, plan, reference_bank)
 
     def voxel_map(
         self,

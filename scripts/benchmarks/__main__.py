@@ -54,7 +54,6 @@ def _add_performance(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="torch intra-op threads for the run")
     p.add_argument("--cache", help="token cache of a bundle run: also score (and with F/MS tokens route) real tokens")
     p.add_argument("--c2f_key", default="axial/0", help="axis/layer grid of --cache for C2F (default %(default)s)")
-    p.add_argument("--precision", default="bf16", help="reduced-precision pass timed beside fp32 (default %(default)s)")
     p.add_argument("--memory_b", type=int, help="B of the B/2B bundle runs (default 8, quick 2)")
     p.add_argument("--doc", help="markdown file whose generated block is rewritten, e.g. docs/performance.md")
 
@@ -99,7 +98,6 @@ def _add_gpu(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--score_precision", default="auto", help="score_precision of the runs (default auto)")
     p.add_argument("--encoder_precision", default="auto", help="encoder_precision of the runs (default auto)")
     p.add_argument("--timeout_s", type=int, default=1800, help="limit per bundle run (default %(default)s)")
-    p.add_argument("--precision_repeats", type=int, default=2, help="rounds of the distance-pass timing")
     p.add_argument("--doc", help="also rewrite the GPU block of this file, e.g. docs/performance.md")
     p.add_argument("--render", dest="render_json", help="only render this gpu.json (e.g. from a GPU machine)")
 

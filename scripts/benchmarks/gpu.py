@@ -10,8 +10,6 @@
    (C, MS), each in its own process, fp16 token banks on the GPU: seconds per volume and stage
    (run.json), wall time, peak VRAM (run.json ``peak_gpu_mb``) and GPU utilisation (``nvidia-smi``
    sampled every 0.25 s), beside the paper's Table 6 (:data:`PAPER`);
-4. the C run's largest token grid re-scored in-process with the reduced-precision distance passes
-   against fp32 and the MuSc-style baseline (:func:`scripts.benchmarks.performance.score_case`).
 
 ``--tiny`` runs the same code on the CPU at toy sizes (B = 4, 28^3, a 2-layer ViT): the smoke test.
 Results: ``<out>/gpu.json`` and ``<out>/gpu.md``; ``--doc docs/performance.md`` also rewrites that
@@ -250,17 +248,6 @@ def run_variant(cohort: Path, out: Path, variant: str, model_dir: Path, opts: di
     }
 
 
-def _precision_rows(cache: Path, opts: dict) -> list[dict]:
-    """The C run's largest token grid scored with each reduced-precision pass vs fp32 vs the baseline."""
-    from scripts.benchmarks.performance import cache_grids, score_case
-
-    device = torch.device(opts["device"])
-    key, (tokens, valid) = max(cache_grids(cache).items(), key=lambda kv: kv[1][1].numel())
-    cfg = {"rho": 0.1, "repeats": opts["precision_repeats"], "case_s": float("inf"), "budget_gflop": float("inf")}
-    passes = ["bf16"] + (["tf32"] if device.type == "cuda" else [])
-    return [score_case(f"real {key}", tokens.to(device), valid.to(device), cfg, device, p) for p in passes]
-
-
 def bench_gpu(
     B: int = 180,  # noqa: N803 - the paper's B
     size: int = 224,
@@ -272,7 +259,6 @@ def bench_gpu(
     score_precision: str = "auto",
     encoder_precision: str = "auto",
     timeout_s: int = 1800,
-    precision_repeats: int = 2,
     doc: str | None = None,
 ) -> dict:
     """The command (see the module docstring); returns the result written to ``<out>/gpu.json``.
@@ -300,7 +286,6 @@ def bench_gpu(
         "token_dtype": "float16" if cuda and not tiny else "float32",
         "workers": workers,
         "timeout_s": timeout_s,
-        "precision_repeats": precision_repeats,
         "overrides": TINY_OVERRIDES if tiny else GPU_OVERRIDES,
     }
     result = {
@@ -311,7 +296,6 @@ def bench_gpu(
         "workers": workers,
         "weights": "models/dinov2-large" if real else "random init (DINOv2-L/14 shapes)" if not tiny else "tiny",
         "runs": [],
-        "precision": [],
         "wall_s": 0.0,
         "command": "python -m scripts.benchmarks gpu" + (" --tiny" if tiny else f" --B {B}"),
         "versions": {"torch": torch.__version__, "cuda": torch.version.cuda},
@@ -323,9 +307,6 @@ def bench_gpu(
         _write(result, folder, doc_path, started)
         if "error" in result["runs"][-1]:
             break  # the next variant would fail the same way
-    c_run = folder / "run-C" / "tokens"
-    if c_run.is_dir():
-        result["precision"] = _precision_rows(c_run, opts)
     markdown = _write(result, folder, doc_path, started)
     print(markdown)
     return result
@@ -386,28 +367,6 @@ def render(result: dict) -> list[str]:
     ]
     errors = [f"- {r['variant']}: {' '.join(str(r['error']).split())[-400:]}" for r in result["runs"] if "error" in r]
     md += errors + ([""] if errors else [])
-    if result["precision"]:
-        md += ["Distance passes of the C scorer on the C run's largest token grid (same process, interleaved):", ""]
-        md += [
-            table(
-                ["pass", "grid", "B", "N", "fp32 s", "mixed s", "fp32 / mixed", "baseline / mixed", "max abs diff"],
-                [
-                    [
-                        r["precision"],
-                        r["case"],
-                        r["B"],
-                        r["N"],
-                        r["fp32_s"],
-                        r["mixed_s"],
-                        r["fp32_over_mixed"],
-                        r["baseline_over_mixed"],
-                        r["diff_mixed"],
-                    ]
-                    for r in result["precision"]
-                ],
-            ),
-            "",
-        ]
     return md
 
 

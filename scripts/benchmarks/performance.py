@@ -2,10 +2,10 @@
 
 Sections (``--sections``, default all):
 
-* ``scoring``: the exact scorer (:func:`scripts.scoring.mutual_similarity_scores`, fp32 distance
-  pass), the same scorer with its reduced-precision pass, the MuSc-style baseline (``torch.cdist`` per
-  reference volume) and an fp32 GEMM of the scorer's shape, interleaved on the same tokens: random
-  unit tokens per (B, N, invalid fraction), and with ``--cache`` every grid of a bundle run's tokens.
+* ``scoring``: the exact scorer (:func:`scripts.scoring.mutual_similarity_scores`), the MuSc-style
+  baseline (``torch.cdist`` per reference volume) and an fp32 GEMM of the scorer's shape, interleaved on
+  the same tokens: random unit tokens per (B, N, invalid fraction), and with ``--cache`` every grid of a
+  bundle run's tokens.
   Effective GFLOP/s count ``2 N_q N_r d`` per (query volume, other volume) pair of valid tokens.
 * ``c2f``: :func:`scripts.scoring.c2f_scores` against exhaustive fine scoring for each routing budget
   ``L`` (time, Eq. 9's operation-count ratio, Spearman and mean relative excess of the fine scores),
@@ -122,10 +122,8 @@ def _gemm_probe(n: int, d: int, device: torch.device) -> tuple[object, int]:
     return (lambda: torch.addmm(norms, q, r.t(), alpha=-2.0)), 2 * 1024 * n * d
 
 
-def score_case(
-    name: str, tokens: torch.Tensor, valid: torch.Tensor | None, cfg: dict, device: torch.device, precision: str
-) -> dict:
-    """One row: fp32 scorer, ``precision`` pass, baseline and GEMM probe timed interleaved on ``tokens``."""
+def score_case(name: str, tokens: torch.Tensor, valid: torch.Tensor | None, cfg: dict, device: torch.device) -> dict:
+    """One row: the exact scorer, the baseline and a GEMM probe timed interleaved on ``tokens``."""
     from scripts.scoring import mutual_similarity_scores
 
     b, n, d = tokens.shape
@@ -137,10 +135,9 @@ def score_case(
     volumes = None if n_query == b else list(range(n_query))
     flops = effective_flops(counts, d, range(n_query))
     probe, probe_flops = _gemm_probe(n, d, device)
-    (t32, tmix, tbase, tprobe), (s32, smix, sbase, _) = interleaved(
+    (t32, tbase, tprobe), (s32, sbase, _) = interleaved(
         [
             lambda: mutual_similarity_scores(tokens, valid, rho, volumes=volumes),
-            lambda: mutual_similarity_scores(tokens, valid, rho, volumes=volumes, precision=precision),
             lambda: musc_baseline(tokens, valid, rho, volumes),
             probe,
         ],
@@ -159,15 +156,10 @@ def score_case(
         "frac_roofline": significant(
             statistics.median((flops / a) / (probe_flops / p) for a, p in zip(t32, tprobe, strict=True)), 3
         ),
-        "precision": precision,
         "fp32_s": significant(statistics.median(t32)),
-        "mixed_s": significant(statistics.median(tmix)),
         "baseline_s": significant(statistics.median(tbase)),
         "baseline_over_fp32": significant(ratio(tbase, t32), 3),
-        "baseline_over_mixed": significant(ratio(tbase, tmix), 3),
-        "fp32_over_mixed": significant(ratio(t32, tmix), 3),
         "diff_baseline": float((s32[rows] - sbase[rows]).abs().max()),
-        "diff_mixed": float((smix[rows] - s32[rows]).abs().max()),
         "repeats": len(t32),
     }
 
@@ -186,17 +178,17 @@ def cache_grids(cache: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor
     }
 
 
-def bench_scoring(cfg: dict, device: torch.device, cache: str | Path | None, precision: str) -> dict:
+def bench_scoring(cfg: dict, device: torch.device, cache: str | Path | None) -> dict:
     """Random cases of every (B, N, invalid fraction), then every coarse grid of ``cache``."""
     rows = []
     for b, n in sorted(((b, n) for b in cfg["score_b"] for n in cfg["score_n"]), key=lambda c: c[0] * c[1]):
         for invalid in (0.0, cfg["invalid"]):
             tokens, valid = synthetic_bank(b, n, cfg["d"], invalid, seed=b * 1000 + n, device=device)
-            rows.append(score_case(f"random, {invalid:.0%} invalid", tokens, valid, cfg, device, precision))
+            rows.append(score_case(f"random, {invalid:.0%} invalid", tokens, valid, cfg, device))
     if cache:
         for key, (tokens, valid) in cache_grids(cache).items():
             if not key.endswith("/fine"):
-                rows.append(score_case(f"real {key}", tokens.to(device), valid.to(device), cfg, device, precision))
+                rows.append(score_case(f"real {key}", tokens.to(device), valid.to(device), cfg, device))
     return {"rows": rows, "rho": cfg["rho"]}
 
 
@@ -372,7 +364,6 @@ def run_performance(
     threads: int | None = None,
     cache: str | None = None,
     c2f_key: str = "axial/0",
-    precision: str = "bf16",
     memory_b: int | None = None,
     doc: str | Path | None = None,
     verbose: bool = True,
@@ -415,7 +406,7 @@ def run_performance(
         "machine": machine_info(dev),
     }
     work = {
-        "scoring": lambda: bench_scoring(cfg, dev, cache, precision),
+        "scoring": lambda: bench_scoring(cfg, dev, cache),
         "c2f": lambda: bench_c2f_section(cfg, dev, cache, c2f_key),
         "tokenize": lambda: bench_tokenize(cfg, dev),
         "memory": lambda: bench_memory(cfg, dev, out),

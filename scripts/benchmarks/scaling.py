@@ -9,7 +9,7 @@ Two parts, both on a synthetic cohort (``python -m scripts synth --out COHORT ..
   bank (``configs/build_bank.json``), converted to fp32 in memory, scored by ``CS3FInferer.score``;
   reports the wall time and the growth of the process's peak RSS (``VmHWM``) during scoring. The
   ``bank`` setting scores one volume against a memory-mapped bank of the other ``B - 1``
-  (``CS3FInferer.score_references``), the per-arrival cost of reference-bank mode.
+  (``CS3FInferer.score`` with ``reference_bank``), the per-arrival cost of reference-bank mode.
 
 Usage (from the bundle root)::
 
@@ -102,9 +102,9 @@ _COST_SCRIPT = """
     if setting == "bank":  # one new volume against a memory-mapped bank of the other b - 1
         query = [volume(b - 1)]
         sub = {{k: (t[: b - 1], v[: b - 1]) for k, (t, v) in refs.items()}}
-        inferer.score_references({{k: (t[:2], v[:2]) for k, (t, v) in sub.items()}}, query)  # warm-up
+        inferer.score(query, reference_bank={{k: (t[:2], v[:2]) for k, (t, v) in sub.items()}})  # warm-up
         base, start = hwm(), time.perf_counter()
-        inferer.score_references(sub, query)
+        inferer.score(query, reference_bank=sub)
     else:
         tokens = [volume(j) for j in range(b)]
         CS3FInferer(d=d, axes=bank.identity["axes"], q=bank.identity["q"]).score(tokens[:2])  # warm-up

@@ -35,8 +35,8 @@ from scripts.engine.scoring_step import CohortScoring
 from scripts.engine.tokens import CachedTokenizer, source_digest, voxel_digest
 from scripts.errors import CS3FInputError, find_input_error
 from scripts.inferer import BatchBuffer, CS3FInferer, VolumeTokens
-from scripts.mixed_precision import resolve_precision
-from scripts.references import reject_replaced_keys
+from scripts.scoring.references import reject_replaced_keys
+from scripts.scoring.scorer import resolve_precision
 from scripts.storage.cache import TokenCache
 
 __all__ = ["CS3FEvaluator"]
@@ -99,7 +99,7 @@ class CS3FEvaluator(WholeVolume, CohortScoring, Workflow):
             raise CS3FInputError(
                 f"rho must be in (0, 1] so that K = max(1, floor(rho (B - 1))) <= B - 1, got {inferer.rho}"
             )
-        try:  # tf32 off CUDA, before any encoding
+        try:  # an unknown score_precision, before any encoding
             resolve_precision(inferer.scorer.precision, inferer.scorer.score_device or device)
         except ValueError as err:
             raise CS3FInputError(str(err)) from None

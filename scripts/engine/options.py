@@ -18,8 +18,8 @@ from typing import Any
 from scripts.anomaly_map import EDGES, SUBJECT_SCORES
 from scripts.encoders.base import ENCODER_PRECISIONS
 from scripts.errors import CS3FInputError
-from scripts.mixed_precision import PRECISIONS
-from scripts.references import REPLACED_KEYS, ReferenceSet, reject_replaced_keys
+from scripts.scoring.references import REPLACED_KEYS, ReferenceSet, reject_replaced_keys
+from scripts.scoring.scorer import PRECISIONS
 from scripts.transforms.tokenization import AXES, axis_index
 
 __all__ = ["check_options", "as_bool"]

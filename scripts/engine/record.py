@@ -19,7 +19,7 @@ import torch
 from ignite.engine import Engine, Events
 from scripts.engine.distributed import world
 from scripts.engine.identity import encoder_identity
-from scripts.mixed_precision import resolve_precision
+from scripts.scoring.scorer import resolve_precision
 
 if TYPE_CHECKING:
     from scripts.engine.evaluator import CS3FEvaluator

@@ -5,8 +5,8 @@ does one of three things:
 
 * score the cohort against itself (:meth:`scripts.inferer.CS3FInferer.score`), each rank its own
   volumes as queries;
-* score this run's volumes against a reference bank only (``reference_bank``,
-  :meth:`scripts.inferer.CS3FInferer.score_references`), after a check, at construction, that the bank
+* score this run's volumes against a reference bank only (``references: bank:DIR``, the same
+  :meth:`scripts.inferer.CS3FInferer.score` given the bank's tokens), after a check, at construction, that the bank
   was made with this configuration;
 * save the cohort's tokens as a reference bank (``build_bank``; single-process runs stream each volume
   to the bank as it is tokenized, see :meth:`CohortScoring._bank_writer`).
@@ -164,8 +164,8 @@ class CohortScoring:
         exclude = [self.reference.same_subject(self.sources.get(n), *self.subjects.get(n, ("", ""))) for n in names]
         for part, bank in self.bank.items():
             try:
-                scores = self.inferer.score_references(
-                    self.reference.references(part), [bank[n] for n in names], queries, exclude
+                scores = self.inferer.score(
+                    [bank[n] for n in names], queries, reference_bank=self.reference.references(part), exclude=exclude
                 )
             except ValueError as err:
                 if isinstance(err, CS3FInputError):

@@ -42,8 +42,7 @@ def test_gpu_command_runs_on_the_cpu_at_toy_sizes(tmp_path: Path) -> None:
         assert run["B"] == 4 and run["s_per_volume"] > 0
         assert set(run["stages_s_per_volume"]) == {"load", "tokenize", "score", "write"}
         assert run["peak_gpu_gb"] is None and run["gpu_util_mean"] is None  # no GPU here
-    (row,) = result["precision"]
-    assert row["precision"] == "bf16" and row["diff_mixed"] <= 1e-5
+    assert "precision" not in result  # one (fp32) distance pass: nothing to compare
     table = (tmp_path / "gpu.md").read_text()
     assert "| C | 4 |" in table and "| MS | 4 |" in table and "3.2" in table and "8.4" in table
     # A gpu.json returned from a GPU machine renders into a document's GPU block.

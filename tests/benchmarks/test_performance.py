@@ -90,7 +90,7 @@ def test_quick_sections_run_and_render_without_touching_the_tracked_doc(tmp_path
     assert "errors" not in res["meta"], res["meta"].get("errors")
     assert json.loads((tmp_path / "performance.json").read_text()) == res
     for row in res["scoring"]["rows"]:
-        assert row["diff_baseline"] < 1e-4 and row["diff_mixed"] <= 1e-5 and row["frac_roofline"] > 0
+        assert row["diff_baseline"] < 1e-4 and row["frac_roofline"] > 0
     assert [r["params"]["tokens"] for r in res["c2f"]] == ["random", "structured"]
     assert res["tokenize"]["rows"][0]["encoder_s"] > 0
     assert len(res["targets"]) == 5 and all(isinstance(t["met"], bool) for t in res["targets"])

@@ -84,7 +84,7 @@ def test_reference_scores_of_the_bank_itself_equal_the_exact_scorer() -> None:
 
 
 @pytest.mark.parametrize("variant", ["C", "MS"])
-def test_inferer_score_references_equals_exact_scorer_on_query_plus_bank(variant: str) -> None:
+def test_inferer_score_against_a_bank_equals_exact_scorer_on_query_plus_bank(variant: str) -> None:
     kw = {"q_fine": 2} if variant == "MS" else {}
     inferer = CS3FInferer(q=4, d=8, rho=0.5, variant=variant, L=2, **kw)
     tokens = random_volumes(7, fine=variant == "MS")
@@ -99,14 +99,14 @@ def test_inferer_score_references_equals_exact_scorer_on_query_plus_bank(variant
         )
         for k in bank[0].grids
     }
-    got = inferer.score_references(refs, new)
+    got = inferer.score(new, reference_bank=refs)
     for i, vt in enumerate(new):  # the query with the bank as the other volumes of a batch
         expected = inferer.score([vt, *bank], queries=[0])[0]
         assert set(got[i]) == set(expected)
         for key in expected:
             torch.testing.assert_close(got[i][key], expected[key], atol=1e-5, rtol=1e-5)
     # bank volumes scored against their own bank (themselves excluded) = the exact run of the bank
-    own = inferer.score_references(refs, bank, exclude=list(range(5)))
+    own = inferer.score(bank, reference_bank=refs, exclude=list(range(5)))
     exact = inferer.score(bank)
     for i in range(5):
         for key in exact[i]:

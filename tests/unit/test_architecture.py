@@ -18,10 +18,8 @@ LAYERS = {
     "scripts.transforms": 1,
     "scripts.encoders": 1,
     "scripts.scoring": 1,
-    "scripts.mixed_precision": 1,
     "scripts.tokens": 2,
-    "scripts.batch_scorer": 2,
-    "scripts.references": 2,
+    "scripts.scoring.scorer": 2,  # reads scripts.tokens' containers; the rest of the package is pure tensor code
     "scripts.anomaly_map": 2,
     "scripts.inferer": 3,
     "scripts.storage": 4,

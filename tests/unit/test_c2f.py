@@ -77,9 +77,9 @@ def test_full_routing_equals_exhaustive_fine_with_masks(b: int, rho: float) -> N
 
 def test_tiny_candidate_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
     """A candidate buffer of one query's routes: the fine search splits volumes and queries alike."""
-    import scripts.scoring
+    import scripts.scoring.c2f
 
-    monkeypatch.setattr(scripts.scoring, "CANDIDATE_ELEMENTS", 1)
+    monkeypatch.setattr(scripts.scoring.c2f, "CANDIDATE_ELEMENTS", 1)
     coarse, fine, coarse_valid, fine_valid = make_tokens(9, 10, 3, 4, seed=8)
     _, fs = c2f_scores(coarse, fine, coarse_valid, fine_valid, rho=0.25, L=10)
     torch.testing.assert_close(fs, exhaustive_fine(fine, fine_valid, 0.25), atol=1e-4, rtol=0)
@@ -88,17 +88,17 @@ def test_tiny_candidate_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_candidate_buffer_follows_the_block_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CPU keeps its cache-sized buffer whatever the block; a GPU's grows with the block, and a
     buffer holding every candidate at once gives the same scores as the CPU's."""
-    import scripts.scoring
-    from scripts.scoring import CANDIDATE_ELEMENTS, _candidate_elements
+    import scripts.scoring.c2f
+    from scripts.scoring.c2f import CANDIDATE_ELEMENTS, _candidate_elements
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert _candidate_elements(cpu, 1 << 27) == CANDIDATE_ELEMENTS
     assert _candidate_elements(gpu, 1 << 27) == 1 << 27
     assert _candidate_elements(gpu, 1 << 10) == CANDIDATE_ELEMENTS
     coarse, fine, coarse_valid, fine_valid = make_tokens(9, 10, 3, 4, seed=8)
-    monkeypatch.setattr(scripts.scoring, "CANDIDATE_ELEMENTS", 12)  # one route's children per step
+    monkeypatch.setattr(scripts.scoring.c2f, "CANDIDATE_ELEMENTS", 12)  # one route's children per step
     cs_small, fs_small = c2f_scores(coarse, fine, coarse_valid, fine_valid, rho=0.25, L=3)
-    monkeypatch.setattr(scripts.scoring, "CANDIDATE_ELEMENTS", 1 << 20)  # everything in one step
+    monkeypatch.setattr(scripts.scoring.c2f, "CANDIDATE_ELEMENTS", 1 << 20)  # everything in one step
     cs_big, fs_big = c2f_scores(coarse, fine, coarse_valid, fine_valid, rho=0.25, L=3)
     torch.testing.assert_close(cs_big, cs_small, atol=0, rtol=0)
     torch.testing.assert_close(fs_big, fs_small, atol=1e-6, rtol=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from scripts.engine.options import as_bool, check_options
 from scripts.errors import CS3FInputError
-from scripts.references import ReferenceSet
+from scripts.scoring.references import ReferenceSet
 
 
 @pytest.mark.parametrize(
@@ -52,7 +52,7 @@ def test_other_booleans_are_one_error_line(text: object) -> None:
         ("layers", [-1], "layers must be"),
         ("layers", [""], "layers must be"),
         ("references", "random:0", "references must be"),
-        ("score_precision", "fp16", "score_precision must be one of auto, fp32, bf16, tf32"),
+        ("score_precision", "fp16", "score_precision must be one of auto, fp32"),
     ],
 )
 def test_bad_values_name_the_key(key: str, value: object, fragment: str) -> None:
@@ -70,11 +70,11 @@ def test_good_values_are_normalised() -> None:
             "q_fine": [2, 2, 2],
             "rho": "0.2",
             "references": "random:8",
-            "score_precision": "BF16",
+            "score_precision": " AUTO",
         }
     )
     assert o.axes == ["sagittal", "axial"] and o.q == [8, 8, 8] and o.variant == "MS"
-    assert o.rho == 0.2 and o.references == ReferenceSet("random", 8) and o.score_precision == "bf16"
+    assert o.rho == 0.2 and o.references == ReferenceSet("random", 8) and o.score_precision == "auto"
     assert check_options({"other": object}).other is object  # unknown keys pass through
 
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from scripts.errors import CS3FInputError
 from scripts.inferer import CS3FInferer, TokenGrid, VolumeTokens
-from scripts.references import ReferenceSet, chunk_ranges, reference_subsets
-from scripts.scoring import mutual_similarity_scores
-from tests.helpers import run_workflow
+from scripts.scoring import mutual_similarity_scores, subset_scores
+from scripts.scoring.references import ReferenceSet, chunk_ranges, reference_subsets
+from tests.helpers import float32_distance_tolerance, float64_brute_force, run_workflow
 
 NAMES = [f"sub-{i:04d}" for i in range(1, 12)]
 
@@ -149,7 +149,6 @@ def test_n_references_at_least_b_minus_1_is_the_exact_scorer(tokens: list, n: in
 def test_all_others_as_a_subset_equals_the_exact_scorer(tokens: list) -> None:
     """The subset scorer itself (the n_references path, which the inferer skips for n >= B - 1) with
     every other volume as the subset: brute-force Eq. 1-2 and the exact scorer's rows."""
-    from scripts.scoring import subset_scores
     from tests.unit.test_scoring import brute_force_scores
 
     rho, queries = 0.3, (0, 5, 10)
@@ -224,3 +223,53 @@ def test_bundle_passes_names_for_random_references(tiny_cohort: Path, tmp_path: 
     assert _equal([evaluator.token_scores[""][n] for n in names], expected)
     by_position = inferer.score(bank)
     assert not _equal(by_position, expected)
+
+
+# ----------------------------------------------------------------------------------- every mode
+def _stacked(volumes: list[VolumeTokens], key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack([v.grids[key].tokens.reshape(-1, 8) for v in volumes]), torch.stack(
+        [v.grids[key].valid.reshape(-1) for v in volumes]
+    )
+
+
+def _expected_against(query: VolumeTokens, refs: list[VolumeTokens], key: str, rho: float) -> torch.Tensor:
+    """float64 Eq. 1-2 of ``query`` against exactly ``refs`` (row 0 of the batch ``[query, *refs]``)."""
+    tokens, valid = _stacked([query, *refs], key)
+    return float64_brute_force(tokens, valid, rho)[0]
+
+
+@pytest.mark.parametrize("mode", ["all", "chunks:4", "random:3", "bank", "bank-exclude", "subsets"])
+def test_every_reference_mode_equals_the_float64_brute_force_on_its_reference_set(mode: str) -> None:
+    """Each reference set scores every query as Eq. 1-2 against exactly the references it names."""
+    rho, b = 0.5, 9
+    volumes, names = random_volumes(b, seed=5), NAMES[:b]
+    if mode.startswith("bank"):
+        cohort, bank = volumes[:3], volumes[3:]
+        reference_bank = {key: _stacked(bank, key) for key in volumes[0].grids}
+        exclude = [None, 2, [0, 4]] if mode == "bank-exclude" else None
+        got = CS3FInferer(q=4, d=8, rho=rho).score(cohort, reference_bank=reference_bank, exclude=exclude)
+        skips = [set(), {2}, {0, 4}] if exclude else [set()] * 3
+        refs_of = {i: [bank[j] for j in range(len(bank)) if j not in skips[i]] for i in range(3)}
+    elif mode == "subsets":
+        subsets = {0: [3, 5], 4: [1, 2, 6, 8], 7: [0]}
+        got = [{} for _ in volumes]
+        for key in volumes[0].grids:
+            scores = subset_scores(*_stacked(volumes, key), subsets, rho=rho, query_tile=4, block_elements=64)
+            for i in subsets:
+                got[i][key] = scores[i]
+        cohort, refs_of = volumes, {i: [volumes[j] for j in refs] for i, refs in subsets.items()}
+    else:
+        got = CS3FInferer(q=4, d=8, rho=rho, references=mode).score(volumes, names=names)
+        if mode == "all":
+            members = {i: range(b) for i in range(b)}
+        elif mode.startswith("chunks"):
+            members = {i: range(lo, hi) for lo, hi in chunk_ranges(b, 4) for i in range(lo, hi)}
+        else:
+            members = {i: [i, *refs] for i, refs in reference_subsets(names, 3).items()}
+        cohort = volumes
+        refs_of = {i: [volumes[j] for j in members[i] if j != i] for i in range(b)}
+    for i, refs in refs_of.items():
+        for key in volumes[0].grids:
+            expected = _expected_against(cohort[i], refs, key, rho)
+            tolerance = float32_distance_tolerance(_stacked([cohort[i], *refs], key)[0])
+            torch.testing.assert_close(got[i][key].reshape(-1).double(), expected, atol=tolerance, rtol=0)

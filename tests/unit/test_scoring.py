@@ -10,6 +10,7 @@ import textwrap
 import pytest
 import torch
 from scripts.scoring import mutual_similarity_scores, num_neighbours
+from tests.helpers import float32_distance_tolerance, float64_brute_force
 
 
 def brute_force_scores(tokens: torch.Tensor, valid: torch.Tensor, rho: float) -> torch.Tensor:
@@ -157,7 +158,7 @@ def test_peak_memory_does_not_grow_with_batch() -> None:
 
 def test_packing_reads_valid_references_only() -> None:
     """The GEMM reads each volume's valid tokens first, in order, padded by never-nearest rows."""
-    from scripts.scoring import _pack_valid, _sq_norms, nearest_distance_profile
+    from scripts.scoring.blocks import nearest_distance_profile, pack_valid, sq_norms
 
     gen = torch.Generator().manual_seed(7)
     tokens = torch.randn(4, 10, 6, generator=gen)
@@ -165,8 +166,8 @@ def test_packing_reads_valid_references_only() -> None:
     valid[:, 3] = True
     valid[2] = False
     valid[2, 3] = True  # one volume with a single valid token
-    norms = _sq_norms(tokens, valid)
-    index, packed = _pack_valid(valid, norms)
+    norms = sq_norms(tokens, valid)
+    index, packed = pack_valid(valid, norms)
     counts = valid.sum(dim=1)
     assert index.shape == (4, int(counts.max()))
     for b in range(4):
@@ -183,7 +184,7 @@ def test_packing_reads_valid_references_only() -> None:
     assert valid[torch.tensor([0, 2, 3]).expand(5, 3), nearest_packed[:, [0, 2, 3]]].all()
     # Fully valid banks are read in place.
     all_valid = torch.ones(4, 10, dtype=torch.bool)
-    assert _pack_valid(all_valid, _sq_norms(tokens, all_valid))[0] is None
+    assert pack_valid(all_valid, sq_norms(tokens, all_valid))[0] is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -192,7 +193,7 @@ def test_pair_symmetric_order_equals_per_volume_scores_with_half_the_gemms(
 ) -> None:
     """All volumes at once share one GEMM per volume pair; each volume scored alone (a rank's share)
     reads the same canonical blocks, so the scores are bit-identical and cost twice the GEMMs."""
-    import scripts.scoring as scoring
+    import scripts.scoring.exact as scoring
 
     gen = torch.Generator().manual_seed(3)
     b, n, d = 7, 40, 6
@@ -224,3 +225,92 @@ def test_pair_symmetric_order_equals_per_volume_scores_with_half_the_gemms(
         torch.testing.assert_close(together.double(), expected, atol=1e-4, rtol=0)
     assert torch.all(together[4][valid[4]] <= together[1].max())
     assert torch.equal(tokens, original)  # read only: fp32 blocks are views of the caller's tokens
+
+
+# ------------------------------------------------------------------ against an independent float64 brute force
+@pytest.mark.parametrize(
+    ("b", "n", "d", "invalid", "rho", "seed"),
+    [(5, 48, 16, 0.3, 0.5, 3), (9, 64, 16, 0.0, 0.4, 4), (12, 200, 32, 0.3, 0.3, 5), (24, 128, 128, 0.0, 0.1, 6)],
+)
+def test_scores_equal_the_float64_brute_force_on_random_tokens(b, n, d, invalid, rho, seed) -> None:  # noqa: ANN001
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.nn.functional.normalize(torch.randn(b, n, d, generator=gen), dim=-1)
+    valid = None
+    if invalid:
+        valid = torch.rand(b, n, generator=gen) >= invalid
+        valid[:, 0] = True
+    got = mutual_similarity_scores(tokens, valid, rho)
+    expected = float64_brute_force(tokens, valid, rho)
+    torch.testing.assert_close(got.double(), expected, atol=float32_distance_tolerance(tokens), rtol=0)
+
+
+def test_near_ties_built_on_purpose_stay_within_the_float32_bound() -> None:
+    """Rivals 1e-6 apart (two tokens of a volume, and the K-th and (K+1)-th nearest volumes), and
+    near-duplicates at 1e-5: whichever rival the fp32 GEMM picks, the score is within the bound."""
+    gen = torch.Generator().manual_seed(7)
+    b, n, d = 8, 32, 64
+    tokens = torch.nn.functional.normalize(torch.randn(b, n, d, generator=gen), dim=-1)
+    q = tokens[0, 0]
+    u = torch.nn.functional.normalize(torch.randn(2, d, generator=gen), dim=-1)
+    u = torch.nn.functional.normalize(u - (u @ q).unsqueeze(1) * q, dim=-1)  # directions orthogonal to q
+    tokens[1, 3] = q + 0.2 * u[0]
+    tokens[1, 9] = q + (0.2 + 1e-6) * u[1]
+    for j in range(2, b):
+        tokens[j, 5] = q + (0.3 + (b - j) * 1e-6) * u[j % 2]
+    tokens[3, 10:20] = tokens[4, 10:20] + 1e-5 * torch.randn(10, d, generator=gen)
+    for rho in (0.1, 0.3, 0.5):
+        expected = float64_brute_force(tokens, None, rho)
+        got = mutual_similarity_scores(tokens, None, rho)
+        torch.testing.assert_close(got.double(), expected, atol=float32_distance_tolerance(tokens), rtol=0)
+
+
+def test_orders_give_identical_exact_scores_with_subjects() -> None:
+    """Whole batch (pair-symmetric), each volume alone (a torchrun rank's share) and the per-volume
+    order forced by a tiny store budget give bit-identical scores, scans of one subject left out."""
+    gen = torch.Generator().manual_seed(3)
+    b, n, d = 9, 40, 16
+    tokens = torch.randn(b, n, d, generator=gen)
+    tokens[4] = tokens[1]  # exact duplicates: zeros must survive every order
+    valid = torch.rand(b, n, generator=gen) > 0.3
+    valid[:, 0] = True
+    valid[4] = valid[1]
+    groups = [0, 1, 2, 3, 4, 5, 0, 7, 8]  # volumes 0 and 6: one subject
+    kwargs = {"query_tile": 8, "block_elements": 1 << 10, "groups": groups}
+    together = mutual_similarity_scores(tokens, valid, 0.4, **kwargs)
+    alone = sum(mutual_similarity_scores(tokens, valid, 0.4, volumes=[i], **kwargs) for i in range(b))
+    assert torch.equal(together, alone)
+    expected = float64_brute_force(tokens, valid, 0.4, groups)
+    torch.testing.assert_close(together.double(), expected, atol=float32_distance_tolerance(tokens), rtol=0)
+
+
+def test_scores_equal_the_brute_force_on_real_tokens(tiny_cohort) -> None:  # noqa: ANN001
+    """Tokens of a real (tiny) cohort through the default encoder: every (axis, layer)."""
+    from monai.transforms import LoadImage
+    from scripts.encoders import build_encoder
+    from scripts.inferer import CS3FInferer
+    from scripts.tokens import batch_of
+
+    encoder = build_encoder("efficientnet_lite0", input_size=32)
+    inferer = CS3FInferer(q=(8, 8, 8), rho=0.4)
+    load = LoadImage(image_only=True, ensure_channel_first=True)
+    bank = []
+    for path in sorted((tiny_cohort / "images").glob("*.nii.gz")):
+        volume = load(path)
+        volume = (volume - volume.min()) / (volume.max() - volume.min())
+        bank.append(inferer.tokenize(volume, encoder, load(tiny_cohort / "masks" / path.name)))
+    for key in bank[0].grids:
+        tokens, valid = batch_of(bank, key)
+        expected = float64_brute_force(tokens, valid, 0.4)
+        got = mutual_similarity_scores(tokens, valid, 0.4)
+        torch.testing.assert_close(got.double(), expected, atol=float32_distance_tolerance(tokens), rtol=0, msg=key)
+
+
+def test_score_precision_accepts_auto_and_fp32_only() -> None:
+    """Scores are fp32 on every device; ``auto`` and ``fp32`` are the accepted spellings."""
+    from scripts.scoring.scorer import check_precision, resolve_precision
+
+    assert resolve_precision("auto", "cpu") == resolve_precision(" FP32 ", "cuda") == "fp32"
+    assert check_precision(" Auto ") == "auto"
+    for name in ("bf16", "tf32", "fp16"):
+        with pytest.raises(ValueError, match="score_precision"):
+            check_precision(name)

@@ -137,9 +137,9 @@ def test_reference_bank_mode_excludes_the_subjects_scans() -> None:
         for k in bank[0].grids
     }
     inferer = CS3FInferer(q=4, d=8, rho=0.5)
-    got = inferer.score_references(refs, bank[:1], exclude=[[0, 1]])[0]
+    got = inferer.score(bank[:1], reference_bank=refs, exclude=[[0, 1]])[0]
     rest = {k: (t[2:], v[2:]) for k, (t, v) in refs.items()}
-    expected = inferer.score_references(rest, bank[:1])[0]
+    expected = inferer.score(bank[:1], reference_bank=rest)[0]
     for key in got:
         torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=1e-6)
 

@@ -1,11 +1,10 @@
-"""Token scores of a batch of volumes, one (axis, layer) at a time (paper Eq. 1-2, and Eq. 6 for F/MS).
+"""The one entry point of scoring: a cohort's token grids against a reference plan (Eq. 1-2, Eq. 6).
 
-:class:`BatchScorer` turns a batch of :class:`scripts.tokens.VolumeTokens` into per-volume score grids
-with the exact scorers of :mod:`scripts.scoring`. It knows three shapes of reference set, chosen by
-:mod:`scripts.references`: the other volumes of the batch (:meth:`BatchScorer.exact`), a reference
-subset per query volume (:meth:`BatchScorer.subsets`) and an external reference bank
-(:meth:`BatchScorer.against_bank`). Each (axis, layer) is scored independently and freed before the
-next, so at most one key's batch is held besides the bank itself.
+:class:`Scorer` turns a batch of :class:`scripts.tokens.VolumeTokens` and a
+:class:`scripts.scoring.references.ReferencePlan` into per-volume score grids with the scorers of
+:mod:`scripts.scoring`. Each (axis, layer) is scored independently and freed before the next, so at
+most one key's batch is held besides the tokens themselves. This module sits one layer above the rest
+of the package: it reads :mod:`scripts.tokens`' containers, which the pure tensor code does not.
 """
 
 from __future__ import annotations
@@ -13,33 +12,49 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
-from scripts.mixed_precision import PRECISIONS
-from scripts.scoring import (
-    DEFAULT_BLOCK_ELEMENTS,
-    DEFAULT_QUERY_TILE,
-    c2f_scores,
-    mutual_similarity_scores,
-    reference_scores,
-    subset_scores,
-)
+from scripts.scoring.against import reference_scores, subset_scores
+from scripts.scoring.blocks import DEFAULT_BLOCK_ELEMENTS, DEFAULT_QUERY_TILE
+from scripts.scoring.c2f import c2f_scores
+from scripts.scoring.exact import mutual_similarity_scores
+from scripts.scoring.references import ReferencePlan
 from scripts.tokens import FINE_SUFFIX, TokenGrid, VolumeTokens, batch_of, check_same_grids, children_last
 
-__all__ = ["BatchScorer", "TokenScores", "check_precision"]
+__all__ = [
+    "PRECISIONS",
+    "BankTokens",
+    "Scorer",
+    "TokenScores",
+    "check_bank_grids",
+    "check_precision",
+    "resolve_precision",
+]
 
 #: per volume, ``{key: [M, P, P]}`` fp32 token scores (``{}`` for volumes that were not queried)
 TokenScores = list[dict[str, torch.Tensor]]
+#: values of the ``score_precision`` key: the distance pass is fp32 on every device
+PRECISIONS = ("auto", "fp32")
+#: ``{key: (tokens [B_ref, N, d], valid [B_ref, N])}`` of a reference bank
+BankTokens = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 def check_precision(precision: str) -> str:
-    """``precision`` normalised (one of :data:`scripts.mixed_precision.PRECISIONS`), or ``ValueError``."""
+    """``precision`` normalised (one of :data:`PRECISIONS`), or ``ValueError``."""
     name = str(precision).strip().lower()
     if name not in PRECISIONS:
-        raise ValueError(f"score_precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise ValueError(
+            f"score_precision must be one of {', '.join(PRECISIONS)} (scores are computed in fp32), got {precision!r}"
+        )
     return name
 
 
-class BatchScorer:
-    """Scores a batch of token grids per (axis, layer).
+def resolve_precision(precision: str, device: torch.device | str) -> str:  # noqa: ARG001
+    """The distance pass that ``precision`` means on ``device``: always ``"fp32"`` (after the check)."""
+    check_precision(precision)
+    return "fp32"
+
+
+class Scorer:
+    """Scores a cohort's token grids per (axis, layer) against a :class:`ReferencePlan`.
 
     Args:
         variant: ``"C"`` (coarse tokens, Eq. 1-2) or ``"F"`` / ``"MS"`` (coarse and C2F fine scores, Eq. 6).
@@ -49,8 +64,7 @@ class BatchScorer:
         block_elements: scorer block budget.
         score_device: device of the scoring step (default: where the tokens are).
         progress: show a progress bar over the (axis, layer) keys.
-        precision: distance pass of the exact C scorer (``"fp32"``, ``"bf16"``, ``"tf32"`` or ``"auto"``,
-            see :func:`scripts.scoring.mutual_similarity_scores`); the other scorers run in fp32.
+        precision: the ``score_precision`` key (:data:`PRECISIONS`), kept for the run record.
     """
 
     def __init__(
@@ -70,6 +84,36 @@ class BatchScorer:
         self.query_tile, self.block_elements = query_tile, block_elements
         self.score_device, self.progress = score_device, progress
         self.precision = check_precision(precision)
+
+    def score(
+        self, bank: Sequence[VolumeTokens], plan: ReferencePlan, reference_bank: BankTokens | None = None
+    ) -> TokenScores:
+        """Token scores of the plan's queries of ``bank`` against their references.
+
+        Args:
+            bank: tokens of the cohort (held in a :class:`scripts.tokens.BatchBuffer`: scored in place
+                when the plan is one batch of the whole cohort).
+            plan: which references each query volume has.
+            reference_bank: the bank's tokens, for a plan with ``skips`` (e.g. memory-mapped fp16).
+
+        Returns:
+            per volume, ``{key: [M, P, P]}`` fp32 token scores (0 for invalid tokens); for F/MS also
+            ``{key + "/fine": [M * h, P, P]}`` C2F fine scores. Volumes not queried get ``{}``.
+        """
+        if plan.skips is not None:
+            if reference_bank is None:
+                raise ValueError("a reference-bank plan needs the bank's tokens (reference_bank)")
+            check_bank_grids(reference_bank, bank)
+            return self.against_bank(reference_bank, bank, plan.queries, plan.skips)
+        if plan.subsets is not None:
+            if self.variant == "C":
+                return self.subsets(bank, plan.subsets)
+            # F/MS: each query on the batch of itself and its references (the draw left out its subject).
+            return self._score_batches(bank, [((i, *plan.subsets[i]), [0], None) for i in plan.queries], "volume")
+        if plan.batches == (tuple(range(len(bank))),):
+            return self.exact(bank, plan.queries, plan.subjects)
+        jobs = [(m, plan.batch_queries(m), plan.batch_subjects(m)) for m in plan.batches]
+        return self._score_batches(bank, jobs, "chunk")
 
     def budget(self, device: torch.device) -> tuple[int, int]:
         """``(query_tile, block_elements)`` on ``device``: as given on the CPU; on a GPU, the defaults
@@ -127,7 +171,7 @@ class BatchScorer:
                 if self.variant == "C":
                     tile, block = self.budget(tokens.device)
                     scores = mutual_similarity_scores(
-                        tokens, valid, self.rho, tile, block, volumes=queries, groups=subjects, precision=self.precision
+                        tokens, valid, self.rho, tile, block, volumes=queries, groups=subjects
                     )
                 else:
                     scores = self._c2f(bank, key, shape, tokens, valid, (queries, wanted, subjects), results)
@@ -166,6 +210,30 @@ class BatchScorer:
             results[i][key + FINE_SUFFIX] = grid.reshape(fine_shape)
         return scores
 
+    def _score_batches(
+        self,
+        bank: Sequence[VolumeTokens],
+        jobs: Sequence[tuple[Sequence[int], list[int], list[object] | None]],
+        what: str,
+    ) -> TokenScores:
+        """Score each job ``(members, local queries, subjects)`` as its own batch; one progress bar
+        over the jobs instead of one per job."""
+        results: TokenScores = [{} for _ in bank]
+        progress, self.progress = self.progress, False
+        try:
+            iterator: Iterable = jobs
+            if progress:
+                from tqdm.auto import tqdm
+
+                iterator = tqdm(jobs, desc=f"scoring ({what}s)", unit=what)
+            for members, local, groups in iterator:
+                scored = self.exact([bank[j] for j in members], local, groups)
+                for j in local:  # a copy: a view would keep the job's whole score grid alive
+                    results[members[j]] = {k: v.clone() for k, v in scored[j].items()}
+        finally:
+            self.progress = progress
+        return results
+
     def subsets(self, bank: Sequence[VolumeTokens], subsets: Mapping[int, Sequence[int]]) -> TokenScores:
         """CS3F-C of each query volume against its own reference subset (one gather per query, no
         per-query batch; :func:`scripts.scoring.subset_scores`)."""
@@ -184,7 +252,7 @@ class BatchScorer:
 
     def against_bank(
         self,
-        references: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+        references: BankTokens,
         bank: Sequence[VolumeTokens],
         wanted: Sequence[int],
         skips: Sequence[int | Sequence[int] | None],
@@ -231,15 +299,30 @@ class BatchScorer:
         return results
 
 
+def check_bank_grids(references: BankTokens, bank: Sequence[VolumeTokens]) -> None:
+    """Raise ``ValueError`` unless every grid of every new volume matches the reference bank's."""
+    for key in bank[0].grids:
+        if key not in references:
+            fine = " (fine tokens: build the bank with variant F or MS)" if key.endswith(FINE_SUFFIX) else ""
+            raise ValueError(f"the reference bank has no {key!r} tokens{fine}; it has {sorted(references)}")
+        n_ref, d = references[key][0].shape[1:]
+        for i, vt in enumerate(bank):
+            grid = vt.grids.get(key)
+            if grid is None or grid.valid.numel() != n_ref or grid.tokens.shape[-1] != d:
+                got = "missing" if grid is None else f"{tuple(grid.shape)} x d={grid.tokens.shape[-1]}"
+                raise ValueError(
+                    f"volume {i}: {key} token grid {got} does not match the reference bank's "
+                    f"{n_ref} tokens x d={d}: volumes must be on its grid"
+                )
+
+
 def _skipped(skip: int | Sequence[int] | None) -> set[int]:
     if skip is None:
         return set()
     return {int(skip)} if isinstance(skip, int) else {int(s) for s in skip}
 
 
-def _reference_volume(
-    references: Mapping[str, tuple[torch.Tensor, torch.Tensor]], keys: Sequence[str], j: int, like: VolumeTokens
-) -> VolumeTokens:
+def _reference_volume(references: BankTokens, keys: Sequence[str], j: int, like: VolumeTokens) -> VolumeTokens:
     """Reference ``j`` of a bank as a :class:`VolumeTokens` on the grids of ``like`` (views, no copy)."""
     d = like.grids[keys[0]].tokens.shape[-1]
     grids = {

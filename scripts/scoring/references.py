@@ -9,10 +9,10 @@ other references is one concept here, :class:`ReferenceSet`, set by the bundle's
 * ``"bank:DIR"``: a saved reference bank (``configs/build_bank.json``); new volumes are scored against
   the bank's volumes only, never against each other.
 
-:func:`score_with_references` runs the cohort-internal modes on a :class:`scripts.batch_scorer.BatchScorer`;
-the bank mode needs the bank's tokens, which the engine loads (:mod:`scripts.storage.bank`) and passes
-to :meth:`scripts.inferer.CS3FInferer.score_references`. Selection is pure bookkeeping on volume indices
-and names:
+The set is turned into a :class:`ReferencePlan` - data, not a scorer: which reference volumes each
+query volume is scored against, as volume indices (:func:`plan_references` for the cohort-internal
+sets, :func:`bank_plan` for a bank). :class:`scripts.scoring.scorer.Scorer` scores any plan. The
+selection is pure bookkeeping on volume indices and names:
 
 * :func:`chunk_ranges` - the paper's ablation: the cohort, in datalist order, cut into consecutive
   chunks that are scored independently (a volume's references are the other volumes of its chunk).
@@ -31,20 +31,18 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from scripts.batch_scorer import BatchScorer, TokenScores
 from scripts.errors import CS3FInputError
-from scripts.tokens import FINE_SUFFIX, VolumeTokens
 
 __all__ = [
     "MODES",
     "REPLACED_KEYS",
+    "ReferencePlan",
     "ReferenceSet",
-    "check_bank_grids",
+    "bank_plan",
     "chunk_ranges",
+    "plan_references",
     "reference_subsets",
     "reject_replaced_keys",
-    "score_with_references",
 ]
 
 MODES = ("all", "chunks", "random", "bank")
@@ -213,87 +211,104 @@ def reference_subsets(
     return out
 
 
-def score_with_references(
-    scorer: BatchScorer,
-    bank: Sequence[VolumeTokens],
+@dataclass(frozen=True)
+class ReferencePlan:
+    """Which reference volumes each query volume of a cohort is scored against (indices, no tokens).
+
+    A plan has exactly one of three shapes:
+
+    * ``batches``: groups of cohort volumes, each scored within itself: a query's references are the
+      other members of its batch, less the other scans of its subject (``all``: one batch, the whole
+      cohort; ``chunks:N``: one per chunk that holds a query).
+    * ``subsets``: ``{query: its reference volumes in the cohort}`` (``random:N``; the draw already
+      leaves out the query's subject).
+    * ``skips``: a reference bank. Per cohort volume, the bank volumes that are *not* its references
+      (the volume itself, or every scan of its subject in the bank), or ``None``; every other bank
+      volume is. The cohort's volumes are never references for each other.
+
+    Attributes:
+        queries: the cohort volumes to score, sorted.
+        batches: see above; the members of each batch, in cohort order.
+        subsets: see above.
+        skips: see above; one entry per cohort volume.
+        subjects: the subject of each cohort volume (``None``: every volume is its own), for batches.
+    """
+
+    queries: tuple[int, ...]
+    batches: tuple[tuple[int, ...], ...] | None = None
+    subsets: Mapping[int, list[int]] | None = None
+    skips: tuple[int | Sequence[int] | None, ...] | None = None
+    subjects: tuple[object, ...] | None = None
+
+    def batch_queries(self, members: Sequence[int]) -> list[int]:
+        """Positions in ``members`` of the plan's queries."""
+        wanted = set(self.queries)
+        return [j for j, i in enumerate(members) if i in wanted]
+
+    def batch_subjects(self, members: Sequence[int]) -> list[object] | None:
+        """The subject of each of ``members`` (``None`` when the plan has no subjects)."""
+        return None if self.subjects is None else [self.subjects[i] for i in members]
+
+
+def _wanted(b: int, queries: Iterable[int] | None) -> tuple[int, ...]:
+    return tuple(range(b)) if queries is None else tuple(sorted({int(i) for i in queries}))
+
+
+def plan_references(
     references: ReferenceSet,
+    b: int,
     seed: int = 0,
-    queries: Sequence[int] | None = None,
+    queries: Iterable[int] | None = None,
     names: Sequence[str] | None = None,
     subjects: Sequence[object] | None = None,
-) -> TokenScores:
-    """Token scores of ``queries`` (default: all) of ``bank`` against their references within ``bank``.
+) -> ReferencePlan:
+    """The plan of a cohort-internal reference set (``all``, ``chunks:N``, ``random:N``) for ``b`` volumes.
 
-    ``all``: the exact scorer on the whole batch. ``chunks``: each chunk scored on its own.
-    ``random``: each volume against the batch of itself and its references (CS3F-C in one pass per
-    key; F/MS one batch per query). ``names`` seed the random draw so that it does not depend on the
-    order of ``bank`` (default: the positions). ``subjects`` (one per volume): the other scans of a
-    volume's subject are never its references, in every mode.
+    Args:
+        references: the reference set; not ``bank`` (see :func:`bank_plan`).
+        b: volumes in the cohort.
+        seed: seed of the ``random`` draw.
+        queries: the volumes to score (default: all).
+        names: volume names that seed the ``random`` draw so that it does not depend on the cohort's
+            order (default: the positions).
+        subjects: the subject of each volume: the other scans of a volume's subject are never its
+            references, in every mode.
+
+    Raises:
+        ValueError: a bank set, fewer than 2 volumes, or names that do not match the cohort.
     """
     if references.mode == "bank":
-        raise ValueError("a reference bank is scored with CS3FInferer.score_references")
-    b = len(bank)
-    if references.mode == "all" or (references.mode == "random" and subjects is None and references.size >= b - 1):
-        return scorer.exact(bank, queries, subjects)  # every other volume is a reference: exact
+        raise ValueError("a reference bank needs its tokens: score with the bank (bank_plan)")
     if b < 2:
         raise ValueError(f"CS3F scores volumes against each other: need at least 2 volumes, got {b}")
-    wanted = list(range(b)) if queries is None else sorted({int(i) for i in queries})
+    wanted = _wanted(b, queries)
+    groups = None if subjects is None else tuple(subjects)
+    if references.mode == "all" or (references.mode == "random" and subjects is None and references.size >= b - 1):
+        return ReferencePlan(wanted, batches=(tuple(range(b)),), subjects=groups)  # every other volume
     if references.mode == "chunks":
-        jobs = []
-        for lo, hi in chunk_ranges(b, references.size):
-            mine = [i - lo for i in wanted if lo <= i < hi]
-            if mine:
-                jobs.append((list(range(lo, hi)), mine))
-        return _score_jobs(scorer, bank, jobs, "chunk", subjects)
+        chunks = [tuple(range(lo, hi)) for lo, hi in chunk_ranges(b, references.size)]
+        mine = tuple(c for c in chunks if not set(c).isdisjoint(wanted))
+        return ReferencePlan(wanted, batches=mine, subjects=groups)
     labels = [str(i) for i in range(b)] if names is None else list(names)
     if len(labels) != b:
         raise ValueError(f"got {len(labels)} names for {b} volumes")
-    subsets = reference_subsets(labels, references.size, seed, wanted, subjects)
-    if scorer.variant == "C":
-        return scorer.subsets(bank, subsets)
-    return _score_jobs(scorer, bank, [([i, *subsets[i]], [0]) for i in wanted], "volume")
+    return ReferencePlan(wanted, subsets=reference_subsets(labels, references.size, seed, wanted, subjects))
 
 
-def _score_jobs(
-    scorer: BatchScorer,
-    bank: Sequence[VolumeTokens],
-    jobs: list[tuple[list[int], list[int]]],
-    what: str,
-    subjects: Sequence[object] | None = None,
-) -> TokenScores:
-    """Score each job ``(members, local queries)`` as its own batch; one progress bar over the jobs."""
-    results: TokenScores = [{} for _ in bank]
-    progress, scorer.progress = scorer.progress, False
-    try:
-        iterator: Iterable = jobs
-        if progress:
-            from tqdm.auto import tqdm
+def bank_plan(
+    b: int, queries: Iterable[int] | None = None, exclude: Sequence[int | Sequence[int] | None] | None = None
+) -> ReferencePlan:
+    """The plan of ``b`` new volumes scored against a reference bank only.
 
-            iterator = tqdm(jobs, desc=f"scoring ({what}s)", unit=what)
-        for members, local in iterator:
-            groups = None if subjects is None else [subjects[j] for j in members]
-            scored = scorer.exact([bank[j] for j in members], local, groups)
-            for j in local:  # a copy: a view would keep the job's whole score grid alive
-                results[members[j]] = {k: v.clone() for k, v in scored[j].items()}
-    finally:
-        scorer.progress = progress
-    return results
-
-
-def check_bank_grids(
-    references: Mapping[str, tuple[torch.Tensor, torch.Tensor]], bank: Sequence[VolumeTokens], d: int
-) -> None:
-    """Raise ``ValueError`` unless every grid of every new volume matches the reference bank's."""
-    for key in bank[0].grids:
-        if key not in references:
-            fine = " (fine tokens: build the bank with variant F or MS)" if key.endswith(FINE_SUFFIX) else ""
-            raise ValueError(f"the reference bank has no {key!r} tokens{fine}; it has {sorted(references)}")
-        n_ref = references[key][0].shape[1]
-        for i, vt in enumerate(bank):
-            grid = vt.grids.get(key)
-            if grid is None or grid.valid.numel() != n_ref or grid.tokens.shape[-1] != d:
-                got = "missing" if grid is None else f"{tuple(grid.shape)} x d={grid.tokens.shape[-1]}"
-                raise ValueError(
-                    f"volume {i}: {key} token grid {got} does not match the reference bank's "
-                    f"{n_ref} tokens x d={references[key][0].shape[-1]}: volumes must be on its grid"
-                )
+    Args:
+        b: the new volumes, ``>= 1``.
+        queries: score only these (default: all).
+        exclude: per new volume, the index of the bank volume that is that same scan, or the indices of
+            every scan of its subject in the bank, or ``None``.
+    """
+    if b < 1:
+        raise ValueError("no volumes to score against the reference bank")
+    skips = (None,) * b if exclude is None else tuple(exclude)
+    if len(skips) != b:
+        raise ValueError(f"exclude has {len(skips)} entries for {b} volumes")
+    return ReferencePlan(_wanted(b, queries), skips=skips)

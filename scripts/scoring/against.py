@@ -1,0 +1,214 @@
+"""Eq. 1-2 of query volumes against given reference volumes instead of the rest of their batch.
+
+Two reference sets of :mod:`scripts.scoring.references` are scored here, with one loop
+(:func:`_score_volume`) and the K-nearest mean of :mod:`scripts.scoring.exact`:
+
+* :func:`subset_scores` - each query volume of a cohort against its own subset of the other volumes
+  (``random:N``), gathered into one reused buffer per query;
+* :func:`reference_scores` - new volumes against a fixed reference bank (``bank:DIR``), streamed from
+  the bank group by group (it may be memory-mapped fp16) and never copied whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from scripts.scoring.blocks import (
+    DEFAULT_BLOCK_ELEMENTS,
+    DEFAULT_QUERY_TILE,
+    distance_profile,
+    excluded,
+    pack_valid,
+    query_tiles,
+    sq_norms,
+    workspace,
+)
+from scripts.scoring.exact import check_inputs, empty_volumes_error, exact_mean_of_k_nearest, k_nearest, num_neighbours
+
+__all__ = ["reference_scores", "subset_scores"]
+
+
+def _score_volume(
+    out: torch.Tensor,
+    queries: torch.Tensor,
+    valid: torch.Tensor,
+    references: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    skip: int | Sequence[int] | None,
+    k: int,
+    sizes: tuple[int, int, torch.Tensor],
+) -> None:
+    """Eq. 1-2 of one query volume's valid tokens against reference volumes, written into ``out``.
+
+    Args:
+        out: ``[N]`` fp32 scores of the volume (invalid tokens left as they are).
+        queries: ``[N, d]`` tokens of the query volume (any float dtype).
+        valid: ``[N]`` bool.
+        references: ``(tokens [R, N_ref, d], norms [R, M], index [R, M] or None)``, see
+            :func:`scripts.scoring.blocks.pack_valid`.
+        skip: reference volumes that are not references of this query (itself, its subject's scans).
+        k: the neighbours of Eq. 2.
+        sizes: ``(query_tile, block_elements, workspace)``.
+    """
+    tokens, norms, index = references
+    query_tile, block_elements, buffer = sizes
+    for idx in query_tiles(torch.nonzero(valid).flatten(), query_tile):
+        tile = queries[idx].float()
+        profile = distance_profile(tile, tokens, norms, skip, block_elements, buffer, index)
+        out[idx] = exact_mean_of_k_nearest(tile, k_nearest(profile, k), tokens, norms, index, block_elements)
+
+
+def _as_skip(value: int | Sequence[int]) -> int | list[int]:
+    return int(value) if isinstance(value, int) else [int(v) for v in value]
+
+
+def _check_reference_side(tokens: torch.Tensor, valid: torch.Tensor | None, what: str) -> torch.Tensor:
+    """Shape and validity checks of one side of :func:`reference_scores` (``B >= 1`` volumes)."""
+    if tokens.ndim != 3 or tokens.shape[0] < 1:
+        raise ValueError(f"{what} tokens must be [B, N, d] with B >= 1, got shape {tuple(tokens.shape)}")
+    b, n, _ = tokens.shape
+    if valid is None:
+        return torch.ones(b, n, dtype=torch.bool)
+    if valid.shape != (b, n):
+        raise ValueError(f"{what} valid must be [B, N] = {(b, n)}, got {tuple(valid.shape)}")
+    valid = valid.to(dtype=torch.bool)
+    empty = torch.nonzero(valid.sum(dim=1) == 0).flatten().tolist()
+    if empty:
+        raise ValueError(f"{what} " + str(empty_volumes_error(empty)))
+    return valid
+
+
+def _check_skips(exclude: Sequence[int | Sequence[int] | None] | None, bq: int, b_ref: int) -> list:
+    """``exclude`` normalised to one entry (``None``, an index or a list) per query volume."""
+    skips = [None] * bq if exclude is None else [None if e is None else _as_skip(e) for e in exclude]
+    if len(skips) != bq or any(not 0 <= e < b_ref for s in skips for e in excluded(s)):
+        raise ValueError(f"exclude must give None or reference indices in [0, {b_ref}) per query volume")
+    lonely = [i for i, s in enumerate(skips) if b_ref - len(excluded(s)) < 1]
+    if lonely:
+        raise ValueError(f"query volume(s) {lonely} have no reference: the bank holds only the volume itself")
+    return skips
+
+
+def reference_scores(
+    queries: torch.Tensor,
+    query_valid: torch.Tensor | None,
+    references: torch.Tensor,
+    reference_valid: torch.Tensor | None = None,
+    rho: float = 0.1,
+    exclude: Sequence[int | Sequence[int] | None] | None = None,
+    query_tile: int = DEFAULT_QUERY_TILE,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+) -> torch.Tensor:
+    """Mutual-similarity scores of new volumes against a fixed set of reference volumes (Eq. 1-2).
+
+    Reference-bank mode: each query volume is matched against the reference volumes only, never
+    against the other query volumes, and scores the mean of its ``K = max(1, floor(rho * R))``
+    smallest nearest-token distances over its ``R`` references (the exact scorer's rule with
+    ``B - 1`` replaced by the number of references). A query volume that is itself in the bank is
+    left out of its own references with ``exclude`` (then ``R = B_ref - 1``), so scoring a cohort
+    against its own bank gives the exact scores of that cohort.
+
+    The references are read one group of volumes at a time (``references[start:stop]``, cast to fp32
+    per block) and their squared norms are computed a few volumes at a time, so an fp16 bank
+    memory-mapped from disk is streamed, never copied whole (let alone in fp32). Extra memory: the
+    ``[B_ref, N_ref]`` fp32 norms, one block of ``block_elements`` and the ``[query_tile, B_ref]``
+    profile. Each query tile streams the references once.
+
+    Args:
+        queries: ``[B_q, N, d]`` tokens of the new volumes (any float dtype; accumulated in fp32).
+        query_valid: ``[B_q, N]`` bool or ``None`` (all valid).
+        references: ``[B_ref, N_ref, d]`` reference tokens (any float dtype, may be memory-mapped,
+            may live on another device than the queries: blocks are moved to the queries' device).
+        reference_valid: ``[B_ref, N_ref]`` bool or ``None``; an invalid reference token is never
+            matched.
+        rho: neighbour ratio.
+        exclude: per query volume, the index of the reference that is that same volume (or a list of
+            indices: every scan of its subject in the bank), or ``None``.
+        query_tile, block_elements: as in :func:`scripts.scoring.exact.mutual_similarity_scores`.
+
+    Returns:
+        ``[B_q, N]`` fp32 scores on the device of ``queries`` (0 for invalid query tokens).
+
+    Raises:
+        ValueError: bad shapes, ``rho``, ``exclude``, a volume without a valid token, or a query left
+            without any reference.
+    """
+    query_valid = _check_reference_side(queries, query_valid, "query").to(queries.device)
+    reference_valid = _check_reference_side(references, reference_valid, "reference")
+    reference_valid = reference_valid.to(references.device)
+    bq, n, d = queries.shape
+    b_ref, _, d_ref = references.shape
+    if d_ref != d:
+        raise ValueError(f"queries have d={d} but the references have d={d_ref}")
+    skips = _check_skips(exclude, bq, b_ref)
+    index, norms = pack_valid(reference_valid, sq_norms(references, reference_valid))
+    scores = torch.zeros(bq, n, dtype=torch.float32, device=queries.device)
+    buffer = workspace(max(block_elements, min(query_tile, n) * norms.shape[1]), queries.device)
+    for i in range(bq):
+        # R references: all of the bank, or all but the query volume itself (or its subject's scans).
+        k = num_neighbours(b_ref - len(excluded(skips[i])) + 1, rho)
+        sizes = (query_tile, block_elements, buffer)
+        _score_volume(scores[i], queries[i], query_valid[i], (references, norms, index), skips[i], k, sizes)
+    return scores
+
+
+def _check_subsets(references: Mapping[int, Sequence[int]], b: int) -> dict[int, list[int]]:
+    plan = {}
+    for i, refs in references.items():
+        i, refs = int(i), [int(j) for j in refs]
+        if not refs or i in refs or any(not 0 <= j < b for j in [i, *refs]):
+            raise ValueError(f"volume {i}: references must be other volumes of the batch of {b}, got {refs}")
+        plan[i] = refs
+    return plan
+
+
+def subset_scores(
+    tokens: torch.Tensor,
+    valid: torch.Tensor | None,
+    references: Mapping[int, Sequence[int]],
+    rho: float = 0.1,
+    query_tile: int = DEFAULT_QUERY_TILE,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+) -> torch.Tensor:
+    """Mutual-similarity scores of each query volume against its own subset of the other volumes.
+
+    Volume ``i`` is scored by Eq. 1-2 against the volumes ``references[i]`` only, with
+    ``K = max(1, floor(rho * len(references[i])))``, i.e. exactly as the exact scorer scores volume 0
+    of the batch ``[i, *references[i]]``. Cost ``O(sum_i |references[i]| N^2 d)``, linear in ``B`` for
+    subsets of a fixed size. The references of a query are gathered into one reused buffer and scored
+    with one reused workspace, so the per-query overhead is a copy of ``|references[i]|`` volumes and
+    no allocation.
+
+    Args:
+        tokens: ``[B, N, d]`` tokens (any float dtype).
+        valid: ``[B, N]`` bool or ``None``.
+        references: ``{query volume: reference volumes}``; a query is never its own reference. Volumes
+            not in ``references`` score 0.
+        rho, query_tile, block_elements: as in :func:`scripts.scoring.exact.mutual_similarity_scores`.
+
+    Returns:
+        ``[B, N]`` fp32 scores on the device of ``tokens``.
+    """
+    valid = check_inputs(tokens, valid)
+    b, n, d = tokens.shape
+    plan = _check_subsets(references, b)
+    packed, norms = pack_valid(valid, sq_norms(tokens, valid))
+    scores = torch.zeros(b, n, dtype=torch.float32, device=tokens.device)
+    if not plan:
+        return scores
+    gathered = torch.empty((max(map(len, plan.values())), n, d), dtype=tokens.dtype, device=tokens.device)
+    sizes = (
+        query_tile,
+        block_elements,
+        workspace(max(block_elements, min(query_tile, n) * norms.shape[1]), tokens.device),
+    )
+    for i, refs in plan.items():
+        index = torch.tensor(refs, device=tokens.device)
+        subset = gathered[: len(refs)]
+        torch.index_select(tokens, 0, index, out=subset)
+        subset_packed = None if packed is None else packed.index_select(0, index)
+        k = num_neighbours(len(refs) + 1, rho)
+        _score_volume(
+            scores[i], tokens[i], valid[i], (subset, norms.index_select(0, index), subset_packed), None, k, sizes
+        )
+    return scores

@@ -1,0 +1,242 @@
+"""fp32 distance blocks between query tokens and reference volumes (paper Eq. 1).
+
+The pieces every scorer of :mod:`scripts.scoring` is built from: squared norms, the packing of each
+volume's valid tokens, batched GEMM blocks in the ``|r|^2 - 2 q.r`` form and their reduction to the
+``[Q, B]`` profile of nearest squared distances.
+
+Memory: the ``B x N x B x N`` distance tensor is never formed. Queries are processed one block of
+tokens at a time against groups of reference volumes; each group is one batched GEMM that is
+immediately reduced to a per (query, reference volume) minimum. Extra memory is therefore
+``O(query_tile x ref_budget)`` plus the ``[query_tile, B]`` profile.
+
+Work: only valid reference tokens are multiplied. Each reference block is gathered at the positions
+of its volumes' valid tokens (:func:`pack_valid`, padded to the largest valid count), so with brain or
+lung masks the GEMM and the min shrink to the masked fraction of the grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+__all__ = [
+    "DEFAULT_BLOCK_ELEMENTS",
+    "DEFAULT_QUERY_TILE",
+    "distance_profile",
+    "excluded",
+    "nearest_distance_profile",
+    "pack_valid",
+    "query_tiles",
+    "reference_blocks",
+    "sq_norms",
+    "workspace",
+]
+
+# Elements of the largest intermediate block (fp32): 2^21 -> 8 MiB. Small enough that the GEMM's
+# output is still in cache when the min reads it back (a much larger block goes through DRAM twice;
+# docs/performance.md), large enough to amortise the per-block calls.
+DEFAULT_BLOCK_ELEMENTS = 1 << 21
+DEFAULT_QUERY_TILE = 1024
+
+
+def sq_norms(tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """fp32 squared norms over the last dim, ``+inf`` where invalid (never a nearest neighbour).
+
+    Computed a few volumes at a time through one reused fp32 buffer (at most 4 MiB), so that an
+    fp16 or memory-mapped bank is never copied whole to fp32 - not even as freed heap: one fp32
+    temporary per volume, interleaved with the small results, fragments glibc's heap and keeps about
+    the bank's fp32 size resident.
+
+    Args:
+        tokens: ``[B, N, d]`` (any float dtype).
+        valid: ``[B, N]`` bool.
+
+    Returns:
+        ``[B, N]`` fp32.
+    """
+    b = tokens.shape[0]
+    norms = torch.empty(tokens.shape[:-1], dtype=torch.float32, device=tokens.device)
+    group = max(1, min(b, (1 << 20) // max(1, tokens[0].numel())))
+    buffer = torch.empty((group, *tokens.shape[1:]), dtype=torch.float32, device=tokens.device)
+    for start in range(0, b, group):
+        stop = min(start + group, b)
+        chunk = buffer[: stop - start]
+        chunk.copy_(tokens[start:stop])
+        norms[start:stop] = torch.einsum("...d,...d->...", chunk, chunk)
+    return norms.masked_fill_(~valid, float("inf"))
+
+
+def excluded(exclude: int | Sequence[int] | None) -> list[int]:
+    """The excluded reference volumes, sorted: none, one volume, or several (one subject's scans)."""
+    if exclude is None:
+        return []
+    return sorted({int(exclude)}) if isinstance(exclude, int) else sorted({int(e) for e in exclude})
+
+
+def _group_ranges(b: int, exclude: int | Sequence[int] | None, group: int) -> Iterator[tuple[int, int]]:
+    """Contiguous ranges of reference volumes, ``group`` at a time, skipping the volumes ``exclude``
+    (the query's own volume, or every scan of its subject; ``None``: skip none, e.g. a query scored
+    against a separate reference bank)."""
+    lo = 0
+    for skip in [*excluded(exclude), b]:
+        for start in range(lo, skip, group):
+            yield start, min(start + group, skip)
+        lo = skip + 1
+
+
+def workspace(elements: int, device: torch.device) -> torch.Tensor:
+    """A flat fp32 buffer reused by every block of a scorer call.
+
+    On the CPU a fresh block above glibc's mmap threshold (at most 32 MiB) is page-faulted in on
+    every allocation, which costs about as much as the GEMM that fills it; one reused buffer does not.
+    """
+    return torch.empty(elements, dtype=torch.float32, device=device)
+
+
+def pack_valid(valid: torch.Tensor, norms: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Positions of each volume's valid tokens, valid first, for GEMMs over valid references only.
+
+    With masks most reference tokens are background, and multiplying them only to discard the result
+    would be most of the scorer's work.
+
+    Args:
+        valid: ``[B, N]`` bool.
+        norms: ``[B, N]`` fp32 squared norms, ``+inf`` where invalid (:func:`sq_norms`).
+
+    Returns:
+        ``(index [B, M], packed_norms [B, M])`` with ``M`` the largest valid count: row ``b`` of
+        ``index`` lists volume ``b``'s valid token positions in order, padded with positions of its
+        invalid tokens, whose ``+inf`` norms keep them from ever being the nearest. ``(None, norms)``
+        when every token is valid: nothing to skip, and the bank is then read in place.
+    """
+    if bool(valid.all()):
+        return None, norms
+    m = int(valid.sum(dim=1).max())
+    # A stable sort of the invalid flag puts valid tokens first and keeps their order.
+    index = torch.argsort((~valid).to(torch.uint8), dim=1, stable=True)[:, :m]
+    return index, norms.gather(1, index)
+
+
+def reference_blocks(
+    queries: torch.Tensor,
+    tokens: torch.Tensor,
+    ref_sq_norms: torch.Tensor,
+    exclude: int | Sequence[int] | None,
+    group: int,
+    buffer: torch.Tensor | None = None,
+    index: torch.Tensor | None = None,
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``(start, stop, d2)`` per group of reference volumes, ``d2 [G, Q, M] = |r|^2 - 2 q.r`` (fp32).
+
+    One batched GEMM per group; the reduction over reference tokens is then along the contiguous last
+    dim (a min or a top-L there is several times cheaper than across the middle dim).
+
+    Args:
+        queries: ``[Q, d]`` fp32.
+        tokens: ``[B, N, d]`` references (any float dtype, cast to fp32 per block).
+        ref_sq_norms: ``[B, M]`` fp32 squared norms in the order of ``index`` (``M = N`` without it).
+        exclude: reference volumes to skip (see :func:`excluded`).
+        group: reference volumes per GEMM.
+        buffer: optional flat fp32 workspace; with at least ``group * Q * M`` elements, ``d2`` is a
+            view of it, valid until the next block is requested.
+        index: optional ``[B, M]`` token positions to read per volume (:func:`pack_valid`).
+    """
+    n, nq = ref_sq_norms.shape[1], queries.shape[0]
+    for start, stop in _group_ranges(tokens.shape[0], exclude, group):
+        g = stop - start
+        if index is None:
+            refs = tokens[start:stop]
+        else:
+            volumes = torch.arange(start, stop, device=index.device).unsqueeze(1)
+            refs = tokens[volumes.to(tokens.device), index[start:stop].to(tokens.device)]
+        refs = refs.to(device=queries.device, dtype=torch.float32)
+        norms = ref_sq_norms[start:stop].to(queries.device).unsqueeze(1)  # [G, 1, M]
+        out = None
+        if buffer is not None and buffer.numel() >= g * nq * n:
+            out = buffer[: g * nq * n].view(g, nq, n)
+        d2 = torch.baddbmm(norms, queries.expand(g, -1, -1), refs.transpose(1, 2), alpha=-2.0, out=out)
+        yield start, stop, d2
+
+
+def nearest_distance_profile(
+    queries: torch.Tensor,
+    tokens: torch.Tensor,
+    ref_sq_norms: torch.Tensor,
+    exclude: int | Sequence[int] | None,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    buffer: torch.Tensor | None = None,
+    index: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared distance of each query to its nearest token in every reference volume (Eq. 1).
+
+    Args:
+        queries: ``[Q, d]`` float32 query tokens.
+        tokens: ``[B, N, d]`` reference token bank (any float dtype; cast to fp32 per block).
+        ref_sq_norms: ``[B, N]`` fp32 squared norms of the references, ``+inf`` for invalid tokens
+            so that they are never the nearest; ``[B, M]`` in the order of ``index`` when given.
+        exclude: index of the query's own volume (or indices: every scan of its subject); their
+            columns are ``+inf``. ``None``: the queries are not in ``tokens`` (a separate reference
+            bank), every column is a reference.
+        block_elements: budget for the ``[G, Q, N]`` intermediate; sets the group size ``G``.
+        buffer: optional flat fp32 workspace of ``block_elements`` reused for that intermediate.
+        index: optional ``[B, M]`` token positions to read per volume (valid tokens packed first,
+            see :func:`pack_valid`); ``None`` reads all ``N``.
+
+    Returns:
+        ``(d2, nearest)``: ``[Q, B]`` fp32 squared nearest distances in the GEMM form (not clamped,
+        self column ``+inf``) and ``[Q, B]`` int64 position of that nearest token in each volume
+        (a position in ``tokens``' ``N`` axis, also when ``index`` is given).
+    """
+    b = tokens.shape[0]
+    n = ref_sq_norms.shape[1]
+    nq = queries.shape[0]
+    group = max(1, block_elements // max(1, n * nq))
+    profile = torch.full((nq, b), float("inf"), dtype=torch.float32, device=queries.device)
+    nearest = torch.zeros((nq, b), dtype=torch.long, device=queries.device)
+    blocks = reference_blocks(queries, tokens, ref_sq_norms, exclude, group, buffer, index)
+    for start, stop, d2 in blocks:
+        best = d2.min(dim=-1)
+        profile[:, start:stop] = best.values.t()
+        at = best.indices if index is None else index[start:stop].to(queries.device).gather(1, best.indices)
+        nearest[:, start:stop] = at.t()
+    return profile + queries.pow(2).sum(dim=1).unsqueeze(1), nearest
+
+
+def distance_profile(
+    queries: torch.Tensor,
+    tokens: torch.Tensor,
+    ref_sq_norms: torch.Tensor,
+    exclude: int | Sequence[int] | None,
+    block_elements: int,
+    buffer: torch.Tensor | None,
+    index: torch.Tensor | None,
+) -> torch.Tensor:
+    """The ``[Q, B]`` profile of :func:`nearest_distance_profile` without ``|q|^2``, values only.
+
+    ``amin`` instead of ``min`` with indices: on the CPU the indexed reduction is not vectorised and
+    costs many times the plain one; only the ``K`` chosen volumes need their nearest token, found
+    afterwards (:func:`scripts.scoring.exact.nearest_positions`) at ``K / (B - 1)`` of the GEMM's work.
+    The missing ``|q|^2`` is the same for every column of a row, so it does not change the choice.
+    """
+    b, nq = tokens.shape[0], queries.shape[0]
+    group = max(1, block_elements // max(1, ref_sq_norms.shape[1] * nq))
+    profile = torch.full((nq, b), float("inf"), dtype=torch.float32, device=queries.device)
+    for start, stop, d2 in reference_blocks(queries, tokens, ref_sq_norms, exclude, group, buffer, index):
+        profile[:, start:stop] = d2.amin(dim=-1).t()
+    return profile
+
+
+def query_tiles(index: torch.Tensor, tile: int) -> Iterator[torch.Tensor]:
+    """``index`` split into ``ceil(len / tile)`` near-equal tiles of at most ``tile``.
+
+    Equal tiles rather than full tiles plus a remainder: each tile re-reads the whole reference bank,
+    which a tile of a few tokens would not amortise.
+    """
+    count = index.numel()
+    if count == 0:
+        return
+    tiles = -(-count // max(1, tile))
+    size = -(-count // tiles)
+    for start in range(0, count, size):
+        yield index[start : start + size]

@@ -1,0 +1,313 @@
+"""Coarse-to-fine routing of the fine scores (paper Sec. 3.5-3.6, Eq. 6).
+
+:func:`c2f_scores` gives the coarse scores (exact, equal to
+:func:`scripts.scoring.exact.mutual_similarity_scores` on the coarse tokens) and fine scores by
+coarse-to-fine routing: the coarse distance pass that yields the coarse scores also keeps, per query
+coarse token and reference volume, its ``L`` nearest coarse tokens; each fine child is matched only
+against the fine children of those (Eq. 6). Both scores are Eq. 2's mean over the ``K`` nearest
+volumes, by :func:`scripts.scoring.exact.mean_of_k_nearest`.
+
+The coarse distance blocks are those of :mod:`scripts.scoring.blocks` (valid tokens packed, one
+reused workspace); the routing indices live only as long as their block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from scripts.scoring.blocks import (
+    DEFAULT_BLOCK_ELEMENTS,
+    DEFAULT_QUERY_TILE,
+    pack_valid,
+    reference_blocks,
+    sq_norms,
+    workspace,
+)
+from scripts.scoring.exact import (
+    check_inputs,
+    check_volumes,
+    empty_volumes_error,
+    k_nearest,
+    mean_of_k_nearest,
+    neighbours_per_volume,
+    same_subject,
+)
+
+__all__ = ["CANDIDATE_ELEMENTS", "DEFAULT_ROUTES", "c2f_scores", "c2f_tiles"]
+
+DEFAULT_ROUTES = 16
+# Elements of the reused buffer of gathered C2F fine candidates on the CPU (see _candidate_elements).
+CANDIDATE_ELEMENTS = 1 << 21
+
+
+def _check_c2f_inputs(
+    coarse: torch.Tensor,
+    fine: torch.Tensor,
+    coarse_valid: torch.Tensor | None,
+    fine_valid: torch.Tensor | None,
+    routes: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if coarse.ndim != 3:
+        raise ValueError(f"coarse tokens must be [B, N_c, d], got shape {tuple(coarse.shape)}")
+    b, n_c, d = coarse.shape
+    if fine.ndim != 4 or fine.shape[:2] != (b, n_c) or fine.shape[3] != d:
+        raise ValueError(
+            f"fine tokens must be [B, N_c, h, d] = [{b}, {n_c}, h, {d}] (the h depth children of each "
+            f"coarse token), got shape {tuple(fine.shape)}"
+        )
+    if isinstance(routes, bool) or int(routes) != routes or routes < 1:
+        raise ValueError(f"L (coarse routes per reference volume) must be an int >= 1, got {routes}")
+    coarse_valid = check_inputs(coarse, coarse_valid)
+    h = fine.shape[2]
+    if fine_valid is None:
+        fine_valid = torch.ones(b, n_c, h, dtype=torch.bool, device=fine.device)
+    elif fine_valid.shape != (b, n_c, h):
+        raise ValueError(f"fine_valid must be [B, N_c, h] = {(b, n_c, h)}, got {tuple(fine_valid.shape)}")
+    fine_valid = fine_valid.to(device=fine.device, dtype=torch.bool)
+    empty = torch.nonzero(fine_valid.flatten(1).sum(dim=1) == 0).flatten().tolist()
+    if empty:
+        raise empty_volumes_error(empty, "valid fine token")
+    return coarse_valid, fine_valid
+
+
+def _c2f_profiles(
+    coarse_q: torch.Tensor, fine_q: torch.Tensor, bank: _C2FBank, exclude: int | Sequence[int], group: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Coarse and C2F fine distance profiles of one query tile against every other volume.
+
+    Args:
+        coarse_q: ``[Q, d]`` fp32 query coarse tokens; ``fine_q``: ``[Q, h, d]`` their fine children.
+        bank: the validated bank (norms, masks, buffers).
+        exclude: the query volume (or every scan of its subject).
+        group: reference volumes per coarse GEMM.
+
+    Returns:
+        ``(coarse_d2 [Q, B], coarse_nn [Q, B], fine_d2 [Q, h, B], fine_nn [Q, h, B])`` (see
+        :func:`c2f_tiles`).
+    """
+    b, n_c, h, d = bank.fine.shape
+    routes, masks = bank.routes, bank.masks
+    nq = coarse_q.shape[0]
+    device = coarse_q.device
+    inf = float("inf")
+    coarse_d2 = torch.full((nq, b), inf, dtype=torch.float32, device=device)
+    coarse_nn = torch.zeros((nq, b), dtype=torch.long, device=device)
+    fine_d2 = torch.full((nq, h, b), inf, dtype=torch.float32, device=device)
+    fine_nn = torch.zeros((nq, h, b), dtype=torch.long, device=device)
+    blocks = reference_blocks(coarse_q, bank.coarse, bank.packed_norms, exclude, group, bank.workspace, bank.index)
+    for start, stop, d2 in blocks:
+        if masks is None:
+            # The same reduction yields the coarse nearest neighbour (Eq. 1) and the routing (Eq. 6).
+            top = d2.topk(routes, dim=-1, largest=False)  # sorted ascending
+            route_index = top.indices  # [G, Q, L]
+            best_values, best_index = top.values[..., 0], top.indices[..., 0]
+        else:
+            # Masks differ (a valid coarse token without valid fine child, or the converse): d2 holds
+            # finite norms for the union; mask each reduction separately.
+            coarse_ok, route_ok = (m[start:stop].unsqueeze(1).to(device) for m in masks)
+            best = d2.masked_fill(~coarse_ok, inf).min(dim=-1)
+            best_values, best_index = best.values, best.indices
+            route_index = d2.masked_fill_(~route_ok, inf).topk(routes, dim=-1, largest=False).indices
+        if bank.index is not None:  # packed columns -> token positions
+            columns = bank.index[start:stop].to(device).unsqueeze(1).expand(-1, nq, -1)  # [G, Q, M]
+            route_index = columns.gather(2, route_index)
+            best_index = columns.gather(2, best_index.unsqueeze(-1)).squeeze(-1)
+        coarse_d2[:, start:stop] = best_values.t()
+        coarse_nn[:, start:stop] = best_index.t()
+        # Restricted fine search (Eq. 6): the h children of each of the L routed coarse tokens, gathered
+        # for some queries x the G reference volumes at a time into one reused buffer (the search reads
+        # each candidate h times only, so it is bound by this gather, not by arithmetic).
+        rows = route_index + (torch.arange(start, stop, device=device) * n_c).view(-1, 1, 1)  # [G, Q, L]
+        capacity = bank.candidates.shape[0]  # rows of the buffer, at least L
+        volumes_step = max(1, capacity // routes)
+        for g0 in range(0, stop - start, volumes_step):
+            g1 = min(g0 + volumes_step, stop - start)
+            g = g1 - g0
+            step = max(1, capacity // (g * routes))
+            for s0 in range(0, nq, step):
+                s1 = min(s0 + step, nq)
+                where = rows[g0:g1, s0:s1].reshape(-1).to(bank.fine_rows.device)  # [g * S * L]
+                cand = bank.candidates[: where.numel()]
+                torch.index_select(bank.fine_rows, 0, where, out=cand)
+                cand = cand.to(device=device, dtype=torch.float32).view(g * (s1 - s0), routes * h, d)
+                cand_norms = bank.fine_norm_rows.index_select(0, where).to(device).view(-1, routes * h, 1)
+                # [g * S, d, h] as the transpose of a contiguous [g * S, h, d]: MKL's small-N path is
+                # much faster for this layout than for a contiguous [d, h] operand (docs/multiscale.md).
+                queries = fine_q[s0:s1].expand(g, -1, -1, -1).reshape(-1, h, d).transpose(1, 2)
+                # |c|^2 - 2 c.f for the L*h candidates x h fine queries of each coarse query.
+                best = torch.baddbmm(cand_norms, cand, queries, alpha=-2.0).min(dim=1)  # [g * S, h]
+                fine_d2[s0:s1, :, start + g0 : start + g1] = best.values.view(g, s1 - s0, h).permute(1, 2, 0)
+                child = best.indices.view(g, s1 - s0, h)
+                parent = route_index[g0:g1, s0:s1].gather(2, torch.div(child, h, rounding_mode="floor"))
+                fine_nn[s0:s1, :, start + g0 : start + g1] = (parent * h + child % h).permute(1, 2, 0)
+    coarse_d2 += coarse_q.pow(2).sum(dim=-1).unsqueeze(-1)
+    fine_d2 += fine_q.pow(2).sum(dim=-1).unsqueeze(-1)
+    return coarse_d2, coarse_nn, fine_d2, fine_nn
+
+
+def _candidate_elements(device: torch.device, block_elements: int) -> int:
+    """Elements of the C2F candidate buffer: :data:`CANDIDATE_ELEMENTS` on the CPU (8 MiB stays in
+    cache and below glibc's mmap threshold); on a GPU as large as the scorer's block, since each
+    gather-and-match step is a few kernel launches whatever its size, and a buffer of a few thousand
+    rows turns the fine search into millions of launches at the paper's scale."""
+    return CANDIDATE_ELEMENTS if device.type != "cuda" else max(CANDIDATE_ELEMENTS, int(block_elements))
+
+
+class _C2FBank:
+    """Validated inputs of a C2F run and the per-bank quantities every query tile needs."""
+
+    def __init__(
+        self,
+        coarse: torch.Tensor,
+        fine: torch.Tensor,
+        coarse_valid: torch.Tensor | None,
+        fine_valid: torch.Tensor | None,
+        L: int,  # noqa: N803
+        query_tile: int,
+        block_elements: int,
+    ) -> None:
+        self.coarse_valid, self.fine_valid = _check_c2f_inputs(coarse, fine, coarse_valid, fine_valid, L)
+        self.coarse, self.fine = coarse, fine
+        b, n_c, h, d = fine.shape
+        self.h = h
+        # A coarse token is worth routing to iff it has a valid fine child (see c2f_scores).
+        routable = self.fine_valid.any(dim=2)
+        self.queries_of = self.coarse_valid | routable
+        coarse_norms = sq_norms(coarse, self.queries_of)
+        # The coarse GEMM and top-L read each reference volume at the positions of the union only
+        # (most tokens are background under a mask); ``index`` maps a packed column to its token.
+        self.index, self.packed_norms = pack_valid(self.queries_of, coarse_norms)
+        width = n_c if self.index is None else self.index.shape[1]
+        self.routes = min(int(L), width)
+        same = torch.equal(routable, self.coarse_valid)
+        masks = None if same else (self.coarse_valid, routable)
+        if masks is not None and self.index is not None:
+            masks = tuple(m.gather(1, self.index) for m in masks)
+        self.masks = masks
+        # Rows of h children: one index_select row per routed coarse token (a view when contiguous).
+        self.fine_rows = fine.reshape(b * n_c, h * d)
+        self.fine_norm_rows = sq_norms(fine, self.fine_valid).reshape(b * n_c, h)
+        # Per query and reference volume: the packed coarse distances (the routes and profiles are small).
+        self.per_query = width + 2 * self.routes
+        self.tile = max(1, min(int(query_tile), block_elements // self.per_query))
+        self.block_elements = block_elements
+        self.workspace = workspace(block_elements, coarse.device)
+        # Gathered fine candidates (rows of h*d values), reused by every block: at least one query's L routes.
+        rows = _candidate_elements(fine.device, block_elements) // (h * d)
+        self.candidates = torch.empty(max(self.routes, rows), h * d, dtype=fine.dtype, device=fine.device)
+
+    def tiles(
+        self, volumes: Sequence[int] | None, same: Sequence[Sequence[int]] | None = None
+    ) -> Iterator[tuple[int, torch.Tensor, tuple]]:
+        """``(i, index, profiles)`` per query tile of each of ``volumes`` (see :func:`c2f_tiles`);
+        ``same[i]``: the other scans of volume ``i``'s subject, left out of its references."""
+        for i in check_volumes(volumes, self.coarse.shape[0]):
+            exclude = [i, *same[i]] if same is not None and same[i] else i
+            query_index = torch.nonzero(self.queries_of[i]).flatten()
+            for start in range(0, query_index.numel(), self.tile):
+                idx = query_index[start : start + self.tile]
+                group = max(1, self.block_elements // (idx.numel() * self.per_query))
+                profiles = _c2f_profiles(self.coarse[i, idx].float(), self.fine[i, idx].float(), self, exclude, group)
+                yield i, idx, profiles
+
+
+def c2f_tiles(
+    coarse: torch.Tensor,
+    fine: torch.Tensor,
+    coarse_valid: torch.Tensor | None = None,
+    fine_valid: torch.Tensor | None = None,
+    L: int = DEFAULT_ROUTES,  # noqa: N803
+    query_tile: int = DEFAULT_QUERY_TILE,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    volumes: Sequence[int] | None = None,
+) -> Iterator[tuple[int, torch.Tensor, tuple[torch.Tensor, ...]]]:
+    """The distance profiles behind :func:`c2f_scores`, one query tile at a time (for analysis).
+
+    Yields ``(i, index, (coarse_d2, coarse_nn, fine_d2, fine_nn))`` for query volume ``i`` and its
+    coarse tokens ``index``: ``[Q, B]`` / ``[Q, h, B]`` squared distances in the GEMM form (self column
+    ``+inf``) and nearest indices (``fine_nn`` indexes the flattened ``N_c * h`` fine tokens of each
+    volume, ``parent * h + child``). Arguments as in :func:`c2f_scores`.
+    """
+    yield from _C2FBank(coarse, fine, coarse_valid, fine_valid, L, query_tile, block_elements).tiles(volumes)
+
+
+def c2f_scores(
+    coarse: torch.Tensor,
+    fine: torch.Tensor,
+    coarse_valid: torch.Tensor | None = None,
+    fine_valid: torch.Tensor | None = None,
+    rho: float = 0.1,
+    L: int = DEFAULT_ROUTES,  # noqa: N803
+    query_tile: int = DEFAULT_QUERY_TILE,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    volumes: Sequence[int] | None = None,
+    groups: Sequence[object] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coarse scores and coarse-to-fine routed fine scores (Sec. 3.5, Eq. 2 and 6).
+
+    One coarse distance pass per (query tile, group of reference volumes) gives both the coarse
+    nearest neighbour of each coarse query token in each other volume (hence the exact coarse scores,
+    equal to :func:`mutual_similarity_scores` on ``coarse``) and its ``L`` nearest routable coarse
+    tokens there. Each fine child of the query coarse token is then matched only against the fine
+    children of those ``L`` coarse tokens (Eq. 6), and scores the mean of its ``K`` smallest
+    approximate distances over the reference volumes. The routing indices live only for that block.
+
+    Validity (an invalid token neither queries nor is matched, and scores 0):
+
+    * coarse scores use ``coarse_valid`` exactly as the exact scorer does;
+    * routing in a reference volume is over its coarse tokens that have at least one valid fine
+      child (whatever their own coarse validity): every routed region then offers a candidate, so
+      the approximate distance to a volume is always finite, and with ``L >= N_c`` the candidates are
+      all valid fine tokens of that volume, so the fine scores equal
+      :func:`mutual_similarity_scores` on the fine tokens (the correctness anchor of Sec. 3.5). With
+      the inferer's masks and ``delta = 0`` the two masks coincide (a coarse token is valid iff one
+      of its children is), and one reduction serves both;
+    * a fine query is routed by its parent coarse token whether or not the parent is coarse-valid.
+
+    Each approximate distance is an exhaustive minimum over a superset of the candidates of any
+    smaller ``L`` (top-``L`` sets are nested), so fine scores never increase with ``L``.
+
+    Args:
+        coarse: ``[B, N_c, d]`` coarse tokens (any float dtype; accumulated in fp32).
+        fine: ``[B, N_c, h, d]`` the ``h`` depth children of each coarse token, in depth order.
+        coarse_valid: ``[B, N_c]`` bool or ``None`` (all valid).
+        fine_valid: ``[B, N_c, h]`` bool or ``None`` (all valid).
+        rho: neighbour ratio, ``K = max(1, floor(rho * (B - 1)))``.
+        L: coarse routes per (query coarse token, reference volume); clipped to ``N_c``.
+        query_tile: at most this many query coarse tokens together (fewer when ``L * h * d`` is large,
+            to keep the gathered candidates within ``block_elements``).
+        block_elements: element budget of the largest intermediate block.
+        volumes: score only these volumes (see :func:`mutual_similarity_scores`).
+        groups: optional subject of each volume (see :func:`mutual_similarity_scores`).
+
+    Returns:
+        ``(coarse_scores [B, N_c], fine_scores [B, N_c, h])`` fp32 on the device of ``coarse``.
+
+    Raises:
+        ValueError: ``B < 2``, bad shapes or ``L``, bad ``rho``, or a volume without any valid coarse
+            or fine token.
+    """
+    bank = _C2FBank(coarse, fine, coarse_valid, fine_valid, L, query_tile, block_elements)
+    b, n_c, h, _ = fine.shape
+    same = same_subject(groups, b)
+    ks = neighbours_per_volume(b, rho, same)
+    coarse_scores = torch.zeros(b, n_c, dtype=torch.float32, device=coarse.device)
+    fine_scores = torch.zeros(b, n_c, h, dtype=torch.float32, device=coarse.device)
+
+    def coarse_lookup(v: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        return coarse[v, j]
+
+    def fine_lookup(v: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        return fine[v, torch.div(j, h, rounding_mode="floor"), j % h]
+
+    for i, idx, (coarse_d2, coarse_nn, fine_d2, fine_nn) in bank.tiles(volumes, same):
+        k = ks[i]
+        coarse_q, fine_q = coarse[i, idx].float(), fine[i, idx].float()
+        chosen = k_nearest(coarse_d2, k)  # [Q, K]
+        c = mean_of_k_nearest(coarse_q, chosen, coarse_nn.gather(-1, chosen), coarse_lookup, block_elements)
+        coarse_scores[i, idx] = torch.where(bank.coarse_valid[i, idx], c, 0.0)
+        chosen = k_nearest(fine_d2, k)  # [Q, h, K]
+        f = mean_of_k_nearest(fine_q, chosen, fine_nn.gather(-1, chosen), fine_lookup, block_elements)
+        fine_scores[i, idx] = torch.where(bank.fine_valid[i, idx], f, 0.0)
+    return coarse_scores, fine_scores
