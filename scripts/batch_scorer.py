@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
-from scripts.mixed_precision import PRECISIONS
+from scripts.mixed_precision import check_precision
 from scripts.scoring import (
     DEFAULT_BLOCK_ELEMENTS,
     DEFAULT_QUERY_TILE,
@@ -28,14 +28,6 @@ __all__ = ["BatchScorer", "TokenScores", "check_precision"]
 
 #: per volume, ``{key: [M, P, P]}`` fp32 token scores (``{}`` for volumes that were not queried)
 TokenScores = list[dict[str, torch.Tensor]]
-
-
-def check_precision(precision: str) -> str:
-    """``precision`` normalised (one of :data:`scripts.mixed_precision.PRECISIONS`), or ``ValueError``."""
-    name = str(precision).strip().lower()
-    if name not in PRECISIONS:
-        raise ValueError(f"score_precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return name
 
 
 class BatchScorer:

@@ -66,6 +66,7 @@ import torch
 __all__ = [
     "PRECISIONS",
     "LOW_PRECISIONS",
+    "check_precision",
     "LowPrecisionBlocks",
     "Spec",
     "cpu_has_native_bf16",
@@ -131,6 +132,14 @@ def cpu_has_native_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+def check_precision(precision: str) -> str:
+    """``precision`` normalised (one of :data:`PRECISIONS`), or ``ValueError``."""
+    name = str(precision).strip().lower()
+    if name not in PRECISIONS:
+        raise ValueError(f"score_precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return name
+
+
 def resolve_precision(precision: str, device: torch.device | str) -> str:
     """The distance pass that ``precision`` means on ``device``: ``"fp32"``, ``"bf16"`` or ``"tf32"``.
 
@@ -143,9 +152,7 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     Raises:
         ValueError: an unknown precision, or ``"tf32"`` off CUDA.
     """
-    name = str(precision).strip().lower()
-    if name not in PRECISIONS:
-        raise ValueError(f"score_precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    name = check_precision(precision)
     device = torch.device(device)
     if name == "auto":
         return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
