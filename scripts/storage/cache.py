@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 import torch
-from scripts.inferer import TokenGrid, VolumeTokens
+from scripts.tokens import TokenGrid, VolumeTokens
 from scripts.storage.atomic import atomic_write
 
 __all__ = ["TokenCache"]

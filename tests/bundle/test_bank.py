@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from scripts.inferer import CS3FInferer, TokenGrid, VolumeTokens
+from scripts.inferer import CS3FInferer
+from scripts.tokens import TokenGrid, VolumeTokens
 from scripts.scoring import mutual_similarity_scores, reference_scores
 from scripts.storage.bank import TokenBank
 from tests.helpers import ROOT, run_workflow

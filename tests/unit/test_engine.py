@@ -23,7 +23,8 @@ from scripts.engine.handlers import RunRecorder, ScoresSaver
 from scripts.engine.identity import describe_transform, preprocessing_identity, token_identity
 from scripts.engine.record import StageTimes
 from scripts.errors import CS3FInputError, find_input_error
-from scripts.inferer import CS3FInferer, TokenGrid, VolumeTokens
+from scripts.inferer import CS3FInferer
+from scripts.tokens import TokenGrid, VolumeTokens
 from scripts.storage.cache import TokenCache
 from tests.helpers import TinyEncoder, blob_cohort
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from scripts.errors import CS3FInputError
-from scripts.inferer import CS3FInferer, TokenGrid, VolumeTokens
+from scripts.inferer import CS3FInferer
+from scripts.tokens import TokenGrid, VolumeTokens
 from scripts.references import ReferenceSet, chunk_ranges, reference_subsets
 from scripts.scoring import mutual_similarity_scores
 from tests.helpers import run_workflow

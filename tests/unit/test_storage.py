@@ -19,7 +19,7 @@ import torch
 from matplotlib.figure import Figure
 from scripts.digest import file_digest
 from scripts.evaluation import metrics, plots
-from scripts.inferer import TokenGrid, VolumeTokens
+from scripts.tokens import TokenGrid, VolumeTokens
 from scripts.storage.atomic import (
     AtomicNibabelWriter,
     atomic_write,
