@@ -66,7 +66,7 @@ VARIANTS: dict[str, dict] = {
     "run-F": {**_MS4, "variant": "F", "smooth_mm": 0.0},
     "run-MS": {**_MS4, "smooth_mm": 0.0},
     "C-rho0.2": {**_C8, "rho": 0.2},
-    "C-edge-normalized": {**_C8, "edge": "normalized"},
+    "C-edge-normalized": {**_C8, "inferer#edge": "normalized"},
     "R224-q4": {**_C4, "image_size": 224, "smooth_mm": 0.0},
     # Study 3: encoder stages, projection dimension and rho on top of MS + 4 mm; token size with CS3F-C
     "MS4": _MS4,
@@ -129,7 +129,7 @@ def _command(cohort: Path, out: Path, cache: Path, overrides: Mapping, extra: Se
     files = ["configs/inference.json", *overrides.get(OVERLAYS, []), "configs/evaluate.json"]
     configs = "[" + ",".join(f"'{f}'" for f in files) + "]"
     args = ["--config_file", configs, "--dataset_dir", str(cohort), "--output_dir", str(out)]
-    args += ["--cache_dir", str(cache), "--plots", "false", "--quiet", "true", *extra]
+    args += ["--evaluator#cache_dir", str(cache), "--plots", "false", "--quiet", "true", *extra]
     for key, value in overrides.items():
         if key != OVERLAYS:
             args += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]

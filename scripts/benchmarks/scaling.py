@@ -56,8 +56,8 @@ def metrics(cohort: str, out: str, cache: str | None = None, settings: str | Non
         if not (run_dir / "metrics.json").is_file():
             cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file"]
             cmd += ["['configs/inference.json','configs/evaluate.json']", "--dataset_dir", cohort]
-            cmd += ["--output_dir", str(run_dir), "--cache_dir", cache, "--quiet", "true", "--plots", "false"]
-            cmd += ["--num_threads", str(threads)]
+            cmd += ["--output_dir", str(run_dir), "--evaluator#cache_dir", cache, "--quiet", "true", "--plots", "false"]
+            cmd += ["--evaluator#num_threads", str(threads)]
             for key, value in SETTINGS[name].items():
                 cmd += [f"--{key}", str(value)]
             start = time.perf_counter()

@@ -70,16 +70,18 @@ def demo_config() -> dict:
         ``encoder_name`` and ``demo`` (the demo cohort's generator arguments).
     """
     cfg = json.loads(CONFIG.read_text())
+    inferer, network = cfg.get("inferer", {}), cfg.get("network_def", {})
     return {
         "q": cfg.get("q", [8, 8, 8]),
         "d": cfg.get("d", 128),
-        "slab_size": cfg.get("slab_size", 32),
-        "token_dtype": cfg.get("token_dtype", "float32"),
-        "delta": cfg.get("delta", 0.0),
-        "axes": cfg.get("axes", ["sagittal", "coronal", "axial"]),
+        "slab_size": inferer.get("slab_size", 32),
+        "token_dtype": inferer.get("token_dtype", "float32"),
+        "delta": inferer.get("delta", 0.0),
+        "axes": inferer.get("axes", ["sagittal", "coronal", "axial"]),
         "image_size": cfg.get("image_size", 112),
-        "encoder_name": cfg.get("encoder_name", "efficientnet_lite0"),
-        "demo": cfg.get("demo", {"n_normal": 20, "n_abnormal": 12, "shape": 96, "contrast": "t1", "seed": 0}),
+        "encoder_name": network.get("name", "efficientnet_lite0"),
+        # the demo cohort's generator arguments: scripts.engine.datalist.ensure_demo's defaults
+        "demo": {"n_normal": 20, "n_abnormal": 12, "shape": 96, "contrast": "t1", "seed": 0},
     }
 
 

@@ -213,7 +213,7 @@ def test_bundle_passes_names_for_random_references(tiny_cohort: Path, tmp_path: 
         output_dir=str(tmp_path / "out"),
         references="random:2",
         rho=0.5,
-        keep_tokens=True,  # the test reads evaluator.bank after the run
+        **{"evaluator#keep_tokens": True},  # the test reads evaluator.bank after the run
         **{"dataloader#num_workers": 0},
     )
     assert len(list((tmp_path / "out").glob("*_anomaly.nii.gz"))) == 6
