@@ -137,7 +137,7 @@ class CS3FInferer(Inferer):
                 token_dtype = getattr(torch, as_choice(token_dtype, "token_dtype", TOKEN_DTYPES))
             self.token_dtype = token_dtype
             token_args = (self.d, self.delta, self.seed, as_int(slab_size, "slab_size", 1), self.token_dtype)
-            self.tokenizer = Tokenizer(self.axes, self.q, self.q_fine, *token_args, depth_phases)
+            self.tokenizer = Tokenizer(self.axes, self.q, self.q_fine, *token_args, as_int(depth_phases, "depth_phases"))
             device = torch.device(score_device) if score_device is not None else None
             self.scorer = BatchScorer(
                 self.variant, self.rho, L, int(query_tile), int(block_elements), device, progress, score_precision

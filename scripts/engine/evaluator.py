@@ -117,7 +117,8 @@ class CS3FEvaluator(WholeVolume, CohortScoring, Workflow):
         self.image_key, self.mask_key, self.pred_key = image_key, mask_key, pred_key
         self.quiet, self.keep_tokens = as_bool(quiet, "quiet"), as_bool(keep_tokens, "keep_tokens")
         self.on_bad_input = check_on_bad_input(on_bad_input or getattr(dataset, "on_bad_input", "error"))
-        self.skipped: list[dict] = list(getattr(dataset.data, "skipped", ()) if skipped is None else skipped)
+        listed = getattr(getattr(dataset, "data", None), "skipped", ())  # the datalist's
+        self.skipped: list[dict] = list(listed if skipped is None else skipped)
         transform = getattr(dataset, "transform", None)
         self.preprocessing_identity = preprocessing_identity(transform, self.split_transform())
         identity = token_identity(inferer.describe(), network, self.preprocessing_identity)

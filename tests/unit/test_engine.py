@@ -294,11 +294,11 @@ def test_duplicate_names_and_rho_are_input_errors(tmp_path: Path) -> None:
     with pytest.raises(CS3FInputError, match="two inputs are named 'v0'"):
         _evaluator([items[0], items[0], items[1]], tmp_path).run()
     loader = DataLoader(items, batch_size=1)
-    with pytest.raises(CS3FInputError, match="rho must be in"):
-        CS3FEvaluator("cpu", loader, NETWORK, CS3FInferer(q=8, rho=1.5), tmp_path)
+    with pytest.raises(CS3FInputError, match="rho must be in"):  # the inferer checks it, before any work
+        CS3FInferer(q=8, rho=1.5)
     with pytest.raises(CS3FInputError, match="tf32 needs a CUDA device"):  # before any encoding
         CS3FEvaluator("cpu", loader, NETWORK, CS3FInferer(q=8, score_precision="tf32"), tmp_path)
-    with pytest.raises(ValueError, match="score_precision must be one of"):
+    with pytest.raises(CS3FInputError, match="score_precision must be one of"):
         CS3FInferer(q=8, score_precision="fp16")
 
 
