@@ -137,7 +137,9 @@ class CS3FInferer(Inferer):
                 token_dtype = getattr(torch, as_choice(token_dtype, "token_dtype", TOKEN_DTYPES))
             self.token_dtype = token_dtype
             token_args = (self.d, self.delta, self.seed, as_int(slab_size, "slab_size", 1), self.token_dtype)
-            self.tokenizer = Tokenizer(self.axes, self.q, self.q_fine, *token_args, as_int(depth_phases, "depth_phases"))
+            self.tokenizer = Tokenizer(
+                self.axes, self.q, self.q_fine, *token_args, as_int(depth_phases, "depth_phases")
+            )
             device = torch.device(score_device) if score_device is not None else None
             self.scorer = BatchScorer(
                 self.variant, self.rho, L, int(query_tile), int(block_elements), device, progress, score_precision
@@ -148,7 +150,15 @@ class CS3FInferer(Inferer):
             raise CS3FInputError(str(err)) from None
 
     def _check_arguments(
-        self, axes, q, variant, q_fine, references, edge, smooth_mm, subject_score  # noqa: ANN001
+        self,
+        axes,
+        q,
+        variant,
+        q_fine,
+        references,
+        edge,
+        smooth_mm,
+        subject_score,  # noqa: ANN001
     ) -> None:
         """The slicing, pooling, reference and map arguments, checked and normalised."""
         self.axes = canonical_axes(axes)

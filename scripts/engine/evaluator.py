@@ -36,9 +36,9 @@ from scripts.engine.scoring_step import CohortScoring
 from scripts.engine.tokens import CachedTokenizer, source_digest, voxel_digest
 from scripts.errors import CS3FInputError, as_bool, as_int, find_input_error
 from scripts.inferer import CS3FInferer
-from scripts.tokens import BatchBuffer, VolumeTokens
 from scripts.mixed_precision import resolve_precision
 from scripts.storage.cache import TokenCache
+from scripts.tokens import BatchBuffer, VolumeTokens
 
 __all__ = ["CS3FEvaluator"]
 

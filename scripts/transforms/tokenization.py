@@ -117,12 +117,7 @@ class MultiAxisSlice(Transform):
     backend = [TransformBackends.TORCH]
 
     def __init__(
-        self,
-        axes: Sequence[str | int] = AXES,
-        size: int = 224,
-        *,
-        mean: Sequence[float],
-        std: Sequence[float],
+        self, axes: Sequence[str | int] = AXES, size: int = 224, *, mean: Sequence[float], std: Sequence[float]
     ) -> None:
         self.axes = [AXES[axis_index(a)] for a in axes]
         self.size = int(size)

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 from scripts.inferer import CS3FInferer
-from scripts.tokens import TokenGrid, VolumeTokens
 from scripts.scoring import mutual_similarity_scores, reference_scores
 from scripts.storage.bank import TokenBank
+from scripts.tokens import TokenGrid, VolumeTokens
 from tests.helpers import ROOT, run_workflow
 from tests.unit.test_references import random_volumes
 

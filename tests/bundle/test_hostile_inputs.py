@@ -152,7 +152,9 @@ def test_bad_parameters_are_one_line_before_any_work(
 def test_an_unwritable_token_folder_is_one_line(tiny_cohort: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "tokens"
     blocker.write_text("a file where the cache folder should be")
-    line = _input_error(dataset_dir=str(tiny_cohort), output_dir=str(tmp_path / "out"), **{"evaluator#cache_dir": str(blocker)})
+    line = _input_error(
+        dataset_dir=str(tiny_cohort), output_dir=str(tmp_path / "out"), **{"evaluator#cache_dir": str(blocker)}
+    )
     assert "cannot be created" in line and str(blocker) in line
 
 

@@ -131,7 +131,9 @@ def test_fewer_than_two_volumes(tiny_cohort: Path, tmp_path: Path) -> None:
 def test_unknown_encoder_and_missing_weights(tiny_cohort: Path, tmp_path: Path) -> None:
     line = _input_error(tiny_cohort, tmp_path / "o1", **{"network_def#name": "resnet9000"})
     assert "Unknown encoder 'resnet9000'" in line and "efficientnet_lite0" in line
-    line = _input_error(tiny_cohort, tmp_path / "o2", **{"network_def#name": "dinov2", "network_def#model_dir": "models/nope"})
+    line = _input_error(
+        tiny_cohort, tmp_path / "o2", **{"network_def#name": "dinov2", "network_def#model_dir": "models/nope"}
+    )
     assert "models/nope" in line and "not found" in line
 
 

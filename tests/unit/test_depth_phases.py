@@ -117,7 +117,10 @@ def test_record_cache_key_and_errors() -> None:
     for bad, message in [
         ({"depth_phases": 0}, "depth_phases"),
         ({"depth_phases": 8}, "exceeds the depth pooling q=4"),
-        ({"variant": "MS", "q_fine": [2, 2, 2], "depth_phases": 2}, "add --depth_phases 1, or use the configs/multiscale"),
+        (
+            {"variant": "MS", "q_fine": [2, 2, 2], "depth_phases": 2},
+            "add --depth_phases 1, or use the configs/multiscale",
+        ),
     ]:
         with pytest.raises(CS3FInputError, match=message):
             CS3FInferer(**{"q": [4, 4, 4], **bad})

@@ -24,8 +24,8 @@ from scripts.engine.identity import describe_transform, preprocessing_identity, 
 from scripts.engine.record import StageTimes
 from scripts.errors import CS3FInputError, find_input_error
 from scripts.inferer import CS3FInferer
-from scripts.tokens import TokenGrid, VolumeTokens
 from scripts.storage.cache import TokenCache
+from scripts.tokens import TokenGrid, VolumeTokens
 from tests.helpers import TinyEncoder, blob_cohort
 
 ROOT = Path(__file__).resolve().parents[2]

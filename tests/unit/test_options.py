@@ -75,7 +75,13 @@ def test_the_data_components_name_their_bad_argument() -> None:
 
 def test_good_values_are_normalised() -> None:
     inferer = CS3FInferer(
-        axes=["S", "axial"], q=8, variant="ms", q_fine=[2, 2, 2], rho="0.2", references="random:8", score_precision="BF16"
+        axes=["S", "axial"],
+        q=8,
+        variant="ms",
+        q_fine=[2, 2, 2],
+        rho="0.2",
+        references="random:8",
+        score_precision="BF16",
     )
     assert inferer.axes == ["sagittal", "axial"] and inferer.describe()["q"] == [8, 8, 8] and inferer.variant == "MS"
     assert inferer.rho == 0.2 and inferer.references == ReferenceSet("random", 8) and inferer.scorer.precision == "bf16"

@@ -11,9 +11,9 @@ import pytest
 import torch
 from scripts.errors import CS3FInputError
 from scripts.inferer import CS3FInferer
-from scripts.tokens import TokenGrid, VolumeTokens
 from scripts.references import ReferenceSet, chunk_ranges, reference_subsets
 from scripts.scoring import mutual_similarity_scores
+from scripts.tokens import TokenGrid, VolumeTokens
 from tests.helpers import run_workflow
 
 NAMES = [f"sub-{i:04d}" for i in range(1, 12)]
