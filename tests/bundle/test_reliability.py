@@ -151,7 +151,7 @@ def test_output_dir_not_writable(tiny_cohort: Path, tmp_path: Path) -> None:
 
 def test_q_not_dividing_after_preprocessing(tiny_cohort: Path, tmp_path: Path) -> None:
     """Without DivisiblePadd the workflow reports the axis, the count, q and the fix in one error."""
-    line = _input_error(tiny_cohort, tmp_path / "out", q=[5, 5, 5], pad_multiple=[1, 1, 1], variant="C")
+    line = _input_error(tiny_cohort, tmp_path / "out", q=[5, 5, 5], variant="C", **{"finishing#0#k": [1, 1, 1]})
     assert "q=5 does not divide the 32 slices along the sagittal axis" in line and "DivisiblePadd" in line
 
 

@@ -113,7 +113,7 @@ def test_resolving_the_datalist_generates_nothing(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
     initialize = parser.get("initialize")
     assert "$@generate_demo()" in initialize
-    assert initialize.index("$@generate_demo()") > initialize.index("$scripts.engine.options.check_overrides()")
+    assert initialize.index("$@generate_demo()") > initialize.index("$check_overrides()")
 
 
 def test_initialize_generates_the_demo_on_first_use_only(tmp_path: Path) -> None:

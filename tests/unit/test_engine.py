@@ -91,7 +91,7 @@ ALTERNATIVES = {
 }
 # Config keys the transforms are built from: changing them must change the key as well.
 PARAMETERS = {
-    "brain": {"spatial_size": [64, 64, 64], "intensity_percentiles": [1.0, 99.0], "pad_multiple": [16, 16, 16]},
+    "brain": {"loading#5#spatial_size": [64, 64, 64], "intensity#0#lower": 1.0, "finishing#0#k": [16, 16, 16]},
     "lung": {"spacing": [1.5, 1.5, 1.5], "hu_window": [-1000.0, 400.0], "lung_mask_mode": "binary"},
 }
 INFERER = CS3FInferer(q=8, d=16)
