@@ -58,6 +58,25 @@ def _fine_pooling(variant: str, q: dict[str, int], q_fine: object, axes: Sequenc
     return fine
 
 
+def _pooling(axes, q, variant, q_fine) -> tuple[list[str], dict[str, int], str, dict[str, int] | None]:  # noqa: ANN001
+    """The slicing axes, the variant, and ``q`` and ``q_fine`` per axis, checked (``ValueError``)."""
+    axes = canonical_axes(axes)
+    q = dict(zip(AXES, per_axis(q, "q"), strict=True))
+    variant = as_choice(variant, "variant", VARIANTS, upper=True)  # coarse, fine (C2F), multi-scale
+    return axes, q, variant, _fine_pooling(variant, q, q_fine, axes)
+
+
+def _map_options(edge: object, smooth_mm: object, subject_score: object) -> tuple[str, float, str]:
+    """``(edge, smooth_mm, subject_score)`` of the maps, checked."""
+    smooth = as_float(smooth_mm, "smooth_mm", math.isfinite, "a number")
+    smooth_map(torch.zeros(1, 1, 1, 1), smooth)  # checks its range
+    return as_choice(edge, "edge", EDGES), smooth, as_choice(subject_score, "subject_score", SUBJECT_SCORES)
+
+
+def _token_dtype(value: torch.dtype | str) -> torch.dtype:
+    return getattr(torch, as_choice(value, "token_dtype", TOKEN_DTYPES)) if isinstance(value, str) else value
+
+
 def _mm(volume: torch.Tensor) -> list[float] | None:
     """Voxel size (mm) of a MetaTensor volume; ``None`` (1 mm) for a plain tensor."""
     return [float(s) for s in volume.pixdim] if hasattr(volume, "pixdim") else None
@@ -128,18 +147,16 @@ class CS3FInferer(Inferer):
     ) -> None:
         super().__init__()
         try:  # every argument checked here, before any work; one CS3FInputError line for a bad one
-            self._check_arguments(axes, q, variant, q_fine, references, edge, smooth_mm, subject_score)
+            self.axes, self.q, self.variant, self.q_fine = _pooling(axes, q, variant, q_fine)
+            self.references = ReferenceSet.parse(references)
+            self.edge, self.smooth_mm, self.subject_statistic = _map_options(edge, smooth_mm, subject_score)
             self.rho = as_float(rho, "rho", math.isfinite, "a number")
             num_neighbours(2, self.rho)  # the range of rho is the rule of Eq. 2's K
             self.d, self.delta = as_int(d, "d", 1), as_float(delta, "delta", lambda x: 0 <= x < 1, "a number in [0, 1)")
-            self.seed = as_int(seed, "seed")
-            if isinstance(token_dtype, str):
-                token_dtype = getattr(torch, as_choice(token_dtype, "token_dtype", TOKEN_DTYPES))
-            self.token_dtype = token_dtype
+            self.seed, self.token_dtype = as_int(seed, "seed"), _token_dtype(token_dtype)
             token_args = (self.d, self.delta, self.seed, as_int(slab_size, "slab_size", 1), self.token_dtype)
-            self.tokenizer = Tokenizer(
-                self.axes, self.q, self.q_fine, *token_args, as_int(depth_phases, "depth_phases")
-            )
+            phases = as_int(depth_phases, "depth_phases")
+            self.tokenizer = Tokenizer(self.axes, self.q, self.q_fine, *token_args, phases)
             device = torch.device(score_device) if score_device is not None else None
             self.scorer = BatchScorer(
                 self.variant, self.rho, L, int(query_tile), int(block_elements), device, progress, score_precision
@@ -148,28 +165,6 @@ class CS3FInferer(Inferer):
             raise
         except ValueError as err:
             raise CS3FInputError(str(err)) from None
-
-    def _check_arguments(
-        self,
-        axes,
-        q,
-        variant,
-        q_fine,
-        references,
-        edge,
-        smooth_mm,
-        subject_score,  # noqa: ANN001
-    ) -> None:
-        """The slicing, pooling, reference and map arguments, checked and normalised."""
-        self.axes = canonical_axes(axes)
-        self.q = dict(zip(AXES, per_axis(q, "q"), strict=True))
-        self.variant = as_choice(variant, "variant", VARIANTS, upper=True)  # coarse, fine (C2F), multi-scale
-        self.q_fine = _fine_pooling(self.variant, self.q, q_fine, self.axes)
-        self.references = ReferenceSet.parse(references)
-        self.edge = as_choice(edge, "edge", EDGES)
-        self.smooth_mm = as_float(smooth_mm, "smooth_mm", math.isfinite, "a number")
-        smooth_map(torch.zeros(1, 1, 1, 1), self.smooth_mm)  # checks its range
-        self.subject_statistic = as_choice(subject_score, "subject_score", SUBJECT_SCORES)
 
     @property
     def L(self) -> int:  # noqa: N802

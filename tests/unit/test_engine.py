@@ -209,7 +209,7 @@ def test_run_writes_scores_and_run_record(tmp_path: Path, capsys: pytest.Capture
     off_grid = {"image": MetaTensor(torch.rand(1, 32, 32, 40), meta={"filename_or_obj": "/data/v9.nii.gz"})}
     out = tmp_path / "out"
     handlers = [
-        ScoresSaver(out),
+        ScoresSaver(out, quiet=False),  # the evaluator is quiet until below; the handlers' quiet is their own
         RunRecorder(out, config={"dataset_dir": "/data"}),
         ScoresSaver(out, filename="other_rank.csv", save_rank=1),
     ]
