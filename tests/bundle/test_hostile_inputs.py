@@ -133,12 +133,12 @@ def _input_error(**overrides) -> str:
 @pytest.mark.parametrize(
     ("overrides", "fragment"),
     [
-        ({"axes": ["nope"]}, "axes must be"),
+        ({"inferer#axes": ["sagittal", "S"]}, "axes must be"),
         ({"q": [4, 4]}, "q must be"),
         ({"q": [0, 4, 4]}, "q must be"),
-        ({"use_masks": "flase"}, "use_masks must be true or false"),
+        ({"datalist#masks": "flase"}, "use_masks must be true or false"),
         ({"variant": "MS", "q_fine": None}, "needs q_fine"),
-        ({"chunk_size": 3}, "chunk_size was replaced by the references key"),
+        ({"quiet": "maybe"}, "quiet must be true or false"),
     ],
 )
 def test_bad_parameters_are_one_line_before_any_work(
