@@ -1,14 +1,31 @@
 """Input errors and how the bundle shows them: one ``cs3f: error: ...`` line, exit code 1.
 
-A leaf module: it imports nothing of the bundle, so every layer can raise these.
+A leaf module: it imports nothing of the bundle, so every layer can raise these. It also holds the
+few parsers that every component uses to read its own arguments as a config or the command line gives
+them (``--use_masks false`` arrives as the *string* ``"false"``, which Python would take as true): each
+accepts the spellings a user types and raises one :class:`CS3FInputError` line naming the key, the value
+and what is allowed.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import sys
+from collections.abc import Callable, Sequence
 
-__all__ = ["CS3FInputError", "WeightsNotFoundError", "find_input_error", "install_excepthook", "one_line"]
+__all__ = [
+    "CS3FInputError",
+    "WeightsNotFoundError",
+    "as_bool",
+    "as_choice",
+    "as_float",
+    "as_int",
+    "bad_value",
+    "find_input_error",
+    "install_excepthook",
+    "one_line",
+]
 
 
 class CS3FInputError(ValueError):
@@ -66,3 +83,58 @@ def install_excepthook() -> None:
         previous(exc_type, exc, tb)
 
     sys.excepthook = hook
+
+
+# ---------------------------------------------------------------------- argument parsers
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def bad_value(key: str, value: object, allowed: str) -> CS3FInputError:
+    """``{key} must be {allowed}, got {value!r}``."""
+    return CS3FInputError(f"{key} must be {allowed}, got {value!r}")
+
+
+def as_bool(value: object, key: str = "value") -> bool:
+    """``True``/``False`` from a bool or the words true/false (any case; also yes/no, on/off, 1/0)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise bad_value(key, value, "true or false")
+
+
+def as_int(value: object, key: str, low: int | None = None, allow_none: bool = False) -> int | None:
+    """An int (or its digits as text) ``>= low``; ``None`` passes where ``allow_none``."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+        bound = "" if low is None else f" >= {low}"
+        raise bad_value(key, value, f"an integer{bound}" + (" or null" if allow_none else ""))
+    return int(value)
+
+
+def as_float(value: object, key: str, check: Callable[[float], bool], allowed: str) -> float:
+    """A finite number (or its text) for which ``check`` holds; ``allowed`` says which."""
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or not check(number):
+        raise bad_value(key, value, allowed)
+    return number
+
+
+def as_choice(value: object, key: str, choices: Sequence[str], upper: bool = False) -> str:
+    """One of ``choices``, compared in lower case (upper case with ``upper``)."""
+    text = str(value).strip()
+    text = text.upper() if upper else text.lower()
+    if not isinstance(value, str) or text not in choices:
+        raise bad_value(key, value, "one of " + ", ".join(choices))
+    return text

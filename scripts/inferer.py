@@ -23,18 +23,23 @@ Variants (paper Sec. 4): ``"C"`` (CS3F-C, coarse tokens of pooling ``q`` only, t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from monai.inferers import Inferer
 from scripts.anomaly_map import EDGES, SUBJECT_SCORES, VARIANTS, fuse_token_scores, smooth_map, subject_score
-from scripts.scoring import DEFAULT_BLOCK_ELEMENTS, DEFAULT_QUERY_TILE, DEFAULT_ROUTES
-from scripts.scoring.references import ReferenceSet, bank_plan, plan_references, reject_replaced_keys
+from scripts.errors import CS3FInputError, as_choice, as_float, as_int
+from scripts.scoring import DEFAULT_BLOCK_ELEMENTS, DEFAULT_QUERY_TILE, DEFAULT_ROUTES, num_neighbours
+from scripts.scoring.references import ReferenceSet, bank_plan, plan_references
 from scripts.scoring.scorer import BankTokens, Scorer, TokenScores
 from scripts.tokens import FINE_SUFFIX, BatchBuffer, TokenGrid, Tokenizer, VolumeTokens, canonical_axes, per_axis
 from scripts.transforms.tokenization import AXES
 
-__all__ = ["BatchBuffer", "TokenGrid", "VolumeTokens", "CS3FInferer", "VARIANTS", "FINE_SUFFIX"]
+__all__ = ["BatchBuffer", "TokenGrid", "VolumeTokens", "CS3FInferer", "VARIANTS", "FINE_SUFFIX", "TOKEN_DTYPES"]
+
+#: storage dtypes of tokens (scoring accumulates in fp32)
+TOKEN_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _fine_pooling(variant: str, q: dict[str, int], q_fine: object, axes: Sequence[str]) -> dict[str, int] | None:
@@ -53,10 +58,23 @@ def _fine_pooling(variant: str, q: dict[str, int], q_fine: object, axes: Sequenc
     return fine
 
 
-def _one_of(key: str, value: str, allowed: Sequence[str]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
-    return value
+def _pooling(axes, q, variant, q_fine) -> tuple[list[str], dict[str, int], str, dict[str, int] | None]:  # noqa: ANN001
+    """The slicing axes, the variant, and ``q`` and ``q_fine`` per axis, checked (``ValueError``)."""
+    axes = canonical_axes(axes)
+    q = dict(zip(AXES, per_axis(q, "q"), strict=True))
+    variant = as_choice(variant, "variant", VARIANTS, upper=True)  # coarse, fine (C2F), multi-scale
+    return axes, q, variant, _fine_pooling(variant, q, q_fine, axes)
+
+
+def _map_options(edge: object, smooth_mm: object, subject_score: object) -> tuple[str, float, str]:
+    """``(edge, smooth_mm, subject_score)`` of the maps, checked."""
+    smooth = as_float(smooth_mm, "smooth_mm", math.isfinite, "a number")
+    smooth_map(torch.zeros(1, 1, 1, 1), smooth)  # checks its range
+    return as_choice(edge, "edge", EDGES), smooth, as_choice(subject_score, "subject_score", SUBJECT_SCORES)
+
+
+def _token_dtype(value: torch.dtype | str) -> torch.dtype:
+    return getattr(torch, as_choice(value, "token_dtype", TOKEN_DTYPES)) if isinstance(value, str) else value
 
 
 def _mm(volume: torch.Tensor) -> list[float] | None:
@@ -98,8 +116,9 @@ class CS3FInferer(Inferer):
         subject_score: ``"max"`` (the paper: the map's maximum) or ``"robust_z"`` (the maximum against the
             subject's own median and spread; :func:`scripts.anomaly_map.subject_score`).
         depth_phases: coarse tokens pooled at this many slice offsets, maps averaged (1: the paper; C only).
-        chunk_size, n_references: replaced by ``references``; setting them is an error naming the new
-            spelling.
+
+    Raises:
+        CS3FInputError: a bad argument or combination (one line naming it), before any work.
     """
 
     def __init__(
@@ -123,30 +142,29 @@ class CS3FInferer(Inferer):
         edge: str = "zero",
         smooth_mm: float = 0.0,
         subject_score: str = "max",
-        chunk_size: int | None = None,
-        n_references: int | None = None,
         score_precision: str = "fp32",
         depth_phases: int = 1,
     ) -> None:
         super().__init__()
-        reject_replaced_keys(chunk_size=chunk_size, n_references=n_references)
-        self.axes = canonical_axes(axes)
-        self.q = dict(zip(AXES, per_axis(q, "q"), strict=True))
-        self.variant = _one_of("variant", str(variant).upper(), VARIANTS)  # coarse, fine (C2F), multi-scale
-        self.q_fine = _fine_pooling(self.variant, self.q, q_fine, self.axes)
-        self.references = ReferenceSet.parse(references)
-        self.edge = _one_of("edge", edge, EDGES)
-        self.smooth_mm = float(smooth_mm)
-        smooth_map(torch.zeros(1, 1, 1, 1), self.smooth_mm)  # checks it
-        self.subject_statistic = _one_of("subject_score", subject_score, SUBJECT_SCORES)
-        self.rho, self.d, self.delta, self.seed = float(rho), int(d), float(delta), int(seed)
-        self.token_dtype = getattr(torch, token_dtype) if isinstance(token_dtype, str) else token_dtype
-        token_args = (self.d, self.delta, self.seed, int(slab_size), self.token_dtype, depth_phases)
-        self.tokenizer = Tokenizer(self.axes, self.q, self.q_fine, *token_args)
-        device = torch.device(score_device) if score_device is not None else None
-        self.scorer = Scorer(
-            self.variant, self.rho, L, int(query_tile), int(block_elements), device, progress, score_precision
-        )
+        try:  # every argument checked here, before any work; one CS3FInputError line for a bad one
+            self.axes, self.q, self.variant, self.q_fine = _pooling(axes, q, variant, q_fine)
+            self.references = ReferenceSet.parse(references)
+            self.edge, self.smooth_mm, self.subject_statistic = _map_options(edge, smooth_mm, subject_score)
+            self.rho = as_float(rho, "rho", math.isfinite, "a number")
+            num_neighbours(2, self.rho)  # the range of rho is the rule of Eq. 2's K
+            self.d, self.delta = as_int(d, "d", 1), as_float(delta, "delta", lambda x: 0 <= x < 1, "a number in [0, 1)")
+            self.seed, self.token_dtype = as_int(seed, "seed"), _token_dtype(token_dtype)
+            token_args = (self.d, self.delta, self.seed, as_int(slab_size, "slab_size", 1), self.token_dtype)
+            phases = as_int(depth_phases, "depth_phases")
+            self.tokenizer = Tokenizer(self.axes, self.q, self.q_fine, *token_args, phases)
+            device = torch.device(score_device) if score_device is not None else None
+            self.scorer = Scorer(
+                self.variant, self.rho, L, int(query_tile), int(block_elements), device, progress, score_precision
+            )
+        except CS3FInputError:
+            raise
+        except ValueError as err:
+            raise CS3FInputError(str(err)) from None
 
     @property
     def L(self) -> int:  # noqa: N802

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 from monai.utils import convert_to_tensor
+from scripts.encoders.base import IMAGENET_MEAN, IMAGENET_STD
 from scripts.transforms.tokenization import (
     AXES,
     DepthPool,
@@ -262,12 +263,11 @@ class Tokenizer:
         volume = as_volume(volume)
         params = list(encoder.parameters()) if isinstance(encoder, torch.nn.Module) else []
         device = params[0].device if params else volume.device
-        default = MultiAxisSlice()
         slicer = MultiAxisSlice(
             self.axes,
             size=encoder.input_size,
-            mean=getattr(encoder, "mean", default.mean.flatten().tolist()),
-            std=getattr(encoder, "std", default.std.flatten().tolist()),
+            mean=getattr(encoder, "mean", IMAGENET_MEAN),
+            std=getattr(encoder, "std", IMAGENET_STD),
         )
         volume_dev = volume.to(device, non_blocking=True)  # from pinned memory: no wait on the host
         out = VolumeTokens(spatial_shape=tuple(volume.shape[1:]))
@@ -349,7 +349,10 @@ def check_depth_phases(depth_phases: int, q: dict[str, int], q_fine: dict[str, i
     if depth_phases > smallest:
         raise ValueError(f"depth_phases={depth_phases} exceeds the depth pooling q={smallest}: one phase per slice")
     if depth_phases > 1 and q_fine is not None:
-        raise ValueError("depth_phases > 1 is implemented for variant C only (F and MS need the paper's coarse grid)")
+        raise ValueError(
+            f"depth_phases={depth_phases} is implemented for variant C only (F and MS need the paper's coarse "
+            "grid): add --depth_phases 1, or use the configs/multiscale.json overlay"
+        )
     return depth_phases
 
 

@@ -57,14 +57,14 @@ DINOV2_TINY = {**DINOV2_LARGE, "hidden_size": 32, "num_hidden_layers": 2, "num_a
 
 TINY = {"B": 4, "size": 28, "pool": 3, "workers": 0}
 #: bundle overrides of the GPU runs: whole slabs of 112 slices per encoder forward
-GPU_OVERRIDES = {"slab_size": 112}
+GPU_OVERRIDES = {"inferer#slab_size": 112}
 #: bundle overrides of the tiny CPU run (toy grid, R = 28 = 2 patches, the stand-in's 2 layers)
 TINY_OVERRIDES = {
     "crop_size": [28, 28, 28],
     "spatial_size": [28, 28, 28],
     "image_size": 28,
     "layers": [1, 2],
-    "num_threads": 1,
+    "evaluator#num_threads": 1,
 }
 
 
@@ -196,13 +196,13 @@ def bundle_args(cohort: Path, out: Path, variant: str, model_dir: Path, opts: di
         "output_dir": out,
         "variant": variant,
         "network_def#model_dir": model_dir,
-        "score_precision": opts["score_precision"],
-        "encoder_precision": opts["encoder_precision"],
-        "token_dtype": opts["token_dtype"],
+        "inferer#score_precision": opts["score_precision"],
+        "network_def#precision": opts["encoder_precision"],
+        "inferer#token_dtype": opts["token_dtype"],
         "dataloader#num_workers": opts["workers"],
         "quiet": True,
         # the C run's token cache feeds the distance-pass comparison; MS's fine tokens would be ~8x more
-        **({} if variant == "C" else {"cache_dir": "$None"}),
+        **({} if variant == "C" else {"evaluator#cache_dir": "$None"}),
         **opts.get("overrides", {}),
     }
     return bundle_command(CONFIGS, overrides)

@@ -30,12 +30,18 @@ Nothing here ever downloads: weights are read from local files only, and missing
 
 from __future__ import annotations
 
-from scripts.encoders.base import BUNDLE_ROOT, ENCODER_PRECISIONS, SliceEncoder, resolve_bundle_path
+from scripts.encoders.base import (
+    BUNDLE_ROOT,
+    ENCODER_PRECISIONS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SliceEncoder,
+    resolve_bundle_path,
+)
 from scripts.encoders.efficientnet import EfficientNetLite0Encoder
 from scripts.encoders.network import SliceFeatureNetwork, save_network_weights
 from scripts.encoders.vit import Dinov2Encoder
 from scripts.errors import CS3FInputError
-from scripts.transforms.tokenization import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "BUNDLE_ROOT",
@@ -91,9 +97,7 @@ def build_encoder(name: str = "efficientnet_lite0", **kwargs) -> SliceEncoder:
     """
     # A config leaves a parameter to the encoder's default with null (e.g. "layers": null).
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    precision = kwargs.pop("precision", "fp32")
-    if str(precision).strip().lower() not in ENCODER_PRECISIONS:
-        raise CS3FInputError(f"encoder_precision must be one of {', '.join(ENCODER_PRECISIONS)}, got {precision!r}")
+    precision = kwargs.pop("precision", "fp32")  # checked by SliceEncoder.set_precision
     key = str(name).strip().lower().replace("-", "_")
     if key == "efficientnet_lite0":
         return EfficientNetLite0Encoder(**kwargs).set_precision(precision)

@@ -13,12 +13,24 @@ from pathlib import Path
 
 import torch
 from scripts.digest import file_digest
+from scripts.errors import CS3FInputError
 from torch import Tensor
 
-__all__ = ["BUNDLE_ROOT", "ENCODER_PRECISIONS", "SliceEncoder", "resolve_bundle_path", "sha256_file"]
+__all__ = [
+    "BUNDLE_ROOT",
+    "ENCODER_PRECISIONS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "SliceEncoder",
+    "resolve_bundle_path",
+    "sha256_file",
+]
 
 #: values of the ``encoder_precision`` key: autocast dtype of the encoder's forward
 ENCODER_PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+#: the ImageNet normalisation (what DINOv2/DINOv3 were trained with)
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 #: Root of the bundle (the repository root): this file is ``scripts/encoders/base.py`` below it.
@@ -84,11 +96,11 @@ class SliceEncoder(torch.nn.Module, ABC):
         CPU path and its tokens stay as they are). Returns the encoder.
 
         Raises:
-            ValueError: an unknown precision.
+            CS3FInputError: an unknown precision.
         """
         name = str(precision).strip().lower()
         if name not in ENCODER_PRECISIONS:
-            raise ValueError(f"encoder_precision must be one of {', '.join(ENCODER_PRECISIONS)}, got {precision!r}")
+            raise CS3FInputError(f"encoder_precision must be one of {', '.join(ENCODER_PRECISIONS)}, got {precision!r}")
         self.precision = name
         self._identity = None
         return self

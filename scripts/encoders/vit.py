@@ -7,9 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from scripts.encoders.base import SliceEncoder, resolve_bundle_path
+from scripts.encoders.base import IMAGENET_MEAN, IMAGENET_STD, SliceEncoder, resolve_bundle_path
 from scripts.errors import CS3FInputError, WeightsNotFoundError
-from scripts.transforms.tokenization import IMAGENET_MEAN, IMAGENET_STD
 from torch import Tensor
 
 __all__ = ["DOWNLOAD_HINT", "VIT_MODEL_TYPES", "Dinov2Encoder"]

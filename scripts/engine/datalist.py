@@ -16,12 +16,14 @@ A dataset folder is either
 
 :func:`make_datalist` checks every file's header before any heavy work and returns a :class:`Datalist`:
 the usable rows, and the volumes it left out with ``on_bad_input="skip"`` (which the evaluator records in
-``run.json`` together with those it leaves out itself).
+``run.json`` together with those it leaves out itself). :func:`ensure_demo` and :func:`ensure_lung_demo`
+make the demo cohorts when the configured dataset folder is the missing demo folder.
 """
 
 from __future__ import annotations
 
 import csv
+import importlib
 import os
 import tempfile
 import warnings
@@ -33,13 +35,28 @@ from pathlib import Path
 import numpy as np
 from monai.data import Dataset
 from scripts.engine.subjects import subject_of
-from scripts.errors import CS3FInputError, find_input_error, one_line
+from scripts.errors import CS3FInputError, as_bool, as_choice, find_input_error, one_line
+from scripts.references import ReferenceSet
 
-__all__ = ["Datalist", "image_stem", "make_datalist", "check_output_dir", "CheckedDataset"]
+__all__ = [
+    "Datalist",
+    "image_stem",
+    "make_datalist",
+    "check_on_bad_input",
+    "check_output_dir",
+    "CheckedDataset",
+    "ensure_demo",
+    "ensure_lung_demo",
+]
 
 ON_BAD_INPUT = ("error", "skip")
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def check_on_bad_input(value: object) -> str:
+    """``value`` if it is one of :data:`ON_BAD_INPUT`, else one :class:`CS3FInputError` line."""
+    return as_choice(value, "on_bad_input", ON_BAD_INPUT)
 
 
 def image_stem(path: str | Path) -> str:
@@ -58,6 +75,11 @@ class Datalist(Sequence):
 
     rows: list[dict[str, str]]
     skipped: list[dict[str, str]] = field(default_factory=list)
+    #: the dataset folder as given, and whether masks were asked for (recorded in ``run.json``)
+    folder: str = ""
+    masks: bool = True
+    #: what the dataset and the engine do with a bad volume (``make_datalist``'s ``on_bad_input``)
+    on_bad_input: str = "error"
 
     def __getitem__(self, index):  # noqa: ANN001, ANN204 - as Sequence
         return self.rows[index]
@@ -89,13 +111,14 @@ def _check_readable(path: Path, what: str) -> tuple:
 
 def make_datalist(
     dataset_dir: str | Path,
-    masks: bool = True,
-    labels: bool = False,
-    min_volumes: int = 2,
+    masks: bool | str = True,
+    labels: bool | str = False,
+    min_volumes: int | None = None,
     on_bad_input: str = "error",
-    require_same_grid: bool = True,
+    require_same_grid: bool | str = True,
     subject_pattern: str | None = None,
     modality: str | None = None,
+    references: object = "all",
 ) -> Datalist:
     """The :class:`Datalist` (rows ``{"image": path, "mask": path?, "label": path?, "name": stem}``) of a
     dataset folder.
@@ -104,7 +127,8 @@ def make_datalist(
         dataset_dir: the dataset folder (see the module docstring for the layouts).
         masks: include foreground masks where the folder provides them.
         labels: include ground-truth labels where the folder provides them (evaluation).
-        min_volumes: CS3F scores volumes against each other, so fewer than this is an error.
+        min_volumes: CS3F scores volumes against each other, so fewer than this is an error; default:
+            1 when ``references`` is a reference bank (``bank:DIR``), else 2.
         on_bad_input: ``"error"`` stops at the first unreadable file or off-grid volume; ``"skip"``
             leaves it out with a warning and lists it (``{"image", "reason"}``) in the result's ``skipped``.
         require_same_grid: volumes must be registered to one space: every image header must have the
@@ -115,13 +139,18 @@ def make_datalist(
             (:func:`scripts.engine.subjects.subject_of`); rows then carry a ``"subject"``.
         modality: the image of a BraTS-style folder (``t1``, ``t1ce``, ``t2`` or ``flair``); required
             for such a folder, an error for any other layout.
+        references: the inferer's reference set (:class:`scripts.references.ReferenceSet`), for the
+            default ``min_volumes``.
 
     Raises:
         CS3FInputError: missing or empty folder, missing or unreadable files, duplicate names, too few
             volumes, a mask column with some entries missing, a volume off the cohort's grid.
     """
-    if on_bad_input not in ON_BAD_INPUT:
-        raise CS3FInputError(f"on_bad_input must be one of {ON_BAD_INPUT}, got {on_bad_input!r}")
+    on_bad_input = check_on_bad_input(on_bad_input)
+    masks, labels = as_bool(masks, "use_masks"), as_bool(labels, "use_labels")
+    require_same_grid = as_bool(require_same_grid, "require_same_grid")
+    if min_volumes is None:
+        min_volumes = 1 if ReferenceSet.parse(references).mode == "bank" else 2
     root = Path(dataset_dir)
     if not root.is_dir():
         raise CS3FInputError(f"dataset_dir does not exist or is not a folder: {root}")
@@ -137,7 +166,7 @@ def make_datalist(
             f"CS3F compares volumes with each other: found {len(good)} usable volume(s) in {root}, "
             f"need >= {min_volumes}"
         )
-    return Datalist(good, skipped)
+    return Datalist(good, skipped, str(dataset_dir), masks, on_bad_input)
 
 
 def _read_rows(root: Path, masks: bool, labels: bool) -> list[dict[str, str]]:
@@ -311,14 +340,13 @@ class CheckedDataset(Dataset):
 
     With ``on_bad_input="skip"`` a volume that cannot be loaded or preprocessed comes out as
     ``{"bad_input": reason, "name": stem}`` (the workflow leaves it out and lists it in ``run.json``);
-    with ``"error"`` the error names the file.
+    with ``"error"`` the error names the file. ``on_bad_input`` defaults to the :class:`Datalist`'s.
     """
 
-    def __init__(self, data, transform=None, on_bad_input: str = "error") -> None:  # noqa: ANN001
+    def __init__(self, data, transform=None, on_bad_input: str | None = None) -> None:  # noqa: ANN001
         super().__init__(data, transform)
-        if on_bad_input not in ON_BAD_INPUT:
-            raise CS3FInputError(f"on_bad_input must be one of {ON_BAD_INPUT}, got {on_bad_input!r}")
-        self.on_bad_input = on_bad_input
+        on_bad_input = getattr(data, "on_bad_input", "error") if on_bad_input is None else on_bad_input
+        self.on_bad_input = check_on_bad_input(on_bad_input)
 
     def _transform(self, index: int):  # noqa: ANN202 - as Dataset._transform
         try:
@@ -329,3 +357,44 @@ class CheckedDataset(Dataset):
             if self.on_bad_input == "skip":
                 return {"bad_input": str(found), "name": row.get("name", image_stem(row["image"]))}
             raise found from None
+
+
+# ---------------------------------------------------------------------- the demo cohorts
+def _ensure(dataset_dir: str | Path, demo_dir: str | Path, generator: str, what: str, synth_kwargs: dict) -> Path:
+    """Generate the cohort of ``scripts.synthetic.<generator>`` into ``demo_dir`` when ``dataset_dir``
+    is the demo folder and it is absent; returns ``dataset_dir``.
+
+    The runtime imports ``scripts.synthetic`` here only, and only then: a run on real data (or on a
+    demo folder already made) never imports it.
+    """
+    dataset_dir, demo_dir = Path(dataset_dir), Path(demo_dir)
+    # A user-given dataset_dir that does not exist is never replaced by demo data: that is an error
+    # raised later by make_datalist.
+    if dataset_dir.resolve() == demo_dir.resolve() and not (demo_dir / "cohort.csv").is_file():
+        module = importlib.import_module(f"scripts.synthetic.{generator}")
+        print(f"cs3f: {what} cohort not found, generating it in {demo_dir} ...", flush=True)
+        module.ensure_cohort(demo_dir, **synth_kwargs)
+    return dataset_dir
+
+
+def ensure_demo(
+    dataset_dir: str | Path,
+    demo_dir: str | Path,
+    n_normal: int = 20,
+    n_abnormal: int = 12,
+    shape: int = 96,
+    contrast: str = "t1",
+    seed: int = 0,
+    **synth_kwargs,
+) -> Path:
+    """The brain demo cohort in ``demo_dir`` if ``dataset_dir`` is that folder and it is absent: 20
+    normal and 12 abnormal T1 volumes of 96^3 (:func:`scripts.synthetic.brain.generate_cohort` arguments;
+    more in ``synth_kwargs``)."""
+    recipe = {"n_normal": n_normal, "n_abnormal": n_abnormal, "shape": shape, "contrast": contrast, "seed": seed}
+    return _ensure(dataset_dir, demo_dir, "brain", "demo", {**recipe, **synth_kwargs})
+
+
+def ensure_lung_demo(dataset_dir: str | Path, demo_dir: str | Path, **synth_kwargs) -> Path:
+    """The chest-CT demo cohort (:func:`scripts.synthetic.lung.generate_cohort` arguments in
+    ``synth_kwargs``) in ``demo_dir`` if ``dataset_dir`` is that folder and it is absent."""
+    return _ensure(dataset_dir, demo_dir, "lung", "lung demo", synth_kwargs)

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from scripts.inferer import TokenGrid, VolumeTokens
+from scripts.tokens import TokenGrid, VolumeTokens
 
 __all__ = ["dataset_order", "gather_cohort", "gather_scores", "world"]
 

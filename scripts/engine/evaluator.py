@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers import ProgressBar
 from monai.data import MetaTensor, decollate_batch
 from monai.engines import Workflow
-from scripts.engine.datalist import image_stem
+from scripts.engine.datalist import check_on_bad_input, check_output_dir, image_stem
 from scripts.engine.distributed import gather_scores, world
 from scripts.engine.grid import CohortGrid
 from scripts.engine.identity import preprocessing_identity, token_identity
@@ -33,11 +34,11 @@ from scripts.engine.parts import WholeVolume
 from scripts.engine.record import StageTimes, run_record
 from scripts.engine.scoring_step import CohortScoring
 from scripts.engine.tokens import CachedTokenizer, source_digest, voxel_digest
-from scripts.errors import CS3FInputError, find_input_error
-from scripts.inferer import BatchBuffer, CS3FInferer, VolumeTokens
-from scripts.scoring.references import reject_replaced_keys
+from scripts.errors import CS3FInputError, as_bool, as_int, find_input_error
+from scripts.inferer import CS3FInferer
 from scripts.scoring.scorer import resolve_precision
 from scripts.storage.cache import TokenCache
+from scripts.tokens import BatchBuffer, VolumeTokens
 
 __all__ = ["CS3FEvaluator"]
 
@@ -59,18 +60,24 @@ class CS3FEvaluator(WholeVolume, CohortScoring, Workflow):
         val_handlers: ignite/MONAI handlers, e.g. ``ProgressBar`` and the writers of
             :mod:`scripts.engine.handlers`; attached after the engine's own, so they see gathered results.
         image_key, mask_key, pred_key: dictionary keys.
-        quiet: do not print where the maps are at the end.
+        quiet: no progress bars (the engine's ``ProgressBar`` and the inferer's), and do not print where
+            the maps are at the end (``true``/``false`` in any case).
         cache_dir: folder of the per-volume token cache (``None``: no cache). A re-run with the same
             configuration loads cached tokens instead of encoding again (resume after a crash).
         on_bad_input: ``"error"`` or ``"skip"``: what to do with a volume the loader marks as bad
-            (see :class:`scripts.engine.datalist.CheckedDataset`) or that is off the cohort's grid.
-        skipped: volumes left out before the run (:attr:`scripts.engine.datalist.Datalist.skipped`);
-            recorded in ``run.json`` with those the engine leaves out.
+            (see :class:`scripts.engine.datalist.CheckedDataset`) or that is off the cohort's grid;
+            default: the data loader's dataset's.
+        skipped: volumes left out before the run; default: the dataset's
+            :attr:`scripts.engine.datalist.Datalist.skipped`. Recorded in ``run.json`` with those the
+            engine leaves out.
         build_bank: folder to save the cohort's token bank in; the run then stops after pass 1.
-        reference_bank: replaced by the inferer's ``references="bank:DIR"``; setting it is an error
-            naming the new spelling.
         keep_tokens: keep the token bank (``self.bank``) after scoring, e.g. to inspect it; by default
             it is released once the token scores exist, so that writing the maps does not hold it.
+        num_threads: CPU threads of torch (``None``: torch's default).
+
+    Raises:
+        CS3FInputError: an output or cache folder that cannot be written, a score precision the device
+            lacks, a bad ``on_bad_input``, ``quiet``, ``keep_tokens`` or ``num_threads``.
     """
 
     def __init__(
@@ -85,30 +92,34 @@ class CS3FEvaluator(WholeVolume, CohortScoring, Workflow):
         image_key: str = "image",
         mask_key: str = "mask",
         pred_key: str = "pred",
-        quiet: bool = False,
+        quiet: bool | str = False,
         cache_dir: str | Path | None = None,
-        on_bad_input: str = "error",
-        skipped: Sequence[dict] = (),
+        on_bad_input: str | None = None,
+        skipped: Sequence[dict] | None = None,
         build_bank: str | Path | None = None,
-        reference_bank: str | Path | None = None,
-        keep_tokens: bool = False,
+        keep_tokens: bool | str = False,
+        num_threads: int | None = None,
     ) -> None:
         # items are decollated in _iteration, where the pass is known; handlers are attached last
         super().__init__(device=device, max_epochs=2, data_loader=val_data_loader, decollate=False)
-        if not 0.0 < float(inferer.rho) <= 1.0:  # checked here, before hours of encoding, not at scoring
-            raise CS3FInputError(
-                f"rho must be in (0, 1] so that K = max(1, floor(rho (B - 1))) <= B - 1, got {inferer.rho}"
-            )
-        try:  # an unknown score_precision, before any encoding
+        dataset = getattr(val_data_loader, "dataset", None)
+        check_output_dir(output_dir)
+        if cache_dir:
+            check_output_dir(cache_dir)
+        try:  # the score precision on this device (tf32 needs CUDA), before any encoding
             resolve_precision(inferer.scorer.precision, inferer.scorer.score_device or device)
         except ValueError as err:
             raise CS3FInputError(str(err)) from None
+        if as_int(num_threads, "num_threads", 1, allow_none=True):
+            torch.set_num_threads(int(num_threads))
         self.network, self.inferer, self.postprocessing = network, inferer, postprocessing
         self.output_dir = Path(output_dir)
         self.image_key, self.mask_key, self.pred_key = image_key, mask_key, pred_key
-        self.quiet, self.on_bad_input, self.keep_tokens = quiet, on_bad_input, bool(keep_tokens)
-        self.skipped: list[dict] = list(skipped)
-        transform = getattr(getattr(val_data_loader, "dataset", None), "transform", None)
+        self.quiet, self.keep_tokens = as_bool(quiet, "quiet"), as_bool(keep_tokens, "keep_tokens")
+        self.on_bad_input = check_on_bad_input(on_bad_input or getattr(dataset, "on_bad_input", "error"))
+        listed = getattr(getattr(dataset, "data", None), "skipped", ())  # the datalist's
+        self.skipped: list[dict] = list(listed if skipped is None else skipped)
+        transform = getattr(dataset, "transform", None)
         self.preprocessing_identity = preprocessing_identity(transform, self.split_transform())
         identity = token_identity(inferer.describe(), network, self.preprocessing_identity)
         self.cache = TokenCache(cache_dir, identity) if cache_dir is not None else None
@@ -127,7 +138,6 @@ class CS3FEvaluator(WholeVolume, CohortScoring, Workflow):
         self.subject_scores: dict[str, dict[str, float]] = {}
         self.times = StageTimes()
         self.times.attach(self)
-        reject_replaced_keys(reference_bank=reference_bank)
         self._init_banks(build_bank)
         self.outputs = {"bank": str(self.build_bank)} if self.build_bank else {"maps": str(self.output_dir)}
         if self.build_bank is not None:
@@ -135,8 +145,9 @@ class CS3FEvaluator(WholeVolume, CohortScoring, Workflow):
         self.add_event_handler(Events.EPOCH_COMPLETED(once=1), self._score)
         self.add_event_handler(Events.COMPLETED, self._finish)
         self.logger.addFilter(self._drop_input_error_logs)
-        if val_handlers:
-            self._register_handlers(val_handlers)
+        inferer.progress = not self.quiet  # the scoring's progress bars, with the engine's own
+        handlers = [ProgressBar(persist=True)] if not self.quiet else []
+        self._register_handlers([*handlers, *(val_handlers or ())])
 
     @staticmethod
     def _drop_input_error_logs(record) -> bool:  # noqa: ANN001 - logging.Filter protocol

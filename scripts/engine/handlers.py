@@ -23,6 +23,7 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 from scripts.engine.distributed import world
+from scripts.errors import as_bool
 from scripts.storage.atomic import atomic_write_csv, atomic_write_json
 
 __all__ = ["RunRecorder", "ScoresSaver", "remove_stale_outputs"]
@@ -58,21 +59,27 @@ class ScoresSaver:
     nothing and writes no table.
 
     Args:
-        output_dir: folder of the table.
+        output_dir: folder of the table (default: the engine's ``output_dir``).
         filename: name of the table.
         save_rank: the process that writes (the scores of every process are gathered there).
-        quiet: do not print where the table is.
+        quiet: do not print where the table is (default: the engine's ``quiet``).
     """
 
     def __init__(
-        self, output_dir: str | Path, filename: str = "scores.csv", save_rank: int = 0, quiet: bool = False
+        self,
+        output_dir: str | Path | None = None,
+        filename: str = "scores.csv",
+        save_rank: int = 0,
+        quiet: bool | str | None = None,
     ) -> None:
-        self.path = Path(output_dir) / filename
+        self.output_dir, self.filename = output_dir, filename
         self.save_rank = save_rank
-        self.quiet = quiet
+        self.quiet = None if quiet is None else as_bool(quiet, "quiet")
 
     def attach(self, engine: Engine) -> None:
         """Write at ``engine``'s completion (and list the table among its outputs, by file stem)."""
+        self.path = Path(engine.output_dir if self.output_dir is None else self.output_dir) / self.filename
+        self.quiet = engine.quiet if self.quiet is None else self.quiet
         if getattr(engine, "build_bank", None) is None:
             engine.outputs[self.path.stem] = str(self.path)
         engine.add_event_handler(Events.COMPLETED, self)
@@ -98,28 +105,34 @@ class RunRecorder:
     """Write the run record (:func:`scripts.engine.record.run_record`) to ``<output_dir>/<filename>``.
 
     Args:
-        output_dir: folder of the record.
+        output_dir: folder of the record (default: the engine's ``output_dir``).
         filename: name of the record.
-        config: entries of the bundle config to record as ``config`` (e.g. ``dataset_dir``).
+        config: entries of the bundle config to record as ``config`` (default: the datalist's
+            ``dataset_dir`` and ``use_masks``).
         save_rank: the process that writes (timings and counts of every process are gathered there).
-        quiet: do not print where the record is.
+        quiet: do not print where the record is (default: the engine's ``quiet``).
     """
 
     def __init__(
         self,
-        output_dir: str | Path,
+        output_dir: str | Path | None = None,
         filename: str = "run.json",
         config: Mapping[str, Any] | None = None,
         save_rank: int = 0,
-        quiet: bool = False,
+        quiet: bool | str | None = None,
     ) -> None:
-        self.path = Path(output_dir) / filename
-        self.config = dict(config or {})
+        self.output_dir, self.filename = output_dir, filename
+        self.config = None if config is None else dict(config)
         self.save_rank = save_rank
-        self.quiet = quiet
+        self.quiet = None if quiet is None else as_bool(quiet, "quiet")
 
     def attach(self, engine: Engine) -> None:
         """Write at ``engine``'s completion."""
+        self.path = Path(engine.output_dir if self.output_dir is None else self.output_dir) / self.filename
+        self.quiet = engine.quiet if self.quiet is None else self.quiet
+        if self.config is None:  # the dataset folder and whether masks were asked for, from the datalist
+            data = getattr(getattr(engine.data_loader, "dataset", None), "data", None)
+            self.config = {"dataset_dir": data.folder, "use_masks": data.masks} if hasattr(data, "folder") else {}
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:

@@ -13,16 +13,13 @@ import resource
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
 from scripts.engine.distributed import world
 from scripts.engine.identity import encoder_identity
 from scripts.scoring.scorer import resolve_precision
-
-if TYPE_CHECKING:
-    from scripts.engine.evaluator import CS3FEvaluator
 
 __all__ = ["StageTimes", "peak_rss_mb", "run_record", "token_stats", "versions"]
 
@@ -96,7 +93,7 @@ def token_stats(bank: Mapping[str, Mapping[str, Any]]) -> dict:
     }
 
 
-def run_record(evaluator: CS3FEvaluator) -> dict:
+def run_record(evaluator: Any) -> dict:  # a CS3FEvaluator: evaluator.py imports this module
     """The run record of a finished :class:`~scripts.engine.evaluator.CS3FEvaluator` run: parameters,
     encoder identity, preprocessing, volumes (used, skipped, encoded, cached), token counts, timings,
     memory, versions and outputs."""

@@ -10,8 +10,9 @@ import torch
 from monai.data import MetaTensor
 from scripts.digest import file_digest
 from scripts.errors import CS3FInputError
-from scripts.inferer import CS3FInferer, VolumeTokens
+from scripts.inferer import CS3FInferer
 from scripts.storage.cache import TokenCache
+from scripts.tokens import VolumeTokens
 
 __all__ = ["CachedTokenizer", "source_digest", "voxel_digest"]
 

@@ -35,19 +35,16 @@ from scripts.errors import CS3FInputError
 
 __all__ = [
     "MODES",
-    "REPLACED_KEYS",
     "ReferencePlan",
     "ReferenceSet",
     "bank_plan",
     "chunk_ranges",
     "plan_references",
     "reference_subsets",
-    "reject_replaced_keys",
 ]
 
 MODES = ("all", "chunks", "random", "bank")
 #: config keys the ``references`` key replaced, with the new spelling
-REPLACED_KEYS = {"chunk_size": "chunks:N", "n_references": "random:N", "reference_bank": "bank:DIR"}
 
 
 @dataclass(frozen=True)
@@ -113,16 +110,6 @@ class ReferenceSet:
         if self.mode == "all":
             return "all"
         return f"{self.mode}:{self.folder if self.mode == 'bank' else self.size}"
-
-
-def reject_replaced_keys(**values: object) -> None:
-    """Stop with one line when a config key that ``references`` replaced is still set."""
-    for key, value in values.items():
-        if value is not None:
-            raise CS3FInputError(
-                f"{key} was replaced by the references key: use --references {REPLACED_KEYS[key]} "
-                f"(e.g. --references {REPLACED_KEYS[key].split(':')[0]}:{value})"
-            )
 
 
 def chunk_ranges(b: int, chunk_size: int) -> list[tuple[int, int]]:

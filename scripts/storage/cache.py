@@ -17,8 +17,8 @@ import json
 from pathlib import Path
 
 import torch
-from scripts.inferer import TokenGrid, VolumeTokens
 from scripts.storage.atomic import atomic_write
+from scripts.tokens import TokenGrid, VolumeTokens
 
 __all__ = ["TokenCache"]
 

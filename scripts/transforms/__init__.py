@@ -6,8 +6,6 @@ The lung CT transforms live in :mod:`scripts.transforms.lung`.
 from scripts.transforms.inputs import CheckedLoadImaged, CheckVolumed
 from scripts.transforms.tokenization import (
     AXES,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     DepthPool,
     DepthPoold,
     MultiAxisSlice,
@@ -31,8 +29,6 @@ __all__ = [
     "CheckVolumed",
     "DepthPool",
     "DepthPoold",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "MultiAxisSlice",
     "MultiAxisSliced",
     "projection_matrix",

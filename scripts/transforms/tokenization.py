@@ -30,8 +30,6 @@ from monai.utils import TransformBackends, convert_to_tensor
 
 __all__ = [
     "AXES",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "axis_index",
     "slices_first",
     "restore_axis",
@@ -48,8 +46,6 @@ __all__ = [
 ]
 
 AXES: tuple[str, str, str] = ("sagittal", "coronal", "axial")
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 _AXIS_ALIASES = {"s": "sagittal", "c": "coronal", "a": "axial", "sag": "sagittal", "cor": "coronal", "ax": "axial"}
 
 
@@ -111,7 +107,7 @@ class MultiAxisSlice(Transform):
     Args:
         axes: axes to slice along (names or indices).
         size: encoder input resolution ``R``.
-        mean: per-channel mean of the encoder's normalisation.
+        mean: per-channel mean of the encoder's normalisation (the encoder's ``mean``).
         std: per-channel std of the encoder's normalisation.
 
     Call: ``volume [1, H, W, D]`` -> ``{axis: [T, 3, R, R]}``. Use :meth:`slab` for a range of
@@ -121,11 +117,7 @@ class MultiAxisSlice(Transform):
     backend = [TransformBackends.TORCH]
 
     def __init__(
-        self,
-        axes: Sequence[str | int] = AXES,
-        size: int = 224,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
+        self, axes: Sequence[str | int] = AXES, size: int = 224, *, mean: Sequence[float], std: Sequence[float]
     ) -> None:
         self.axes = [AXES[axis_index(a)] for a in axes]
         self.size = int(size)
@@ -160,12 +152,13 @@ class MultiAxisSliced(MapTransform):
         keys: KeysCollection,
         axes: Sequence[str | int] = AXES,
         size: int = 224,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
+        *,
+        mean: Sequence[float],
+        std: Sequence[float],
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.slicer = MultiAxisSlice(axes, size, mean, std)
+        self.slicer = MultiAxisSlice(axes, size, mean=mean, std=std)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)

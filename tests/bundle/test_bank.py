@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from scripts.inferer import CS3FInferer, TokenGrid, VolumeTokens
+from scripts.inferer import CS3FInferer
 from scripts.scoring import mutual_similarity_scores, reference_scores
 from scripts.storage.bank import TokenBank
+from scripts.tokens import TokenGrid, VolumeTokens
 from tests.helpers import ROOT, run_workflow
 from tests.unit.test_references import random_volumes
 
@@ -245,7 +246,7 @@ def test_new_volumes_scored_against_bank_equal_brute_force(bank: Path, new_cohor
         output_dir=str(out),
         references=f"bank:{bank}",
         rho=rho,
-        keep_tokens=True,  # the test reads evaluator.bank after the run
+        **{"evaluator#keep_tokens": True},  # the test reads evaluator.bank after the run
     )
     names = ["sub-0001", "sub-0002", "old-0004"]
     with open(out / "scores.csv") as f:
@@ -283,19 +284,15 @@ def test_manifest_mismatch_is_one_clear_line(bank: Path, new_cohort: Path, tmp_p
     common = {"dataset_dir": str(new_cohort), "output_dir": str(tmp_path / "o"), "references": f"bank:{bank}"}
     line = _input_error(**common, d=64)
     assert "was built with another configuration" in line and "d (bank 128, run 64)" in line
-    line = _input_error(**common, q=[4, 4, 4], pad_multiple=[8, 8, 8])
+    line = _input_error(**common, q=[4, 4, 4], **{"finishing#0#k": [8, 8, 8]})
     assert "q (bank [8, 8, 8], run [4, 4, 4])" in line and "d (" not in line
     line = _input_error(**common, image_size=64)
     assert "encoder.input_size (bank 32, run 64)" in line and "preprocessing" not in line
-    line = _input_error(**common, intensity_percentiles=[1.0, 99.5])
+    line = _input_error(**common, **{"intensity#0#lower": 1.0})
     changed = "preprocessing.transforms.6:ScaleIntensityRangePercentilesd.scaler.lower"
     assert f"{changed} (bank 0.0, run 1.0)" in line
     line = _input_error(**common, variant="MS", q_fine=[2, 2, 2], depth_phases=1)
     assert "no fine tokens" in line, line
-    line = _input_error(**common, n_references=4)
-    assert "n_references was replaced by the references key" in line and "random:4" in line
-    line = _input_error(**{**common, "reference_bank": str(bank), "references": "all"})
-    assert "reference_bank was replaced by the references key" in line and f"bank:{bank}" in line
     line = _input_error(**{**common, "references": f"bank:{tmp_path}"})
     assert "is not a token bank" in line
     assert not (tmp_path / "o").exists()

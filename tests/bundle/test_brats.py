@@ -68,7 +68,7 @@ def test_a_brats_folder_runs_with_evaluation(tiny_cohort: Path, tmp_path: Path) 
         ["configs/inference.json", "configs/evaluate.json"],
         dataset_dir=str(tmp_path / "brats"),
         output_dir=str(out),
-        modality="t2",
+        **{"datalist#modality": "t2"},
         plots=False,
     )
     metrics = json.loads((out / "metrics.json").read_text())

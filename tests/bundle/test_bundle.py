@@ -98,7 +98,9 @@ def test_config_workflow_life_cycle(tiny_cohort: Path, tmp_path: Path) -> None:
 
 def test_bank_is_held_as_rows_of_one_buffer(tiny_cohort: Path, tmp_path: Path) -> None:
     """... and, kept, it is one [B, ...] tensor per grid: no per-volume tensors, no stacked copy."""
-    evaluator = run_workflow(dataset_dir=str(tiny_cohort), output_dir=str(tmp_path / "out"), keep_tokens=True)
+    evaluator = run_workflow(
+        dataset_dir=str(tiny_cohort), output_dir=str(tmp_path / "out"), **{"evaluator#keep_tokens": True}
+    )
     volumes = [evaluator.bank[""][n] for n in evaluator.names]
     assert len(volumes) == 6
     for key in volumes[0].grids:

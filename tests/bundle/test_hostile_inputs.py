@@ -113,7 +113,7 @@ def test_a_bank_never_matches_a_scan_with_its_own_subject(tiny_cohort: Path, tmp
 
 def test_false_spelled_as_on_the_command_line_is_false(tiny_cohort: Path, tmp_path: Path) -> None:
     evaluator = run_workflow(
-        dataset_dir=str(tiny_cohort), output_dir=str(tmp_path / "out"), use_masks="false", quiet="TRUE"
+        dataset_dir=str(tiny_cohort), output_dir=str(tmp_path / "out"), **{"datalist#masks": "false"}, quiet="TRUE"
     )
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["config"]["use_masks"] is False and evaluator.quiet is True
@@ -133,12 +133,12 @@ def _input_error(**overrides) -> str:
 @pytest.mark.parametrize(
     ("overrides", "fragment"),
     [
-        ({"axes": ["nope"]}, "axes must be"),
+        ({"inferer#axes": ["sagittal", "S"]}, "axes must be"),
         ({"q": [4, 4]}, "q must be"),
         ({"q": [0, 4, 4]}, "q must be"),
-        ({"use_masks": "flase"}, "use_masks must be true or false"),
+        ({"datalist#masks": "flase"}, "use_masks must be true or false"),
         ({"variant": "MS", "q_fine": None}, "needs q_fine"),
-        ({"chunk_size": 3}, "chunk_size was replaced by the references key"),
+        ({"quiet": "maybe"}, "quiet must be true or false"),
     ],
 )
 def test_bad_parameters_are_one_line_before_any_work(
@@ -152,7 +152,9 @@ def test_bad_parameters_are_one_line_before_any_work(
 def test_an_unwritable_token_folder_is_one_line(tiny_cohort: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "tokens"
     blocker.write_text("a file where the cache folder should be")
-    line = _input_error(dataset_dir=str(tiny_cohort), output_dir=str(tmp_path / "out"), cache_dir=str(blocker))
+    line = _input_error(
+        dataset_dir=str(tiny_cohort), output_dir=str(tmp_path / "out"), **{"evaluator#cache_dir": str(blocker)}
+    )
     assert "cannot be created" in line and str(blocker) in line
 
 
@@ -193,7 +195,7 @@ def test_a_blank_image_stops_the_run_or_is_skipped(tiny_cohort: Path, tmp_path: 
     assert "is constant" in line and image.name in line
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        run_workflow(dataset_dir=str(data), output_dir=str(tmp_path / "skip"), on_bad_input="skip")
+        run_workflow(dataset_dir=str(data), output_dir=str(tmp_path / "skip"), **{"datalist#on_bad_input": "skip"})
     assert any("is constant" in str(w.message) for w in caught)
     run = json.loads((tmp_path / "skip" / "run.json").read_text())
     assert len(run["skipped"]) == 1 and image.stem.split(".")[0] not in _scores(tmp_path / "skip")

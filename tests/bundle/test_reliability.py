@@ -76,7 +76,7 @@ def test_nan_voxels_error_and_zero_option(tiny_cohort: Path, tmp_path: Path) -> 
     _rewrite(data / "images" / "sub-0004.nii.gz", poison)
     line = _input_error(data, tmp_path / "out")
     assert "sub-0004.nii.gz has 4 NaN/Inf voxels" in line
-    _run(data, tmp_path / "zeroed", nonfinite="zero")
+    _run(data, tmp_path / "zeroed", **{"loading#3#nonfinite": "zero"})
     amap = nib.load(tmp_path / "zeroed" / "sub-0004_anomaly.nii.gz").get_fdata()
     assert np.isfinite(amap).all()
 
@@ -91,7 +91,7 @@ def test_off_grid_volume_error_and_skip(tiny_cohort: Path, tmp_path: Path) -> No
         nib.save(nib.Nifti1Image(np.asarray(img.dataobj), shifted, img.header), path)
     line = _input_error(data, tmp_path / "out")
     assert "sub-0005.nii.gz is not on the cohort's grid" in line and "5 of 6 volumes" in line
-    _run(data, tmp_path / "skip", on_bad_input="skip")
+    _run(data, tmp_path / "skip", **{"datalist#on_bad_input": "skip"})
     run = json.loads((tmp_path / "skip" / "run.json").read_text())
     assert run["n_volumes"] == 5 and "sub-0005" not in run["volumes"]
     assert [Path(s["image"]).name for s in run["skipped"]] == ["sub-0005.nii.gz"]
@@ -105,7 +105,7 @@ def test_corrupt_file_skipped_on_request(tiny_cohort: Path, tmp_path: Path) -> N
     victim = data / "images" / "sub-0001.nii.gz"
     raw = gzip.decompress(victim.read_bytes())
     victim.write_bytes(gzip.compress(raw[: len(raw) // 2]))
-    _run(data, tmp_path / "skip", on_bad_input="skip")
+    _run(data, tmp_path / "skip", **{"datalist#on_bad_input": "skip"})
     run = json.loads((tmp_path / "skip" / "run.json").read_text())
     assert run["n_volumes"] == 5 and run["skipped"][0]["name"] == "sub-0001"
     assert "sub-0001.nii.gz" in run["skipped"][0]["reason"]
@@ -124,14 +124,16 @@ def test_fewer_than_two_volumes(tiny_cohort: Path, tmp_path: Path) -> None:
     data = tmp_path / "one"
     (data / "images").mkdir(parents=True)
     shutil.copy(tiny_cohort / "images" / "sub-0001.nii.gz", data / "images")
-    line = _input_error(data, tmp_path / "out", use_masks=False)
+    line = _input_error(data, tmp_path / "out", **{"datalist#masks": False})
     assert "found 1 usable volume(s)" in line and "need >= 2" in line
 
 
 def test_unknown_encoder_and_missing_weights(tiny_cohort: Path, tmp_path: Path) -> None:
-    line = _input_error(tiny_cohort, tmp_path / "o1", encoder_name="resnet9000")
+    line = _input_error(tiny_cohort, tmp_path / "o1", **{"network_def#name": "resnet9000"})
     assert "Unknown encoder 'resnet9000'" in line and "efficientnet_lite0" in line
-    line = _input_error(tiny_cohort, tmp_path / "o2", encoder_name="dinov2", **{"network_def#model_dir": "models/nope"})
+    line = _input_error(
+        tiny_cohort, tmp_path / "o2", **{"network_def#name": "dinov2", "network_def#model_dir": "models/nope"}
+    )
     assert "models/nope" in line and "not found" in line
 
 
@@ -149,7 +151,7 @@ def test_output_dir_not_writable(tiny_cohort: Path, tmp_path: Path) -> None:
 
 def test_q_not_dividing_after_preprocessing(tiny_cohort: Path, tmp_path: Path) -> None:
     """Without DivisiblePadd the workflow reports the axis, the count, q and the fix in one error."""
-    line = _input_error(tiny_cohort, tmp_path / "out", q=[5, 5, 5], pad_multiple=[1, 1, 1], variant="C")
+    line = _input_error(tiny_cohort, tmp_path / "out", q=[5, 5, 5], variant="C", **{"finishing#0#k": [1, 1, 1]})
     assert "q=5 does not divide the 32 slices along the sagittal axis" in line and "DivisiblePadd" in line
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -39,19 +40,24 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+@functools.cache
 def _modules() -> dict[str, Path]:
     return {_module_name(p): p for p in SCRIPTS.rglob("*.py")}
 
 
+@functools.cache
+def _tree(path: Path) -> ast.Module:
+    """The syntax tree of ``path``, parsed once for all the checks."""
+    return ast.parse(path.read_text())
+
+
 def _imports(path: Path, name: str) -> set[str]:
-    """Every ``scripts``/``tests`` module that ``path`` imports, at any depth of the file."""
+    """Every ``scripts``/``tests`` module that ``path`` imports, at any depth of the file: function-level
+    imports and those for type checkers only (``if TYPE_CHECKING:``) count too, since they tie the
+    modules together just the same."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    tree = ast.parse(path.read_text())
-    for block in ast.walk(tree):  # imports only for type checkers never run
-        if isinstance(block, ast.If) and getattr(block.test, "id", getattr(block.test, "attr", "")) == "TYPE_CHECKING":
-            block.body = []
-    for node in ast.walk(tree):
+    for node in ast.walk(_tree(path)):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -68,6 +74,7 @@ def _rank(module: str) -> int:
     return LAYERS[best]
 
 
+@functools.cache
 def _graph() -> dict[str, set[str]]:
     modules = _modules()
     return {name: {m for m in _imports(path, name) if m in modules and m != name} for name, path in modules.items()}
@@ -84,22 +91,44 @@ def test_imports_flow_downward(name: str) -> None:
     assert not upward, f"{name} (layer {_rank(name)}) imports higher layers: {upward}"
 
 
-def test_no_import_cycles() -> None:
-    graph = _graph()
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (``[a, b, ..., a]``), or ``None``."""
     state: dict[str, int] = {}  # 1: on the current path, 2: done
 
     def visit(node: str, path: list[str]) -> None:
         state[node] = 1
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                raise AssertionError("import cycle: " + " -> ".join([*path[path.index(nxt) :], nxt]))
+                raise _Found([*path[path.index(nxt) :], nxt])
             if nxt not in state:
                 visit(nxt, [*path, nxt])
         state[node] = 2
 
-    for node in sorted(graph):
-        if node not in state:
-            visit(node, [node])
+    try:
+        for node in sorted(graph):
+            if node not in state:
+                visit(node, [node])
+    except _Found as found:
+        return found.path
+    return None
+
+
+class _Found(Exception):  # noqa: N818 - a search result, not an error
+    def __init__(self, path: list[str]) -> None:
+        super().__init__(" -> ".join(path))
+        self.path = path
+
+
+def test_no_import_cycles() -> None:
+    """No cycle anywhere, among the packages or among the modules of one package (e.g. inside engine/)."""
+    cycle = _cycle(_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_check_sees_a_cycle_inside_a_package() -> None:
+    graph = {"scripts.engine.a": {"scripts.engine.b"}, "scripts.engine.b": {"scripts.engine.a"}, "scripts.x": set()}
+    assert _cycle(graph) == ["scripts.engine.a", "scripts.engine.b", "scripts.engine.a"]
+    assert _cycle({"scripts.engine.a": {"scripts.engine.b"}, "scripts.engine.b": set()}) is None
 
 
 def test_tools_stay_outside_the_runtime() -> None:
@@ -113,16 +142,19 @@ def test_tools_stay_outside_the_runtime() -> None:
 def test_the_checks_see_a_violation(tmp_path: Path) -> None:
     """The import scanner finds function-level and relative imports (what an upward import hides in)."""
     source = tmp_path / "probe.py"
-    source.write_text("def f():\n    from scripts.engine import evaluator\n    from . import tokens\n")
+    source.write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from scripts.inferer import CS3FInferer\n"
+        "def f():\n    from scripts.engine import evaluator\n    from . import tokens\n"
+    )
     found = _imports(source, "scripts.probe")
-    assert {"scripts.engine", "scripts.engine.evaluator", "scripts.tokens"} <= found
+    assert {"scripts.engine", "scripts.engine.evaluator", "scripts.tokens", "scripts.inferer"} <= found
     assert _rank("scripts.engine.evaluator") > _rank("scripts.inferer")
 
 
 def _definitions() -> list[tuple[str, ast.AST]]:
     found = []
     for name, path in _modules().items():
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(_tree(path)):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
                 found.append((f"{name}.{node.name}", node))
     return found

@@ -113,16 +113,14 @@ def test_resolving_the_datalist_generates_nothing(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
     initialize = parser.get("initialize")
     assert "$@generate_demo()" in initialize
-    assert initialize.index("$@generate_demo()") > initialize.index(
-        "$scripts.engine.datalist.check_output_dir(@output_dir)"
-    )
+    assert initialize.index("$@generate_demo()") > initialize.index("$check_overrides()")
 
 
 def test_initialize_generates_the_demo_on_first_use_only(tmp_path: Path) -> None:
     from monai.bundle import ConfigWorkflow
-    from scripts.synthetic.demo import ensure_demo
+    from scripts.engine.datalist import ensure_demo
 
-    overrides = {"demo#n_normal": 2, "demo#n_abnormal": 1, "demo#shape": 32}
+    overrides = {"generate_demo#n_normal": 2, "generate_demo#n_abnormal": 1, "generate_demo#shape": 32}
     assert _parser(tmp_path, **overrides).get_parsed_content("generate_demo").func is ensure_demo
     workflow = ConfigWorkflow(
         config_file=str(CONFIG), workflow_type="infer", bundle_root=str(tmp_path), quiet=True, **overrides
@@ -141,7 +139,7 @@ def test_initialize_generates_the_demo_on_first_use_only(tmp_path: Path) -> None
 
 
 def test_lung_config_generates_its_own_demo(tmp_path: Path) -> None:
-    from scripts.synthetic.demo import ensure_lung_demo
+    from scripts.engine.datalist import ensure_lung_demo
 
     parser = _parser(tmp_path, (CONFIG, ROOT / "configs" / "lung_ct.json"))
     generate = parser.get_parsed_content("generate_demo")
@@ -151,8 +149,8 @@ def test_lung_config_generates_its_own_demo(tmp_path: Path) -> None:
 
 def test_evaluator_gets_the_datalist_skips(tiny_cohort: Path, tmp_path: Path) -> None:
     data = _break(tiny_cohort, tmp_path)
-    parser = _parser(tmp_path, dataset_dir=str(data), on_bad_input="skip")
+    parser = _parser(tmp_path, dataset_dir=str(data), **{"datalist#on_bad_input": "skip"})
     with pytest.warns(UserWarning):
         datalist = parser.get_parsed_content("datalist")
     assert parser.get_parsed_content("dataset").data is datalist
-    assert parser.get_parsed_content("evaluator#skipped") == datalist.skipped
+    assert parser.get_parsed_content("evaluator").skipped == datalist.skipped

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 from scripts.engine.identity import SCORING_ONLY
-from scripts.engine.options import check_options
 from scripts.errors import CS3FInputError
 from scripts.inferer import CS3FInferer
 from scripts.scoring import mutual_similarity_scores
@@ -114,12 +113,14 @@ def test_record_cache_key_and_errors() -> None:
         CS3FInferer(q=4, variant="MS", q_fine=2, depth_phases=2)
     with pytest.raises(ValueError, match="exceeds the depth pooling q=4"):
         CS3FInferer(q=(4, 8, 8), depth_phases=5)
-    base = {"variant": "C", "q": [4, 4, 4], "axes": list(AXES)}
-    assert check_options({**base, "depth_phases": 2}).depth_phases == 2
+    assert CS3FInferer(q=[4, 4, 4], depth_phases="2").describe()["depth_phases"] == 2
     for bad, message in [
         ({"depth_phases": 0}, "depth_phases"),
         ({"depth_phases": 8}, "exceeds the depth pooling q=4"),
-        ({"variant": "MS", "q_fine": [2, 2, 2], "depth_phases": 2}, "variant MS needs depth_phases 1"),
+        (
+            {"variant": "MS", "q_fine": [2, 2, 2], "depth_phases": 2},
+            "add --depth_phases 1, or use the configs/multiscale",
+        ),
     ]:
         with pytest.raises(CS3FInputError, match=message):
-            check_options({**base, **bad})
+            CS3FInferer(**{"q": [4, 4, 4], **bad})

@@ -524,12 +524,13 @@ def test_bundle_root_is_the_folder_holding_scripts_and_configs():
 
 
 def test_imagenet_normalisation_is_defined_once():
-    """The ViT fallback normalisation is the slicing transform's default, the very same object."""
+    """The ViT fallback normalisation is defined with the encoders (the slicing transform takes the
+    encoder's mean and std as arguments), the very same object wherever it is used."""
+    from scripts import tokens
     from scripts.encoders import vit
-    from scripts.transforms import tokenization
 
-    assert vit.IMAGENET_MEAN is tokenization.IMAGENET_MEAN is IMAGENET_MEAN
-    assert vit.IMAGENET_STD is tokenization.IMAGENET_STD is encoders.IMAGENET_STD
+    assert vit.IMAGENET_MEAN is encoders_base.IMAGENET_MEAN is IMAGENET_MEAN is tokens.IMAGENET_MEAN
+    assert vit.IMAGENET_STD is encoders_base.IMAGENET_STD is encoders.IMAGENET_STD is tokens.IMAGENET_STD
     assert IMAGENET_MEAN == (0.485, 0.456, 0.406) and encoders.IMAGENET_STD == (0.229, 0.224, 0.225)
 
 

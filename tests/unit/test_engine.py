@@ -23,8 +23,9 @@ from scripts.engine.handlers import RunRecorder, ScoresSaver
 from scripts.engine.identity import describe_transform, preprocessing_identity, token_identity
 from scripts.engine.record import StageTimes
 from scripts.errors import CS3FInputError, find_input_error
-from scripts.inferer import CS3FInferer, TokenGrid, VolumeTokens
+from scripts.inferer import CS3FInferer
 from scripts.storage.cache import TokenCache
+from scripts.tokens import TokenGrid, VolumeTokens
 from tests.helpers import TinyEncoder, blob_cohort
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,7 +91,7 @@ ALTERNATIVES = {
 }
 # Config keys the transforms are built from: changing them must change the key as well.
 PARAMETERS = {
-    "brain": {"spatial_size": [64, 64, 64], "intensity_percentiles": [1.0, 99.0], "pad_multiple": [16, 16, 16]},
+    "brain": {"loading#5#spatial_size": [64, 64, 64], "intensity#0#lower": 1.0, "finishing#0#k": [16, 16, 16]},
     "lung": {"spacing": [1.5, 1.5, 1.5], "hu_window": [-1000.0, 400.0], "lung_mask_mode": "binary"},
 }
 INFERER = CS3FInferer(q=8, d=16)
@@ -208,7 +209,7 @@ def test_run_writes_scores_and_run_record(tmp_path: Path, capsys: pytest.Capture
     off_grid = {"image": MetaTensor(torch.rand(1, 32, 32, 40), meta={"filename_or_obj": "/data/v9.nii.gz"})}
     out = tmp_path / "out"
     handlers = [
-        ScoresSaver(out),
+        ScoresSaver(out, quiet=False),  # the evaluator is quiet until below; the handlers' quiet is their own
         RunRecorder(out, config={"dataset_dir": "/data"}),
         ScoresSaver(out, filename="other_rank.csv", save_rank=1),
     ]
@@ -293,10 +294,10 @@ def test_duplicate_names_and_rho_are_input_errors(tmp_path: Path) -> None:
     with pytest.raises(CS3FInputError, match="two inputs are named 'v0'"):
         _evaluator([items[0], items[0], items[1]], tmp_path).run()
     loader = DataLoader(items, batch_size=1)
-    with pytest.raises(CS3FInputError, match="rho must be in"):
-        CS3FEvaluator("cpu", loader, NETWORK, CS3FInferer(q=8, rho=1.5), tmp_path)
+    with pytest.raises(CS3FInputError, match="rho must be in"):  # the inferer checks it, before any work
+        CS3FInferer(q=8, rho=1.5)
     for precision in ("fp16", "bf16", "tf32"):  # scores are fp32 only
-        with pytest.raises(ValueError, match="score_precision must be one of"):
+        with pytest.raises(CS3FInputError, match="score_precision must be one of"):
             CS3FInferer(q=8, score_precision=precision)
 
 

@@ -119,7 +119,7 @@ def test_score_reads_a_buffered_bank_in_place_and_leaves_others_alone() -> None:
 
 def test_batch_buffer_rows() -> None:
     """BatchBuffer copies each volume into the next row and re-points its grids there."""
-    from scripts.inferer import BatchBuffer
+    from scripts.tokens import BatchBuffer
 
     inferer = CS3FInferer(axes=["axial"], q=4, d=8)
     encoder = TinyEncoder(32)

@@ -48,6 +48,8 @@ PAPER = {
         "d": 128,
     },
 }
+#: where each parameter lives in the configs: a top-level key, or an argument of its component
+IDS = {"encoder_name": "network_def#name", "L": "inferer#L", "delta": "inferer#delta"}
 FILES = {
     "brain": ["inference.json", "paper_brain_mri.json"],
     "lung": ["inference.json", "lung_ct.json", "paper_lung_ct.json"],
@@ -64,11 +66,11 @@ def _parser(organ: str) -> ConfigParser:
 def test_presets_set_every_parameter_of_the_paper(organ: str) -> None:
     parser = _parser(organ)
     for key, value in PAPER[organ].items():
-        assert parser.get_parsed_content(key) == value, key
+        assert parser.get_parsed_content(IDS.get(key, key)) == value, key
     assert parser.get_parsed_content("variant") in ("C", "F", "MS")  # every variant is the paper's
     inferer, network = parser.get("inferer"), parser.get("network_def")
     assert inferer["q"] == "@q" and inferer["q_fine"] == "@q_fine"  # the inferer reads the preset
-    assert network["name"] == "@encoder_name" and network["layers"] == "@layers"
+    assert network["layers"] == "@layers"
 
 
 def test_brain_preset_standardises_with_nyul_after_the_crop_and_resize() -> None:
@@ -85,7 +87,7 @@ def test_brain_preset_runs_with_the_standard_scale_learned_from_the_cohort(tiny_
         ["configs/inference.json", "configs/paper_brain_mri.json"],
         dataset_dir=str(tiny_cohort),
         output_dir=str(tmp_path / "out"),
-        encoder_name="efficientnet_lite0",
+        **{"network_def#name": "efficientnet_lite0"},
         layers=None,
         crop_size=[24, 24, 24],
         spatial_size=[32, 32, 32],

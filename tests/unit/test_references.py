@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from scripts.errors import CS3FInputError
-from scripts.inferer import CS3FInferer, TokenGrid, VolumeTokens
+from scripts.inferer import CS3FInferer
 from scripts.scoring import mutual_similarity_scores, subset_scores
 from scripts.scoring.references import ReferenceSet, chunk_ranges, reference_subsets
+from scripts.tokens import TokenGrid, VolumeTokens
 from tests.helpers import float32_distance_tolerance, float64_brute_force, run_workflow
 
 NAMES = [f"sub-{i:04d}" for i in range(1, 12)]
@@ -211,7 +212,7 @@ def test_bundle_passes_names_for_random_references(tiny_cohort: Path, tmp_path: 
         output_dir=str(tmp_path / "out"),
         references="random:2",
         rho=0.5,
-        keep_tokens=True,  # the test reads evaluator.bank after the run
+        **{"evaluator#keep_tokens": True},  # the test reads evaluator.bank after the run
         **{"dataloader#num_workers": 0},
     )
     assert len(list((tmp_path / "out").glob("*_anomaly.nii.gz"))) == 6

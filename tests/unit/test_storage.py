@@ -19,7 +19,6 @@ import torch
 from matplotlib.figure import Figure
 from scripts.digest import file_digest
 from scripts.evaluation import plots, report
-from scripts.inferer import TokenGrid, VolumeTokens
 from scripts.storage.atomic import (
     AtomicNibabelWriter,
     atomic_write,
@@ -32,6 +31,7 @@ from scripts.storage.atomic import (
 )
 from scripts.storage.bank import BankWriter, TokenBank
 from scripts.storage.cache import TokenCache
+from scripts.tokens import TokenGrid, VolumeTokens
 
 
 @contextmanager

@@ -57,7 +57,7 @@ def test_slicing_follows_ras_axes() -> None:
 
 def test_dictionary_wrappers_compose() -> None:
     data = {"image": torch.rand(1, 8, 8, 8)}
-    out = Compose([MultiAxisSliced("image", axes=("axial",), size=8)])(data)
+    out = Compose([MultiAxisSliced("image", axes=("axial",), size=8, mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2))])(data)
     assert out["image_axial"].shape == (8, 3, 8, 8)
     feats = {"f": torch.randn(8, 5, 4, 4)}
     pipe = Compose([DepthPoold("f", q=4), RandomProjectiond("f", in_channels=5, d=3, seed=1)])

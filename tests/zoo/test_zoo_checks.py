@@ -175,3 +175,21 @@ def test_the_zoos_own_ci_steps_pass_in_a_zoo_checkout() -> None:
         env={**os.environ, "PYTHON": sys.executable},
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+def test_inference_config_is_the_size_of_a_zoo_bundles() -> None:
+    """configs/inference.json reads like the Zoo's inference configs (spleen_ct_segmentation,
+    brats_mri_segmentation: 150-170 lines, 24-27 top-level keys): at most 35 top-level keys and 200 lines
+    as the Zoo's hooks format it, parameters inside the components that use them, no key only to be
+    rejected, and no expression that re-checks every key."""
+    text = CONFIG.read_text()
+    config = json.loads(text)
+    assert text == json.dumps(config, indent=4, ensure_ascii=False) + "\n"  # as pretty-format-json writes it
+    assert len(config) <= 35, sorted(config)
+    assert len(text.splitlines()) <= 200
+    assert not {"options", "reference_bank", "chunk_size", "n_references"} & set(config)
+    keys = list(config)
+    order = ["imports", "bundle_root", "dataset_dir", "output_dir", "loading", "intensity", "finishing"]
+    order += ["dataset", "dataloader", "network_def", "inferer", "postprocessing", "handlers", "evaluator"]
+    assert [keys.index(k) for k in order] == sorted(keys.index(k) for k in order)  # top to bottom
+    assert keys[-2:] == ["initialize", "run"]
