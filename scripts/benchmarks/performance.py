@@ -212,7 +212,7 @@ def bundle_parts(overrides: dict) -> tuple[object, torch.nn.Module, dict]:
     parser = ConfigParser()
     parser.read_config(str(ROOT / "configs" / "inference.json"))
     parser.update({"bundle_root": str(ROOT), "quiet": True, **overrides})
-    settings = {k: parser.get_parsed_content(k) for k in ("network_def#name", "q", "d", "layers", "depth_phases")}
+    settings = {k: parser.get_parsed_content(k) for k in ("encoder_name", "q", "d", "layers", "depth_phases")}
     return parser.get_parsed_content("inferer"), parser.get_parsed_content("network_def").encoder.eval(), settings
 
 

@@ -64,7 +64,14 @@ def _cache_key(overrides: Mapping) -> str:
 
 
 def _run_variant(cohort: Path, out: Path, cache: Path, overrides: Mapping) -> dict:
-    args = {"dataset_dir": cohort, "output_dir": out, "evaluator#cache_dir": cache, "plots": False, "quiet": True, **overrides}
+    args = {
+        "dataset_dir": cohort,
+        "output_dir": out,
+        "evaluator#cache_dir": cache,
+        "plots": False,
+        "quiet": True,
+        **overrides,
+    }
     cmd = bundle_command(["configs/inference.json", "configs/evaluate.json"], args)
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

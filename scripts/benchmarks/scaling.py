@@ -54,7 +54,13 @@ def metrics(cohort: str, out: str, cache: str | None = None, settings: str | Non
     for name in chosen:
         run_dir = out_dir / name.replace(":", "")
         if not (run_dir / "metrics.json").is_file():
-            args = {"dataset_dir": cohort, "output_dir": run_dir, "evaluator#cache_dir": cache, "quiet": True, "plots": False}
+            args = {
+                "dataset_dir": cohort,
+                "output_dir": run_dir,
+                "evaluator#cache_dir": cache,
+                "quiet": True,
+                "plots": False,
+            }
             args |= {"evaluator#num_threads": threads, **SETTINGS[name]}
             cmd = bundle_command(["configs/inference.json", "configs/evaluate.json"], args)
             start = time.perf_counter()

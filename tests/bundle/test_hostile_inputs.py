@@ -113,7 +113,7 @@ def test_a_bank_never_matches_a_scan_with_its_own_subject(tiny_cohort: Path, tmp
 
 def test_false_spelled_as_on_the_command_line_is_false(tiny_cohort: Path, tmp_path: Path) -> None:
     evaluator = run_workflow(
-        dataset_dir=str(tiny_cohort), output_dir=str(tmp_path / "out"), **{"datalist#masks": "false"}, quiet="TRUE"
+        dataset_dir=str(tiny_cohort), output_dir=str(tmp_path / "out"), use_masks="false", quiet="TRUE"
     )
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["config"]["use_masks"] is False and evaluator.quiet is True
@@ -136,8 +136,8 @@ def _input_error(**overrides) -> str:
         ({"inferer#axes": ["sagittal", "S"]}, "axes must be"),
         ({"q": [4, 4]}, "q must be"),
         ({"q": [0, 4, 4]}, "q must be"),
-        ({"datalist#masks": "flase"}, "use_masks must be true or false"),
-        ({"variant": "MS", "q_fine": None}, "needs q_fine"),
+        ({"use_masks": "flase"}, "use_masks must be true or false"),
+        ({"variant": "MS", "inferer#q_fine": None}, "needs q_fine"),
         ({"quiet": "maybe"}, "quiet must be true or false"),
     ],
 )

@@ -124,15 +124,15 @@ def test_fewer_than_two_volumes(tiny_cohort: Path, tmp_path: Path) -> None:
     data = tmp_path / "one"
     (data / "images").mkdir(parents=True)
     shutil.copy(tiny_cohort / "images" / "sub-0001.nii.gz", data / "images")
-    line = _input_error(data, tmp_path / "out", **{"datalist#masks": False})
+    line = _input_error(data, tmp_path / "out", use_masks=False)
     assert "found 1 usable volume(s)" in line and "need >= 2" in line
 
 
 def test_unknown_encoder_and_missing_weights(tiny_cohort: Path, tmp_path: Path) -> None:
-    line = _input_error(tiny_cohort, tmp_path / "o1", **{"network_def#name": "resnet9000"})
+    line = _input_error(tiny_cohort, tmp_path / "o1", encoder_name="resnet9000")
     assert "Unknown encoder 'resnet9000'" in line and "efficientnet_lite0" in line
     line = _input_error(
-        tiny_cohort, tmp_path / "o2", **{"network_def#name": "dinov2", "network_def#model_dir": "models/nope"}
+        tiny_cohort, tmp_path / "o2", **{"encoder_name": "dinov2", "network_def#model_dir": "models/nope"}
     )
     assert "models/nope" in line and "not found" in line
 

@@ -293,7 +293,6 @@ def test_duplicate_names_and_rho_are_input_errors(tmp_path: Path) -> None:
     _, items = _cohort_items(2)
     with pytest.raises(CS3FInputError, match="two inputs are named 'v0'"):
         _evaluator([items[0], items[0], items[1]], tmp_path).run()
-    loader = DataLoader(items, batch_size=1)
     with pytest.raises(CS3FInputError, match="rho must be in"):  # the inferer checks it, before any work
         CS3FInferer(q=8, rho=1.5)
     for precision in ("fp16", "bf16", "tf32"):  # scores are fp32 only

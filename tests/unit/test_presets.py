@@ -49,7 +49,7 @@ PAPER = {
     },
 }
 #: where each parameter lives in the configs: a top-level key, or an argument of its component
-IDS = {"encoder_name": "network_def#name", "L": "inferer#L", "delta": "inferer#delta"}
+IDS = {"q_fine": "inferer#q_fine", "L": "inferer#L", "delta": "inferer#delta"}
 FILES = {
     "brain": ["inference.json", "paper_brain_mri.json"],
     "lung": ["inference.json", "lung_ct.json", "paper_lung_ct.json"],
@@ -69,7 +69,7 @@ def test_presets_set_every_parameter_of_the_paper(organ: str) -> None:
         assert parser.get_parsed_content(IDS.get(key, key)) == value, key
     assert parser.get_parsed_content("variant") in ("C", "F", "MS")  # every variant is the paper's
     inferer, network = parser.get("inferer"), parser.get("network_def")
-    assert inferer["q"] == "@q" and inferer["q_fine"] == "@q_fine"  # the inferer reads the preset
+    assert inferer["q"] == "@q"  # the inferer reads the preset
     assert network["layers"] == "@layers"
 
 
@@ -87,13 +87,12 @@ def test_brain_preset_runs_with_the_standard_scale_learned_from_the_cohort(tiny_
         ["configs/inference.json", "configs/paper_brain_mri.json"],
         dataset_dir=str(tiny_cohort),
         output_dir=str(tmp_path / "out"),
-        **{"network_def#name": "efficientnet_lite0"},
+        encoder_name="efficientnet_lite0",
         layers=None,
         crop_size=[24, 24, 24],
         spatial_size=[32, 32, 32],
         q=[8, 8, 8],
-        q_fine=[2, 2, 2],
-        **{"dataloader#num_workers": 0},
+        **{"inferer#q_fine": [2, 2, 2], "dataloader#num_workers": 0},
     )
     nyul = next(t for t in evaluator.data_loader.dataset.transform.transforms if type(t).__name__ == "NyulStandardized")
     standard = nyul.standardize.standard
