@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import functools
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,19 +42,36 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+@functools.cache
 def _modules() -> dict[str, Path]:
     return {_module_name(p): p for p in SCRIPTS.rglob("*.py")}
 
 
-def _imports(path: Path, name: str) -> set[str]:
+@functools.cache
+def _tree(path: Path) -> ast.Module:
+    """The parsed file: every module is parsed once per session, whichever checks read it."""
+    return ast.parse(path.read_text())
+
+
+def _runtime_nodes(tree: ast.AST) -> Iterator[ast.AST]:
+    """``ast.walk`` without the bodies of ``if TYPE_CHECKING:`` blocks (imports for type checkers never run)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", "")) == "TYPE_CHECKING":
+            todo.extend(node.orelse)
+            todo.append(node.test)
+        else:
+            todo.extend(ast.iter_child_nodes(node))
+
+
+@functools.cache
+def _imports(path: Path, name: str) -> frozenset[str]:
     """Every ``scripts``/``tests`` module that ``path`` imports, at any depth of the file."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    tree = ast.parse(path.read_text())
-    for block in ast.walk(tree):  # imports only for type checkers never run
-        if isinstance(block, ast.If) and getattr(block.test, "id", getattr(block.test, "attr", "")) == "TYPE_CHECKING":
-            block.body = []
-    for node in ast.walk(tree):
+    for node in _runtime_nodes(_tree(path)):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -61,7 +80,7 @@ def _imports(path: Path, name: str) -> set[str]:
                 base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + [base]).strip(".")
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)
-    return {m for m in found if m.split(".")[0] in ("scripts", "tests")}
+    return frozenset(m for m in found if m.split(".")[0] in ("scripts", "tests"))
 
 
 def _rank(module: str) -> int:
@@ -69,6 +88,7 @@ def _rank(module: str) -> int:
     return LAYERS[best]
 
 
+@functools.cache
 def _graph() -> dict[str, set[str]]:
     modules = _modules()
     return {name: {m for m in _imports(path, name) if m in modules and m != name} for name, path in modules.items()}
@@ -120,10 +140,11 @@ def test_the_checks_see_a_violation(tmp_path: Path) -> None:
     assert _rank("scripts.engine.evaluator") > _rank("scripts.inferer")
 
 
+@functools.cache
 def _definitions() -> list[tuple[str, ast.AST]]:
     found = []
     for name, path in _modules().items():
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(_tree(path)):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
                 found.append((f"{name}.{node.name}", node))
     return found
