@@ -1,10 +1,7 @@
-"""Tokenization transforms: shapes, Eq. 4 normalisation, projection determinism, validity, errors."""
+"""Tokenization transforms: shapes, Eq. 4 normalisation, projections, validity, errors (the projection
+matrix in a fresh process: tests/bundle/test_transforms_process.py)."""
 
 from __future__ import annotations
-
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,12 +16,9 @@ from scripts.transforms import (
     RandomProjectiond,
     TokenValidity,
     TokenValidityd,
-    projection_matrix,
     restore_axis,
     slices_first,
 )
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_multi_axis_slice_shapes_and_normalisation() -> None:
@@ -82,24 +76,6 @@ def test_depth_pool_is_mean_then_l2() -> None:
 def test_depth_pool_divisibility_error_names_axis_count_and_fix() -> None:
     with pytest.raises(ValueError, match=r"q=5 does not divide the 12 slices along the coronal axis.*DivisiblePadd"):
         DepthPool(5, axis="coronal")(torch.randn(12, 4, 2, 2))
-
-
-def test_projection_statistics_and_determinism(tmp_path: Path) -> None:
-    a = projection_matrix(512, 128, seed=3, name="axial/0")
-    torch.testing.assert_close(a, projection_matrix(512, 128, seed=3, name="axial/0"), atol=0, rtol=0)
-    assert not torch.equal(a, projection_matrix(512, 128, seed=4, name="axial/0"))
-    assert not torch.equal(a, projection_matrix(512, 128, seed=3, name="axial/1"))
-    assert abs(float(a.var()) - 1 / 128) < 0.05 / 128 * 10  # entries N(0, 1/d)
-    assert abs(float(a.mean())) < 1e-3
-    # The same matrix in a fresh process (what a resumed or distributed run relies on).
-    code = (
-        f"import sys; sys.path.insert(0, {str(ROOT)!r});"
-        "from scripts.transforms import projection_matrix;"
-        "import torch; torch.save(projection_matrix(512, 128, seed=3, name='axial/0'), sys.argv[1])"
-    )
-    path = tmp_path / "proj.pt"
-    subprocess.run([sys.executable, "-c", code, str(path)], check=True)
-    assert torch.equal(torch.load(path), a)
 
 
 def test_projection_shape_and_error() -> None:
