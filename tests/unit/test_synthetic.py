@@ -189,14 +189,6 @@ def test_lesion_volumes_follow_the_plan(default_abnormal):
             assert 20.0 <= p.volume_mm3 <= 20000.0
 
 
-def test_workers_give_the_same_cohort(cohorts, tmp_path):
-    out = synth.generate_cohort(tmp_path / "par", n_normal=4, n_abnormal=4, shape=SHAPE, seed=0, workers=2)
-    assert _read_cohort(out) == _read_cohort(cohorts["t1"])
-    for r in _read_cohort(out):
-        for key in ("image", "label", "mask"):
-            assert np.array_equal(_load(out / r[key])[0], _load(cohorts["t1"] / r[key])[0])
-
-
 def test_summary_and_ensure_cohort(cohorts):
     rows = _read_cohort(cohorts["t1"])
     stats = synth.summarize_cohort(cohorts["t1"])
