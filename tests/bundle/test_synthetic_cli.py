@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -17,6 +19,7 @@ def _read_cohort(path: Path):
         return list(csv.DictReader(fh))
 
 
+@pytest.mark.slow
 def test_cli_writes_documented_layout(tmp_path):
     out, png = tmp_path / "cli_cohort", tmp_path / "preview.png"
     cmd = [

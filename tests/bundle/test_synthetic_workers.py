@@ -33,6 +33,7 @@ def cohorts(tmp_path_factory):
     return {"t1": synth.generate_cohort(root / "t1", n_normal=4, n_abnormal=4, shape=SHAPE, contrast="t1", seed=0)}
 
 
+@pytest.mark.slow
 def test_workers_give_the_same_cohort(cohorts, tmp_path):
     out = synth.generate_cohort(tmp_path / "par", n_normal=4, n_abnormal=4, shape=SHAPE, seed=0, workers=2)
     assert _read_cohort(out) == _read_cohort(cohorts["t1"])
