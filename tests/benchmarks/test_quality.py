@@ -7,10 +7,12 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 from scripts.benchmarks.quality import COHORTS, METRICS, _cache_key, doc_markers, run_quality
 from scripts.engine.datalist import make_datalist
 
 
+@pytest.mark.slow
 def test_quick_study_runs_variants_and_baselines(tmp_path: Path) -> None:
     out = tmp_path / "q"
     (tmp_path / "q.md").write_text("# Quality\n\nHand-written analysis.\n")
@@ -41,6 +43,7 @@ def test_quick_study_runs_variants_and_baselines(tmp_path: Path) -> None:
     assert abs(float(got[at]) - expected) < 1e-3 * max(1.0, expected)
 
 
+@pytest.mark.slow
 def test_map_variants_from_one_scoring_pass_equal_the_bundle_runs(tmp_path: Path) -> None:
     """C and C smoothed by 4 mm made from the MS scoring pass equal the bundle runs ``--variant C
     --smooth_mm 0`` and ``--variant C --smooth_mm 4``: the same maps, the same metrics."""
