@@ -26,6 +26,7 @@ def test_the_random_encoder_has_dinov2_large_shapes() -> None:
     assert len(model.encoder.layer) == 24 and model.config.patch_size == 14
 
 
+@pytest.mark.slow
 def test_gpu_command_runs_on_the_cpu_at_toy_sizes(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "scripts.benchmarks", "gpu", "--tiny", "--out", str(tmp_path)],

@@ -109,6 +109,7 @@ def test_bank_is_held_as_rows_of_one_buffer(tiny_cohort: Path, tmp_path: Path) -
         assert base is not None and base.shape[0] == 6 and all(r._base is base for r in rows), key
 
 
+@pytest.mark.slow
 def test_bundle_command_with_overrides(tiny_cohort: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli"
     overrides = [

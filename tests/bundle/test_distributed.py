@@ -9,6 +9,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 from tests.helpers import FAST_ARGS, assert_success, run_bundle
 
 
@@ -43,6 +44,7 @@ def _files(out: Path) -> dict[str, bytes]:
     return {n: (out / n).read_bytes() for n in names}
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equals_single_process(tiny_cohort: Path, tmp_path: Path) -> None:
     """Also with a repeated scan whose two copies are sharded to different ranks, and the evaluation."""
     data, lesion = _with_repeat_scan(tiny_cohort, tmp_path)

@@ -170,6 +170,7 @@ def _outputs(out: Path) -> dict[str, bytes]:
     return {f.name: f.read_bytes() for f in files}
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_with_identical_outputs(tmp_path: Path) -> None:
     from scripts.synthetic.brain import generate_cohort
 

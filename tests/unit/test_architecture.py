@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import re
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,73 @@ def test_functions_fit_in_a_readers_head() -> None:
 def test_the_wiring_classes_stay_thin(cls: str) -> None:
     lengths = {name: node.end_lineno - node.lineno + 1 for name, node in _definitions()}
     assert lengths[cls] <= 250
+
+
+# ----------------------------------------------------------------------------------- test tiers
+UNIT = ROOT / "tests" / "unit"
+#: what only tests/bundle may use: the bundle run in a subprocess or in-process (tests/helpers.py),
+#: MONAI's bundle runner, and processes of any kind
+BUNDLE_ONLY = {"run_bundle", "start_bundle", "bundle_command", "run_workflow", "ConfigWorkflow", "Popen"}
+PROCESS_MODULES = {"subprocess", "multiprocessing", "concurrent.futures"}
+BUNDLE_COMMAND = re.compile(r"-m\s+monai\.bundle\s+run")
+
+
+def _tier_violations(path: Path) -> list[str]:
+    """Where a test module leaves the unit tier: a process module imported, a bundle helper named, or
+    ``monai.bundle run`` spelled out (``monai.bundle.ConfigParser`` reads configs and stays allowed)."""
+    found = []
+    for node in ast.walk(_tree(path)):
+        line = getattr(node, "lineno", 0)
+        if isinstance(node, ast.Import):
+            found += [f"{line}: import {a.name}" for a in node.names if a.name.split(".")[0] in PROCESS_MODULES]
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if module in PROCESS_MODULES or module.split(".")[0] == "subprocess":
+                found.append(f"{line}: from {module} import ...")
+            found += [f"{line}: imports {a.name}" for a in node.names if a.name in BUNDLE_ONLY]
+            if module == "monai.bundle" and any(a.name == "run" for a in node.names):
+                found.append(f"{line}: imports monai.bundle.run")
+        elif isinstance(node, ast.Name) and node.id in BUNDLE_ONLY:
+            found.append(f"{line}: uses {node.id}")
+        elif isinstance(node, ast.Attribute) and (
+            node.attr in BUNDLE_ONLY or (node.attr == "run" and ast.unparse(node.value).endswith("bundle"))
+        ):
+            found.append(f"{line}: uses {ast.unparse(node)}")
+        elif isinstance(node, ast.List | ast.Tuple) and any(
+            isinstance(e, ast.Constant) and e.value == "monai.bundle" for e in node.elts
+        ):
+            found.append(f"{line}: runs python -m monai.bundle")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and BUNDLE_COMMAND.search(node.value):
+            found.append(f"{line}: runs python -m monai.bundle")
+    return sorted(set(found), key=lambda s: int(s.split(":")[0]))
+
+
+def test_unit_tests_run_in_process_without_the_bundle() -> None:
+    """tests/unit is the quick tier: no subprocess, no bundle run (those tests live in tests/bundle)."""
+    offenders = {
+        str(path.relative_to(ROOT)): found for path in sorted(UNIT.rglob("*.py")) if (found := _tier_violations(path))
+    }
+    assert not offenders, f"move these tests to tests/bundle: {offenders}"
+
+
+def test_the_tier_check_sees_a_violation(tmp_path: Path) -> None:
+    probe = tmp_path / "test_probe.py"
+    probe.write_text(
+        "import subprocess as sp\nfrom tests.helpers import run_workflow\nfrom tests import helpers\n"
+        "from monai.bundle import ConfigParser, ConfigWorkflow\n\n"
+        "def test_x():\n    helpers.run_bundle('--q', '8')\n"
+        "    sp.run(['python', '-m', 'monai.bundle', 'run'])\n    ConfigParser()\n"
+        # (split in two here, so that this file does not spell out the command it looks for)
+        "    os.system('python -m monai" + ".bundle run --config_file c.json')\n"
+    )
+    found = " | ".join(_tier_violations(probe))
+    for expected in (
+        "1: import subprocess",
+        "2: imports run_workflow",
+        "4: imports ConfigWorkflow",
+        "7: uses helpers.run_bundle",
+        "8: runs python -m monai.bundle",
+        "10: runs python -m monai.bundle",
+    ):
+        assert expected in found, found
+    assert "ConfigParser" not in found

@@ -116,28 +116,6 @@ def test_resolving_the_datalist_generates_nothing(tmp_path: Path) -> None:
     assert initialize.index("$@generate_demo()") > initialize.index("$check_overrides()")
 
 
-def test_initialize_generates_the_demo_on_first_use_only(tmp_path: Path) -> None:
-    from monai.bundle import ConfigWorkflow
-    from scripts.engine.datalist import ensure_demo
-
-    overrides = {"generate_demo#n_normal": 2, "generate_demo#n_abnormal": 1, "generate_demo#shape": 32}
-    assert _parser(tmp_path, **overrides).get_parsed_content("generate_demo").func is ensure_demo
-    workflow = ConfigWorkflow(
-        config_file=str(CONFIG), workflow_type="infer", bundle_root=str(tmp_path), quiet=True, **overrides
-    )
-    workflow.initialize()
-    demo = tmp_path / "demo_data"
-    assert len(_cohort_rows(demo)) == 3
-    before = {p: p.stat().st_mtime_ns for p in demo.rglob("*")}
-    _parser(tmp_path, **overrides).get_parsed_content("generate_demo")()
-    assert {p: p.stat().st_mtime_ns for p in demo.rglob("*")} == before  # not generated again
-    assert len(_parser(tmp_path).get_parsed_content("datalist")) == 3
-    # a user's dataset_dir is never replaced by demo data
-    other = _parser(tmp_path, dataset_dir=str(tmp_path / "mine"), **overrides)
-    other.get_parsed_content("generate_demo")()
-    assert not (tmp_path / "mine").exists()
-
-
 def test_lung_config_generates_its_own_demo(tmp_path: Path) -> None:
     from scripts.engine.datalist import ensure_lung_demo
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import math
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ from scripts.inferer import CS3FInferer
 from scripts.scoring import mutual_similarity_scores, subset_scores
 from scripts.scoring.references import ReferenceSet, chunk_ranges, reference_subsets
 from scripts.tokens import TokenGrid, VolumeTokens
-from tests.helpers import float32_distance_tolerance, float64_brute_force, run_workflow
+from tests.helpers import float32_distance_tolerance, float64_brute_force
 
 NAMES = [f"sub-{i:04d}" for i in range(1, 12)]
 
@@ -199,29 +197,6 @@ def test_bad_reference_sets_are_one_line_errors(value: object) -> None:
 def test_reference_sets_are_recorded(spelling: str) -> None:
     assert CS3FInferer(references=spelling).describe()["references"] == spelling
     assert "references" not in CS3FInferer().describe()  # the paper's setting is the default
-
-
-# ----------------------------------------------------------------------------------- bundle
-def test_bundle_passes_names_for_random_references(tiny_cohort: Path, tmp_path: Path) -> None:
-    """The workflow draws references by volume name: its token scores equal the inferer's on the same
-    tokens given in another order with their names (a draw by position would differ)."""
-    evaluator = run_workflow(
-        dataset_dir=str(tiny_cohort),
-        output_dir=str(tmp_path / "out"),
-        references="random:2",
-        rho=0.5,
-        **{"evaluator#keep_tokens": True},  # the test reads evaluator.bank after the run
-        **{"dataloader#num_workers": 0},
-    )
-    assert len(list((tmp_path / "out").glob("*_anomaly.nii.gz"))) == 6
-    assert json.loads((tmp_path / "out" / "run.json").read_text())["inferer"]["references"] == "random:2"
-    names = list(reversed(evaluator.names))
-    bank = [evaluator.bank[""][n] for n in names]
-    inferer = CS3FInferer(q=8, d=128, rho=0.5, references="random:2", variant="C")  # the default's, at FAST's q
-    expected = inferer.score(bank, names=names)
-    assert _equal([evaluator.token_scores[""][n] for n in names], expected)
-    by_position = inferer.score(bank)
-    assert not _equal(by_position, expected)
 
 
 # ----------------------------------------------------------------------------------- every mode

@@ -1,10 +1,7 @@
-"""Tokenization transforms: shapes, Eq. 4 normalisation, projection determinism, validity, errors."""
+"""Tokenization transforms: shapes, Eq. 4 normalisation, projections, validity, errors (the projection
+matrix in a fresh process: tests/bundle/test_transforms_process.py)."""
 
 from __future__ import annotations
-
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,12 +16,9 @@ from scripts.transforms import (
     RandomProjectiond,
     TokenValidity,
     TokenValidityd,
-    projection_matrix,
     restore_axis,
     slices_first,
 )
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_multi_axis_slice_shapes_and_normalisation() -> None:
@@ -84,24 +78,6 @@ def test_depth_pool_divisibility_error_names_axis_count_and_fix() -> None:
         DepthPool(5, axis="coronal")(torch.randn(12, 4, 2, 2))
 
 
-def test_projection_statistics_and_determinism(tmp_path: Path) -> None:
-    a = projection_matrix(512, 128, seed=3, name="axial/0")
-    torch.testing.assert_close(a, projection_matrix(512, 128, seed=3, name="axial/0"), atol=0, rtol=0)
-    assert not torch.equal(a, projection_matrix(512, 128, seed=4, name="axial/0"))
-    assert not torch.equal(a, projection_matrix(512, 128, seed=3, name="axial/1"))
-    assert abs(float(a.var()) - 1 / 128) < 0.05 / 128 * 10  # entries N(0, 1/d)
-    assert abs(float(a.mean())) < 1e-3
-    # The same matrix in a fresh process (what a resumed or distributed run relies on).
-    code = (
-        f"import sys; sys.path.insert(0, {str(ROOT)!r});"
-        "from scripts.transforms import projection_matrix;"
-        "import torch; torch.save(projection_matrix(512, 128, seed=3, name='axial/0'), sys.argv[1])"
-    )
-    path = tmp_path / "proj.pt"
-    subprocess.run([sys.executable, "-c", code, str(path)], check=True)
-    assert torch.equal(torch.load(path), a)
-
-
 def test_projection_shape_and_error() -> None:
     out = RandomProjection(6, 4, seed=0)(torch.randn(3, 6, 5, 5))
     assert out.shape == (3, 4, 5, 5)
@@ -142,3 +118,17 @@ def test_token_validity_is_strictly_above_delta() -> None:
     at_zero = TokenValidity("axial", 4, 4, delta=0.0)(mask)
     assert bool(at_zero[0, 0, 0]) and bool(at_zero[1, 2, 2]) and int(at_zero.sum()) == 2
     assert not TokenValidity("axial", 4, 4, delta=0.0)(torch.zeros(1, 8, 8, 8)).any()  # background
+
+
+def test_token_validity_binarises_the_mask() -> None:
+    """A {0, 255} mask and a label mask give the fractions of their binary form (not 255x them)."""
+    from scripts.transforms import TokenValidity
+
+    gen = torch.Generator().manual_seed(0)
+    binary = (torch.rand(1, 8, 8, 8, generator=gen) > 0.6).float()
+    validity = TokenValidity("axial", 4, 2, delta=0.5)
+    expected = validity.fraction(binary)
+    assert 0 < float(expected.max()) <= 1
+    for scaled in (binary * 255, binary * torch.randint(1, 4, binary.shape, generator=gen)):
+        torch.testing.assert_close(validity.fraction(scaled), expected)
+        assert torch.equal(validity(scaled), expected > 0.5)
