@@ -72,9 +72,7 @@ class _Subject:
 class CohortEvaluator:
     """Streamed cohort evaluation: ``add`` (pass 1) per subject, ``add_components`` (pass 2), ``compute``.
 
-    Memory: three histograms of ``2**(9 + mantissa_bits) + 1`` int64 bins, one small record per subject and
-    per lesion / predicted component, and (after pass 2) three orthogonal slices per abnormal subject for
-    the overlay montage. Per-subject work is vectorised numpy/scipy.
+    Memory: three histograms of ``2**(9 + mantissa_bits) + 1`` int64 bins and small per-subject records.
     """
 
     def __init__(self, mantissa_bits: int = 12, tnr: float = TNR, min_diameter_mm: float = MIN_DIAMETER_MM):

@@ -31,16 +31,9 @@ def _score_volume(
     k: int,
     sizes: tuple[int, int, torch.Tensor],
 ) -> None:
-    """Eq. 1-2 of one query volume's valid tokens against reference volumes, written into ``out``.
-
-    Args:
-        out: ``[N]`` fp32 scores of the volume (invalid tokens left as they are).
-        queries: ``[N, d]`` tokens of the query volume (any float dtype).
-        valid: ``[N]`` bool.
-        references: ``(tokens [R, N_ref, d], norms [R, M], index [R, M] or None)``.
-        skip: reference volumes that are not references of this query (itself, its subject's scans).
-        k: the neighbours of Eq. 2.
-        sizes: ``(query_tile, block_elements, workspace)``.
+    """Eq. 1-2 of one query volume's valid tokens (``queries [N, d]``) against ``references``
+    ``(tokens [R, N_ref, d], norms [R, M], index)`` but ``skip``, into ``out [N]``; ``sizes``:
+    ``(query_tile, block_elements, workspace)``.
     """
     tokens, norms, index = references
     query_tile, block_elements, buffer = sizes

@@ -68,13 +68,8 @@ def _check_c2f_inputs(
 def _c2f_profiles(
     coarse_q: torch.Tensor, fine_q: torch.Tensor, bank: _C2FBank, exclude: int | Sequence[int], group: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Coarse and C2F fine profiles ``(coarse_d2, coarse_nn, fine_d2, fine_nn)`` of one query tile.
-
-    Args:
-        coarse_q: ``[Q, d]`` fp32 query coarse tokens; ``fine_q``: ``[Q, h, d]`` their fine children.
-        bank: the validated bank (norms, masks, buffers).
-        exclude: the query volume (or every scan of its subject).
-        group: reference volumes per coarse GEMM.
+    """``(coarse_d2 [Q, B], coarse_nn [Q, B], fine_d2 [Q, h, B], fine_nn [Q, h, B])`` of one query tile
+    (``coarse_q [Q, d]``, ``fine_q [Q, h, d]``) against every volume but ``exclude``, ``group`` per GEMM.
     """
     b, n_c, h, d = bank.fine.shape
     routes, masks = bank.routes, bank.masks

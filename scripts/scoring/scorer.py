@@ -247,13 +247,8 @@ class Scorer:
         wanted: Sequence[int],
         skips: Sequence[int | Sequence[int] | None],
     ) -> TokenScores:
-        """Volumes ``wanted`` of ``bank`` against the reference bank's volumes only.
-
-        Args:
-            references: ``{key: (tokens [B_ref, N, d], valid [B_ref, N])}`` (e.g. memory-mapped fp16).
-            bank: the new volumes' tokens.
-            wanted: indices into ``bank`` to score.
-            skips: per volume of ``bank``, the reference index (or indices) of itself or its subject, or ``None``.
+        """Volumes ``wanted`` of ``bank`` against the reference bank's volumes ``references`` only
+        (``{key: (tokens [B_ref, N, d], valid [B_ref, N])}``), each but its ``skips`` entry.
         """
         results: TokenScores = [{} for _ in bank]
         keys = list(bank[0].grids)
