@@ -1,28 +1,8 @@
 """Token scores -> voxel anomaly map and subject score (paper Sec. 3.3.4, Eq. 5 and 7).
 
-Each (axis, layer) score grid is interpolated trilinearly to the volume grid; per scale (coarse,
-fine), the layers of an axis are averaged and the axes are averaged; CS3F-C takes the coarse map,
-CS3F-F the fine one and CS3F-MS their mean (Eq. 7); voxels outside the mask are set to 0. Fusion is
-linear, so it is done per axis: the axis map of MS is the mean of its coarse and fine axis maps.
-
-Edges: invalid tokens (too little foreground) score 0, and the paper's interpolation mixes those
-zeros into the foreground voxels next to the mask's edge, damping lesions there (a cortical
-metastasis, a juxta-pleural nodule). ``edge="normalized"`` interpolates ``score x validity`` and
-``validity`` and divides, so that a voxel takes the scores of the valid tokens around it only.
-
-Smoothing (not in the paper; ``sigma`` 0 turns it off): maps made from small tokens (4-slice coarse
-tokens, CS3F-F's fine ones) are noisy at the scale of one token, and each noise peak above the 99 %-TNR
-threshold is a false-positive component.
-:func:`smooth_map` applies a Gaussian inside the mask (normalised convolution: the map and the mask
-are both smoothed and divided, so that background zeros do not damp the scores next to the edge).
-The Gaussian is MONAI's (``GaussianSmooth``: the erf kernel truncated at 4 sigma, zero padding), applied
-per axis as a product with the kernel's banded matrix: the same sums as MONAI's separable ``conv3d``, about
-19 times faster on CPU for a 96^3 map and its mask (``docs/performance.md``).
-
-The subject score against the subject's own level (not in the paper; ``docs/quality.md``, studies 8 and 9):
-a normal subject whose tokens all sit far from the other volumes' has its whole map raised, and its maximum
-can outrank a lesion's. ``subject_score(..., statistic="robust_z")`` measures the map's peak against the
-subject's own foreground median and spread; the voxel map stays as it is.
+Each (axis, layer) score grid is interpolated trilinearly to the volume grid; layers, then axes are
+averaged per scale; C takes the coarse map, F the fine one, MS their mean (Eq. 7); 0 outside the mask.
+The options beyond the paper (``edge``, smoothing, ``robust_z``) are explained in docs/design.md.
 """
 
 from __future__ import annotations
@@ -71,8 +51,9 @@ def _upsample(grid: torch.Tensor, target: tuple[int, ...], valid: torch.Tensor |
 
 
 def _grid_map(grid: torch.Tensor, target: tuple[int, ...], valid: torch.Tensor | None, phases: int) -> torch.Tensor:
-    """``[T, h, w]`` map of a grid of ``phases`` blocks of tokens (see :class:`scripts.tokens.Tokenizer`):
-    the mean of every phase's map, each moved back to the slices its tokens pooled."""
+    """``[T, h, w]`` map of a grid of ``phases`` blocks of tokens: the mean of the phases' maps, each
+    moved back to the slices its tokens pooled.
+    """
     rows = grid.shape[0] // phases
     maps = []
     for j, shift in enumerate(phase_shifts(target[0] // rows, phases)):
@@ -120,13 +101,10 @@ def fuse_token_scores(
         spatial_shape: ``(H, W, D)`` of the volume.
         variant: ``"C"``, ``"F"`` or ``"MS"``.
         mask: optional foreground ``[1, H, W, D]``; the map is 0 outside it.
-        axis_max: if given, filled with the (masked) maximum of each axis map (a cheap breakdown of
-            the subject score).
-        validity: the token validity grids of the same keys for ``edge="normalized"`` interpolation
-            (see the module docstring); ``None``: invalid tokens enter as zeros (the paper).
-        phases: pooling phases of the coarse grids (``Tokenizer(depth_phases=...)``): each holds
-            ``phases`` blocks of ``M`` rows, and the map is the mean of the phases' maps, each moved
-            back to the slices its tokens pooled.
+        axis_max: if given, filled with the (masked) maximum of each axis map.
+        validity: the token validity grids of the same keys for ``edge="normalized"`` interpolation;
+            ``None``: invalid tokens enter as zeros (the paper).
+        phases: pooling phases of the coarse grids (``Tokenizer(depth_phases=...)``).
     """
     variant = str(variant).upper()
     if variant not in VARIANTS:
@@ -156,7 +134,7 @@ def fuse_token_scores(
 def smooth_map(
     anomaly_map: torch.Tensor, sigma_mm: float, mask: torch.Tensor | None = None, spacing: Sequence[float] | None = None
 ) -> torch.Tensor:
-    """Gaussian smoothing of a voxel map ``[1, H, W, D]`` inside ``mask`` (see the module docstring).
+    """Gaussian smoothing of a voxel map inside ``mask`` (normalised convolution).
 
     Args:
         anomaly_map: ``[1, H, W, D]`` voxel scores.
@@ -185,20 +163,14 @@ def smooth_map(
 
 
 def gaussian_filter(volume: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
-    """MONAI's Gaussian smoothing (``monai.transforms.GaussianSmooth``) of ``[C, H, W, D]``, by banded matrices.
-
-    Each axis is multiplied by an ``[n, n]`` matrix whose band holds MONAI's 1D kernel
-    (``gaussian_1d``: erf approximation, truncated at 4 sigma); rows near the border lose the taps that
-    fall outside, which is MONAI's zero padding. The result equals ``GaussianSmooth(sigma=sigmas)`` up
-    to float32 rounding, and a matrix product runs far faster on CPU than MONAI's grouped ``conv3d``
-    with a one-dimensional kernel.
+    """MONAI's Gaussian smoothing (``GaussianSmooth``, zero padding) of ``[C, H, W, D]``, by banded matrices.
 
     Args:
         volume: ``[C, H, W, D]`` float tensor.
         sigmas: the standard deviation per spatial axis, in voxels (> 0).
 
     Returns:
-        the smoothed ``[C, H, W, D]`` float32 tensor, on the device of ``volume``.
+        the smoothed ``[C, H, W, D]`` float32 tensor (equal to MONAI's up to float32 rounding).
     """
     out = volume.float()
     for axis, sigma in enumerate(sigmas, start=1):
@@ -225,11 +197,9 @@ def subject_score(anomaly_map: torch.Tensor, mask: torch.Tensor | None = None, s
     Args:
         anomaly_map: ``[1, H, W, D]`` voxel scores (0 outside the mask).
         mask: optional foreground ``[1, H, W, D]`` (``None``: every voxel); ``"robust_z"`` is taken over it.
-        statistic: ``"max"``, the maximum voxel score (the paper, Sec. 3.3.4), or ``"robust_z"``, how far the
-            maximum stands above the subject's own level in its own spread:
-            ``(max_M(a) - median_M(a)) / (1.4826 MAD_M(a))`` over the foreground voxels ``M``. Median and MAD
-            (median absolute deviation) hardly move with a lesion, a small part of any subject; where more
-            than half the foreground shares one value (MAD 0) the score is ``max - median``.
+        statistic: ``"max"`` (the paper, Sec. 3.3.4) or ``"robust_z"``:
+            ``(max_M(a) - median_M(a)) / (1.4826 MAD_M(a))`` over the foreground voxels ``M``
+            (``max - median`` where the MAD is 0).
     """
     if statistic not in SUBJECT_SCORES:
         raise ValueError(f"subject_score must be one of {SUBJECT_SCORES}, got {statistic!r}")

@@ -1,10 +1,7 @@
 """Input errors and how the bundle shows them: one ``cs3f: error: ...`` line, exit code 1.
 
-A leaf module: it imports nothing of the bundle, so every layer can raise these. It also holds the
-few parsers that every component uses to read its own arguments as a config or the command line gives
-them (``--use_masks false`` arrives as the *string* ``"false"``, which Python would take as true): each
-accepts the spellings a user types and raises one :class:`CS3FInputError` line naming the key, the value
-and what is allowed.
+A leaf module (it imports nothing of the bundle). Its parsers read arguments as a config or the command
+line gives them (``--use_masks false`` arrives as the string ``"false"``) and raise one line naming the key.
 """
 
 from __future__ import annotations
@@ -41,12 +38,8 @@ _MARKER = re.compile(rf"^{re.escape(__name__)}\.\w+: (.*)$")
 
 
 def find_input_error(exc: BaseException | None) -> CS3FInputError | None:
-    """The :class:`CS3FInputError` behind ``exc``, if any.
-
-    Looks through the ``__cause__``/``__context__`` chain (MONAI's config parser and ``Compose`` wrap
-    exceptions) and through the text of exceptions re-raised by ``DataLoader`` worker processes,
-    which carry only the original traceback as a string (and may be re-raised as the same type with
-    that whole traceback as their message).
+    """The :class:`CS3FInputError` behind ``exc``, if any: through the ``__cause__``/``__context__`` chain
+    (MONAI wraps exceptions) and the traceback text that ``DataLoader`` workers re-raise.
     """
     seen = set()
     while exc is not None and id(exc) not in seen:
@@ -66,11 +59,8 @@ def one_line(err: BaseException) -> str:
 
 
 def install_excepthook() -> None:
-    """Make an uncaught :class:`CS3FInputError` print one ``cs3f: error: ...`` line and exit 1.
-
-    MONAI's config parser wraps exceptions raised while evaluating expressions; the hook looks through
-    the chain so that the user sees the cause, not a parser traceback. Other errors keep their
-    traceback.
+    """Make an uncaught :class:`CS3FInputError` (or one wrapped by MONAI) print one
+    ``cs3f: error: ...`` line and exit 1; other errors keep their traceback.
     """
     previous = sys.excepthook
 

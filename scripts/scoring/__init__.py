@@ -1,16 +1,6 @@
 """Cross-subject mutual-similarity scoring (paper Sec. 3.2, Eq. 1-2) and coarse-to-fine routing
-(Sec. 3.5-3.6, Eq. 6). Pure tensor code: no files, no encoders.
-
-* :mod:`scripts.scoring.blocks` - fp32 distance blocks and nearest-distance profiles (Eq. 1).
-* :mod:`scripts.scoring.exact` - Eq. 2's mean of the ``K`` nearest (the one implementation every mode
-  reuses) and the exact scores of a batch, :func:`mutual_similarity_scores`.
-* :mod:`scripts.scoring.against` - query volumes against given references: subsets of the cohort
-  (:func:`subset_scores`) or a reference bank (:func:`reference_scores`).
-* :mod:`scripts.scoring.c2f` - coarse scores and coarse-to-fine routed fine scores, :func:`c2f_scores`.
-* :mod:`scripts.scoring.references` - which volumes each query is scored against, as data.
-* :mod:`scripts.scoring.scorer` - :class:`~scripts.scoring.scorer.Scorer`, the one entry point that
-  scores a cohort's token grids against a reference plan (imported from there: it sits one layer up,
-  on :mod:`scripts.tokens`).
+(Sec. 3.5-3.6, Eq. 6). Pure tensor code; :class:`scripts.scoring.scorer.Scorer` (imported from there)
+scores a cohort's token grids against a reference plan.
 """
 
 from scripts.scoring.against import reference_scores, subset_scores

@@ -1,12 +1,5 @@
-"""Eq. 1-2 of query volumes against given reference volumes instead of the rest of their batch.
-
-Two reference sets of :mod:`scripts.scoring.references` are scored here, with one loop
-(:func:`_score_volume`) and the K-nearest mean of :mod:`scripts.scoring.exact`:
-
-* :func:`subset_scores` - each query volume of a cohort against its own subset of the other volumes
-  (``random:N``), gathered into one reused buffer per query;
-* :func:`reference_scores` - new volumes against a fixed reference bank (``bank:DIR``), streamed from
-  the bank group by group (it may be memory-mapped fp16) and never copied whole.
+"""Eq. 1-2 of query volumes against given references: a subset of the other volumes of the cohort
+(:func:`subset_scores`, ``random:N``) or a fixed reference bank (:func:`reference_scores`, ``bank:DIR``).
 """
 
 from __future__ import annotations
@@ -38,17 +31,9 @@ def _score_volume(
     k: int,
     sizes: tuple[int, int, torch.Tensor],
 ) -> None:
-    """Eq. 1-2 of one query volume's valid tokens against reference volumes, written into ``out``.
-
-    Args:
-        out: ``[N]`` fp32 scores of the volume (invalid tokens left as they are).
-        queries: ``[N, d]`` tokens of the query volume (any float dtype).
-        valid: ``[N]`` bool.
-        references: ``(tokens [R, N_ref, d], norms [R, M], index [R, M] or None)``, see
-            :func:`scripts.scoring.blocks.pack_valid`.
-        skip: reference volumes that are not references of this query (itself, its subject's scans).
-        k: the neighbours of Eq. 2.
-        sizes: ``(query_tile, block_elements, workspace)``.
+    """Eq. 1-2 of one query volume's valid tokens (``queries [N, d]``) against ``references``
+    ``(tokens [R, N_ref, d], norms [R, M], index)`` but ``skip``, into ``out [N]``; ``sizes``:
+    ``(query_tile, block_elements, workspace)``.
     """
     tokens, norms, index = references
     query_tile, block_elements, buffer = sizes
@@ -101,29 +86,17 @@ def reference_scores(
 ) -> torch.Tensor:
     """Mutual-similarity scores of new volumes against a fixed set of reference volumes (Eq. 1-2).
 
-    Reference-bank mode: each query volume is matched against the reference volumes only, never
-    against the other query volumes, and scores the mean of its ``K = max(1, floor(rho * R))``
-    smallest nearest-token distances over its ``R`` references (the exact scorer's rule with
-    ``B - 1`` replaced by the number of references). A query volume that is itself in the bank is
-    left out of its own references with ``exclude`` (then ``R = B_ref - 1``), so scoring a cohort
-    against its own bank gives the exact scores of that cohort.
-
-    The references are read one group of volumes at a time (``references[start:stop]``, cast to fp32
-    per block) and their squared norms are computed a few volumes at a time, so an fp16 bank
-    memory-mapped from disk is streamed, never copied whole (let alone in fp32). Extra memory: the
-    ``[B_ref, N_ref]`` fp32 norms, one block of ``block_elements`` and the ``[query_tile, B_ref]``
-    profile. Each query tile streams the references once.
+    Each query volume is matched against the references only, with ``K = max(1, floor(rho * R))`` over its
+    ``R`` references. The bank is streamed group by group (it may be memory-mapped fp16), never copied whole.
 
     Args:
         queries: ``[B_q, N, d]`` tokens of the new volumes (any float dtype; accumulated in fp32).
         query_valid: ``[B_q, N]`` bool or ``None`` (all valid).
-        references: ``[B_ref, N_ref, d]`` reference tokens (any float dtype, may be memory-mapped,
-            may live on another device than the queries: blocks are moved to the queries' device).
-        reference_valid: ``[B_ref, N_ref]`` bool or ``None``; an invalid reference token is never
-            matched.
+        references: ``[B_ref, N_ref, d]`` reference tokens (any float dtype, may be memory-mapped or on
+            another device than the queries).
+        reference_valid: ``[B_ref, N_ref]`` bool or ``None``; an invalid reference token is never matched.
         rho: neighbour ratio.
-        exclude: per query volume, the index of the reference that is that same volume (or a list of
-            indices: every scan of its subject in the bank), or ``None``.
+        exclude: per query volume, the index (or indices: its subject's scans) of itself in the bank, or ``None``.
         query_tile, block_elements: as in :func:`scripts.scoring.exact.mutual_similarity_scores`.
 
     Returns:
@@ -172,18 +145,12 @@ def subset_scores(
 ) -> torch.Tensor:
     """Mutual-similarity scores of each query volume against its own subset of the other volumes.
 
-    Volume ``i`` is scored by Eq. 1-2 against the volumes ``references[i]`` only, with
-    ``K = max(1, floor(rho * len(references[i])))``, i.e. exactly as the exact scorer scores volume 0
-    of the batch ``[i, *references[i]]``. Cost ``O(sum_i |references[i]| N^2 d)``, linear in ``B`` for
-    subsets of a fixed size. The references of a query are gathered into one reused buffer and scored
-    with one reused workspace, so the per-query overhead is a copy of ``|references[i]|`` volumes and
-    no allocation.
+    Volume ``i`` is scored as the exact scorer scores volume 0 of the batch ``[i, *references[i]]``.
 
     Args:
         tokens: ``[B, N, d]`` tokens (any float dtype).
         valid: ``[B, N]`` bool or ``None``.
-        references: ``{query volume: reference volumes}``; a query is never its own reference. Volumes
-            not in ``references`` score 0.
+        references: ``{query volume: reference volumes}``; volumes not in it score 0.
         rho, query_tile, block_elements: as in :func:`scripts.scoring.exact.mutual_similarity_scores`.
 
     Returns:

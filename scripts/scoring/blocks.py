@@ -1,17 +1,8 @@
 """fp32 distance blocks between query tokens and reference volumes (paper Eq. 1).
 
-The pieces every scorer of :mod:`scripts.scoring` is built from: squared norms, the packing of each
-volume's valid tokens, batched GEMM blocks in the ``|r|^2 - 2 q.r`` form and their reduction to the
-``[Q, B]`` profile of nearest squared distances.
-
-Memory: the ``B x N x B x N`` distance tensor is never formed. Queries are processed one block of
-tokens at a time against groups of reference volumes; each group is one batched GEMM that is
-immediately reduced to a per (query, reference volume) minimum. Extra memory is therefore
-``O(query_tile x ref_budget)`` plus the ``[query_tile, B]`` profile.
-
-Work: only valid reference tokens are multiplied. Each reference block is gathered at the positions
-of its volumes' valid tokens (:func:`pack_valid`, padded to the largest valid count), so with brain or
-lung masks the GEMM and the min shrink to the masked fraction of the grid.
+The ``B x N x B x N`` distance tensor is never formed: query tiles meet groups of reference volumes in
+batched GEMMs over valid tokens only (:func:`pack_valid`), each reduced at once to the ``[Q, B]``
+profile of nearest squared distances.
 """
 
 from __future__ import annotations
@@ -43,10 +34,8 @@ DEFAULT_QUERY_TILE = 1024
 def sq_norms(tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """fp32 squared norms over the last dim, ``+inf`` where invalid (never a nearest neighbour).
 
-    Computed a few volumes at a time through one reused fp32 buffer (at most 4 MiB), so that an
-    fp16 or memory-mapped bank is never copied whole to fp32 - not even as freed heap: one fp32
-    temporary per volume, interleaved with the small results, fragments glibc's heap and keeps about
-    the bank's fp32 size resident.
+    Computed a few volumes at a time through one reused fp32 buffer, so that an fp16 or memory-mapped
+    bank is never copied whole to fp32 (per-volume temporaries fragment glibc's heap).
 
     Args:
         tokens: ``[B, N, d]`` (any float dtype).
@@ -75,9 +64,7 @@ def excluded(exclude: int | Sequence[int] | None) -> list[int]:
 
 
 def _group_ranges(b: int, exclude: int | Sequence[int] | None, group: int) -> Iterator[tuple[int, int]]:
-    """Contiguous ranges of reference volumes, ``group`` at a time, skipping the volumes ``exclude``
-    (the query's own volume, or every scan of its subject; ``None``: skip none, e.g. a query scored
-    against a separate reference bank)."""
+    """Contiguous ranges of reference volumes, ``group`` at a time, skipping the volumes ``exclude``."""
     lo = 0
     for skip in [*excluded(exclude), b]:
         for start in range(lo, skip, group):
@@ -86,10 +73,8 @@ def _group_ranges(b: int, exclude: int | Sequence[int] | None, group: int) -> It
 
 
 def workspace(elements: int, device: torch.device) -> torch.Tensor:
-    """A flat fp32 buffer reused by every block of a scorer call.
-
-    On the CPU a fresh block above glibc's mmap threshold (at most 32 MiB) is page-faulted in on
-    every allocation, which costs about as much as the GEMM that fills it; one reused buffer does not.
+    """A flat fp32 buffer reused by every block of a scorer call (a fresh large block is page-faulted
+    in on every allocation on the CPU, which costs about as much as the GEMM that fills it).
     """
     return torch.empty(elements, dtype=torch.float32, device=device)
 
@@ -97,18 +82,13 @@ def workspace(elements: int, device: torch.device) -> torch.Tensor:
 def pack_valid(valid: torch.Tensor, norms: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Positions of each volume's valid tokens, valid first, for GEMMs over valid references only.
 
-    With masks most reference tokens are background, and multiplying them only to discard the result
-    would be most of the scorer's work.
-
     Args:
         valid: ``[B, N]`` bool.
         norms: ``[B, N]`` fp32 squared norms, ``+inf`` where invalid (:func:`sq_norms`).
 
     Returns:
-        ``(index [B, M], packed_norms [B, M])`` with ``M`` the largest valid count: row ``b`` of
-        ``index`` lists volume ``b``'s valid token positions in order, padded with positions of its
-        invalid tokens, whose ``+inf`` norms keep them from ever being the nearest. ``(None, norms)``
-        when every token is valid: nothing to skip, and the bank is then read in place.
+        ``(index [B, M], packed_norms [B, M])`` with ``M`` the largest valid count, each row padded with
+        invalid positions (``+inf`` norms); ``(None, norms)`` when every token is valid.
     """
     if bool(valid.all()):
         return None, norms
@@ -129,17 +109,14 @@ def reference_blocks(
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """``(start, stop, d2)`` per group of reference volumes, ``d2 [G, Q, M] = |r|^2 - 2 q.r`` (fp32).
 
-    One batched GEMM per group; the reduction over reference tokens is then along the contiguous last
-    dim (a min or a top-L there is several times cheaper than across the middle dim).
-
     Args:
         queries: ``[Q, d]`` fp32.
         tokens: ``[B, N, d]`` references (any float dtype, cast to fp32 per block).
         ref_sq_norms: ``[B, M]`` fp32 squared norms in the order of ``index`` (``M = N`` without it).
         exclude: reference volumes to skip (see :func:`excluded`).
         group: reference volumes per GEMM.
-        buffer: optional flat fp32 workspace; with at least ``group * Q * M`` elements, ``d2`` is a
-            view of it, valid until the next block is requested.
+        buffer: optional flat fp32 workspace; when large enough, ``d2`` is a view of it, valid until the
+            next block.
         index: optional ``[B, M]`` token positions to read per volume (:func:`pack_valid`).
     """
     n, nq = ref_sq_norms.shape[1], queries.shape[0]
@@ -173,20 +150,16 @@ def nearest_distance_profile(
     Args:
         queries: ``[Q, d]`` float32 query tokens.
         tokens: ``[B, N, d]`` reference token bank (any float dtype; cast to fp32 per block).
-        ref_sq_norms: ``[B, N]`` fp32 squared norms of the references, ``+inf`` for invalid tokens
-            so that they are never the nearest; ``[B, M]`` in the order of ``index`` when given.
-        exclude: index of the query's own volume (or indices: every scan of its subject); their
-            columns are ``+inf``. ``None``: the queries are not in ``tokens`` (a separate reference
-            bank), every column is a reference.
+        ref_sq_norms: ``[B, N]`` fp32 squared norms, ``+inf`` for invalid tokens (``[B, M]`` with ``index``).
+        exclude: the query's own volume (or its subject's scans); their columns are ``+inf``. ``None``:
+            every column is a reference.
         block_elements: budget for the ``[G, Q, N]`` intermediate; sets the group size ``G``.
-        buffer: optional flat fp32 workspace of ``block_elements`` reused for that intermediate.
-        index: optional ``[B, M]`` token positions to read per volume (valid tokens packed first,
-            see :func:`pack_valid`); ``None`` reads all ``N``.
+        buffer: optional flat fp32 workspace reused for that intermediate.
+        index: optional ``[B, M]`` token positions to read per volume (:func:`pack_valid`).
 
     Returns:
-        ``(d2, nearest)``: ``[Q, B]`` fp32 squared nearest distances in the GEMM form (not clamped,
-        self column ``+inf``) and ``[Q, B]`` int64 position of that nearest token in each volume
-        (a position in ``tokens``' ``N`` axis, also when ``index`` is given).
+        ``(d2, nearest)``: ``[Q, B]`` fp32 squared nearest distances (GEMM form, not clamped) and ``[Q, B]``
+        int64 position of that nearest token in ``tokens``' ``N`` axis.
     """
     b = tokens.shape[0]
     n = ref_sq_norms.shape[1]
@@ -214,10 +187,8 @@ def distance_profile(
 ) -> torch.Tensor:
     """The ``[Q, B]`` profile of :func:`nearest_distance_profile` without ``|q|^2``, values only.
 
-    ``amin`` instead of ``min`` with indices: on the CPU the indexed reduction is not vectorised and
-    costs many times the plain one; only the ``K`` chosen volumes need their nearest token, found
-    afterwards (:func:`scripts.scoring.exact.nearest_positions`) at ``K / (B - 1)`` of the GEMM's work.
-    The missing ``|q|^2`` is the same for every column of a row, so it does not change the choice.
+    ``amin`` is many times cheaper than ``min`` with indices on the CPU; only the ``K`` chosen volumes need
+    their nearest token (:func:`scripts.scoring.exact.nearest_positions`). ``|q|^2`` does not change the choice.
     """
     b, nq = tokens.shape[0], queries.shape[0]
     group = max(1, block_elements // max(1, ref_sq_norms.shape[1] * nq))
@@ -228,11 +199,7 @@ def distance_profile(
 
 
 def query_tiles(index: torch.Tensor, tile: int) -> Iterator[torch.Tensor]:
-    """``index`` split into ``ceil(len / tile)`` near-equal tiles of at most ``tile``.
-
-    Equal tiles rather than full tiles plus a remainder: each tile re-reads the whole reference bank,
-    which a tile of a few tokens would not amortise.
-    """
+    """``index`` split into near-equal tiles of at most ``tile`` (each tile re-reads the whole bank)."""
     count = index.numel()
     if count == 0:
         return

@@ -1,14 +1,8 @@
-"""Coarse-to-fine routing of the fine scores (paper Sec. 3.5-3.6, Eq. 6).
+"""Coarse scores and coarse-to-fine routed fine scores (paper Sec. 3.5-3.6, Eq. 6).
 
-:func:`c2f_scores` gives the coarse scores (exact, equal to
-:func:`scripts.scoring.exact.mutual_similarity_scores` on the coarse tokens) and fine scores by
-coarse-to-fine routing: the coarse distance pass that yields the coarse scores also keeps, per query
-coarse token and reference volume, its ``L`` nearest coarse tokens; each fine child is matched only
-against the fine children of those (Eq. 6). Both scores are Eq. 2's mean over the ``K`` nearest
-volumes, by :func:`scripts.scoring.exact.mean_of_k_nearest`.
-
-The coarse distance blocks are those of :mod:`scripts.scoring.blocks` (valid tokens packed, one
-reused workspace); the routing indices live only as long as their block.
+The coarse distance pass that yields the exact coarse scores also keeps, per query coarse token and
+reference volume, its ``L`` nearest coarse tokens; each fine child is matched only against their fine
+children (Eq. 6). Both scores are Eq. 2's mean by :func:`scripts.scoring.exact.mean_of_k_nearest`.
 """
 
 from __future__ import annotations
@@ -74,17 +68,8 @@ def _check_c2f_inputs(
 def _c2f_profiles(
     coarse_q: torch.Tensor, fine_q: torch.Tensor, bank: _C2FBank, exclude: int | Sequence[int], group: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Coarse and C2F fine distance profiles of one query tile against every other volume.
-
-    Args:
-        coarse_q: ``[Q, d]`` fp32 query coarse tokens; ``fine_q``: ``[Q, h, d]`` their fine children.
-        bank: the validated bank (norms, masks, buffers).
-        exclude: the query volume (or every scan of its subject).
-        group: reference volumes per coarse GEMM.
-
-    Returns:
-        ``(coarse_d2 [Q, B], coarse_nn [Q, B], fine_d2 [Q, h, B], fine_nn [Q, h, B])`` (see
-        :func:`c2f_tiles`).
+    """``(coarse_d2 [Q, B], coarse_nn [Q, B], fine_d2 [Q, h, B], fine_nn [Q, h, B])`` of one query tile
+    (``coarse_q [Q, d]``, ``fine_q [Q, h, d]``) against every volume but ``exclude``, ``group`` per GEMM.
     """
     b, n_c, h, d = bank.fine.shape
     routes, masks = bank.routes, bank.masks
@@ -147,10 +132,9 @@ def _c2f_profiles(
 
 
 def _candidate_elements(device: torch.device, block_elements: int) -> int:
-    """Elements of the C2F candidate buffer: :data:`CANDIDATE_ELEMENTS` on the CPU (8 MiB stays in
-    cache and below glibc's mmap threshold); on a GPU as large as the scorer's block, since each
-    gather-and-match step is a few kernel launches whatever its size, and a buffer of a few thousand
-    rows turns the fine search into millions of launches at the paper's scale."""
+    """Elements of the C2F candidate buffer: 8 MiB on the CPU (stays in cache); on a GPU as large as
+    the scorer's block, since each gather-and-match step costs a few kernel launches whatever its size.
+    """
     return CANDIDATE_ELEMENTS if device.type != "cuda" else max(CANDIDATE_ELEMENTS, int(block_elements))
 
 
@@ -200,8 +184,7 @@ class _C2FBank:
     def tiles(
         self, volumes: Sequence[int] | None, same: Sequence[Sequence[int]] | None = None
     ) -> Iterator[tuple[int, torch.Tensor, tuple]]:
-        """``(i, index, profiles)`` per query tile of each of ``volumes`` (see :func:`c2f_tiles`);
-        ``same[i]``: the other scans of volume ``i``'s subject, left out of its references."""
+        """``(i, index, profiles)`` per query tile of ``volumes``; ``same[i]``: not references of ``i``."""
         for i in check_volumes(volumes, self.coarse.shape[0]):
             exclude = [i, *same[i]] if same is not None and same[i] else i
             query_index = torch.nonzero(self.queries_of[i]).flatten()
@@ -224,10 +207,9 @@ def c2f_tiles(
 ) -> Iterator[tuple[int, torch.Tensor, tuple[torch.Tensor, ...]]]:
     """The distance profiles behind :func:`c2f_scores`, one query tile at a time (for analysis).
 
-    Yields ``(i, index, (coarse_d2, coarse_nn, fine_d2, fine_nn))`` for query volume ``i`` and its
-    coarse tokens ``index``: ``[Q, B]`` / ``[Q, h, B]`` squared distances in the GEMM form (self column
-    ``+inf``) and nearest indices (``fine_nn`` indexes the flattened ``N_c * h`` fine tokens of each
-    volume, ``parent * h + child``). Arguments as in :func:`c2f_scores`.
+    Yields ``(i, index, (coarse_d2, coarse_nn, fine_d2, fine_nn))``: ``[Q, B]`` / ``[Q, h, B]`` squared
+    distances (self column ``+inf``) and nearest indices (``fine_nn``: ``parent * h + child``). Arguments
+    as in :func:`c2f_scores`.
     """
     yield from _C2FBank(coarse, fine, coarse_valid, fine_valid, L, query_tile, block_elements).tiles(volumes)
 
@@ -246,27 +228,10 @@ def c2f_scores(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Coarse scores and coarse-to-fine routed fine scores (Sec. 3.5, Eq. 2 and 6).
 
-    One coarse distance pass per (query tile, group of reference volumes) gives both the coarse
-    nearest neighbour of each coarse query token in each other volume (hence the exact coarse scores,
-    equal to :func:`mutual_similarity_scores` on ``coarse``) and its ``L`` nearest routable coarse
-    tokens there. Each fine child of the query coarse token is then matched only against the fine
-    children of those ``L`` coarse tokens (Eq. 6), and scores the mean of its ``K`` smallest
-    approximate distances over the reference volumes. The routing indices live only for that block.
-
-    Validity (an invalid token neither queries nor is matched, and scores 0):
-
-    * coarse scores use ``coarse_valid`` exactly as the exact scorer does;
-    * routing in a reference volume is over its coarse tokens that have at least one valid fine
-      child (whatever their own coarse validity): every routed region then offers a candidate, so
-      the approximate distance to a volume is always finite, and with ``L >= N_c`` the candidates are
-      all valid fine tokens of that volume, so the fine scores equal
-      :func:`mutual_similarity_scores` on the fine tokens (the correctness anchor of Sec. 3.5). With
-      the inferer's masks and ``delta = 0`` the two masks coincide (a coarse token is valid iff one
-      of its children is), and one reduction serves both;
-    * a fine query is routed by its parent coarse token whether or not the parent is coarse-valid.
-
-    Each approximate distance is an exhaustive minimum over a superset of the candidates of any
-    smaller ``L`` (top-``L`` sets are nested), so fine scores never increase with ``L``.
+    The coarse scores equal :func:`mutual_similarity_scores` on ``coarse``. Routing in a reference volume is
+    over its coarse tokens with at least one valid fine child, so with ``L >= N_c`` the fine scores equal
+    :func:`mutual_similarity_scores` on the fine tokens; fine scores never increase with ``L``. A fine query
+    is routed by its parent whether or not the parent is coarse-valid. Invalid tokens score 0.
 
     Args:
         coarse: ``[B, N_c, d]`` coarse tokens (any float dtype; accumulated in fp32).
@@ -275,8 +240,7 @@ def c2f_scores(
         fine_valid: ``[B, N_c, h]`` bool or ``None`` (all valid).
         rho: neighbour ratio, ``K = max(1, floor(rho * (B - 1)))``.
         L: coarse routes per (query coarse token, reference volume); clipped to ``N_c``.
-        query_tile: at most this many query coarse tokens together (fewer when ``L * h * d`` is large,
-            to keep the gathered candidates within ``block_elements``).
+        query_tile: at most this many query coarse tokens together.
         block_elements: element budget of the largest intermediate block.
         volumes: score only these volumes (see :func:`mutual_similarity_scores`).
         groups: optional subject of each volume (see :func:`mutual_similarity_scores`).

@@ -1,17 +1,8 @@
 """Exact cross-subject mutual-similarity scores (paper Sec. 3.2, Eq. 1-2).
 
-Every token of every volume is scored by its distance to its nearest token in each *other* volume of
-the batch (Eq. 1); the anomaly score is the mean of the ``K = max(1, floor(rho * (B - 1)))`` smallest
-of those ``B - 1`` distances (Eq. 2).
-
-:func:`mean_of_k_nearest` is the one implementation of Eq. 2's mean: every scorer (the exact batch
-in either order, the reference subsets and banks of :mod:`scripts.scoring.against`, the coarse and
-fine scores of :mod:`scripts.scoring.c2f`) chooses its ``K`` volumes with :func:`k_nearest` and
-averages the distances to their nearest tokens there with it.
-
-The exact batch is scored from canonical per-pair blocks (:class:`_PairBlocks`), in one of two orders
-that give bit-identical scores: pair-symmetric (one GEMM per volume pair, when every volume is a
-query) or per volume (a rank's share of the queries).
+:func:`mean_of_k_nearest` is the one implementation of Eq. 2's mean, shared by every scorer. The exact
+batch is scored from canonical per-pair blocks (:class:`_PairBlocks`) in one of two orders that give
+bit-identical scores: pair-symmetric (every volume a query) or per volume (a rank's share).
 """
 
 from __future__ import annotations
@@ -48,10 +39,7 @@ Lookup = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def num_neighbours(batch_size: int, rho: float) -> int:
-    """``K = max(1, floor(rho * (B - 1)))`` of Eq. 2.
-
-    A tiny tolerance guards the floor against binary rounding (``0.29 * 100 = 28.999...``).
-    """
+    """``K = max(1, floor(rho * (B - 1)))`` of Eq. 2 (a 1e-9 tolerance guards the floor against rounding)."""
     if not 0.0 < rho <= 1.0:
         raise ValueError(f"rho must be in (0, 1], got {rho}")
     if batch_size < 2:
@@ -110,8 +98,7 @@ def same_subject(groups: Sequence[object] | None, b: int) -> list[list[int]]:
 
 
 def neighbours_per_volume(b: int, rho: float, same: Sequence[Sequence[int]]) -> list[int]:
-    """``K`` of each volume: Eq. 2 over the references it actually has (``B - 1`` minus the other
-    scans of its subject)."""
+    """``K`` of each volume over the references it has (``B - 1`` minus its subject's other scans)."""
     lonely = [i for i, s in enumerate(same) if b - len(s) < 2]
     if lonely:
         raise ValueError(
@@ -138,10 +125,8 @@ def mean_of_k_nearest(
 ) -> torch.Tensor:
     """Eq. 2: the mean over the ``K`` chosen volumes of each query's distance to its nearest token there.
 
-    The distances are recomputed directly as ``|q - r|`` (``K * d`` work per query) rather than read
-    from the GEMM form, which loses ~sqrt(eps)*|v| to cancellation near zero distance: identical
-    anatomy then scores exactly 0. The gathered references grow with ``K`` (hence with the batch), so
-    they are taken a few rows of ``Q`` at a time, within ``block_elements`` fp32 values.
+    The distances are recomputed directly as ``|q - r|`` rather than read from the GEMM form, whose
+    cancellation near zero would keep identical anatomy from scoring exactly 0.
 
     Args:
         queries: ``[Q, ..., d]`` fp32 query tokens.
@@ -172,9 +157,7 @@ def nearest_positions(
 ) -> torch.Tensor:
     """``[Q, K]`` position (in ``tokens``' ``N`` axis) of each query's nearest token in each chosen volume.
 
-    For profiles reduced without indices (cheaper, see :func:`scripts.scoring.blocks.distance_profile`):
-    each reference volume chosen by some query is searched again by one fp32 GEMM against its tokens
-    (its packed valid tokens when ``index`` is given), for those queries only, a few rows at a time.
+    Each chosen reference volume is searched again by one fp32 GEMM, for the queries that chose it only.
 
     Args:
         queries: ``[Q, d]`` fp32.
@@ -209,8 +192,7 @@ def exact_mean_of_k_nearest(
     index: torch.Tensor | None,
     block_elements: int,
 ) -> torch.Tensor:
-    """:func:`mean_of_k_nearest` over the ``[Q, K]`` ``chosen`` volumes of ``tokens``, their nearest
-    tokens found by :func:`nearest_positions` (arguments as there). Returns ``[Q]`` fp32."""
+    """:func:`mean_of_k_nearest` at the nearest tokens of :func:`nearest_positions` (same arguments); ``[Q]``."""
     positions = nearest_positions(queries, chosen, tokens, ref_sq_norms, index, block_elements)
 
     def lookup(volumes: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
@@ -226,13 +208,9 @@ def exact_mean_of_k_nearest(
 class _PairBlocks:
     """Distance blocks of volume pairs in one canonical form, shared by both exact scoring orders.
 
-    The block of the pair ``a < b`` is always computed the same way: one query tile of ``a``'s valid
-    tokens (rows; tiles from :func:`scripts.scoring.blocks.query_tiles`) against all of ``b``'s packed
-    valid tokens (columns), as the full squared distance ``(|p|^2 + |t|^2) - 2 p.t`` in one ``addmm``.
-    Its row minima are ``a``'s nearest distances in ``b`` and its column minima ``b``'s nearest
-    distances in ``a``, so one GEMM serves both volumes (the pair-symmetric order) - and a query volume
-    scored on its own (``volumes=``, a rank's share) reads the very same blocks, so both orders give the
-    same profile values and the same scores, bit for bit, whatever the sharding.
+    The block of the pair ``a < b`` is always one query tile of ``a`` against all of ``b``'s packed valid
+    tokens, ``(|p|^2 + |t|^2) - 2 p.t`` in one ``addmm``: its row minima serve ``a`` and its column minima
+    ``b``, so both orders read the same blocks and give the same scores, bit for bit.
     """
 
     def __init__(self, tokens: torch.Tensor, valid: torch.Tensor, query_tile: int, block_elements: int) -> None:
@@ -255,21 +233,18 @@ class _PairBlocks:
         return t.float()
 
     def tiles(self, a: int) -> list[slice]:
-        """Packed positions of volume ``a``'s query tiles (its valid tokens are packed first)."""
+        """Packed positions of volume ``a``'s query tiles."""
         return self._tiles[a]
 
     def block(self, p: torch.Tensor, a: int, rows: slice, b: int, refs_b: torch.Tensor) -> torch.Tensor:
-        """``[rows, M]`` full squared distances of volume ``a``'s packed tokens ``rows`` (``p``, the
-        rows of :meth:`refs` of ``a``) to volume ``b`` (``refs_b``); a view of the workspace. Padding
-        columns (invalid tokens, ``|t|^2 = +inf``) come out ``+inf``."""
+        """``[rows, M]`` squared distances of ``a``'s packed rows to volume ``b``; a view of the workspace."""
         q = p[rows]
         out = self.workspace[: q.shape[0] * self.m].view(q.shape[0], self.m)
         torch.add(self.norms[a, rows].unsqueeze(1), self.norms[b].unsqueeze(0), out=out)
         return out.addmm_(q, refs_b.t(), alpha=-2.0)
 
     def scores(self, a: int, p: torch.Tensor, chosen: torch.Tensor, scores: torch.Tensor) -> None:
-        """Eq. 2 for all valid tokens of volume ``a`` (``p``) from their ``[count, K]`` chosen volumes,
-        written into ``scores [B, N]``."""
+        """Eq. 2 for the valid tokens of volume ``a`` from their ``[count, K]`` chosen volumes, into ``scores``."""
         count = self.counts[a]
         got = exact_mean_of_k_nearest(p[:count], chosen, self.tokens, self.norms, self.index, self.block_elements)
         where = torch.arange(count, device=scores.device) if self.index is None else self.index[a, :count]
@@ -279,9 +254,7 @@ class _PairBlocks:
 def _scores_per_volume(
     pairs: _PairBlocks, volumes: Sequence[int], ks: Sequence[int], scores: torch.Tensor, same: Sequence[Sequence[int]]
 ) -> None:
-    """Exact scores of each of ``volumes`` on its own: its column minima in every lower volume's blocks,
-    then its tiles' row minima in every higher volume's blocks (the scans of its own subject,
-    ``same[i]``, are skipped and stay ``+inf``)."""
+    """Exact scores of each of ``volumes`` on its own (its subject's other scans stay ``+inf``)."""
     b = len(pairs.counts)
     for i in volumes:
         count = pairs.counts[i]
@@ -309,12 +282,8 @@ def _scores_pair_symmetric(
 ) -> None:
     """Exact scores of every volume with one GEMM per volume pair.
 
-    Volumes are taken in order as the row side. Each block's row minima complete the row volume's
-    profile over the higher volumes; its column minima (over all the row volume's tiles) are folded
-    into a running top-``k`` of each higher volume's tokens, which is all that volume needs from the
-    lower ones when its turn comes: ``[B, M, k]`` values and volume ids (int16) instead of the
-    ``[B, M, B]`` profile. Pairs of scans of one subject are never computed; their entries stay
-    ``+inf`` and are never chosen, because each volume's ``K`` counts only the references it has.
+    Row minima complete the row volume's profile over the higher volumes; column minima are folded into a
+    running top-``k`` of each higher volume (``[B, M, k]`` instead of the ``[B, M, B]`` profile).
     """
     b, m = len(pairs.counts), pairs.m
     k = max(ks)
@@ -371,12 +340,9 @@ def mutual_similarity_scores(
         rho: neighbour ratio, ``K = max(1, floor(rho * (B - 1)))``.
         query_tile: number of query tokens processed together.
         block_elements: element budget of the largest intermediate block.
-        volumes: score only the tokens of these volumes (all are still references); the other rows
-            stay 0. ``None``: all. For sharding the query side (and benchmarks).
-        groups: optional subject of each volume (``[B]`` hashables). Scans of one subject (repeat
-            scans, follow-ups, copies) are never references for each other, and each volume's ``K`` is
-            Eq. 2 over the references it has: ``max(1, floor(rho * (B - S)))`` for a subject with
-            ``S`` scans. ``None``: every volume is its own subject (the paper).
+        volumes: score only these volumes (all stay references; the other rows stay 0). ``None``: all.
+        groups: optional subject of each volume (``[B]`` hashables); scans of one subject are never
+            references for each other, and each volume's ``K`` counts only the references it has.
 
     Returns:
         ``[B, N]`` fp32 scores on the device of ``tokens``.

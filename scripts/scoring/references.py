@@ -1,27 +1,8 @@
 """Which volumes a query volume is scored against: the reference set, chosen by one config key.
 
-The paper scores every volume against all the other volumes of its batch. Everything else that picks
-other references is one concept here, :class:`ReferenceSet`, set by the bundle's ``references`` key:
-
-* ``"all"`` (default, the paper): every other volume of the cohort.
-* ``"chunks:N"``: the paper's batch-size ablation (Sec. 5.1, Table 8), see :func:`chunk_ranges`.
-* ``"random:N"``: ``N`` references per volume drawn from the others, see :func:`reference_subsets`.
-* ``"bank:DIR"``: a saved reference bank (``configs/build_bank.json``); new volumes are scored against
-  the bank's volumes only, never against each other.
-
-The set is turned into a :class:`ReferencePlan` - data, not a scorer: which reference volumes each
-query volume is scored against, as volume indices (:func:`plan_references` for the cohort-internal
-sets, :func:`bank_plan` for a bank). :class:`scripts.scoring.scorer.Scorer` scores any plan. The
-selection is pure bookkeeping on volume indices and names:
-
-* :func:`chunk_ranges` - the paper's ablation: the cohort, in datalist order, cut into consecutive
-  chunks that are scored independently (a volume's references are the other volumes of its chunk).
-  Cost ``O(B * chunk_size)``; a chunk's quality depends on its size (Table 8: >= 30 volumes).
-* :func:`reference_subsets` - what this project recommends instead: every query volume is scored
-  against ``n`` references drawn from all the others. Cost ``O(B * n)`` too, but the draw is
-  per query, so no volume is stuck in an unlucky chunk (e.g. one holding many lesions at one site),
-  and it does not depend on the datalist order: the ``n`` references of query ``q`` are the other
-  volumes with the ``n`` smallest values of a 64-bit hash of ``(seed, q, reference)`` names.
+:class:`ReferenceSet` parses ``references`` (``all``, ``chunks:N``, ``random:N``, ``bank:DIR``);
+:func:`plan_references` and :func:`bank_plan` turn it into a :class:`ReferencePlan` of volume indices,
+which :class:`scripts.scoring.scorer.Scorer` scores. Pure bookkeeping on indices and names.
 """
 
 from __future__ import annotations
@@ -44,7 +25,6 @@ __all__ = [
 ]
 
 MODES = ("all", "chunks", "random", "bank")
-#: config keys the ``references`` key replaced, with the new spelling
 
 
 @dataclass(frozen=True)
@@ -113,12 +93,10 @@ class ReferenceSet:
 
 
 def chunk_ranges(b: int, chunk_size: int) -> list[tuple[int, int]]:
-    """Consecutive ``(start, stop)`` chunks of ``b`` volumes for a target ``chunk_size``.
+    """Consecutive ``(start, stop)`` chunks of ``b`` volumes (paper Sec. 5.1, Table 8).
 
-    ``max(1, b // chunk_size)`` chunks of as equal size as possible (the first ``b mod n_chunks`` one
-    larger): every chunk has at least ``chunk_size`` volumes (so never a lone volume) and fewer than
-    ``2 * chunk_size``; when ``chunk_size`` divides ``b`` they are exactly ``chunk_size``, as in the
-    paper's equal-sized chunks. ``b <= chunk_size``: one chunk, the whole cohort.
+    ``max(1, b // chunk_size)`` chunks of near-equal size, each of ``chunk_size`` to ``2 * chunk_size - 1``
+    volumes; ``b <= chunk_size``: one chunk, the whole cohort.
     """
     if isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 2:
         raise ValueError(f"chunk_size must be an int >= 2 (volumes per independently scored chunk), got {chunk_size}")
@@ -158,18 +136,16 @@ def reference_subsets(
 ) -> dict[int, list[int]]:
     """For each query volume, the indices of its ``n`` references among the other volumes.
 
-    The references of ``names[i]`` are the ``min(n, B - 1)`` other volumes with the smallest
-    ``mix(h(seed, names[i]) * phi + h(seed, name))`` (``h``: sha256 of the name, once per volume;
-    ``mix``: splitmix64), listed in name order. So the subsets are seeded, reproducible, and depend
-    only on the set of names, not on the order of the datalist. Work: ``O(B)`` vectorised per query.
+    The references of ``names[i]`` are the ``min(n, B - 1)`` others with the smallest
+    ``mix(h(seed, names[i]) * phi + h(seed, name))`` (``h``: sha256, ``mix``: splitmix64): seeded and
+    independent of the datalist order.
 
     Args:
         names: unique volume names (the workflow passes the image stems).
         n: references per query volume, ``>= 1``.
         seed: seed of the draw.
         queries: the query indices wanted (default: all).
-        subjects: optional subject per volume; the other scans of a query's subject are never drawn
-            (the draw is then over the volumes of other subjects, ``min(n, count)`` of them).
+        subjects: optional subject per volume; the other scans of a query's subject are never drawn.
 
     Returns:
         ``{query index: [reference indices, in name order]}``.
@@ -202,22 +178,15 @@ def reference_subsets(
 class ReferencePlan:
     """Which reference volumes each query volume of a cohort is scored against (indices, no tokens).
 
-    A plan has exactly one of three shapes:
-
-    * ``batches``: groups of cohort volumes, each scored within itself: a query's references are the
-      other members of its batch, less the other scans of its subject (``all``: one batch, the whole
-      cohort; ``chunks:N``: one per chunk that holds a query).
-    * ``subsets``: ``{query: its reference volumes in the cohort}`` (``random:N``; the draw already
-      leaves out the query's subject).
-    * ``skips``: a reference bank. Per cohort volume, the bank volumes that are *not* its references
-      (the volume itself, or every scan of its subject in the bank), or ``None``; every other bank
-      volume is. The cohort's volumes are never references for each other.
+    A plan has exactly one of ``batches`` (groups each scored within itself: ``all`` or ``chunks:N``),
+    ``subsets`` (``random:N``) or ``skips`` (a reference bank: per cohort volume the bank volumes that are
+    *not* its references, or ``None``).
 
     Attributes:
         queries: the cohort volumes to score, sorted.
-        batches: see above; the members of each batch, in cohort order.
-        subsets: see above.
-        skips: see above; one entry per cohort volume.
+        batches: the members of each batch, in cohort order.
+        subsets: ``{query: its reference volumes in the cohort}``.
+        skips: one entry per cohort volume.
         subjects: the subject of each cohort volume (``None``: every volume is its own), for batches.
     """
 
@@ -256,10 +225,8 @@ def plan_references(
         b: volumes in the cohort.
         seed: seed of the ``random`` draw.
         queries: the volumes to score (default: all).
-        names: volume names that seed the ``random`` draw so that it does not depend on the cohort's
-            order (default: the positions).
-        subjects: the subject of each volume: the other scans of a volume's subject are never its
-            references, in every mode.
+        names: volume names that seed the ``random`` draw (default: the positions).
+        subjects: the subject of each volume; a volume's other scans are never its references.
 
     Raises:
         ValueError: a bank set, fewer than 2 volumes, or names that do not match the cohort.
@@ -290,8 +257,7 @@ def bank_plan(
     Args:
         b: the new volumes, ``>= 1``.
         queries: score only these (default: all).
-        exclude: per new volume, the index of the bank volume that is that same scan, or the indices of
-            every scan of its subject in the bank, or ``None``.
+        exclude: per new volume, the bank index (or indices: its subject's scans) of itself, or ``None``.
     """
     if b < 1:
         raise ValueError("no volumes to score against the reference bank")

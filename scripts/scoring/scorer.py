@@ -1,10 +1,7 @@
 """The one entry point of scoring: a cohort's token grids against a reference plan (Eq. 1-2, Eq. 6).
 
-:class:`Scorer` turns a batch of :class:`scripts.tokens.VolumeTokens` and a
-:class:`scripts.scoring.references.ReferencePlan` into per-volume score grids with the scorers of
-:mod:`scripts.scoring`. Each (axis, layer) is scored independently and freed before the next, so at
-most one key's batch is held besides the tokens themselves. This module sits one layer above the rest
-of the package: it reads :mod:`scripts.tokens`' containers, which the pure tensor code does not.
+Each (axis, layer) is scored independently and freed before the next. This module sits one layer above
+the rest of the package: it reads :mod:`scripts.tokens`' containers.
 """
 
 from __future__ import annotations
@@ -13,7 +10,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from scripts.scoring.against import reference_scores, subset_scores
-from scripts.scoring.blocks import DEFAULT_BLOCK_ELEMENTS, DEFAULT_QUERY_TILE
+from scripts.scoring.blocks import DEFAULT_BLOCK_ELEMENTS, DEFAULT_QUERY_TILE, excluded
 from scripts.scoring.c2f import c2f_scores
 from scripts.scoring.exact import mutual_similarity_scores
 from scripts.scoring.references import ReferencePlan
@@ -91,8 +88,7 @@ class Scorer:
         """Token scores of the plan's queries of ``bank`` against their references.
 
         Args:
-            bank: tokens of the cohort (held in a :class:`scripts.tokens.BatchBuffer`: scored in place
-                when the plan is one batch of the whole cohort).
+            bank: tokens of the cohort (scored in place when the plan is one batch of the whole cohort).
             plan: which references each query volume has.
             reference_bank: the bank's tokens, for a plan with ``skips`` (e.g. memory-mapped fp16).
 
@@ -116,9 +112,9 @@ class Scorer:
         return self._score_batches(bank, jobs, "chunk")
 
     def budget(self, device: torch.device) -> tuple[int, int]:
-        """``(query_tile, block_elements)`` on ``device``: as given on the CPU; on a GPU, the defaults
-        grow with the free memory (blocks of up to 2^27 fp32 elements, 1/16 of what is free, and query
-        tiles of whole volumes), since every block is a few kernel launches whatever its size."""
+        """``(query_tile, block_elements)`` on ``device``: as given on the CPU; on a GPU the defaults grow with
+        the free memory, since every block is a few kernel launches whatever its size.
+        """
         tile, block = self.query_tile, self.block_elements
         if device.type != "cuda" or (tile, block) != (DEFAULT_QUERY_TILE, DEFAULT_BLOCK_ELEMENTS):
             return tile, block
@@ -147,11 +143,8 @@ class Scorer:
         queries: Sequence[int] | None = None,
         subjects: Sequence[object] | None = None,
     ) -> TokenScores:
-        """Every volume of ``queries`` (default: all) against all other volumes of ``bank``, except the
-        other scans of its subject when ``subjects`` (one per volume) is given.
-
-        For F/MS the result also holds ``key + "/fine"`` grids ``[M * h, P, P]`` of C2F fine scores,
-        the coarse ones coming from the same coarse distance pass.
+        """Every volume of ``queries`` (default: all) against all other volumes of ``bank`` but its subject's
+        other scans; for F/MS also the ``key + "/fine"`` grids ``[M * h, P, P]`` of C2F fine scores.
         """
         if len(bank) < 2:
             raise ValueError(f"CS3F scores volumes against each other: need at least 2 volumes, got {len(bank)}")
@@ -192,8 +185,7 @@ class Scorer:
         who: tuple[Sequence[int] | None, Iterable[int], Sequence[object] | None],
         results: TokenScores,
     ) -> torch.Tensor:
-        """Coarse scores of ``key`` (returned) and its fine scores (written into ``results``);
-        ``who`` is ``(queries, wanted, subjects)`` as in :meth:`exact`."""
+        """Coarse scores of ``key`` (returned) and its fine scores (into ``results``); ``who`` as in :meth:`exact`."""
         queries, wanted, subjects = who
         fine_shape = bank[0].grids[key + FINE_SUFFIX].shape
         h = fine_shape[0] // shape[0]
@@ -216,8 +208,7 @@ class Scorer:
         jobs: Sequence[tuple[Sequence[int], list[int], list[object] | None]],
         what: str,
     ) -> TokenScores:
-        """Score each job ``(members, local queries, subjects)`` as its own batch; one progress bar
-        over the jobs instead of one per job."""
+        """Score each job ``(members, local queries, subjects)`` as its own batch, under one progress bar."""
         results: TokenScores = [{} for _ in bank]
         progress, self.progress = self.progress, False
         try:
@@ -235,8 +226,7 @@ class Scorer:
         return results
 
     def subsets(self, bank: Sequence[VolumeTokens], subsets: Mapping[int, Sequence[int]]) -> TokenScores:
-        """CS3F-C of each query volume against its own reference subset (one gather per query, no
-        per-query batch; :func:`scripts.scoring.subset_scores`)."""
+        """CS3F-C of each query volume against its own reference subset (:func:`scripts.scoring.subset_scores`)."""
         keys = check_same_grids(bank)
         results: TokenScores = [{} for _ in bank]
         batches = self._key_batches(bank, keys, "scoring vs reference subsets (axis/layer)")
@@ -257,14 +247,8 @@ class Scorer:
         wanted: Sequence[int],
         skips: Sequence[int | Sequence[int] | None],
     ) -> TokenScores:
-        """Volumes ``wanted`` of ``bank`` against the reference bank's volumes only.
-
-        Args:
-            references: ``{key: (tokens [B_ref, N, d], valid [B_ref, N])}`` (e.g. memory-mapped fp16).
-            bank: the new volumes' tokens.
-            wanted: indices into ``bank`` to score.
-            skips: per volume of ``bank``, the reference index that is that same scan (or the indices of
-                every scan of its subject), or ``None``.
+        """Volumes ``wanted`` of ``bank`` against the reference bank's volumes ``references`` only
+        (``{key: (tokens [B_ref, N, d], valid [B_ref, N])}``), each but its ``skips`` entry.
         """
         results: TokenScores = [{} for _ in bank]
         keys = list(bank[0].grids)
@@ -274,7 +258,7 @@ class Scorer:
             b_ref = next(iter(references.values()))[0].shape[0]
             for i in wanted:
                 like = bank[i]
-                skip = _skipped(skips[i])
+                skip = set(excluded(skips[i]))
                 refs = [_reference_volume(references, keys, j, like) for j in range(b_ref) if j not in skip]
                 results[i] = self.exact([like, *refs], [0])[0]
             return results
@@ -314,12 +298,6 @@ def check_bank_grids(references: BankTokens, bank: Sequence[VolumeTokens]) -> No
                     f"volume {i}: {key} token grid {got} does not match the reference bank's "
                     f"{n_ref} tokens x d={d}: volumes must be on its grid"
                 )
-
-
-def _skipped(skip: int | Sequence[int] | None) -> set[int]:
-    if skip is None:
-        return set()
-    return {int(skip)} if isinstance(skip, int) else {int(s) for s in skip}
 
 
 def _reference_volume(references: BankTokens, keys: Sequence[str], j: int, like: VolumeTokens) -> VolumeTokens:

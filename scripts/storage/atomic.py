@@ -1,13 +1,8 @@
 """Crash-safe output writing: every file the bundle writes appears whole or not at all.
 
-:func:`atomic_write` gives a writer a hidden temporary file beside the target, created the way ``open()``
-creates a file (mode ``0o666`` less the process umask, so outputs are as readable as any other file the
-user makes), flushes it to disk and renames it over the target (``os.replace``, atomic on POSIX). A writer
-that raises leaves neither the target nor the temporary file; a process killed mid-write leaves at most a
-hidden ``.<name>.tmp-<hex>`` file, never a truncated target that a later step would take for a result.
-
-Every writer of the bundle goes through it: text, bytes, JSON and CSV (the conveniences below), anomaly
-maps (:class:`AtomicNibabelWriter`), figures, reference banks and the token cache.
+:func:`atomic_write` fills a hidden temporary file beside the target (mode as ``open()`` makes it),
+flushes it and renames it over the target; a killed process leaves at most a hidden ``.<name>.tmp-<hex>``
+file, never a truncated output. Every writer of the bundle goes through it.
 """
 
 from __future__ import annotations
@@ -28,7 +23,6 @@ from monai.data import NibabelWriter
 __all__ = [
     "AtomicNibabelWriter",
     "atomic_write",
-    "atomic_write_bytes",
     "atomic_write_csv",
     "atomic_write_json",
     "atomic_write_text",
@@ -42,12 +36,8 @@ _DOUBLE_SUFFIXES = (".nii.gz",)
 
 
 def temp_path(path: str | Path, keep_suffix: bool = False) -> Path:
-    """Create an empty hidden temporary file beside ``path`` and return its name.
-
-    Args:
-        path: the target the temporary file will be renamed to (its folder is created).
-        keep_suffix: end the temporary name with the target's extension (``.nii.gz``, ``.npy``, ``.png``),
-            for libraries that choose the format from it or append it when it is missing.
+    """Create an empty hidden temporary file beside ``path`` (its folder created) and return its name;
+    ``keep_suffix`` ends it with the target's extension, for libraries that pick the format from it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,12 +67,11 @@ def commit(tmp: str | Path, path: str | Path) -> Path:
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], Any], keep_suffix: bool = False) -> Path:
-    """Write ``path`` atomically: ``write(tmp)`` fills a temporary file, which then replaces ``path``.
+    """Write ``path`` atomically: ``write(tmp)`` fills an empty temporary file, which then replaces ``path``.
 
     Args:
         path: the file to write.
-        write: called with the temporary file's path (it exists, empty; opening it for writing keeps its
-            umask-derived mode). Any library writer fits: ``lambda tmp: torch.save(obj, tmp)``.
+        write: called with the temporary file's path, e.g. ``lambda tmp: torch.save(obj, tmp)``.
         keep_suffix: see :func:`temp_path`.
 
     Returns:
@@ -95,11 +84,6 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any], keep_suffix: bo
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically."""
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
@@ -130,9 +114,9 @@ def atomic_write_csv(
 
 
 def jsonable(value: Any) -> Any:
-    """``value`` as plain JSON data: mappings (keys as strings), lists, strings, finite numbers, booleans
-    and ``None``. Tuples become lists, numpy/torch scalars and arrays numbers and lists, enums their value,
-    non-finite floats ``None``, anything else its ``str``; a JSON round trip then returns an equal value."""
+    """``value`` as plain JSON data (tuples as lists, numpy/torch values as numbers and lists, enums as
+    their value, non-finite floats as ``None``, anything else as its ``str``).
+    """
     if isinstance(value, Enum):
         value = value.value
     if hasattr(value, "tolist") and not isinstance(value, str):  # numpy and torch scalars and arrays
@@ -149,10 +133,8 @@ def jsonable(value: Any) -> Any:
 
 
 class AtomicNibabelWriter(NibabelWriter):
-    """MONAI's ``NibabelWriter`` writing through :func:`atomic_write`.
-
-    A run killed while saving leaves at most a hidden ``.*.tmp-*.nii.gz`` file, never a truncated
-    ``*_anomaly.nii.gz``. Use it as ``SaveImaged(writer="scripts.storage.atomic.AtomicNibabelWriter")``.
+    """MONAI's ``NibabelWriter`` writing through :func:`atomic_write`
+    (``SaveImaged(writer="scripts.storage.atomic.AtomicNibabelWriter")``).
     """
 
     def write(self, filename, verbose: bool = False, **obj_kwargs) -> None:  # noqa: ANN001 - as NibabelWriter

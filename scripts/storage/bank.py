@@ -1,28 +1,9 @@
 """Reference token banks: tokenize a cohort once, then score new volumes against it.
 
-A site screening daily arrivals builds the bank of a reference cohort once
-(``configs/build_bank.json``) and scores each day's scans against it (``reference_bank`` in
-``configs/inference.json``) without encoding the reference cohort again.
-
-Bank format (a folder, version :data:`BANK_VERSION`)::
-
-    BANK/bank.json                          manifest (written last: no manifest, no bank)
-    BANK/tokens/<axis>_<layer>.tokens.npy   fp16 [B, N, d]  tokens of part "" (the whole volume)
-    BANK/tokens/<axis>_<layer>.valid.npy    bool [B, N]     token validity
-    BANK/tokens/<axis>_<layer>_fine.*.npy   the same for fine tokens (variants F/MS)
-    BANK/tokens-<part>/...                  other parts (e.g. the lungs of configs/lung_ct.json)
-
-``N = M * P * P`` is the token grid ``[M, P, P]`` of the key, flattened in row-major order (fine grids
-``[M * h, P, P]`` likewise). The manifest records the format and version, the identity of everything
-that shapes tokens (encoder identity with the sha256 of its weights, layers, axes, ``q``, ``q_fine``
-and variant, ``d``, ``seed``, ``delta``, the preprocessing parameters), the volume names, the sha256 of
-each volume's source files (so that a new volume is never its own reference), the preprocessed grid
-(shape and affine) and the per-key token grid shapes. A run whose configuration differs gets one
-:class:`~scripts.errors.CS3FInputError` line naming the differing fields.
-
-:class:`BankWriter` writes the arrays volume by volume as the cohort is tokenized, and readers open
-them with ``np.load(mmap_mode="r")``: a bank larger than RAM is built without holding it, and streamed
-from disk block by block by :func:`scripts.scoring.reference_scores` (CS3F-C).
+A bank is a folder of fp16 ``[B, N, d]`` token and bool ``[B, N]`` validity ``.npy`` arrays per part and
+key, plus ``bank.json`` (written last) recording everything that shapes tokens; the format is in
+docs/scaling.md. :class:`BankWriter` writes volume by volume and readers memory-map the arrays, so a
+bank larger than RAM is neither held to build nor to score.
 """
 
 from __future__ import annotations
@@ -52,10 +33,8 @@ def bank_identity(describe: Mapping, encoder: Mapping | str, preprocessing: Mapp
 
     Args:
         describe: :meth:`scripts.inferer.CS3FInferer.describe` of the run.
-        encoder: the encoder's identity (``network.identity()``: name, layers, input size,
-            normalisation, weights with their sha256), or its class name.
-        preprocessing: the parameters of the preprocessing (see
-            :func:`scripts.engine.identity.preprocessing_identity`).
+        encoder: the encoder's identity (``network.identity()``), or its class name.
+        preprocessing: the parameters of the preprocessing.
     """
     layers = encoder.get("layers") if isinstance(encoder, Mapping) else None
     return jsonable(
@@ -79,9 +58,9 @@ _MAX_DIFFS = 8
 
 
 def _differences(run, bank, prefix: str) -> list[str]:  # noqa: ANN001 - JSON values
-    """``"<field> (bank <value>, run <value>)"`` for each differing field under ``prefix``: down to the
-    leaves where both sides are dicts, else at the highest level where they differ (an absent value is
-    ``null``), so that a section one side lacks is one difference, not one per leaf."""
+    """``"<field> (bank <value>, run <value>)"`` for each differing field under ``prefix``, recursing only
+    where both sides are dicts (a section one side lacks is one difference).
+    """
     if isinstance(run, dict) and isinstance(bank, dict):
         out = []
         for key in sorted(set(run) | set(bank)):
@@ -104,15 +83,12 @@ def _part_dir(part: str) -> str:
 
 
 class BankWriter:
-    """Writes a token bank volume by volume (see the module docstring), so that building a bank never
-    holds more than one volume's tokens: each ``(part, key)`` array is an ``open_memmap`` temporary file
-    (:func:`scripts.storage.atomic.temp_path`) of ``capacity`` rows filled as volumes arrive.
-    :meth:`finish` renames each into place, truncated to the volumes actually added (a streamed copy, only
-    when some were skipped), and writes the manifest last; :meth:`abort` removes the temporary files.
+    """Writes a token bank volume by volume into ``capacity``-row temporary memmaps; :meth:`finish`
+    renames them into place (truncated to the volumes added) and writes the manifest last; :meth:`abort`
+    removes them.
 
     Args:
-        folder: the bank folder (created; an existing bank there is replaced: its manifest is removed
-            first, so that a half-rewritten bank is never taken for a whole one).
+        folder: the bank folder (created; an existing bank's manifest is removed first).
         capacity: the most volumes that will be added (e.g. the length of the datalist).
     """
 
@@ -181,8 +157,8 @@ class BankWriter:
             sources: sha256 of each volume's source files, by name or in order (``""``: unknown).
             grids: ``{part: (spatial shape, affine [4, 4])}`` of the preprocessed volumes.
             info: extra entries for the manifest (e.g. software versions).
-            subjects: ``{name: (subject, sha256 of its voxels)}``: scans of one subject scored against
-                the bank later are never matched with each other.
+            subjects: ``{name: (subject, sha256 of its voxels)}``, so that later scans of one subject are
+                never matched with each other.
         """
         b = len(self.names)
         if b == 0:
@@ -241,8 +217,7 @@ def save_bank(
     info: Mapping | None = None,
     subjects: Mapping[str, tuple[str, str]] | None = None,
 ) -> Path:
-    """Write the token bank of in-memory tokens ``banks = {part: {name: VolumeTokens}}`` (part ``""``
-    is the whole volume) for ``names`` in that order; see :class:`BankWriter` for the other arguments."""
+    """Write the bank of in-memory tokens ``{part: {name: VolumeTokens}}`` for ``names`` (see :class:`BankWriter`)."""
     names = [str(n) for n in names]
     for part, bank in banks.items():
         missing = [n for n in names if n not in bank]
@@ -304,8 +279,7 @@ class TokenBank:
         return len(self.manifest["volumes"])
 
     def same_subject(self, digest: str | None, subject: str, voxels: str) -> list[int]:
-        """Bank indices that are the same scan (same source bytes or voxels) or, when both name one
-        (``subject`` column or pattern; ``""``: none), the same subject."""
+        """Bank indices that are the same scan (same source bytes or voxels) or the same named subject."""
         out = set()
         source = self.index_of_source(digest)
         if source is not None:

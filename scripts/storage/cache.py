@@ -1,13 +1,7 @@
 """Per-volume token cache: a killed run resumes without re-encoding what it already tokenized.
 
-``<cache_dir>/<stem>.pt`` holds one volume's :class:`~scripts.inferer.VolumeTokens` together with
-
-* the **run key**: a hash of everything that shapes tokens (inferer parameters, encoder identity
-  including the weights' sha256, preprocessing parameters), and
-* the **source key**: a hash of the bytes of the input image and mask files.
-
-An entry is used only when both match, so a changed config, encoder or input file invalidates it.
-Entries are written through :func:`scripts.storage.atomic.atomic_write`: a half-written entry cannot exist.
+``<cache_dir>/<stem>.pt`` is used only when its run key (a hash of everything that shapes tokens) and
+its source key (a hash of the input files' bytes) both match.
 """
 
 from __future__ import annotations

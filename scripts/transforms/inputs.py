@@ -29,16 +29,10 @@ class CheckedLoadImaged(LoadImaged):
 
 
 class CheckVolumed(MapTransform):
-    """Reject (or repair) volumes CS3F cannot score, naming the file.
+    """Reject (or repair) volumes CS3F cannot score, naming the file in one :class:`CS3FInputError`.
 
-    * non-finite voxels in ``keys``: ``nonfinite="error"`` raises; ``"zero"`` replaces them with 0;
-    * a constant image in ``keys`` (blank, all zero): raises (it carries no anatomy to compare);
-    * an empty (all-background) ``mask_key``: raises (no token of that volume could be valid).
-
-    Each is one :class:`CS3FInputError` naming the file, which ``on_bad_input="skip"`` turns into a
-    skipped volume with a warning line.
-
-    Place it right after loading, before intensity scaling (percentiles of NaN are NaN).
+    Non-finite voxels raise (``nonfinite="error"``) or become 0 (``"zero"``); a constant image or an empty
+    mask raises. Place it right after loading, before intensity scaling.
     """
 
     def __init__(

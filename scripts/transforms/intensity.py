@@ -1,15 +1,8 @@
 """Nyúl histogram standardisation (Nyúl, Udupa & Zhang, IEEE TMI 2000), learned from the batch itself.
 
-MR intensities have no fixed meaning: the same tissue lands at different values in different scans.
-CS3F compares tokens across subjects, so the paper standardises every brain volume's histogram before
-tokenization (Sec. 4.1). Nyúl's method maps a few intensity landmarks of each volume's foreground
-(percentiles ``pc_low``, the deciles, ``pc_high``) piecewise linearly onto a *standard scale*: the
-mean, over a set of volumes, of their landmarks after mapping ``[pc_low, pc_high]`` linearly onto
-``[s_min, s_max]``.
-
-No separate training set is needed: :meth:`NyulStandardize.fit` learns the standard scale from the
-cohort being scored (training-free, as CS3F is), from each volume's foreground (its mask, or voxels
-above the volume's minimum). Outside ``[pc_low, pc_high]`` the first and last segments are extended.
+Each volume's foreground landmarks (percentiles ``pc_low``, the deciles, ``pc_high``) are mapped
+piecewise linearly onto a standard scale, which :meth:`NyulStandardize.fit` learns from the cohort
+being scored (training-free, as CS3F is; paper Sec. 4.1).
 """
 
 from __future__ import annotations
@@ -147,12 +140,10 @@ class NyulStandardized(MapTransform):
     def fit(
         self, data: Iterable[Mapping[Hashable, object]], transform: Callable | None = None, num_workers: int = 0
     ) -> np.ndarray:
-        """Learn the standard scale from ``data``: dicts of arrays, or of file paths that ``transform``
-        (e.g. the preprocessing steps before this one: loading, orientation, crop, resize) or, without
-        one, MONAI's ``LoadImage`` turns into arrays. One volume is held at a time in this process;
-        ``num_workers > 0`` loads and transforms the volumes in that many worker processes (a cohort of
-        224^3 volumes would otherwise keep a GPU waiting on one CPU core before the run starts). The
-        scale does not depend on the number of workers (the volumes arrive in order)."""
+        """Learn the standard scale from ``data``: dicts of arrays, or of file paths that ``transform`` (or,
+        without one, MONAI's ``LoadImage``) turns into arrays. ``num_workers > 0`` loads them in that many
+        worker processes; the scale does not depend on the number of workers.
+        """
         from monai.transforms import LoadImage
 
         load = LoadImage(image_only=True)

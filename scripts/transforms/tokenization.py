@@ -1,20 +1,8 @@
-"""CS3F tokenization steps as MONAI transforms (paper Sec. 3.3).
+"""CS3F tokenization steps as MONAI transforms (paper Sec. 3.3), each an array transform plus a
+dictionary wrapper: :class:`MultiAxisSlice`, :class:`DepthPool`, :class:`RandomProjection`, :class:`TokenValidity`.
 
-Each step is an array transform plus a dictionary wrapper that reuses it, so the steps compose into
-any MONAI ``Compose``:
-
-* :class:`MultiAxisSlice` - a volume ``[1, H, W, D]`` to per-axis slice stacks ``[T, 3, R, R]``
-  (resized, replicated to 3 channels, normalised for the encoder).
-* :class:`DepthPool` - slice features ``[T, C, P, P]`` to volumetric tokens ``[T/q, C, P, P]``
-  (mean of ``q`` consecutive slices, then L2 normalisation over channels; Eq. 4).
-* :class:`RandomProjection` - tokens ``[M, C, P, P]`` to ``[M, d, P, P]`` with a seeded Gaussian
-  matrix, entries ``N(0, 1/d)`` (Sec. 3.3.3).
-* :class:`TokenValidity` - a foreground mask ``[1, H, W, D]`` to a token validity grid
-  ``[M, P, P]``: foreground fraction of each token's support ``> delta`` (Remark 1).
-
-Axis convention: spatial dims of a channel-first volume in RAS orientation (``Orientationd(axcodes=
-"RAS")``) are ``(sagittal, coronal, axial)`` = dims ``(1, 2, 3)`` of ``[C, H, W, D]``. Slicing along
-an axis moves that dim first; the two remaining dims keep their order and form the slice plane.
+Axis convention: dims ``(1, 2, 3)`` of a RAS ``[C, H, W, D]`` volume are ``(sagittal, coronal, axial)``;
+slicing along an axis moves that dim first, the two others keep their order as the slice plane.
 """
 
 from __future__ import annotations
@@ -107,11 +95,10 @@ class MultiAxisSlice(Transform):
     Args:
         axes: axes to slice along (names or indices).
         size: encoder input resolution ``R``.
-        mean: per-channel mean of the encoder's normalisation (the encoder's ``mean``).
+        mean: per-channel mean of the encoder's normalisation.
         std: per-channel std of the encoder's normalisation.
 
-    Call: ``volume [1, H, W, D]`` -> ``{axis: [T, 3, R, R]}``. Use :meth:`slab` for a range of
-    slices only (what the inferer streams).
+    Call: ``volume [1, H, W, D]`` -> ``{axis: [T, 3, R, R]}``; :meth:`slab` for a range of slices.
     """
 
     backend = [TransformBackends.TORCH]
@@ -214,11 +201,8 @@ class DepthPoold(MapTransform):
 
 
 def projection_matrix(in_channels: int, d: int = 128, seed: int = 0, name: str = "") -> torch.Tensor:
-    """The ``[in_channels, d]`` random projection with entries ``N(0, 1/d)``.
-
-    Deterministic across calls, processes and machines: drawn on the CPU from a generator seeded by
-    ``seed`` and a stable hash of ``name`` (e.g. ``"axial/1"``), so every axis x layer gets its own
-    matrix and every volume of a cohort the same one.
+    """The ``[in_channels, d]`` random projection with entries ``N(0, 1/d)``, drawn on the CPU from
+    ``seed`` and a stable hash of ``name`` (e.g. ``"axial/1"``): the same on every process and machine.
     """
     salt = int.from_bytes(hashlib.sha256(f"{name}|{in_channels}|{d}".encode()).digest()[:6], "little")
     generator = torch.Generator(device="cpu").manual_seed((int(seed) * 1_000_003 + salt) % (2**63 - 1))
@@ -271,9 +255,8 @@ class RandomProjectiond(MapTransform):
 class TokenValidity(Transform):
     """Which tokens of an axis grid have enough foreground (Remark 1).
 
-    A token along ``axis`` covers ``q`` consecutive slices and one of the ``P x P`` in-plane patches
-    of the resized slice; its foreground fraction is the mean of the mask over that support, computed
-    on the original grid with adaptive average pooling (exact when ``P`` divides the in-plane size).
+    A token's foreground fraction is the mean of the mask over its ``q`` slices and in-plane patch, by
+    adaptive average pooling on the original grid.
 
     Args:
         axis: slicing axis.
@@ -293,8 +276,7 @@ class TokenValidity(Transform):
         self.delta = float(delta)
 
     def fraction(self, mask: torch.Tensor) -> torch.Tensor:
-        """Foreground fraction ``[T/q, P, P]`` of every token; foreground is ``mask > 0``, so a
-        ``{0, 255}`` or label mask gives the same fractions as its binary form."""
+        """Foreground fraction ``[T/q, P, P]`` of every token (foreground: ``mask > 0``)."""
         stack = slices_first(convert_to_tensor(mask, track_meta=False), self.axis)[:, 0] > 0  # [T, h, w]
         stack = stack.float()
         m = check_divisible(stack.shape[0], self.q, self.axis)

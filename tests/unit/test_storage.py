@@ -22,7 +22,6 @@ from scripts.evaluation import plots, report
 from scripts.storage.atomic import (
     AtomicNibabelWriter,
     atomic_write,
-    atomic_write_bytes,
     atomic_write_csv,
     atomic_write_json,
     atomic_write_text,
@@ -66,7 +65,6 @@ def _bank(folder: Path) -> None:
 # every writer of the bundle: (name, writes one or more files under the given folder)
 WRITERS: dict[str, Callable[[Path], None]] = {
     "text": lambda d: atomic_write_text(d / "scores.csv", "image,score\na,1\n"),
-    "bytes": lambda d: atomic_write_bytes(d / "blob.bin", b"\x00\x01"),
     "json": lambda d: atomic_write_json(d / "run.json", {"a": 1}),
     "csv": lambda d: atomic_write_csv(d / "t.csv", [[1, 2]], header=["x", "y"]),
     "lesions_csv": lambda d: report._write_csv(d / "lesions.csv", [{"x": 1, "y": 2}], ["x", "y"]),
