@@ -2,24 +2,34 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import subprocess
+import sys
+from pathlib import Path
 
-import torch
 from tests.helpers import ROOT
 
 README = (ROOT / "README.md").read_text()
 
 
-def test_readme_composition_example_runs() -> None:
+def test_readme_composition_example_runs_from_outside_the_bundle(tmp_path: Path) -> None:
+    """The example as a script in another folder, with the bundle folder where it says "/path/to/cs3f"."""
     block = README.split("<!-- readme-example: start -->")[1].split("<!-- readme-example: end -->")[0]
     code = re.search(r"```python\n(.*?)```", block, re.S).group(1)
-    namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own documentation
-    assert namespace["tokens"].shape[:2] == (4, 128)
-    assert namespace["maps"].shape == (4, 1, 32, 32, 32)
-    assert namespace["scores"].shape == (4,)
-    assert torch.isfinite(namespace["scores"]).all()
+    assert '"/path/to/cs3f"' in code
+    script = tmp_path / "example.py"
+    checks = """
+assert tokens.shape[:2] == (4, 128)
+assert maps.shape == (4, 1, 32, 32, 32)
+assert scores.shape == (4,) and torch.isfinite(scores).all()
+print("ok")
+"""
+    script.write_text(code.replace('"/path/to/cs3f"', repr(str(ROOT))) + checks)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing but the example finds scripts
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
 def _commands(script: str) -> list[list[str]]:
