@@ -31,7 +31,7 @@ from scripts.benchmarks.common import ROOT, bundle_command
 from scripts.benchmarks.tables import table
 
 METRICS = ("patient_auroc", "patient_ap", "voxel_ap", "dice_max", "ltpr99_large", "localization99")
-# Setting name -> the bundle's ``references`` key (see scripts/references.py).
+# Setting name -> the bundle's ``references`` key (see scripts/scoring/references.py).
 SETTINGS = {
     "full": {},
     **{f"chunks:{n}": {"references": f"chunks:{n}"} for n in (32, 16, 8)},

@@ -36,7 +36,7 @@ import numpy as np
 from monai.data import Dataset
 from scripts.engine.subjects import subject_of
 from scripts.errors import CS3FInputError, as_bool, as_choice, find_input_error, one_line
-from scripts.references import ReferenceSet
+from scripts.scoring.references import ReferenceSet
 
 __all__ = [
     "Datalist",
@@ -139,7 +139,7 @@ def make_datalist(
             (:func:`scripts.engine.subjects.subject_of`); rows then carry a ``"subject"``.
         modality: the image of a BraTS-style folder (``t1``, ``t1ce``, ``t2`` or ``flair``); required
             for such a folder, an error for any other layout.
-        references: the inferer's reference set (:class:`scripts.references.ReferenceSet`), for the
+        references: the inferer's reference set (:class:`scripts.scoring.references.ReferenceSet`), for the
             default ``min_volumes``.
 
     Raises:
