@@ -4,7 +4,7 @@ CS3F needs the whole cohort before it can score any volume, so the engine makes 
 data loader (two ignite epochs) with the scoring step (:mod:`scripts.engine.scoring_step`) between:
 
 1. **tokenize** (epoch 1): per volume, check its grid (:mod:`scripts.engine.grid`) and keep its tokens
-   (encoded, or read from the cache: :mod:`scripts.engine.tokens`).
+   (encoded, or read from the cache: :mod:`scripts.engine.cached_tokens`).
 2. **score**: the cohort against itself, or against a reference bank; or save the bank (``build_bank``).
 3. **write** (epoch 2): reload each volume (cheap next to encoding, and memory stays at the token bank),
    fuse its token scores into a voxel map, run ``postprocessing`` (``Invertd``, ``SaveImaged``).
@@ -27,6 +27,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 from monai.data import MetaTensor, decollate_batch
 from monai.engines import Workflow
+from scripts.engine.cached_tokens import CachedTokenizer, source_digest, voxel_digest
 from scripts.engine.cohort import Cohort, Delegate, volume_name
 from scripts.engine.datalist import check_on_bad_input, check_output_dir
 from scripts.engine.distributed import gather_scores, world
@@ -35,7 +36,6 @@ from scripts.engine.identity import preprocessing_identity, token_identity
 from scripts.engine.parts import WholeVolume
 from scripts.engine.record import StageTimes, run_record
 from scripts.engine.scoring_step import CohortScoring
-from scripts.engine.tokens import CachedTokenizer, source_digest, voxel_digest
 from scripts.errors import CS3FInputError, as_bool, as_int, find_input_error
 from scripts.inferer import CS3FInferer
 from scripts.scoring.scorer import resolve_precision

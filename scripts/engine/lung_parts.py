@@ -13,7 +13,15 @@ from typing import Any
 import torch
 from scripts.engine.evaluator import CS3FEvaluator
 from scripts.engine.parts import WholeVolume
-from scripts.transforms.lung import LEFT, PAPER_CROP_SIZE, RIGHT, SIDES, LungCropd, check_crop_divisible, label_values
+from scripts.transforms.lung_crops import (
+    LEFT,
+    PAPER_CROP_SIZE,
+    RIGHT,
+    SIDES,
+    LungCropd,
+    check_crop_divisible,
+    label_values,
+)
 from scripts.transforms.tokenization import AXES
 
 __all__ = ["LungCS3FEvaluator", "LungParts"]

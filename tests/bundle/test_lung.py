@@ -20,8 +20,8 @@ from scripts.errors import CS3FInputError
 from scripts.inferer import CS3FInferer
 from scripts.synthetic import lung as synth_lung
 from scripts.synthetic.cli import main as synth_main
-from scripts.synthetic.common import SIZE_CLASSES, size_class
-from scripts.transforms.lung import (
+from scripts.synthetic.cohort_files import SIZE_CLASSES, size_class
+from scripts.transforms.lung_crops import (
     PAPER_CROP_SIZE,
     PAPER_Q,
     SIDES,
