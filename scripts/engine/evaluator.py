@@ -4,19 +4,20 @@ CS3F needs the whole cohort before it can score any volume, so the engine makes 
 data loader (two ignite epochs) with the scoring step (:mod:`scripts.engine.scoring_step`) between:
 
 1. **tokenize** (epoch 1): per volume, check its grid (:mod:`scripts.engine.grid`) and keep its tokens
-   (encoded, or read from the cache: :mod:`scripts.engine.tokens`).
+   (encoded, or read from the cache: :mod:`scripts.engine.cached_tokens`).
 2. **score**: the cohort against itself, or against a reference bank; or save the bank (``build_bank``).
 3. **write** (epoch 2): reload each volume (cheap next to encoding, and memory stays at the token bank),
    fuse its token scores into a voxel map, run ``postprocessing`` (``Invertd``, ``SaveImaged``).
 
 The handlers of :mod:`scripts.engine.handlers` write the tables once the results of every process are
-gathered (:mod:`scripts.engine.distributed`). A subclass may score parts of each volume independently
-(:meth:`CS3FEvaluator.split`, e.g. the two lungs) and merge their maps (:meth:`CS3FEvaluator.merge`).
+gathered (:mod:`scripts.engine.distributed`). The engine holds its helpers: the cohort state
+(:class:`scripts.engine.cohort.Cohort`), the scoring step (:class:`scripts.engine.scoring_step.CohortScoring`)
+and the parts of each volume scored independently (``parts``: :class:`scripts.engine.parts.WholeVolume`,
+or e.g. the two lungs of :class:`scripts.engine.lung_parts.LungParts`).
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,26 +27,25 @@ from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 from monai.data import MetaTensor, decollate_batch
 from monai.engines import Workflow
-from scripts.engine.datalist import check_on_bad_input, check_output_dir, image_stem
+from scripts.engine.cached_tokens import CachedTokenizer, source_digest, voxel_digest
+from scripts.engine.cohort import Cohort, Delegate, volume_name
+from scripts.engine.datalist import check_on_bad_input, check_output_dir
 from scripts.engine.distributed import gather_scores, world
 from scripts.engine.grid import CohortGrid
 from scripts.engine.identity import preprocessing_identity, token_identity
 from scripts.engine.parts import WholeVolume
 from scripts.engine.record import StageTimes, run_record
 from scripts.engine.scoring_step import CohortScoring
-from scripts.engine.tokens import CachedTokenizer, source_digest, voxel_digest
 from scripts.errors import CS3FInputError, as_bool, as_int, find_input_error
 from scripts.inferer import CS3FInferer
 from scripts.scoring.scorer import resolve_precision
 from scripts.storage.cache import TokenCache
-from scripts.tokens import BatchBuffer, VolumeTokens
 
 __all__ = ["CS3FEvaluator"]
 
 
-class CS3FEvaluator(WholeVolume, CohortScoring, Workflow):
-    """Two-pass cohort inference engine (see the module docstring); the part hooks (``split``, ``merge``,
-    ``split_transform``, ``check_registration``) are those of :class:`scripts.engine.parts.WholeVolume`.
+class CS3FEvaluator(Workflow):
+    """Two-pass cohort inference engine (see the module docstring).
 
     Args:
         device: device of the encoder.
@@ -74,6 +74,8 @@ class CS3FEvaluator(WholeVolume, CohortScoring, Workflow):
         keep_tokens: keep the token bank (``self.bank``) after scoring, e.g. to inspect it; by default
             it is released once the token scores exist, so that writing the maps does not hold it.
         num_threads: CPU threads of torch (``None``: torch's default).
+        parts: how each volume is cut into parts scored independently (default: ``WholeVolume`` on
+            ``image_key`` and ``mask_key``; see :mod:`scripts.engine.parts`).
 
     Raises:
         CS3FInputError: an output or cache folder that cannot be written, a score precision the device
@@ -99,6 +101,7 @@ class CS3FEvaluator(WholeVolume, CohortScoring, Workflow):
         build_bank: str | Path | None = None,
         keep_tokens: bool | str = False,
         num_threads: int | None = None,
+        parts: WholeVolume | None = None,
     ) -> None:
         # items are decollated in _iteration, where the pass is known; handlers are attached last
         super().__init__(device=device, max_epochs=2, data_loader=val_data_loader, decollate=False)
@@ -118,27 +121,20 @@ class CS3FEvaluator(WholeVolume, CohortScoring, Workflow):
         self.quiet, self.keep_tokens = as_bool(quiet, "quiet"), as_bool(keep_tokens, "keep_tokens")
         self.on_bad_input = check_on_bad_input(on_bad_input or getattr(dataset, "on_bad_input", "error"))
         listed = getattr(getattr(dataset, "data", None), "skipped", ())  # the datalist's
-        self.skipped: list[dict] = list(listed if skipped is None else skipped)
+        self.cohort = Cohort(val_data_loader, list(listed if skipped is None else skipped))
+        self.parts = parts if parts is not None else WholeVolume(image_key, mask_key)
         transform = getattr(dataset, "transform", None)
-        self.preprocessing_identity = preprocessing_identity(transform, self.split_transform())
+        self.preprocessing_identity = preprocessing_identity(transform, self.parts.split_transform())
         identity = token_identity(inferer.describe(), network, self.preprocessing_identity)
         self.cache = TokenCache(cache_dir, identity) if cache_dir is not None else None
         self.tokenizer = CachedTokenizer(inferer, network, self.cache)
         self.grid = CohortGrid()
-        self.names: list[str] = []  # volumes tokenized, in order (after pass 1: the whole cohort's)
-        self._my_names: list[str] = []  # this process's share of them
-        self.sources: dict[str, str] = {}  # name -> sha256 of its source files
-        self.subjects: dict[str, tuple[str, str]] = {}  # name -> (subject, sha256 of its voxels)
-        # part -> volume name -> tokens / token scores (part "" is the whole volume)
-        self.bank: dict[str, dict[str, VolumeTokens]] = {}
-        self._buffers: dict[str, BatchBuffer] = {}
-        self.token_scores: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
-        self.token_validity: dict[str, dict[str, dict[str, torch.Tensor]]] = {}  # edge="normalized" only
-        self.token_stats: dict = {}
         self.subject_scores: dict[str, dict[str, float]] = {}
         self.times = StageTimes()
         self.times.attach(self)
-        self._init_banks(build_bank)
+        self.scoring = CohortScoring(
+            inferer, network, self.preprocessing_identity, self.grid, build_bank, keep_tokens=self.keep_tokens
+        )
         self.outputs = {"bank": str(self.build_bank)} if self.build_bank else {"maps": str(self.output_dir)}
         if self.build_bank is not None:
             self.state.max_epochs = 1
@@ -148,6 +144,11 @@ class CS3FEvaluator(WholeVolume, CohortScoring, Workflow):
         inferer.progress = not self.quiet  # the scoring's progress bars, with the engine's own
         handlers = [ProgressBar(persist=True)] if not self.quiet else []
         self._register_handlers([*handlers, *(val_handlers or ())])
+        self.parts.check(inferer)
+
+    # the helpers' state, under the names the handlers, the run record and the tests read
+    names, skipped, sources, subjects, bank = (Delegate("cohort") for _ in range(5))
+    token_scores, token_validity, token_stats, reference, build_bank = (Delegate("scoring") for _ in range(5))
 
     @staticmethod
     def _drop_input_error_logs(record) -> bool:  # noqa: ANN001 - logging.Filter protocol
@@ -159,17 +160,14 @@ class CS3FEvaluator(WholeVolume, CohortScoring, Workflow):
         try:
             super().run()
         except Exception as err:
-            if self._writer is not None:
-                self._writer.abort()  # no half-built bank left behind
+            self.scoring.abort()  # no half-built bank left behind
             found = find_input_error(err)
             if found is None:
                 raise
             raise found from None
 
-    @property
-    def counts(self) -> dict[str, int]:
-        """Volumes ``encoded`` and read from the token cache (``cached``), by all processes after pass 1."""
-        return self.tokenizer.counts
+    # volumes ``encoded`` and read from the token cache (``cached``), by all processes after pass 1
+    counts = Delegate("tokenizer")
 
     # ------------------------------------------------------------------ passes
     def _iteration(self, engine: Engine, batchdata: dict) -> dict:
@@ -179,79 +177,44 @@ class CS3FEvaluator(WholeVolume, CohortScoring, Workflow):
             names = [step(item) for item in items]
         return {"names": [name for name in names if name is not None]}
 
-    def _name(self, item: dict) -> str:
-        image = item[self.image_key]
-        source = image.meta.get("filename_or_obj", "") if isinstance(image, MetaTensor) else ""
-        if not source:
-            raise CS3FInputError("volumes must come with their file name (LoadImaged meta 'filename_or_obj')")
-        return image_stem(source)
-
-    def _skip(self, name: str, reason: str) -> None:
-        if self.on_bad_input != "skip":
-            raise CS3FInputError(reason)
-        if all(s.get("name") != name for s in self.skipped):
-            warnings.warn(f"cs3f: skipping {name}: {reason}", stacklevel=2)
-            self.skipped.append({"name": name, "reason": reason})
-
     def _tokenize(self, item: dict) -> str | None:
         """Pass 1 on one item: its tokens kept (or streamed to the bank being built); its name, or
         ``None`` if it is left out."""
         if "bad_input" in item:
-            self._skip(item["name"], item["bad_input"])
+            self.cohort.skip(item["name"], item["bad_input"], self.on_bad_input)
             return None
-        name = self._name(item)
+        name = volume_name(item, self.image_key)
         if name in self.names:
             raise CS3FInputError(f"two inputs are named {name!r}: output files would collide")
-        parts = self.split(item)
+        parts = self.parts.split(item, name)
         for part, (image, _) in parts.items():
-            off_grid = self.grid.check(name, part, image, self.check_registration(part, image))
+            off_grid = self.grid.check(name, part, image, self.parts.check_registration(part, image))
             if off_grid:
-                self._skip(name, off_grid)
+                self.cohort.skip(name, off_grid, self.on_bad_input)
                 return None
-        banks = self.build_bank is not None or self.reference is not None
-        digest = self.cache is not None or banks
+        digest = self.cache is not None or self.build_bank is not None or self.reference is not None
         source_key = source_digest(item, (self.image_key, self.mask_key)) if digest else ""
         self.sources[name] = source_key
         # The subject as given (cohort.csv column or subject_pattern; "" if none) and the voxels' digest.
         self.subjects[name] = (str(item.get("subject") or ""), voxel_digest(item[self.image_key]))
-        writer = self._bank_writer()
+        writer = self.scoring.bank_writer(self.cohort)
         for part, (image, mask) in parts.items():
             tokens = self.tokenizer(f"{name}.{part}" if part else name, source_key, image, mask)
             if writer is not None:  # building a bank: straight to disk, never the whole bank in RAM
-                writer.add(name, part, tokens)
-                self._bank_parts.add(part)
+                self.scoring.add_to_bank(writer, name, part, tokens)
             else:
-                self.bank.setdefault(part, {})[name] = self._batch_buffer(part).add(tokens)
+                self.cohort.keep(part, name, tokens)
         self.names.append(name)
         return name
-
-    def _batch_buffer(self, part: str) -> BatchBuffer:
-        """The rows this process's tokens of ``part`` are kept in, one per input (see BatchBuffer)."""
-        if part not in self._buffers:
-            self._buffers[part] = BatchBuffer(len(self.data_loader.dataset))
-        return self._buffers[part]
 
     def _write(self, item: dict) -> str | None:
         """Pass 2 on one item: its voxel map made and post-processed, its subject score recorded."""
         if "bad_input" in item:
             return None
-        name = self._name(item)
-        if name not in self._my_names:  # skipped in pass 1
+        name = volume_name(item, self.image_key)
+        if name not in self.cohort.my_names:  # skipped in pass 1
             return None
-        axis_max: dict[str, float] = {}
-        maps = {}
-        for part, (image, mask) in self.split(item).items():
-            part_max: dict[str, float] = {}
-            maps[part] = self.inferer.voxel_map(
-                self.token_scores[part][name],
-                tuple(image.shape[1:]),
-                mask,
-                axis_max=part_max,
-                validity=self.token_validity.get(part, {}).get(name),
-            )
-            for axis, value in part_max.items():
-                axis_max[axis] = max(axis_max.get(axis, 0.0), value)
-        amap = self.merge(item, maps)
+        amap, axis_max = self.parts.voxel_map(self.inferer, item, name, self.token_scores, self.token_validity)
         mask = item.get(self.mask_key)
         if mask is not None:
             amap = amap * (torch.as_tensor(mask) > 0).to(amap.device)
@@ -263,6 +226,12 @@ class CS3FEvaluator(WholeVolume, CohortScoring, Workflow):
         return name
 
     # ------------------------------------------------------------------ end of the run
+    def _score(self, engine: Engine) -> None:
+        """End of pass 1: the cohort gathered from every process, then scored (or saved as a bank)."""
+        with self.times.measure("score"):
+            self.tokenizer.counts = self.cohort.gather(self.tokenizer.counts)
+            self.scoring(self.cohort)
+
     def _finish(self, engine: Engine) -> None:
         """Gather every process's scores and timings (before the handlers write them)."""
         if world()[1] > 1:
@@ -277,5 +246,5 @@ class CS3FEvaluator(WholeVolume, CohortScoring, Workflow):
         print(f"cs3f: {made}", flush=True)
 
     def summary(self) -> dict:
-        """The run record (:func:`scripts.engine.record.run_record`); subclasses may add to it."""
-        return run_record(self)
+        """The run record (:func:`scripts.engine.record.run_record`) and the parts' entries."""
+        return {**run_record(self), **self.parts.record()}

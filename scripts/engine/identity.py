@@ -97,7 +97,7 @@ def preprocessing_identity(transform: Callable | None, split: Callable | None = 
     Args:
         transform: the transform chain applied to every loaded item (the dataset's ``transform``).
         split: the transform that cuts a preprocessed volume into independently scored parts, if any
-            (e.g. the lung crops of :class:`scripts.engine.lung.LungCS3FEvaluator`).
+            (e.g. the lung crops of :class:`scripts.engine.lung_parts.LungParts`).
     """
     identity = {"transforms": describe_transform(transform)}
     if split is not None:

@@ -54,7 +54,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy import ndimage
-from scripts.synthetic import common
+from scripts.synthetic import cohort_files
 from scripts.synthetic.brain_lesions import (
     LesionSpec,
     Warp,
@@ -68,7 +68,7 @@ from scripts.synthetic.brain_lesions import (
     subject_rngs,
 )
 from scripts.synthetic.brain_templates import BASES, COLIN27_PATH, BaseAnatomy, base_anatomy, output_geometry, sample_at
-from scripts.synthetic.common import (
+from scripts.synthetic.cohort_files import (
     check_counts,
     cohort_counts,
     largest_component,
@@ -356,7 +356,7 @@ def generate_cohort(
     necrotic core on medium-large lesions; ``mass_effect``: push strength (0 disables).
     ``anatomy_kw`` go to ``generate_subject`` (``affine_scale``, ``affine_rot_deg``,
     ``affine_shift_mm``, ``deform_mm``, ``deform_smooth_mm``, ``ventricle``, ``atrophy``, ``bias``,
-    ``noise``, ``blur``). Written atomically by :func:`scripts.synthetic.common.write_cohort`: an
+    ``noise``, ``blur``). Written atomically by :func:`scripts.synthetic.cohort_files.write_cohort`: an
     existing non-empty ``out_dir`` is an error unless ``overwrite``. ``workers > 1`` generates
     subjects in that many processes (same result: every subject has its own random stream), worth it
     for 224^3 grids.
@@ -389,7 +389,7 @@ def generate_cohort(
 
 def ensure_cohort(out_dir, **kwargs) -> Path:
     """``out_dir`` if it already holds a cohort, else ``generate_cohort(out_dir, **kwargs)``."""
-    return common.ensure_cohort(out_dir, generate_cohort, **kwargs)
+    return cohort_files.ensure_cohort(out_dir, generate_cohort, **kwargs)
 
 
 def summarize_cohort(cohort_dir) -> dict:

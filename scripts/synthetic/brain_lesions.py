@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 from scripts.synthetic.brain_templates import FOV_CENTER_MM, BaseAnatomy, output_geometry, sample_at, world_grid
-from scripts.synthetic.common import grow_region
+from scripts.synthetic.cohort_files import grow_region
 
 __all__ = [
     "LesionSpec",

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
-from scripts.synthetic.common import largest_component
+from scripts.synthetic.cohort_files import largest_component
 
 __all__ = [
     "BASES",

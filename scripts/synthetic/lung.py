@@ -3,7 +3,7 @@
 The lung experiment of the paper (Sec. 4.1 "Lung CT", 4.6) uses LIDC-IDRI and MSD Lung, which cannot
 be downloaded here, so this module draws chest CTs procedurally, in the style of the brain generator
 (:mod:`scripts.synthetic.brain`): one random stream per subject, ``np.random.default_rng([seed, index])``,
-and the same atomic ``images/ labels/ masks/ cohort.csv`` cohort folder (:mod:`scripts.synthetic.common`).
+and the same atomic ``images/ labels/ masks/ cohort.csv`` cohort folder (:mod:`scripts.synthetic.cohort_files`).
 
 Each subject is drawn in a body frame (mm; x = the subject's right, y = anterior, z = superior, i.e.
 RAS) and rendered directly on its own output grid:
@@ -52,8 +52,8 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
-from scripts.synthetic import common
-from scripts.synthetic.common import (
+from scripts.synthetic import cohort_files
+from scripts.synthetic.cohort_files import (
     check_counts,
     cohort_counts,
     grow_region,
@@ -400,7 +400,7 @@ def generate_cohort(
     :func:`generate_subject` (``axcodes``, ``lesion_volume``, ``lesions_per_subject``, ``lesion_hu``,
     ``max_lesion_fraction``, ``vessel_generations``, ``airway_generations``, ``noise_hu``, ``ribs``,
     ``shift_mm``, ``rot_deg``, ``origin_mm``). Written atomically by
-    :func:`scripts.synthetic.common.write_cohort`: an existing non-empty ``out_dir`` is an error unless
+    :func:`scripts.synthetic.cohort_files.write_cohort`: an existing non-empty ``out_dir`` is an error unless
     ``overwrite``. ``workers > 1`` generates subjects in that many processes (same result).
     """
     if mask_format not in MASK_FORMATS:
@@ -422,7 +422,7 @@ def generate_cohort(
 
 def ensure_cohort(out_dir, **kwargs) -> Path:
     """``out_dir`` if it holds a cohort (``cohort.csv``), else ``generate_cohort(out_dir, **kwargs)``."""
-    return common.ensure_cohort(out_dir, generate_cohort, **kwargs)
+    return cohort_files.ensure_cohort(out_dir, generate_cohort, **kwargs)
 
 
 def summarize_cohort(cohort_dir) -> dict:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
-from scripts.synthetic.common import largest_component, smooth_field
+from scripts.synthetic.cohort_files import largest_component, smooth_field
 
 __all__ = [
     "Anatomy",

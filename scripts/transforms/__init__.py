@@ -1,6 +1,6 @@
 """CS3F's steps as MONAI transforms (array + dictionary forms): tokenization and checked loading.
 
-The lung CT transforms live in :mod:`scripts.transforms.lung`.
+The lung CT transforms live in :mod:`scripts.transforms.lung_crops`.
 """
 
 from scripts.transforms.inputs import CheckedLoadImaged, CheckVolumed

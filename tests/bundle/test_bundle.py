@@ -91,7 +91,7 @@ def test_config_workflow_life_cycle(tiny_cohort: Path, tmp_path: Path) -> None:
     assert len(scores) == 6
     _check_declared_output_format(tiny_cohort, out)
     # The token bank is released once scored (pass 2 needs only the token scores) ...
-    assert evaluator.bank == {"": {}} and evaluator._buffers == {}
+    assert evaluator.bank == {"": {}} and evaluator.cohort.buffers == {}
     assert len(evaluator.token_scores[""]) == 6
     assert json.loads((out / "run.json").read_text())["tokens"]["bank_mb"] > 0
 

@@ -15,13 +15,13 @@ import pytest
 import torch
 from monai.data import DataLoader, MetaTensor
 from scipy import ndimage
-from scripts.engine.lung import LungCS3FEvaluator
+from scripts.engine.lung_parts import LungCS3FEvaluator
 from scripts.errors import CS3FInputError
 from scripts.inferer import CS3FInferer
 from scripts.synthetic import lung as synth_lung
 from scripts.synthetic.cli import main as synth_main
-from scripts.synthetic.common import SIZE_CLASSES, size_class
-from scripts.transforms.lung import (
+from scripts.synthetic.cohort_files import SIZE_CLASSES, size_class
+from scripts.transforms.lung_crops import (
     PAPER_CROP_SIZE,
     PAPER_Q,
     SIDES,
@@ -209,9 +209,9 @@ def test_combination_rule_max_over_lungs_and_union_of_maps(tmp_path: Path) -> No
     ev = _evaluator(tmp_path, crop_size=(24, 28, 28))
     # the crop is part of the token identity (cache key and bank identity)
     assert ev.preprocessing_identity["split"]["cropper"]["crop_size"] == [24, 28, 28]
-    assert not ev.check_registration("right", torch.zeros(1))
+    assert not ev.parts.check_registration("right", torch.zeros(1))
     item = _item()
-    parts = ev.split(item)
+    parts = ev.parts.split(item, "sub-0042")
     assert list(parts) == list(SIDES)
     for side, (image, mask) in parts.items():
         assert tuple(image.shape) == tuple(mask.shape) == (1, 24, 28, 28), side
@@ -221,9 +221,9 @@ def test_combination_rule_max_over_lungs_and_union_of_maps(tmp_path: Path) -> No
     lungs = LungSplit()(item["mask"])
     maps = {}
     for side, (_, mask) in parts.items():
-        box = ev.crop.cropper.box(lungs[side])
-        maps[side] = ev.crop.cropper(field, box).as_tensor() * mask.as_tensor()
-    merged = ev.merge(item, maps)
+        box = ev.parts.crop.cropper.box(lungs[side])
+        maps[side] = ev.parts.crop.cropper(field, box).as_tensor() * mask.as_tensor()
+    merged = ev.parts.merge(item, maps, "sub-0042")
     inside = lungs["right"] | lungs["left"]
     torch.testing.assert_close(merged[inside], field.as_tensor()[inside])  # union: each lung's own map
     assert torch.all(merged[~inside] == 0)
@@ -233,7 +233,7 @@ def test_combination_rule_max_over_lungs_and_union_of_maps(tmp_path: Path) -> No
     # the crops overlap (lungs 2 voxels apart, crops 24 wide): a part's map outside its own lung (here
     # unmasked constants) never leaks into the other lung, and overlapping maps are not added up
     const = {"right": torch.full((1, 24, 28, 28), 1.0), "left": torch.full((1, 24, 28, 28), 2.0)}
-    merged = ev.merge(item, const)
+    merged = ev.parts.merge(item, const, "sub-0042")
     assert torch.all(merged[lungs["right"]] == 1.0) and torch.all(merged[lungs["left"]] == 2.0)
     assert torch.all(merged[~inside] == 0)
 
@@ -242,11 +242,11 @@ def test_lung_larger_than_the_crop_is_cut_with_a_warning(tmp_path: Path) -> None
     ev = _evaluator(tmp_path, crop_size=(8, 14, 14))
     item = _item()
     with pytest.warns(UserWarning, match="lung's box .* is larger than the crop size"):
-        parts = ev.split(item)
+        parts = ev.parts.split(item, "sub-0042")
     # right box 17 x 12 x 13, left 13 x 16 x 14 voxels
-    assert ev.truncated["sub-0042"] == {"right": ["sagittal"], "left": ["sagittal", "coronal"]}
+    assert ev.parts.truncated["sub-0042"] == {"right": ["sagittal"], "left": ["sagittal", "coronal"]}
     ones = {side: torch.ones(1, 8, 14, 14) for side in parts}
-    merged = ev.merge(item, ones)
+    merged = ev.parts.merge(item, ones, "sub-0042")
     lungs = LungSplit()(item["mask"])
     covered = (merged > 0).sum()
     assert 0 < covered < (lungs["right"] | lungs["left"]).sum()  # the cut-off ends score 0
@@ -256,7 +256,7 @@ def test_missing_mask_is_a_clear_error(tmp_path: Path) -> None:
     item = _item()
     del item["mask"]
     with pytest.raises(CS3FInputError, match="sub-0042: the lung CT pipeline needs a lung mask"):
-        _evaluator(tmp_path).split(item)
+        _evaluator(tmp_path).parts.split(item, "sub-0042")
 
 
 def test_mask_with_source_uses_the_in_memory_mask() -> None:

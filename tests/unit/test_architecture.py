@@ -81,6 +81,27 @@ def _graph() -> dict[str, set[str]]:
     return {name: {m for m in _imports(path, name) if m in modules and m != name} for name, path in modules.items()}
 
 
+def _same_file_names(paths: list[Path]) -> dict[str, list[str]]:
+    """File names that more than one of ``paths`` carries (``__init__.py`` and ``__main__.py`` aside)."""
+    by_name: dict[str, list[str]] = {}
+    for path in paths:
+        if path.name not in ("__init__.py", "__main__.py"):
+            by_name.setdefault(path.name, []).append(path.as_posix())
+    return {name: sorted(where) for name, where in by_name.items() if len(where) > 1}
+
+
+def test_module_file_names_are_unique() -> None:
+    """No two modules of ``scripts/`` share a file name: ``lung.py`` alone must say which one it is."""
+    clashes = _same_file_names([p.relative_to(ROOT) for p in SCRIPTS.rglob("*.py")])
+    assert not clashes, f"modules sharing a file name: {clashes}"
+
+
+def test_the_file_name_check_sees_a_clash() -> None:
+    paths = [Path("scripts/tokens.py"), Path("scripts/engine/tokens.py"), Path("scripts/engine/__init__.py")]
+    paths += [Path("scripts/__init__.py"), Path("scripts/__main__.py"), Path("scripts/benchmarks/__main__.py")]
+    assert _same_file_names(paths) == {"tokens.py": ["scripts/engine/tokens.py", "scripts/tokens.py"]}
+
+
 def test_every_module_has_a_layer() -> None:
     unplaced = [m for m in _modules() if not any(m == p or m.startswith(p + ".") for p in LAYERS)]
     assert not unplaced

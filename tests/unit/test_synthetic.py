@@ -1,5 +1,5 @@
 """Tests of the synthetic brain cohort generator (scripts/synthetic/brain.py), the shared cohort code
-(scripts/synthetic/common.py), the package's import structure and the ``python -m scripts synth`` command.
+(scripts/synthetic/cohort_files.py), the package's import structure and the ``python -m scripts synth`` command.
 
 Small grids (32-40^3, a handful of subjects) except for the lesion-size test, which runs the real
 generator at the default 96^3 grid (2 mm) on the abnormal subjects of the default cohort only.
@@ -19,7 +19,7 @@ import pytest
 from scipy import ndimage
 from scripts.evaluation import lesions
 from scripts.synthetic import brain as synth
-from scripts.synthetic import common
+from scripts.synthetic import cohort_files
 from scripts.synthetic.cli import main as synth_main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -161,8 +161,8 @@ def test_all_size_classes_in_default_cohort(default_abnormal):
     _, spacing, _ = synth.output_geometry(96)
     np.testing.assert_allclose(spacing, 2.0)
     volumes = [v for s in default_abnormal for v in s.lesion_volumes_mm3]
-    classes = {common.size_class(v) for v in volumes}
-    assert classes == set(common.SIZE_CLASSES), sorted(volumes)
+    classes = {cohort_files.size_class(v) for v in volumes}
+    assert classes == set(cohort_files.SIZE_CLASSES), sorted(volumes)
     for s in default_abnormal:
         assert 1 <= len(s.lesion_volumes_mm3) <= 3
         # lesions are separate 18-connected components of the label, with the recorded volumes
@@ -340,10 +340,10 @@ def test_synthetic_modules_import_no_private_names_and_form_no_cycle():
             if target.startswith("scripts.synthetic."):
                 deps.add(target.rsplit(".", 1)[1])
         graph[path.stem] = deps
-    # the generators share common, nothing else; only the front ends (cli, demo) import the generators
-    assert graph["common"] == set()
-    assert graph["brain"] == graph["lung"] == {"common"}
-    assert graph["cli"] <= {"brain", "lung", "common"} and graph["demo"] <= {"brain", "lung"}
+    # the generators share cohort_files, nothing else; only the front ends (cli, demo) import the generators
+    assert graph["cohort_files"] == set()
+    assert graph["brain"] == graph["lung"] == {"cohort_files"}
+    assert graph["cli"] <= {"brain", "lung", "cohort_files"} and graph["demo"] <= {"brain", "lung"}
     # and the bundle's core never imports the synthetic tools: only the configs call the demo hook and
     # only the command line (scripts/__main__.py) runs the generator
     for path in (ROOT / "scripts").rglob("*.py"):
@@ -355,19 +355,19 @@ def test_synthetic_modules_import_no_private_names_and_form_no_cycle():
 
 def test_size_classes_are_the_evaluation_ones():
     """One definition of the lesion size classes: what the generators report is what the metrics count."""
-    assert common.size_class is lesions.size_class and common.SIZE_CLASSES is lesions.SIZE_CLASSES
-    assert [common.size_class(v) for v in (99.9, 100.0, 1000.0, 1000.1)] == ["small", "medium", "medium", "large"]
-    assert common.SIZE_CLASSES == ("small", "medium", "large")
+    assert cohort_files.size_class is lesions.size_class and cohort_files.SIZE_CLASSES is lesions.SIZE_CLASSES
+    assert [cohort_files.size_class(v) for v in (99.9, 100.0, 1000.0, 1000.1)] == ["small", "medium", "medium", "large"]
+    assert cohort_files.SIZE_CLASSES == ("small", "medium", "large")
 
 
 def test_write_cohort_is_atomic_and_refuses_an_existing_folder(tmp_path, capsys):
     def write(job):
         folder, i = job
         array = np.full((2, 2, 2), i, np.uint8)
-        name = common.write_subject_files(folder, i, np.eye(4), array, array, array, xform_code=1)
-        return common.subject_row(name, i % 2 == 1, [12.0] * (i % 2), extra=f"x{i}")
+        name = cohort_files.write_subject_files(folder, i, np.eye(4), array, array, array, xform_code=1)
+        return cohort_files.subject_row(name, i % 2 == 1, [12.0] * (i % 2), extra=f"x{i}")
 
-    out = common.write_cohort(
+    out = cohort_files.write_cohort(
         tmp_path / "c", lambda tmp: [(tmp, i) for i in range(3)], write, lambda r: r["extra"], verbose=True
     )
     assert [line.split()[:2] for line in capsys.readouterr().out.splitlines()] == [
@@ -375,10 +375,10 @@ def test_write_cohort_is_atomic_and_refuses_an_existing_folder(tmp_path, capsys)
         ["sub-0002.nii.gz", "abnormal"],
         ["sub-0003.nii.gz", "normal"],
     ]
-    rows = common.read_cohort(out)
+    rows = cohort_files.read_cohort(out)
     assert list(rows[1]) == ["image", "label", "mask", "abnormal", "n_lesions", "lesion_volumes_mm3", "extra"]
     assert rows[1]["lesion_volumes_mm3"] == "12.0" and rows[1]["extra"] == "x1"
-    assert common.cohort_counts(rows) == {
+    assert cohort_files.cohort_counts(rows) == {
         "n_subjects": 3,
         "n_normal": 2,
         "n_abnormal": 1,
@@ -387,6 +387,6 @@ def test_write_cohort_is_atomic_and_refuses_an_existing_folder(tmp_path, capsys)
     img = nib.load(str(out / "masks" / "sub-0003.nii.gz"))
     assert int(img.header["sform_code"]) == int(img.header["qform_code"]) == 1 and np.all(img.dataobj[:] == 2)
     with pytest.raises(FileExistsError, match="--overwrite"):
-        common.write_cohort(out, lambda tmp: [], write)
-    assert common.ensure_cohort(out, generate=lambda *_a, **_k: pytest.fail("regenerated")) == out
+        cohort_files.write_cohort(out, lambda tmp: [], write)
+    assert cohort_files.ensure_cohort(out, generate=lambda *_a, **_k: pytest.fail("regenerated")) == out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
