@@ -291,7 +291,7 @@ def test_manifest_mismatch_is_one_clear_line(bank: Path, new_cohort: Path, tmp_p
     line = _input_error(**common, **{"intensity#0#lower": 1.0})
     changed = "preprocessing.transforms.6:ScaleIntensityRangePercentilesd.scaler.lower"
     assert f"{changed} (bank 0.0, run 1.0)" in line
-    line = _input_error(**common, variant="MS", q_fine=[2, 2, 2], depth_phases=1)
+    line = _input_error(**common, variant="MS", depth_phases=1, **{"inferer#q_fine": [2, 2, 2]})
     assert "no fine tokens" in line, line
     line = _input_error(**{**common, "references": f"bank:{tmp_path}"})
     assert "is not a token bank" in line

@@ -392,7 +392,7 @@ def test_bad_lung_mask_fails_or_is_skipped_at_load_time(tiny_lung_cohort: Path, 
     for policy in ("error", "skip"):
         parser = ConfigParser()
         parser.read_config(CONFIGS[:2])
-        parser.update({"dataset_dir": str(data), "output_dir": str(tmp_path / "out"), "on_bad_input": policy})
+        parser.update({"dataset_dir": str(data), "output_dir": str(tmp_path / "out"), "datalist#on_bad_input": policy})
         dataset = parser.get_parsed_content("dataset")
         assert "image" in dataset[0]
         if policy == "error":
