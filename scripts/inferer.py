@@ -19,6 +19,7 @@ import torch
 from monai.inferers import Inferer
 from scripts.anomaly_map import EDGES, SUBJECT_SCORES, VARIANTS, fuse_token_scores, smooth_map, subject_score
 from scripts.errors import CS3FInputError, as_choice, as_float, as_int
+from scripts.progress import Progress
 from scripts.scoring import DEFAULT_BLOCK_ELEMENTS, DEFAULT_QUERY_TILE, DEFAULT_ROUTES, num_neighbours
 from scripts.scoring.references import ReferenceSet, bank_plan, plan_references
 from scripts.scoring.scorer import BankTokens, Scorer, TokenScores
@@ -245,12 +246,11 @@ class CS3FInferer(Inferer):
         mask_list = list(masks) if masks is not None else [None] * len(volumes)
         if len(mask_list) != len(volumes):
             raise ValueError(f"got {len(volumes)} volumes but {len(mask_list)} masks")
-        iterator = zip(volumes, mask_list, strict=True)
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(iterator, total=len(volumes), desc="tokenizing", unit="vol")
-        bank = [self.tokenize(v, network, m) for v, m in iterator]
+        bank = []
+        with Progress("encoding volume", len(volumes), unit="vol", enabled=self.progress) as progress:
+            for v, m in zip(volumes, mask_list, strict=True):
+                bank.append(self.tokenize(v, network, m))
+                progress.update()
         token_scores = self.score(bank)
         finished = [
             self.finish_map(self.voxel_map(ts, vt.spatial_shape, m, validity=vt.validity()), m, _mm(v))

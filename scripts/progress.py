@@ -17,7 +17,15 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-__all__ = ["Progress", "format_seconds"]
+__all__ = ["INTERVAL_S", "Progress", "format_seconds", "now"]
+
+#: seconds between two plain lines of one stage
+INTERVAL_S = 5.0
+
+
+def now() -> float:
+    """Seconds of a monotonic clock: the time source of every :class:`Progress`."""
+    return time.monotonic()
 
 
 def format_seconds(seconds: float) -> str:
@@ -41,8 +49,8 @@ class Progress:
         unit: short unit for the rate, e.g. ``"vol"``.
         enabled: ``False`` shows nothing (``--quiet``).
         stream: where to write; default ``sys.stderr``.
-        interval: seconds between two plain lines (the bar refreshes on its own).
-        clock: time source (tests pass a fake one).
+        interval: seconds between two plain lines (default :data:`INTERVAL_S`; a bar refreshes on its own).
+        clock: time source (default :func:`now`).
     """
 
     def __init__(
@@ -52,11 +60,12 @@ class Progress:
         unit: str = "it",
         enabled: bool = True,
         stream: TextIO | None = None,
-        interval: float = 5.0,
-        clock: Callable[[], float] = time.monotonic,
+        interval: float | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.stage, self.total, self.unit = stage, int(total), unit
-        self.enabled, self.interval, self.clock = bool(enabled), float(interval), clock
+        self.enabled, self.clock = bool(enabled), clock or now
+        self.interval = INTERVAL_S if interval is None else float(interval)
         self.stream = sys.stderr if stream is None else stream
         self.done = 0
         self.detail = ""
@@ -80,6 +89,13 @@ class Progress:
                 self._bar.set_postfix_str(detail, refresh=False)
         elif self.done >= self.total or self.clock() - self._last_line >= self.interval:
             self._write_line()
+
+    def update_to(self, done: int, total: int, detail: str = "") -> None:
+        """Progress as ``done`` of ``total`` steps (a callback for loops that count their own work)."""
+        self.total = int(total)
+        if self._bar is not None:
+            self._bar.total = self.total
+        self.update(done - self.done, detail)
 
     def close(self) -> None:
         """End the stage (the bar stays on screen; a plain stream gets its last line if not yet written)."""

@@ -18,13 +18,13 @@ or e.g. the two lungs of :class:`scripts.engine.lung_parts.LungParts`).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
-from ignite.handlers import ProgressBar
 from monai.data import MetaTensor, decollate_batch
 from monai.engines import Workflow
 from scripts.engine.cached_tokens import CachedTokenizer, source_digest, voxel_digest
@@ -36,6 +36,7 @@ from scripts.engine.identity import preprocessing_identity, token_identity
 from scripts.engine.parts import WholeVolume
 from scripts.engine.record import StageTimes, run_record
 from scripts.engine.scoring_step import CohortScoring
+from scripts.engine.stage_progress import StageProgress
 from scripts.errors import CS3FInputError, as_bool, as_int, find_input_error
 from scripts.inferer import CS3FInferer
 from scripts.scoring.scorer import resolve_precision
@@ -57,10 +58,10 @@ class CS3FEvaluator(Workflow):
         output_dir: where ``postprocessing`` writes the maps (recorded in ``run.json``).
         postprocessing: transform on ``{"pred": map, "image": ..., "mask": ...}`` dicts, e.g.
             ``Invertd`` + ``SaveImaged``.
-        val_handlers: ignite/MONAI handlers, e.g. ``ProgressBar`` and the writers of
+        val_handlers: ignite/MONAI handlers, e.g. the writers of
             :mod:`scripts.engine.handlers`; attached after the engine's own, so they see gathered results.
         image_key, mask_key, pred_key: dictionary keys.
-        quiet: no progress bars (the engine's ``ProgressBar`` and the inferer's), and do not print where
+        quiet: no progress (the passes' stages and the scoring's), and do not print where
             the maps are at the end (``true``/``false`` in any case).
         cache_dir: folder of the per-volume token cache (``None``: no cache). A re-run with the same
             configuration loads cached tokens instead of encoding again (resume after a crash).
@@ -106,6 +107,7 @@ class CS3FEvaluator(Workflow):
         # items are decollated in _iteration, where the pass is known; handlers are attached last
         super().__init__(device=device, max_epochs=2, data_loader=val_data_loader, decollate=False)
         dataset = getattr(val_data_loader, "dataset", None)
+        _say_foreground(getattr(dataset, "data", None))
         check_output_dir(output_dir)
         if cache_dir:
             check_output_dir(cache_dir)
@@ -142,7 +144,7 @@ class CS3FEvaluator(Workflow):
         self.add_event_handler(Events.COMPLETED, self._finish)
         self.logger.addFilter(self._drop_input_error_logs)
         inferer.progress = not self.quiet  # the scoring's progress bars, with the engine's own
-        handlers = [ProgressBar(persist=True)] if not self.quiet else []
+        handlers = [StageProgress()] if not self.quiet else []
         self._register_handlers([*handlers, *(val_handlers or ())])
         self.parts.check(inferer)
 
@@ -152,8 +154,10 @@ class CS3FEvaluator(Workflow):
 
     @staticmethod
     def _drop_input_error_logs(record) -> bool:  # noqa: ANN001 - logging.Filter protocol
-        """ignite logs a terminating exception with its traceback; an input error gets one line instead."""
-        return find_input_error(RuntimeError(record.getMessage())) is None
+        """ignite logs a terminating exception with its traceback (an input error gets one line instead)
+        and its epochs, which here are the two passes (the stage progress names them instead)."""
+        message = record.getMessage()
+        return not message.startswith(("Engine run ", "Epoch[")) and find_input_error(RuntimeError(message)) is None
 
     def run(self) -> None:  # type: ignore[override]
         """Run both passes; a bad input file surfaces as one :class:`CS3FInputError` naming it."""
@@ -248,3 +252,14 @@ class CS3FEvaluator(Workflow):
     def summary(self) -> dict:
         """The run record (:func:`scripts.engine.record.run_record`) and the parts' entries."""
         return {**run_record(self), **self.parts.record()}
+
+
+def _say_foreground(datalist: Any) -> None:
+    """One warning line when masks were asked for but the cohort has none: then every voxel counts."""
+    rows = datalist if isinstance(datalist, Sequence) else []
+    if rows and getattr(datalist, "masks", False) and not any("mask" in r or "foreground" in r for r in rows):
+        warnings.warn(
+            f"cs3f: no foreground masks in {getattr(datalist, 'folder', '') or 'the dataset'}: every voxel is "
+            "foreground (give masks/ beside images/, or a mask column; --use_masks false says so)",
+            stacklevel=3,
+        )

@@ -1,12 +1,13 @@
 """Output writers of a :class:`~scripts.engine.evaluator.CS3FEvaluator` run, as ignite handlers.
 
-Listed under ``handlers`` in ``configs/inference.json`` (next to ignite's ``ProgressBar``), they attach
+Listed under ``handlers`` in ``configs/inference.json``, they attach
 like MONAI's ``ClassificationSaver`` and ``MetricsSaver`` and write when the run completes, after the
 engine has gathered the results of every process, on one rank only (``save_rank``):
 
 * :class:`ScoresSaver`: ``scores.csv``, one row per volume in datalist order (``image,score`` and the
   per-axis maxima); the maps of volumes that an earlier run into the same folder listed and this
-  cohort no longer holds are removed, and so are temporary files left by a killed run;
+  cohort no longer holds are removed, and so are temporary files left by a killed run and an earlier
+  evaluation's report (``configs/evaluate.json`` writes a new one after the run);
 * :class:`RunRecorder`: ``run.json``, the run record of :func:`scripts.engine.record.run_record`.
 
 Both write atomically (:mod:`scripts.storage.atomic`); a run that fails writes neither. The rank comes
@@ -24,6 +25,7 @@ from typing import Any
 from ignite.engine import Engine, Events
 from scripts.engine.distributed import world
 from scripts.errors import as_bool
+from scripts.evaluation.report import remove_report
 from scripts.storage.atomic import atomic_write_csv, atomic_write_json
 
 __all__ = ["RunRecorder", "ScoresSaver", "remove_stale_outputs"]
@@ -97,6 +99,8 @@ class ScoresSaver:
             lineterminator="\n",
         )
         remove_stale_outputs(self.path.parent, listed_before, engine.names)
+        # An earlier evaluation describes maps this run replaced; configs/evaluate.json writes a new one.
+        remove_report(self.path.parent)
         if not self.quiet:
             print(f"cs3f: scores in {self.path}", flush=True)
 

@@ -19,7 +19,7 @@ from scripts.errors import CS3FInputError
 from scripts.evaluation.metrics import ARCHITECTURE_KEYS, CohortEvaluator
 from scripts.storage.atomic import atomic_write_csv, atomic_write_json
 
-__all__ = ["evaluate_cohort", "evaluate_outputs", "format_table", "write_report"]
+__all__ = ["REPORT_FILES", "evaluate_cohort", "evaluate_outputs", "format_table", "remove_report", "write_report"]
 
 
 def _read_scores(path: Path) -> dict[str, float]:
@@ -115,6 +115,25 @@ GT_LESION_COLUMNS = [
     "peak_score",
     "detected99",
 ]
+
+
+#: the files :func:`write_report` writes into the output folder (``overlays/`` holds one PNG per subject)
+REPORT_FILES = ("metrics.json", "lesions.csv", "gt_lesions.csv", "roc_pr_patient.png", "roc_pr_voxel.png")
+
+
+def remove_report(out_dir: str | Path) -> list[Path]:
+    """Remove an earlier evaluation's files from ``out_dir`` (they would describe maps that are gone);
+    ``overlays/`` goes if nothing but its PNGs is in it. Returns what was removed."""
+    out = Path(out_dir)
+    removed = [out / name for name in REPORT_FILES if (out / name).is_file()]
+    overlays = out / "overlays"
+    if overlays.is_dir():
+        removed += sorted(overlays.glob("*.png"))
+    for path in removed:
+        path.unlink(missing_ok=True)
+    if overlays.is_dir() and not any(overlays.iterdir()):
+        overlays.rmdir()
+    return removed
 
 
 def write_report(out_dir, evaluator: CohortEvaluator, metrics: dict | None = None, plots: bool = True) -> dict:

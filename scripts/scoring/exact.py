@@ -252,7 +252,12 @@ class _PairBlocks:
 
 
 def _scores_per_volume(
-    pairs: _PairBlocks, volumes: Sequence[int], ks: Sequence[int], scores: torch.Tensor, same: Sequence[Sequence[int]]
+    pairs: _PairBlocks,
+    volumes: Sequence[int],
+    ks: Sequence[int],
+    scores: torch.Tensor,
+    same: Sequence[Sequence[int]],
+    progress: Callable[[int], None],
 ) -> None:
     """Exact scores of each of ``volumes`` on its own (its subject's other scans stay ``+inf``)."""
     b = len(pairs.counts)
@@ -262,23 +267,27 @@ def _scores_per_volume(
         # [B, count]: each reference volume's minima are a contiguous row.
         profile = torch.full((b, count), float("inf"), dtype=torch.float32, device=scores.device)
         for a in range(i):
-            if a in same[i]:
-                continue
-            p_a = pairs.refs(a)
-            for rows in pairs.tiles(a):
-                col = pairs.block(p_a, a, rows, i, p_i).amin(dim=0)[:count]
-                torch.minimum(profile[a], col, out=profile[a])
+            if a not in same[i]:
+                p_a = pairs.refs(a)
+                for rows in pairs.tiles(a):
+                    col = pairs.block(p_a, a, rows, i, p_i).amin(dim=0)[:count]
+                    torch.minimum(profile[a], col, out=profile[a])
+            progress(1)
         for c in range(i + 1, b):
-            if c in same[i]:
-                continue
-            refs_c = pairs.refs(c)
-            for rows in pairs.tiles(i):
-                profile[c, rows] = pairs.block(p_i, i, rows, c, refs_c).amin(dim=1)
+            if c not in same[i]:
+                refs_c = pairs.refs(c)
+                for rows in pairs.tiles(i):
+                    profile[c, rows] = pairs.block(p_i, i, rows, c, refs_c).amin(dim=1)
+            progress(1)
         pairs.scores(i, p_i, k_nearest(profile.t(), ks[i]), scores)
 
 
 def _scores_pair_symmetric(
-    pairs: _PairBlocks, ks: Sequence[int], scores: torch.Tensor, same: Sequence[Sequence[int]]
+    pairs: _PairBlocks,
+    ks: Sequence[int],
+    scores: torch.Tensor,
+    same: Sequence[Sequence[int]],
+    progress: Callable[[int], None],
 ) -> None:
     """Exact scores of every volume with one GEMM per volume pair.
 
@@ -300,12 +309,13 @@ def _scores_pair_symmetric(
         for j, c in enumerate(higher):
             if c in same[a]:
                 row_min[:, j] = inf
-                continue
-            refs_c = pairs.refs(c)
-            for rows in pairs.tiles(a):
-                block = pairs.block(p_a, a, rows, c, refs_c)
-                row_min[rows, j] = block.amin(dim=1)
-                torch.minimum(columns[j], block.amin(dim=0), out=columns[j])
+            else:
+                refs_c = pairs.refs(c)
+                for rows in pairs.tiles(a):
+                    block = pairs.block(p_a, a, rows, c, refs_c)
+                    row_min[rows, j] = block.amin(dim=1)
+                    torch.minimum(columns[j], block.amin(dim=0), out=columns[j])
+            progress(1)
         # Candidates: the k best lower volumes (complete: every lower volume has been a row side) and
         # every higher one; ids index the batch.
         values = torch.cat([best[a, :count], row_min], dim=1)
@@ -330,6 +340,7 @@ def mutual_similarity_scores(
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     volumes: Sequence[int] | None = None,
     groups: Sequence[object] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Exact mutual-similarity anomaly scores (Eq. 1-2), tiled.
 
@@ -343,6 +354,7 @@ def mutual_similarity_scores(
         volumes: score only these volumes (all stay references; the other rows stay 0). ``None``: all.
         groups: optional subject of each volume (``[B]`` hashables); scans of one subject are never
             references for each other, and each volume's ``K`` counts only the references it has.
+        progress: ``progress(done, total)`` after each (query volume, reference volume) pair visited.
 
     Returns:
         ``[B, N]`` fp32 scores on the device of ``tokens``.
@@ -364,7 +376,20 @@ def mutual_similarity_scores(
     bank_bytes = tokens.numel() * tokens.element_size()
     symmetric = set(wanted) == set(range(b)) and b < 2**15
     if symmetric and store <= max(bank_bytes // 8, 4 * block_elements):
-        _scores_pair_symmetric(pairs, ks, scores, same)
+        _scores_pair_symmetric(pairs, ks, scores, same, _counter(progress, b * (b - 1) // 2))
     else:
-        _scores_per_volume(pairs, wanted, ks, scores, same)
+        _scores_per_volume(pairs, wanted, ks, scores, same, _counter(progress, len(wanted) * (b - 1)))
     return scores
+
+
+def _counter(progress: Callable[[int, int], None] | None, total: int) -> Callable[[int], None]:
+    """``step(n)``: ``n`` more volume pairs done, reported to ``progress(done, total)``."""
+    done = 0
+
+    def step(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
+    return step

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
+from scripts.progress import Progress
 from scripts.scoring.against import reference_scores, subset_scores
 from scripts.scoring.blocks import DEFAULT_BLOCK_ELEMENTS, DEFAULT_QUERY_TILE, excluded
 from scripts.scoring.c2f import c2f_scores
@@ -60,7 +61,7 @@ class Scorer:
         query_tile: scorer query tile (see :func:`scripts.scoring.mutual_similarity_scores`).
         block_elements: scorer block budget.
         score_device: device of the scoring step (default: where the tokens are).
-        progress: show a progress bar over the (axis, layer) keys.
+        progress: show progress: per (axis, layer), and per volume pair inside one for CS3F-C.
         precision: the ``score_precision`` key (:data:`PRECISIONS`), kept for the run record.
     """
 
@@ -123,19 +124,17 @@ class Scorer:
         return max(tile, 1 << 14), block
 
     def _key_batches(
-        self, bank: Sequence[VolumeTokens], keys: Sequence[str], desc: str
+        self, bank: Sequence[VolumeTokens], keys: Sequence[str], desc: str, show: bool = True
     ) -> Iterator[tuple[str, tuple[int, int, int], torch.Tensor, torch.Tensor]]:
-        """``(key, grid shape, tokens [B, N, d], valid [B, N])`` per key, on the scoring device."""
-        iterator: Iterable[str] = keys
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(keys, desc=desc, unit="grid")
-        for key in iterator:
-            device = self.score_device or bank[0].grids[key].tokens.device
-            tokens, valid = (t.to(device) for t in batch_of(bank, key))
-            yield key, bank[0].grids[key].shape, tokens, valid
-            del tokens, valid  # a stacked copy goes before the next key's is made
+        """``(key, grid shape, tokens [B, N, d], valid [B, N])`` per key, on the scoring device; ``show``:
+        one progress step per key (off where the caller shows finer steps)."""
+        with Progress(desc, len(keys), unit="grid", enabled=self.progress and show) as progress:
+            for key in keys:
+                device = self.score_device or bank[0].grids[key].tokens.device
+                tokens, valid = (t.to(device) for t in batch_of(bank, key))
+                yield key, bank[0].grids[key].shape, tokens, valid
+                del tokens, valid  # a stacked copy goes before the next key's is made
+                progress.update(detail=key)
 
     def exact(
         self,
@@ -159,13 +158,16 @@ class Scorer:
                 )
         results: TokenScores = [{} for _ in bank]
         wanted = range(len(bank)) if queries is None else sorted({int(i) for i in queries})
-        for key, shape, tokens, valid in self._key_batches(bank, coarse_keys, "scoring (axis/layer)"):
+        batches = self._key_batches(bank, coarse_keys, "scoring grids", show=self.variant != "C")
+        for n, (key, shape, tokens, valid) in enumerate(batches, 1):
             try:
                 if self.variant == "C":
                     tile, block = self.budget(tokens.device)
-                    scores = mutual_similarity_scores(
-                        tokens, valid, self.rho, tile, block, volumes=queries, groups=subjects
-                    )
+                    stage = f"scoring {key} ({n}/{len(coarse_keys)}): volume pair"
+                    with Progress(stage, 0, unit="pair", enabled=self.progress) as progress:
+                        scores = mutual_similarity_scores(
+                            tokens, valid, self.rho, tile, block, queries, subjects, progress.update_to
+                        )
                 else:
                     scores = self._c2f(bank, key, shape, tokens, valid, (queries, wanted, subjects), results)
             except ValueError as err:
@@ -212,15 +214,12 @@ class Scorer:
         results: TokenScores = [{} for _ in bank]
         progress, self.progress = self.progress, False
         try:
-            iterator: Iterable = jobs
-            if progress:
-                from tqdm.auto import tqdm
-
-                iterator = tqdm(jobs, desc=f"scoring ({what}s)", unit=what)
-            for members, local, groups in iterator:
-                scored = self.exact([bank[j] for j in members], local, groups)
-                for j in local:  # a copy: a view would keep the job's whole score grid alive
-                    results[members[j]] = {k: v.clone() for k, v in scored[j].items()}
+            with Progress(f"scoring {what}", len(jobs), unit=what, enabled=progress) as bar:
+                for members, local, groups in jobs:
+                    scored = self.exact([bank[j] for j in members], local, groups)
+                    for j in local:  # a copy: a view would keep the job's whole score grid alive
+                        results[members[j]] = {k: v.clone() for k, v in scored[j].items()}
+                    bar.update()
         finally:
             self.progress = progress
         return results
@@ -229,7 +228,7 @@ class Scorer:
         """CS3F-C of each query volume against its own reference subset (:func:`scripts.scoring.subset_scores`)."""
         keys = check_same_grids(bank)
         results: TokenScores = [{} for _ in bank]
-        batches = self._key_batches(bank, keys, "scoring vs reference subsets (axis/layer)")
+        batches = self._key_batches(bank, keys, "scoring grids against reference subsets")
         for key, shape, tokens, valid in batches:
             try:
                 scores = subset_scores(tokens, valid, subsets, self.rho, self.query_tile, self.block_elements)
@@ -262,7 +261,7 @@ class Scorer:
                 refs = [_reference_volume(references, keys, j, like) for j in range(b_ref) if j not in skip]
                 results[i] = self.exact([like, *refs], [0])[0]
             return results
-        batches = self._key_batches([bank[i] for i in wanted], keys, "scoring vs bank (axis/layer)")
+        batches = self._key_batches([bank[i] for i in wanted], keys, "scoring grids against the bank")
         for key, shape, tokens, valid in batches:
             ref_tokens, ref_valid = references[key]
             try:

@@ -52,3 +52,38 @@ def test_close_writes_a_stage_that_never_printed() -> None:
 
 def test_format_seconds() -> None:
     assert [format_seconds(s) for s in (0, 42.4, 185, 3720)] == ["0 s", "42 s", "3 min 5 s", "1 h 02 min"]
+
+
+def test_a_slow_scorer_reports_at_least_every_10_s_of_work(monkeypatch, capsys) -> None:
+    """CS3F-C scoring reports each volume pair it finishes: with 3 s of (simulated) work per pair and a
+    5 s line interval, no 10 s of work pass without a new line, and the line names the grid."""
+    import scripts.progress as progress_module
+    import scripts.scoring.exact as exact
+    import torch
+    from scripts.inferer import CS3FInferer
+    from scripts.tokens import TokenGrid, VolumeTokens
+
+    clock = FakeClock()
+    monkeypatch.setattr(progress_module, "now", clock)
+    block = exact._PairBlocks.block
+
+    def slow_block(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        clock.now += 3.0
+        return block(*args, **kwargs)
+
+    monkeypatch.setattr(exact._PairBlocks, "block", slow_block)
+    gen = torch.Generator().manual_seed(0)
+    bank = [
+        VolumeTokens(
+            (8, 8, 8),
+            {"axial/stage3": TokenGrid(torch.randn(2, 2, 2, 8, generator=gen), torch.ones(2, 2, 2, dtype=torch.bool))},
+        )
+        for _ in range(6)
+    ]
+    CS3FInferer(q=4, d=8, rho=0.4, progress=True).score(bank)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cs3f: scoring")]
+    assert lines and all("axial/stage3" in line and "volume pair" in line for line in lines)
+    done = [int(line.split("volume pair ")[1].split("/")[0]) for line in lines]
+    assert done[-1] == 15  # 6 volumes: 15 pairs, the last one reported
+    gaps = [3.0 * (b - a) for a, b in zip([0, *done], done, strict=False)]
+    assert max(gaps) <= 10.0, gaps
