@@ -19,6 +19,7 @@ import torch
 from ignite.engine import Engine, Events
 from scripts.engine.distributed import world
 from scripts.engine.identity import encoder_identity
+from scripts.engine.machine import machine_rate
 from scripts.scoring.scorer import resolve_precision
 
 __all__ = ["StageTimes", "peak_rss_mb", "run_record", "token_stats", "versions"]
@@ -121,6 +122,7 @@ def run_record(evaluator: Any) -> dict:  # a CS3FEvaluator: evaluator.py imports
         "tokens": evaluator.token_stats or token_stats(evaluator.bank),
         "versions": versions(),
         "device": str(evaluator.state.device),
+        "machine": machine_rate(),
         "score_precision": precision,
         "outputs": dict(evaluator.outputs),
     }

@@ -3,6 +3,7 @@ line about the foreground when a cohort has no masks."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -30,6 +31,8 @@ def test_a_log_file_names_every_stage_and_a_rescore_leaves_no_stale_evaluation(
     assert "\x1b[" not in log and "\r" not in log
     assert "Engine run" not in log and "Epoch[" not in log  # ignite's epochs are the two passes
     assert all((out / name).is_file() for name in EVALUATION_FILES) and any((out / "overlays").glob("*.png"))
+    machine = json.loads((out / "run.json").read_text())["machine"]  # timings compare through this rate
+    assert machine["cpu_gemm_gflops"] > 0 and machine["torch_threads"] >= 1
     # a rescore without the evaluation leaves nothing of the old report beside the new maps
     rescored = run_bundle("--dataset_dir", tiny_cohort, "--output_dir", out, "--rho", "0.5", "--quiet", "true", *TINY)
     assert_success(rescored)
