@@ -15,6 +15,7 @@ import math
 import shlex
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -63,22 +64,28 @@ def _cache_key(overrides: Mapping) -> str:
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _stream(cmd: Sequence[str], label: str) -> tuple[int, str]:
+    """Run a bundle command, passing its progress lines on as they come (prefixed with ``label``);
+    returns its exit code and last stderr line."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    last = ""
+    for line in proc.stderr:
+        line = line.rstrip()
+        last = line or last
+        if line.startswith("cs3f: "):
+            print(f"  [{label}] {line[6:]}", file=sys.stderr, flush=True)
+    return proc.wait(), last
+
+
 def _run_variant(cohort: Path, out: Path, cache: Path, overrides: Mapping) -> dict:
-    args = {
-        "dataset_dir": cohort,
-        "output_dir": out,
-        "evaluator#cache_dir": cache,
-        "plots": False,
-        "quiet": True,
-        **overrides,
-    }
+    args = {"dataset_dir": cohort, "output_dir": out, "evaluator#cache_dir": cache, "plots": False, **overrides}
     cmd = bundle_command(["configs/inference.json", "configs/evaluate.json"], args)
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    returncode, last_line = _stream(cmd, f"{cohort.name}/{out.name}")
     wall = time.perf_counter() - start
     shown = shlex.join(["python", *cmd[1:]])
-    if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1:] or ["failed"], "command": shown}
+    if returncode != 0:
+        return {"error": [last_line or "failed"], "command": shown}
     metrics = json.loads((out / "metrics.json").read_text())
     run = json.loads((out / "run.json").read_text())
     return {
