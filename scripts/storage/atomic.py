@@ -1,9 +1,4 @@
-"""Crash-safe output writing: every file the bundle writes appears whole or not at all.
-
-:func:`atomic_write` fills a hidden temporary file beside the target (mode as ``open()`` makes it),
-flushes it and renames it over the target; a killed process leaves at most a hidden ``.<name>.tmp-<hex>``
-file, never a truncated output. Every writer of the bundle goes through it.
-"""
+"""Crash-safe output writing: every file the bundle writes appears whole or not at all."""
 
 from __future__ import annotations
 

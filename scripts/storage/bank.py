@@ -74,14 +74,6 @@ def _short(value) -> str:  # noqa: ANN001
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _key_file(key: str) -> str:
-    return key.replace("/", "_")
-
-
-def _part_dir(part: str) -> str:
-    return "tokens" if not part else f"tokens-{part}"
-
-
 class BankWriter:
     """Writes a token bank volume by volume into ``capacity``-row temporary memmaps; :meth:`finish`
     renames them into place (truncated to the volumes added) and writes the manifest last; :meth:`abort`
@@ -125,7 +117,7 @@ class BankWriter:
 
     def _open_arrays(self, part: str, key: str, grid: list[int], n_tokens: int, d: int) -> dict:
         """The manifest spec of a new ``(part, key)``, its two arrays opened as temporary memmaps."""
-        stem = f"{_part_dir(part)}/{_key_file(key)}"
+        stem = f"{'tokens-' + part if part else 'tokens'}/{key.replace('/', '_')}"
         spec = {"grid": grid, "d": d, "tokens": f"{stem}.tokens.npy", "valid": f"{stem}.valid.npy"}
         for what, dtype, shape in (("tokens", np.float16, (n_tokens, d)), ("valid", bool, (n_tokens,))):
             tmp = temp_path(self.folder / spec[what])
