@@ -1,7 +1,6 @@
-"""Input errors and how the bundle shows them: one ``cs3f: error: ...`` line, exit code 1.
+"""Input errors and how the bundle shows them: one ``cs3f: error: ...`` line, exit code 1. A leaf module.
 
-A leaf module (it imports nothing of the bundle). Its parsers read arguments as a config or the command
-line gives them (``--use_masks false`` arrives as the string ``"false"``) and raise one line naming the key.
+The parsers take values as a config or the command line gives them (``--use_masks false`` is ``"false"``).
 """
 
 from __future__ import annotations
