@@ -1,9 +1,4 @@
-"""Several processes (``torchrun``, ``configs/multi_gpu_inference.json``) giving one process's outputs.
-
-Each rank tokenizes its shard of the volumes; :func:`gather_cohort` then gives every rank the whole
-cohort's tokens as references, in the single-process order, and :func:`gather_scores` collects the
-subject scores and timings on every rank so that one of them writes the tables.
-"""
+"""Several processes (``torchrun``, ``configs/multi_gpu_inference.json``) giving one process's outputs."""
 
 from __future__ import annotations
 
@@ -38,8 +33,7 @@ def _all_gather(local: Any) -> list:
 
 
 def _compact(bank: Mapping[str, Mapping[str, VolumeTokens]]) -> dict[str, dict[str, VolumeTokens]]:
-    """Copies of every grid: a grid is a row of this rank's BatchBuffer, and pickling a view would send
-    the whole buffer."""
+    """Copies of every grid (a grid is a view of a BatchBuffer row: pickled, it would send the whole buffer)."""
 
     def copy(vt: VolumeTokens) -> VolumeTokens:
         return VolumeTokens(

@@ -1,19 +1,6 @@
-"""The scoring step of :class:`~scripts.engine.evaluator.CS3FEvaluator`, between its two passes.
-
-After pass 1 every volume's tokens are known (gathered from all ranks under ``torchrun``). The step then
-does one of three things:
-
-* score the cohort against itself (:meth:`scripts.inferer.CS3FInferer.score`), each rank its own
-  volumes as queries;
-* score this run's volumes against a reference bank only (``references: bank:DIR``, the same
-  :meth:`scripts.inferer.CS3FInferer.score` given the bank's tokens), after a check, at construction, that the bank
-  was made with this configuration;
-* save the cohort's tokens as a reference bank (``build_bank``; single-process runs stream each volume
-  to the bank as it is tokenized, see :meth:`CohortScoring.bank_writer`).
-
-:class:`CohortScoring` is given what it needs at construction (the inferer, the encoder and the
-preprocessing identity for a bank's identity, the cohort's grids, ``build_bank``, ``keep_tokens``) and
-the gathered :class:`scripts.engine.cohort.Cohort` when it runs; it keeps the token scores.
+"""The scoring step of :class:`~scripts.engine.evaluator.CS3FEvaluator`, between its two passes: score
+the cohort against itself, score it against a reference bank (``references: bank:DIR``), or save its
+tokens as a bank (``build_bank``).
 """
 
 from __future__ import annotations
@@ -35,7 +22,8 @@ __all__ = ["CohortScoring"]
 
 
 class CohortScoring:
-    """The scoring step (see the module docstring), held by the evaluator.
+    """The scoring step, held by the evaluator; single-process ``build_bank`` runs stream each volume to the
+    bank as it is tokenized (:meth:`bank_writer`).
 
     Args:
         inferer: the :class:`scripts.inferer.CS3FInferer` that scores; its ``references`` may name a
@@ -82,8 +70,7 @@ class CohortScoring:
                     self.grid.expect(part, grid_of_part)
 
     def __call__(self, cohort: Cohort) -> None:
-        """End of pass 1 (``cohort`` gathered): token scores of every volume (or the bank saved), then
-        the tokens released."""
+        """End of pass 1 (``cohort`` gathered): token scores (or the bank saved), then the tokens released."""
         self._score_tokens(cohort)
         self.token_stats = token_stats(cohort.bank)
         if self.inferer.edge == "normalized":  # pass 2 interpolates with the (small) validity grids
@@ -126,8 +113,7 @@ class CohortScoring:
         return bank_identity(self.inferer.describe(), encoder_identity(self.network), self.preprocessing_identity)
 
     def bank_writer(self, cohort: Cohort) -> BankWriter | None:
-        """In a single-process ``build_bank`` run, the writer that streams each volume's tokens to the
-        bank as it is tokenized (with torchrun, the ranks' tokens are gathered and rank 0 saves them)."""
+        """The bank writer of a single-process ``build_bank`` run (under torchrun rank 0 saves the gathered bank)."""
         if self.build_bank is None or world()[1] > 1:
             return None
         if self._writer is None:
