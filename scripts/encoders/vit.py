@@ -25,9 +25,8 @@ VIT_MODEL_TYPES = ("dinov2", "dinov2_with_registers", "dinov3_vit")
 class Dinov2Encoder(SliceEncoder):
     """A DINOv2/DINOv3-format ViT read with ``transformers`` from a local directory (``local_files_only``).
 
-    Works for any checkpoint whose ``config.json`` has a ``model_type`` of :data:`VIT_MODEL_TYPES`
-    (``dinov3_vit`` needs transformers >= 4.56); the directory holds ``config.json``, the ``*.safetensors``
-    and optionally ``preprocessor_config.json`` (its ``image_mean``/``image_std``, else ImageNet's).
+    The directory holds ``config.json`` (``model_type`` one of :data:`VIT_MODEL_TYPES`; ``dinov3_vit`` needs
+    transformers >= 4.56), ``*.safetensors`` and optionally ``preprocessor_config.json`` (mean/std).
 
     Features (paper Eq. 3): ``hidden_states[l]`` (0: embeddings) without the CLS and register tokens, as
     ``[N, hidden_size, P, P]`` (``P = R // patch_size``), by default through the final LayerNorm (as MuSc's
