@@ -58,9 +58,7 @@ _MAX_DIFFS = 8
 
 
 def _differences(run, bank, prefix: str) -> list[str]:  # noqa: ANN001 - JSON values
-    """``"<field> (bank <value>, run <value>)"`` for each differing field under ``prefix``, recursing only
-    where both sides are dicts (a section one side lacks is one difference).
-    """
+    """``"<field> (bank <value>, run <value>)"`` for each differing field, recursing where both are dicts."""
     if isinstance(run, dict) and isinstance(bank, dict):
         out = []
         for key in sorted(set(run) | set(bank)):
