@@ -108,20 +108,16 @@ def make_datalist(
         dataset_dir: the dataset folder (see the module docstring for the layouts).
         masks: include foreground masks where the folder provides them.
         labels: include ground-truth labels where the folder provides them (evaluation).
-        min_volumes: CS3F scores volumes against each other, so fewer than this is an error; default:
-            1 when ``references`` is a reference bank (``bank:DIR``), else 2.
+        min_volumes: fewer usable volumes is an error; default 1 with a reference bank (``bank:DIR``), else 2.
         on_bad_input: ``"error"`` stops at the first unreadable file or off-grid volume; ``"skip"``
             leaves it out with a warning and lists it (``{"image", "reason"}``) in the result's ``skipped``.
-        require_same_grid: volumes must be registered to one space: every image header must have the
-            shape and affine that most of the cohort has (checked before any heavy work). Turn off
-            for unregistered data that the preprocessing brings to one grid (e.g. lung CT crops).
+        require_same_grid: every image header must have the shape and affine that most of the cohort has
+            (registered data); off for data the preprocessing brings to one grid (e.g. lung CT crops).
         subject_pattern: a regular expression whose first group (or match) in the image name is the
-            subject of the scan, when ``cohort.csv`` has no ``subject`` column
-            (:func:`scripts.engine.subjects.subject_of`); rows then carry a ``"subject"``.
+            subject of the scan (:func:`scripts.engine.subjects.subject_of`); rows then carry a ``"subject"``.
         modality: the image of a BraTS-style folder (``t1``, ``t1ce``, ``t2`` or ``flair``); required
             for such a folder, an error for any other layout.
-        references: the inferer's reference set (:class:`scripts.scoring.references.ReferenceSet`), for the
-            default ``min_volumes``.
+        references: the inferer's reference set, for the default ``min_volumes``.
 
     Raises:
         CS3FInputError: missing or empty folder, missing or unreadable files, duplicate names, too few

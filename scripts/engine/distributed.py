@@ -55,14 +55,10 @@ def gather_cohort(
     """All-gather every rank's volumes so that each rank sees the whole cohort as references.
 
     Args:
-        names: this rank's volumes.
-        bank: this rank's tokens ``{part: {name: VolumeTokens}}``.
+        names, bank, counts, sources, subjects: this rank's volumes, tokens ``{part: {name: VolumeTokens}}``,
+            ``{"encoded": n, "cached": n}``, ``{name: source sha256}`` and ``{name: (subject, voxel sha256)}``.
         skipped: volumes left out (the datalist's, the same on every rank, and this rank's own).
-        counts: this rank's ``{"encoded": n, "cached": n}``.
-        sources: this rank's ``{name: sha256 of its source files}``.
-        order: the single-process order of the names (e.g. :func:`dataset_order`), so that the tables
-            are identical to a single-process run.
-        subjects: this rank's ``{name: (subject, sha256 of its voxels)}``.
+        order: the single-process order of the names (:func:`dataset_order`), for identical tables.
 
     Returns:
         ``(names, bank, skipped, counts, sources, subjects)`` of the whole cohort.

@@ -26,12 +26,9 @@ class CohortScoring:
     bank as it is tokenized (:meth:`bank_writer`).
 
     Args:
-        inferer: the :class:`scripts.inferer.CS3FInferer` that scores; its ``references`` may name a
-            reference bank (``bank:DIR``), checked here against this configuration before any encoding.
-        network: the encoder, part of the bank identity.
-        preprocessing_identity: the preprocessing's parameters, part of the bank identity.
-        grid: the cohort's grids; a reference bank's grids are expected of the new volumes, and a bank
-            being built records them.
+        inferer: the scoring inferer; a reference bank it names (``bank:DIR``) is checked here, before any encoding.
+        network, preprocessing_identity: the encoder and the preprocessing's parameters (the bank identity).
+        grid: the cohort's grids; new volumes must be on a reference bank's grids, a built bank records them.
         build_bank: folder to save the cohort's token bank in (``None``: score instead).
         keep_tokens: keep the tokens after scoring (by default the cohort releases them).
 
@@ -65,8 +62,7 @@ class CohortScoring:
         if self.reference is not None:
             self.reference.check(self._bank_identity())  # before hours of encoding
             for part in self.reference.parts:
-                grid_of_part = self.reference.grid(part)
-                if grid_of_part is not None:  # new volumes must be on the bank's grid
+                if (grid_of_part := self.reference.grid(part)) is not None:
                     self.grid.expect(part, grid_of_part)
 
     def __call__(self, cohort: Cohort) -> None:
