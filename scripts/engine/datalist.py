@@ -333,7 +333,6 @@ class CheckedDataset(Dataset):
             raise found from None
 
 
-# ---------------------------------------------------------------------- the demo cohorts
 def _ensure(dataset_dir: str | Path, demo_dir: str | Path, generator: str, what: str, synth_kwargs: dict) -> Path:
     """Generate ``scripts.synthetic.<generator>``'s cohort into ``demo_dir`` when ``dataset_dir`` is that
     absent folder (the only import of ``scripts.synthetic``); returns ``dataset_dir``."""

@@ -104,7 +104,6 @@ class CohortScoring:
                 raise CS3FInputError(f"{part + ': ' if part else ''}{err}") from None
             self.token_scores[part] = {names[i]: scores[i] for i in queries}
 
-    # ------------------------------------------------------------------ reference banks
     def _bank_identity(self) -> dict:
         return bank_identity(self.inferer.describe(), encoder_identity(self.network), self.preprocessing_identity)
 
