@@ -72,7 +72,6 @@ def install_excepthook() -> None:
     sys.excepthook = hook
 
 
-# ---------------------------------------------------------------------- argument parsers
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
