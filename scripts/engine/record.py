@@ -118,8 +118,7 @@ def run_record(evaluator: Any) -> dict:  # a CS3FEvaluator: evaluator.py imports
         "score_precision": precision,
         "outputs": dict(evaluator.outputs),
     }
-    if evaluator.reference is not None:
-        reference = evaluator.reference
+    if (reference := evaluator.reference) is not None:
         info["reference_bank"] = {
             "folder": str(reference.folder),
             "n_volumes": len(reference),
