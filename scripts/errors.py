@@ -1,7 +1,6 @@
-"""Input errors and how the bundle shows them: one ``cs3f: error: ...`` line, exit code 1.
+"""Input errors and how the bundle shows them: one ``cs3f: error: ...`` line, exit code 1. A leaf module.
 
-A leaf module (it imports nothing of the bundle). Its parsers read arguments as a config or the command
-line gives them (``--use_masks false`` arrives as the string ``"false"``) and raise one line naming the key.
+The parsers take values as a config or the command line gives them (``--use_masks false`` is ``"false"``).
 """
 
 from __future__ import annotations
@@ -39,8 +38,7 @@ _MARKER = re.compile(rf"^{re.escape(__name__)}\.\w+: (.*)$")
 
 def find_input_error(exc: BaseException | None) -> CS3FInputError | None:
     """The :class:`CS3FInputError` behind ``exc``, if any: through the ``__cause__``/``__context__`` chain
-    (MONAI wraps exceptions) and the traceback text that ``DataLoader`` workers re-raise.
-    """
+    (MONAI wraps exceptions) and the traceback text that ``DataLoader`` workers re-raise."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         for line in str(exc).splitlines():
@@ -59,9 +57,8 @@ def one_line(err: BaseException) -> str:
 
 
 def install_excepthook() -> None:
-    """Make an uncaught :class:`CS3FInputError` (or one wrapped by MONAI) print one
-    ``cs3f: error: ...`` line and exit 1; other errors keep their traceback.
-    """
+    """Make an uncaught :class:`CS3FInputError` (or one wrapped by MONAI) print one ``cs3f: error: ...`` line
+    and exit 1; other errors keep their traceback."""
     previous = sys.excepthook
 
     def hook(exc_type, exc, tb):  # noqa: ANN001 - signature fixed by sys.excepthook
@@ -75,7 +72,6 @@ def install_excepthook() -> None:
     sys.excepthook = hook
 
 
-# ---------------------------------------------------------------------- argument parsers
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 

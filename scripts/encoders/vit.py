@@ -25,14 +25,12 @@ VIT_MODEL_TYPES = ("dinov2", "dinov2_with_registers", "dinov3_vit")
 class Dinov2Encoder(SliceEncoder):
     """A DINOv2/DINOv3-format ViT read with ``transformers`` from a local directory (``local_files_only``).
 
-    Works for any checkpoint whose ``config.json`` has a ``model_type`` of :data:`VIT_MODEL_TYPES`
-    (``dinov3_vit`` needs transformers >= 4.56); the directory holds ``config.json``, the ``*.safetensors``
-    and optionally ``preprocessor_config.json`` (its ``image_mean``/``image_std``, else ImageNet's).
+    The directory holds ``config.json`` (``model_type`` one of :data:`VIT_MODEL_TYPES`; ``dinov3_vit`` needs
+    transformers >= 4.56), ``*.safetensors`` and optionally ``preprocessor_config.json`` (mean/std).
 
-    Features (paper Eq. 3): ``hidden_states[l]`` (0: embeddings, ``l``: block ``l``'s output) without the
-    CLS and register tokens, reshaped to ``[N, hidden_size, P, P]`` with ``P = R // patch_size``; blocks
-    after the deepest requested layer are removed. By default each is passed through the final LayerNorm,
-    as MuSc's ``get_intermediate_layers(..., norm=True)`` does (the paper follows MuSc's layer choice).
+    Features (paper Eq. 3): ``hidden_states[l]`` (0: embeddings) without the CLS and register tokens, as
+    ``[N, hidden_size, P, P]`` (``P = R // patch_size``), by default through the final LayerNorm (as MuSc's
+    ``get_intermediate_layers(..., norm=True)``); blocks after the deepest requested layer are removed.
 
     Args:
         model_dir: local directory of the checkpoint (relative: see :func:`resolve_bundle_path`).
@@ -155,8 +153,7 @@ class Dinov2Encoder(SliceEncoder):
 
     def _final_norm(self) -> torch.nn.Module:
         # Dinov2Model / Dinov2WithRegistersModel call it `layernorm`, DINOv3ViTModel `norm`.
-        norm = getattr(self.model, "layernorm", None)
-        norm = getattr(self.model, "norm", None) if norm is None else norm
+        norm = getattr(self.model, "layernorm", getattr(self.model, "norm", None))
         if norm is None:  # pragma: no cover - all supported model types have one
             raise RuntimeError(f"{self.name}: no final norm found on {type(self.model).__name__}.")
         return norm

@@ -1,10 +1,5 @@
-"""The cohort state of a :class:`~scripts.engine.evaluator.CS3FEvaluator` run, held apart from the engine.
-
-:class:`Cohort` is what pass 1 fills and the scoring step (:mod:`scripts.engine.scoring_step`) reads:
-the volumes tokenized (in order), their tokens per part, the digests of their sources and voxels, and
-the volumes left out. Under ``torchrun`` :meth:`Cohort.gather` makes every rank's cohort the whole one.
-:class:`Delegate` lets the evaluator expose a helper's attribute under its own name (``evaluator.names``
-is ``evaluator.cohort.names``), for the handlers, the run record and the tests.
+"""The cohort state of a :class:`~scripts.engine.evaluator.CS3FEvaluator` run: what pass 1 fills and the
+scoring step reads.
 """
 
 from __future__ import annotations

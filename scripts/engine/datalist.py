@@ -1,23 +1,10 @@
 """Datalists of a dataset folder, checked before any heavy work.
 
-A dataset folder is either
-
-* ``DIR/cohort.csv`` (what ``python -m scripts synth`` writes) with at least an ``image`` column and
-  optionally ``mask`` and ``label`` columns, paths relative to ``DIR``, and a ``subject`` column
-  naming the subject of each scan (scans of one subject are never references for each other); or
-* ``DIR/images/*.nii[.gz]`` with optional ``DIR/masks/`` and ``DIR/labels/`` holding files of the
-  same names; or
-* a flat folder of ``*.nii[.gz]`` volumes; or
-* a BraTS-style folder (BraTS 2021, BraTS-METS/GLI 2023+): one folder per scan holding one file per
-  modality and a segmentation (``<scan>_t1/_t1ce/_t2/_flair/_seg.nii.gz`` or
-  ``<scan>-t1n/-t1c/-t2w/-t2f/-seg.nii.gz``); ``modality`` chooses the image, the segmentation is the
-  label (every label > 0 is lesion) and the foreground mask is the image's nonzero voxels (the scans
-  are skull-stripped), derived while loading (row key ``"foreground": "image"``).
-
-:func:`make_datalist` checks every file's header before any heavy work and returns a :class:`Datalist`:
-the usable rows, and the volumes it left out with ``on_bad_input="skip"`` (which the evaluator records in
-``run.json`` together with those it leaves out itself). :func:`ensure_demo` and :func:`ensure_lung_demo`
-make the demo cohorts when the configured dataset folder is the missing demo folder.
+A dataset folder is ``DIR/cohort.csv`` (an ``image`` column, optional ``mask``, ``label`` and ``subject``
+columns, paths relative to ``DIR``); or ``DIR/images/*.nii[.gz]`` with optional ``masks/`` and ``labels/``
+of the same file names; or a flat folder of ``*.nii[.gz]``; or a BraTS-style folder (one folder per scan,
+``<scan>_t1/_t1ce/_t2/_flair/_seg`` or ``<scan>-t1n/-t1c/-t2w/-t2f/-seg``): ``modality`` picks the image,
+the segmentation is the label and the mask is the image's nonzero voxels (row key ``"foreground"``).
 """
 
 from __future__ import annotations
@@ -70,15 +57,13 @@ def image_stem(path: str | Path) -> str:
 
 @dataclass(frozen=True)
 class Datalist(Sequence):
-    """The usable rows of a dataset folder (a sequence of ``{"image", "mask"?, "label"?, "name"}`` dicts,
-    as MONAI datasets take) and the volumes left out of it (``{"image", "reason"}``)."""
+    """The usable rows of a dataset folder (``{"image", "mask"?, "label"?, "name"}`` dicts, as MONAI datasets
+    take), the volumes left out (``{"image", "reason"}``) and ``make_datalist``'s arguments for ``run.json``."""
 
     rows: list[dict[str, str]]
     skipped: list[dict[str, str]] = field(default_factory=list)
-    #: the dataset folder as given, and whether masks were asked for (recorded in ``run.json``)
     folder: str = ""
     masks: bool = True
-    #: what the dataset and the engine do with a bad volume (``make_datalist``'s ``on_bad_input``)
     on_bad_input: str = "error"
 
     def __getitem__(self, index):  # noqa: ANN001, ANN204 - as Sequence
@@ -86,10 +71,6 @@ class Datalist(Sequence):
 
     def __len__(self) -> int:
         return len(self.rows)
-
-
-def _niftis(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(NIFTI_SUFFIXES))
 
 
 def _check_readable(path: Path, what: str) -> tuple:
@@ -127,20 +108,16 @@ def make_datalist(
         dataset_dir: the dataset folder (see the module docstring for the layouts).
         masks: include foreground masks where the folder provides them.
         labels: include ground-truth labels where the folder provides them (evaluation).
-        min_volumes: CS3F scores volumes against each other, so fewer than this is an error; default:
-            1 when ``references`` is a reference bank (``bank:DIR``), else 2.
+        min_volumes: fewer usable volumes is an error; default 1 with a reference bank (``bank:DIR``), else 2.
         on_bad_input: ``"error"`` stops at the first unreadable file or off-grid volume; ``"skip"``
             leaves it out with a warning and lists it (``{"image", "reason"}``) in the result's ``skipped``.
-        require_same_grid: volumes must be registered to one space: every image header must have the
-            shape and affine that most of the cohort has (checked before any heavy work). Turn off
-            for unregistered data that the preprocessing brings to one grid (e.g. lung CT crops).
+        require_same_grid: every image header must have the shape and affine that most of the cohort has
+            (registered data); off for data the preprocessing brings to one grid (e.g. lung CT crops).
         subject_pattern: a regular expression whose first group (or match) in the image name is the
-            subject of the scan, when ``cohort.csv`` has no ``subject`` column
-            (:func:`scripts.engine.subjects.subject_of`); rows then carry a ``"subject"``.
+            subject of the scan (:func:`scripts.engine.subjects.subject_of`); rows then carry a ``"subject"``.
         modality: the image of a BraTS-style folder (``t1``, ``t1ce``, ``t2`` or ``flair``); required
             for such a folder, an error for any other layout.
-        references: the inferer's reference set (:class:`scripts.scoring.references.ReferenceSet`), for the
-            default ``min_volumes``.
+        references: the inferer's reference set, for the default ``min_volumes``.
 
     Raises:
         CS3FInputError: missing or empty folder, missing or unreadable files, duplicate names, too few
@@ -188,7 +165,7 @@ def _read_rows(root: Path, masks: bool, labels: bool) -> list[dict[str, str]]:
                 rows.append(row)
     else:
         image_dir = root / "images" if (root / "images").is_dir() else root
-        for image in _niftis(image_dir):
+        for image in sorted(p for p in image_dir.iterdir() if p.is_file() and p.name.endswith(NIFTI_SUFFIXES)):
             row = {"image": str(image)}
             for key, folder, wanted in (("mask", "masks", masks), ("label", "labels", labels)):
                 candidate = root / folder / image.name
@@ -336,11 +313,8 @@ def check_output_dir(output_dir: str | Path) -> Path:
 
 
 class CheckedDataset(Dataset):
-    """MONAI ``Dataset`` that turns a failing item into one :class:`CS3FInputError` line or a skip marker.
-
-    With ``on_bad_input="skip"`` a volume that cannot be loaded or preprocessed comes out as
-    ``{"bad_input": reason, "name": stem}`` (the workflow leaves it out and lists it in ``run.json``);
-    with ``"error"`` the error names the file. ``on_bad_input`` defaults to the :class:`Datalist`'s.
+    """MONAI ``Dataset`` that turns a failing item into one :class:`CS3FInputError` line naming the file or,
+    with ``on_bad_input="skip"`` (default: the :class:`Datalist`'s), into ``{"bad_input": reason, "name": stem}``.
     """
 
     def __init__(self, data, transform=None, on_bad_input: str | None = None) -> None:  # noqa: ANN001
@@ -359,17 +333,11 @@ class CheckedDataset(Dataset):
             raise found from None
 
 
-# ---------------------------------------------------------------------- the demo cohorts
 def _ensure(dataset_dir: str | Path, demo_dir: str | Path, generator: str, what: str, synth_kwargs: dict) -> Path:
-    """Generate the cohort of ``scripts.synthetic.<generator>`` into ``demo_dir`` when ``dataset_dir``
-    is the demo folder and it is absent; returns ``dataset_dir``.
-
-    The runtime imports ``scripts.synthetic`` here only, and only then: a run on real data (or on a
-    demo folder already made) never imports it.
-    """
+    """Generate ``scripts.synthetic.<generator>``'s cohort into ``demo_dir`` when ``dataset_dir`` is that
+    absent folder (the only import of ``scripts.synthetic``); returns ``dataset_dir``."""
     dataset_dir, demo_dir = Path(dataset_dir), Path(demo_dir)
-    # A user-given dataset_dir that does not exist is never replaced by demo data: that is an error
-    # raised later by make_datalist.
+    # any other missing dataset_dir is make_datalist's error, never replaced by demo data
     if dataset_dir.resolve() == demo_dir.resolve() and not (demo_dir / "cohort.csv").is_file():
         module = importlib.import_module(f"scripts.synthetic.{generator}")
         print(f"cs3f: {what} cohort not found, generating it in {demo_dir} ...", flush=True)

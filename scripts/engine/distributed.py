@@ -1,9 +1,4 @@
-"""Several processes (``torchrun``, ``configs/multi_gpu_inference.json``) giving one process's outputs.
-
-Each rank tokenizes its shard of the volumes; :func:`gather_cohort` then gives every rank the whole
-cohort's tokens as references, in the single-process order, and :func:`gather_scores` collects the
-subject scores and timings on every rank so that one of them writes the tables.
-"""
+"""Several processes (``torchrun``, ``configs/multi_gpu_inference.json``) giving one process's outputs."""
 
 from __future__ import annotations
 
@@ -38,8 +33,7 @@ def _all_gather(local: Any) -> list:
 
 
 def _compact(bank: Mapping[str, Mapping[str, VolumeTokens]]) -> dict[str, dict[str, VolumeTokens]]:
-    """Copies of every grid: a grid is a row of this rank's BatchBuffer, and pickling a view would send
-    the whole buffer."""
+    """Copies of every grid (a grid is a view of a BatchBuffer row: pickled, it would send the whole buffer)."""
 
     def copy(vt: VolumeTokens) -> VolumeTokens:
         return VolumeTokens(
@@ -61,14 +55,10 @@ def gather_cohort(
     """All-gather every rank's volumes so that each rank sees the whole cohort as references.
 
     Args:
-        names: this rank's volumes.
-        bank: this rank's tokens ``{part: {name: VolumeTokens}}``.
+        names, bank, counts, sources, subjects: this rank's volumes, tokens ``{part: {name: VolumeTokens}}``,
+            ``{"encoded": n, "cached": n}``, ``{name: source sha256}`` and ``{name: (subject, voxel sha256)}``.
         skipped: volumes left out (the datalist's, the same on every rank, and this rank's own).
-        counts: this rank's ``{"encoded": n, "cached": n}``.
-        sources: this rank's ``{name: sha256 of its source files}``.
-        order: the single-process order of the names (e.g. :func:`dataset_order`), so that the tables
-            are identical to a single-process run.
-        subjects: this rank's ``{name: (subject, sha256 of its voxels)}``.
+        order: the single-process order of the names (:func:`dataset_order`), for identical tables.
 
     Returns:
         ``(names, bank, skipped, counts, sources, subjects)`` of the whole cohort.

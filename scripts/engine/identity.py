@@ -1,10 +1,7 @@
 """What identifies a run's tokens: the key of the token cache and the identity a reference bank checks.
 
-Tokens depend on the inferer's token parameters, the encoder (with its weights' hash) and the
-preprocessing. The preprocessing part is read off the transform objects the data loader actually
-applies (:func:`describe_transform`), never from a hand-kept copy of their parameters: any parameter
-changed in the config, a transform added, removed or replaced, changes the identity, so a cache cannot
-serve tokens made by another preprocessing and a bank reports the difference.
+The preprocessing part is read off the transform objects the data loader applies (:func:`describe_transform`),
+never from a hand-kept copy of their parameters, so any change of the preprocessing changes the identity.
 """
 
 from __future__ import annotations
@@ -48,12 +45,9 @@ def _array(value: np.ndarray | np.generic | torch.Tensor) -> Any:
 def describe_transform(value: Any, depth: int = 0) -> Any:
     """The parameters of a transform (or of any value it holds) as plain JSON data.
 
-    A :class:`~monai.transforms.Compose` becomes ``{"<position>:<class name>": parameters}`` and its own
-    options (so that a difference is reported as e.g. ``4:Resized.resizer.spatial_size``); any other
-    object with attributes becomes ``{"_target_": module.Class, attribute: value, ...}`` over all its
-    attributes, nested array transforms included (``Resized.resizer``, ``ScaleIntensityRangePercentilesd
-    .scaler``, ...). Enums give their value, dtypes their name, small arrays their values and larger ones a
-    digest; classes, functions and networks their qualified name only (a lambda's body is not seen).
+    A ``Compose`` becomes ``{"<position>:<class name>": parameters, **options}``; any other object
+    ``{"_target_": module.Class, attribute: value, ...}``. Large arrays give a digest; classes, functions
+    and networks their qualified name only (a lambda's body is not seen).
     """
     if isinstance(value, Enum):
         value = value.value

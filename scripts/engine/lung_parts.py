@@ -38,11 +38,8 @@ class LungParts(WholeVolume):
         mask_mode: ``"auto"``, ``"labels"`` or ``"binary"`` (see :class:`LungSplit`).
         lung_labels: ``(right, left)`` label values (ints or lists of ints); default ``(1, 2)``.
 
-    ``split`` returns ``{"right": (crop, lung mask crop), "left": ...}``; ``merge`` pastes both maps back
-    (:meth:`LungCrop.paste`) and keeps each inside its own lung; the engine masks the result with the whole
-    lung mask and takes its maximum as the subject score. A lung larger than the crop size is cut
-    (a warning; its voxels outside the crop score 0; listed under ``lung.truncated`` in ``run.json``).
-    CT volumes are not registered: the parts must share the crop size, not an affine.
+    A lung larger than the crop size is cut (a warning; its voxels outside the crop score 0; listed under
+    ``lung.truncated`` in ``run.json``).
     """
 
     def __init__(
@@ -103,9 +100,8 @@ class LungParts(WholeVolume):
 
 
 class LungCS3FEvaluator(CS3FEvaluator):
-    """:class:`scripts.engine.evaluator.CS3FEvaluator` holding :class:`LungParts`: takes every argument of
-    ``CS3FEvaluator`` but ``parts``, plus the keywords of ``LungParts`` (``crop_size``, ``margin``,
-    ``mask_mode``, ``lung_labels``)."""
+    """:class:`scripts.engine.evaluator.CS3FEvaluator` holding :class:`LungParts`: ``CS3FEvaluator``'s
+    arguments but ``parts``, plus ``LungParts``' keywords."""
 
     def __init__(
         self,

@@ -1,15 +1,12 @@
 """The command line's overrides, checked against the keys the bundle's config files define.
 
-``python -m monai.bundle run --rhoo 0.2`` would add a key nobody reads and run with the default: a
-typo that silently changes nothing. :func:`check_overrides` (the first step of ``initialize``) compares
-every ``--key`` of the command line with the ids the merged config files define (``rho``,
-``inferer#L``, ...) and the arguments of their components (``inferer#slab_size`` is an argument of
-:class:`scripts.inferer.CS3FInferer` even where the config leaves it to its default), and stops with one
-``cs3f: error:`` line naming the closest known key. Each component checks its own values.
+``--rhoo 0.2`` would add a key nobody reads: :func:`check_overrides` stops on a key that is neither an id of
+the merged config files nor an argument of one of their components, naming the closest known key.
 """
 
 from __future__ import annotations
 
+import ast
 import difflib
 import importlib
 import inspect
@@ -22,19 +19,10 @@ from scripts.errors import CS3FInputError, install_excepthook
 __all__ = ["check_overrides", "config_ids", "unknown_key_error"]
 
 #: the arguments of ``monai.bundle run`` itself (not config ids)
-RUN_ARGUMENTS = {
-    "config_file",
-    "meta_file",
-    "logging_file",
-    "tracking",
-    "args_file",
-    "run_id",
-    "init_id",
-    "final_id",
-    "workflow_type",
-    "workflow_name",
-    "properties_path",
-}
+RUN_ARGUMENTS = set(
+    "config_file meta_file logging_file tracking args_file run_id init_id final_id workflow_type workflow_name "
+    "properties_path".split()
+)
 
 
 def _target_arguments(target: object) -> list[str]:
@@ -84,28 +72,16 @@ def _argv_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
             continue
         key = arg[2:].split("=", 1)[0]
         if key == "config_file" and i + 1 < len(argv):
-            value = arg.split("=", 1)[1] if "=" in arg else argv[i + 1]
-            files = _config_files(value)
+            value = (arg.split("=", 1)[1] if "=" in arg else argv[i + 1]).strip()
+            files = [str(f) for f in ast.literal_eval(value)] if value.startswith("[") else [value]
         elif key not in RUN_ARGUMENTS:
             keys.append(key)
     return files, keys
 
 
-def _config_files(value: str) -> list[str]:
-    text = value.strip()
-    if text.startswith("["):
-        import ast
-
-        return [str(f) for f in ast.literal_eval(text)]
-    return [text]
-
-
 def check_overrides(argv: Sequence[str] | None = None) -> None:
-    """Install the one-line error hook, then stop on a command-line key that no config file defines.
-
-    Only a ``monai.bundle run`` command line is checked (an in-process ``ConfigWorkflow`` passes its
-    overrides as arguments, not on ``sys.argv``).
-    """
+    """Install the one-line error hook, then stop on a ``monai.bundle run`` command-line key that no config
+    file defines (an in-process ``ConfigWorkflow`` passes its overrides as arguments, not on ``sys.argv``)."""
     install_excepthook()
     argv = list(sys.argv if argv is None else argv)
     if not argv or not argv[0].replace("\\", "/").endswith("monai/bundle/__main__.py") or "run" not in argv[1:2]:

@@ -1,10 +1,4 @@
-"""The run record (``run.json``): what a run did, with what, how long it took and how much memory it held.
-
-Everything that goes into the record is gathered here: :class:`StageTimes` measures the stages,
-:func:`peak_rss_mb` and :func:`versions` describe the process, :func:`token_stats` the token bank and
-:func:`run_record` assembles them with the evaluator's own account of the run.
-:class:`scripts.engine.handlers.RunRecorder` writes it.
-"""
+"""The run record (``run.json``): what a run did, with what, how long it took and how much memory it held."""
 
 from __future__ import annotations
 
@@ -126,8 +120,7 @@ def run_record(evaluator: Any) -> dict:  # a CS3FEvaluator: evaluator.py imports
         "score_precision": precision,
         "outputs": dict(evaluator.outputs),
     }
-    if evaluator.reference is not None:
-        reference = evaluator.reference
+    if (reference := evaluator.reference) is not None:
         info["reference_bank"] = {
             "folder": str(reference.folder),
             "n_volumes": len(reference),

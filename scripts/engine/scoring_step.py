@@ -1,19 +1,6 @@
-"""The scoring step of :class:`~scripts.engine.evaluator.CS3FEvaluator`, between its two passes.
-
-After pass 1 every volume's tokens are known (gathered from all ranks under ``torchrun``). The step then
-does one of three things:
-
-* score the cohort against itself (:meth:`scripts.inferer.CS3FInferer.score`), each rank its own
-  volumes as queries;
-* score this run's volumes against a reference bank only (``references: bank:DIR``, the same
-  :meth:`scripts.inferer.CS3FInferer.score` given the bank's tokens), after a check, at construction, that the bank
-  was made with this configuration;
-* save the cohort's tokens as a reference bank (``build_bank``; single-process runs stream each volume
-  to the bank as it is tokenized, see :meth:`CohortScoring.bank_writer`).
-
-:class:`CohortScoring` is given what it needs at construction (the inferer, the encoder and the
-preprocessing identity for a bank's identity, the cohort's grids, ``build_bank``, ``keep_tokens``) and
-the gathered :class:`scripts.engine.cohort.Cohort` when it runs; it keeps the token scores.
+"""The scoring step of :class:`~scripts.engine.evaluator.CS3FEvaluator`, between its two passes: score
+the cohort against itself, score it against a reference bank (``references: bank:DIR``), or save its
+tokens as a bank (``build_bank``).
 """
 
 from __future__ import annotations
@@ -35,15 +22,13 @@ __all__ = ["CohortScoring"]
 
 
 class CohortScoring:
-    """The scoring step (see the module docstring), held by the evaluator.
+    """The scoring step, held by the evaluator; single-process ``build_bank`` runs stream each volume to the
+    bank as it is tokenized (:meth:`bank_writer`).
 
     Args:
-        inferer: the :class:`scripts.inferer.CS3FInferer` that scores; its ``references`` may name a
-            reference bank (``bank:DIR``), checked here against this configuration before any encoding.
-        network: the encoder, part of the bank identity.
-        preprocessing_identity: the preprocessing's parameters, part of the bank identity.
-        grid: the cohort's grids; a reference bank's grids are expected of the new volumes, and a bank
-            being built records them.
+        inferer: the scoring inferer; a reference bank it names (``bank:DIR``) is checked here, before any encoding.
+        network, preprocessing_identity: the encoder and the preprocessing's parameters (the bank identity).
+        grid: the cohort's grids; new volumes must be on a reference bank's grids, a built bank records them.
         build_bank: folder to save the cohort's token bank in (``None``: score instead).
         keep_tokens: keep the tokens after scoring (by default the cohort releases them).
 
@@ -77,13 +62,11 @@ class CohortScoring:
         if self.reference is not None:
             self.reference.check(self._bank_identity())  # before hours of encoding
             for part in self.reference.parts:
-                grid_of_part = self.reference.grid(part)
-                if grid_of_part is not None:  # new volumes must be on the bank's grid
+                if (grid_of_part := self.reference.grid(part)) is not None:
                     self.grid.expect(part, grid_of_part)
 
     def __call__(self, cohort: Cohort) -> None:
-        """End of pass 1 (``cohort`` gathered): token scores of every volume (or the bank saved), then
-        the tokens released."""
+        """End of pass 1 (``cohort`` gathered): token scores (or the bank saved), then the tokens released."""
         self._score_tokens(cohort)
         self.token_stats = token_stats(cohort.bank)
         if self.inferer.edge == "normalized":  # pass 2 interpolates with the (small) validity grids
@@ -121,13 +104,11 @@ class CohortScoring:
                 raise CS3FInputError(f"{part + ': ' if part else ''}{err}") from None
             self.token_scores[part] = {names[i]: scores[i] for i in queries}
 
-    # ------------------------------------------------------------------ reference banks
     def _bank_identity(self) -> dict:
         return bank_identity(self.inferer.describe(), encoder_identity(self.network), self.preprocessing_identity)
 
     def bank_writer(self, cohort: Cohort) -> BankWriter | None:
-        """In a single-process ``build_bank`` run, the writer that streams each volume's tokens to the
-        bank as it is tokenized (with torchrun, the ranks' tokens are gathered and rank 0 saves them)."""
+        """The bank writer of a single-process ``build_bank`` run (under torchrun rank 0 saves the gathered bank)."""
         if self.build_bank is None or world()[1] > 1:
             return None
         if self._writer is None:

@@ -1,15 +1,8 @@
 """Which volumes are scans of one subject, so that they are never references for each other.
 
-Real cohorts hold repeat scans, longitudinal follow-ups and plain copies. Scored as strangers, two
-scans of a stable lesion explain each other's lesion away (both score 0). The subject of a volume is
-
-1. its ``subject`` column in ``cohort.csv``, when the cohort has one;
-2. else the first group (or the whole match) of ``subject_pattern``, a regular expression searched in
-   the image name (e.g. ``"^(BraTS-MET-\\d+)"`` for BraTS-style ``BraTS-MET-00012-000`` names);
-3. else the volume's own name.
-
-Volumes with identical voxels (the same file under two names, or the same image re-saved) are then
-joined into one subject, with one warning line naming them: that is never a coincidence.
+The subject of a volume is its ``subject`` column in ``cohort.csv``; else the first group (or the match)
+of ``subject_pattern`` in the image name; else its own name. Volumes with identical voxels are joined
+into one subject (one warning).
 """
 
 from __future__ import annotations
@@ -39,11 +32,8 @@ def subject_of(name: str, row: Mapping[str, str] | None = None, pattern: str | N
 
 
 def join_identical(names: Sequence[str], subjects: Sequence[str], digests: Sequence[str]) -> list[str]:
-    """``subjects`` with the subjects of volumes of equal voxel ``digests`` joined (one warning each).
-
-    Joining is transitive: a subject takes the smallest name-ordered subject of everything linked to it
-    by a shared subject or identical voxels, so the result does not depend on the order of ``names``.
-    """
+    """``subjects`` with the subjects of volumes of equal voxel ``digests`` joined (one warning each),
+    transitively, to the smallest subject linked (independent of the order of ``names``)."""
     parent: dict[str, str] = {s: s for s in subjects}
 
     def root(s: str) -> str:

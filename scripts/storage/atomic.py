@@ -1,9 +1,4 @@
-"""Crash-safe output writing: every file the bundle writes appears whole or not at all.
-
-:func:`atomic_write` fills a hidden temporary file beside the target (mode as ``open()`` makes it),
-flushes it and renames it over the target; a killed process leaves at most a hidden ``.<name>.tmp-<hex>``
-file, never a truncated output. Every writer of the bundle goes through it.
-"""
+"""Crash-safe output writing: every file the bundle writes appears whole or not at all."""
 
 from __future__ import annotations
 
@@ -37,8 +32,7 @@ _DOUBLE_SUFFIXES = (".nii.gz",)
 
 def temp_path(path: str | Path, keep_suffix: bool = False) -> Path:
     """Create an empty hidden temporary file beside ``path`` (its folder created) and return its name;
-    ``keep_suffix`` ends it with the target's extension, for libraries that pick the format from it.
-    """
+    ``keep_suffix`` ends it with the target's extension, for libraries that pick the format from it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ext = ""
@@ -115,8 +109,7 @@ def atomic_write_csv(
 
 def jsonable(value: Any) -> Any:
     """``value`` as plain JSON data (tuples as lists, numpy/torch values as numbers and lists, enums as
-    their value, non-finite floats as ``None``, anything else as its ``str``).
-    """
+    their value, non-finite floats as ``None``, anything else as its ``str``)."""
     if isinstance(value, Enum):
         value = value.value
     if hasattr(value, "tolist") and not isinstance(value, str):  # numpy and torch scalars and arrays
@@ -133,9 +126,7 @@ def jsonable(value: Any) -> Any:
 
 
 class AtomicNibabelWriter(NibabelWriter):
-    """MONAI's ``NibabelWriter`` writing through :func:`atomic_write`
-    (``SaveImaged(writer="scripts.storage.atomic.AtomicNibabelWriter")``).
-    """
+    """MONAI's ``NibabelWriter`` writing through :func:`atomic_write` (``SaveImaged(writer=...)``)."""
 
     def write(self, filename, verbose: bool = False, **obj_kwargs) -> None:  # noqa: ANN001 - as NibabelWriter
         def write(tmp: Path) -> None:

@@ -58,9 +58,7 @@ _MAX_DIFFS = 8
 
 
 def _differences(run, bank, prefix: str) -> list[str]:  # noqa: ANN001 - JSON values
-    """``"<field> (bank <value>, run <value>)"`` for each differing field under ``prefix``, recursing only
-    where both sides are dicts (a section one side lacks is one difference).
-    """
+    """``"<field> (bank <value>, run <value>)"`` for each differing field, recursing where both are dicts."""
     if isinstance(run, dict) and isinstance(bank, dict):
         out = []
         for key in sorted(set(run) | set(bank)):
@@ -72,14 +70,6 @@ def _differences(run, bank, prefix: str) -> list[str]:  # noqa: ANN001 - JSON va
 def _short(value) -> str:  # noqa: ANN001
     text = json.dumps(value, default=str)
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _key_file(key: str) -> str:
-    return key.replace("/", "_")
-
-
-def _part_dir(part: str) -> str:
-    return "tokens" if not part else f"tokens-{part}"
 
 
 class BankWriter:
@@ -125,7 +115,7 @@ class BankWriter:
 
     def _open_arrays(self, part: str, key: str, grid: list[int], n_tokens: int, d: int) -> dict:
         """The manifest spec of a new ``(part, key)``, its two arrays opened as temporary memmaps."""
-        stem = f"{_part_dir(part)}/{_key_file(key)}"
+        stem = f"{'tokens-' + part if part else 'tokens'}/{key.replace('/', '_')}"
         spec = {"grid": grid, "d": d, "tokens": f"{stem}.tokens.npy", "valid": f"{stem}.valid.npy"}
         for what, dtype, shape in (("tokens", np.float16, (n_tokens, d)), ("valid", bool, (n_tokens,))):
             tmp = temp_path(self.folder / spec[what])

@@ -1,31 +1,13 @@
-"""Lung CT (paper Sec. 4.1 "Lung CT", 4.2, 4.6): left/right lung crops scored independently.
+"""Lung CT (paper Sec. 4.1, 4.2, 4.6): right and left lung crops scored independently.
 
-CT volumes are not registered to an atlas and the lungs fill only part of the scan, so the lung
-pipeline (``configs/lung_ct.json``, an overlay on ``configs/inference.json``) works on lung crops:
+CT volumes are not registered, so ``configs/lung_ct.json`` scores lung crops: :class:`LungSplit` splits the
+lung mask into a right and a left lung, :class:`LungCrop` crops each lung's bounding box to a fixed size
+(crop-or-pad, no resampling) and pastes a crop's map back with MONAI's inverse; the engine
+(:class:`scripts.engine.lung_parts.LungParts`) scores each side against the same side of the other volumes
+and merges the maps by a voxel-wise maximum inside each lung.
 
-1. preprocessing (config): load, keep a copy of the mask on the input grid (``source_mask``, for
-   :class:`MaskWithSourced`), reorient to RAS, resample to 1 mm (image bilinear, mask nearest), clip
-   HU to the config's ``hu_window`` (the paper's [-800, 400], Sec. 4.1) and scale to [0, 1];
-2. :class:`LungSplit`: the lung mask into a right and a left lung (labels, or the two largest
-   connected components of a binary mask ordered by their centroid's world x: RAS x grows towards the
-   subject's right);
-3. :class:`LungCrop`: per lung, the bounding box of its mask (``SpatialCrop``) brought to a fixed size
-   by centred crop-or-pad (``ResizeWithPadOrCrop``, pad value 0 = -800 HU after scaling) without
-   resampling; the paper's size is 160 x 238 x 336 (sagittal, coronal, axial) at 1 mm;
-4. :class:`LungCS3FEvaluator`: the bundle's engine with two parts per volume, ``"right"`` and
-   ``"left"``: CS3F scores the bank of right-lung crops and the bank of left-lung crops independently
-   (each with the lung's own mask for token validity); each part's map is pasted back into the 1 mm grid
-   by inverting the crop (:meth:`LungCrop.paste`, MONAI's own inverse of the two transforms, zeros
-   elsewhere) and the two are combined by a voxel-wise maximum restricted to each lung (the lungs are
-   disjoint, so this is their union); the engine's postprocessing (``Invertd``) then takes the map
-   through the inverse of the preprocessing (1 mm resampling, orientation) to the input grid. The subject
-   score is the maximum of the combined map, i.e. the maximum over both lungs.
-
-Lung masks are inputs: make them with lungmask (``lungmask`` on PyPI, R231 model: 1 = right lung,
-2 = left lung, the default convention here) or TotalSegmentator (lobes: combine
-``lung_upper_lobe_right``, ``lung_middle_lobe_right``, ``lung_lower_lobe_right`` into the right lung and
-the two left lobes into the left lung, or pass the lobe ids as ``lung_labels``). Both download their
-model weights themselves; nothing here downloads anything at run time.
+Lung masks are inputs (lungmask R231: 1 = right, 2 = left, the default; or TotalSegmentator lobes given
+as ``lung_labels``); nothing here downloads anything.
 """
 
 from __future__ import annotations
@@ -105,11 +87,10 @@ class LungSplit(Transform):
         labels: ``(right, left)`` label values, each an int or a list of ints (e.g. lobe ids); default
             lungmask's ``(1, 2)``.
         min_fraction: in binary mode the second component must have at least this fraction of the
-            first's voxels, otherwise the lungs are taken to be merged into one component (an error).
+            first's voxels, else the lungs are merged (an error).
 
-    Call: ``(mask, affine=None)``; the affine (voxel -> world) defaults to the mask's own if it is a
-    ``MetaTensor``, else identity. Raises :class:`CS3FInputError` with what is wrong (a missing lung,
-    unexpected labels, merged lungs).
+    Call: ``(mask, affine=None)``, the affine defaulting to the mask's own (or identity). Raises
+    :class:`CS3FInputError` naming a missing lung, unexpected labels or merged lungs.
     """
 
     def __init__(self, mode: str = "auto", labels=(RIGHT, LEFT), min_fraction: float = 0.05) -> None:
@@ -172,12 +153,8 @@ class LungSplit(Transform):
 
 
 class CheckLungsd(MapTransform):
-    """Check at load time that the lung mask splits into a right and a left lung (:class:`LungSplit`).
-
-    Put it in the preprocessing (after the resampling): a bad mask then fails in the data loader, as one
-    :class:`CS3FInputError` line naming the file, or is skipped by
-    :class:`scripts.engine.datalist.CheckedDataset` with ``on_bad_input="skip"``, before any encoding.
-    """
+    """Check in the preprocessing that the lung mask splits into a right and a left lung (:class:`LungSplit`),
+    so that a bad mask fails (or is skipped) in the data loader, before any encoding."""
 
     def __init__(
         self, keys: KeysCollection = "mask", mode: str = "auto", labels=(RIGHT, LEFT), image_key: str = "image"
@@ -203,14 +180,8 @@ class CheckLungsd(MapTransform):
 
 
 class LungCrop(Transform):
-    """Crop one lung's bounding box and crop-or-pad it to a fixed size; :meth:`paste` inverts it.
-
-    The crop is MONAI's ``SpatialCrop`` to the box (``margin`` voxels around the mask's bounding box,
-    clipped to the volume) followed by ``ResizeWithPadOrCrop(crop_size)`` (centred: pads the box when it is
-    smaller, with ``value``, and centre-crops it when it is larger); no resampling. :meth:`paste` applies
-    MONAI's inverse of the same two transforms, so every voxel of a crop goes back where it came from and
-    the rest of the volume is 0 (padding is dropped; the parts of a box cut off by a too small crop size
-    get 0).
+    """Crop one lung's bounding box (``SpatialCrop``) and centre crop-or-pad it to a fixed size
+    (``ResizeWithPadOrCrop``), no resampling; :meth:`paste` applies MONAI's inverse (0 outside the crop).
 
     Args:
         crop_size: ``(sagittal, coronal, axial)`` voxels; the paper's is 160 x 238 x 336 at 1 mm.
@@ -258,11 +229,8 @@ class LungCrop(Transform):
         return self._transform(box)(self._fresh(img))
 
     def paste(self, crop_map: torch.Tensor, box, like: torch.Tensor) -> torch.Tensor:
-        """``crop_map [C, *crop_size]`` back on the grid of ``like [C', H, W, D]`` (0 outside the crop).
-
-        The crop of ``like`` is recomputed (cheap: shapes only matter) so that MONAI's inverse of the
-        very same ``SpatialCrop`` + ``ResizeWithPadOrCrop`` can be applied to the map.
-        """
+        """``crop_map [C, *crop_size]`` back on the grid of ``like [C', H, W, D]`` (0 outside the crop)."""
+        # the crop of ``like`` is recomputed (shapes only) for MONAI's inverse of the very same transforms
         transform = self._transform(box)
         reference = transform(self._fresh(torch.as_tensor(like)[:1]))
         data = crop_map.as_tensor() if isinstance(crop_map, MetaTensor) else torch.as_tensor(crop_map)
@@ -277,12 +245,8 @@ class LungCrop(Transform):
 
 
 class LungCropd(MapTransform):
-    """Dictionary version: ``keys`` (e.g. ``image``) and the lung mask into per-lung crops.
-
-    Writes ``{key}_{side}`` for each key and ``{mask_key}_{side}`` (the lung's own mask, float 0/1) for
-    ``side`` in ``("right", "left")``, and ``{mask_key}_boxes`` = ``{side: (start, end)}`` for
-    :meth:`LungCrop.paste`.
-    """
+    """Dictionary version: writes ``{key}_{side}``, ``{mask_key}_{side}`` (the lung's own mask, float 0/1)
+    and ``{mask_key}_boxes`` (``{side: (start, end)}``, for :meth:`LungCrop.paste`)."""
 
     def __init__(
         self,
@@ -319,16 +283,11 @@ class LungCropd(MapTransform):
 
 
 class MaskWithSourced(MapTransform):
-    """Zero ``keys`` (maps already inverted to the input grid) outside the volume's source-grid mask.
+    """Zero ``keys`` (maps already inverted to the input grid) outside the mask as loaded (no mask: no-op).
 
-    The inverse of the 1 mm resampling (bilinear) spreads scores a voxel beyond the lung border; the
-    mask as it was loaded restores a map that is 0 outside the lungs on the input grid (as the brain
-    pipeline's maps are). That mask is a copy the preprocessing takes right after loading, before any
-    reorientation or resampling (``CopyItemsd(keys="mask", names="source_mask")`` after
-    ``EnsureChannelFirstd`` in ``configs/lung_ct.json``), so nothing is read from disk again. The copy
-    is not an ``Invertd`` key, so inverting the map leaves it alone. Its name must not start with
-    ``"mask_"``: MONAI's ``Spacingd`` takes every ``"{key}_*"`` entry for a metadata dict of ``key``.
-    No such mask: nothing to do.
+    The inverse of the bilinear 1 mm resampling spreads scores beyond the lung border. The mask is a copy
+    taken right after loading (``CopyItemsd(keys="mask", names="source_mask")`` in ``configs/lung_ct.json``);
+    its name must not start with ``"mask_"``: ``Spacingd`` takes every ``"{key}_*"`` entry for metadata.
 
     Args:
         keys: the maps to mask (default ``"pred"``).
