@@ -19,6 +19,7 @@ import pytest
 from scipy import ndimage
 from scripts.evaluation import lesions
 from scripts.synthetic import brain as synth
+from scripts.synthetic import brain_templates as templates
 from scripts.synthetic import cohort_files
 from scripts.synthetic.cli import main as synth_main
 
@@ -224,10 +225,17 @@ def test_existing_output_and_failed_run_leave_no_half_cohort(tmp_path, monkeypat
     assert len(_read_cohort(out)) == 2  # the old cohort is untouched
 
 
+def _uncached_templates(monkeypatch) -> None:
+    """The template loaders without their caches (the generator calls them through both modules)."""
+    uncached = templates.base_anatomy.__wrapped__
+    monkeypatch.setattr(templates, "raw_base", templates.raw_base.__wrapped__)
+    monkeypatch.setattr(templates, "base_anatomy", uncached)
+    monkeypatch.setattr(synth, "base_anatomy", uncached)
+
+
 def test_missing_template_package_error(monkeypatch):
     # bypass the caches so that the templates are loaded again, with nilearn unimportable
-    monkeypatch.setattr(synth, "raw_base", synth.raw_base.__wrapped__)
-    monkeypatch.setattr(synth, "base_anatomy", synth.base_anatomy.__wrapped__)
+    _uncached_templates(monkeypatch)
     monkeypatch.setitem(sys.modules, "nilearn", None)
     monkeypatch.setitem(sys.modules, "nilearn.datasets", None)
     with pytest.raises(ImportError, match=r"pip install 'nilearn"):
@@ -235,10 +243,9 @@ def test_missing_template_package_error(monkeypatch):
 
 
 def test_missing_colin27_error(monkeypatch, tmp_path):
-    monkeypatch.setattr(synth, "raw_base", synth.raw_base.__wrapped__)
-    monkeypatch.setattr(synth, "base_anatomy", synth.base_anatomy.__wrapped__)
+    _uncached_templates(monkeypatch)
     missing = tmp_path / "ch2bet.nii.gz"
-    monkeypatch.setattr(synth, "COLIN27_PATH", missing)
+    monkeypatch.setattr(templates, "COLIN27_PATH", missing)
     with pytest.raises(FileNotFoundError, match="apt-get install mricron-data") as err:
         synth.generate_subject(0, abnormal=False, shape=16, base="colin27")
     assert str(missing) in str(err.value)
