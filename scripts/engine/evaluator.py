@@ -32,7 +32,7 @@ from scripts.engine.identity import preprocessing_identity, token_identity
 from scripts.engine.parts import WholeVolume
 from scripts.engine.record import StageTimes, run_record
 from scripts.engine.scoring_step import CohortScoring
-from scripts.engine.tokens import CachedTokenizer, source_digest, voxel_digest
+from scripts.engine.tokens import CachedTokenizer, registration_of, source_digest, voxel_digest, with_registration
 from scripts.errors import CS3FInputError, find_input_error
 from scripts.inferer import BatchBuffer, CS3FInferer, VolumeTokens
 from scripts.mixed_precision import resolve_precision
@@ -118,6 +118,7 @@ class CS3FEvaluator(WholeVolume, CohortScoring, Workflow):
         self._my_names: list[str] = []  # this process's share of them
         self.sources: dict[str, str] = {}  # name -> sha256 of its source files
         self.subjects: dict[str, tuple[str, str]] = {}  # name -> (subject, sha256 of its voxels)
+        self.registration: dict[str, dict] = {}  # name -> its registration (transform, quality), if any
         # part -> volume name -> tokens / token scores (part "" is the whole volume)
         self.bank: dict[str, dict[str, VolumeTokens]] = {}
         self._buffers: dict[str, BatchBuffer] = {}
@@ -200,6 +201,10 @@ class CS3FEvaluator(WholeVolume, CohortScoring, Workflow):
         banks = self.build_bank is not None or self.reference is not None
         digest = self.cache is not None or banks
         source_key = source_digest(item, (self.image_key, self.mask_key)) if digest else ""
+        registration = registration_of(item[self.image_key])
+        if registration is not None:  # tokens of another registration of the same file are other tokens
+            self.registration[name] = registration
+            source_key = with_registration(source_key, registration)
         self.sources[name] = source_key
         # The subject as given (cohort.csv column or subject_pattern; "" if none) and the voxels' digest.
         self.subjects[name] = (str(item.get("subject") or ""), voxel_digest(item[self.image_key]))

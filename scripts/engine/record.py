@@ -127,6 +127,8 @@ def run_record(evaluator: CS3FEvaluator) -> dict:
         "score_precision": precision,
         "outputs": dict(evaluator.outputs),
     }
+    if getattr(evaluator, "registration", None):
+        info["registration"] = {n: evaluator.registration[n] for n in names if n in evaluator.registration}
     if evaluator.reference is not None:
         reference = evaluator.reference
         info["reference_bank"] = {
