@@ -193,13 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m scripts.benchmarks", description="Benchmarks of the CS3F bundle (run from the bundle root)."
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,c2f,scaling,quality,mixed,gpu}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{run,c2f,scaling,quality,mixed,gpu,registration}"
+    )
     _add_run(sub)
     _add_c2f(sub)
     _add_mixed(sub)
     _add_gpu(sub)
     _add_scaling(sub)
     _add_quality(sub)
+    from scripts.benchmarks.registration import add_parser as add_registration  # light: argparse only
+
+    add_registration(sub)
     return parser
 
 
@@ -223,6 +228,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from scripts.benchmarks.mixed_bench import main as mixed_main
 
         mixed_main(**args)
+    elif command == "registration":
+        from scripts.benchmarks.registration import main as registration_main
+
+        return registration_main(**args)
     elif command == "quality":
         from scripts.benchmarks.quality import run_quality
 
