@@ -205,7 +205,7 @@ class Registerd(MapTransform, InvertibleTransform):
 
     Args:
         keys: the keys resampled (e.g. ``("image", "mask")``).
-        register: ``"none"`` (nothing happens), ``"mni152"`` or ``"template:PATH[,MASK]"``.
+        register: ``"none"`` (nothing happens), ``"mni152"``, ``"template:PATH[,MASK]"`` or a :class:`Template`.
         image_key: the key registered (its file names the cache entry and the errors).
         mask_key: the foreground mask: resampled if given, else the template's mask dilated by
             ``mask_margin_mm`` and restricted to the volume's own foreground (a given mask always wins).
@@ -230,7 +230,7 @@ class Registerd(MapTransform, InvertibleTransform):
     def __init__(
         self,
         keys: KeysCollection = ("image", "mask"),
-        register: str = "none",
+        register: str | Template = "none",
         image_key: str = "image",
         mask_key: str = "mask",
         mask_margin_mm: float = 2.0,
@@ -246,7 +246,7 @@ class Registerd(MapTransform, InvertibleTransform):
         allow_missing_keys: bool = True,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        template = load_template(register)
+        template = register if isinstance(register, Template) else load_template(register)
         self.register = None if template is None else Register(template, iterations, sampling, seed, metric_margin_mm)
         self.image_key, self.mask_key = image_key, mask_key
         self.mask_margin_mm = float(mask_margin_mm)
@@ -274,8 +274,9 @@ class Registerd(MapTransform, InvertibleTransform):
     def _estimate(self, img: torch.Tensor) -> dict:
         """The registration of ``img``: from the cache, or estimated (and cached)."""
         source = _file_of(img)
-        name = Path(source).name.split(".nii")[0] if source else ""
-        key = self._identity_key(file_digest([source]) if source else "")
+        on_disk = bool(source) and Path(source).is_file()  # in-memory volumes are not cached
+        name = Path(source).name.split(".nii")[0] if on_disk else ""
+        key = self._identity_key(file_digest([source]) if on_disk else "")
         entry = self.cache.load(name, key) if name else None
         if entry is not None:
             return {**entry, "cached": True}
