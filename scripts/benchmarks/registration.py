@@ -49,6 +49,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=2, help="threads of the registration (default %(default)s)")
     p.add_argument("--limit", type=int, help="register only the first N native volumes")
     p.add_argument("--bundle", action="store_true", help="also run the bundle on both cohorts (detection)")
+    p.add_argument("--libraries", type=int, default=0, help="compare the libraries on the first N volumes")
+    p.add_argument("--sections", default="native,colin27", help="native, colin27 (default %(default)s)")
 
 
 def _peak_rss_mb() -> float:
@@ -186,6 +188,99 @@ def colin27_section(threads: int, seed: int) -> dict:
     return out
 
 
+def _elastix(fixed, fixed_affine, moving, moving_affine):
+    """itk-elastix's affine (default ``affine`` parameter map: Mattes MI, 4 resolutions) as a 4 x 4 matrix."""
+    import itk
+    import numpy as np
+
+    def image(array, affine):
+        out = itk.image_from_array(np.ascontiguousarray(np.transpose(array, (2, 1, 0)).astype(np.float32)))
+        spacing = np.linalg.norm(affine[:3, :3], axis=0)
+        out.SetSpacing(spacing.tolist())
+        out.SetOrigin(affine[:3, 3].tolist())
+        out.SetDirection(itk.matrix_from_array(affine[:3, :3] / spacing))
+        return out
+
+    parameters = itk.ParameterObject.New()
+    parameters.AddParameterMap(parameters.GetDefaultParameterMap("affine"))
+    _, result = itk.elastix_registration_method(
+        image(fixed, fixed_affine), image(moving, moving_affine), parameter_object=parameters, log_to_console=False
+    )
+    found = result.GetParameterMap(0)
+    values = np.array([float(v) for v in found["TransformParameters"]])
+    centre = np.array([float(v) for v in found["CenterOfRotationPoint"]])
+    return _matrix_of(values[:9].reshape(3, 3), values[9:], centre)
+
+
+def _ants(fixed, fixed_affine, moving, moving_affine):
+    """ANTsPy's ``Affine`` registration (Mattes MI) as a 4 x 4 matrix."""
+    import ants
+    import numpy as np
+
+    def image(array, affine):
+        spacing = np.linalg.norm(affine[:3, :3], axis=0)
+        return ants.from_numpy(
+            array.astype(np.float32),
+            origin=affine[:3, 3].tolist(),
+            spacing=spacing.tolist(),
+            direction=affine[:3, :3] / spacing,
+        )
+
+    out = ants.registration(image(fixed, fixed_affine), image(moving, moving_affine), type_of_transform="Affine")
+    transform = ants.read_transform(out["fwdtransforms"][0])
+    values, centre = np.asarray(transform.parameters), np.asarray(transform.fixed_parameters)
+    return _matrix_of(values[:9].reshape(3, 3), values[9:], centre)
+
+
+def _matrix_of(matrix, translation, centre):
+
+    import numpy as np
+
+    out = np.eye(4)
+    out[:3, :3], out[:3, 3] = matrix, centre + translation - matrix @ centre
+    return out
+
+
+def libraries_section(native: Path, limit: int) -> dict:
+    """SimpleITK (this bundle's), itk-elastix and ANTsPy on the first ``limit`` native volumes, each where
+    importable: error against the known affine and CPU seconds."""
+    import nibabel as nib
+    import numpy as np
+    from scripts.synthetic.common import read_cohort
+    from scripts.transforms.affine_registration import estimate_affine, load_template
+
+    template = load_template("mni152")
+    methods = {
+        "simpleitk": lambda image, affine: estimate_affine(image, affine, template, threads=2)[0],
+        "itk-elastix": lambda image, affine: _elastix(template.image, template.affine, image, affine),
+        "antspyx": lambda image, affine: _ants(template.image, template.affine, image, affine),
+    }
+    out: dict = {}
+    for row in read_cohort(native)[:limit]:
+        nii = nib.load(str(native / row["image"]))
+        image = np.asarray(nii.dataobj, np.float32)
+        truth = np.asarray(json.loads((native / row["transform"]).read_text())["template_to_native"])
+        for name, method in methods.items():
+            start, cpu = time.perf_counter(), time.process_time()
+            try:
+                found = method(image, nii.affine)
+            except ImportError as err:
+                out[name] = {"skipped": str(err)}
+                continue
+            mean, worst = _errors(found, truth, template)
+            entry = out.setdefault(name, {"volumes": []})
+            entry["volumes"].append(
+                {
+                    "error_mean_mm": round(mean, 3),
+                    "error_max_mm": round(worst, 3),
+                    "cpu_s": round(time.process_time() - cpu, 2),
+                    "wall_s": round(time.perf_counter() - start, 2),
+                }
+            )
+            print(f"  {name} {row['image']}: {entry['volumes'][-1]}", flush=True)
+    return out
+
+
 def _bundle(dataset: Path, output: Path, *extra: str) -> dict:
     configs = "['configs/inference.json','configs/evaluate.json']"
     command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, "--dataset_dir", str(dataset)]
@@ -257,12 +352,20 @@ def main(
     threads: int = 2,
     limit: int | None = None,
     bundle: bool = False,
+    libraries: int = 0,
+    sections: str = "native,colin27",
 ) -> int:
     """Run the sections (see the module docstring); returns 0."""
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     registered, native = _cohorts(folder, n_normal, n_abnormal, seed, skull)
-    results = {"native": native_section(native, threads, limit), "colin27": colin27_section(threads, seed)}
+    results: dict = {}
+    if "native" in sections:
+        results["native"] = native_section(native, threads, limit)
+    if "colin27" in sections:
+        results["colin27"] = colin27_section(threads, seed)
+    if libraries:
+        results["libraries"] = libraries_section(native, libraries)
     if bundle:
         results["detection"] = detection_section(registered, native, folder)
     (folder / "registration.json").write_text(json.dumps(results, indent=1))
