@@ -308,6 +308,37 @@ def detection_section(registered: Path, native: Path, out: Path) -> dict:
     return result
 
 
+def overlay(native: Path, run: Path, name: str, png: Path) -> Path:
+    """Three slices of the native scan ``name`` through its largest lesion, the anomaly map of ``run``
+    over it (its own grid, no resampling) and the lesion outline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import nibabel as nib
+    import numpy as np
+    from scripts.synthetic.common import largest_lesion_centre, save_figure
+
+    image = np.asarray(nib.load(str(native / "images" / f"{name}.nii.gz")).dataobj)
+    label = np.asarray(nib.load(str(native / "labels" / f"{name}.nii.gz")).dataobj) > 0
+    amap = np.asarray(nib.load(str(run / f"{name}_anomaly.nii.gz")).dataobj)
+    centre = largest_lesion_centre(label)
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.4))
+    top = float(np.percentile(amap[amap > 0], 99.5)) if (amap > 0).any() else 1.0
+    for axis, ax in enumerate(axes):
+        take = [slice(None)] * 3
+        take[axis] = centre[axis]
+        img, lab, heat = (np.asarray(a[tuple(take)]).T for a in (image, label, amap))
+        ax.imshow(img, cmap="gray", origin="lower", interpolation="nearest")
+        ax.imshow(np.ma.masked_less(heat, 0.25 * top), cmap="hot", origin="lower", alpha=0.6, vmin=0, vmax=top)
+        if lab.any():
+            ax.contour(lab.astype(float), levels=[0.5], colors="c", linewidths=0.8, origin="lower")
+        ax.set_title(f"{name}: voxel axis {axis} = {centre[axis]}", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return save_figure(fig, png)
+
+
 KEYS = ("patient_auroc", "voxel_ap", "dice_max", "fp_per_volume")
 
 
