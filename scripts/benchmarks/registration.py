@@ -321,19 +321,22 @@ def overlay(native: Path, run: Path, name: str, png: Path) -> Path:
 
     image = np.asarray(nib.load(str(native / "images" / f"{name}.nii.gz")).dataobj)
     label = np.asarray(nib.load(str(native / "labels" / f"{name}.nii.gz")).dataobj) > 0
-    amap = np.asarray(nib.load(str(run / f"{name}_anomaly.nii.gz")).dataobj)
+    nii = nib.load(str(run / f"{name}_anomaly.nii.gz"))
+    amap, spacing = np.asarray(nii.dataobj), nii.header.get_zooms()[:3]
     centre = largest_lesion_centre(label)
-    fig, axes = plt.subplots(1, 3, figsize=(9, 3.4))
-    top = float(np.percentile(amap[amap > 0], 99.5)) if (amap > 0).any() else 1.0
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
+    low, top = (float(np.percentile(amap[amap > 0], q)) for q in (97.0, 99.9)) if (amap > 0).any() else (0.5, 1.0)
     for axis, ax in enumerate(axes):
         take = [slice(None)] * 3
         take[axis] = centre[axis]
         img, lab, heat = (np.asarray(a[tuple(take)]).T for a in (image, label, amap))
-        ax.imshow(img, cmap="gray", origin="lower", interpolation="nearest")
-        ax.imshow(np.ma.masked_less(heat, 0.25 * top), cmap="hot", origin="lower", alpha=0.6, vmin=0, vmax=top)
+        rest = [spacing[i] for i in range(3) if i != axis]
+        ax.imshow(img, cmap="gray", origin="lower", interpolation="nearest", aspect=rest[1] / rest[0])
+        heat = np.ma.masked_less(heat, low)
+        ax.imshow(heat, cmap="hot", origin="lower", alpha=0.7, vmin=low, vmax=top, aspect=rest[1] / rest[0])
         if lab.any():
             ax.contour(lab.astype(float), levels=[0.5], colors="c", linewidths=0.8, origin="lower")
-        ax.set_title(f"{name}: voxel axis {axis} = {centre[axis]}", fontsize=8)
+        ax.set_title(f"{name} (native grid): voxel axis {axis} = {centre[axis]}; map top 3 %", fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
     return save_figure(fig, png)
