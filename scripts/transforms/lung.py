@@ -23,7 +23,8 @@ pipeline (``configs/lung_ct.json``, an overlay on ``configs/inference.json``) wo
 
 Lung masks are inputs; a CT without one gets a classical segmentation
 (:class:`scripts.transforms.lung_masks.LungMasksd`, first in ``configs/lung_ct.json``). Better masks:
-make them with lungmask (``lungmask`` on PyPI, R231 model: 1 = right lung, 2 = left lung, the default convention here) or TotalSegmentator (lobes: combine
+make them with lungmask (``lungmask`` on PyPI, R231 model: 1 = right lung, 2 = left lung, the default
+convention here) or TotalSegmentator (lobes: combine
 ``lung_upper_lobe_right``, ``lung_middle_lobe_right``, ``lung_lower_lobe_right`` into the right lung and
 the two left lobes into the left lung, or pass the lobe ids as ``lung_labels``). Both download their
 model weights themselves; nothing here downloads anything at run time.
