@@ -12,8 +12,9 @@ lungmask convention of :mod:`scripts.transforms.lung`:
    bronchi are narrower than twice that at the carina, so the two largest eroded components are the
    two lungs, and each is grown back inside the air to at most ``airway_mm + 1 voxel`` from its eroded
    core (what is farther, the trachea and main bronchi, stays out);
-4. **holes**: each lung is closed by ``closing_mm`` and its holes filled slice by slice and in 3D, so
-   vessels, airway walls and nodules inside the lung belong to it;
+4. **holes**: each lung is closed by ``closing_mm`` (a rolling ball: nodules on the pleura come in) and
+   its holes filled slice by slice and in 3D, so vessels, airway walls and nodules inside the lung
+   belong to it;
 5. **sides**: the lung whose centroid has the larger world x (RAS: towards the subject's right) is the
    right lung.
 
@@ -58,7 +59,7 @@ def segment_lungs(
     body_hu: float = -500.0,
     air_hu: float = -400.0,
     airway_mm: float = 4.0,
-    closing_mm: float = 8.0,
+    closing_mm: float = 15.0,
     min_component_ml: float = 10.0,
     name: str = "",
 ) -> np.ndarray:
