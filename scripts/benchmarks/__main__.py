@@ -107,11 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m scripts.benchmarks", description="Benchmarks of the CS3F bundle (run from the bundle root)."
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{quality,performance,scaling,gpu}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{quality,performance,scaling,gpu,registration}")
     _add_quality(sub)
     _add_performance(sub)
     _add_scaling(sub)
     _add_gpu(sub)
+    from scripts.benchmarks.registration import add_parser as add_registration  # light: argparse only
+
+    add_registration(sub)
     return parser
 
 
@@ -131,6 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from scripts.benchmarks.gpu import main as gpu_main
 
         return gpu_main(**args)
+    elif command == "registration":
+        from scripts.benchmarks.registration import main as registration_main
+
+        return registration_main(**args)
     else:
         from scripts.benchmarks import scaling
 

@@ -4,6 +4,7 @@ by this configuration from the same source files, else encoded by the inferer an
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
 import torch
@@ -14,7 +15,7 @@ from scripts.inferer import CS3FInferer
 from scripts.storage.cache import TokenCache
 from scripts.tokens import VolumeTokens
 
-__all__ = ["CachedTokenizer", "source_digest", "voxel_digest"]
+__all__ = ["CachedTokenizer", "registration_of", "source_digest", "voxel_digest", "with_registration"]
 
 
 def voxel_digest(image: torch.Tensor) -> str:
@@ -32,6 +33,20 @@ def source_digest(item: dict, keys: tuple[str, ...] = ("image", "mask")) -> str:
         if isinstance(value, MetaTensor) and value.meta.get("filename_or_obj"):
             files.append(str(value.meta["filename_or_obj"]))
     return file_digest(files)
+
+
+def registration_of(image: torch.Tensor) -> dict | None:
+    """The registration a volume was brought to its template with (``meta["registration"]``, set by
+    :class:`scripts.transforms.registration.Registerd`), or ``None``."""
+    record = image.meta.get("registration") if isinstance(image, MetaTensor) else None
+    return json.loads(record) if isinstance(record, str) else None
+
+
+def with_registration(source_key: str, registration: dict) -> str:
+    """``source_key`` combined with the affine of ``registration``: cached tokens are reused only for
+    the same files registered the same way."""
+    blob = json.dumps([source_key, registration["template"], registration["transform"]])
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 class CachedTokenizer:

@@ -27,7 +27,13 @@ import torch
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor, decollate_batch
 from monai.engines import Workflow
-from scripts.engine.cached_tokens import CachedTokenizer, source_digest, voxel_digest
+from scripts.engine.cached_tokens import (
+    CachedTokenizer,
+    registration_of,
+    source_digest,
+    voxel_digest,
+    with_registration,
+)
 from scripts.engine.cohort import Cohort, Delegate, volume_name
 from scripts.engine.datalist import check_on_bad_input, check_output_dir
 from scripts.engine.distributed import gather_scores, world
@@ -131,6 +137,7 @@ class CS3FEvaluator(Workflow):
         self.cache = TokenCache(cache_dir, identity) if cache_dir is not None else None
         self.tokenizer = CachedTokenizer(inferer, network, self.cache)
         self.grid = CohortGrid()
+        self.registration: dict[str, dict] = {}  # name -> its registration (transform, quality), if any
         self.subject_scores: dict[str, dict[str, float]] = {}
         self.times = StageTimes()
         self.times.attach(self)
@@ -198,6 +205,10 @@ class CS3FEvaluator(Workflow):
                 return None
         digest = self.cache is not None or self.build_bank is not None or self.reference is not None
         source_key = source_digest(item, (self.image_key, self.mask_key)) if digest else ""
+        registration = registration_of(item[self.image_key])
+        if registration is not None:  # tokens of another registration of the same file are other tokens
+            self.registration[name] = registration
+            source_key = with_registration(source_key, registration)
         self.sources[name] = source_key
         # The subject as given (cohort.csv column or subject_pattern; "" if none) and the voxels' digest.
         self.subjects[name] = (str(item.get("subject") or ""), voxel_digest(item[self.image_key]))

@@ -31,6 +31,27 @@ from scripts.storage.atomic import atomic_write_csv, atomic_write_json
 __all__ = ["RunRecorder", "ScoresSaver", "remove_stale_outputs"]
 
 MAP_SUFFIX = "_anomaly.nii.gz"
+#: columns of ``registration.csv`` (after ``image``)
+REGISTRATION_COLUMNS = (
+    "template",
+    "final_metric",
+    "metric",
+    "mirror_gain",
+    "coverage",
+    "foreground_dice",
+    "cpu_seconds",
+)
+
+
+def registration_table(engine: Engine) -> tuple[list[list[str]], list[str]]:
+    """Rows of ``registration.csv`` (one per registered volume, datalist order) and the writer's header."""
+    rows = []
+    for name in engine.names:
+        entry = engine.registration.get(name)
+        if entry is not None:
+            scales = ";".join(f"{v:.4g}" for v in entry["scales"])
+            rows.append([name, *(str(entry[k]) for k in REGISTRATION_COLUMNS), scales])
+    return rows, ["image", *REGISTRATION_COLUMNS, "scales"]
 
 
 def _listed(table: Path) -> list[str]:
@@ -101,6 +122,9 @@ class ScoresSaver:
         remove_stale_outputs(self.path.parent, listed_before, engine.names)
         # An earlier evaluation describes maps this run replaced; configs/evaluate.json writes a new one.
         remove_report(self.path.parent)
+        if getattr(engine, "registration", None):  # registered runs: each volume's registration quality
+            rows, header = registration_table(engine)
+            atomic_write_csv(self.path.parent / "registration.csv", rows, header=header, lineterminator="\n")
         if not self.quiet:
             print(f"cs3f: scores in {self.path}", flush=True)
 

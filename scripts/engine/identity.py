@@ -66,7 +66,9 @@ def describe_transform(value: Any, depth: int = 0) -> Any:
     if depth >= _MAX_DEPTH or isinstance(value, type | torch.nn.Module) or inspect.isroutine(value):
         return _qualname(value)
     if isinstance(value, Compose):
-        steps = {f"{i}:{type(t).__name__}": describe_transform(t, depth + 1) for i, t in enumerate(value.transforms)}
+        # a transform that says it changes nothing (``is_noop``, e.g. ``register`` none) is no part of it
+        kept = [t for t in value.transforms if not getattr(t, "is_noop", False)]
+        steps = {f"{i}:{type(t).__name__}": describe_transform(t, depth + 1) for i, t in enumerate(kept)}
         options = {k: describe_transform(v, depth + 1) for k, v in sorted(vars(value).items()) if k != "transforms"}
         return {**steps, **options}  # the Compose's own options (map_items, lazy, ...) matter too
     if isinstance(value, functools.partial):

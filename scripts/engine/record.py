@@ -120,6 +120,8 @@ def run_record(evaluator: Any) -> dict:  # a CS3FEvaluator: evaluator.py imports
         "score_precision": precision,
         "outputs": dict(evaluator.outputs),
     }
+    if getattr(evaluator, "registration", None):
+        info["registration"] = {n: evaluator.registration[n] for n in names if n in evaluator.registration}
     if (reference := evaluator.reference) is not None:
         info["reference_bank"] = {
             "folder": str(reference.folder),

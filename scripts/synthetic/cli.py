@@ -203,6 +203,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", type=_bool, nargs="?", const=True, default=False, help="replace an existing --out"
     )
     common.add_argument("--quiet", type=_bool, nargs="?", const=True, default=False, help="no per-subject lines")
+    native = parser.add_argument_group("native space (--organ brain): scans as they come off scanners")
+    native.add_argument(
+        "--native_space",
+        type=_bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="move each subject by a known random transform (rotations up to 15 deg, shifts up to 20 mm, scale "
+        "0.9-1.1) onto its own 1.2 x 1.2 x 2.0 mm grid; --out gets the moved cohort (no mask column; true "
+        "transforms in transforms/), <out>_registered the cohort before the move (default: false)",
+    )
+    native.add_argument(
+        "--skull",
+        type=_bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="with --native_space: draw a scalp and skull around the brain before the move (default: false)",
+    )
     group = parser.add_argument_group("brain MRI (--organ brain)")
     for name, kind, text in _BRAIN_OPTIONS:
         _add(group, name, kind, text, brain_defaults)
@@ -258,21 +277,43 @@ def _check_organ_options(parser: argparse.ArgumentParser, organ: str, given: dic
         parser.error(f"{names}: {other} option(s), not for --organ {organ}")
 
 
+def _generator_args(args: dict) -> dict:
+    """The options of a brain cohort that shape each subject's anatomical affine."""
+    keys = ("seed", "shape", "fov_mm", "affine_scale", "affine_rot_deg", "affine_shift_mm", "deform_mm")
+    return {k: args[k] for k in (*keys, "deform_smooth_mm", "ventricle", "atrophy") if k in args}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``synth`` command line ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     parser = build_parser()
     try:
         args = vars(parser.parse_args(argv))
         _check_organ_options(parser, args["organ"], args)
+        if (args["native_space"] or args["skull"]) and args["organ"] != "brain":
+            parser.error("--native_space, --skull: brain options, not for --organ lung")
     except SystemExit as stop:  # --help (0), or a bad command line, already shown as one line (2)
         return int(stop.code or 0)
     organ, out, preview = args.pop("organ"), args.pop("out"), args.pop("preview")
-    quiet = args.pop("quiet")
+    quiet, native, skull = args.pop("quiet"), args.pop("native_space"), args.pop("skull")
     generate = brain.generate_cohort if organ == "brain" else lung.generate_cohort
     out = Path(out or DEFAULT_OUT[organ])
     t0 = time.perf_counter()
     try:
-        path = generate(out, verbose=not quiet, **args)
+        if native:
+            from scripts.synthetic.native_space import move_cohort
+
+            registered = generate(out.parent / f"{out.name}_registered", verbose=not quiet, **args)
+            path = move_cohort(
+                registered,
+                out,
+                seed=args.get("seed", 0),
+                skull=skull,
+                generator=_generator_args(args),
+                overwrite=args.get("overwrite", False),
+                verbose=not quiet,
+            )
+        else:
+            path = generate(out, verbose=not quiet, **args)
     except INPUT_ERRORS as err:
         print(f"cs3f: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 1

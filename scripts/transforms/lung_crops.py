@@ -7,7 +7,9 @@ lung mask into a right and a left lung, :class:`LungCrop` crops each lung's boun
 and merges the maps by a voxel-wise maximum inside each lung.
 
 Lung masks are inputs (lungmask R231: 1 = right, 2 = left, the default; or TotalSegmentator lobes given
-as ``lung_labels``); nothing here downloads anything.
+as ``lung_labels``); a CT without one gets a classical segmentation
+(:class:`scripts.transforms.lung_masks.LungMasksd`, first in ``configs/lung_ct.json``). Nothing here
+downloads anything.
 """
 
 from __future__ import annotations

@@ -1,0 +1,135 @@
+"""Classical lung segmentation of chest CT: lung masks for scans that come without one.
+
+:func:`segment_lungs` labels the right (1) and left (2) lung of a CT volume in Hounsfield units, the
+lungmask convention of :mod:`scripts.transforms.lung`:
+
+1. **body**: voxels above ``body_hu`` (soft tissue and bone), the largest connected component, its holes
+   filled slice by slice along the axis closest to the world's superior axis (the lungs are holes of the
+   body in every axial slice);
+2. **air inside the body**: voxels below ``air_hu`` inside the filled body; components smaller than
+   ``min_component_ml`` dropped;
+3. **airway removal**: the air is eroded by ``airway_mm`` (a ball, in mm); the trachea and the main
+   bronchi are narrower than twice that at the carina, so the two largest eroded components are the
+   two lungs, and each is grown back inside the air to at most ``airway_mm + 1 voxel`` from its eroded
+   core (what is farther, the trachea and main bronchi, stays out);
+4. **holes**: each lung is closed by ``closing_mm`` (a rolling ball: nodules on the pleura come in) and
+   its holes filled slice by slice and in 3D, so vessels, airway walls and nodules inside the lung
+   belong to it;
+5. **sides**: the lung whose centroid has the larger world x (RAS: towards the subject's right) is the
+   right lung.
+
+A scan where this does not find two lungs of at least ``min_component_ml`` each is one
+:class:`~scripts.errors.CS3FInputError` naming the file. :class:`LungMasksd` fills in the mask of items
+without one (a given mask always wins).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+from monai.utils import TransformBackends
+from scipy import ndimage
+from scripts.errors import CS3FInputError
+
+__all__ = ["LungMasksd", "segment_lungs"]
+
+
+def _ball(radius_mm: float, spacing: np.ndarray) -> np.ndarray:
+    r = np.maximum(np.floor(radius_mm / spacing), 0).astype(int)
+    grid = np.meshgrid(*[np.arange(-n, n + 1) * s for n, s in zip(r, spacing, strict=True)], indexing="ij")
+    return sum(g**2 for g in grid) <= radius_mm**2 + 1e-6
+
+
+def _fill_slices(mask: np.ndarray, axis: int) -> np.ndarray:
+    out = np.moveaxis(mask.copy(), axis, 0)
+    for i in range(out.shape[0]):
+        if out[i].any():
+            out[i] = ndimage.binary_fill_holes(out[i])
+    return np.moveaxis(out, 0, axis)
+
+
+def segment_lungs(
+    image: np.ndarray,
+    affine: np.ndarray,
+    body_hu: float = -500.0,
+    air_hu: float = -400.0,
+    airway_mm: float = 4.0,
+    closing_mm: float = 15.0,
+    min_component_ml: float = 10.0,
+    name: str = "",
+) -> np.ndarray:
+    """Lung labels ``[X, Y, Z]`` uint8 (1 = right, 2 = left, 0 elsewhere) of a CT ``image [X, Y, Z]`` in HU
+    with voxel -> world ``affine`` (see the module docstring for the steps and parameters)."""
+    where = f"{name}: " if name else ""
+    image = np.asarray(image, np.float32)
+    affine = np.asarray(affine, np.float64)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    axial = int(np.argmax(np.abs(affine[2, :3]) / spacing))
+    body, n = ndimage.label(image > body_hu)
+    if n == 0:
+        raise CS3FInputError(f"{where}no body found (no voxel above {body_hu} HU): not a CT in Hounsfield units?")
+    body = body == 1 + int(np.argmax(np.bincount(body.ravel())[1:]))
+    air = (image < air_hu) & _fill_slices(body, axial) & ~body
+    cores = ndimage.binary_erosion(air, _ball(airway_mm, spacing))
+    lab, n = ndimage.label(cores)
+    sizes = np.bincount(lab.ravel())[1:]
+    order = np.argsort(sizes)[::-1][:2]
+    reach = airway_mm + float(spacing.max())
+    lungs = []
+    for index in order:
+        near = ndimage.distance_transform_edt(lab != index + 1, sampling=spacing) <= reach
+        lung = air & near
+        lung = ndimage.binary_closing(lung, _ball(closing_mm, spacing), iterations=1) | lung
+        lungs.append(ndimage.binary_fill_holes(_fill_slices(lung, axial)))
+    volumes = [float(lung.sum()) * voxel_ml for lung in lungs]
+    if len(lungs) < 2 or min(volumes) < min_component_ml:
+        raise CS3FInputError(
+            f"{where}automatic lung segmentation found {n} air region(s) inside the body "
+            f"(lungs of {', '.join(f'{v:.0f} ml' for v in volumes) or 'none'}), not two lungs of at least "
+            f"{min_component_ml:g} ml: give lung masks"
+        )
+    centroids = [np.argwhere(lung).mean(0) @ affine[0, :3] + affine[0, 3] for lung in lungs]
+    right, left = (lungs[0], lungs[1]) if centroids[0] > centroids[1] else (lungs[1], lungs[0])
+    out = np.zeros(image.shape, np.uint8)
+    out[left] = 2
+    out[right & ~left] = 1
+    return out
+
+
+class LungMasksd(MapTransform):
+    """Put an automatic lung mask (:func:`segment_lungs`) under ``mask_key`` for items without one.
+
+    Args:
+        keys: the CT image key (HU values, ``[1, X, Y, Z]``), as loaded (before any intensity scaling).
+        mask_key: where the mask goes; an item that has one keeps it (a given mask always wins).
+        kwargs: parameters of :func:`segment_lungs`.
+
+    The mask carries the image's metadata, so later spatial transforms treat it like a loaded mask.
+    Place it right after ``EnsureChannelFirstd``.
+    """
+
+    backend = [TransformBackends.NUMPY]
+
+    def __init__(self, keys: KeysCollection = "image", mask_key: str = "mask", **kwargs) -> None:
+        super().__init__(keys, allow_missing_keys=False)
+        self.mask_key = mask_key
+        self.kwargs = kwargs
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        if d.get(self.mask_key) is not None:
+            return d
+        for key in self.key_iterator(d):
+            image = d[key]
+            affine = image.affine.numpy() if isinstance(image, MetaTensor) else np.eye(4)
+            name = str(image.meta.get("filename_or_obj", "")) if isinstance(image, MetaTensor) else ""
+            array = torch.as_tensor(image).detach().cpu().float().numpy()[0]
+            labels = torch.from_numpy(segment_lungs(array, affine, name=name, **self.kwargs)[None])
+            d[self.mask_key] = MetaTensor(labels, meta=dict(image.meta)) if isinstance(image, MetaTensor) else labels
+        return d
