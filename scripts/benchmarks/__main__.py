@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_performance(sub)
     _add_scaling(sub)
     _add_gpu(sub)
-    from scripts.benchmarks.registration import add_parser as add_registration  # light: argparse only
+    from scripts.benchmarks.registration_accuracy import add_parser as add_registration  # light: argparse only
 
     add_registration(sub)
     return parser
@@ -135,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return gpu_main(**args)
     elif command == "registration":
-        from scripts.benchmarks.registration import main as registration_main
+        from scripts.benchmarks.registration_accuracy import main as registration_main
 
         return registration_main(**args)
     else:

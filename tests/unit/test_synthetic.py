@@ -353,7 +353,8 @@ def test_synthetic_modules_import_no_private_names_and_form_no_cycle():
     assert graph["brain_lesions"] == {"brain_templates", "cohort_files"}
     assert graph["brain"] == {"brain_lesions", "brain_templates", "cohort_files"}
     assert graph["lung_anatomy"] <= {"cohort_files"} and graph["lung"] == {"lung_anatomy", "cohort_files"}
-    assert graph["cli"] <= {"brain", "lung", "cohort_files"}
+    assert graph["native_space"] <= {"brain", "brain_lesions", "brain_templates", "cohort_files"}
+    assert graph["cli"] <= {"brain", "lung", "native_space", "cohort_files"}
     # and the bundle's core never imports the synthetic tools by name: the demo hook
     # (scripts.engine.datalist.ensure_demo) loads a generator lazily by importlib, and only the command
     # line (scripts/__main__.py) runs the generator
