@@ -14,7 +14,7 @@ from scripts.benchmarks import performance, quality, scaling
 ROOT = Path(__file__).resolve().parents[2]
 
 HELP = {
-    (): ["{quality,performance,scaling,gpu}", "quality", "performance", "scaling", "gpu"],
+    (): ["{quality,performance,scaling,gpu,registration}", "quality", "performance", "scaling", "gpu"],
     ("quality",): ["--out", "--cohorts", "--variants", "--quick", "--doc"],
     ("performance",): ["--quick", "--device", "--out", "--sections", "--threads", "--cache", "--memory_b", "--doc"],
     ("gpu",): ["--B", "--size", "--variants", "--tiny", "--workers", "--score_precision", "--doc", "--render"],

@@ -85,7 +85,7 @@ ALTERNATIVES = {
     "pixdim": lambda current: [2.0, 2.0, 2.0],
     "a_min": lambda current: -1000.0,
     "a_max": lambda current: 500.0,
-    "labels": lambda current: "$(('R', 'L'), ('A', 'P'), ('S', 'I'))" if str(current).startswith("$") else [2, 1],
+    "labels": lambda current: "$(('R', 'L'), ('A', 'P'), ('S', 'I'))" if current is None else [2, 1],
     "register": lambda current: "mni152",
     "names": lambda current: "kept_mask",
     "mode": lambda current: "labels" if current == "@lung_mask_mode" else ["area", "nearest"],
