@@ -37,7 +37,9 @@ def _target_arguments(target: object) -> list[str]:
             module = ComponentLocator().get_component_module_name(str(target))
             module = module[0] if isinstance(module, list) else module
             obj = getattr(importlib.import_module(module), str(target)) if module else None
-        return list(inspect.signature(obj).parameters) if obj is not None else []
+        params = inspect.signature(obj).parameters.values() if obj is not None else []
+        # a target taking **kwargs accepts any argument: "*" stands for them
+        return [p.name if p.kind is not p.VAR_KEYWORD else "*" for p in params]
     except Exception:  # noqa: BLE001 - an unknown target only means no extra known ids
         return []
 
@@ -95,5 +97,6 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
     parser.read_config(files)
     known = set(config_ids(parser.get()))
     for key in keys:
-        if key not in known:
-            raise unknown_key_error(key, sorted(known))
+        parents = key.split("#")[:-1]
+        if key not in known and not any("#".join(parents[:i]) + "#*" in known for i in range(1, len(parents) + 1)):
+            raise unknown_key_error(key, sorted(k for k in known if not k.endswith("*")))

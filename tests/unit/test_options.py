@@ -117,6 +117,7 @@ def test_a_typo_on_the_command_line_names_the_closest_key(monkeypatch: pytest.Mo
     # known keys: top-level, nested, arguments a component leaves to their default, overlays' keys
     check_overrides(_run_argv("--rho", "0.2", "--inferer#L", "8", "--inferer#slab_size", "8", "--quiet", "true"))
     check_overrides(_run_argv("--datalist#modality", "t2", "--evaluator#keep_tokens", "true", "--meta_file", "m"))
+    check_overrides(_run_argv("--network_def#model_dir", "models/x"))  # build_network passes **kwargs on
     lung = "['configs/inference.json','configs/lung_ct.json']"
     check_overrides(_run_argv("--crop_size", "[32,48,64]", "--q", "[8,8,8]", config=lung))
     check_overrides(["pytest", "--rhoo"])  # not a bundle command line: nothing to check
