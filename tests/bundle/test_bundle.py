@@ -290,17 +290,17 @@ def test_inference_config_resolves_to_the_documented_defaults(tiny_cohort: Path,
     assert inferer.subject_statistic == "robust_z"  # chosen in docs/quality.md
     assert inferer.tokenizer.depth_phases == 2  # two pooling phases: docs/quality.md, study 15
     assert (inferer.tokenizer.slab_size, inferer.token_dtype) == (32, torch.float32)
-    encoder = parser.get_parsed_content("network")
-    assert encoder is parser.get_parsed_content("network_def").encoder
+    encoder = parser.get_parsed_content("network_def").encoder
     assert encoder.name == "efficientnet_lite0" and encoder.input_size == 112
     assert tuple(encoder.layers) == ("stage3",)  # the stride-8 stage alone: docs/quality.md
-    defaults = {"use_masks": True, "on_bad_input": "error", "nonfinite": "error", "keep_tokens": False}
-    assert {k: parser.get_parsed_content(k) for k in defaults} == defaults
-    assert parser.get_parsed_content("require_same_grid") is True
-    assert parser.get_parsed_content("cache_dir") == str(tmp_path) + "/tokens"
+    assert parser.get_parsed_content("use_masks") is True and parser.get_parsed_content("register") == "none"
+    assert parser.get("datalist#on_bad_input") == "error" and parser.get("datalist#masks") == "@use_masks"
+    assert parser.get_parsed_content("datalist#require_same_grid") is True  # register none: one grid
+    assert parser.get_parsed_content("evaluator#cache_dir") == str(tmp_path) + "/tokens"
     # The evaluator is built from those very objects (resolving it builds the datalist and loader).
     evaluator = parser.get_parsed_content("evaluator")
-    assert evaluator.inferer is inferer
+    assert evaluator.inferer is inferer and evaluator.network is parser.get_parsed_content("network_def").encoder
+    assert not evaluator.keep_tokens
     assert len(parser.get_parsed_content("datalist")) == 6
 
 
