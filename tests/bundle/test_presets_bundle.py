@@ -46,11 +46,12 @@ def test_nyul_overlay_standardises_each_volume_with_the_scale_learned_from_the_c
         **{"dataloader#num_workers": 0},
     )
     transform = evaluator.data_loader.dataset.transform
-    nyul = transform.transforms[6]
+    at = [type(t).__name__ for t in transform.transforms].index("NyulStandardized")  # after the loading steps
+    nyul = transform.transforms[at]
     standard = nyul.standardize.standard
     assert standard is not None and all(standard[1:] >= standard[:-1])
     item = evaluator.data_loader.dataset.data[0]
-    loaded = Compose(transform.transforms[:6])(dict(item))
+    loaded = Compose(transform.transforms[:at])(dict(item))
     image = np.asarray(loaded["image"], dtype=np.float64)[0]
     mask = np.asarray(loaded["mask"])[0] > 0
     marks = np.percentile(image[mask], [nyul.standardize.pc_low, *range(10, 100, 10), nyul.standardize.pc_high])
