@@ -207,7 +207,7 @@ class Tokenizer:
         token_dtype: storage dtype of the tokens.
         depth_phases: ``n`` pooling phases of the coarse tokens (1: the paper). Phase ``j`` pools from slice
             ``floor(j q / n)`` on (:func:`phase_shifts`), as ``n`` blocks of ``M`` rows of each coarse grid;
-            the last token of a shifted phase is invalid (``docs/quality.md``, study 14).
+            the last token of a shifted phase is invalid (it would pool past the volume's last slice).
     """
 
     def __init__(
