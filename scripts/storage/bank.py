@@ -1,14 +1,16 @@
 """Reference token banks: tokenize a cohort once, then score new volumes against it.
 
 A bank is a folder of fp16 ``[B, N, d]`` token and bool ``[B, N]`` validity ``.npy`` arrays per part and
-key, plus ``bank.json`` (written last) recording everything that shapes tokens; the format is in
-docs/scaling.md. :class:`BankWriter` writes volume by volume and readers memory-map the arrays, so a
-bank larger than RAM is neither held to build nor to score.
+key, plus ``bank.json`` (written last) recording everything that shapes tokens and each array's sha256;
+the format is in docs/scaling.md. :class:`BankWriter` writes volume by volume and readers memory-map the
+arrays, so a bank larger than RAM is neither held to build nor to score. :class:`TokenBank` checks the
+manifest and the arrays' shapes, sizes and sha256 when it opens a bank: before any encoding.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -16,16 +18,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scripts.errors import CS3FInputError
+from scripts.digest import file_digest
+from scripts.errors import CS3FInputError, one_line
 from scripts.storage.atomic import atomic_write, atomic_write_json, commit, jsonable, temp_path
 
 __all__ = ["BANK_FORMAT", "BANK_VERSION", "MANIFEST", "BankWriter", "TokenBank", "bank_identity", "save_bank"]
 
 BANK_FORMAT = "cs3f-token-bank"
-BANK_VERSION = 1
+BANK_VERSION = 2  # 2: arrays with sha256, depth_phases in the identity
 MANIFEST = "bank.json"
 #: identity fields compared whatever the variant (``q_fine`` only when the run needs fine tokens)
-COMPARED = ("encoder", "layers", "axes", "q", "d", "seed", "delta", "preprocessing")
+COMPARED = ("encoder", "layers", "axes", "q", "depth_phases", "d", "seed", "delta", "preprocessing")
 
 
 def bank_identity(describe: Mapping, encoder: Mapping | str, preprocessing: Mapping) -> dict:
@@ -43,6 +46,7 @@ def bank_identity(describe: Mapping, encoder: Mapping | str, preprocessing: Mapp
             "layers": layers,
             "axes": describe["axes"],
             "q": describe["q"],
+            "depth_phases": describe.get("depth_phases", 1),
             "q_fine": describe.get("q_fine"),
             "variant": describe.get("variant", "C"),
             "d": describe["d"],
@@ -165,6 +169,7 @@ class BankWriter:
                 else:
                     del array
                     commit(tmp, self.folder / spec[what])
+                spec[f"{what}_sha256"] = file_digest([self.folder / spec[what]])
             entry = parts.setdefault(part, {"keys": {}, "spatial_shape": self.spatial[part]})
             entry["keys"][key] = spec
         for part, entry in parts.items():
@@ -221,37 +226,96 @@ def save_bank(
 
 
 class TokenBank:
-    """A saved token bank, opened read-only (arrays memory-mapped on demand)."""
+    """A saved token bank, opened read-only (arrays memory-mapped on demand) once its manifest, the
+    arrays' shapes and sizes and their sha256 are checked (one :class:`CS3FInputError` line naming the
+    file and the key otherwise)."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
-        path = self.folder / MANIFEST
+        self.path = path = self.folder / MANIFEST
         if not path.is_file():
-            raise CS3FInputError(
-                f"reference_bank {self.folder} is not a token bank (no {MANIFEST}); build one with "
-                f"configs/build_bank.json"
+            raise self._error(
+                f"{self.folder} is not a token bank (no {MANIFEST}); build one with configs/build_bank.json"
             )
         try:
             self.manifest = json.loads(path.read_text())
         except (OSError, ValueError) as err:
-            raise CS3FInputError(f"cannot read {path}: {err}") from None
-        fmt, version = self.manifest.get("format"), self.manifest.get("version")
-        if fmt != BANK_FORMAT or not isinstance(version, int):
-            raise CS3FInputError(f"{path} is not a CS3F token bank manifest (format {fmt!r})")
-        if version > BANK_VERSION:
-            raise CS3FInputError(
-                f"{path} has bank format version {version}; this bundle reads up to {BANK_VERSION} "
-                f"(update the bundle or rebuild the bank)"
-            )
-        missing = [
-            rel
-            for entry in self.parts.values()
-            for spec in entry["keys"].values()
-            for rel in (spec["tokens"], spec["valid"])
-            if not (self.folder / rel).is_file()
-        ]
-        if missing:
-            raise CS3FInputError(f"reference_bank {self.folder} is incomplete: {missing[0]} is missing")
+            raise CS3FInputError(f"cannot read the reference bank manifest: {one_line(err)} ({path})") from None
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != BANK_FORMAT:
+            raise self._error("manifest is not a CS3F token bank manifest (format)")
+        version = self._field(self.manifest, "version", int)
+        if version != BANK_VERSION:
+            fix = "update the bundle" if version > BANK_VERSION else "rebuild the bank with configs/build_bank.json"
+            raise self._error(f"has format version {version}; this bundle reads version {BANK_VERSION} ({fix})")
+        self._check_manifest()
+        for part, entry in self.parts.items():
+            for key, spec in entry["keys"].items():
+                self._check_array(f"parts.{part}.keys.{key}", spec)
+
+    def _error(self, problem: str, file: Path | None = None) -> CS3FInputError:
+        return CS3FInputError(f"reference bank {problem} ({file or self.path})")
+
+    def _field(self, parent: Mapping, key: str, kind: type, where: str = ""):  # noqa: ANN202 - of type kind
+        value = parent.get(key) if isinstance(parent, Mapping) else None
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self._error(f"manifest has no valid {where}{key!r} ({kind.__name__})")
+        return value
+
+    def _check_manifest(self) -> None:
+        """Every entry the readers use is there, with its type, and the per-volume lists agree in length."""
+        m = self.manifest
+        self._field(m, "identity", dict)
+        n = self._field(m, "n_volumes", int)
+        for key in ("volumes", "sources", "subjects"):
+            if len(self._field(m, key, list)) != n:
+                raise self._error(f"manifest lists {len(m[key])} {key} but n_volumes is {n}")
+        if not self._field(m, "parts", dict):
+            raise self._error("manifest has no parts")
+        for part, entry in m["parts"].items():
+            if not self._field(entry, "keys", dict, f"parts.{part}."):
+                raise self._error(f"manifest has no keys in parts.{part}")
+            if "grid" in entry:
+                self._field(entry["grid"], "shape", list, f"parts.{part}.grid.")
+                self._field(entry["grid"], "affine", list, f"parts.{part}.grid.")
+            for key, spec in entry["keys"].items():
+                where = f"parts.{part}.keys.{key}."
+                grid = self._field(spec, "grid", list, where)
+                if not all(isinstance(g, int) for g in grid):
+                    raise self._error(f"manifest has no valid {where}'grid' (int)")
+                self._field(spec, "d", int, where)
+                for field in ("tokens", "valid", "tokens_sha256", "valid_sha256"):
+                    self._field(spec, field, str, where)
+
+    def _check_array(self, where: str, spec: Mapping) -> None:
+        """Both arrays of a key: present, of the manifest's shape and dtype, whole, and of its sha256."""
+        rows, d = (self.manifest["n_volumes"], math.prod(spec["grid"])), spec["d"]
+        for what, dtype, shape in (("tokens", np.float16, (*rows, d)), ("valid", np.bool_, rows)):
+            file = self.folder / spec[what]
+            if not file.is_file():
+                raise self._error(f"is incomplete: {spec[what]} is missing ({where}.{what})", file)
+            try:
+                with open(file, "rb") as f:
+                    fmt = np.lib.format
+                    header = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
+                    got, fortran, got_dtype = header(f)
+                    start = f.tell()
+            except (OSError, ValueError) as err:
+                raise self._error(f"array {spec[what]} is not a .npy file: {one_line(err)}", file) from None
+            if tuple(got) != shape or got_dtype != np.dtype(dtype) or fortran:
+                raise self._error(
+                    f"array {spec[what]} holds {got_dtype} {tuple(got)} but the manifest says {np.dtype(dtype)} "
+                    f"{shape} (n_volumes {rows[0]}, {where}.grid {spec['grid']}, d {d})",
+                    file,
+                )
+            size, need = file.stat().st_size, start + math.prod(shape) * np.dtype(dtype).itemsize
+            if size != need:
+                raise self._error(f"array {spec[what]} has {size} bytes, its shape needs {need} (truncated?)", file)
+            if file_digest([file]) != spec[f"{what}_sha256"]:
+                raise self._error(
+                    f"array {spec[what]} does not match {where}.{what}_sha256 of the manifest: it changed after "
+                    f"the bank was built (rebuild the bank)",
+                    file,
+                )
 
     @property
     def names(self) -> list[str]:
@@ -274,7 +338,7 @@ class TokenBank:
         source = self.index_of_source(digest)
         if source is not None:
             out.add(source)
-        for i, (bank_subject, bank_voxels) in enumerate(self.manifest.get("subjects") or []):
+        for i, (bank_subject, bank_voxels) in enumerate(self.manifest["subjects"]):
             if (subject and bank_subject == subject) or (voxels and bank_voxels == voxels):
                 out.add(i)
         return sorted(out)
@@ -283,7 +347,7 @@ class TokenBank:
         """The bank index of the volume made from the same source bytes, if any."""
         if not digest:
             return None
-        sources = self.manifest.get("sources") or []
+        sources = self.manifest["sources"]
         return sources.index(digest) if digest in sources else None
 
     def grid(self, part: str) -> tuple[tuple[int, ...], torch.Tensor] | None:
@@ -296,7 +360,7 @@ class TokenBank:
     def references(self, part: str = "") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{key: (tokens [B, N, d] fp16, valid [B, N] bool)}`` of ``part``, memory-mapped read-only."""
         if part not in self.parts:
-            raise CS3FInputError(f"reference_bank {self.folder} has no part {part!r} (it has {list(self.parts)})")
+            raise self._error(f"has no part {part!r} (it has {list(self.parts)})")
         out = {}
         with warnings.catch_warnings():  # torch warns that the read-only memmap is not writable
             warnings.simplefilter("ignore", UserWarning)
@@ -314,10 +378,9 @@ class TokenBank:
         fields = list(COMPARED)
         if run.get("variant", "C") != "C":
             if bank.get("q_fine") is None:
-                raise CS3FInputError(
-                    f"reference_bank {self.folder} has no fine tokens (built with variant "
-                    f"{bank.get('variant', 'C')!r}) but this run is variant {run['variant']!r}: build the "
-                    f"bank with variant F or MS"
+                raise self._error(
+                    f"has no fine tokens (built with variant {bank.get('variant', 'C')!r}) but this run is "
+                    f"variant {run['variant']!r}: build the bank with variant F or MS"
                 )
             fields.append("q_fine")
         diffs = []
@@ -326,7 +389,7 @@ class TokenBank:
         if len(diffs) > _MAX_DIFFS:
             diffs[_MAX_DIFFS:] = [f"and {len(diffs) - _MAX_DIFFS} more"]
         if diffs:
-            raise CS3FInputError(
-                f"reference_bank {self.folder} was built with another configuration: {'; '.join(diffs)}. "
-                f"Score with the bank's settings or rebuild the bank with these (configs/build_bank.json)"
+            raise self._error(
+                f"was built with another configuration: {'; '.join(diffs)}. Score with the bank's settings "
+                f"or rebuild the bank with these (configs/build_bank.json)"
             )
