@@ -7,6 +7,7 @@ import json
 import math
 import os
 import stat
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
@@ -244,3 +245,125 @@ def test_bank_mismatch_names_each_field_once_in_one_line(tmp_path: Path) -> None
     many = {"d": 8, "seed": 0, "preprocessing": {f"p{i}": i for i in range(12)}}
     with pytest.raises(CS3FInputError, match=r"preprocessing.p4 \(bank null, run 4\); and 6 more\."):
         bank.check(many)
+
+
+# ---------------------------------------------------------------------------- cache and bank checksums
+def _big_tokens() -> VolumeTokens:
+    gen = torch.Generator().manual_seed(3)
+    grid = TokenGrid(torch.randn(4, 8, 8, 64, generator=gen), torch.rand(4, 8, 8, generator=gen) > 0.2)
+    return VolumeTokens((32, 32, 32), {"axial/0": grid})
+
+
+def test_damaged_cache_entry_is_not_trusted_and_named_once(tmp_path: Path) -> None:
+    """8 KB inside an entry overwritten by bytes from elsewhere in it: the file still loads (so only a
+    checksum can tell), but the cache returns nothing and warns once, naming the file."""
+    cache = TokenCache(tmp_path, {"k": 1})
+    cache.save("v", "src", _big_tokens())
+    path = cache.path("v")
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 8192] = data[middle // 4 : middle // 4 + 8192]
+    path.write_bytes(bytes(data))
+    damaged = torch.load(path, map_location="cpu", weights_only=True)  # still readable ...
+    assert not torch.equal(damaged["grids"]["axial/0"][0], _big_tokens().grids["axial/0"].tokens)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cache.load("v", "src") is None  # ... but not trusted
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and str(path) in messages[0] and messages[0].startswith("cs3f: "), messages
+
+
+def test_cache_entry_of_another_format_or_key_is_silently_stale(tmp_path: Path) -> None:
+    cache = TokenCache(tmp_path, {"k": 1})
+    cache.save("v", "src", _tokens())
+    entry = torch.load(cache.path("v"), weights_only=True)
+    torch.save({**entry, "format": 1}, cache.path("old"))  # an entry of the previous format
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cache.load("old", "src") is None
+        assert cache.load("v", "other source") is None
+        assert TokenCache(tmp_path, {"k": 2}).load("v", "src") is None
+        assert torch.equal(cache.load("v", "src").grids["axial/0"].valid, _tokens().grids["axial/0"].valid)
+
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / "bank.json").read_text())
+
+
+def _edit_manifest(folder: Path, edit: Callable[[dict], None]) -> None:
+    manifest = _manifest(folder)
+    edit(manifest)
+    (folder / "bank.json").write_text(json.dumps(manifest))
+
+
+def test_bank_records_the_sha256_of_each_array(tmp_path: Path) -> None:
+    _bank(tmp_path)
+    spec = _manifest(tmp_path)["parts"][""]["keys"]["axial/0"]
+    for what in ("tokens", "valid"):
+        assert spec[f"{what}_sha256"] == hashlib.sha256((tmp_path / spec[what]).read_bytes()).hexdigest()
+
+
+def _truncate(folder: Path) -> None:
+    path = folder / _manifest(folder)["parts"][""]["keys"]["axial/0"]["tokens"]
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _change_bytes(folder: Path) -> None:
+    path = folder / _manifest(folder)["parts"][""]["keys"]["axial/0"]["valid"]
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def _fewer_volumes(manifest: dict) -> None:
+    manifest.update(n_volumes=1, volumes=["a"], sources=["x"], subjects=[["", ""]])
+
+
+# (damage, what the one error line must name besides the file)
+DAMAGES = {
+    "no parts": (lambda f: _edit_manifest(f, lambda m: m.pop("parts")), "'parts'", "bank.json"),
+    "no sha256": (
+        lambda f: _edit_manifest(f, lambda m: m["parts"][""]["keys"]["axial/0"].pop("tokens_sha256")),
+        "parts..keys.axial/0.'tokens_sha256'",
+        "bank.json",
+    ),
+    "old version": (lambda f: _edit_manifest(f, lambda m: m.update(version=1)), "version 1", "bank.json"),
+    "list lengths": (lambda f: _edit_manifest(f, lambda m: m.update(volumes=["a"])), "1 volumes", "bank.json"),
+    "truncated": (_truncate, "truncated", "axial_0.tokens.npy"),
+    "fewer volumes": (lambda f: _edit_manifest(f, _fewer_volumes), "n_volumes 1", "axial_0.tokens.npy"),
+    "changed bytes": (_change_bytes, "parts..keys.axial/0.valid_sha256", "axial_0.valid.npy"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_damaged_bank_is_one_line_naming_file_and_key(damage: str, tmp_path: Path) -> None:
+    from scripts.errors import CS3FInputError
+
+    _bank(tmp_path)
+    TokenBank(tmp_path)  # intact: opens
+    fn, key, file = DAMAGES[damage]
+    fn(tmp_path)
+    with pytest.raises(CS3FInputError) as info:
+        TokenBank(tmp_path)
+    message = str(info.value)
+    assert "\n" not in message and key in message, message
+    assert message.endswith(")") and message.rsplit("(", 1)[1].rstrip(")").endswith(file), message
+
+
+def test_bank_identity_has_depth_phases_and_a_mismatch_names_it(tmp_path: Path) -> None:
+    from scripts.errors import CS3FInputError
+    from scripts.storage.bank import bank_identity
+
+    describe = {"axes": ["axial"], "q": [8, 8, 8], "d": 8, "seed": 0, "delta": 0.0}
+    one = bank_identity(describe, "Tiny", {})  # describe leaves out the paper's depth_phases 1
+    two = bank_identity({**describe, "depth_phases": 2}, "Tiny", {})
+    assert (one["depth_phases"], two["depth_phases"]) == (1, 2)
+    writer = BankWriter(tmp_path, capacity=1)
+    writer.add("a", "", _tokens())
+    writer.finish(two)
+    bank = TokenBank(tmp_path)
+    bank.check(two)
+    with pytest.raises(CS3FInputError) as info:
+        bank.check(one)
+    message = str(info.value)
+    assert "depth_phases (bank 2, run 1)" in message and message.endswith(f"({tmp_path / 'bank.json'})")
