@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -303,3 +304,101 @@ def test_changed_input_bytes_are_encoded_again(tiny_cohort: Path, tmp_path: Path
     assert (out / f"{victim}_anomaly.nii.gz").read_bytes() != before
     with open(out / "scores.csv") as f:
         assert {r["image"]: r["score"] for r in csv.DictReader(f)}[victim] != score_before
+
+
+# ---------------------------------------------------------------------------- trusted cache and bank
+def test_damaged_token_cache_entry_is_encoded_again(tiny_cohort: Path, tmp_path: Path) -> None:
+    """8 KB inside one cache entry overwritten by bytes from elsewhere in it: the rerun encodes that volume
+    again with one warning naming the file, and writes the first run's outputs byte for byte."""
+    out = tmp_path / "out"
+    _run(tiny_cohort, out)
+    first = _outputs(out)
+    entry = out / "tokens" / "sub-0003.pt"
+    data = bytearray(entry.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 8192] = data[middle // 4 : middle // 4 + 8192]
+    entry.write_bytes(bytes(data))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _run(tiny_cohort, out)
+    said = [str(w.message) for w in caught if "token cache" in str(w.message)]
+    assert len(said) == 1 and str(entry) in said[0], said
+    run = json.loads((out / "run.json").read_text())
+    assert (run["encoded_volumes"], run["cached_volumes"]) == (1, 5)
+    assert _outputs(out) == first
+
+
+@pytest.fixture(scope="module")
+def depth2_bank(tiny_cohort: Path, tmp_path_factory) -> Path:
+    """configs/build_bank.json on the tiny cohort with two depth phases."""
+    folder = tmp_path_factory.mktemp("bank") / "bank"
+    run_workflow(
+        ["configs/inference.json", "configs/build_bank.json"],
+        dataset_dir=str(tiny_cohort),
+        bank_dir=str(folder),
+        depth_phases=2,
+        **{"dataloader#num_workers": 0},
+    )
+    return folder
+
+
+def _bank_error(bank: Path, tiny_cohort: Path, tmp_path: Path, monkeypatch, **overrides) -> str:  # noqa: ANN001
+    """Score the tiny cohort against ``bank``: the one error line, raised before any volume is encoded."""
+    from scripts.inferer import CS3FInferer
+
+    def no_encoding(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("a volume was encoded before the bank was checked")
+
+    monkeypatch.setattr(CS3FInferer, "tokenize", no_encoding)
+    out = tmp_path / "out"
+    line = _input_error(tiny_cohort, out, references=f"bank:{bank}", **{"dataloader#num_workers": 0, **overrides})
+    assert not list(out.rglob("*.pt"))
+    return line
+
+
+def test_bank_of_other_depth_phases_fails_before_encoding(depth2_bank, tiny_cohort, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    line = _bank_error(depth2_bank, tiny_cohort, tmp_path, monkeypatch, depth_phases=1)
+    assert "depth_phases (bank 2, run 1)" in line and line.endswith(f"({depth2_bank / 'bank.json'})"), line
+
+
+def _damaged_copy(bank: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "bank"
+    shutil.copytree(bank, copy)
+    return copy
+
+
+def test_truncated_bank_array_is_named(depth2_bank, tiny_cohort, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    bank = _damaged_copy(depth2_bank, tmp_path)
+    array = bank / "tokens" / "axial_0.tokens.npy"
+    array.write_bytes(array.read_bytes()[:-4096])
+    line = _bank_error(bank, tiny_cohort, tmp_path, monkeypatch, depth_phases=2)
+    assert "truncated" in line and line.endswith(f"({array})"), line
+
+
+def test_bank_manifest_listing_fewer_volumes_than_its_arrays(depth2_bank, tiny_cohort, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    bank = _damaged_copy(depth2_bank, tmp_path)
+    manifest = json.loads((bank / "bank.json").read_text())
+    assert manifest["n_volumes"] == 6
+    manifest.update({k: manifest[k][:3] for k in ("volumes", "sources", "subjects")}, n_volumes=3)
+    (bank / "bank.json").write_text(json.dumps(manifest))
+    line = _bank_error(bank, tiny_cohort, tmp_path, monkeypatch, depth_phases=2)
+    assert "(6, " in line and "(3, " in line and "n_volumes 3" in line and line.endswith(".npy)"), line
+
+
+def test_changed_bank_bytes_are_named(depth2_bank, tiny_cohort, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    bank = _damaged_copy(depth2_bank, tmp_path)
+    array = bank / "tokens" / "coronal_0.tokens.npy"
+    data = bytearray(array.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    array.write_bytes(bytes(data))
+    line = _bank_error(bank, tiny_cohort, tmp_path, monkeypatch, depth_phases=2)
+    assert "parts..keys.coronal/0.tokens_sha256" in line and line.endswith(f"({array})"), line
+
+
+def test_bank_manifest_without_parts(depth2_bank, tiny_cohort, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    bank = _damaged_copy(depth2_bank, tmp_path)
+    manifest = json.loads((bank / "bank.json").read_text())
+    del manifest["parts"]
+    (bank / "bank.json").write_text(json.dumps(manifest))
+    line = _bank_error(bank, tiny_cohort, tmp_path, monkeypatch, depth_phases=2)
+    assert "'parts'" in line and line.endswith(f"({bank / 'bank.json'})"), line
