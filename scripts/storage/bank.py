@@ -250,7 +250,7 @@ class TokenBank:
         self._check_manifest()
         for part, entry in self.parts.items():
             for key, spec in entry["keys"].items():
-                self._check_array(f"parts.{part}.keys.{key}", spec)
+                self._check_array(f"parts[{part!r}]['keys'][{key!r}]", spec)
 
     def _error(self, problem: str, file: Path | None = None) -> CS3FInputError:
         return CS3FInputError(f"reference bank {problem} ({file or self.path})")
@@ -258,7 +258,8 @@ class TokenBank:
     def _field(self, parent: Mapping, key: str, kind: type, where: str = ""):  # noqa: ANN202 - of type kind
         value = parent.get(key) if isinstance(parent, Mapping) else None
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise self._error(f"manifest has no valid {where}{key!r} ({kind.__name__})")
+            name = f"{where}[{key!r}]" if where else repr(key)
+            raise self._error(f"manifest has no valid {name} ({kind.__name__})")
         return value
 
     def _check_manifest(self) -> None:
@@ -272,16 +273,16 @@ class TokenBank:
         if not self._field(m, "parts", dict):
             raise self._error("manifest has no parts")
         for part, entry in m["parts"].items():
-            if not self._field(entry, "keys", dict, f"parts.{part}."):
-                raise self._error(f"manifest has no keys in parts.{part}")
+            if not self._field(entry, "keys", dict, f"parts[{part!r}]"):
+                raise self._error(f"manifest has no keys in parts[{part!r}]")
             if "grid" in entry:
-                self._field(entry["grid"], "shape", list, f"parts.{part}.grid.")
-                self._field(entry["grid"], "affine", list, f"parts.{part}.grid.")
+                self._field(entry["grid"], "shape", list, f"parts[{part!r}]['grid']")
+                self._field(entry["grid"], "affine", list, f"parts[{part!r}]['grid']")
             for key, spec in entry["keys"].items():
-                where = f"parts.{part}.keys.{key}."
+                where = f"parts[{part!r}]['keys'][{key!r}]"
                 grid = self._field(spec, "grid", list, where)
                 if not all(isinstance(g, int) for g in grid):
-                    raise self._error(f"manifest has no valid {where}'grid' (int)")
+                    raise self._error(f"manifest has no valid {where}['grid'] (int)")
                 self._field(spec, "d", int, where)
                 for field in ("tokens", "valid", "tokens_sha256", "valid_sha256"):
                     self._field(spec, field, str, where)
@@ -292,7 +293,7 @@ class TokenBank:
         for what, dtype, shape in (("tokens", np.float16, (*rows, d)), ("valid", np.bool_, rows)):
             file = self.folder / spec[what]
             if not file.is_file():
-                raise self._error(f"is incomplete: {spec[what]} is missing ({where}.{what})", file)
+                raise self._error(f"is incomplete: {spec[what]} is missing ({where}[{what!r}])", file)
             try:
                 with open(file, "rb") as f:
                     fmt = np.lib.format
@@ -304,7 +305,7 @@ class TokenBank:
             if tuple(got) != shape or got_dtype != np.dtype(dtype) or fortran:
                 raise self._error(
                     f"array {spec[what]} holds {got_dtype} {tuple(got)} but the manifest says {np.dtype(dtype)} "
-                    f"{shape} (n_volumes {rows[0]}, {where}.grid {spec['grid']}, d {d})",
+                    f"{shape} (n_volumes {rows[0]}, {where}['grid'] {spec['grid']}, d {d})",
                     file,
                 )
             size, need = file.stat().st_size, start + math.prod(shape) * np.dtype(dtype).itemsize
@@ -312,7 +313,7 @@ class TokenBank:
                 raise self._error(f"array {spec[what]} has {size} bytes, its shape needs {need} (truncated?)", file)
             if file_digest([file]) != spec[f"{what}_sha256"]:
                 raise self._error(
-                    f"array {spec[what]} does not match {where}.{what}_sha256 of the manifest: it changed after "
+                    f"array {spec[what]} does not match {where}['{what}_sha256'] of the manifest: it changed after "
                     f"the bank was built (rebuild the bank)",
                     file,
                 )

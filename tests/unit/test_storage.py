@@ -324,14 +324,14 @@ DAMAGES = {
     "no parts": (lambda f: _edit_manifest(f, lambda m: m.pop("parts")), "'parts'", "bank.json"),
     "no sha256": (
         lambda f: _edit_manifest(f, lambda m: m["parts"][""]["keys"]["axial/0"].pop("tokens_sha256")),
-        "parts..keys.axial/0.'tokens_sha256'",
+        "parts['']['keys']['axial/0']['tokens_sha256']",
         "bank.json",
     ),
     "old version": (lambda f: _edit_manifest(f, lambda m: m.update(version=1)), "version 1", "bank.json"),
     "list lengths": (lambda f: _edit_manifest(f, lambda m: m.update(volumes=["a"])), "1 volumes", "bank.json"),
     "truncated": (_truncate, "truncated", "axial_0.tokens.npy"),
     "fewer volumes": (lambda f: _edit_manifest(f, _fewer_volumes), "n_volumes 1", "axial_0.tokens.npy"),
-    "changed bytes": (_change_bytes, "parts..keys.axial/0.valid_sha256", "axial_0.valid.npy"),
+    "changed bytes": (_change_bytes, "parts['']['keys']['axial/0']['valid_sha256']", "axial_0.valid.npy"),
 }
 
 
