@@ -15,21 +15,19 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
+from scripts.storage.atomic import jsonable as jsonable  # re-exported for the commands
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def in_bundle(path: str | Path) -> Path:
-    """``path``, relative ones taken from the bundle root (where the commands run from)."""
+    """``path``, relative ones taken from the bundle root."""
     path = Path(path)
     return path if path.is_absolute() else ROOT / path
 
 
 def bundle_command(configs: Sequence[str], overrides: Mapping[str, object]) -> list[str]:
-    """``python -m monai.bundle run`` with ``configs`` (read in order) and ``--key value`` overrides.
-
-    Lists and booleans are passed as JSON, everything else as ``str``.
-    """
+    """``python -m monai.bundle run`` with ``configs`` and ``--key value`` overrides (lists, booleans as JSON)."""
     files = "[" + ",".join(f"'{c}'" for c in configs) + "]"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files]
     for key, value in overrides.items():
@@ -37,40 +35,26 @@ def bundle_command(configs: Sequence[str], overrides: Mapping[str, object]) -> l
     return cmd
 
 
-def sync(device: torch.device) -> None:
-    """Wait for queued kernels on ``device`` (CUDA runs asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def interleaved(
-    fns: Sequence[Callable[[], object] | None],
-    device: torch.device,
-    repeats: int,
-    time_budget: float = float("inf"),
-    warmup: bool = True,
+    fns: Sequence[Callable[[], object] | None], device: torch.device, repeats: int, time_budget=math.inf, warmup=True
 ) -> tuple[list[list[float]], list[object]]:
-    """Time ``fns`` in interleaved rounds (A B C A B C ...) so that a load change hits all alike.
-
-    ``None`` entries are skipped (empty sample list). Rounds stop once ``time_budget`` seconds are
-    exceeded (at least one round). Returns per-function seconds and each function's last output.
-    """
+    """Per-function seconds and last outputs of ``fns`` run in interleaved rounds (A B C A B C ...: a load change
+    hits all alike); ``None`` entries are skipped; rounds stop after ``time_budget`` seconds (at least one)."""
     times: list[list[float]] = [[] for _ in fns]
     outs: list[object] = [None for _ in fns]
-    if warmup:
-        for fn in fns:
-            if fn is not None:
-                fn()
+    for fn in fns if warmup else ():
+        if fn is not None:
+            fn()
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda _: None
     start = time.perf_counter()
     for _ in range(max(1, repeats)):
         for k, fn in enumerate(fns):
-            if fn is None:
-                continue
-            sync(device)
-            t0 = time.perf_counter()
-            outs[k] = fn()
-            sync(device)
-            times[k].append(time.perf_counter() - t0)
+            if fn is not None:
+                sync(device)
+                t0 = time.perf_counter()
+                outs[k] = fn()
+                sync(device)
+                times[k].append(time.perf_counter() - t0)
         if time.perf_counter() - start > time_budget:
             break
     return times, outs
@@ -83,10 +67,9 @@ def ratio(num: Sequence[float], den: Sequence[float]) -> float:
 
 @contextlib.contextmanager
 def threads(n: int | None) -> Iterator[None]:
-    """Temporarily run torch ops with ``n`` intra-op threads (``None`` or 0: unchanged)."""
+    """Run torch ops with ``n`` intra-op threads inside the block (``None`` or 0: unchanged)."""
     before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(int(n))
+    torch.set_num_threads(int(n or before))
     try:
         yield
     finally:
@@ -94,27 +77,10 @@ def threads(n: int | None) -> Iterator[None]:
 
 
 def significant(x: float | None, digits: int = 4) -> float | None:
-    """``x`` to ``digits`` significant digits (tiny quick-mode figures stay non-zero); ``None`` if not finite."""
+    """``x`` to ``digits`` significant digits (tiny figures stay non-zero); ``None`` if not finite."""
     if x is None or not math.isfinite(x):
         return None
-    if x == 0:
-        return 0.0
-    return round(float(x), digits - 1 - math.floor(math.log10(abs(x))))
-
-
-def jsonable(obj: object) -> object:
-    """``obj`` with tensors as lists, non-finite floats as ``None`` and anything unknown as ``str``."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, str | int | float | bool) or obj is None:
-        return obj
-    return str(obj)
+    return 0.0 if x == 0 else round(float(x), digits - 1 - math.floor(math.log10(abs(x))))
 
 
 def loadavg() -> list[float] | None:
@@ -128,8 +94,7 @@ def loadavg() -> list[float] | None:
 def machine_info(device: torch.device) -> dict:
     """CPU model, CPUs, torch threads and versions, load average, and the GPU if one is used."""
     try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-        model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, flags=re.M)
+        model = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), flags=re.M)
         cpu = model.group(1).strip() if model else platform.processor()
     except OSError:  # pragma: no cover - not on Linux
         cpu = platform.processor()

@@ -1,7 +1,6 @@
-"""The ``c2f`` section of ``python -m scripts.benchmarks performance``: :func:`scripts.scoring.c2f_scores`
-against exhaustive fine scoring for each routing budget ``L`` (time, Eq. 9's operation-count ratio,
-Spearman and mean relative excess of the fine scores), on random and structured tokens, and on an F/MS
-run's real tokens."""
+"""The ``c2f`` section of ``python -m scripts.benchmarks performance``: :func:`scripts.scoring.c2f_scores` against
+exhaustive fine scoring for each routing budget ``L`` (time, Eq. 9's operation-count ratio, Spearman and mean
+relative excess of the fine scores), on random and structured tokens, and on an F/MS run's real tokens."""
 
 from __future__ import annotations
 
@@ -12,8 +11,6 @@ import torch
 import torch.nn.functional as F
 from scripts.benchmarks.common import interleaved, significant
 
-__all__ = ["bench_c2f", "bench_c2f_section", "cache_c2f_bank", "synthetic_tokens", "theoretical_speedup"]
-
 
 def theoretical_speedup(h: int, L: int, n_coarse: int) -> float:  # noqa: N803
     """Operation-count reduction of C2F over exhaustive fine matching (Eq. 9), ``h^2 / (1 + L h^2 / N_c)``."""
@@ -23,8 +20,8 @@ def theoretical_speedup(h: int, L: int, n_coarse: int) -> float:  # noqa: N803
 def synthetic_tokens(b: int, n_coarse: int, h: int, d: int, kind: str, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """``(coarse [b, N_c, d], fine [b, N_c, h, d])`` unit tokens, coarse = normalised mean of the children.
 
-    ``random``: no structure, the worst case for routing. ``structured``: a smooth template shared by
-    all volumes (the h children of a region alike) plus per-volume noise, what routing relies on.
+    ``random``: no structure, the worst case for routing; ``structured``: a smooth template shared by all
+    volumes (the h children of a region alike) plus per-volume noise, what routing relies on.
     """
     gen = torch.Generator().manual_seed(seed)
     if kind == "random":
@@ -42,18 +39,13 @@ def cache_c2f_bank(cache: str | Path, key: str) -> tuple[torch.Tensor, ...]:
     """``(coarse, fine [B, N_c, h, d], coarse_valid, fine_valid)`` of one grid of an F/MS run's cache."""
     from scripts.tokens import FINE_SUFFIX, children_last
 
-    parts: list[list[torch.Tensor]] = [[], [], [], []]
+    volumes = []
     for path in sorted(Path(cache).glob("*.pt")):
         grids = torch.load(path, map_location="cpu", weights_only=True)["grids"]
         (tc, vc), (tf, vf) = grids[key], grids[key + FINE_SUFFIX]
         h = tf.shape[0] // tc.shape[0]
-        for part, t in zip(
-            parts,
-            (tc.reshape(-1, tc.shape[-1]), children_last(tf, h), vc.reshape(-1), children_last(vf, h)),
-            strict=True,
-        ):
-            part.append(t)
-    return tuple(torch.stack(p) for p in parts)
+        volumes.append((tc.reshape(-1, tc.shape[-1]), children_last(tf, h), vc.reshape(-1), children_last(vf, h)))
+    return tuple(torch.stack(part) for part in zip(*volumes, strict=True))
 
 
 def bench_c2f(
@@ -69,12 +61,10 @@ def bench_c2f(
     rho: float = 0.1,
     query_volumes: int | None = 2,
 ) -> dict:
-    """C2F against exhaustive fine scoring on one bank (synthetic ``tokens``, or ``bank`` as
-    :func:`cache_c2f_bank` returns it).
+    """C2F against exhaustive fine scoring on synthetic ``tokens`` or a ``bank`` of :func:`cache_c2f_bank`.
 
-    ``query_volumes`` volumes are scored (all ``B`` stay references); the time for all ``B`` is
-    ``setup + (t - setup) B / query_volumes`` with ``setup`` timed by a call scoring no volume. Times
-    are the minimum over ``repeats`` interleaved rounds.
+    ``query_volumes`` volumes are scored against all ``B``; the time for all ``B`` is ``setup + (t - setup)
+    B / query_volumes``, ``setup`` timed by a call scoring no volume. Times: minimum over ``repeats`` rounds.
     """
     from scipy.stats import spearmanr
     from scripts.scoring import c2f_scores, mutual_similarity_scores
@@ -108,24 +98,15 @@ def bench_c2f(
     for k, L in enumerate(Ls):  # noqa: N806
         approx = outs[2 * (k + 2) + 1][:nq].reshape(-1)[query_valid]
         speedup, theory = seconds["exhaustive"] / seconds[L], theoretical_speedup(h, L, n)
-        runs.append(
-            {
-                "L": L,
-                "c2f_s": significant(seconds[L]),
-                "speedup": significant(speedup, 3),
-                "eq9": significant(theory, 3),
-                "speedup_over_eq9": significant(speedup / theory, 3),
-                "spearman": significant(float(spearmanr(approx.double().cpu(), exact.double().cpu()).statistic), 4),
-                "score_excess": significant(float(((approx - exact) / exact.clamp_min(1e-12)).mean()), 3),
-            }
-        )
-    return {
-        "params": {"tokens": tokens, "B": b, "n_coarse": n, "n_valid_coarse": round(float(cv.sum(1).float().mean()), 1)}
-        | {"h": h, "d": d, "rho": rho, "query_volumes_timed": nq, "threads": torch.get_num_threads()},
-        "exhaustive_s": significant(seconds["exhaustive"]),
-        "coarse_s": significant(seconds["coarse"]),
-        "runs": runs,
-    }
+        spearman = float(spearmanr(approx.double().cpu(), exact.double().cpu()).statistic)
+        excess = float(((approx - exact) / exact.clamp_min(1e-12)).mean())
+        run = {"L": L, "c2f_s": significant(seconds[L]), "speedup": significant(speedup, 3)}
+        run |= {"eq9": significant(theory, 3), "speedup_over_eq9": significant(speedup / theory, 3)}
+        runs.append(run | {"spearman": significant(spearman, 4), "score_excess": significant(excess, 3)})
+    params = {"tokens": tokens, "B": b, "n_coarse": n, "n_valid_coarse": round(float(cv.sum(1).float().mean()), 1)}
+    params |= {"h": h, "d": d, "rho": rho, "query_volumes_timed": nq, "threads": torch.get_num_threads()}
+    times = {"exhaustive_s": significant(seconds["exhaustive"]), "coarse_s": significant(seconds["coarse"])}
+    return {"params": params, **times, "runs": runs}
 
 
 def bench_c2f_section(cfg: dict, device: torch.device, cache: str | Path | None, key: str) -> list[dict]:

@@ -15,25 +15,18 @@ def cell(value: object) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
-        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
-            return f"{value:.2e}"
-        return f"{value:.4g}"
+        return f"{value:.2e}" if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5) else f"{value:.4g}"
     return str(value)
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence]) -> str:
     """A GitHub-flavoured markdown table; every cell goes through :func:`cell`."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
 
 
 def splice_block(text: str, begin: str, end: str, markdown: str) -> str | None:
-    """``text`` with the block between its ``begin`` and ``end`` marker lines replaced by ``markdown``.
-
-    Everything outside the markers is kept. ``None`` where ``text`` lacks a marker (or ``end`` comes
-    before ``begin``): the caller decides whether to append a block or refuse.
-    """
+    """``text`` with its ``begin`` ... ``end`` block replaced by ``markdown`` (``None`` without both, in order)."""
     if begin not in text or end not in text.split(begin, 1)[1]:
         return None
     head, rest = text.split(begin, 1)
@@ -41,10 +34,7 @@ def splice_block(text: str, begin: str, end: str, markdown: str) -> str | None:
 
 
 def write_block(doc: Path, begin: str, end: str, markdown: str, head: str = "") -> None:
-    """Replace the ``begin`` ... ``end`` block of ``doc``; append one where it has none.
-
-    A new ``doc`` (its folder too) is created as ``head`` followed by the block; the write is atomic.
-    """
+    """Replace ``doc``'s ``begin`` ... ``end`` block atomically, or append one (a new ``doc`` starts with ``head``)."""
     text = doc.read_text() if doc.is_file() else head
     spliced = splice_block(text, begin, end, markdown)
     if spliced is None:
