@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 from monai.data import Dataset
-from scripts.engine.subjects import subject_of
+from scripts.engine.subjects import no_reference_error, subject_of, without_references
 from scripts.errors import CS3FInputError, as_bool, as_choice, find_input_error, one_line
 from scripts.scoring.references import ReferenceSet
 
@@ -86,6 +86,8 @@ def _check_readable(path: Path, what: str) -> tuple:
     shape = tuple(int(v) for v in image.header.get_data_shape())
     if len(shape) < 3 or (len(shape) > 3 and int(np.prod(shape[3:])) != 1):
         raise CS3FInputError(f"{what} {path} is not a single 3D volume (shape {shape})")
+    if min(shape[:3]) < 2:
+        raise CS3FInputError(f"{what} {path} has shape {shape[:3]}: CS3F slices every axis, each needs >= 2 voxels")
     affine = tuple(tuple(float(v) for v in row) for row in np.round(image.affine, 3))
     return shape[:3], affine
 
@@ -117,52 +119,50 @@ def make_datalist(
             subject of the scan (:func:`scripts.engine.subjects.subject_of`); rows then carry a ``"subject"``.
         modality: the image of a BraTS-style folder (``t1``, ``t1ce``, ``t2`` or ``flair``); required
             for such a folder, an error for any other layout.
-        references: the inferer's reference set, for the default ``min_volumes``.
+        references: the inferer's reference set: the default ``min_volumes``, and every volume must have a
+            reference of another subject in it; ``None``: no scoring within the cohort (a bank build).
 
     Raises:
         CS3FInputError: missing or empty folder, missing or unreadable files, duplicate names, too few
-            volumes, a mask column with some entries missing, a volume off the cohort's grid.
+            volumes, a mask column with some entries missing, a volume off the cohort's grid, volumes
+            that would have no reference of another subject. Errors of a ``cohort.csv`` row name its line.
     """
     on_bad_input = check_on_bad_input(on_bad_input)
     masks, labels = as_bool(masks, "use_masks"), as_bool(labels, "use_labels")
     require_same_grid = as_bool(require_same_grid, "require_same_grid")
+    plan = None if references is None else ReferenceSet.parse(references)
     if min_volumes is None:
-        min_volumes = 1 if ReferenceSet.parse(references).mode == "bank" else 2
+        min_volumes = 1 if plan is not None and plan.mode == "bank" else 2
     root = Path(dataset_dir)
     if not root.is_dir():
         raise CS3FInputError(f"dataset_dir does not exist or is not a folder: {root}")
-    rows = _brats_rows(root, modality, masks, labels) if modality else _read_rows(root, masks, labels)
+    where: dict[str, str] = {}  # image path -> its cohort.csv line
+    rows = _brats_rows(root, modality, masks, labels) if modality else _read_rows(root, masks, labels, where)
     if subject_pattern or any("subject" in r for r in rows):
         rows = [{**r, "subject": subject_of(r["name"], r, subject_pattern)} for r in rows]
     skipped: list[dict[str, str]] = []
-    good, grids = _readable(rows, on_bad_input, skipped)
+    good, grids = _readable(rows, on_bad_input, skipped, where)
     if require_same_grid and good:
-        good = _on_common_grid(good, grids, on_bad_input, skipped)
+        good = _on_common_grid(good, grids, on_bad_input, skipped, where)
     if len(good) < min_volumes:
         raise CS3FInputError(
             f"CS3F compares volumes with each other: found {len(good)} usable volume(s) in {root}, "
             f"need >= {min_volumes}"
         )
+    lonely = [] if plan is None else without_references([r.get("subject", r["name"]) for r in good], plan)
+    if lonely:
+        how = f"subject_pattern {subject_pattern!r}" if subject_pattern else "the subject column of cohort.csv"
+        raise no_reference_error([good[i]["image"] for i in lonely], plan, how)
     return Datalist(good, skipped, str(dataset_dir), masks, on_bad_input)
 
 
-def _read_rows(root: Path, masks: bool, labels: bool) -> list[dict[str, str]]:
-    """The named rows of ``root``'s cohort.csv or folders, checked for consistency (not yet read)."""
+def _read_rows(root: Path, masks: bool, labels: bool, where: dict[str, str]) -> list[dict[str, str]]:
+    """The named rows of ``root``'s cohort.csv (their lines noted in ``where``) or folders, checked for
+    consistency (not yet read)."""
     rows: list[dict[str, str]] = []
     table = root / "cohort.csv"
     if table.is_file():
-        with table.open(newline="") as f:
-            reader = csv.DictReader(f)
-            if "image" not in (reader.fieldnames or []):
-                raise CS3FInputError(f"{table} has no 'image' column (columns: {reader.fieldnames})")
-            for rec in reader:
-                row = {"image": str(root / rec["image"])}
-                for key, wanted in (("mask", masks), ("label", labels)):
-                    if wanted and rec.get(key):
-                        row[key] = str(root / rec[key])
-                if str(rec.get("subject") or "").strip():
-                    row["subject"] = str(rec["subject"]).strip()
-                rows.append(row)
+        rows = _csv_rows(table, masks, labels, where)
     else:
         image_dir = root / "images" if (root / "images").is_dir() else root
         for image in sorted(p for p in image_dir.iterdir() if p.is_file() and p.name.endswith(NIFTI_SUFFIXES)):
@@ -178,12 +178,51 @@ def _read_rows(root: Path, masks: bool, labels: bool) -> list[dict[str, str]]:
         have = [key in r for r in rows]
         if any(have) and not all(have):
             missing = next(r["image"] for r in rows if key not in r)
-            raise CS3FInputError(f"some volumes have a {key} and others do not, e.g. no {key} for {missing}")
+            raise CS3FInputError(
+                f"some volumes have a {key} and others do not, e.g. no {key} for {missing}{_at(where, missing)}"
+            )
     names = [image_stem(r["image"]) for r in rows]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise CS3FInputError(f"image names must be unique (outputs are named after them): {duplicates}")
+        lines = "".join(_at(where, r["image"]) for r in rows if image_stem(r["image"]) == duplicates[0])
+        raise CS3FInputError(f"image names must be unique (outputs are named after them): {duplicates}{lines}")
     return [{**row, "name": name} for row, name in zip(rows, names, strict=True)]
+
+
+def _at(where: dict[str, str], image: str) -> str:
+    """`` (<cohort.csv> line N)`` for an image listed in a cohort.csv, else ``""``."""
+    return f" ({where[image]})" if image in where else ""
+
+
+def _csv_rows(table: Path, masks: bool, labels: bool, where: dict[str, str]) -> list[dict[str, str]]:
+    """The rows of a cohort.csv (UTF-8, with or without the byte-order mark Excel writes); the file line of
+    each row goes to ``where`` (line 1 is the header)."""
+    rows: list[dict[str, str]] = []
+    reader = None
+    try:
+        with table.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            reader.fieldnames = [str(c).strip() for c in reader.fieldnames or []]
+            if "image" not in reader.fieldnames:
+                raise CS3FInputError(f"no 'image' column (columns: {reader.fieldnames}) ({table} line 1)")
+            for rec in reader:
+                line = f"{table} line {reader.line_num}"
+                cells = {k: str(v or "").strip() for k, v in rec.items() if k is not None}
+                if not cells["image"]:
+                    raise CS3FInputError(f"empty 'image' cell ({line})")
+                row = {"image": str(table.parent / cells["image"])}
+                for key, wanted in (("mask", masks), ("label", labels)):
+                    if wanted and cells.get(key):
+                        row[key] = str(table.parent / cells[key])
+                if cells.get("subject"):
+                    row["subject"] = cells["subject"]
+                where.setdefault(row["image"], line)
+                rows.append(row)
+    except UnicodeDecodeError as err:
+        raise CS3FInputError(f"not UTF-8 text: {err.reason} at byte {err.start} ({table})") from None
+    except csv.Error as err:
+        raise CS3FInputError(f"not a CSV table: {err} ({table} line {reader.line_num if reader else 1})") from None
+    return rows
 
 
 # Modality -> file suffixes in BraTS 2021 and BraTS 2023+ (METS, GLI) naming.
@@ -234,7 +273,7 @@ def _brats_rows(root: Path, modality: str, masks: bool, labels: bool) -> list[di
 
 
 def _readable(
-    rows: list[dict[str, str]], on_bad_input: str, skipped: list[dict[str, str]]
+    rows: list[dict[str, str]], on_bad_input: str, skipped: list[dict[str, str]], where: dict[str, str]
 ) -> tuple[list[dict[str, str]], dict[str, tuple]]:
     """The rows whose files are readable 3D volumes with masks/labels of their image's shape, and the
     image grid of each (see :func:`_check_readable`)."""
@@ -261,12 +300,16 @@ def _readable(
                         )
             good.append(row)
         except CS3FInputError as err:
-            _bad(err, row, on_bad_input, skipped)
+            _bad(err, row, on_bad_input, skipped, where)
     return good, grids
 
 
 def _on_common_grid(
-    rows: list[dict[str, str]], grids: dict[str, tuple], on_bad_input: str, skipped: list[dict[str, str]]
+    rows: list[dict[str, str]],
+    grids: dict[str, tuple],
+    on_bad_input: str,
+    skipped: list[dict[str, str]],
+    where: dict[str, str],
 ) -> list[dict[str, str]]:
     """The rows whose image has the grid (shape and affine) that most of the cohort has."""
     reference, count = Counter(grids[r["name"]] for r in rows).most_common(1)[0]
@@ -282,12 +325,14 @@ def _on_common_grid(
             f"affine rows {[list(a) for a in reference[1][:3]]}): register all volumes to one space, "
             f"or set require_same_grid false if the preprocessing resamples them"
         )
-        _bad(err, row, on_bad_input, skipped)
+        _bad(err, row, on_bad_input, skipped, where)
     return kept
 
 
-def _bad(err: CS3FInputError, row: dict, on_bad_input: str, skipped: list[dict[str, str]]) -> None:
-    """Raise ``err``, or (``on_bad_input="skip"``) warn and add the row to ``skipped``."""
+def _bad(err: CS3FInputError, row: dict, on_bad_input: str, skipped: list[dict[str, str]], where: dict) -> None:
+    """Raise ``err`` (with the row's cohort.csv line), or (``on_bad_input="skip"``) warn and add the row to
+    ``skipped``."""
+    err = CS3FInputError(f"{err}{_at(where, row['image'])}")
     if on_bad_input == "error":
         raise err
     warnings.warn(f"cs3f: skipping {row['image']}: {err}", stacklevel=4)

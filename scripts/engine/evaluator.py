@@ -39,6 +39,7 @@ from scripts.engine.datalist import check_on_bad_input, check_output_dir
 from scripts.engine.distributed import gather_scores, world
 from scripts.engine.grid import CohortGrid
 from scripts.engine.identity import preprocessing_identity, token_identity
+from scripts.engine.machine import default_threads
 from scripts.engine.parts import WholeVolume
 from scripts.engine.record import StageTimes, run_record
 from scripts.engine.scoring_step import CohortScoring
@@ -80,7 +81,8 @@ class CS3FEvaluator(Workflow):
         build_bank: folder to save the cohort's token bank in; the run then stops after pass 1.
         keep_tokens: keep the token bank (``self.bank``) after scoring, e.g. to inspect it; by default
             it is released once the token scores exist, so that writing the maps does not hold it.
-        num_threads: CPU threads of torch (``None``: torch's default).
+        num_threads: CPU threads of torch (``None``: torch's default where the cores are free, else 1:
+            :func:`scripts.engine.machine.default_threads`).
         parts: how each volume is cut into parts scored independently (default: ``WholeVolume`` on
             ``image_key`` and ``mask_key``; see :mod:`scripts.engine.parts`).
 
@@ -121,8 +123,7 @@ class CS3FEvaluator(Workflow):
             resolve_precision(inferer.scorer.precision, inferer.scorer.score_device or device)
         except ValueError as err:
             raise CS3FInputError(str(err)) from None
-        if as_int(num_threads, "num_threads", 1, allow_none=True):
-            torch.set_num_threads(int(num_threads))
+        torch.set_num_threads(as_int(num_threads, "num_threads", 1, allow_none=True) or default_threads())
         self.network, self.inferer, self.postprocessing = network, inferer, postprocessing
         self.output_dir = Path(output_dir)
         self.image_key, self.mask_key, self.pred_key = image_key, mask_key, pred_key

@@ -8,7 +8,32 @@ import time
 
 import torch
 
-__all__ = ["machine_rate"]
+__all__ = ["default_threads", "machine_rate"]
+
+#: torch's own thread count (``OMP_NUM_THREADS`` or the cores), before any run changes it
+TORCH_THREADS = torch.get_num_threads()
+
+
+def default_threads(calls: int = 16) -> int:
+    """:data:`TORCH_THREADS` where the cores are free, else 1, by a probe: ``calls`` small GEMMs (about a
+    millisecond on free cores) must take less time with the threads than with one. A team of OpenMP threads
+    spins at the end of every parallel call until its last member is done: on busy cores that member waits
+    for a time slice, and each of a run's thousands of small calls (the scorer's per-pair blocks, the
+    encoder on small slices) stalls."""
+    if TORCH_THREADS <= 1:
+        return 1
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(256, 128, generator=gen), torch.randn(128, 256, generator=gen)
+    spent = {}
+    for threads in (1, TORCH_THREADS):
+        torch.set_num_threads(threads)
+        start = time.perf_counter()
+        for _ in range(calls):
+            torch.mm(a, b).amin(dim=1)
+            if threads > 1 and time.perf_counter() - start > spent[1]:
+                return 1
+        spent[threads] = time.perf_counter() - start
+    return TORCH_THREADS
 
 
 def machine_rate(size: int = 1024, repeats: int = 5) -> dict:

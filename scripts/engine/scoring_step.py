@@ -13,6 +13,7 @@ from scripts.engine.distributed import world
 from scripts.engine.grid import CohortGrid
 from scripts.engine.identity import encoder_identity
 from scripts.engine.record import token_stats
+from scripts.engine.subjects import no_reference_error, without_references
 from scripts.errors import CS3FInputError
 from scripts.inferer import CS3FInferer
 from scripts.storage.bank import BankWriter, TokenBank, bank_identity, save_bank
@@ -97,6 +98,9 @@ class CohortScoring:
         subjects = cohort.joined_subjects()
         if len(set(subjects)) < len(subjects):
             only_mine["subjects"] = subjects
+        lonely = without_references(subjects, self.inferer.references)
+        if lonely:  # a cohort.csv or subject_pattern is checked before encoding: identical volumes joined here
+            raise no_reference_error([names[i] for i in lonely], self.inferer.references, "the subjects given, identical volumes joined")
         for part, bank in cohort.bank.items():
             try:
                 scores = self.inferer.score([bank[n] for n in names], names=names, **only_mine)

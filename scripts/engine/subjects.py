@@ -12,8 +12,9 @@ import warnings
 from collections.abc import Mapping, Sequence
 
 from scripts.errors import CS3FInputError
+from scripts.scoring.references import ReferenceSet, chunk_ranges
 
-__all__ = ["subject_of", "join_identical"]
+__all__ = ["join_identical", "no_reference_error", "subject_of", "without_references"]
 
 
 def subject_of(name: str, row: Mapping[str, str] | None = None, pattern: str | None = None) -> str:
@@ -58,3 +59,25 @@ def join_identical(names: Sequence[str], subjects: Sequence[str], digests: Seque
         for r in roots[1:]:
             parent[r] = roots[0]
     return [root(s) for s in subjects]
+
+
+def without_references(subjects: Sequence[object], references: ReferenceSet) -> list[int]:
+    """Indices of the volumes that would have no reference of another subject under ``references``: all of
+    them when the cohort (``all``, ``random:N``) or their chunk (``chunks:N``) holds one subject only. A
+    reference bank is checked against the bank when it is read."""
+    if references.mode == "bank":
+        return []
+    b = len(subjects)
+    spans = chunk_ranges(b, references.size) if references.mode == "chunks" else [(0, b)]
+    return [i for lo, hi in spans if len(set(subjects[lo:hi])) < 2 for i in range(lo, hi)]
+
+
+def no_reference_error(volumes: Sequence[str], references: ReferenceSet, how: str) -> CS3FInputError:
+    """The error for ``volumes`` (files or names) found by :func:`without_references`; ``how`` says where
+    the subjects came from."""
+    scope = f"their chunk (references {references})" if references.mode == "chunks" else "the cohort"
+    shown = ", ".join(volumes[:3]) + (f" and {len(volumes) - 3} more" if len(volumes) > 3 else "")
+    return CS3FInputError(
+        f"{len(volumes)} volume(s) would have no reference: every volume of {scope} is a scan of one subject "
+        f"(subjects from {how}) ({shown})"
+    )
