@@ -98,9 +98,10 @@ class CohortScoring:
         subjects = cohort.joined_subjects()
         if len(set(subjects)) < len(subjects):
             only_mine["subjects"] = subjects
-        lonely = without_references(subjects, self.inferer.references)
-        if lonely:  # a cohort.csv or subject_pattern is checked before encoding: identical volumes joined here
-            raise no_reference_error([names[i] for i in lonely], self.inferer.references, "the subjects given, identical volumes joined")
+        lonely = without_references(subjects, self.inferer.references)  # the datalist checked them unjoined
+        if lonely:
+            how = "the subjects given, identical volumes joined"
+            raise no_reference_error([names[i] for i in lonely], self.inferer.references, how)
         for part, bank in cohort.bank.items():
             try:
                 scores = self.inferer.score([bank[n] for n in names], names=names, **only_mine)
