@@ -6,6 +6,7 @@ The parsers take values as a config or the command line gives them (``--use_mask
 from __future__ import annotations
 
 import math
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -58,18 +59,38 @@ def one_line(err: BaseException) -> str:
 
 def install_excepthook() -> None:
     """Make an uncaught :class:`CS3FInputError` (or one wrapped by MONAI) print one ``cs3f: error: ...`` line
-    and exit 1; other errors keep their traceback."""
+    and exit 1 (under torchrun: the first process to stop prints it); other errors keep their traceback."""
     previous = sys.excepthook
+    stderr = sys.stderr  # torch.distributed's hook, installed later, lends this one a buffer it never prints
 
     def hook(exc_type, exc, tb):  # noqa: ANN001 - signature fixed by sys.excepthook
         found = find_input_error(exc)
         if found is not None:
-            # Start a fresh line: a progress bar may have left the cursor mid-line.
-            print(f"\ncs3f: error: {found}", file=sys.stderr)
+            if _input_errors(1) == 1:  # a fresh line: a progress bar may have left the cursor mid-line
+                print(f"\ncs3f: error: {found}", file=stderr, flush=True)
+            sys.exit(1)
+        if _input_errors(0):  # e.g. a collective that lost the torchrun process that stopped on bad input
             sys.exit(1)
         previous(exc_type, exc, tb)
 
     sys.excepthook = hook
+
+
+def _input_errors(add: int) -> int:
+    """Input errors counted in this torchrun job's store, with ``add`` more (outside torchrun, or where the
+    store cannot be reached: ``add``): the first process to stop on bad input prints it, once."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return add
+    try:
+        from datetime import timedelta
+
+        from torch.distributed import TCPStore
+
+        address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        store = TCPStore(address, port, is_master=False, timeout=timedelta(seconds=10))
+        return store.add(f"cs3f/input_errors/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", add)
+    except Exception:  # noqa: BLE001 - a line twice rather than none
+        return add
 
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")

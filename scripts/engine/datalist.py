@@ -184,7 +184,7 @@ def _read_rows(root: Path, masks: bool, labels: bool, where: dict[str, str]) -> 
     names = [image_stem(r["image"]) for r in rows]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        lines = "".join(_at(where, r["image"]) for r in rows if image_stem(r["image"]) == duplicates[0])
+        lines = "".join(_at(where, i) for i in dict.fromkeys(r["image"] for r in rows) if image_stem(i) in duplicates)
         raise CS3FInputError(f"image names must be unique (outputs are named after them): {duplicates}{lines}")
     return [{**row, "name": name} for row, name in zip(rows, names, strict=True)]
 
@@ -198,6 +198,7 @@ def _csv_rows(table: Path, masks: bool, labels: bool, where: dict[str, str]) -> 
     """The rows of a cohort.csv (UTF-8, with or without the byte-order mark Excel writes); the file line of
     each row goes to ``where`` (line 1 is the header)."""
     rows: list[dict[str, str]] = []
+    lines: dict[str, list[str]] = {}
     reader = None
     try:
         with table.open(newline="", encoding="utf-8-sig") as f:
@@ -206,22 +207,22 @@ def _csv_rows(table: Path, masks: bool, labels: bool, where: dict[str, str]) -> 
             if "image" not in reader.fieldnames:
                 raise CS3FInputError(f"no 'image' column (columns: {reader.fieldnames}) ({table} line 1)")
             for rec in reader:
-                line = f"{table} line {reader.line_num}"
                 cells = {k: str(v or "").strip() for k, v in rec.items() if k is not None}
                 if not cells["image"]:
-                    raise CS3FInputError(f"empty 'image' cell ({line})")
+                    raise CS3FInputError(f"empty 'image' cell ({table} line {reader.line_num})")
                 row = {"image": str(table.parent / cells["image"])}
                 for key, wanted in (("mask", masks), ("label", labels)):
                     if wanted and cells.get(key):
                         row[key] = str(table.parent / cells[key])
                 if cells.get("subject"):
                     row["subject"] = cells["subject"]
-                where.setdefault(row["image"], line)
+                lines.setdefault(row["image"], []).append(str(reader.line_num))
                 rows.append(row)
     except UnicodeDecodeError as err:
         raise CS3FInputError(f"not UTF-8 text: {err.reason} at byte {err.start} ({table})") from None
     except csv.Error as err:
         raise CS3FInputError(f"not a CSV table: {err} ({table} line {reader.line_num if reader else 1})") from None
+    where.update({image: f"{table} line{'s' * (len(n) > 1)} {', '.join(n)}" for image, n in lines.items()})
     return rows
 
 

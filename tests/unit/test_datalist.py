@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -132,3 +133,90 @@ def test_evaluator_gets_the_datalist_skips(tiny_cohort: Path, tmp_path: Path) ->
         datalist = parser.get_parsed_content("datalist")
     assert parser.get_parsed_content("dataset").data is datalist
     assert parser.get_parsed_content("evaluator").skipped == datalist.skipped
+
+
+def _write_csv(path: Path, rows: list[dict[str, str]], encoding: str = "utf-8") -> None:
+    with path.open("w", newline="", encoding=encoding) as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_a_cohort_csv_saved_by_excel_with_a_byte_order_mark(tiny_cohort: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_cohort, data)
+    _write_csv(data / "cohort.csv", _cohort_rows(tiny_cohort), encoding="utf-8-sig")
+    assert (data / "cohort.csv").read_bytes().startswith(b"\xef\xbb\xbfimage,")
+    got = make_datalist(data, labels=True)
+    plain = make_datalist(tiny_cohort, labels=True)
+    assert [{k: v.replace(str(data), "D") for k, v in r.items()} for r in got] == [
+        {k: v.replace(str(tiny_cohort), "D") for k, v in r.items()} for r in plain
+    ]
+
+
+@pytest.mark.parametrize("fault", ["empty image", "missing image", "missing mask", "duplicate"])
+def test_cohort_csv_errors_name_the_file_and_line(tiny_cohort: Path, tmp_path: Path, fault: str) -> None:
+    """The line is the file's line number (the header is line 1): data row ``i`` (0-based) is line ``i + 2``."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_cohort, data)
+    rows = _cohort_rows(tiny_cohort)
+    bad = 3
+    if fault == "empty image":
+        rows[bad]["image"] = ""
+    elif fault == "missing image":
+        rows[bad]["image"] = "images/absent.nii.gz"
+    elif fault == "missing mask":
+        rows[bad]["mask"] = ""
+    else:
+        rows[bad]["image"] = rows[1]["image"].replace("images/", "./images/")  # another spelling, one name
+    _write_csv(data / "cohort.csv", rows)
+    with pytest.raises(CS3FInputError) as info:
+        make_datalist(data)
+    assert re.search(rf"{re.escape(str(data / 'cohort.csv'))} lines? (\d, )?{bad + 2}\)", str(info.value))
+    assert str(data) + "," not in str(info.value) and not str(info.value).endswith(f"({data})")
+
+
+def test_a_volume_with_one_voxel_along_an_axis_is_named(tiny_cohort: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_cohort, data)
+    for sub in ("images", "masks"):
+        path = data / sub / "sub-0003.nii.gz"
+        img = nib.load(path)
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, :, 16:17], img.affine), path)
+    with pytest.raises(CS3FInputError, match=r"image .*sub-0003\.nii\.gz has shape \(32, 32, 1\)"):
+        make_datalist(data, require_same_grid=False)
+    with pytest.warns(UserWarning, match="sub-0003"):
+        assert "sub-0003" not in [r["name"] for r in make_datalist(data, on_bad_input="skip")]
+
+
+@pytest.mark.parametrize(
+    ("subjects", "references", "lonely"),
+    [
+        (["s"] * 6, "all", [0, 1, 2, 3, 4, 5]),  # every scan one subject
+        (["s"] * 6, "random:2", [0, 1, 2, 3, 4, 5]),
+        (["a", "a", "a", "b", "c", "d"], "chunks:3", [0, 1, 2]),  # the first chunk holds subject a only
+        (["a", "a", "b", "b", "c", "c"], "chunks:3", []),
+        (["s"] * 6, "bank:somewhere", []),  # checked against the bank's own subjects when it is read
+    ],
+)
+def test_subjects_without_a_reference_stop_before_encoding(
+    tiny_cohort: Path, tmp_path: Path, subjects: list[str], references: str, lonely: list[int]
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_cohort, data)
+    rows = [{**r, "subject": s} for r, s in zip(_cohort_rows(tiny_cohort), subjects, strict=True)]
+    _write_csv(data / "cohort.csv", rows)
+    if not lonely:
+        assert len(make_datalist(data, references=references)) == 6
+        return
+    with pytest.raises(CS3FInputError, match=f"^{len(lonely)} volume.*have no reference") as info:
+        make_datalist(data, references=references)
+    named = [str(data / rows[i]["image"]) for i in lonely]
+    assert all(path in str(info.value) for path in named[:3])
+    assert all(str(data / r["image"]) not in str(info.value) for i, r in enumerate(rows) if i not in lonely)
+    assert len(make_datalist(data, references=None)) == 6  # a bank build scores nothing
+
+
+def test_a_subject_pattern_joining_every_scan_is_named(tiny_cohort: Path) -> None:
+    with pytest.raises(CS3FInputError, match=r"subject_pattern '\^\(sub\)'.*images/sub-0001\.nii\.gz"):
+        make_datalist(tiny_cohort, subject_pattern="^(sub)")

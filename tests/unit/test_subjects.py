@@ -171,3 +171,21 @@ def test_identical_volumes_join_one_subject_whatever_the_order() -> None:
     with pytest.warns(UserWarning):
         reordered = join_identical([names[i] for i in order], [subjects[i] for i in order], [digests[i] for i in order])
     assert reordered == [joined[i] for i in order]
+
+
+@pytest.mark.parametrize("references", ["all", "random:3", "chunks:3", "chunks:4"])
+@pytest.mark.parametrize(
+    "subjects", [list("abcdefg"), list("aaaaaaa"), list("aaabcdd"), list("aaaabbb"), list("abbbbcc"), list("aabbbbb")]
+)
+def test_volumes_without_references_are_those_the_plan_leaves_alone(subjects: list[str], references: str) -> None:
+    """Brute force over the plan's reference sets: a volume has none when every other candidate shares
+    its subject."""
+    from scripts.engine.subjects import without_references
+    from scripts.scoring.references import ReferenceSet, plan_references
+
+    refs = ReferenceSet.parse(references)
+    b = len(subjects)
+    plan = plan_references(ReferenceSet("chunks", refs.size) if refs.mode == "chunks" else ReferenceSet(), b)
+    candidates = {i: [j for batch in plan.batches if i in batch for j in batch if j != i] for i in range(b)}
+    expected = [i for i in range(b) if all(subjects[j] == subjects[i] for j in candidates[i])]
+    assert without_references(subjects, refs) == expected
