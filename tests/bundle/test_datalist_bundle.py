@@ -1,4 +1,5 @@
-"""The bundle's `initialize` (a ConfigWorkflow) generates the demo cohort on first use only."""
+"""The bundle's `initialize` (a ConfigWorkflow) generates the demo cohort on first use only; a cohort whose
+subjects leave a volume without references stops before any encoding."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from monai.bundle import ConfigParser
+from tests.helpers import FAST_ARGS, assert_one_error_line, run_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "inference.json"
@@ -44,3 +46,12 @@ def test_initialize_generates_the_demo_on_first_use_only(tmp_path: Path) -> None
     other = _parser(tmp_path, dataset_dir=str(tmp_path / "mine"), **overrides)
     other.get_parsed_content("generate_demo")()
     assert not (tmp_path / "mine").exists()
+
+
+def test_one_subject_for_every_scan_stops_before_the_tokenize_stage(tiny_cohort: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    pattern = ["--datalist#subject_pattern", "^(sub)"]
+    proc = run_bundle("--dataset_dir", tiny_cohort, "--output_dir", out, *pattern, *FAST_ARGS)
+    line = assert_one_error_line(proc)
+    assert "6 volume(s) would have no reference" in line and str(tiny_cohort / "images" / "sub-0001.nii.gz") in line
+    assert not (out / "tokens").exists() and not out.exists()  # nothing encoded, nothing written

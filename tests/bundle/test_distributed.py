@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from tests.helpers import FAST_ARGS, assert_success, run_bundle
 
+MULTI = ["configs/inference.json", "configs/multi_gpu_inference.json"]
+
 
 def _with_repeat_scan(cohort: Path, tmp_path: Path) -> tuple[Path, str]:
     """The cohort with a second scan of a lesion subject (a copy shifted by one voxel, named as that
@@ -76,3 +78,28 @@ def test_torchrun_two_processes_equals_single_process(tiny_cohort: Path, tmp_pat
     plain = tmp_path / "plain"
     assert_success(run_bundle("--dataset_dir", data, "--output_dir", plain, *FAST_ARGS))
     assert _files(plain)["scores.csv"] != _files(single)["scores.csv"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["every rank", "one rank"])
+def test_a_bad_input_under_torchrun_prints_its_error_line_once(tiny_cohort: Path, tmp_path: Path, fault: str) -> None:
+    """Every rank finds a subject pattern that joins every scan (in the datalist); only rank 1 loads the
+    volume with a NaN voxel (the sampler deals volume 1 to rank 1), while rank 0 waits for it."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_cohort, data)
+    args = ["--dataset_dir", data, "--output_dir", tmp_path / "out", *FAST_ARGS]
+    if fault == "every rank":
+        args += ["--datalist#subject_pattern", "^(sub)"]
+        expected = "6 volume(s) would have no reference"
+    else:
+        path = data / "images" / "sub-0002.nii.gz"
+        img = nib.load(path)
+        array = np.asarray(img.dataobj).astype(np.float32)
+        array[16, 16, 16] = np.nan
+        nib.save(nib.Nifti1Image(array, img.affine), path)
+        expected = f"{path} has 1 NaN/Inf voxels"
+    proc = run_bundle(*args, config_file=MULTI, nproc=2)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("cs3f: error:")]
+    assert len(lines) == 1 and expected in lines[0], proc.stderr[-3000:]
+    assert "[rank0]" not in proc.stderr and "[rank1]" not in proc.stderr, proc.stderr[-3000:]
