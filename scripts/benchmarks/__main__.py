@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--doc", help="markdown file whose generated block is rewritten, e.g. docs/performance.md")
 
     p = sub.add_parser("scaling", help="the reference sets: all, chunks:N, random:N, a bank (docs/scaling.md)")
-    parts = p.add_subparsers(dest="part", required=True, metavar="{metrics,costs}")
+    parts = p.add_subparsers(dest="part", required=True, metavar="{metrics,costs,threads}")
     p = parts.add_parser("metrics", help="bundle + evaluation per setting; a markdown table of metrics")
     p.add_argument("--cohort", required=True, help="synthetic cohort folder (python -m scripts synth)")
     p.add_argument("--out", required=True, help="folder for the runs")
@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", default="16,32,64", help="batch sizes B (default %(default)s)")
     p.add_argument("--settings", default="full,chunks:16,random:16,bank", help="settings (default %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s)")
+    p = parts.add_parser("threads", help="re-scoring one cached cohort with 1, 2 and the default threads")
+    p.add_argument("--out", required=True, help="folder for the cohort, its token cache and the runs")
+    p.add_argument("--volumes", type=int, default=200, help="volumes (default %(default)s; the demo: 32)")
+    p.add_argument("--size", type=int, default=16, help="volume side (default %(default)s; the demo: 96)")
+    p.add_argument("--image_size", type=int, default=32, help="encoder input R (default %(default)s; the demo: 112)")
+    p.add_argument("--settings", default="1,2,default", help="thread counts (default %(default)s)")
+    p.add_argument("--rounds", type=int, default=1, help="rounds of the settings, alternated (default %(default)s)")
 
     p = sub.add_parser(
         "gpu", help="the paper's brain setting end to end on a GPU, beside its Table 6 (docs/performance.md)"

@@ -11,15 +11,21 @@ Two parts, both on a synthetic cohort (``python -m scripts synth --out COHORT ..
   ``bank`` setting scores one volume against a memory-mapped bank of the other ``B - 1``
   (``CS3FInferer.score`` with ``reference_bank``), the per-arrival cost of reference-bank mode.
 
+A third, ``threads``, re-scores one cached synthetic cohort with each torch thread count (the evaluator's
+``num_threads``; ``default`` sets none), the settings alternated in each round, ``OMP_NUM_THREADS``
+unset: what each costs on this machine as loaded as it is, and whether the scores are the same.
+
 Usage (from the bundle root)::
 
     python -m scripts.benchmarks scaling metrics --cohort /tmp/scale/cohort --out /tmp/scale/runs
     python -m scripts.benchmarks scaling costs --bank /tmp/scale/bank --sizes 16,32,64
+    python -m scripts.benchmarks scaling threads --out /tmp/threads --volumes 200 --size 16
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -144,3 +150,51 @@ def costs(
     ]
     (Path(bank) / "costs.json").write_text(json.dumps(results, indent=1))
     print(table(header, rows))
+
+
+def threads(
+    out: str, volumes: int = 200, size: int = 16, image_size: int = 32, settings: str = "1,2,default", rounds: int = 1
+) -> None:
+    """Seconds of the score stage (and of the whole run) per thread setting on one cached cohort of
+    ``volumes`` at ``size``^3 (``--volumes 32 --size 96 --image_size 112``: the demo's); a markdown table."""
+    out_dir = Path(out)
+    cohort, cache = out_dir / f"cohort{volumes}x{size}", out_dir / f"tokens{volumes}x{size}x{image_size}"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    if not (cohort / "cohort.csv").is_file():
+        synth = ["--out", cohort, "--n_normal", volumes - volumes // 4, "--n_abnormal", volumes // 4, "--shape", size]
+        synth = [sys.executable, "-m", "scripts", "synth", *map(str, synth), "--quiet", "true"]
+        subprocess.run(synth, cwd=ROOT, check=True)
+    args = {"dataset_dir": cohort, "image_size": image_size, "quiet": True, "evaluator#cache_dir": cache}
+
+    def run(name: str, extra: dict) -> dict:
+        cmd = bundle_command(["configs/inference.json"], {**args, "output_dir": out_dir / name, **extra})
+        load, start = os.getloadavg()[0], time.perf_counter()
+        subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+        record = json.loads((out_dir / name / "run.json").read_text())
+        scores = (out_dir / name / "scores.csv").read_bytes()
+        wall = time.perf_counter() - start
+        print(f"{name}: {wall:.0f} s, load {load:.1f}", file=sys.stderr, flush=True)
+        return {"wall_s": wall, "load": load, "scores": scores, **{k: record[k] for k in ("timings_s", "machine")}}
+
+    run("encode", {"evaluator#num_threads": 1})  # fills the cache: every setting below only re-scores
+    chosen = _items(settings)
+    results: dict[str, list[dict]] = {name: [] for name in chosen}
+    for _ in range(rounds):
+        for name in chosen:
+            results[name].append(run(name, {} if name == "default" else {"evaluator#num_threads": name}))
+    first = results[chosen[0]][0]["scores"]
+    rows = [
+        [
+            name,
+            runs[0]["machine"]["torch_threads"],
+            " / ".join(f"{r['timings_s']['score']:.1f}" for r in runs),
+            " / ".join(f"{sum(r['timings_s'].values()):.1f}" for r in runs),
+            " / ".join(f"{r['load']:.1f}" for r in runs),
+            all(r["scores"] == first for r in runs),
+        ]
+        for name, runs in results.items()
+    ]
+    record = {n: [{k: v for k, v in r.items() if k != "scores"} for r in runs] for n, runs in results.items()}
+    (out_dir / "threads.json").write_text(json.dumps(record, indent=1))
+    print(f"{volumes} volumes of {size}^3, image_size {image_size}, {os.cpu_count()} CPUs, rounds {rounds}")
+    print(table(["threads", "torch threads", "score s", "stages s", "load at start", "same scores"], rows))
