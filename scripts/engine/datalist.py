@@ -15,7 +15,7 @@ import os
 import tempfile
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,20 +112,16 @@ def make_datalist(
         labels: include ground-truth labels where the folder provides them (evaluation).
         min_volumes: fewer usable volumes is an error; default 1 with a reference bank (``bank:DIR``), else 2.
         on_bad_input: ``"error"`` stops at the first unreadable file or off-grid volume; ``"skip"``
-            leaves it out with a warning and lists it (``{"image", "reason"}``) in the result's ``skipped``.
-        require_same_grid: every image header must have the shape and affine that most of the cohort has
-            (registered data); off for data the preprocessing brings to one grid (e.g. lung CT crops).
-        subject_pattern: a regular expression whose first group (or match) in the image name is the
-            subject of the scan (:func:`scripts.engine.subjects.subject_of`); rows then carry a ``"subject"``.
-        modality: the image of a BraTS-style folder (``t1``, ``t1ce``, ``t2`` or ``flair``); required
-            for such a folder, an error for any other layout.
-        references: the inferer's reference set: the default ``min_volumes``, and every volume must have a
+            leaves it out with a warning and lists it (``{"image", "reason"}``) in ``skipped``.
+        require_same_grid: every image must have the shape and affine most of the cohort has (registered data).
+        subject_pattern: a regular expression whose first group (or match) in the image name is the scan's
+            subject (:func:`scripts.engine.subjects.subject_of`); rows then carry a ``"subject"``.
+        modality: the image of a BraTS-style folder (``t1``, ``t1ce``, ``t2`` or ``flair``).
+        references: the inferer's reference set: the default ``min_volumes``, and each volume needs a
             reference of another subject in it; ``None``: no scoring within the cohort (a bank build).
 
     Raises:
-        CS3FInputError: missing or empty folder, missing or unreadable files, duplicate names, too few
-            volumes, a mask column with some entries missing, a volume off the cohort's grid, volumes
-            that would have no reference of another subject. Errors of a ``cohort.csv`` row name its line.
+        CS3FInputError: one line naming the file (and the ``cohort.csv`` line) of any problem found.
     """
     on_bad_input = check_on_bad_input(on_bad_input)
     masks, labels = as_bool(masks, "use_masks"), as_bool(labels, "use_labels")
@@ -141,9 +137,18 @@ def make_datalist(
     if subject_pattern or any("subject" in r for r in rows):
         rows = [{**r, "subject": subject_of(r["name"], r, subject_pattern)} for r in rows]
     skipped: list[dict[str, str]] = []
-    good, grids = _readable(rows, on_bad_input, skipped, where)
+
+    def bad(err: CS3FInputError, row: dict) -> None:
+        """Raise ``err`` with the row's cohort.csv line, or (``skip``) warn and list the row as skipped."""
+        err = CS3FInputError(f"{err}{_at(where, row['image'])}")
+        if on_bad_input == "error":
+            raise err
+        warnings.warn(f"cs3f: skipping {row['image']}: {err}", stacklevel=4)
+        skipped.append({"image": row["image"], "reason": str(err)})
+
+    good, grids = _readable(rows, bad)
     if require_same_grid and good:
-        good = _on_common_grid(good, grids, on_bad_input, skipped, where)
+        good = _on_common_grid(good, grids, bad)
     if len(good) < min_volumes:
         raise CS3FInputError(
             f"CS3F compares volumes with each other: found {len(good)} usable volume(s) in {root}, "
@@ -273,9 +278,7 @@ def _brats_rows(root: Path, modality: str, masks: bool, labels: bool) -> list[di
     return rows
 
 
-def _readable(
-    rows: list[dict[str, str]], on_bad_input: str, skipped: list[dict[str, str]], where: dict[str, str]
-) -> tuple[list[dict[str, str]], dict[str, tuple]]:
+def _readable(rows: list[dict[str, str]], bad: Callable) -> tuple[list[dict[str, str]], dict[str, tuple]]:
     """The rows whose files are readable 3D volumes with masks/labels of their image's shape, and the
     image grid of each (see :func:`_check_readable`)."""
     good: list[dict[str, str]] = []
@@ -301,17 +304,11 @@ def _readable(
                         )
             good.append(row)
         except CS3FInputError as err:
-            _bad(err, row, on_bad_input, skipped, where)
+            bad(err, row)
     return good, grids
 
 
-def _on_common_grid(
-    rows: list[dict[str, str]],
-    grids: dict[str, tuple],
-    on_bad_input: str,
-    skipped: list[dict[str, str]],
-    where: dict[str, str],
-) -> list[dict[str, str]]:
+def _on_common_grid(rows: list[dict[str, str]], grids: dict[str, tuple], bad: Callable) -> list[dict[str, str]]:
     """The rows whose image has the grid (shape and affine) that most of the cohort has."""
     reference, count = Counter(grids[r["name"]] for r in rows).most_common(1)[0]
     kept = []
@@ -326,18 +323,8 @@ def _on_common_grid(
             f"affine rows {[list(a) for a in reference[1][:3]]}): register all volumes to one space, "
             f"or set require_same_grid false if the preprocessing resamples them"
         )
-        _bad(err, row, on_bad_input, skipped, where)
+        bad(err, row)
     return kept
-
-
-def _bad(err: CS3FInputError, row: dict, on_bad_input: str, skipped: list[dict[str, str]], where: dict) -> None:
-    """Raise ``err`` (with the row's cohort.csv line), or (``on_bad_input="skip"``) warn and add the row to
-    ``skipped``."""
-    err = CS3FInputError(f"{err}{_at(where, row['image'])}")
-    if on_bad_input == "error":
-        raise err
-    warnings.warn(f"cs3f: skipping {row['image']}: {err}", stacklevel=4)
-    skipped.append({"image": row["image"], "reason": str(err)})
 
 
 def check_output_dir(output_dir: str | Path) -> Path:

@@ -57,34 +57,23 @@ class CS3FEvaluator(Workflow):
 
     Args:
         device: device of the encoder.
-        val_data_loader: loader of preprocessed dicts (``image`` and optionally ``mask``); must iterate
-            in the same order both times (no shuffling). Its dataset's ``transform`` is the preprocessing
-            whose parameters key the token cache and the bank identity.
+        val_data_loader: loader of preprocessed dicts (``image``, optionally ``mask``), in the same order both
+            times; its dataset's ``transform`` keys the token cache and the bank identity.
         network: frozen 2D slice encoder.
         inferer: :class:`scripts.inferer.CS3FInferer`.
-        output_dir: where ``postprocessing`` writes the maps (recorded in ``run.json``).
-        postprocessing: transform on ``{"pred": map, "image": ..., "mask": ...}`` dicts, e.g.
-            ``Invertd`` + ``SaveImaged``.
-        val_handlers: ignite/MONAI handlers, e.g. the writers of
-            :mod:`scripts.engine.handlers`; attached after the engine's own, so they see gathered results.
+        output_dir: where ``postprocessing`` (e.g. ``Invertd`` + ``SaveImaged``) writes the maps.
+        postprocessing: transform on ``{"pred": map, "image": ..., "mask": ...}`` dicts.
+        val_handlers: handlers (:mod:`scripts.engine.handlers`), attached last: they see gathered results.
         image_key, mask_key, pred_key: dictionary keys.
-        quiet: no progress (the passes' stages and the scoring's), and do not print where
-            the maps are at the end (``true``/``false`` in any case).
-        cache_dir: folder of the per-volume token cache (``None``: no cache). A re-run with the same
-            configuration loads cached tokens instead of encoding again (resume after a crash).
-        on_bad_input: ``"error"`` or ``"skip"``: what to do with a volume the loader marks as bad
-            (see :class:`scripts.engine.datalist.CheckedDataset`) or that is off the cohort's grid;
-            default: the data loader's dataset's.
-        skipped: volumes left out before the run; default: the dataset's
-            :attr:`scripts.engine.datalist.Datalist.skipped`. Recorded in ``run.json`` with those the
-            engine leaves out.
+        quiet: no progress, and no closing line saying where the maps are.
+        cache_dir: folder of the per-volume token cache (``None``: none); a re-run loads cached tokens.
+        on_bad_input: ``"error"`` or ``"skip"`` a volume the loader marks as bad or that is off the cohort's
+            grid; default: the dataset's.
+        skipped: volumes left out before the run (default: the datalist's), recorded in ``run.json``.
         build_bank: folder to save the cohort's token bank in; the run then stops after pass 1.
-        keep_tokens: keep the token bank (``self.bank``) after scoring, e.g. to inspect it; by default
-            it is released once the token scores exist, so that writing the maps does not hold it.
-        num_threads: CPU threads of torch (``None``: torch's default where the cores are free, else 1:
-            :func:`scripts.engine.machine.default_threads`).
-        parts: how each volume is cut into parts scored independently (default: ``WholeVolume`` on
-            ``image_key`` and ``mask_key``; see :mod:`scripts.engine.parts`).
+        keep_tokens: keep the token bank (``self.bank``) after scoring (by default released before writing).
+        num_threads: CPU threads of torch (``None``: :func:`scripts.engine.machine.default_threads`).
+        parts: how each volume is cut into parts scored independently (default: ``WholeVolume``).
 
     Raises:
         CS3FInputError: an output or cache folder that cannot be written, a score precision the device

@@ -15,11 +15,9 @@ TORCH_THREADS = torch.get_num_threads()
 
 
 def default_threads(calls: int = 16) -> int:
-    """:data:`TORCH_THREADS` where the cores are free, else 1, by a probe: ``calls`` small GEMMs (about a
-    millisecond on free cores) must take less time with the threads than with one. A team of OpenMP threads
-    spins at the end of every parallel call until its last member is done: on busy cores that member waits
-    for a time slice, and each of a run's thousands of small calls (the scorer's per-pair blocks, the
-    encoder on small slices) stalls."""
+    """:data:`TORCH_THREADS` if ``calls`` small GEMMs take less time with them than with one, else 1. OpenMP
+    threads spin at the end of each parallel call for the last of them: on busy cores it waits for a time
+    slice, and every one of a run's thousands of small calls stalls."""
     if TORCH_THREADS <= 1:
         return 1
     gen = torch.Generator().manual_seed(0)
