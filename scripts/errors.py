@@ -69,7 +69,7 @@ def install_excepthook() -> None:
             if _input_errors(1) == 1:  # a fresh line: a progress bar may have left the cursor mid-line
                 print(f"\ncs3f: error: {found}", file=stderr, flush=True)
             sys.exit(1)
-        if _input_errors(0):  # e.g. a collective that lost the torchrun process that stopped on bad input
+        if isinstance(exc, Exception) and _input_errors(0):  # e.g. a collective that lost that process
             sys.exit(1)
         previous(exc_type, exc, tb)
 
@@ -87,7 +87,7 @@ def _input_errors(add: int) -> int:
         from torch.distributed import TCPStore
 
         address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-        store = TCPStore(address, port, is_master=False, timeout=timedelta(seconds=10))
+        store = TCPStore(address, port, is_master=False, timeout=timedelta(seconds=3))
         return store.add(f"cs3f/input_errors/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", add)
     except Exception:  # noqa: BLE001 - a line twice rather than none
         return add
