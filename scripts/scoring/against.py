@@ -40,10 +40,6 @@ def _score_volume(
         out[idx] = exact_mean_of_k_nearest(tile, k_nearest(profile, k), tokens, norms, index, block_elements)
 
 
-def _as_skip(value: int | Sequence[int]) -> int | list[int]:
-    return int(value) if isinstance(value, int) else [int(v) for v in value]
-
-
 def _check_reference_side(tokens: torch.Tensor, valid: torch.Tensor | None, what: str) -> torch.Tensor:
     """:func:`scripts.scoring.exact.check_valid` of one side of :func:`reference_scores` (``B >= 1``)."""
     if tokens.ndim != 3 or tokens.shape[0] < 1:
@@ -53,7 +49,8 @@ def _check_reference_side(tokens: torch.Tensor, valid: torch.Tensor | None, what
 
 def _check_skips(exclude: Sequence[int | Sequence[int] | None] | None, bq: int, b_ref: int) -> list:
     """``exclude`` normalised to one entry (``None``, an index or a list) per query volume."""
-    skips = [None] * bq if exclude is None else [None if e is None else _as_skip(e) for e in exclude]
+    skips = [None] * bq if exclude is None else list(exclude)
+    skips = [e if e is None else int(e) if isinstance(e, int) else [int(v) for v in e] for e in skips]
     if len(skips) != bq or any(not 0 <= e < b_ref for s in skips for e in excluded(s)):
         raise ValueError(f"exclude must give None or reference indices in [0, {b_ref}) per query volume")
     lonely = [i for i, s in enumerate(skips) if b_ref - len(excluded(s)) < 1]
@@ -76,11 +73,8 @@ def reference_scores(
     ``K = max(1, floor(rho * R))`` over each query's ``R`` references; the bank is streamed group by group.
 
     Args:
-        queries: ``[B_q, N, d]`` tokens of the new volumes (any float dtype; accumulated in fp32).
-        query_valid: ``[B_q, N]`` bool or ``None`` (all valid).
-        references: ``[B_ref, N_ref, d]`` reference tokens (any float dtype, may be memory-mapped or on
-            another device than the queries).
-        reference_valid: ``[B_ref, N_ref]`` bool or ``None``; an invalid reference token is never matched.
+        queries, query_valid: ``[B_q, N, d]`` new volumes (any float dtype), ``[B_q, N]`` bool or ``None``.
+        references, reference_valid: ``[B_ref, N_ref, d]`` (any float dtype and device), ``[B_ref, N_ref]`` or ``None``.
         exclude: per query volume, the index (or indices: its subject's scans) of itself in the bank, or ``None``.
         rho, query_tile, block_elements: as in :func:`scripts.scoring.exact.mutual_similarity_scores`.
 
@@ -105,16 +99,6 @@ def reference_scores(
     return scores
 
 
-def _check_subsets(references: Mapping[int, Sequence[int]], b: int) -> dict[int, list[int]]:
-    plan = {}
-    for i, refs in references.items():
-        i, refs = int(i), [int(j) for j in refs]
-        if not refs or i in refs or any(not 0 <= j < b for j in [i, *refs]):
-            raise ValueError(f"volume {i}: references must be other volumes of the batch of {b}, got {refs}")
-        plan[i] = refs
-    return plan
-
-
 def subset_scores(
     tokens: torch.Tensor,
     valid: torch.Tensor | None,
@@ -127,14 +111,16 @@ def subset_scores(
     scores volume 0 of the batch ``[i, *references[i]]``.
 
     Args:
-        tokens: ``[B, N, d]`` tokens (any float dtype).
-        valid: ``[B, N]`` bool or ``None``.
+        tokens, valid: ``[B, N, d]`` (any float dtype), ``[B, N]`` bool or ``None``.
         references: ``{query volume: reference volumes}``; volumes not in it score 0.
         rho, query_tile, block_elements: as in :func:`scripts.scoring.exact.mutual_similarity_scores`.
     """
     valid = check_inputs(tokens, valid)
     b, n, d = tokens.shape
-    plan = _check_subsets(references, b)
+    plan = {int(i): [int(j) for j in refs] for i, refs in references.items()}
+    for i, refs in plan.items():
+        if not refs or i in refs or any(not 0 <= j < b for j in [i, *refs]):
+            raise ValueError(f"volume {i}: references must be other volumes of the batch of {b}, got {refs}")
     packed, norms = pack_valid(valid, sq_norms(tokens, valid))
     scores = torch.zeros(b, n, dtype=torch.float32, device=tokens.device)
     if not plan:

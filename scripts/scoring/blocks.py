@@ -83,14 +83,12 @@ def reference_blocks(
     buffer: torch.Tensor | None = None,
     index: torch.Tensor | None = None,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """``(start, stop, d2)`` per group of reference volumes, ``d2 [G, Q, M] = |r|^2 - 2 q.r`` (fp32).
+    """``(start, stop, d2)`` per ``group`` of reference volumes but ``exclude``, ``d2 [G, Q, M] = |r|^2 - 2 q.r``.
 
     Args:
         queries: ``[Q, d]`` fp32.
         tokens: ``[B, N, d]`` references (any float dtype, cast to fp32 per block).
         ref_sq_norms: ``[B, M]`` fp32 squared norms in the order of ``index`` (``M = N`` without it).
-        exclude: reference volumes to skip (see :func:`excluded`).
-        group: reference volumes per GEMM.
         buffer: optional flat fp32 workspace; ``d2`` is a view of it when large enough.
         index: optional ``[B, M]`` token positions to read per volume (:func:`pack_valid`).
     """
@@ -120,15 +118,9 @@ def nearest_distance_profile(
     buffer: torch.Tensor | None = None,
     index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Squared distance of each query to its nearest token in every reference volume (Eq. 1).
-
-    Arguments as in :func:`reference_blocks`; ``block_elements`` sets the group size, and the excluded
-    volumes' columns are ``+inf``.
-
-    Returns:
-        ``(d2, nearest)``: ``[Q, B]`` fp32 squared nearest distances (GEMM form, not clamped) and ``[Q, B]``
-        int64 position of that nearest token in ``tokens``' ``N`` axis.
-    """
+    """``(d2, nearest)``: ``[Q, B]`` squared distance (GEMM form, not clamped; ``+inf`` for ``exclude``) of each
+    query to its nearest token in every reference volume (Eq. 1), and that token's position in ``N``;
+    arguments as in :func:`reference_blocks`, ``block_elements`` sets the group size."""
     b = tokens.shape[0]
     n = ref_sq_norms.shape[1]
     nq = queries.shape[0]

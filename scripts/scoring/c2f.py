@@ -32,36 +32,6 @@ DEFAULT_ROUTES = 16
 CANDIDATE_ELEMENTS = 1 << 21
 
 
-def _check_c2f_inputs(
-    coarse: torch.Tensor,
-    fine: torch.Tensor,
-    coarse_valid: torch.Tensor | None,
-    fine_valid: torch.Tensor | None,
-    routes: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if coarse.ndim != 3:
-        raise ValueError(f"coarse tokens must be [B, N_c, d], got shape {tuple(coarse.shape)}")
-    b, n_c, d = coarse.shape
-    if fine.ndim != 4 or fine.shape[:2] != (b, n_c) or fine.shape[3] != d:
-        raise ValueError(
-            f"fine tokens must be [B, N_c, h, d] = [{b}, {n_c}, h, {d}] (the h depth children of each "
-            f"coarse token), got shape {tuple(fine.shape)}"
-        )
-    if isinstance(routes, bool) or int(routes) != routes or routes < 1:
-        raise ValueError(f"L (coarse routes per reference volume) must be an int >= 1, got {routes}")
-    coarse_valid = check_inputs(coarse, coarse_valid)
-    h = fine.shape[2]
-    if fine_valid is None:
-        fine_valid = torch.ones(b, n_c, h, dtype=torch.bool, device=fine.device)
-    elif fine_valid.shape != (b, n_c, h):
-        raise ValueError(f"fine_valid must be [B, N_c, h] = {(b, n_c, h)}, got {tuple(fine_valid.shape)}")
-    fine_valid = fine_valid.to(device=fine.device, dtype=torch.bool)
-    empty = torch.nonzero(fine_valid.flatten(1).sum(dim=1) == 0).flatten().tolist()
-    if empty:
-        raise empty_volumes_error(empty, "valid fine token")
-    return coarse_valid, fine_valid
-
-
 def _c2f_profiles(
     coarse_q: torch.Tensor, fine_q: torch.Tensor, bank: _C2FBank, exclude: int | Sequence[int], group: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -143,9 +113,28 @@ class _C2FBank:
         query_tile: int,
         block_elements: int,
     ) -> None:
-        self.coarse_valid, self.fine_valid = _check_c2f_inputs(coarse, fine, coarse_valid, fine_valid, L)
+        if coarse.ndim != 3:
+            raise ValueError(f"coarse tokens must be [B, N_c, d], got shape {tuple(coarse.shape)}")
+        b, n_c, d = coarse.shape
+        if fine.ndim != 4 or fine.shape[:2] != (b, n_c) or fine.shape[3] != d:
+            raise ValueError(
+                f"fine tokens must be [B, N_c, h, d] = [{b}, {n_c}, h, {d}] (the h depth children of each "
+                f"coarse token), got shape {tuple(fine.shape)}"
+            )
+        if isinstance(L, bool) or int(L) != L or L < 1:
+            raise ValueError(f"L (coarse routes per reference volume) must be an int >= 1, got {L}")
+        coarse_valid = check_inputs(coarse, coarse_valid)
+        h = fine.shape[2]
+        if fine_valid is None:
+            fine_valid = torch.ones(b, n_c, h, dtype=torch.bool, device=fine.device)
+        elif fine_valid.shape != (b, n_c, h):
+            raise ValueError(f"fine_valid must be [B, N_c, h] = {(b, n_c, h)}, got {tuple(fine_valid.shape)}")
+        fine_valid = fine_valid.to(device=fine.device, dtype=torch.bool)
+        empty = torch.nonzero(fine_valid.flatten(1).sum(dim=1) == 0).flatten().tolist()
+        if empty:
+            raise empty_volumes_error(empty, "valid fine token")
+        self.coarse_valid, self.fine_valid = coarse_valid, fine_valid
         self.coarse, self.fine = coarse, fine
-        b, n_c, h, d = fine.shape
         self.h = h
         # A coarse token is worth routing to iff it has a valid fine child (see c2f_scores).
         routable = self.fine_valid.any(dim=2)
@@ -220,10 +209,8 @@ def c2f_scores(
     with ``L``). A fine query is routed by its parent, valid or not. Invalid tokens score 0.
 
     Args:
-        coarse: ``[B, N_c, d]`` coarse tokens (any float dtype; accumulated in fp32).
-        fine: ``[B, N_c, h, d]`` the ``h`` depth children of each coarse token, in depth order.
-        coarse_valid: ``[B, N_c]`` bool or ``None`` (all valid).
-        fine_valid: ``[B, N_c, h]`` bool or ``None`` (all valid).
+        coarse, coarse_valid: ``[B, N_c, d]`` coarse tokens (any float dtype), ``[B, N_c]`` bool or ``None``.
+        fine, fine_valid: ``[B, N_c, h, d]`` the ``h`` depth children of each coarse token, ``[B, N_c, h]`` or ``None``.
         L: coarse routes per (query coarse token, reference volume); clipped to ``N_c``.
         rho, query_tile, block_elements, volumes, groups: as in :func:`mutual_similarity_scores`.
 

@@ -30,9 +30,6 @@ __all__ = [
     "same_subject",
 ]
 
-#: ``lookup(volumes, positions) -> tokens [..., d]``: reference tokens at two index tensors of one shape
-Lookup = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
 
 def num_neighbours(batch_size: int, rho: float) -> int:
     """``K = max(1, floor(rho * (B - 1)))`` of Eq. 2 (a 1e-9 tolerance guards the floor against rounding)."""
@@ -118,7 +115,7 @@ def mean_of_k_nearest(
     queries: torch.Tensor,
     chosen: torch.Tensor,
     positions: torch.Tensor,
-    lookup: Lookup,
+    lookup: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
 ) -> torch.Tensor:
     """Eq. 2: ``[Q, ...]`` fp32 mean over the ``K`` chosen volumes of each query's distance to its nearest
@@ -140,7 +137,7 @@ def mean_of_k_nearest(
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def nearest_positions(
+def exact_mean_of_k_nearest(
     queries: torch.Tensor,
     chosen: torch.Tensor,
     tokens: torch.Tensor,
@@ -148,8 +145,8 @@ def nearest_positions(
     index: torch.Tensor | None,
     block_elements: int,
 ) -> torch.Tensor:
-    """``[Q, K]`` position (in ``tokens``' ``N`` axis) of each query's nearest token in each chosen volume,
-    by one fp32 GEMM per chosen volume for the queries that chose it.
+    """``[Q]`` :func:`mean_of_k_nearest` at each query's nearest token in each chosen volume, found again by one
+    fp32 GEMM per chosen volume for the queries that chose it.
 
     Args:
         queries: ``[Q, d]`` fp32.
@@ -171,24 +168,11 @@ def nearest_positions(
             if packed is not None:
                 nearest = packed.to(queries.device)[nearest]
             found[at[r0 : r0 + rows], slot[r0 : r0 + rows]] = nearest
-    return found
-
-
-def exact_mean_of_k_nearest(
-    queries: torch.Tensor,
-    chosen: torch.Tensor,
-    tokens: torch.Tensor,
-    ref_sq_norms: torch.Tensor,
-    index: torch.Tensor | None,
-    block_elements: int,
-) -> torch.Tensor:
-    """:func:`mean_of_k_nearest` at the nearest tokens of :func:`nearest_positions` (same arguments); ``[Q]``."""
-    positions = nearest_positions(queries, chosen, tokens, ref_sq_norms, index, block_elements)
 
     def lookup(volumes: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
         return tokens[volumes.to(tokens.device), at.to(tokens.device)].to(queries.device)
 
-    return mean_of_k_nearest(queries, chosen, positions, lookup, block_elements)
+    return mean_of_k_nearest(queries, chosen, found, lookup, block_elements)
 
 
 class _PairBlocks:
@@ -204,7 +188,7 @@ class _PairBlocks:
         # Rows per tile: the block [tile, M] stays within the budget (and in cache), 64..query_tile.
         self.tile = max(1, min(int(query_tile), max(64, block_elements // max(1, self.m))))
         self.workspace = workspace(max(block_elements, self.tile * self.m), tokens.device)
-        self._tiles = [
+        self.tiles = [  # per volume, the packed positions of its query tiles
             [slice(int(t[0]), int(t[-1]) + 1) for t in query_tiles(torch.arange(count), self.tile)]
             for count in self.counts
         ]
@@ -214,10 +198,6 @@ class _PairBlocks:
         """``[M, d]`` fp32 packed tokens of volume ``b`` (its valid tokens first)."""
         t = self.tokens[b] if self.index is None else self.tokens[b][self.index[b]]
         return t.float()
-
-    def tiles(self, a: int) -> list[slice]:
-        """Packed positions of volume ``a``'s query tiles."""
-        return self._tiles[a]
 
     def block(self, p: torch.Tensor, a: int, rows: slice, b: int, refs_b: torch.Tensor) -> torch.Tensor:
         """``[rows, M]`` squared distances of ``a``'s packed rows to volume ``b``; a view of the workspace."""
@@ -252,14 +232,14 @@ def _scores_per_volume(
         for a in range(i):
             if a not in same[i]:
                 p_a = pairs.refs(a)
-                for rows in pairs.tiles(a):
+                for rows in pairs.tiles[a]:
                     col = pairs.block(p_a, a, rows, i, p_i).amin(dim=0)[:count]
                     torch.minimum(profile[a], col, out=profile[a])
             progress(1)
         for c in range(i + 1, b):
             if c not in same[i]:
                 refs_c = pairs.refs(c)
-                for rows in pairs.tiles(i):
+                for rows in pairs.tiles[i]:
                     profile[c, rows] = pairs.block(p_i, i, rows, c, refs_c).amin(dim=1)
             progress(1)
         pairs.scores(i, p_i, k_nearest(profile.t(), ks[i]), scores)
@@ -291,7 +271,7 @@ def _scores_pair_symmetric(
                 row_min[:, j] = inf
             else:
                 refs_c = pairs.refs(c)
-                for rows in pairs.tiles(a):
+                for rows in pairs.tiles[a]:
                     block = pairs.block(p_a, a, rows, c, refs_c)
                     row_min[rows, j] = block.amin(dim=1)
                     torch.minimum(columns[j], block.amin(dim=0), out=columns[j])
@@ -322,25 +302,16 @@ def mutual_similarity_scores(
     groups: Sequence[object] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """Exact mutual-similarity anomaly scores (Eq. 1-2), tiled.
+    """Exact mutual-similarity anomaly scores ``[B, N]`` (fp32, on the tokens' device) of Eq. 1-2, tiled.
 
     Args:
         tokens: ``[B, N, d]`` float tokens of ``B`` volumes (fp16/bf16 storage is accumulated in fp32).
-        valid: ``[B, N]`` bool, or ``None`` for all valid; an invalid token neither queries nor is matched
-            and scores 0.
+        valid: ``[B, N]`` bool or ``None`` (all valid); an invalid token neither queries nor is matched (scores 0).
         rho: neighbour ratio, ``K = max(1, floor(rho * (B - 1)))``.
-        query_tile: number of query tokens processed together.
-        block_elements: element budget of the largest intermediate block.
+        query_tile, block_elements: query tokens per tile, elements of the largest intermediate block.
         volumes: score only these volumes (all stay references; the other rows stay 0). ``None``: all.
-        groups: optional subject of each volume; scans of one subject are never references for each other,
-            and each volume's ``K`` counts only the references it has.
+        groups: optional subject of each volume; scans of one subject are never references for each other.
         progress: ``progress(done, total)`` after each (query volume, reference volume) pair visited.
-
-    Returns:
-        ``[B, N]`` fp32 scores on the device of ``tokens``.
-
-    Raises:
-        ValueError: ``B < 2``, bad shapes or ``rho``, a volume without a valid token or without a reference.
     """
     valid = check_inputs(tokens, valid)
     b, n, _ = tokens.shape
