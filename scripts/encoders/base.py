@@ -35,15 +35,8 @@ def resolve_bundle_path(path: str | Path) -> Path:
 class SliceEncoder(torch.nn.Module, ABC):
     """Frozen 2D encoder: slices ``[N, 3, R, R]`` in, a list of patch grids ``[N, C_l, P_l, P_l]`` out.
 
-    Subclasses set the attributes below, implement :meth:`extract` and call :meth:`_freeze` once their
-    weights are loaded; :meth:`forward` does the checks, ``inference_mode`` and the float32 cast.
-
-    Attributes:
-        name: short name of the encoder, e.g. ``"efficientnet_lite0"``.
-        input_size: R, the side of the square slices the encoder takes.
-        mean, std: per-channel normalisation of intensities in [0, 1] by the slicing transform.
-        out_channels: C_l for each returned layer, in the order the layers were requested.
-        layers: the requested layers, in output order.
+    Subclasses set the attributes below (``input_size``: R; ``mean``/``std``: the slices' normalisation;
+    ``out_channels``: C_l per layer, in ``layers`` order), implement :meth:`extract` and call :meth:`_freeze`.
     """
 
     name: str

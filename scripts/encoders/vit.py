@@ -28,14 +28,8 @@ class Dinov2Encoder(SliceEncoder):
     Features (Eq. 3): ``hidden_states[l]`` (0: embeddings) without the CLS and register tokens, as
     ``[N, hidden_size, P, P]`` (``P = R // patch_size``), by default through the final LayerNorm (as MuSc).
 
-    Args:
-        model_dir: local directory of the checkpoint (relative: see :func:`resolve_bundle_path`).
-        layers: hidden-state indices, in output order; ``None``: the quarters of the depth (the paper's
-            ``(6, 12, 18, 24)`` for ViT-L).
-        input_size: R, a multiple of the patch size.
-        apply_layernorm: pass the selected hidden states through the model's final LayerNorm.
-        name: the name reported by ``name``/``identity()``.
-        repo_id: Hugging Face repository named in the error message when weights are missing.
+    ``layers``: hidden-state indices, in output order (``None``: the quarters of the depth, the paper's
+    ``(6, 12, 18, 24)`` for ViT-L); ``repo_id``: the Hugging Face repository named when weights are missing.
     """
 
     def __init__(

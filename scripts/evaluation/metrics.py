@@ -170,9 +170,7 @@ class CohortEvaluator:
         return self._thresholds()["threshold99"]
 
     def _thresholds(self) -> dict:
-        if self._frozen is not None:
-            return self._frozen
-        return self._compute_thresholds()
+        return self._frozen if self._frozen is not None else self._compute_thresholds()
 
     def _compute_thresholds(self) -> dict:
         out = {}
@@ -183,9 +181,9 @@ class CohortEvaluator:
             above = np.flatnonzero(suffix > (1.0 - self.tnr) * n_norm)
             b99 = int(above[-1]) + 1 if above.size else 0
             n_fp = int(suffix[b99]) if b99 < len(suffix) else 0
-            out["threshold99"] = float(self.bins.lower_edge(b99))
-            out["threshold99_bin"] = b99
-            out["threshold99_tnr"] = 1.0 - n_fp / n_norm
+            out.update(
+                threshold99=float(self.bins.lower_edge(b99)), threshold99_bin=b99, threshold99_tnr=1 - n_fp / n_norm
+            )
         else:
             out.update(threshold99=NAN, threshold99_bin=-1, threshold99_tnr=NAN)
         # dice sweep on abnormal subjects (positives vs abnormal-subject negatives), nonempty bins only
@@ -193,8 +191,7 @@ class CohortEvaluator:
         r = rank_metrics(self.h_pos[nz], self.h_neg_abn[nz], exact=nz == self.bins.zero_bin)
         if r["argmax"] >= 0:
             b = int(nz[r["argmax"]])
-            out["dice_max_threshold"] = float(self.bins.lower_edge(b))
-            out["dice_max_bin"] = b
+            out["dice_max_threshold"], out["dice_max_bin"] = float(self.bins.lower_edge(b)), b
         else:
             out["dice_max_threshold"], out["dice_max_bin"] = NAN, -1
         out["_dice"] = r
@@ -340,29 +337,20 @@ class CohortEvaluator:
         abn = [r for r in subs if r.abnormal]
         m["localization99"] = sum(r.label_peak >= t99 for r in abn) / len(abn) if abn else NAN
         m["n_localized99"] = int(sum(r.label_peak >= t99 for r in abn))
-        m["n_lesions_excluded"] = len(lesions) - len(counted)
-        m["n_lesions_total"] = len(lesions)
+        m.update(n_lesions_excluded=len(lesions) - len(counted), n_lesions_total=len(lesions))
         m["n_fp_components"] = int(sum(r.n_fp for r in subs)) if complete else None
-        m["lesion_pass_complete"] = complete
-        m["threshold99"] = t99
-        m["threshold99_tnr"] = th["threshold99_tnr"]
-        m["dice_max_threshold"] = th["dice_max_threshold"]
-        m["dice_max_upper_bound"] = rd["f1_upper"]
-        m["voxel_auroc_bin_error_bound"] = rv["auroc_bound"]
-        m["voxel_ap_bin_error_bound"] = rv["ap_bound"]
-        m["n_subjects"] = len(subs)
-        m["n_abnormal"] = len(abn)
-        m["n_normal"] = len(subs) - len(abn)
-        m["n_voxels"] = int(sum(r.n_foreground for r in subs))
-        m["n_positive_voxels"] = int(P)
+        m.update(lesion_pass_complete=complete, threshold99=t99, threshold99_tnr=th["threshold99_tnr"])
+        m.update(dice_max_threshold=th["dice_max_threshold"], dice_max_upper_bound=rd["f1_upper"])
+        m.update(voxel_auroc_bin_error_bound=rv["auroc_bound"], voxel_ap_bin_error_bound=rv["ap_bound"])
+        m.update(n_subjects=len(subs), n_abnormal=len(abn), n_normal=len(subs) - len(abn))
+        m.update(n_voxels=int(sum(r.n_foreground for r in subs)), n_positive_voxels=int(P))
         m["binning"] = (
             f"float32 order-preserving, {self.bins.mantissa_bits} mantissa bits "
             f"({self.bins.n_bins} bins, relative width <= 2^-{self.bins.mantissa_bits}); "
             f"{len(nz)} nonempty"
         )
         m["dice_pooling"] = "pooled over foreground voxels of abnormal subjects, one threshold"
-        m["min_lesion_diameter_mm"] = self.min_diameter_mm
-        m["tnr"] = self.tnr
+        m.update(min_lesion_diameter_mm=self.min_diameter_mm, tnr=self.tnr)
         return m
 
     def curves(self) -> dict:
