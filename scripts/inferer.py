@@ -1,14 +1,6 @@
-"""``CS3FInferer``: volumes -> volumetric tokens -> cross-subject scores -> voxel anomaly maps.
-
-The inferer wires :class:`scripts.tokens.Tokenizer`, :class:`scripts.scoring.scorer.Scorer` and
-:mod:`scripts.anomaly_map` and owns no maths of its own. Streamed use (what the engine does)::
-
-    bank = [inferer.tokenize(volume, encoder, mask) for volume, mask in loader]
-    token_scores = inferer.score(bank)
-    amap = inferer.voxel_map(token_scores[i], bank[i].spatial_shape, mask_i)
-
-or in one call on an in-memory batch: ``maps, scores = inferer(batch, encoder, masks)``.
-"""
+"""``CS3FInferer``: volumes -> volumetric tokens -> cross-subject scores -> voxel anomaly maps, streamed
+(:meth:`~CS3FInferer.tokenize`, :meth:`~CS3FInferer.score`, :meth:`~CS3FInferer.voxel_map`) or in one call
+on an in-memory batch: ``maps, scores = inferer(batch, encoder, masks)``."""
 
 from __future__ import annotations
 
@@ -28,14 +20,16 @@ from scripts.transforms.tokenization import AXES
 
 __all__ = ["BatchBuffer", "TokenGrid", "VolumeTokens", "CS3FInferer", "VARIANTS", "FINE_SUFFIX", "TOKEN_DTYPES"]
 
-#: storage dtypes of tokens (scoring accumulates in fp32)
 TOKEN_DTYPES = ("float32", "float16", "bfloat16")
 
 
-def _fine_pooling(variant: str, q: dict[str, int], q_fine: object, axes: Sequence[str]) -> dict[str, int] | None:
-    """``q_fine`` per axis for F/MS (``q = h * q_fine`` on every slicing axis); ``None`` for C."""
+def _pooling(axes, q, variant, q_fine) -> tuple[list[str], dict[str, int], str, dict[str, int] | None]:  # noqa: ANN001
+    """The slicing axes, ``q``, the variant and ``q_fine`` per axis (F/MS: ``q = h * q_fine``; C: ``None``), checked."""
+    axes = canonical_axes(axes)
+    q = dict(zip(AXES, per_axis(q, "q"), strict=True))
+    variant = as_choice(variant, "variant", VARIANTS, upper=True)  # coarse, fine (C2F), multi-scale
     if variant == "C":
-        return None
+        return axes, q, variant, None
     if q_fine is None:
         raise ValueError(f"variant {variant!r} needs q_fine (e.g. [2, 2, 2]), got None")
     fine = dict(zip(AXES, per_axis(q_fine, "q_fine"), strict=True))
@@ -45,19 +39,10 @@ def _fine_pooling(variant: str, q: dict[str, int], q_fine: object, axes: Sequenc
                 f"coarse-to-fine needs q = h * q_fine on every axis: on the {axis} axis q_c={q[axis]} "
                 f"is not a multiple of q_f={fine[axis]}"
             )
-    return fine
-
-
-def _pooling(axes, q, variant, q_fine) -> tuple[list[str], dict[str, int], str, dict[str, int] | None]:  # noqa: ANN001
-    """The slicing axes, the variant, and ``q`` and ``q_fine`` per axis, checked (``ValueError``)."""
-    axes = canonical_axes(axes)
-    q = dict(zip(AXES, per_axis(q, "q"), strict=True))
-    variant = as_choice(variant, "variant", VARIANTS, upper=True)  # coarse, fine (C2F), multi-scale
-    return axes, q, variant, _fine_pooling(variant, q, q_fine, axes)
+    return axes, q, variant, fine
 
 
 def _map_options(edge: object, smooth_mm: object, subject_score: object) -> tuple[str, float, str]:
-    """``(edge, smooth_mm, subject_score)`` of the maps, checked."""
     smooth = as_float(smooth_mm, "smooth_mm", math.isfinite, "a number")
     smooth_map(torch.zeros(1, 1, 1, 1), smooth)  # checks its range
     return as_choice(edge, "edge", EDGES), smooth, as_choice(subject_score, "subject_score", SUBJECT_SCORES)
@@ -68,7 +53,6 @@ def _token_dtype(value: torch.dtype | str) -> torch.dtype:
 
 
 def _mm(volume: torch.Tensor) -> list[float] | None:
-    """Voxel size (mm) of a MetaTensor volume; ``None`` (1 mm) for a plain tensor."""
     return [float(s) for s in volume.pixdim] if hasattr(volume, "pixdim") else None
 
 
@@ -85,9 +69,8 @@ class CS3FInferer(Inferer):
         slab_size: slices per encoder forward; rounded to a multiple of ``q``.
         token_dtype: storage dtype of tokens (scoring accumulates in fp32).
         score_device: device of the scoring step (default: where the tokens are).
-        query_tile: scorer query tile (see :func:`scripts.scoring.mutual_similarity_scores`).
-        block_elements: scorer block budget.
-        progress: show tqdm progress bars.
+        query_tile, block_elements: see :func:`scripts.scoring.mutual_similarity_scores`.
+        progress: show progress bars.
         variant: ``"C"`` coarse map (CS3F-C), ``"F"`` fine C2F map (CS3F-F), ``"MS"`` their mean (Eq. 7).
         q_fine: fine depth-pooling size per axis (or one int) for F/MS; must divide ``q`` on every used axis.
         L: coarse routes per (query coarse token, reference volume) of the C2F search (Eq. 6).
@@ -99,7 +82,7 @@ class CS3FInferer(Inferer):
         depth_phases: coarse tokens pooled at this many slice offsets, maps averaged (1: the paper; C only).
 
     Raises:
-        CS3FInputError: a bad argument or combination (one line naming it), before any work.
+        CS3FInputError: a bad argument or combination, before any work.
     """
 
     def __init__(
@@ -127,7 +110,7 @@ class CS3FInferer(Inferer):
         depth_phases: int = 1,
     ) -> None:
         super().__init__()
-        try:  # every argument checked here, before any work; one CS3FInputError line for a bad one
+        try:
             self.axes, self.q, self.variant, self.q_fine = _pooling(axes, q, variant, q_fine)
             self.references = ReferenceSet.parse(references)
             self.edge, self.smooth_mm, self.subject_statistic = _map_options(edge, smooth_mm, subject_score)
@@ -160,16 +143,7 @@ class CS3FInferer(Inferer):
         self.scorer.progress = value
 
     def tokenize(self, volume: torch.Tensor, encoder: Callable, mask: torch.Tensor | None = None) -> VolumeTokens:
-        """Tokens of one volume, streamed slab by slab.
-
-        Args:
-            volume: ``[1, H, W, D]`` (or ``[H, W, D]``) intensities in ``[0, 1]``.
-            encoder: frozen 2D encoder, ``[N, 3, R, R]`` -> list of ``[N, C_l, P_l, P_l]``.
-            mask: optional foreground ``[1, H, W, D]``; tokens with foreground fraction ``<= delta`` are invalid.
-
-        Returns:
-            one :class:`TokenGrid` per axis x encoder layer (for F/MS also ``"{axis}/{layer}/fine"`` grids).
-        """
+        """Tokens of one volume ``[1, H, W, D]`` in ``[0, 1]`` (see :class:`scripts.tokens.Tokenizer`)."""
         return self.tokenizer(volume, encoder, mask)
 
     def score(
@@ -181,20 +155,15 @@ class CS3FInferer(Inferer):
         reference_bank: BankTokens | None = None,
         exclude: Sequence[int | Sequence[int] | None] | None = None,
     ) -> TokenScores:
-        """Cross-subject token scores for every volume, per axis x layer (Eq. 1-2; Eq. 6 for F/MS).
+        """Cross-subject token scores (Eq. 1-2; Eq. 6 for F/MS), see :meth:`scripts.scoring.scorer.Scorer.score`.
 
         Args:
             bank: tokens of the volumes of the batch (``B >= 2``; ``>= 1`` against a reference bank).
             queries: score only these volumes (indices into ``bank``); ``None``: all.
             names: volume names that seed the ``random:N`` draw; ``None``: the positions.
             subjects: the subject of each volume; scans of one subject are never references for each other.
-            reference_bank: ``{key: (tokens [B_ref, N, d], valid [B_ref, N])}``: score against the bank's
-                volumes only (new volumes are then not references for each other).
+            reference_bank: ``{key: (tokens [B_ref, N, d], valid [B_ref, N])}``: score against it only.
             exclude: with ``reference_bank``: per volume, the bank index (or indices) of itself or its subject.
-
-        Returns:
-            per volume, ``{key: [M, P, P]}`` fp32 token scores (0 for invalid tokens); for F/MS also
-            ``{key + "/fine": [M * h, P, P]}``. Volumes not in ``queries`` get ``{}``.
         """
         if reference_bank is not None:
             plan = bank_plan(len(bank), queries, exclude)
@@ -211,9 +180,7 @@ class CS3FInferer(Inferer):
         variant: str | None = None,
         validity: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Voxel anomaly map ``[1, H, W, D]`` of one volume (:func:`scripts.anomaly_map.fuse_token_scores`);
-        ``variant`` overrides the inferer's, ``validity`` is used with ``edge="normalized"``.
-        """
+        """Voxel anomaly map ``[1, H, W, D]`` of one volume (:func:`scripts.anomaly_map.fuse_token_scores`)."""
         variant, phases = self.variant if variant is None else variant, self.tokenizer.depth_phases
         validity = validity if self.edge == "normalized" else None
         return fuse_token_scores(token_scores, spatial_shape, variant, mask, axis_max, validity, phases)
@@ -231,17 +198,8 @@ class CS3FInferer(Inferer):
         network: Callable,
         masks: torch.Tensor | Sequence[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]:
-        """Score a batch in memory.
-
-        Args:
-            inputs: ``[B, 1, H, W, D]``, or a list of ``[1, H, W, D]`` volumes whose token grids agree.
-            network: the frozen 2D slice encoder.
-            masks: optional foreground masks, same layout as ``inputs``.
-
-        Returns:
-            ``(maps, scores)``: voxel maps ``[B, 1, H, W, D]`` (a list for inputs of different shapes) and
-            subject scores ``[B]``.
-        """
+        """``(maps [B, 1, H, W, D] (a list for inputs of different shapes), subject scores [B])`` of ``inputs``
+        ``[B, 1, H, W, D]`` (or a list of volumes whose token grids agree) and optional ``masks`` alike."""
         volumes = list(inputs)
         mask_list = list(masks) if masks is not None else [None] * len(volumes)
         if len(mask_list) != len(volumes):

@@ -1,9 +1,5 @@
-"""Volumetric tokens: what a volume becomes before it is compared with the others (paper Sec. 3.3).
-
-:class:`Tokenizer` streams one volume slab by slab into a :class:`VolumeTokens` (one :class:`TokenGrid`
-per axis x encoder layer, ``"{axis}/{layer}"``, plus ``"/fine"`` grids for F/MS); :class:`BatchBuffer`
-holds a batch as rows of one tensor per key, which :func:`batch_of` views as ``[B, N, d]``.
-"""
+"""Volumetric tokens (paper Sec. 3.3): :class:`Tokenizer` streams a volume into a :class:`VolumeTokens`,
+:class:`BatchBuffer` holds a batch as rows of one tensor per key, which :func:`batch_of` views as ``[B, N, d]``."""
 
 from __future__ import annotations
 
@@ -45,12 +41,8 @@ FINE_SUFFIX = "/fine"
 
 @dataclass
 class TokenGrid:
-    """Tokens of one volume for one (axis, layer).
-
-    Attributes:
-        tokens: ``[M, P, P, d]`` projected tokens (storage dtype of the tokenizer).
-        valid: ``[M, P, P]`` bool token validity (Remark 1).
-    """
+    """Tokens ``[M, P, P, d]`` (the tokenizer's storage dtype) and their validity ``[M, P, P]`` (Remark 1) of
+    one volume for one (axis, layer)."""
 
     tokens: torch.Tensor
     valid: torch.Tensor
@@ -134,11 +126,8 @@ def _rows_of(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
 
 
 def batch_of(bank: Sequence[VolumeTokens], key: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(tokens [B, N, d], valid [B, N])`` of one (axis, layer) of the batch.
-
-    A view when the grids are rows of one tensor (a :class:`BatchBuffer`); otherwise a stacked copy, which
-    the caller frees after scoring that key.
-    """
+    """``(tokens [B, N, d], valid [B, N])`` of one (axis, layer) of the batch: a view when the grids are rows of
+    one tensor (a :class:`BatchBuffer`), else a stacked copy."""
     grids = [vt.grids[key] for vt in bank]
     out = []
     for attr in ("tokens", "valid"):
@@ -150,12 +139,8 @@ def batch_of(bank: Sequence[VolumeTokens], key: str) -> tuple[torch.Tensor, torc
 
 
 class BatchBuffer:
-    """Token grids of a batch of volumes held as rows of one ``[capacity, ...]`` tensor per key.
-
-    :meth:`add` copies a volume's grids into the next free row and re-points its :class:`TokenGrid` s there,
-    so the batch is held once, in the layout the scorer reads in place. A volume that does not match the
-    first one's grids, or beyond ``capacity``, is returned unchanged.
-    """
+    """Token grids of a batch held as rows of one ``[capacity, ...]`` tensor per key, the layout the scorer
+    reads in place; a volume that does not match the first one's grids, or beyond ``capacity``, stays as is."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = int(capacity)
@@ -194,20 +179,11 @@ class BatchBuffer:
 
 
 class Tokenizer:
-    """One volume -> :class:`VolumeTokens`, streamed slab by slab (Sec. 3.3.1-3.3.3, Remark 1).
+    """One volume -> :class:`VolumeTokens`, streamed slab by slab (Sec. 3.3.1-3.3.3, Remark 1); arguments as
+    :class:`scripts.inferer.CS3FInferer`'s, ``q`` and ``q_fine`` (F/MS, else ``None``) per axis name.
 
-    Args:
-        axes: slicing axes (canonical names, see :data:`scripts.transforms.tokenization.AXES`).
-        q: coarse depth pooling per axis name.
-        q_fine: fine depth pooling per axis name (F/MS), or ``None``.
-        d: random-projection dimension.
-        delta: token validity threshold on the foreground fraction.
-        seed: seed of the projection matrices (one per axis x layer, shared by all volumes).
-        slab_size: slices per encoder forward, rounded to a multiple of ``q``.
-        token_dtype: storage dtype of the tokens.
-        depth_phases: ``n`` pooling phases of the coarse tokens (1: the paper). Phase ``j`` pools from slice
-            ``floor(j q / n)`` on (:func:`phase_shifts`), as ``n`` blocks of ``M`` rows of each coarse grid;
-            the last token of a shifted phase is invalid (it would pool past the volume's last slice).
+    ``depth_phases = n``: phase ``j`` pools from slice ``floor(j q / n)`` on, as the ``j``-th block of ``M`` rows
+    of each coarse grid; its last token is invalid (it wraps round the volume's end).
     """
 
     def __init__(
@@ -236,9 +212,8 @@ class Tokenizer:
 
     @torch.inference_mode()
     def __call__(self, volume: torch.Tensor, encoder: Callable, mask: torch.Tensor | None = None) -> VolumeTokens:
-        """Tokens of ``volume`` ``[1, H, W, D]`` in ``[0, 1]``; ``mask`` (optional, same shape) makes
-        tokens whose foreground fraction is ``<= delta`` invalid.
-        """
+        """Tokens of ``volume [1, H, W, D]`` in ``[0, 1]``; tokens of foreground fraction ``<= delta`` in ``mask``
+        (optional, same shape) are invalid."""
         volume = as_volume(volume)
         params = list(encoder.parameters()) if isinstance(encoder, torch.nn.Module) else []
         device = params[0].device if params else volume.device
@@ -340,9 +315,8 @@ def phase_shifts(q: int, depth_phases: int) -> list[int]:
 
 
 class ShiftedPool:
-    """Depth pooling of a slice stack rolled by ``-shift``, fed slab by slab; the last token wraps round
-    to slices ``0 .. shift - 1`` (the caller marks it invalid). Slabs must hold at least ``shift`` slices.
-    """
+    """Depth pooling of a slice stack rolled by ``-shift``, fed slab by slab (of at least ``shift`` slices); the
+    last token wraps round to slices ``0 .. shift - 1``."""
 
     def __init__(self, pool: DepthPool, shift: int) -> None:
         self.pool, self.shift = pool, int(shift)

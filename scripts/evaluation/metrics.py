@@ -1,17 +1,5 @@
-"""Patient-, voxel- and lesion-level metrics of the CS3F paper (Sec. 4.2, 4.5.1, 4.6), streamed over a cohort.
-
-Usage (two passes over the score maps; nothing but small histograms and per-lesion rows is kept)::
-
-    ev = CohortEvaluator()
-    for s in cohort:                                   # pass 1
-        ev.add(s.name, s.score_map, s.label, s.mask, s.spacing, s.subject_score, affine=s.affine)
-    for s in cohort:                                   # pass 2 (needs the 99 %-TNR threshold of pass 1)
-        ev.add_components(s.name, s.score_map, s.label, s.mask, image=s.image)
-    metrics = ev.compute()
-    write_report("out", ev, metrics)  # scripts.evaluation.report; evaluate_cohort runs both passes
-
-The exact definition of every metric (bins, bounds, thresholds, lesions) is in docs/design.md, "Metric definitions".
-"""
+"""Patient-, voxel- and lesion-level metrics of the CS3F paper (Sec. 4.2, 4.5.1, 4.6), streamed over a cohort
+in two passes (:func:`scripts.evaluation.report.evaluate_cohort`); definitions in docs/design.md."""
 
 from __future__ import annotations
 
@@ -35,19 +23,9 @@ from scripts.evaluation.ranking import NAN, FloatBins, rank_metrics, roc_pr_poin
 
 __all__ = ["ARCHITECTURE_KEYS", "CohortEvaluator"]
 
-ARCHITECTURE_KEYS = (
-    "patient_auroc",
-    "patient_ap",
-    "patient_f1",
-    "voxel_auroc",
-    "voxel_ap",
-    "dice_max",
-    "iou_max",
-    "ltpr99_small",
-    "ltpr99_medium",
-    "ltpr99_large",
-    "dice99",
-    "fp_per_volume",
+ARCHITECTURE_KEYS = tuple(
+    "patient_auroc patient_ap patient_f1 voxel_auroc voxel_ap dice_max iou_max ltpr99_small ltpr99_medium "
+    "ltpr99_large dice99 fp_per_volume".split()
 )
 TNR = 0.99
 
@@ -69,11 +47,14 @@ class _Subject:
     n_fp: int = 0
 
 
-class CohortEvaluator:
-    """Streamed cohort evaluation: ``add`` (pass 1) per subject, ``add_components`` (pass 2), ``compute``.
+def _label_and_mask(shape: tuple, label, mask) -> tuple[np.ndarray, np.ndarray]:
+    lab = np.zeros(shape, bool) if label is None else as_volume_array(label) > 0
+    return lab, np.ones(shape, bool) if mask is None else as_volume_array(mask) > 0
 
-    Memory: three histograms of ``2**(9 + mantissa_bits) + 1`` int64 bins and small per-subject records.
-    """
+
+class CohortEvaluator:
+    """Streamed cohort evaluation: ``add`` (pass 1) per subject, ``add_components`` (pass 2), ``compute``;
+    it keeps three histograms of ``2**(9 + mantissa_bits) + 1`` bins and small per-subject records."""
 
     def __init__(self, mantissa_bits: int = 12, tnr: float = TNR, min_diameter_mm: float = MIN_DIAMETER_MM):
         self.bins = FloatBins(mantissa_bits)
@@ -88,18 +69,18 @@ class CohortEvaluator:
         self.overlays: dict[str, dict] = {}
         self._frozen: dict | None = None
 
-    # ----------------------------------------------------------------------------------------- pass 1
     def add(
         self, name: str, score_map, label=None, mask=None, spacing=None, subject_score: float | None = None, affine=None
     ) -> None:
         """Pass 1: accumulate one subject.
 
-        score_map: [H, W, D] (or [1, H, W, D]) array/tensor, any finite float (evaluated as float32).
-        label: same shape, > 0 = lesion; None = normal subject. mask: foreground, None = all voxels.
-        spacing: voxel size in mm (3 values); None = from ``affine`` (column norms), else 1 mm.
-        subject_score: the subject's anomaly score; None = max of the map over the foreground.
-        affine: 4x4 voxel -> world (mm) matrix for centroids; None = the map's ``.affine`` if it is a
-        MetaTensor, else diag(spacing).
+        Args:
+            score_map: ``[H, W, D]`` (or ``[1, H, W, D]``) finite scores (evaluated as float32).
+            label: same shape, > 0 = lesion; ``None``: a normal subject.
+            mask: the foreground; ``None``: all voxels.
+            spacing: voxel size (mm); ``None``: from ``affine``, else 1 mm.
+            subject_score: ``None``: the map's maximum over the foreground.
+            affine: ``[4, 4]`` voxel -> world (mm); ``None``: the map's ``.affine``, else ``diag(spacing)``.
         """
         if self._frozen is not None:
             raise RuntimeError("add() after pass 2 started: all subjects must be added before add_components()")
@@ -109,8 +90,7 @@ class CohortEvaluator:
         if affine is None:
             affine = affine_of(score_map)
         s = as_volume_array(score_map, np.float32)
-        lab = np.zeros(s.shape, bool) if label is None else as_volume_array(label) > 0
-        fg = np.ones(s.shape, bool) if mask is None else as_volume_array(mask) > 0
+        lab, fg = _label_and_mask(s.shape, label, mask)
         if lab.shape != s.shape or fg.shape != s.shape:
             raise ValueError(f"{name}: shapes differ: score {s.shape}, label {lab.shape}, mask {fg.shape}")
         if np.isnan(s).any():
@@ -124,7 +104,6 @@ class CohortEvaluator:
             raise ValueError(f"{name}: spacing must be 3 positive numbers, got {spacing}")
         if affine is None:
             affine = np.diag([*spacing, 1.0])
-
         abnormal = bool(lab.any())
         s_fg = s[fg]
         if subject_score is None:
@@ -182,7 +161,6 @@ class CohortEvaluator:
             )
         return rows
 
-    # ---------------------------------------------------------------------------------- thresholds
     @property
     def h_neg(self) -> np.ndarray:
         return self.h_neg_abn + self.h_neg_norm
@@ -192,9 +170,7 @@ class CohortEvaluator:
         return self._thresholds()["threshold99"]
 
     def _thresholds(self) -> dict:
-        if self._frozen is not None:
-            return self._frozen
-        return self._compute_thresholds()
+        return self._frozen if self._frozen is not None else self._compute_thresholds()
 
     def _compute_thresholds(self) -> dict:
         out = {}
@@ -205,9 +181,9 @@ class CohortEvaluator:
             above = np.flatnonzero(suffix > (1.0 - self.tnr) * n_norm)
             b99 = int(above[-1]) + 1 if above.size else 0
             n_fp = int(suffix[b99]) if b99 < len(suffix) else 0
-            out["threshold99"] = float(self.bins.lower_edge(b99))
-            out["threshold99_bin"] = b99
-            out["threshold99_tnr"] = 1.0 - n_fp / n_norm
+            out.update(
+                threshold99=float(self.bins.lower_edge(b99)), threshold99_bin=b99, threshold99_tnr=1 - n_fp / n_norm
+            )
         else:
             out.update(threshold99=NAN, threshold99_bin=-1, threshold99_tnr=NAN)
         # dice sweep on abnormal subjects (positives vs abnormal-subject negatives), nonempty bins only
@@ -215,20 +191,15 @@ class CohortEvaluator:
         r = rank_metrics(self.h_pos[nz], self.h_neg_abn[nz], exact=nz == self.bins.zero_bin)
         if r["argmax"] >= 0:
             b = int(nz[r["argmax"]])
-            out["dice_max_threshold"] = float(self.bins.lower_edge(b))
-            out["dice_max_bin"] = b
+            out["dice_max_threshold"], out["dice_max_bin"] = float(self.bins.lower_edge(b)), b
         else:
             out["dice_max_threshold"], out["dice_max_bin"] = NAN, -1
         out["_dice"] = r
         return out
 
-    # ----------------------------------------------------------------------------------------- pass 2
     def add_components(self, name: str, score_map, label=None, mask=None, image=None) -> None:
-        """Pass 2 for one subject (after every subject went through ``add``): predicted components at
-        ``threshold99`` (18-connected, inside the mask), FP count, lesions.csv rows; for abnormal subjects
-        also the overlay slices (at the ``dice_max`` threshold) through the peak voxel of the highest
-        scoring lesion. ``image``: the input volume for the montage background (optional).
-        Spacing and affine are those given to ``add``."""
+        """Pass 2 for one subject: predicted components at ``threshold99`` (18-connected, inside the mask), FP
+        count, lesions.csv rows; for abnormal subjects the overlay slices (``image``: optional background)."""
         if self._frozen is None:
             self._frozen = self._compute_thresholds()
         name = str(name)
@@ -240,11 +211,9 @@ class CohortEvaluator:
         s = as_volume_array(score_map, np.float32)
         if s.shape != rec.shape:
             raise ValueError(f"{name}: pass-2 shape {s.shape} != pass-1 shape {rec.shape}")
-        lab = np.zeros(s.shape, bool) if label is None else as_volume_array(label) > 0
-        fg = np.ones(s.shape, bool) if mask is None else as_volume_array(mask) > 0
+        lab, fg = _label_and_mask(s.shape, label, mask)
         if bool(lab.any()) != rec.abnormal:
             raise ValueError(f"{name}: pass-2 label disagrees with pass 1 (abnormal={rec.abnormal})")
-
         t99 = self._frozen["threshold99"]
         rows = []
         if not math.isnan(t99):
@@ -309,7 +278,14 @@ class CohortEvaluator:
             d["image"] = [np.clip((image[c] - lo) * scale, 0, 255).astype(np.uint8) for c in cut]
         return d
 
-    # ----------------------------------------------------------------------------------------- results
+    def _patient_groups(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(scores, positives, negatives)`` per distinct subject score, highest first."""
+        subs = list(self.subjects.values())
+        y = np.array([r.abnormal for r in subs], dtype=np.float64)
+        uniq, inv = np.unique(np.array([r.score for r in subs], dtype=np.float64), return_inverse=True)
+        pos = np.bincount(inv, weights=y, minlength=len(uniq))[::-1]
+        return uniq[::-1], pos, np.bincount(inv, weights=1 - y, minlength=len(uniq))[::-1]
+
     def compute(self) -> dict:
         """All metrics as a flat dict (floats, ints, strings; NaN where undefined)."""
         th = self._thresholds()
@@ -325,12 +301,10 @@ class CohortEvaluator:
             m["patient_auroc"] = float(compute_roc_auc(torch.from_numpy(sc), torch.from_numpy(y)))
         else:
             m["patient_auroc"] = NAN
-        uniq, inv = np.unique(sc, return_inverse=True)
-        p_pos = np.bincount(inv, weights=y, minlength=len(uniq))[::-1]
-        p_neg = np.bincount(inv, weights=1 - y, minlength=len(uniq))[::-1]
+        uniq, p_pos, p_neg = self._patient_groups()
         rp = rank_metrics(p_pos, p_neg, exact=True)
         m["patient_ap"], m["patient_f1"] = rp["ap"], rp["f1"]
-        m["patient_f1_threshold"] = float(uniq[::-1][rp["argmax"]]) if rp["argmax"] >= 0 else NAN
+        m["patient_f1_threshold"] = float(uniq[rp["argmax"]]) if rp["argmax"] >= 0 else NAN
         # voxel level (binned)
         neg = self.h_neg
         nz = np.flatnonzero(self.h_pos | neg)[::-1]
@@ -363,39 +337,25 @@ class CohortEvaluator:
         abn = [r for r in subs if r.abnormal]
         m["localization99"] = sum(r.label_peak >= t99 for r in abn) / len(abn) if abn else NAN
         m["n_localized99"] = int(sum(r.label_peak >= t99 for r in abn))
-        m["n_lesions_excluded"] = len(lesions) - len(counted)
-        m["n_lesions_total"] = len(lesions)
+        m.update(n_lesions_excluded=len(lesions) - len(counted), n_lesions_total=len(lesions))
         m["n_fp_components"] = int(sum(r.n_fp for r in subs)) if complete else None
-        m["lesion_pass_complete"] = complete
-        m["threshold99"] = t99
-        m["threshold99_tnr"] = th["threshold99_tnr"]
-        m["dice_max_threshold"] = th["dice_max_threshold"]
-        m["dice_max_upper_bound"] = rd["f1_upper"]
-        m["voxel_auroc_bin_error_bound"] = rv["auroc_bound"]
-        m["voxel_ap_bin_error_bound"] = rv["ap_bound"]
-        m["n_subjects"] = len(subs)
-        m["n_abnormal"] = len(abn)
-        m["n_normal"] = len(subs) - len(abn)
-        m["n_voxels"] = int(sum(r.n_foreground for r in subs))
-        m["n_positive_voxels"] = int(P)
+        m.update(lesion_pass_complete=complete, threshold99=t99, threshold99_tnr=th["threshold99_tnr"])
+        m.update(dice_max_threshold=th["dice_max_threshold"], dice_max_upper_bound=rd["f1_upper"])
+        m.update(voxel_auroc_bin_error_bound=rv["auroc_bound"], voxel_ap_bin_error_bound=rv["ap_bound"])
+        m.update(n_subjects=len(subs), n_abnormal=len(abn), n_normal=len(subs) - len(abn))
+        m.update(n_voxels=int(sum(r.n_foreground for r in subs)), n_positive_voxels=int(P))
         m["binning"] = (
             f"float32 order-preserving, {self.bins.mantissa_bits} mantissa bits "
             f"({self.bins.n_bins} bins, relative width <= 2^-{self.bins.mantissa_bits}); "
             f"{len(nz)} nonempty"
         )
         m["dice_pooling"] = "pooled over foreground voxels of abnormal subjects, one threshold"
-        m["min_lesion_diameter_mm"] = self.min_diameter_mm
-        m["tnr"] = self.tnr
+        m.update(min_lesion_diameter_mm=self.min_diameter_mm, tnr=self.tnr)
         return m
 
     def curves(self) -> dict:
         """ROC / PR curve points: {"patient": {...}, "voxel": {...}} (voxel from the histograms)."""
-        subs = list(self.subjects.values())
-        y = np.array([r.abnormal for r in subs], dtype=np.float64)
-        sc = np.array([r.score for r in subs], dtype=np.float64)
-        uniq, inv = np.unique(sc, return_inverse=True)
-        pp = np.bincount(inv, weights=y, minlength=len(uniq))[::-1]
-        pn = np.bincount(inv, weights=1 - y, minlength=len(uniq))[::-1]
+        _, pp, pn = self._patient_groups()
         neg = self.h_neg
         nz = np.flatnonzero(self.h_pos | neg)[::-1]
         vp, vn = self.h_pos[nz].astype(np.float64), neg[nz].astype(np.float64)
@@ -409,21 +369,8 @@ class CohortEvaluator:
         rows = []
         for r in self.subjects.values():
             for les in r.lesions:
-                c = les["centroid_mm"]
-                rows.append(
-                    {
-                        "subject": r.name,
-                        "lesion_id": les["lesion_id"],
-                        "n_voxels": les["n_voxels"],
-                        "volume_mm3": les["volume_mm3"],
-                        "diameter_mm": les["diameter_mm"],
-                        "size_class": les["size_class"],
-                        "excluded": les["excluded"],
-                        "centroid_x_mm": c[0],
-                        "centroid_y_mm": c[1],
-                        "centroid_z_mm": c[2],
-                        "peak_score": les["peak_score"],
-                        "detected99": bool(les["peak_score"] >= t99),
-                    }
+                centroid = dict(
+                    zip(("centroid_x_mm", "centroid_y_mm", "centroid_z_mm"), les["centroid_mm"], strict=True)
                 )
+                rows.append({"subject": r.name, **les, **centroid, "detected99": bool(les["peak_score"] >= t99)})
         return rows

@@ -1,6 +1,5 @@
-"""Order-preserving float binning and rank metrics (AUROC, AP, max F1) from tie-grouped counts: exact
-for subject scores, per bin with error bounds for voxel scores (definitions in
-:mod:`scripts.evaluation.metrics`)."""
+"""Order-preserving float binning and rank metrics (AUROC, AP, max F1) from tie-grouped counts: exact for
+subject scores, per bin with error bounds for voxel scores (definitions in docs/design.md)."""
 
 from __future__ import annotations
 
@@ -11,15 +10,11 @@ __all__ = ["FloatBins", "rank_metrics", "roc_pr_points"]
 NAN = float("nan")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Order-preserving float binning
-# ---------------------------------------------------------------------------------------------------------
 class FloatBins:
-    """Monotone map float32 -> bin index keeping ``mantissa_bits`` mantissa bits (see module docstring).
+    """Monotone map float32 -> bin index keeping ``mantissa_bits`` mantissa bits.
 
-    Exact zero (+0.0 and -0.0) gets a bin of its own (maps are zero wherever a token is invalid, and
-    pairs of exact zeros must not count as binning error); the positive floats below the first grid
-    value above zero (2**-126 * 2**-mantissa_bits region, i.e. denormals) form the next bin.
+    Exact zero (+0.0 and -0.0; maps are zero wherever a token is invalid) gets a bin of its own; the
+    positive floats below the first grid value above zero (denormals) form the next bin.
     """
 
     def __init__(self, mantissa_bits: int = 12):
@@ -58,16 +53,12 @@ class FloatBins:
         return np.bincount(self.index(x).ravel(), minlength=self.n_bins).astype(np.int64)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Rank metrics from tie-grouped counts (used exactly for patients, per bin for voxels)
-# ---------------------------------------------------------------------------------------------------------
 def rank_metrics(pos: np.ndarray, neg: np.ndarray, exact=False) -> dict:
-    """AUROC, AP, max F1 (= max Dice) from positive/negative counts per tie group, highest score first.
+    """AUROC, AP, max F1 (= max Dice) from positive/negative counts per tie group (or bin), highest score first.
 
-    Group i is "all items with the i-th highest score value" (or bin); the operating points are the
-    thresholds "score >= lowest value of group i". ``exact`` (bool or bool per group) marks groups that
-    hold a single score value (exact ties); the other groups are bins of distinct values, and the
-    returned bounds (see module docstring) say how far the exact metrics can be from the binned ones.
+    The operating points are the thresholds "score >= lowest value of group i". ``exact`` (bool or bool per
+    group) marks groups of a single score value; for the others (bins) the returned bounds say how far the
+    exact metrics can be from the binned ones.
     """
     pos = np.asarray(pos, dtype=np.float64)
     neg = np.asarray(neg, dtype=np.float64)

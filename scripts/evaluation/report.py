@@ -1,9 +1,5 @@
-"""Evaluation of a finished inference run against ground truth (``configs/evaluate.json``).
-
-The written maps and ``scores.csv`` are streamed twice through
-:class:`scripts.evaluation.metrics.CohortEvaluator` at the input resolution, and ``metrics.json``,
-``lesions.csv``, ``gt_lesions.csv`` and the PNG figures are written next to the maps.
-"""
+"""Evaluation of a finished inference run against ground truth (``configs/evaluate.json``): the report
+(``metrics.json``, ``lesions.csv``, ``gt_lesions.csv``, figures) is written next to the maps."""
 
 from __future__ import annotations
 
@@ -30,19 +26,8 @@ def _read_scores(path: Path) -> dict[str, float]:
 
 
 def evaluate_outputs(datalist: Sequence[dict], output_dir: str | Path, plots: bool = True, quiet: bool = False) -> dict:
-    """Metrics of the maps in ``output_dir`` for the volumes of ``datalist``.
-
-    Args:
-        datalist: rows with ``image``, ``name`` and optionally ``label`` (absent or all-zero = normal
-            subject) and ``mask`` (foreground; absent = all voxels), as made by
-            :func:`scripts.engine.datalist.make_datalist` with ``labels=True``.
-        output_dir: the inference output folder; the report is written there too.
-        plots: write the ROC/PR curves and the per-subject overlay montages.
-        quiet: do not print the metric table.
-
-    Returns:
-        the metrics dict (also in ``<output_dir>/metrics.json``).
-    """
+    """The metrics (also written to ``<output_dir>/metrics.json``) of the maps in ``output_dir`` for the rows
+    (``image``, ``name``, optional ``label`` and ``mask``) of ``datalist``; ``plots``: the figures too."""
     out = Path(output_dir)
     scores = _read_scores(out / "scores.csv")
     if not any("label" in row for row in datalist):
@@ -89,32 +74,14 @@ def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> Path:
     return atomic_write_csv(path, ([r[k] for k in columns] for r in rows), header=columns)
 
 
-LESION_COLUMNS = [
-    "subject",
-    "component_id",
-    "n_voxels",
-    "volume_mm3",
-    "centroid_x_mm",
-    "centroid_y_mm",
-    "centroid_z_mm",
-    "peak_score",
-    "mean_score",
-    "matched_lesion",
-]
-GT_LESION_COLUMNS = [
-    "subject",
-    "lesion_id",
-    "n_voxels",
-    "volume_mm3",
-    "diameter_mm",
-    "size_class",
-    "excluded",
-    "centroid_x_mm",
-    "centroid_y_mm",
-    "centroid_z_mm",
-    "peak_score",
-    "detected99",
-]
+LESION_COLUMNS = (
+    "subject component_id n_voxels volume_mm3 centroid_x_mm centroid_y_mm centroid_z_mm peak_score mean_score "
+    "matched_lesion".split()
+)
+GT_LESION_COLUMNS = (
+    "subject lesion_id n_voxels volume_mm3 diameter_mm size_class excluded centroid_x_mm centroid_y_mm "
+    "centroid_z_mm peak_score detected99".split()
+)
 
 
 #: the files :func:`write_report` writes into the output folder (``overlays/`` holds one PNG per subject)
@@ -122,8 +89,7 @@ REPORT_FILES = ("metrics.json", "lesions.csv", "gt_lesions.csv", "roc_pr_patient
 
 
 def remove_report(out_dir: str | Path) -> list[Path]:
-    """Remove an earlier evaluation's files from ``out_dir`` (they would describe maps that are gone);
-    ``overlays/`` goes if nothing but its PNGs is in it. Returns what was removed."""
+    """Remove (and return) an earlier evaluation's files from ``out_dir``; ``overlays/`` goes if it is left empty."""
     out = Path(out_dir)
     removed = [out / name for name in REPORT_FILES if (out / name).is_file()]
     overlays = out / "overlays"
@@ -137,9 +103,7 @@ def remove_report(out_dir: str | Path) -> list[Path]:
 
 
 def write_report(out_dir, evaluator: CohortEvaluator, metrics: dict | None = None, plots: bool = True) -> dict:
-    """Write ``metrics.json`` (atomic), ``lesions.csv`` (predicted components at threshold99, pass 2),
-    ``gt_lesions.csv``, ``roc_pr_patient.png``, ``roc_pr_voxel.png`` and ``overlays/<subject>.png``
-    (abnormal subjects that went through pass 2). Returns {name: path}."""
+    """Write the report (:data:`REPORT_FILES` and ``overlays/<subject>.png``); returns ``{name: path}``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics = evaluator.compute() if metrics is None else metrics
@@ -185,10 +149,8 @@ PASS2_KEYS = ("name", "score_map", "label", "mask", "image")
 
 
 def evaluate_cohort(subjects: Callable[[], Iterable[Mapping]], out_dir=None, plots: bool = True, **kwargs) -> dict:
-    """Run both passes. ``subjects()`` must return a fresh iterable of dicts with keys among
-    ``name, score_map, label, mask, spacing, subject_score, affine, image`` (it is called twice, once
-    per pass, so maps can be loaded lazily). ``kwargs`` go to ``CohortEvaluator``. Writes the report
-    to ``out_dir`` if given; returns the metrics dict."""
+    """The metrics of both passes over ``subjects()`` (called once per pass), dicts with keys among
+    ``ADD_KEYS + ("image",)``; ``kwargs`` go to ``CohortEvaluator``; the report goes to ``out_dir`` if given."""
     ev = CohortEvaluator(**kwargs)
     for s in subjects():
         ev.add(**{k: s[k] for k in ADD_KEYS if k in s})

@@ -1,6 +1,5 @@
-"""Eq. 1-2 of query volumes against given references: a subset of the other volumes of the cohort
-(:func:`subset_scores`, ``random:N``) or a fixed reference bank (:func:`reference_scores`, ``bank:DIR``).
-"""
+"""Eq. 1-2 against given references: a subset of the cohort (:func:`subset_scores`, ``random:N``) or a
+fixed reference bank (:func:`reference_scores`, ``bank:DIR``)."""
 
 from __future__ import annotations
 
@@ -17,7 +16,7 @@ from scripts.scoring.blocks import (
     sq_norms,
     workspace,
 )
-from scripts.scoring.exact import check_inputs, empty_volumes_error, exact_mean_of_k_nearest, k_nearest, num_neighbours
+from scripts.scoring.exact import check_inputs, check_valid, exact_mean_of_k_nearest, k_nearest, num_neighbours
 
 __all__ = ["reference_scores", "subset_scores"]
 
@@ -31,10 +30,8 @@ def _score_volume(
     k: int,
     sizes: tuple[int, int, torch.Tensor],
 ) -> None:
-    """Eq. 1-2 of one query volume's valid tokens (``queries [N, d]``) against ``references``
-    ``(tokens [R, N_ref, d], norms [R, M], index)`` but ``skip``, into ``out [N]``; ``sizes``:
-    ``(query_tile, block_elements, workspace)``.
-    """
+    """Eq. 1-2 of one volume's valid tokens (``queries [N, d]``) against ``references`` ``(tokens [R, N_ref, d],
+    norms [R, M], index)`` but ``skip``, into ``out [N]``; ``sizes``: ``(query_tile, block_elements, workspace)``."""
     tokens, norms, index = references
     query_tile, block_elements, buffer = sizes
     for idx in query_tiles(torch.nonzero(valid).flatten(), query_tile):
@@ -43,29 +40,17 @@ def _score_volume(
         out[idx] = exact_mean_of_k_nearest(tile, k_nearest(profile, k), tokens, norms, index, block_elements)
 
 
-def _as_skip(value: int | Sequence[int]) -> int | list[int]:
-    return int(value) if isinstance(value, int) else [int(v) for v in value]
-
-
 def _check_reference_side(tokens: torch.Tensor, valid: torch.Tensor | None, what: str) -> torch.Tensor:
-    """Shape and validity checks of one side of :func:`reference_scores` (``B >= 1`` volumes)."""
+    """:func:`scripts.scoring.exact.check_valid` of one side of :func:`reference_scores` (``B >= 1``)."""
     if tokens.ndim != 3 or tokens.shape[0] < 1:
         raise ValueError(f"{what} tokens must be [B, N, d] with B >= 1, got shape {tuple(tokens.shape)}")
-    b, n, _ = tokens.shape
-    if valid is None:
-        return torch.ones(b, n, dtype=torch.bool)
-    if valid.shape != (b, n):
-        raise ValueError(f"{what} valid must be [B, N] = {(b, n)}, got {tuple(valid.shape)}")
-    valid = valid.to(dtype=torch.bool)
-    empty = torch.nonzero(valid.sum(dim=1) == 0).flatten().tolist()
-    if empty:
-        raise ValueError(f"{what} " + str(empty_volumes_error(empty)))
-    return valid
+    return check_valid(tokens, valid, f"{what} ")
 
 
 def _check_skips(exclude: Sequence[int | Sequence[int] | None] | None, bq: int, b_ref: int) -> list:
     """``exclude`` normalised to one entry (``None``, an index or a list) per query volume."""
-    skips = [None] * bq if exclude is None else [None if e is None else _as_skip(e) for e in exclude]
+    skips = [None] * bq if exclude is None else list(exclude)
+    skips = [e if e is None else int(e) if isinstance(e, int) else [int(v) for v in e] for e in skips]
     if len(skips) != bq or any(not 0 <= e < b_ref for s in skips for e in excluded(s)):
         raise ValueError(f"exclude must give None or reference indices in [0, {b_ref}) per query volume")
     lonely = [i for i, s in enumerate(skips) if b_ref - len(excluded(s)) < 1]
@@ -84,31 +69,20 @@ def reference_scores(
     query_tile: int = DEFAULT_QUERY_TILE,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
 ) -> torch.Tensor:
-    """Mutual-similarity scores of new volumes against a fixed set of reference volumes (Eq. 1-2).
-
-    Each query volume is matched against the references only, with ``K = max(1, floor(rho * R))`` over its
-    ``R`` references. The bank is streamed group by group (it may be memory-mapped fp16), never copied whole.
+    """Mutual-similarity scores of new volumes against reference volumes only (Eq. 1-2), with
+    ``K = max(1, floor(rho * R))`` over each query's ``R`` references; the bank is streamed group by group.
 
     Args:
-        queries: ``[B_q, N, d]`` tokens of the new volumes (any float dtype; accumulated in fp32).
-        query_valid: ``[B_q, N]`` bool or ``None`` (all valid).
-        references: ``[B_ref, N_ref, d]`` reference tokens (any float dtype, may be memory-mapped or on
-            another device than the queries).
-        reference_valid: ``[B_ref, N_ref]`` bool or ``None``; an invalid reference token is never matched.
-        rho: neighbour ratio.
+        queries, query_valid: ``[B_q, N, d]`` new volumes (any float dtype), ``[B_q, N]`` bool or ``None``.
+        references, reference_valid: ``[B_ref, N_ref, d]`` (any float dtype and device), ``[B_ref, N_ref]`` or ``None``.
         exclude: per query volume, the index (or indices: its subject's scans) of itself in the bank, or ``None``.
-        query_tile, block_elements: as in :func:`scripts.scoring.exact.mutual_similarity_scores`.
+        rho, query_tile, block_elements: as in :func:`scripts.scoring.exact.mutual_similarity_scores`.
 
     Returns:
         ``[B_q, N]`` fp32 scores on the device of ``queries`` (0 for invalid query tokens).
-
-    Raises:
-        ValueError: bad shapes, ``rho``, ``exclude``, a volume without a valid token, or a query left
-            without any reference.
     """
-    query_valid = _check_reference_side(queries, query_valid, "query").to(queries.device)
+    query_valid = _check_reference_side(queries, query_valid, "query")
     reference_valid = _check_reference_side(references, reference_valid, "reference")
-    reference_valid = reference_valid.to(references.device)
     bq, n, d = queries.shape
     b_ref, _, d_ref = references.shape
     if d_ref != d:
@@ -125,16 +99,6 @@ def reference_scores(
     return scores
 
 
-def _check_subsets(references: Mapping[int, Sequence[int]], b: int) -> dict[int, list[int]]:
-    plan = {}
-    for i, refs in references.items():
-        i, refs = int(i), [int(j) for j in refs]
-        if not refs or i in refs or any(not 0 <= j < b for j in [i, *refs]):
-            raise ValueError(f"volume {i}: references must be other volumes of the batch of {b}, got {refs}")
-        plan[i] = refs
-    return plan
-
-
 def subset_scores(
     tokens: torch.Tensor,
     valid: torch.Tensor | None,
@@ -143,32 +107,27 @@ def subset_scores(
     query_tile: int = DEFAULT_QUERY_TILE,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
 ) -> torch.Tensor:
-    """Mutual-similarity scores of each query volume against its own subset of the other volumes.
-
-    Volume ``i`` is scored as the exact scorer scores volume 0 of the batch ``[i, *references[i]]``.
+    """``[B, N]`` fp32 scores of each query volume ``i`` against its own references, as the exact scorer
+    scores volume 0 of the batch ``[i, *references[i]]``.
 
     Args:
-        tokens: ``[B, N, d]`` tokens (any float dtype).
-        valid: ``[B, N]`` bool or ``None``.
+        tokens, valid: ``[B, N, d]`` (any float dtype), ``[B, N]`` bool or ``None``.
         references: ``{query volume: reference volumes}``; volumes not in it score 0.
         rho, query_tile, block_elements: as in :func:`scripts.scoring.exact.mutual_similarity_scores`.
-
-    Returns:
-        ``[B, N]`` fp32 scores on the device of ``tokens``.
     """
     valid = check_inputs(tokens, valid)
     b, n, d = tokens.shape
-    plan = _check_subsets(references, b)
+    plan = {int(i): [int(j) for j in refs] for i, refs in references.items()}
+    for i, refs in plan.items():
+        if not refs or i in refs or any(not 0 <= j < b for j in [i, *refs]):
+            raise ValueError(f"volume {i}: references must be other volumes of the batch of {b}, got {refs}")
     packed, norms = pack_valid(valid, sq_norms(tokens, valid))
     scores = torch.zeros(b, n, dtype=torch.float32, device=tokens.device)
     if not plan:
         return scores
     gathered = torch.empty((max(map(len, plan.values())), n, d), dtype=tokens.dtype, device=tokens.device)
-    sizes = (
-        query_tile,
-        block_elements,
-        workspace(max(block_elements, min(query_tile, n) * norms.shape[1]), tokens.device),
-    )
+    buffer = workspace(max(block_elements, min(query_tile, n) * norms.shape[1]), tokens.device)
+    sizes = (query_tile, block_elements, buffer)
     for i, refs in plan.items():
         index = torch.tensor(refs, device=tokens.device)
         subset = gathered[: len(refs)]

@@ -1,9 +1,5 @@
-"""fp32 distance blocks between query tokens and reference volumes (paper Eq. 1).
-
-The ``B x N x B x N`` distance tensor is never formed: query tiles meet groups of reference volumes in
-batched GEMMs over valid tokens only (:func:`pack_valid`), each reduced at once to the ``[Q, B]``
-profile of nearest squared distances.
-"""
+"""fp32 distance blocks between query tokens and reference volumes (paper Eq. 1): batched GEMMs over
+valid tokens only, each reduced at once to the ``[Q, B]`` profile of nearest squared distances."""
 
 from __future__ import annotations
 
@@ -24,25 +20,15 @@ __all__ = [
     "workspace",
 ]
 
-# Elements of the largest intermediate block (fp32): 2^21 -> 8 MiB. Small enough that the GEMM's
-# output is still in cache when the min reads it back (a much larger block goes through DRAM twice;
-# docs/performance.md), large enough to amortise the per-block calls.
+# fp32 elements of the largest block (8 MiB): its GEMM output is still in cache when the min reads it.
 DEFAULT_BLOCK_ELEMENTS = 1 << 21
 DEFAULT_QUERY_TILE = 1024
 
 
 def sq_norms(tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """fp32 squared norms over the last dim, ``+inf`` where invalid (never a nearest neighbour).
+    """``[B, N]`` fp32 squared norms of ``tokens [B, N, d]``, ``+inf`` where not ``valid``.
 
-    Computed a few volumes at a time through one reused fp32 buffer, so that an fp16 or memory-mapped
-    bank is never copied whole to fp32 (per-volume temporaries fragment glibc's heap).
-
-    Args:
-        tokens: ``[B, N, d]`` (any float dtype).
-        valid: ``[B, N]`` bool.
-
-    Returns:
-        ``[B, N]`` fp32.
+    A few volumes at a time through one fp32 buffer: an fp16 or memory-mapped bank is never copied whole.
     """
     b = tokens.shape[0]
     norms = torch.empty(tokens.shape[:-1], dtype=torch.float32, device=tokens.device)
@@ -73,23 +59,13 @@ def _group_ranges(b: int, exclude: int | Sequence[int] | None, group: int) -> It
 
 
 def workspace(elements: int, device: torch.device) -> torch.Tensor:
-    """A flat fp32 buffer reused by every block of a scorer call (a fresh large block is page-faulted
-    in on every allocation on the CPU, which costs about as much as the GEMM that fills it).
-    """
+    """A flat fp32 buffer reused by every block of a call (a fresh large CPU block costs its page faults)."""
     return torch.empty(elements, dtype=torch.float32, device=device)
 
 
 def pack_valid(valid: torch.Tensor, norms: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Positions of each volume's valid tokens, valid first, for GEMMs over valid references only.
-
-    Args:
-        valid: ``[B, N]`` bool.
-        norms: ``[B, N]`` fp32 squared norms, ``+inf`` where invalid (:func:`sq_norms`).
-
-    Returns:
-        ``(index [B, M], packed_norms [B, M])`` with ``M`` the largest valid count, each row padded with
-        invalid positions (``+inf`` norms); ``(None, norms)`` when every token is valid.
-    """
+    """``(index [B, M], packed norms [B, M])``: each volume's valid token positions first (``M`` the largest
+    valid count, padded with invalid ones); ``(None, norms)`` when every token is valid."""
     if bool(valid.all()):
         return None, norms
     m = int(valid.sum(dim=1).max())
@@ -107,16 +83,13 @@ def reference_blocks(
     buffer: torch.Tensor | None = None,
     index: torch.Tensor | None = None,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """``(start, stop, d2)`` per group of reference volumes, ``d2 [G, Q, M] = |r|^2 - 2 q.r`` (fp32).
+    """``(start, stop, d2)`` per ``group`` of reference volumes but ``exclude``, ``d2 [G, Q, M] = |r|^2 - 2 q.r``.
 
     Args:
         queries: ``[Q, d]`` fp32.
         tokens: ``[B, N, d]`` references (any float dtype, cast to fp32 per block).
         ref_sq_norms: ``[B, M]`` fp32 squared norms in the order of ``index`` (``M = N`` without it).
-        exclude: reference volumes to skip (see :func:`excluded`).
-        group: reference volumes per GEMM.
-        buffer: optional flat fp32 workspace; when large enough, ``d2`` is a view of it, valid until the
-            next block.
+        buffer: optional flat fp32 workspace; ``d2`` is a view of it when large enough.
         index: optional ``[B, M]`` token positions to read per volume (:func:`pack_valid`).
     """
     n, nq = ref_sq_norms.shape[1], queries.shape[0]
@@ -145,30 +118,16 @@ def nearest_distance_profile(
     buffer: torch.Tensor | None = None,
     index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Squared distance of each query to its nearest token in every reference volume (Eq. 1).
-
-    Args:
-        queries: ``[Q, d]`` float32 query tokens.
-        tokens: ``[B, N, d]`` reference token bank (any float dtype; cast to fp32 per block).
-        ref_sq_norms: ``[B, N]`` fp32 squared norms, ``+inf`` for invalid tokens (``[B, M]`` with ``index``).
-        exclude: the query's own volume (or its subject's scans); their columns are ``+inf``. ``None``:
-            every column is a reference.
-        block_elements: budget for the ``[G, Q, N]`` intermediate; sets the group size ``G``.
-        buffer: optional flat fp32 workspace reused for that intermediate.
-        index: optional ``[B, M]`` token positions to read per volume (:func:`pack_valid`).
-
-    Returns:
-        ``(d2, nearest)``: ``[Q, B]`` fp32 squared nearest distances (GEMM form, not clamped) and ``[Q, B]``
-        int64 position of that nearest token in ``tokens``' ``N`` axis.
-    """
+    """``(d2, nearest)``: ``[Q, B]`` squared distance (GEMM form, not clamped; ``+inf`` for ``exclude``) of each
+    query to its nearest token in every reference volume (Eq. 1), and that token's position in ``N``;
+    arguments as in :func:`reference_blocks`, ``block_elements`` sets the group size."""
     b = tokens.shape[0]
     n = ref_sq_norms.shape[1]
     nq = queries.shape[0]
     group = max(1, block_elements // max(1, n * nq))
     profile = torch.full((nq, b), float("inf"), dtype=torch.float32, device=queries.device)
     nearest = torch.zeros((nq, b), dtype=torch.long, device=queries.device)
-    blocks = reference_blocks(queries, tokens, ref_sq_norms, exclude, group, buffer, index)
-    for start, stop, d2 in blocks:
+    for start, stop, d2 in reference_blocks(queries, tokens, ref_sq_norms, exclude, group, buffer, index):
         best = d2.min(dim=-1)
         profile[:, start:stop] = best.values.t()
         at = best.indices if index is None else index[start:stop].to(queries.device).gather(1, best.indices)
@@ -185,11 +144,8 @@ def distance_profile(
     buffer: torch.Tensor | None,
     index: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The ``[Q, B]`` profile of :func:`nearest_distance_profile` without ``|q|^2``, values only.
-
-    ``amin`` is many times cheaper than ``min`` with indices on the CPU; only the ``K`` chosen volumes need
-    their nearest token (:func:`scripts.scoring.exact.nearest_positions`). ``|q|^2`` does not change the choice.
-    """
+    """The ``[Q, B]`` profile of :func:`nearest_distance_profile` without ``|q|^2`` (which does not change
+    the choice), values only: ``amin`` is much cheaper than ``min`` with indices on the CPU."""
     b, nq = tokens.shape[0], queries.shape[0]
     group = max(1, block_elements // max(1, ref_sq_norms.shape[1] * nq))
     profile = torch.full((nq, b), float("inf"), dtype=torch.float32, device=queries.device)

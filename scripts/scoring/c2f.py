@@ -1,9 +1,6 @@
-"""Coarse scores and coarse-to-fine routed fine scores (paper Sec. 3.5-3.6, Eq. 6).
-
-The coarse distance pass that yields the exact coarse scores also keeps, per query coarse token and
-reference volume, its ``L`` nearest coarse tokens; each fine child is matched only against their fine
-children (Eq. 6). Both scores are Eq. 2's mean by :func:`scripts.scoring.exact.mean_of_k_nearest`.
-"""
+"""Coarse scores and coarse-to-fine routed fine scores (paper Sec. 3.5-3.6, Eq. 6): the coarse pass keeps,
+per query coarse token and reference volume, its ``L`` nearest coarse tokens, whose fine children are
+the only candidates of the query's fine children."""
 
 from __future__ import annotations
 
@@ -31,38 +28,8 @@ from scripts.scoring.exact import (
 __all__ = ["CANDIDATE_ELEMENTS", "DEFAULT_ROUTES", "c2f_scores", "c2f_tiles"]
 
 DEFAULT_ROUTES = 16
-# Elements of the reused buffer of gathered C2F fine candidates on the CPU (see _candidate_elements).
+# Elements of the reused buffer of gathered fine candidates on the CPU (see _candidate_elements).
 CANDIDATE_ELEMENTS = 1 << 21
-
-
-def _check_c2f_inputs(
-    coarse: torch.Tensor,
-    fine: torch.Tensor,
-    coarse_valid: torch.Tensor | None,
-    fine_valid: torch.Tensor | None,
-    routes: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if coarse.ndim != 3:
-        raise ValueError(f"coarse tokens must be [B, N_c, d], got shape {tuple(coarse.shape)}")
-    b, n_c, d = coarse.shape
-    if fine.ndim != 4 or fine.shape[:2] != (b, n_c) or fine.shape[3] != d:
-        raise ValueError(
-            f"fine tokens must be [B, N_c, h, d] = [{b}, {n_c}, h, {d}] (the h depth children of each "
-            f"coarse token), got shape {tuple(fine.shape)}"
-        )
-    if isinstance(routes, bool) or int(routes) != routes or routes < 1:
-        raise ValueError(f"L (coarse routes per reference volume) must be an int >= 1, got {routes}")
-    coarse_valid = check_inputs(coarse, coarse_valid)
-    h = fine.shape[2]
-    if fine_valid is None:
-        fine_valid = torch.ones(b, n_c, h, dtype=torch.bool, device=fine.device)
-    elif fine_valid.shape != (b, n_c, h):
-        raise ValueError(f"fine_valid must be [B, N_c, h] = {(b, n_c, h)}, got {tuple(fine_valid.shape)}")
-    fine_valid = fine_valid.to(device=fine.device, dtype=torch.bool)
-    empty = torch.nonzero(fine_valid.flatten(1).sum(dim=1) == 0).flatten().tolist()
-    if empty:
-        raise empty_volumes_error(empty, "valid fine token")
-    return coarse_valid, fine_valid
 
 
 def _c2f_profiles(
@@ -88,8 +55,7 @@ def _c2f_profiles(
             route_index = top.indices  # [G, Q, L]
             best_values, best_index = top.values[..., 0], top.indices[..., 0]
         else:
-            # Masks differ (a valid coarse token without valid fine child, or the converse): d2 holds
-            # finite norms for the union; mask each reduction separately.
+            # Masks differ: d2 holds finite norms for the union; mask each reduction separately.
             coarse_ok, route_ok = (m[start:stop].unsqueeze(1).to(device) for m in masks)
             best = d2.masked_fill(~coarse_ok, inf).min(dim=-1)
             best_values, best_index = best.values, best.indices
@@ -100,9 +66,8 @@ def _c2f_profiles(
             best_index = columns.gather(2, best_index.unsqueeze(-1)).squeeze(-1)
         coarse_d2[:, start:stop] = best_values.t()
         coarse_nn[:, start:stop] = best_index.t()
-        # Restricted fine search (Eq. 6): the h children of each of the L routed coarse tokens, gathered
-        # for some queries x the G reference volumes at a time into one reused buffer (the search reads
-        # each candidate h times only, so it is bound by this gather, not by arithmetic).
+        # Restricted fine search (Eq. 6): the h children of the L routed coarse tokens, gathered for some
+        # queries x the G reference volumes at a time into one reused buffer (bound by this gather).
         rows = route_index + (torch.arange(start, stop, device=device) * n_c).view(-1, 1, 1)  # [G, Q, L]
         capacity = bank.candidates.shape[0]  # rows of the buffer, at least L
         volumes_step = max(1, capacity // routes)
@@ -117,8 +82,7 @@ def _c2f_profiles(
                 torch.index_select(bank.fine_rows, 0, where, out=cand)
                 cand = cand.to(device=device, dtype=torch.float32).view(g * (s1 - s0), routes * h, d)
                 cand_norms = bank.fine_norm_rows.index_select(0, where).to(device).view(-1, routes * h, 1)
-                # [g * S, d, h] as the transpose of a contiguous [g * S, h, d]: MKL's small-N path is
-                # much faster for this layout than for a contiguous [d, h] operand (docs/multiscale.md).
+                # [g * S, d, h] as the transpose of a contiguous [g * S, h, d]: MKL's faster layout.
                 queries = fine_q[s0:s1].expand(g, -1, -1, -1).reshape(-1, h, d).transpose(1, 2)
                 # |c|^2 - 2 c.f for the L*h candidates x h fine queries of each coarse query.
                 best = torch.baddbmm(cand_norms, cand, queries, alpha=-2.0).min(dim=1)  # [g * S, h]
@@ -132,9 +96,7 @@ def _c2f_profiles(
 
 
 def _candidate_elements(device: torch.device, block_elements: int) -> int:
-    """Elements of the C2F candidate buffer: 8 MiB on the CPU (stays in cache); on a GPU as large as
-    the scorer's block, since each gather-and-match step costs a few kernel launches whatever its size.
-    """
+    """Elements of the candidate buffer: 8 MiB on the CPU (stays in cache), the scorer's block on a GPU."""
     return CANDIDATE_ELEMENTS if device.type != "cuda" else max(CANDIDATE_ELEMENTS, int(block_elements))
 
 
@@ -151,16 +113,34 @@ class _C2FBank:
         query_tile: int,
         block_elements: int,
     ) -> None:
-        self.coarse_valid, self.fine_valid = _check_c2f_inputs(coarse, fine, coarse_valid, fine_valid, L)
+        if coarse.ndim != 3:
+            raise ValueError(f"coarse tokens must be [B, N_c, d], got shape {tuple(coarse.shape)}")
+        b, n_c, d = coarse.shape
+        if fine.ndim != 4 or fine.shape[:2] != (b, n_c) or fine.shape[3] != d:
+            raise ValueError(
+                f"fine tokens must be [B, N_c, h, d] = [{b}, {n_c}, h, {d}] (the h depth children of each "
+                f"coarse token), got shape {tuple(fine.shape)}"
+            )
+        if isinstance(L, bool) or int(L) != L or L < 1:
+            raise ValueError(f"L (coarse routes per reference volume) must be an int >= 1, got {L}")
+        coarse_valid = check_inputs(coarse, coarse_valid)
+        h = fine.shape[2]
+        if fine_valid is None:
+            fine_valid = torch.ones(b, n_c, h, dtype=torch.bool, device=fine.device)
+        elif fine_valid.shape != (b, n_c, h):
+            raise ValueError(f"fine_valid must be [B, N_c, h] = {(b, n_c, h)}, got {tuple(fine_valid.shape)}")
+        fine_valid = fine_valid.to(device=fine.device, dtype=torch.bool)
+        empty = torch.nonzero(fine_valid.flatten(1).sum(dim=1) == 0).flatten().tolist()
+        if empty:
+            raise empty_volumes_error(empty, "valid fine token")
+        self.coarse_valid, self.fine_valid = coarse_valid, fine_valid
         self.coarse, self.fine = coarse, fine
-        b, n_c, h, d = fine.shape
         self.h = h
         # A coarse token is worth routing to iff it has a valid fine child (see c2f_scores).
         routable = self.fine_valid.any(dim=2)
         self.queries_of = self.coarse_valid | routable
         coarse_norms = sq_norms(coarse, self.queries_of)
-        # The coarse GEMM and top-L read each reference volume at the positions of the union only
-        # (most tokens are background under a mask); ``index`` maps a packed column to its token.
+        # The coarse GEMM and top-L read the union's positions only; ``index`` maps a packed column to its token.
         self.index, self.packed_norms = pack_valid(self.queries_of, coarse_norms)
         width = n_c if self.index is None else self.index.shape[1]
         self.routes = min(int(L), width)
@@ -172,7 +152,6 @@ class _C2FBank:
         # Rows of h children: one index_select row per routed coarse token (a view when contiguous).
         self.fine_rows = fine.reshape(b * n_c, h * d)
         self.fine_norm_rows = sq_norms(fine, self.fine_valid).reshape(b * n_c, h)
-        # Per query and reference volume: the packed coarse distances (the routes and profiles are small).
         self.per_query = width + 2 * self.routes
         self.tile = max(1, min(int(query_tile), block_elements // self.per_query))
         self.block_elements = block_elements
@@ -205,12 +184,9 @@ def c2f_tiles(
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     volumes: Sequence[int] | None = None,
 ) -> Iterator[tuple[int, torch.Tensor, tuple[torch.Tensor, ...]]]:
-    """The distance profiles behind :func:`c2f_scores`, one query tile at a time (for analysis).
-
-    Yields ``(i, index, (coarse_d2, coarse_nn, fine_d2, fine_nn))``: ``[Q, B]`` / ``[Q, h, B]`` squared
-    distances (self column ``+inf``) and nearest indices (``fine_nn``: ``parent * h + child``). Arguments
-    as in :func:`c2f_scores`.
-    """
+    """The distance profiles behind :func:`c2f_scores` (same arguments), one query tile at a time: yields
+    ``(i, index, (coarse_d2, coarse_nn, fine_d2, fine_nn))``, ``[Q, B]`` / ``[Q, h, B]`` squared distances
+    (self column ``+inf``) and nearest indices (``fine_nn``: ``parent * h + child``)."""
     yield from _C2FBank(coarse, fine, coarse_valid, fine_valid, L, query_tile, block_elements).tiles(volumes)
 
 
@@ -228,29 +204,18 @@ def c2f_scores(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Coarse scores and coarse-to-fine routed fine scores (Sec. 3.5, Eq. 2 and 6).
 
-    The coarse scores equal :func:`mutual_similarity_scores` on ``coarse``. Routing in a reference volume is
-    over its coarse tokens with at least one valid fine child, so with ``L >= N_c`` the fine scores equal
-    :func:`mutual_similarity_scores` on the fine tokens; fine scores never increase with ``L``. A fine query
-    is routed by its parent whether or not the parent is coarse-valid. Invalid tokens score 0.
+    The coarse scores equal :func:`mutual_similarity_scores` on ``coarse``; routes go to coarse tokens with a
+    valid fine child, so with ``L >= N_c`` the fine scores equal it on the fine tokens (they never increase
+    with ``L``). A fine query is routed by its parent, valid or not. Invalid tokens score 0.
 
     Args:
-        coarse: ``[B, N_c, d]`` coarse tokens (any float dtype; accumulated in fp32).
-        fine: ``[B, N_c, h, d]`` the ``h`` depth children of each coarse token, in depth order.
-        coarse_valid: ``[B, N_c]`` bool or ``None`` (all valid).
-        fine_valid: ``[B, N_c, h]`` bool or ``None`` (all valid).
-        rho: neighbour ratio, ``K = max(1, floor(rho * (B - 1)))``.
+        coarse, coarse_valid: ``[B, N_c, d]`` coarse tokens (any float dtype), ``[B, N_c]`` bool or ``None``.
+        fine, fine_valid: ``[B, N_c, h, d]`` the ``h`` depth children of each coarse token, ``[B, N_c, h]`` or ``None``.
         L: coarse routes per (query coarse token, reference volume); clipped to ``N_c``.
-        query_tile: at most this many query coarse tokens together.
-        block_elements: element budget of the largest intermediate block.
-        volumes: score only these volumes (see :func:`mutual_similarity_scores`).
-        groups: optional subject of each volume (see :func:`mutual_similarity_scores`).
+        rho, query_tile, block_elements, volumes, groups: as in :func:`mutual_similarity_scores`.
 
     Returns:
         ``(coarse_scores [B, N_c], fine_scores [B, N_c, h])`` fp32 on the device of ``coarse``.
-
-    Raises:
-        ValueError: ``B < 2``, bad shapes or ``L``, bad ``rho``, or a volume without any valid coarse
-            or fine token.
     """
     bank = _C2FBank(coarse, fine, coarse_valid, fine_valid, L, query_tile, block_elements)
     b, n_c, h, _ = fine.shape
@@ -259,9 +224,6 @@ def c2f_scores(
     coarse_scores = torch.zeros(b, n_c, dtype=torch.float32, device=coarse.device)
     fine_scores = torch.zeros(b, n_c, h, dtype=torch.float32, device=coarse.device)
 
-    def coarse_lookup(v: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        return coarse[v, j]
-
     def fine_lookup(v: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         return fine[v, torch.div(j, h, rounding_mode="floor"), j % h]
 
@@ -269,7 +231,7 @@ def c2f_scores(
         k = ks[i]
         coarse_q, fine_q = coarse[i, idx].float(), fine[i, idx].float()
         chosen = k_nearest(coarse_d2, k)  # [Q, K]
-        c = mean_of_k_nearest(coarse_q, chosen, coarse_nn.gather(-1, chosen), coarse_lookup, block_elements)
+        c = mean_of_k_nearest(coarse_q, chosen, coarse_nn.gather(-1, chosen), lambda v, j: coarse[v, j], block_elements)
         coarse_scores[i, idx] = torch.where(bank.coarse_valid[i, idx], c, 0.0)
         chosen = k_nearest(fine_d2, k)  # [Q, h, K]
         f = mean_of_k_nearest(fine_q, chosen, fine_nn.gather(-1, chosen), fine_lookup, block_elements)

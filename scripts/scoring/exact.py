@@ -1,9 +1,5 @@
-"""Exact cross-subject mutual-similarity scores (paper Sec. 3.2, Eq. 1-2).
-
-:func:`mean_of_k_nearest` is the one implementation of Eq. 2's mean, shared by every scorer. The exact
-batch is scored from canonical per-pair blocks (:class:`_PairBlocks`) in one of two orders that give
-bit-identical scores: pair-symmetric (every volume a query) or per volume (a rank's share).
-"""
+"""Exact cross-subject mutual-similarity scores (paper Sec. 3.2, Eq. 1-2); :func:`mean_of_k_nearest` is
+Eq. 2's mean for every scorer."""
 
 from __future__ import annotations
 
@@ -22,20 +18,17 @@ from scripts.scoring.blocks import (
 
 __all__ = [
     "check_inputs",
+    "check_valid",
     "check_volumes",
     "empty_volumes_error",
     "exact_mean_of_k_nearest",
     "k_nearest",
     "mean_of_k_nearest",
     "mutual_similarity_scores",
-    "nearest_positions",
     "neighbours_per_volume",
     "num_neighbours",
     "same_subject",
 ]
-
-#: ``lookup(volumes, positions) -> tokens [..., d]``: reference tokens at two index tensors of one shape
-Lookup = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def num_neighbours(batch_size: int, rho: float) -> int:
@@ -55,22 +48,28 @@ def empty_volumes_error(empty: list[int], what: str = "valid token") -> ValueErr
     )
 
 
-def check_inputs(tokens: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """``valid [B, N]`` bool on the tokens' device (all ``True`` for ``None``), after shape checks."""
-    if tokens.ndim != 3:
-        raise ValueError(f"tokens must be [B, N, d], got shape {tuple(tokens.shape)}")
+def check_valid(tokens: torch.Tensor, valid: torch.Tensor | None, what: str = "") -> torch.Tensor:
+    """``valid [B, N]`` bool on the device of ``tokens [B, N, d]`` (all ``True`` for ``None``), checked;
+    ``what`` prefixes the errors."""
     b, n, _ = tokens.shape
-    if b < 2:
-        raise ValueError(f"mutual-similarity scoring needs at least 2 volumes in the batch, got {b}")
     if valid is None:
         return torch.ones(b, n, dtype=torch.bool, device=tokens.device)
     if valid.shape != (b, n):
-        raise ValueError(f"valid must be [B, N] = {(b, n)}, got {tuple(valid.shape)}")
+        raise ValueError(f"{what}valid must be [B, N] = {(b, n)}, got {tuple(valid.shape)}")
     valid = valid.to(device=tokens.device, dtype=torch.bool)
     empty = torch.nonzero(valid.sum(dim=1) == 0).flatten().tolist()
     if empty:
-        raise empty_volumes_error(empty)
+        raise ValueError(what + str(empty_volumes_error(empty)))
     return valid
+
+
+def check_inputs(tokens: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """:func:`check_valid` of a batch of ``B >= 2`` volumes."""
+    if tokens.ndim != 3:
+        raise ValueError(f"tokens must be [B, N, d], got shape {tuple(tokens.shape)}")
+    if tokens.shape[0] < 2:
+        raise ValueError(f"mutual-similarity scoring needs at least 2 volumes in the batch, got {tokens.shape[0]}")
+    return check_valid(tokens, valid)
 
 
 def check_volumes(volumes: Sequence[int] | None, b: int) -> list[int]:
@@ -107,10 +106,6 @@ def neighbours_per_volume(b: int, rho: float, same: Sequence[Sequence[int]]) -> 
     return [num_neighbours(b - len(s), rho) for s in same]
 
 
-# ---------------------------------------------------------------------------------------------------
-# Eq. 2: the mean of the K nearest
-
-
 def k_nearest(profile: torch.Tensor, k: int) -> torch.Tensor:
     """``[..., K]`` columns of the ``k`` smallest values of a ``[..., B]`` distance profile."""
     return profile.topk(k, dim=-1, largest=False).indices
@@ -120,13 +115,11 @@ def mean_of_k_nearest(
     queries: torch.Tensor,
     chosen: torch.Tensor,
     positions: torch.Tensor,
-    lookup: Lookup,
+    lookup: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
 ) -> torch.Tensor:
-    """Eq. 2: the mean over the ``K`` chosen volumes of each query's distance to its nearest token there.
-
-    The distances are recomputed directly as ``|q - r|`` rather than read from the GEMM form, whose
-    cancellation near zero would keep identical anatomy from scoring exactly 0.
+    """Eq. 2: ``[Q, ...]`` fp32 mean over the ``K`` chosen volumes of each query's distance to its nearest
+    token there, as ``|q - r|`` (the GEMM form's cancellation would keep identical anatomy off 0).
 
     Args:
         queries: ``[Q, ..., d]`` fp32 query tokens.
@@ -134,9 +127,6 @@ def mean_of_k_nearest(
         positions: ``[Q, ..., K]`` the position of the query's nearest token in each chosen volume.
         lookup: ``lookup(volumes, positions)`` -> reference tokens ``[..., K, d]`` (any float dtype).
         block_elements: element budget of the gathered references.
-
-    Returns:
-        ``[Q, ...]`` fp32 scores.
     """
     rows = max(1, block_elements // (2 * chosen.shape[-1] * queries[0].numel()))
     parts = []
@@ -147,7 +137,7 @@ def mean_of_k_nearest(
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def nearest_positions(
+def exact_mean_of_k_nearest(
     queries: torch.Tensor,
     chosen: torch.Tensor,
     tokens: torch.Tensor,
@@ -155,17 +145,14 @@ def nearest_positions(
     index: torch.Tensor | None,
     block_elements: int,
 ) -> torch.Tensor:
-    """``[Q, K]`` position (in ``tokens``' ``N`` axis) of each query's nearest token in each chosen volume.
-
-    Each chosen reference volume is searched again by one fp32 GEMM, for the queries that chose it only.
+    """``[Q]`` :func:`mean_of_k_nearest` at each query's nearest token in each chosen volume, found again by one
+    fp32 GEMM per chosen volume for the queries that chose it.
 
     Args:
         queries: ``[Q, d]`` fp32.
-        chosen: ``[Q, K]`` volumes of ``tokens``.
-        tokens: ``[B, N, d]`` references (any float dtype, any device).
+        chosen: ``[Q, K]`` volumes of ``tokens [B, N, d]`` (any float dtype, any device).
         ref_sq_norms: ``[B, M]`` fp32 squared norms (``+inf`` where invalid), in ``index`` order.
         index: ``[B, M]`` packed token positions (:func:`scripts.scoring.blocks.pack_valid`) or ``None``.
-        block_elements: element budget of one GEMM block.
     """
     found = torch.empty(chosen.shape, dtype=torch.long, device=queries.device)
     for v in chosen.unique().tolist():
@@ -181,37 +168,17 @@ def nearest_positions(
             if packed is not None:
                 nearest = packed.to(queries.device)[nearest]
             found[at[r0 : r0 + rows], slot[r0 : r0 + rows]] = nearest
-    return found
-
-
-def exact_mean_of_k_nearest(
-    queries: torch.Tensor,
-    chosen: torch.Tensor,
-    tokens: torch.Tensor,
-    ref_sq_norms: torch.Tensor,
-    index: torch.Tensor | None,
-    block_elements: int,
-) -> torch.Tensor:
-    """:func:`mean_of_k_nearest` at the nearest tokens of :func:`nearest_positions` (same arguments); ``[Q]``."""
-    positions = nearest_positions(queries, chosen, tokens, ref_sq_norms, index, block_elements)
 
     def lookup(volumes: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
         return tokens[volumes.to(tokens.device), at.to(tokens.device)].to(queries.device)
 
-    return mean_of_k_nearest(queries, chosen, positions, lookup, block_elements)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The exact batch
+    return mean_of_k_nearest(queries, chosen, found, lookup, block_elements)
 
 
 class _PairBlocks:
-    """Distance blocks of volume pairs in one canonical form, shared by both exact scoring orders.
-
-    The block of the pair ``a < b`` is always one query tile of ``a`` against all of ``b``'s packed valid
-    tokens, ``(|p|^2 + |t|^2) - 2 p.t`` in one ``addmm``: its row minima serve ``a`` and its column minima
-    ``b``, so both orders read the same blocks and give the same scores, bit for bit.
-    """
+    """Distance blocks of volume pairs in one canonical form: the block of ``a < b`` is a query tile of ``a``
+    against ``b``'s packed tokens, ``(|p|^2 + |t|^2) - 2 p.t``; its row minima serve ``a``, its column
+    minima ``b``, so both scoring orders give the same scores, bit for bit."""
 
     def __init__(self, tokens: torch.Tensor, valid: torch.Tensor, query_tile: int, block_elements: int) -> None:
         self.tokens = tokens
@@ -221,7 +188,7 @@ class _PairBlocks:
         # Rows per tile: the block [tile, M] stays within the budget (and in cache), 64..query_tile.
         self.tile = max(1, min(int(query_tile), max(64, block_elements // max(1, self.m))))
         self.workspace = workspace(max(block_elements, self.tile * self.m), tokens.device)
-        self._tiles = [
+        self.tiles = [  # per volume, the packed positions of its query tiles
             [slice(int(t[0]), int(t[-1]) + 1) for t in query_tiles(torch.arange(count), self.tile)]
             for count in self.counts
         ]
@@ -231,10 +198,6 @@ class _PairBlocks:
         """``[M, d]`` fp32 packed tokens of volume ``b`` (its valid tokens first)."""
         t = self.tokens[b] if self.index is None else self.tokens[b][self.index[b]]
         return t.float()
-
-    def tiles(self, a: int) -> list[slice]:
-        """Packed positions of volume ``a``'s query tiles."""
-        return self._tiles[a]
 
     def block(self, p: torch.Tensor, a: int, rows: slice, b: int, refs_b: torch.Tensor) -> torch.Tensor:
         """``[rows, M]`` squared distances of ``a``'s packed rows to volume ``b``; a view of the workspace."""
@@ -269,14 +232,14 @@ def _scores_per_volume(
         for a in range(i):
             if a not in same[i]:
                 p_a = pairs.refs(a)
-                for rows in pairs.tiles(a):
+                for rows in pairs.tiles[a]:
                     col = pairs.block(p_a, a, rows, i, p_i).amin(dim=0)[:count]
                     torch.minimum(profile[a], col, out=profile[a])
             progress(1)
         for c in range(i + 1, b):
             if c not in same[i]:
                 refs_c = pairs.refs(c)
-                for rows in pairs.tiles(i):
+                for rows in pairs.tiles[i]:
                     profile[c, rows] = pairs.block(p_i, i, rows, c, refs_c).amin(dim=1)
             progress(1)
         pairs.scores(i, p_i, k_nearest(profile.t(), ks[i]), scores)
@@ -289,11 +252,8 @@ def _scores_pair_symmetric(
     same: Sequence[Sequence[int]],
     progress: Callable[[int], None],
 ) -> None:
-    """Exact scores of every volume with one GEMM per volume pair.
-
-    Row minima complete the row volume's profile over the higher volumes; column minima are folded into a
-    running top-``k`` of each higher volume (``[B, M, k]`` instead of the ``[B, M, B]`` profile).
-    """
+    """Exact scores of every volume with one GEMM per volume pair: row minima complete the row volume's
+    profile, column minima go into a running top-``k`` of each higher volume (``[B, M, k]``, not ``[B, M, B]``)."""
     b, m = len(pairs.counts), pairs.m
     k = max(ks)
     device = scores.device
@@ -311,7 +271,7 @@ def _scores_pair_symmetric(
                 row_min[:, j] = inf
             else:
                 refs_c = pairs.refs(c)
-                for rows in pairs.tiles(a):
+                for rows in pairs.tiles[a]:
                     block = pairs.block(p_a, a, rows, c, refs_c)
                     row_min[rows, j] = block.amin(dim=1)
                     torch.minimum(columns[j], block.amin(dim=0), out=columns[j])
@@ -342,26 +302,16 @@ def mutual_similarity_scores(
     groups: Sequence[object] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """Exact mutual-similarity anomaly scores (Eq. 1-2), tiled.
+    """Exact mutual-similarity anomaly scores ``[B, N]`` (fp32, on the tokens' device) of Eq. 1-2, tiled.
 
     Args:
         tokens: ``[B, N, d]`` float tokens of ``B`` volumes (fp16/bf16 storage is accumulated in fp32).
-        valid: ``[B, N]`` bool, or ``None`` for all valid. An invalid token neither queries nor is
-            matched, and scores 0.
+        valid: ``[B, N]`` bool or ``None`` (all valid); an invalid token neither queries nor is matched (scores 0).
         rho: neighbour ratio, ``K = max(1, floor(rho * (B - 1)))``.
-        query_tile: number of query tokens processed together.
-        block_elements: element budget of the largest intermediate block.
+        query_tile, block_elements: query tokens per tile, elements of the largest intermediate block.
         volumes: score only these volumes (all stay references; the other rows stay 0). ``None``: all.
-        groups: optional subject of each volume (``[B]`` hashables); scans of one subject are never
-            references for each other, and each volume's ``K`` counts only the references it has.
+        groups: optional subject of each volume; scans of one subject are never references for each other.
         progress: ``progress(done, total)`` after each (query volume, reference volume) pair visited.
-
-    Returns:
-        ``[B, N]`` fp32 scores on the device of ``tokens``.
-
-    Raises:
-        ValueError: ``B < 2``, bad shapes, bad ``rho``, a volume without any valid token, or a volume
-            whose subject holds every other volume of the batch.
     """
     valid = check_inputs(tokens, valid)
     b, n, _ = tokens.shape
@@ -370,8 +320,7 @@ def mutual_similarity_scores(
     wanted = check_volumes(volumes, b)
     pairs = _PairBlocks(tokens, valid, query_tile, block_elements)
     scores = torch.zeros(b, n, dtype=torch.float32, device=tokens.device)
-    # The pair-symmetric order keeps a [B, M, K] top-K store (fp32 + int16): used when every volume is
-    # a query and the store stays within an eighth of the bank (or one block).
+    # The pair-symmetric order's [B, M, K] top-K store (fp32 + int16) must stay within 1/8 of the bank (or a block).
     store = b * pairs.m * max(ks) * 6
     bank_bytes = tokens.numel() * tokens.element_size()
     symmetric = set(wanted) == set(range(b)) and b < 2**15

@@ -1,9 +1,5 @@
-"""Which volumes a query volume is scored against: the reference set, chosen by one config key.
-
-:class:`ReferenceSet` parses ``references`` (``all``, ``chunks:N``, ``random:N``, ``bank:DIR``);
-:func:`plan_references` and :func:`bank_plan` turn it into a :class:`ReferencePlan` of volume indices,
-which :class:`scripts.scoring.scorer.Scorer` scores. Pure bookkeeping on indices and names.
-"""
+"""Which volumes each query volume is scored against: :class:`ReferenceSet` parses the ``references`` key,
+:func:`plan_references` and :func:`bank_plan` turn it into a :class:`ReferencePlan` of volume indices."""
 
 from __future__ import annotations
 
@@ -29,13 +25,8 @@ MODES = ("all", "chunks", "random", "bank")
 
 @dataclass(frozen=True)
 class ReferenceSet:
-    """The references of each query volume.
-
-    Attributes:
-        mode: one of :data:`MODES`.
-        size: ``chunks``: volumes per chunk (``>= 2``); ``random``: references per volume (``>= 1``).
-        folder: ``bank``: the bank folder.
-    """
+    """The references of each query volume: ``mode`` (:data:`MODES`), ``size`` (``chunks``: volumes per chunk,
+    ``>= 2``; ``random``: references per volume, ``>= 1``) and ``folder`` (``bank``)."""
 
     mode: str = "all"
     size: int | None = None
@@ -43,11 +34,8 @@ class ReferenceSet:
 
     @classmethod
     def parse(cls, value: ReferenceSet | str | Mapping | None) -> ReferenceSet:
-        """From ``None``/``"all"``, ``"chunks:N"``, ``"random:N"``, ``"bank:DIR"`` or a dict of the fields.
-
-        Raises:
-            CS3FInputError: one line naming the bad value and the accepted forms.
-        """
+        """From ``None``/``"all"``, ``"chunks:N"``, ``"random:N"``, ``"bank:DIR"`` or a dict of the fields;
+        :class:`CS3FInputError` naming a bad value."""
         if isinstance(value, ReferenceSet):
             return value
         if value is None:
@@ -93,11 +81,8 @@ class ReferenceSet:
 
 
 def chunk_ranges(b: int, chunk_size: int) -> list[tuple[int, int]]:
-    """Consecutive ``(start, stop)`` chunks of ``b`` volumes (paper Sec. 5.1, Table 8).
-
-    ``max(1, b // chunk_size)`` chunks of near-equal size, each of ``chunk_size`` to ``2 * chunk_size - 1``
-    volumes; ``b <= chunk_size``: one chunk, the whole cohort.
-    """
+    """``max(1, b // chunk_size)`` consecutive ``(start, stop)`` chunks of near-equal size (``chunk_size`` to
+    ``2 * chunk_size - 1`` volumes) of ``b`` volumes (paper Sec. 5.1, Table 8)."""
     if isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 2:
         raise ValueError(f"chunk_size must be an int >= 2 (volumes per independently scored chunk), got {chunk_size}")
     n_chunks = max(1, b // int(chunk_size))
@@ -134,21 +119,13 @@ def reference_subsets(
     queries: Iterable[int] | None = None,
     subjects: Sequence[object] | None = None,
 ) -> dict[int, list[int]]:
-    """For each query volume, the indices of its ``n`` references among the other volumes.
-
-    The references of ``names[i]`` are the ``min(n, B - 1)`` others with the smallest
-    ``mix(h(seed, names[i]) * phi + h(seed, name))`` (``h``: sha256, ``mix``: splitmix64): seeded and
-    independent of the datalist order.
+    """``{query index: [its n reference indices, in name order]}``: the ``min(n, B - 1)`` other volumes with the
+    smallest ``mix(h(seed, names[i]) * phi + h(seed, name))`` (``h``: sha256, ``mix``: splitmix64), seeded
+    and independent of the datalist order; never the other scans of the query's ``subjects`` entry.
 
     Args:
         names: unique volume names (the workflow passes the image stems).
-        n: references per query volume, ``>= 1``.
-        seed: seed of the draw.
         queries: the query indices wanted (default: all).
-        subjects: optional subject per volume; the other scans of a query's subject are never drawn.
-
-    Returns:
-        ``{query index: [reference indices, in name order]}``.
     """
     if isinstance(n, bool) or int(n) != n or n < 1:
         raise ValueError(f"n_references must be an int >= 1, got {n}")
@@ -176,18 +153,11 @@ def reference_subsets(
 
 @dataclass(frozen=True)
 class ReferencePlan:
-    """Which reference volumes each query volume of a cohort is scored against (indices, no tokens).
+    """Which reference volumes each query volume (``queries``, sorted) of a cohort is scored against.
 
-    A plan has exactly one of ``batches`` (groups each scored within itself: ``all`` or ``chunks:N``),
-    ``subsets`` (``random:N``) or ``skips`` (a reference bank: per cohort volume the bank volumes that are
-    *not* its references, or ``None``).
-
-    Attributes:
-        queries: the cohort volumes to score, sorted.
-        batches: the members of each batch, in cohort order.
-        subsets: ``{query: its reference volumes in the cohort}``.
-        skips: one entry per cohort volume.
-        subjects: the subject of each cohort volume (``None``: every volume is its own), for batches.
+    Exactly one of ``batches`` (the members of groups each scored within itself: ``all``, ``chunks:N``),
+    ``subsets`` (``{query: its references}``: ``random:N``) or ``skips`` (a bank: per cohort volume the
+    bank volumes that are *not* its references, or ``None``); ``subjects``: per volume, for batches.
     """
 
     queries: tuple[int, ...]
@@ -197,12 +167,10 @@ class ReferencePlan:
     subjects: tuple[object, ...] | None = None
 
     def batch_queries(self, members: Sequence[int]) -> list[int]:
-        """Positions in ``members`` of the plan's queries."""
         wanted = set(self.queries)
         return [j for j, i in enumerate(members) if i in wanted]
 
     def batch_subjects(self, members: Sequence[int]) -> list[object] | None:
-        """The subject of each of ``members`` (``None`` when the plan has no subjects)."""
         return None if self.subjects is None else [self.subjects[i] for i in members]
 
 
@@ -218,19 +186,9 @@ def plan_references(
     names: Sequence[str] | None = None,
     subjects: Sequence[object] | None = None,
 ) -> ReferencePlan:
-    """The plan of a cohort-internal reference set (``all``, ``chunks:N``, ``random:N``) for ``b`` volumes.
-
-    Args:
-        references: the reference set; not ``bank`` (see :func:`bank_plan`).
-        b: volumes in the cohort.
-        seed: seed of the ``random`` draw.
-        queries: the volumes to score (default: all).
-        names: volume names that seed the ``random`` draw (default: the positions).
-        subjects: the subject of each volume; a volume's other scans are never its references.
-
-    Raises:
-        ValueError: a bank set, fewer than 2 volumes, or names that do not match the cohort.
-    """
+    """The plan of a cohort-internal reference set (not ``bank``) for ``b`` volumes; ``seed`` and ``names``
+    (default: the positions) seed the ``random`` draw, a volume's other ``subjects`` scans are never its
+    references."""
     if references.mode == "bank":
         raise ValueError("a reference bank needs its tokens: score with the bank (bank_plan)")
     if b < 2:
@@ -252,13 +210,8 @@ def plan_references(
 def bank_plan(
     b: int, queries: Iterable[int] | None = None, exclude: Sequence[int | Sequence[int] | None] | None = None
 ) -> ReferencePlan:
-    """The plan of ``b`` new volumes scored against a reference bank only.
-
-    Args:
-        b: the new volumes, ``>= 1``.
-        queries: score only these (default: all).
-        exclude: per new volume, the bank index (or indices: its subject's scans) of itself, or ``None``.
-    """
+    """The plan of ``b >= 1`` new volumes scored against a reference bank only; ``exclude``: per new volume,
+    the bank index (or indices: its subject's scans) of itself, or ``None``."""
     if b < 1:
         raise ValueError("no volumes to score against the reference bank")
     skips = (None,) * b if exclude is None else tuple(exclude)

@@ -1,12 +1,9 @@
-"""The one entry point of scoring: a cohort's token grids against a reference plan (Eq. 1-2, Eq. 6).
-
-Each (axis, layer) is scored independently and freed before the next. This module sits one layer above
-the rest of the package: it reads :mod:`scripts.tokens`' containers.
-"""
+"""The one entry point of scoring: a cohort's token grids against a reference plan (Eq. 1-2, Eq. 6), each
+(axis, layer) scored and freed before the next."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from scripts.progress import Progress
@@ -86,12 +83,8 @@ class Scorer:
     def score(
         self, bank: Sequence[VolumeTokens], plan: ReferencePlan, reference_bank: BankTokens | None = None
     ) -> TokenScores:
-        """Token scores of the plan's queries of ``bank`` against their references.
-
-        Args:
-            bank: tokens of the cohort (scored in place when the plan is one batch of the whole cohort).
-            plan: which references each query volume has.
-            reference_bank: the bank's tokens, for a plan with ``skips`` (e.g. memory-mapped fp16).
+        """Token scores of the plan's queries of ``bank`` against their references (``reference_bank``: the
+        bank's tokens, for a plan with ``skips``).
 
         Returns:
             per volume, ``{key: [M, P, P]}`` fp32 token scores (0 for invalid tokens); for F/MS also
@@ -113,9 +106,7 @@ class Scorer:
         return self._score_batches(bank, jobs, "chunk")
 
     def budget(self, device: torch.device) -> tuple[int, int]:
-        """``(query_tile, block_elements)`` on ``device``: as given on the CPU; on a GPU the defaults grow with
-        the free memory, since every block is a few kernel launches whatever its size.
-        """
+        """``(query_tile, block_elements)`` on ``device``: as given, but the defaults grow with a GPU's free memory."""
         tile, block = self.query_tile, self.block_elements
         if device.type != "cuda" or (tile, block) != (DEFAULT_QUERY_TILE, DEFAULT_BLOCK_ELEMENTS):
             return tile, block
@@ -123,18 +114,33 @@ class Scorer:
         block = max(block, min(1 << 27, free // (16 * 4)))
         return max(tile, 1 << 14), block
 
-    def _key_batches(
-        self, bank: Sequence[VolumeTokens], keys: Sequence[str], desc: str, show: bool = True
-    ) -> Iterator[tuple[str, tuple[int, int, int], torch.Tensor, torch.Tensor]]:
-        """``(key, grid shape, tokens [B, N, d], valid [B, N])`` per key, on the scoring device; ``show``:
-        one progress step per key (off where the caller shows finer steps)."""
+    def _per_key(
+        self,
+        bank: Sequence[VolumeTokens],
+        keys: Sequence[str],
+        desc: str,
+        score: Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor],
+        rows: Iterable[tuple[int, int]],
+        results: TokenScores,
+        show: bool = True,
+    ) -> TokenScores:
+        """Key by key on the scoring device: ``results[i][key]`` = row ``r`` of ``score(key, tokens [B, N, d],
+        valid [B, N])`` for each ``(r, i)`` of ``rows``; ``show``: one progress step per key."""
+        rows = list(rows)
         with Progress(desc, len(keys), unit="grid", enabled=self.progress and show) as progress:
             for key in keys:
+                shape = bank[0].grids[key].shape
                 device = self.score_device or bank[0].grids[key].tokens.device
                 tokens, valid = (t.to(device) for t in batch_of(bank, key))
-                yield key, bank[0].grids[key].shape, tokens, valid
-                del tokens, valid  # a stacked copy goes before the next key's is made
+                try:
+                    scores = score(key, tokens, valid)
+                except ValueError as err:
+                    raise ValueError(f"{key}: {err}") from None
+                for r, i in rows:
+                    results[i][key] = scores[r].cpu().reshape(shape)
+                del tokens, valid, scores  # a stacked copy goes before the next key's is made
                 progress.update(detail=key)
+        return results
 
     def exact(
         self,
@@ -143,8 +149,7 @@ class Scorer:
         subjects: Sequence[object] | None = None,
     ) -> TokenScores:
         """Every volume of ``queries`` (default: all) against all other volumes of ``bank`` but its subject's
-        other scans; for F/MS also the ``key + "/fine"`` grids ``[M * h, P, P]`` of C2F fine scores.
-        """
+        other scans; for F/MS also the ``key + "/fine"`` grids ``[M * h, P, P]`` of C2F fine scores."""
         if len(bank) < 2:
             raise ValueError(f"CS3F scores volumes against each other: need at least 2 volumes, got {len(bank)}")
         keys = check_same_grids(bank)
@@ -158,30 +163,24 @@ class Scorer:
                 )
         results: TokenScores = [{} for _ in bank]
         wanted = range(len(bank)) if queries is None else sorted({int(i) for i in queries})
-        batches = self._key_batches(bank, coarse_keys, "scoring grids", show=self.variant != "C")
-        for n, (key, shape, tokens, valid) in enumerate(batches, 1):
-            try:
-                if self.variant == "C":
-                    tile, block = self.budget(tokens.device)
-                    stage = f"scoring {key} ({n}/{len(coarse_keys)}): volume pair"
-                    with Progress(stage, 0, unit="pair", enabled=self.progress) as progress:
-                        scores = mutual_similarity_scores(
-                            tokens, valid, self.rho, tile, block, queries, subjects, progress.update_to
-                        )
-                else:
-                    scores = self._c2f(bank, key, shape, tokens, valid, (queries, wanted, subjects), results)
-            except ValueError as err:
-                raise ValueError(f"{key}: {err}") from None
-            for i in wanted:
-                results[i][key] = scores[i].cpu().reshape(shape)
-            del tokens, valid
-        return results
+
+        def score(key: str, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+            if self.variant != "C":
+                return self._c2f(bank, key, tokens, valid, (queries, wanted, subjects), results)
+            tile, block = self.budget(tokens.device)
+            stage = f"scoring {key} ({coarse_keys.index(key) + 1}/{len(coarse_keys)}): volume pair"
+            with Progress(stage, 0, unit="pair", enabled=self.progress) as progress:
+                return mutual_similarity_scores(
+                    tokens, valid, self.rho, tile, block, queries, subjects, progress.update_to
+                )
+
+        rows = [(i, i) for i in wanted]
+        return self._per_key(bank, coarse_keys, "scoring grids", score, rows, results, show=self.variant != "C")
 
     def _c2f(
         self,
         bank: Sequence[VolumeTokens],
         key: str,
-        shape: tuple[int, int, int],
         tokens: torch.Tensor,
         valid: torch.Tensor,
         who: tuple[Sequence[int] | None, Iterable[int], Sequence[object] | None],
@@ -189,6 +188,7 @@ class Scorer:
     ) -> torch.Tensor:
         """Coarse scores of ``key`` (returned) and its fine scores (into ``results``); ``who`` as in :meth:`exact`."""
         queries, wanted, subjects = who
+        shape = bank[0].grids[key].shape
         fine_shape = bank[0].grids[key + FINE_SUFFIX].shape
         h = fine_shape[0] // shape[0]
         fine, fine_valid = (
@@ -227,17 +227,12 @@ class Scorer:
     def subsets(self, bank: Sequence[VolumeTokens], subsets: Mapping[int, Sequence[int]]) -> TokenScores:
         """CS3F-C of each query volume against its own reference subset (:func:`scripts.scoring.subset_scores`)."""
         keys = check_same_grids(bank)
-        results: TokenScores = [{} for _ in bank]
-        batches = self._key_batches(bank, keys, "scoring grids against reference subsets")
-        for key, shape, tokens, valid in batches:
-            try:
-                scores = subset_scores(tokens, valid, subsets, self.rho, self.query_tile, self.block_elements)
-            except ValueError as err:
-                raise ValueError(f"{key}: {err}") from None
-            for i in subsets:
-                results[i][key] = scores[i].cpu().reshape(shape)
-            del tokens, valid
-        return results
+
+        def score(key: str, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+            return subset_scores(tokens, valid, subsets, self.rho, self.query_tile, self.block_elements)
+
+        desc = "scoring grids against reference subsets"
+        return self._per_key(bank, keys, desc, score, [(i, i) for i in subsets], [{} for _ in bank])
 
     def against_bank(
         self,
@@ -246,9 +241,7 @@ class Scorer:
         wanted: Sequence[int],
         skips: Sequence[int | Sequence[int] | None],
     ) -> TokenScores:
-        """Volumes ``wanted`` of ``bank`` against the reference bank's volumes ``references`` only
-        (``{key: (tokens [B_ref, N, d], valid [B_ref, N])}``), each but its ``skips`` entry.
-        """
+        """Volumes ``wanted`` of ``bank`` against the reference bank's volumes only, each but its ``skips`` entry."""
         results: TokenScores = [{} for _ in bank]
         keys = list(bank[0].grids)
         if self.variant != "C":
@@ -261,25 +254,16 @@ class Scorer:
                 refs = [_reference_volume(references, keys, j, like) for j in range(b_ref) if j not in skip]
                 results[i] = self.exact([like, *refs], [0])[0]
             return results
-        batches = self._key_batches([bank[i] for i in wanted], keys, "scoring grids against the bank")
-        for key, shape, tokens, valid in batches:
+
+        def score(key: str, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
             ref_tokens, ref_valid = references[key]
-            try:
-                scores = reference_scores(
-                    tokens,
-                    valid,
-                    ref_tokens,
-                    ref_valid,
-                    self.rho,
-                    [skips[i] for i in wanted],
-                    self.query_tile,
-                    self.block_elements,
-                )
-            except ValueError as err:
-                raise ValueError(f"{key}: {err}") from None
-            for row, i in enumerate(wanted):
-                results[i][key] = scores[row].cpu().reshape(shape)
-        return results
+            excludes = [skips[i] for i in wanted]
+            return reference_scores(
+                tokens, valid, ref_tokens, ref_valid, self.rho, excludes, self.query_tile, self.block_elements
+            )
+
+        desc = "scoring grids against the bank"
+        return self._per_key([bank[i] for i in wanted], keys, desc, score, enumerate(wanted), results)
 
 
 def check_bank_grids(references: BankTokens, bank: Sequence[VolumeTokens]) -> None:

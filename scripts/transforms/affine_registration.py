@@ -1,14 +1,6 @@
-"""Templates and SimpleITK affine registration behind :mod:`scripts.transforms.registration`.
-
-* :func:`load_template`: the template of a ``register`` spelling (``mni152``: the MNI152 2009 T1 template
-  and brain mask shipped in the ``nilearn`` wheel, on the synthetic demo's 2 mm, 96^3 grid;
-  ``template:PATH[,MASK]``: a user's template on its own grid);
-* :func:`estimate_affine`: rigid then full affine registration (Mattes mutual information,
-  multi-resolution, seeded random sampling inside the dilated template mask);
-* :func:`registration_quality`: what :class:`scripts.transforms.registration.Registerd` checks.
-
-SimpleITK's physical space is used as the NIfTI world (RAS mm) of both images: the transform it finds
-maps template world points to image world points, whatever convention the images' own files use.
+"""Templates (:func:`load_template`), SimpleITK affine registration (:func:`estimate_affine`) and its quality
+(:func:`registration_quality`) behind :mod:`scripts.transforms.registration`. SimpleITK's physical space
+is the NIfTI world (RAS mm) of both images.
 """
 
 from __future__ import annotations
@@ -37,12 +29,6 @@ __all__ = [
 REGISTER_CHOICES = ("none", "mni152", "template:PATH[,MASK]")
 #: the ``mni152`` template grid: (shape, spacing mm, centre in MNI mm), the synthetic demo's grid
 MNI152_GRID = ((96, 96, 96), 2.0, (0.0, -17.0, 6.0))
-REGISTRATION_VERSION = 1
-
-
-# ----------------------------------------------------------------------------------------------
-# templates
-# ----------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -53,6 +39,14 @@ class Template:
     image: np.ndarray
     mask: np.ndarray
     affine: np.ndarray
+
+    @property
+    def spacing(self) -> float:
+        return float(np.linalg.norm(self.affine[:3, :3], axis=0).min())
+
+    def region(self, margin_mm: float) -> np.ndarray:
+        """The mask dilated by ``margin_mm`` (at least one voxel): where the metric is evaluated."""
+        return ndimage.binary_dilation(self.mask, iterations=max(1, round(margin_mm / self.spacing)))
 
     def digest(self) -> str:
         h = hashlib.sha256()
@@ -75,8 +69,7 @@ def _grid_affine(shape, spacing: float, centre) -> np.ndarray:
 
 @functools.lru_cache(maxsize=4)
 def load_template(spec: str) -> Template | None:
-    """The template of a ``register`` value (``None`` for ``"none"``); raises :class:`CS3FInputError`
-    for an unknown spelling or an unreadable file."""
+    """The template of a ``register`` value (``None`` for ``"none"``); :class:`CS3FInputError` if bad."""
     import nibabel as nib
 
     spec = str(spec).strip()
@@ -106,16 +99,8 @@ def load_template(spec: str) -> Template | None:
         image = np.asarray(image_nii.dataobj, np.float32).squeeze()
         if len(paths) == 2:
             mask_nii = nib.as_closest_canonical(nib.load(paths[1]))
-            mask = (
-                resample_to(
-                    np.asarray(mask_nii.dataobj, np.float32).squeeze(),
-                    mask_nii.affine,
-                    image.shape,
-                    image_nii.affine,
-                    0,
-                )
-                > 0
-            )
+            mask_data = np.asarray(mask_nii.dataobj, np.float32).squeeze()
+            mask = resample_to(mask_data, mask_nii.affine, image.shape, image_nii.affine, 0) > 0
         else:
             mask = image > 0
     except Exception as err:  # nibabel raises several types
@@ -123,11 +108,6 @@ def load_template(spec: str) -> Template | None:
     if image.ndim != 3 or not mask.any():
         raise CS3FInputError(f"register template {spec!r} must be one 3D image with a non-empty mask")
     return Template(Path(paths[0]).name, image, mask, np.asarray(image_nii.affine, np.float64))
-
-
-# ----------------------------------------------------------------------------------------------
-# estimation (SimpleITK)
-# ----------------------------------------------------------------------------------------------
 
 
 def _sitk():
@@ -168,11 +148,7 @@ def _method(sitk, shrink, sigmas_mm, iterations: int, sampling: float, seed: int
     reg.SetMetricSamplingPercentage(sampling, seed)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=2.0,
-        minStep=1e-3,
-        numberOfIterations=iterations,
-        relaxationFactor=0.6,
-        gradientMagnitudeTolerance=1e-6,
+        2.0, 1e-3, iterations, relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6
     )
     reg.SetOptimizerScalesFromPhysicalShift()
     reg.SetShrinkFactorsPerLevel(list(shrink))
@@ -183,8 +159,7 @@ def _method(sitk, shrink, sigmas_mm, iterations: int, sampling: float, seed: int
 
 
 def _coarsen(sitk, image, spacing: float):
-    """``image`` anti-aliased and resampled to voxels of about ``spacing`` mm where its own are finer
-    (the metric never looks finer than the template grid; a smaller moving image is faster)."""
+    """``image`` anti-aliased and resampled to voxels of about ``spacing`` mm where its own are finer."""
     own = np.asarray(image.GetSpacing())
     if np.all(own >= 0.75 * spacing):
         return image
@@ -192,17 +167,9 @@ def _coarsen(sitk, image, spacing: float):
     sigma = [float(max(0.5 * np.sqrt(max(n * n - o * o, 0.0)), 0.01)) for n, o in zip(new, own, strict=True)]
     smooth = sitk.SmoothingRecursiveGaussian(image, sigma) if max(sigma) > 0 else image
     size = [int(np.ceil(n * o / w)) for n, o, w in zip(image.GetSize(), own, new, strict=True)]
-    return sitk.Resample(
-        smooth,
-        size,
-        sitk.Transform(),
-        sitk.sitkLinear,
-        image.GetOrigin(),
-        [float(v) for v in new],
-        image.GetDirection(),
-        0.0,
-        sitk.sitkFloat32,
-    )
+    spacing_new = [float(v) for v in new]
+    resample = (sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), spacing_new, image.GetDirection(), 0.0)
+    return sitk.Resample(smooth, size, *resample, sitk.sitkFloat32)
 
 
 def estimate_affine(
@@ -215,21 +182,17 @@ def estimate_affine(
     mask_margin_mm: float = 6.0,
     threads: int | None = None,
 ) -> tuple[np.ndarray, float]:
-    """The affine ``T`` [4, 4] (template world -> image world) maximising Mattes mutual information, and
-    the optimiser's final metric value.
-
-    Rigid (rotation + translation, initialised by matching the intensity centres of mass) at 8 and 4 mm,
-    then full affine (adds scale and shear) at 8, 4 and 2 mm voxels of the template; the metric is
-    sampled (``sampling`` of the voxels, seeded) inside the template mask dilated by ``mask_margin_mm``.
+    """The affine ``T`` [4, 4] (template world -> image world) maximising Mattes mutual information, and the
+    final metric: rigid (from the centres of mass) at 8 and 4 mm, then full affine at 8, 4 and 2 mm; the
+    metric is sampled (``sampling``, seeded) inside the template mask dilated by ``mask_margin_mm``.
     """
     sitk = _sitk()
     threads = int(threads or torch.get_num_threads())
     fixed = _to_sitk(template.image.astype(np.float32), template.affine, sitk.sitkFloat32)
     moving = _to_sitk(np.asarray(image, np.float32), affine, sitk.sitkFloat32)
-    spacing = float(np.linalg.norm(template.affine[:3, :3], axis=0).min())
+    spacing = template.spacing
     moving = _coarsen(sitk, moving, spacing)
-    region = ndimage.binary_dilation(template.mask, iterations=max(1, round(mask_margin_mm / spacing)))
-    fixed_mask = _to_sitk(region.astype(np.uint8), template.affine, sitk.sitkUInt8)
+    fixed_mask = _to_sitk(template.region(mask_margin_mm).astype(np.uint8), template.affine, sitk.sitkUInt8)
     rigid = sitk.CenteredTransformInitializer(
         fixed, moving, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
     )
@@ -250,8 +213,7 @@ def estimate_affine(
 
 
 def _metric(template_image: np.ndarray, moved: np.ndarray, region: np.ndarray, affine: np.ndarray) -> float:
-    """Mattes mutual information (SimpleITK's value, lower is better) of two images on one grid over
-    every voxel of ``region``."""
+    """Mattes mutual information (SimpleITK's value, lower is better) of two images on one grid in ``region``."""
     sitk = _sitk()
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
@@ -264,8 +226,7 @@ def _metric(template_image: np.ndarray, moved: np.ndarray, region: np.ndarray, a
 
 
 def foreground(moved: np.ndarray) -> np.ndarray:
-    """The volume's own foreground on the template grid: above a tenth of its robust maximum (after a
-    light smoothing), holes filled."""
+    """The volume's own foreground: above a tenth of its smoothed robust range, holes filled."""
     smooth = ndimage.gaussian_filter(moved.astype(np.float32), 1.0)
     low, high = np.percentile(smooth, [1.0, 99.5])
     if high <= low:
@@ -280,12 +241,10 @@ def _mirror(template: Template) -> np.ndarray:
 
 
 def registration_quality(moved: np.ndarray, template: Template, transform: np.ndarray, mask_margin_mm: float) -> dict:
-    """Quality of a registration from the volume resampled onto the template grid (``moved``): the
-    metric over the dilated template mask, against the template and against its mirror image, the
-    fraction of the template mask on the volume's own foreground (``coverage``), the Dice of the two,
-    and the affine's singular values (``scales``)."""
-    spacing = float(np.linalg.norm(template.affine[:3, :3], axis=0).min())
-    region = ndimage.binary_dilation(template.mask, iterations=max(1, round(mask_margin_mm / spacing)))
+    """Quality of a registration from the volume on the template grid (``moved``): the metric against the
+    template and its mirror image, the template mask's ``coverage`` by the foreground, their Dice, and the
+    affine's singular values (``scales``)."""
+    region = template.region(mask_margin_mm)
     metric = _metric(template.image, moved, region, template.affine)
     mirrored = _metric(_mirror(template), moved, region, template.affine)
     fg = foreground(moved)

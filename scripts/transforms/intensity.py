@@ -1,9 +1,5 @@
-"""Nyúl histogram standardisation (Nyúl, Udupa & Zhang, IEEE TMI 2000), learned from the batch itself.
-
-Each volume's foreground landmarks (percentiles ``pc_low``, the deciles, ``pc_high``) are mapped
-piecewise linearly onto a standard scale, which :meth:`NyulStandardize.fit` learns from the cohort
-being scored (training-free, as CS3F is; paper Sec. 4.1).
-"""
+"""Nyúl histogram standardisation (Nyúl, Udupa & Zhang, IEEE TMI 2000): each volume's foreground landmarks
+mapped piecewise linearly onto a standard scale learned from the cohort being scored (paper Sec. 4.1)."""
 
 from __future__ import annotations
 
@@ -47,13 +43,11 @@ class NyulStandardize(Transform):
     """Piecewise-linear mapping of a volume's landmarks onto a standard scale.
 
     Args:
-        standard: the standard landmarks (``[pc_low, *deciles, pc_high]`` on the standard scale), e.g.
-            from :meth:`fit`; ``None`` until fitted.
+        standard: the standard landmarks (``[pc_low, *deciles, pc_high]``), e.g. from :meth:`fit`.
         pc_low, pc_high: the outer percentiles (Nyúl: 1 and 99).
         s_min, s_max: the standard scale's range that ``[pc_low, pc_high]`` maps to.
 
-    Call: ``image [C, H, W, D]`` (and optionally its ``mask``) -> standardised image of the same shape,
-    float32.
+    Call: ``image [C, H, W, D]`` (and optionally its ``mask``) -> float32 standardised image.
     """
 
     backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
@@ -103,22 +97,17 @@ class NyulStandardize(Transform):
         values = np.asarray(image_t, dtype=np.float64)
         out = np.interp(values, marks, self.standard)
         # np.interp clamps outside the landmarks: extend the first and last segments linearly instead.
-        for end, (x0, x1, y0, y1) in (
-            ("low", (marks[0], marks[1], self.standard[0], self.standard[1])),
-            ("high", (marks[-2], marks[-1], self.standard[-2], self.standard[-1])),
+        m, t = marks, self.standard
+        for outside, x, y, slope in (
+            (values < m[0], m[0], t[0], (t[1] - t[0]) / (m[1] - m[0])),
+            (values > m[-1], m[-1], t[-1], (t[-1] - t[-2]) / (m[-1] - m[-2])),
         ):
-            outside = values < x0 if end == "low" else values > x1
-            slope = (y1 - y0) / (x1 - x0)
-            out[outside] = (y0 if end == "low" else y1) + (values[outside] - (x0 if end == "low" else x1)) * slope
+            out[outside] = y + (values[outside] - x) * slope
         return convert_to_dst_type(out, image, dtype=torch.float32)[0]
 
 
 class NyulStandardized(MapTransform):
-    """Dictionary form of :class:`NyulStandardize`; ``mask_key`` (optional) selects the foreground.
-
-    :meth:`fit` learns the standard scale from a datalist (files loaded with MONAI's ``LoadImage``) or
-    from dicts already holding arrays, before any volume is transformed.
-    """
+    """Dictionary form of :class:`NyulStandardize`; ``mask_key`` (optional) selects the foreground."""
 
     backend = NyulStandardize.backend
 
@@ -140,10 +129,8 @@ class NyulStandardized(MapTransform):
     def fit(
         self, data: Iterable[Mapping[Hashable, object]], transform: Callable | None = None, num_workers: int = 0
     ) -> np.ndarray:
-        """Learn the standard scale from ``data``: dicts of arrays, or of file paths that ``transform`` (or,
-        without one, MONAI's ``LoadImage``) turns into arrays. ``num_workers > 0`` loads them in that many
-        worker processes; the scale does not depend on the number of workers.
-        """
+        """Learn the standard scale from ``data``: dicts of arrays, or of file paths that ``transform`` (default:
+        MONAI's ``LoadImage``) loads, in ``num_workers`` processes (the scale does not depend on them)."""
         from monai.transforms import LoadImage
 
         load = LoadImage(image_only=True)

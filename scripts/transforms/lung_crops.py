@@ -1,15 +1,6 @@
-"""Lung CT (paper Sec. 4.1, 4.2, 4.6): right and left lung crops scored independently.
-
-CT volumes are not registered, so ``configs/lung_ct.json`` scores lung crops: :class:`LungSplit` splits the
-lung mask into a right and a left lung, :class:`LungCrop` crops each lung's bounding box to a fixed size
-(crop-or-pad, no resampling) and pastes a crop's map back with MONAI's inverse; the engine
-(:class:`scripts.engine.lung_parts.LungParts`) scores each side against the same side of the other volumes
-and merges the maps by a voxel-wise maximum inside each lung.
-
-Lung masks are inputs (lungmask R231: 1 = right, 2 = left, the default; or TotalSegmentator lobes given
-as ``lung_labels``); a CT without one gets a classical segmentation
-(:class:`scripts.transforms.lung_masks.LungMasksd`, first in ``configs/lung_ct.json``). Nothing here
-downloads anything.
+"""Lung CT (paper Sec. 4.1, 4.2, 4.6): :class:`LungSplit` splits the lung mask (lungmask: 1 = right, 2 = left)
+into the two lungs, :class:`LungCrop` crops each lung's box to a fixed size and pastes a crop's map back;
+the engine (:class:`scripts.engine.lung_parts.LungParts`) scores each side against the same side of the others.
 """
 
 from __future__ import annotations
@@ -40,9 +31,7 @@ __all__ = [
     "check_crop_divisible",
 ]
 
-#: lung mask labels (lungmask convention): 1 = right lung, 2 = left lung
-RIGHT, LEFT = 1, 2
-#: the parts of a volume, in this order
+RIGHT, LEFT = 1, 2  # lung mask labels (lungmask convention)
 SIDES: tuple[str, str] = ("right", "left")
 #: the paper's crop size (sagittal, coronal, axial) at 1 mm and its coarse pooling (Sec. 4.2, Table 2)
 PAPER_CROP_SIZE: tuple[int, int, int] = (160, 238, 336)
@@ -58,8 +47,7 @@ def _triple(value, name: str) -> tuple[int, int, int]:
 
 
 def check_crop_divisible(crop_size: Sequence[int], q: int | Sequence[int], axes: Sequence[str | int] = AXES) -> None:
-    """Raise :class:`CS3FInputError` unless the depth pooling ``q`` divides the crop size on every
-    slicing axis (the crops have a fixed size, so there is no padding to a multiple of ``q``)."""
+    """Raise :class:`CS3FInputError` unless the depth pooling ``q`` divides the crop size on every slicing axis."""
     size = _triple(crop_size, "crop_size")
     qs = _triple(q, "q")
     for axis in axes:
@@ -82,17 +70,14 @@ class LungSplit(Transform):
     """A lung mask ``[1, H, W, D]`` into ``{"right": mask, "left": mask}`` (bool, same shape).
 
     Args:
-        mode: ``"labels"``: the mask carries one label per lung (``labels``); ``"binary"``: 0/1 mask,
-            split into the two largest connected components (6-connectivity), the one whose centroid has
-            the larger world x (RAS: towards the subject's right) is the right lung; ``"auto"``:
-            ``"binary"`` if the mask holds only 0 and 1, else ``"labels"``.
-        labels: ``(right, left)`` label values, each an int or a list of ints (e.g. lobe ids); default
-            lungmask's ``(1, 2)``.
+        mode: ``"labels"``: one label per lung (``labels``); ``"binary"``: the two largest components, the
+            one with the larger world x (RAS) is the right lung; ``"auto"``: binary for a 0/1 mask.
+        labels: ``(right, left)`` label values, each an int or a list of ints (e.g. lobe ids).
         min_fraction: in binary mode the second component must have at least this fraction of the
             first's voxels, else the lungs are merged (an error).
 
-    Call: ``(mask, affine=None)``, the affine defaulting to the mask's own (or identity). Raises
-    :class:`CS3FInputError` naming a missing lung, unexpected labels or merged lungs.
+    Call: ``(mask, affine=None, name="")``; :class:`CS3FInputError` naming a missing lung, unexpected labels
+    or merged lungs.
     """
 
     def __init__(self, mode: str = "auto", labels=(RIGHT, LEFT), min_fraction: float = 0.05) -> None:
@@ -155,8 +140,7 @@ class LungSplit(Transform):
 
 
 class CheckLungsd(MapTransform):
-    """Check in the preprocessing that the lung mask splits into a right and a left lung (:class:`LungSplit`),
-    so that a bad mask fails (or is skipped) in the data loader, before any encoding."""
+    """Check in the data loader that the lung mask splits into a right and a left lung (:class:`LungSplit`)."""
 
     def __init__(
         self, keys: KeysCollection = "mask", mode: str = "auto", labels=(RIGHT, LEFT), image_key: str = "image"
@@ -182,14 +166,8 @@ class CheckLungsd(MapTransform):
 
 
 class LungCrop(Transform):
-    """Crop one lung's bounding box (``SpatialCrop``) and centre crop-or-pad it to a fixed size
-    (``ResizeWithPadOrCrop``), no resampling; :meth:`paste` applies MONAI's inverse (0 outside the crop).
-
-    Args:
-        crop_size: ``(sagittal, coronal, axial)`` voxels; the paper's is 160 x 238 x 336 at 1 mm.
-        margin: voxels added around the bounding box before crop-or-pad (default 0, the bare box).
-        value: pad value (0 = the bottom of the HU window after scaling).
-    """
+    """Crop one lung's bounding box (plus ``margin`` voxels) and centre crop-or-pad it (with ``value``) to
+    ``crop_size`` ``(sagittal, coronal, axial)``, no resampling; :meth:`paste` applies MONAI's inverse."""
 
     def __init__(self, crop_size: Sequence[int] = PAPER_CROP_SIZE, margin: int = 0, value: float = 0.0) -> None:
         self.crop_size = _triple(crop_size, "crop_size")
@@ -211,12 +189,8 @@ class LungCrop(Transform):
         return tuple(int(v) for v in start), tuple(int(v) for v in end)  # type: ignore[return-value]
 
     def _transform(self, box) -> Compose:
-        return Compose(
-            [
-                SpatialCrop(roi_start=box[0], roi_end=box[1]),
-                ResizeWithPadOrCrop(self.crop_size, mode="constant", value=self.value),
-            ]
-        )
+        crop = SpatialCrop(roi_start=box[0], roi_end=box[1])
+        return Compose([crop, ResizeWithPadOrCrop(self.crop_size, mode="constant", value=self.value)])
 
     @staticmethod
     def _fresh(img: torch.Tensor) -> MetaTensor:
@@ -226,13 +200,11 @@ class LungCrop(Transform):
         return MetaTensor(data.float() if data.dtype == torch.bool else data, affine=affine)
 
     def __call__(self, img: torch.Tensor, box) -> MetaTensor:
-        """The ``[C, *crop_size]`` crop of ``img [C, H, W, D]`` for ``box``; its affine is the crop's
-        voxel -> world map and its ``applied_operations`` are exactly the crop (for :meth:`paste`)."""
+        """The ``[C, *crop_size]`` crop of ``img [C, H, W, D]`` for ``box``, the crop its only recorded operation."""
         return self._transform(box)(self._fresh(img))
 
     def paste(self, crop_map: torch.Tensor, box, like: torch.Tensor) -> torch.Tensor:
         """``crop_map [C, *crop_size]`` back on the grid of ``like [C', H, W, D]`` (0 outside the crop)."""
-        # the crop of ``like`` is recomputed (shapes only) for MONAI's inverse of the very same transforms
         transform = self._transform(box)
         reference = transform(self._fresh(torch.as_tensor(like)[:1]))
         data = crop_map.as_tensor() if isinstance(crop_map, MetaTensor) else torch.as_tensor(crop_map)
@@ -247,8 +219,8 @@ class LungCrop(Transform):
 
 
 class LungCropd(MapTransform):
-    """Dictionary version: writes ``{key}_{side}``, ``{mask_key}_{side}`` (the lung's own mask, float 0/1)
-    and ``{mask_key}_boxes`` (``{side: (start, end)}``, for :meth:`LungCrop.paste`)."""
+    """Dictionary version: writes ``{key}_{side}``, ``{mask_key}_{side}`` (the lung's own mask) and
+    ``{mask_key}_boxes`` (``{side: (start, end)}``, for :meth:`LungCrop.paste`)."""
 
     def __init__(
         self,
@@ -285,17 +257,8 @@ class LungCropd(MapTransform):
 
 
 class MaskWithSourced(MapTransform):
-    """Zero ``keys`` (maps already inverted to the input grid) outside the mask as loaded (no mask: no-op).
-
-    The inverse of the bilinear 1 mm resampling spreads scores beyond the lung border. The mask is a copy
-    taken right after loading (``CopyItemsd(keys="mask", names="source_mask")`` in ``configs/lung_ct.json``);
-    its name must not start with ``"mask_"``: ``Spacingd`` takes every ``"{key}_*"`` entry for metadata.
-
-    Args:
-        keys: the maps to mask (default ``"pred"``).
-        mask_key: the source-grid mask ``[1, H, W, D]`` (or ``[H, W, D]``); voxels > 0 are inside.
-        allow_missing_keys: don't raise when a map key is missing.
-    """
+    """Zero ``keys`` (maps inverted to the input grid) outside ``mask_key``, the mask as loaded (no mask:
+    no-op); its name must not start with ``"mask_"`` (``Spacingd`` takes ``"{key}_*"`` entries for metadata)."""
 
     def __init__(
         self, keys: KeysCollection = "pred", mask_key: str = "source_mask", allow_missing_keys: bool = False

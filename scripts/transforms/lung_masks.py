@@ -1,26 +1,13 @@
-"""Classical lung segmentation of chest CT: lung masks for scans that come without one.
+"""Classical lung segmentation of chest CT in HU (1 = right lung, 2 = left, the lungmask convention):
 
-:func:`segment_lungs` labels the right (1) and left (2) lung of a CT volume in Hounsfield units, the
-lungmask convention of :mod:`scripts.transforms.lung`:
+1. body: the largest component above ``body_hu``, its holes filled slice by slice along the axial axis;
+2. air inside the body: below ``air_hu``;
+3. airways: the air eroded by ``airway_mm`` (a ball); the two largest eroded components are the lungs,
+   each grown back inside the air to ``airway_mm + 1 voxel`` from its core (trachea and bronchi stay out);
+4. holes: each lung closed by ``closing_mm`` and filled slice by slice and in 3D;
+5. sides: the lung whose centroid has the larger world x (RAS) is the right lung.
 
-1. **body**: voxels above ``body_hu`` (soft tissue and bone), the largest connected component, its holes
-   filled slice by slice along the axis closest to the world's superior axis (the lungs are holes of the
-   body in every axial slice);
-2. **air inside the body**: voxels below ``air_hu`` inside the filled body; components smaller than
-   ``min_component_ml`` dropped;
-3. **airway removal**: the air is eroded by ``airway_mm`` (a ball, in mm); the trachea and the main
-   bronchi are narrower than twice that at the carina, so the two largest eroded components are the
-   two lungs, and each is grown back inside the air to at most ``airway_mm + 1 voxel`` from its eroded
-   core (what is farther, the trachea and main bronchi, stays out);
-4. **holes**: each lung is closed by ``closing_mm`` (a rolling ball: nodules on the pleura come in) and
-   its holes filled slice by slice and in 3D, so vessels, airway walls and nodules inside the lung
-   belong to it;
-5. **sides**: the lung whose centroid has the larger world x (RAS: towards the subject's right) is the
-   right lung.
-
-A scan where this does not find two lungs of at least ``min_component_ml`` each is one
-:class:`~scripts.errors.CS3FInputError` naming the file. :class:`LungMasksd` fills in the mask of items
-without one (a given mask always wins).
+Two lungs of at least ``min_component_ml`` each, or one :class:`~scripts.errors.CS3FInputError`.
 """
 
 from __future__ import annotations
@@ -63,8 +50,7 @@ def segment_lungs(
     min_component_ml: float = 10.0,
     name: str = "",
 ) -> np.ndarray:
-    """Lung labels ``[X, Y, Z]`` uint8 (1 = right, 2 = left, 0 elsewhere) of a CT ``image [X, Y, Z]`` in HU
-    with voxel -> world ``affine`` (see the module docstring for the steps and parameters)."""
+    """Lung labels ``[X, Y, Z]`` uint8 of a CT ``image [X, Y, Z]`` in HU with voxel -> world ``affine``."""
     where = f"{name}: " if name else ""
     image = np.asarray(image, np.float32)
     affine = np.asarray(affine, np.float64)
@@ -103,16 +89,8 @@ def segment_lungs(
 
 
 class LungMasksd(MapTransform):
-    """Put an automatic lung mask (:func:`segment_lungs`) under ``mask_key`` for items without one.
-
-    Args:
-        keys: the CT image key (HU values, ``[1, X, Y, Z]``), as loaded (before any intensity scaling).
-        mask_key: where the mask goes; an item that has one keeps it (a given mask always wins).
-        kwargs: parameters of :func:`segment_lungs`.
-
-    The mask carries the image's metadata, so later spatial transforms treat it like a loaded mask.
-    Place it right after ``EnsureChannelFirstd``.
-    """
+    """Put an automatic lung mask (:func:`segment_lungs` with ``kwargs``) of the CT ``keys`` (HU, before any
+    intensity scaling) under ``mask_key`` for items without one; it carries the image's metadata."""
 
     backend = [TransformBackends.NUMPY]
 

@@ -1,35 +1,5 @@
-"""Affine registration to a template as an invertible MONAI transform (array and dictionary forms).
-
-CS3F compares the same anatomy across the volumes of a cohort, so every volume must be in one common
-space. :class:`Register` estimates, per volume, the affine map ``T`` from template world coordinates to
-the volume's world coordinates (rigid, then full affine: rotation, translation, scale and shear) by
-maximising Mattes mutual information with SimpleITK (multi-resolution, fixed random sampling), and
-resamples the volume onto the template's grid. The resampling is recorded in the MetaTensor's
-``applied_operations`` like any MONAI spatial transform, so ``Invertd`` (the bundle's postprocessing)
-brings the anomaly map back onto the input file's own grid and affine: the inverse gives the map the
-affine ``T @ template_affine`` (the template grid placed in the volume's world) and resamples it onto
-the volume's original affine and shape with MONAI's ``SpatialResample``.
-
-:class:`Registerd` adds what a pipeline needs: the template's brain mask (dilated by ``mask_margin_mm``)
-as the foreground mask of volumes that come without one (a given mask always wins: it is resampled with
-the image, nearest neighbour), a per-volume cache of ``T`` (keyed by the image file's bytes and the
-registration's identity) so that the second pass of a run and every rerun reuse it, the registration's
-quality in the image's metadata (``meta["registration"]``, a JSON string), and the checks that turn a
-failed registration into one :class:`~scripts.errors.CS3FInputError` naming the file:
-
-* ``coverage``: the fraction of the template mask that falls on the volume's own foreground after
-  registration must be at least ``min_coverage`` (a half-cropped head, another body part);
-* ``metric``: Mattes mutual information (SimpleITK's value: negative, lower is better) evaluated on
-  every voxel of the dilated template mask must be at most ``max_metric`` (no brain-like match);
-* ``mirror_gain``: the same metric against the template mirrored left-right must not be better by more
-  than ``max_mirror_gain`` (a volume whose left and right are swapped in its header);
-* the affine's singular values must lie within ``scale_range`` (a registration that shrank or blew up).
-
-Spelling (the bundle's ``register`` key): ``"none"`` (no registration: the transform does nothing and
-is left out of the token identity), ``"mni152"`` (the MNI152 2009 T1 template and brain mask that the
-``nilearn`` wheel ships, on the 2 mm, 96^3 grid of the synthetic demo) or ``"template:PATH[,MASK]"``
-(a user's template on its own grid; without ``MASK`` its nonzero voxels are the mask).
-"""
+"""Affine registration to a template as an invertible MONAI transform: ``Invertd`` brings the map back onto
+the input's grid. :class:`Registerd` adds the template mask, a cache of the affine and the quality checks."""
 
 from __future__ import annotations
 
@@ -64,25 +34,16 @@ __all__ = ["REGISTER_CHOICES", "Register", "RegistrationCache", "Registerd", "Te
 REGISTRATION_VERSION = 1
 
 
-# ----------------------------------------------------------------------------------------------
-# the array transform
-# ----------------------------------------------------------------------------------------------
-
-
 class Register(InvertibleTransform, Transform):
-    """Resample a volume onto a template's grid through an affine registration; invertible.
+    """Resample a volume onto a template's grid through an affine registration (:func:`estimate_affine`).
 
     Args:
         template: a ``register`` spelling (``"mni152"``, ``"template:PATH[,MASK]"``) or a :class:`Template`.
-        iterations: optimiser iterations per resolution level.
-        sampling: fraction of the template's voxels sampled by the metric (seeded by ``seed``).
-        seed: the metric's sampling seed.
-        mask_margin_mm: margin of the dilated template mask where the metric is evaluated.
+        iterations, sampling, seed, mask_margin_mm: see :func:`estimate_affine`.
         mode: interpolation of ``__call__`` (``"bilinear"`` or ``"nearest"``).
 
-    Call: ``(img [C, X, Y, Z], transform=None, mode=None)``: ``img`` resampled onto the template grid
-    (affine: the template's). ``transform`` (template world -> image world [4, 4]) defaults to
-    :meth:`fit` of ``img``. ``inverse(map)`` brings a map on the template grid back onto ``img``'s grid.
+    Call: ``(img [C, X, Y, Z], transform=None, mode=None)``; ``transform`` (template world -> image world
+    ``[4, 4]``) defaults to :meth:`fit` of ``img``.
     """
 
     backend = [TransformBackends.TORCH]
@@ -115,7 +76,7 @@ class Register(InvertibleTransform, Transform):
 
     @staticmethod
     def _resample(img: torch.Tensor, src_affine: np.ndarray, dst_affine: np.ndarray, shape, mode: str) -> torch.Tensor:
-        """``img``'s voxels placed at ``src_affine`` and resampled onto ``(shape, dst_affine)``; plain tensor."""
+        """``img``'s voxels placed at ``src_affine``, resampled onto ``(shape, dst_affine)``."""
         data = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
         dtype = data.dtype
         src = MetaTensor(data.float(), affine=torch.as_tensor(src_affine, dtype=torch.float64))
@@ -125,18 +86,23 @@ class Register(InvertibleTransform, Transform):
         out = out.as_tensor()
         return out.round().to(dtype) if not dtype.is_floating_point else out.to(dtype)
 
+    @staticmethod
+    def _like(out: torch.Tensor, img: torch.Tensor, affine: np.ndarray) -> MetaTensor:
+        """``out`` with ``img``'s metadata and transform history, and ``affine``."""
+        meta = dict(img.meta) if isinstance(img, MetaTensor) else {}
+        ops = list(img.applied_operations) if isinstance(img, MetaTensor) else []
+        result = MetaTensor(out, meta=meta, applied_operations=ops)
+        result.affine = torch.as_tensor(affine, dtype=torch.float64)
+        return result
+
     def __call__(self, img: torch.Tensor, transform: np.ndarray | None = None, mode: str | None = None) -> MetaTensor:
         if transform is None:
             transform, _ = self.fit(img)
         transform = np.asarray(transform, np.float64)
         original = self._affine(img)
-        out = self._resample(
-            img, np.linalg.inv(transform) @ original, self.template.affine, self.template.image.shape, mode or self.mode
-        )
-        meta = dict(img.meta) if isinstance(img, MetaTensor) else {}
-        ops = list(img.applied_operations) if isinstance(img, MetaTensor) else []
-        result = MetaTensor(out, meta=meta, applied_operations=ops)
-        result.affine = torch.as_tensor(self.template.affine, dtype=torch.float64)
+        grid = (self.template.affine, self.template.image.shape)
+        out = self._resample(img, np.linalg.inv(transform) @ original, *grid, mode or self.mode)
+        result = self._like(out, img, self.template.affine)
         self.push_transform(
             result,
             orig_size=tuple(int(s) for s in img.shape[1:]),
@@ -150,24 +116,12 @@ class Register(InvertibleTransform, Transform):
         transform = np.asarray(extra["registration"], np.float64)
         original = np.asarray(extra["src_affine"], np.float64)
         out = self._resample(data, transform @ self._affine(data), original, info["orig_size"], "bilinear")
-        meta = dict(data.meta) if isinstance(data, MetaTensor) else {}
-        ops = list(data.applied_operations) if isinstance(data, MetaTensor) else []
-        result = MetaTensor(out, meta=meta, applied_operations=ops)
-        result.affine = torch.as_tensor(original, dtype=torch.float64)
-        return result
-
-
-# ----------------------------------------------------------------------------------------------
-# the dictionary transform: masks, cache, quality, checks
-# ----------------------------------------------------------------------------------------------
+        return self._like(out, data, original)
 
 
 class RegistrationCache:
-    """The registrations of a run, one JSON file per image in ``folder`` (``None``: no cache).
-
-    Slotted, without a ``__dict__``: the token identity (:mod:`scripts.engine.identity`) names it by its
-    class only, so where a run keeps its cache does not change the identity of its tokens.
-    """
+    """The registrations of a run, one JSON file per image in ``folder`` (``None``: no cache); slotted, so the
+    token identity names it by its class only, not by where it is."""
 
     __slots__ = ("folder",)
 
@@ -199,30 +153,20 @@ def _file_of(img: torch.Tensor) -> str:
 
 
 class Registerd(MapTransform, InvertibleTransform):
-    """Dictionary form of :class:`Register`: register ``image_key`` to the template, resample every key
-    onto the template grid (images bilinear, ``mask_key`` nearest), give volumes without a mask the
-    template's, and refuse a failed registration.
+    """Dictionary form of :class:`Register`: register ``image_key``, resample every key (``mask_key``
+    nearest), give volumes without a mask the template's, refuse a failed registration, and record it in
+    each volume's ``meta["registration"]`` (a JSON string).
 
     Args:
-        keys: the keys resampled (e.g. ``("image", "mask")``).
         register: ``"none"`` (nothing happens), ``"mni152"``, ``"template:PATH[,MASK]"`` or a :class:`Template`.
-        image_key: the key registered (its file names the cache entry and the errors).
         mask_key: the foreground mask: resampled if given, else the template's mask dilated by
-            ``mask_margin_mm`` and restricted to the volume's own foreground (a given mask always wins).
-        mask_margin_mm: dilation of the template mask for volumes without a mask.
-        cache_dir: folder of the token cache; registrations are kept in its ``registration/``
-            sub-folder, keyed by the image file's sha256 and the registration's identity.
+            ``mask_margin_mm`` and restricted to the volume's own foreground.
+        cache_dir: folder of the token cache; registrations are kept in its ``registration/`` sub-folder.
         iterations, sampling, seed, metric_margin_mm: see :class:`Register` (``mask_margin_mm`` there).
         min_coverage: smallest fraction of the template mask on the volume's own foreground.
         max_metric: largest (worst) Mattes mutual information value over the dilated template mask.
         max_mirror_gain: largest improvement of that value against the left-right mirrored template.
         scale_range: allowed range of the affine's singular values.
-        allow_missing_keys: don't raise for a missing key (e.g. no mask).
-
-    Each volume's ``meta["registration"]`` (image and mask) is a JSON string: the template, the affine
-    ``transform`` (template world -> image world) and the quality of :func:`registration_quality`;
-    :mod:`scripts.engine` records it (``run.json``, ``registration.csv``) and mixes the affine into the
-    token cache's key.
     """
 
     backend = Register.backend
@@ -251,11 +195,8 @@ class Registerd(MapTransform, InvertibleTransform):
         self.image_key, self.mask_key = image_key, mask_key
         self.mask_margin_mm = float(mask_margin_mm)
         self.cache = RegistrationCache(cache_dir)
-        self.min_coverage, self.max_metric, self.max_mirror_gain = (
-            float(min_coverage),
-            float(max_metric),
-            float(max_mirror_gain),
-        )
+        self.min_coverage, self.max_metric = float(min_coverage), float(max_metric)
+        self.max_mirror_gain = float(max_mirror_gain)
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
         self.version = REGISTRATION_VERSION
 
@@ -342,11 +283,9 @@ class Registerd(MapTransform, InvertibleTransform):
         return d
 
     def _template_mask(self, moved: MetaTensor) -> MetaTensor:
-        """The template mask dilated by ``mask_margin_mm``, restricted to the registered image's own
-        foreground; recorded like the image (so that it inverts like a loaded mask)."""
+        """The dilated template mask on the registered image's own foreground, recorded like the image."""
         template = self.register.template
-        spacing = float(np.linalg.norm(template.affine[:3, :3], axis=0).min())
-        steps = round(self.mask_margin_mm / spacing)
+        steps = round(self.mask_margin_mm / template.spacing)
         mask = ndimage.binary_dilation(template.mask, iterations=steps) if steps > 0 else template.mask
         mask = mask & foreground(moved.as_tensor()[0].float().numpy())
         out = MetaTensor(

@@ -1,8 +1,7 @@
-"""CS3F tokenization steps as MONAI transforms (paper Sec. 3.3), each an array transform plus a
-dictionary wrapper: :class:`MultiAxisSlice`, :class:`DepthPool`, :class:`RandomProjection`, :class:`TokenValidity`.
+"""CS3F tokenization steps as MONAI transforms (paper Sec. 3.3), array and dictionary forms.
 
-Axis convention: dims ``(1, 2, 3)`` of a RAS ``[C, H, W, D]`` volume are ``(sagittal, coronal, axial)``;
-slicing along an axis moves that dim first, the two others keep their order as the slice plane.
+Dims ``(1, 2, 3)`` of a RAS ``[C, H, W, D]`` volume are ``(sagittal, coronal, axial)``; slicing along an axis
+moves that dim first, the two others keep their order as the slice plane.
 """
 
 from __future__ import annotations
@@ -63,15 +62,12 @@ def slices_first(volume: torch.Tensor, axis: str | int) -> torch.Tensor:
 def restore_axis(grid: torch.Tensor, axis: str | int) -> torch.Tensor:
     """Inverse of :func:`slices_first` for a ``[T, h, w]`` grid: back to ``[H, W, D]`` order."""
     dim = axis_index(axis)
-    order = [d for d in (0, 1, 2) if d != dim]
-    inverse = [0] * 3
-    for position, source in enumerate([dim, *order]):
-        inverse[source] = position
-    return grid.permute(inverse)
+    order = [dim, *[d for d in (0, 1, 2) if d != dim]]
+    return grid.permute([order.index(k) for k in range(3)])
 
 
 def check_divisible(count: int, q: int, axis: str | int) -> int:
-    """Number of depth blocks ``count / q``; a clear ``ValueError`` if ``q`` does not divide ``count``."""
+    """Number of depth blocks ``count / q``; ``ValueError`` if ``q`` does not divide ``count``."""
     if q < 1:
         raise ValueError(f"pooling size q must be >= 1, got {q}")
     if count % q:
@@ -87,16 +83,8 @@ def check_divisible(count: int, q: int, axis: str | int) -> int:
 
 
 class MultiAxisSlice(Transform):
-    """Slice a volume along anatomical axes into encoder-ready 2D stacks.
-
-    Each slice is resized to ``size x size`` (bilinear, anti-aliased when shrinking), replicated to 3
-    channels and normalised with ``(x - mean) / std``; inputs are expected in ``[0, 1]``.
-
-    Args:
-        axes: axes to slice along (names or indices).
-        size: encoder input resolution ``R``.
-        mean: per-channel mean of the encoder's normalisation.
-        std: per-channel std of the encoder's normalisation.
+    """Slice a volume in ``[0, 1]`` along ``axes`` into encoder-ready stacks: each slice resized to ``size``
+    (bilinear, anti-aliased when shrinking), replicated to 3 channels and normalised with ``mean``/``std``.
 
     Call: ``volume [1, H, W, D]`` -> ``{axis: [T, 3, R, R]}``; :meth:`slab` for a range of slices.
     """
@@ -156,12 +144,8 @@ class MultiAxisSliced(MapTransform):
 
 
 class DepthPool(Transform):
-    """Mean of ``q`` consecutive slice features, then L2 normalisation over channels (Eq. 4).
-
-    Args:
-        q: depth-pooling size; must divide the number of slices.
-        normalize: L2-normalise each pooled token (the paper always does).
-        axis: axis name, only used to make the divisibility error say which axis.
+    """Mean of ``q`` consecutive slice features, then L2 normalisation over channels (Eq. 4; ``normalize``);
+    ``axis`` names the axis in the divisibility error.
 
     Call: ``features [T, C, P, P]`` -> ``tokens [T/q, C, P, P]`` (fp32).
     """
@@ -201,22 +185,15 @@ class DepthPoold(MapTransform):
 
 
 def projection_matrix(in_channels: int, d: int = 128, seed: int = 0, name: str = "") -> torch.Tensor:
-    """The ``[in_channels, d]`` random projection with entries ``N(0, 1/d)``, drawn on the CPU from
-    ``seed`` and a stable hash of ``name`` (e.g. ``"axial/1"``): the same on every process and machine.
-    """
+    """The ``[in_channels, d]`` projection with entries ``N(0, 1/d)``, drawn on the CPU from ``seed`` and a
+    stable hash of ``name`` (e.g. ``"axial/1"``): the same on every process and machine."""
     salt = int.from_bytes(hashlib.sha256(f"{name}|{in_channels}|{d}".encode()).digest()[:6], "little")
     generator = torch.Generator(device="cpu").manual_seed((int(seed) * 1_000_003 + salt) % (2**63 - 1))
     return torch.randn(in_channels, d, generator=generator, dtype=torch.float32) / d**0.5
 
 
 class RandomProjection(Transform):
-    """Project token channels to ``d`` dims with a seeded Gaussian matrix (Sec. 3.3.3).
-
-    Args:
-        in_channels: channel count ``C`` of the tokens.
-        d: projected dimension.
-        seed: random seed shared by all volumes of a run.
-        name: identifies the axis x layer the matrix belongs to (see :func:`projection_matrix`).
+    """Project ``in_channels`` token channels to ``d`` dims with :func:`projection_matrix` (Sec. 3.3.3).
 
     Call: ``tokens [M, C, P, P]`` -> ``[M, d, P, P]`` (fp32).
     """
@@ -253,16 +230,8 @@ class RandomProjectiond(MapTransform):
 
 
 class TokenValidity(Transform):
-    """Which tokens of an axis grid have enough foreground (Remark 1).
-
-    A token's foreground fraction is the mean of the mask over its ``q`` slices and in-plane patch, by
-    adaptive average pooling on the original grid.
-
-    Args:
-        axis: slicing axis.
-        q: depth-pooling size.
-        grid: in-plane patch grid ``P`` (int or pair).
-        delta: a token is valid when its foreground fraction is ``> delta`` (paper: 0).
+    """Tokens whose foreground fraction (the mask's mean over their ``q`` slices and patch of the ``grid``)
+    is ``> delta`` (Remark 1).
 
     Call: ``mask [1, H, W, D]`` -> ``[T/q, P, P]`` bool.
     """
