@@ -113,7 +113,7 @@ class EfficientNetLite0Encoder(SliceEncoder):
 
     def _to_inference_form(self) -> None:
         """Rewrite ``self.model`` in place: every BatchNorm folded into its conv (in float64), symmetric pads in
-        the convs, weights ``channels_last``, ReLU6 in place; equal to :meth:`unfused_forward` up to rounding."""
+        the convs, weights ``channels_last``, ReLU6 in place; equal to the package's forward up to rounding."""
         m = self.model
         pairs = [(m, "_conv_stem", "_bn0"), (m, "_conv_head", "_bn1")]
         for block in m._blocks:
@@ -163,21 +163,6 @@ class EfficientNetLite0Encoder(SliceEncoder):
     def extract(self, x: Tensor) -> list[Tensor]:
         x = x.contiguous(memory_format=torch.channels_last)
         return _stage_outputs(self.model, x, self._layer_end, Tensor.contiguous)
-
-    def unfused_forward(self) -> Callable[[Tensor], list[Tensor]]:
-        """The package's own forward with the same weights, for checking or timing the inference form."""
-        from efficientnet_lite_pytorch import EfficientNet
-
-        ref = EfficientNet.from_name("efficientnet-lite0", image_size=self.input_size)
-        ref.load_state_dict(torch.load(self.weights_path, map_location="cpu", weights_only=True), strict=True)
-        p = next(self.parameters())
-        ref = ref.eval().to(device=p.device, dtype=p.dtype)
-
-        def forward(x: Tensor) -> list[Tensor]:
-            with torch.inference_mode():
-                return _stage_outputs(ref, x.to(device=p.device, dtype=p.dtype), self._layer_end, Tensor.float)
-
-        return forward
 
     def _weights_files(self) -> list[Path]:
         return [self.weights_path]

@@ -46,9 +46,6 @@ class FloatBins:
         out[ok] = e
         return out if out.ndim else out[()]
 
-    def width(self, b) -> np.ndarray:
-        return self.lower_edge(np.asarray(b) + 1) - self.lower_edge(b)
-
     def histogram(self, x: np.ndarray) -> np.ndarray:
         return np.bincount(self.index(x).ravel(), minlength=self.n_bins).astype(np.int64)
 

@@ -4,8 +4,8 @@ scores a cohort's token grids against a reference plan.
 """
 
 from scripts.scoring.against import reference_scores, subset_scores
-from scripts.scoring.blocks import DEFAULT_BLOCK_ELEMENTS, DEFAULT_QUERY_TILE, nearest_distance_profile
-from scripts.scoring.c2f import DEFAULT_ROUTES, c2f_scores, c2f_tiles
+from scripts.scoring.blocks import DEFAULT_BLOCK_ELEMENTS, DEFAULT_QUERY_TILE
+from scripts.scoring.c2f import DEFAULT_ROUTES, c2f_scores
 from scripts.scoring.exact import mutual_similarity_scores, num_neighbours
 
 __all__ = [
@@ -13,9 +13,7 @@ __all__ = [
     "DEFAULT_QUERY_TILE",
     "DEFAULT_ROUTES",
     "c2f_scores",
-    "c2f_tiles",
     "mutual_similarity_scores",
-    "nearest_distance_profile",
     "num_neighbours",
     "reference_scores",
     "subset_scores",

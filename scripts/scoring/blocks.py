@@ -12,7 +12,6 @@ __all__ = [
     "DEFAULT_QUERY_TILE",
     "distance_profile",
     "excluded",
-    "nearest_distance_profile",
     "pack_valid",
     "query_tiles",
     "reference_blocks",
@@ -109,32 +108,6 @@ def reference_blocks(
         yield start, stop, d2
 
 
-def nearest_distance_profile(
-    queries: torch.Tensor,
-    tokens: torch.Tensor,
-    ref_sq_norms: torch.Tensor,
-    exclude: int | Sequence[int] | None,
-    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
-    buffer: torch.Tensor | None = None,
-    index: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(d2, nearest)``: ``[Q, B]`` squared distance (GEMM form, not clamped; ``+inf`` for ``exclude``) of each
-    query to its nearest token in every reference volume (Eq. 1), and that token's position in ``N``;
-    arguments as in :func:`reference_blocks`, ``block_elements`` sets the group size."""
-    b = tokens.shape[0]
-    n = ref_sq_norms.shape[1]
-    nq = queries.shape[0]
-    group = max(1, block_elements // max(1, n * nq))
-    profile = torch.full((nq, b), float("inf"), dtype=torch.float32, device=queries.device)
-    nearest = torch.zeros((nq, b), dtype=torch.long, device=queries.device)
-    for start, stop, d2 in reference_blocks(queries, tokens, ref_sq_norms, exclude, group, buffer, index):
-        best = d2.min(dim=-1)
-        profile[:, start:stop] = best.values.t()
-        at = best.indices if index is None else index[start:stop].to(queries.device).gather(1, best.indices)
-        nearest[:, start:stop] = at.t()
-    return profile + queries.pow(2).sum(dim=1).unsqueeze(1), nearest
-
-
 def distance_profile(
     queries: torch.Tensor,
     tokens: torch.Tensor,
@@ -144,8 +117,10 @@ def distance_profile(
     buffer: torch.Tensor | None,
     index: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The ``[Q, B]`` profile of :func:`nearest_distance_profile` without ``|q|^2`` (which does not change
-    the choice), values only: ``amin`` is much cheaper than ``min`` with indices on the CPU."""
+    """``[Q, B]`` squared distance (GEMM form less ``|q|^2``, which does not change the choice; not clamped;
+    ``+inf`` for ``exclude``) of each query to its nearest token in every reference volume (Eq. 1), values
+    only (``amin`` is much cheaper than ``min`` with indices on the CPU); arguments as in
+    :func:`reference_blocks`, ``block_elements`` sets the group size."""
     b, nq = tokens.shape[0], queries.shape[0]
     group = max(1, block_elements // max(1, ref_sq_norms.shape[1] * nq))
     profile = torch.full((nq, b), float("inf"), dtype=torch.float32, device=queries.device)

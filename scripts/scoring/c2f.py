@@ -25,7 +25,7 @@ from scripts.scoring.exact import (
     same_subject,
 )
 
-__all__ = ["CANDIDATE_ELEMENTS", "DEFAULT_ROUTES", "c2f_scores", "c2f_tiles"]
+__all__ = ["CANDIDATE_ELEMENTS", "DEFAULT_ROUTES", "c2f_scores"]
 
 DEFAULT_ROUTES = 16
 # Elements of the reused buffer of gathered fine candidates on the CPU (see _candidate_elements).
@@ -172,22 +172,6 @@ class _C2FBank:
                 group = max(1, self.block_elements // (idx.numel() * self.per_query))
                 profiles = _c2f_profiles(self.coarse[i, idx].float(), self.fine[i, idx].float(), self, exclude, group)
                 yield i, idx, profiles
-
-
-def c2f_tiles(
-    coarse: torch.Tensor,
-    fine: torch.Tensor,
-    coarse_valid: torch.Tensor | None = None,
-    fine_valid: torch.Tensor | None = None,
-    L: int = DEFAULT_ROUTES,  # noqa: N803
-    query_tile: int = DEFAULT_QUERY_TILE,
-    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
-    volumes: Sequence[int] | None = None,
-) -> Iterator[tuple[int, torch.Tensor, tuple[torch.Tensor, ...]]]:
-    """The distance profiles behind :func:`c2f_scores` (same arguments), one query tile at a time: yields
-    ``(i, index, (coarse_d2, coarse_nn, fine_d2, fine_nn))``, ``[Q, B]`` / ``[Q, h, B]`` squared distances
-    (self column ``+inf``) and nearest indices (``fine_nn``: ``parent * h + child``)."""
-    yield from _C2FBank(coarse, fine, coarse_valid, fine_valid, L, query_tile, block_elements).tiles(volumes)
 
 
 def c2f_scores(

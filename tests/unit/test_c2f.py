@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from scripts.scoring import c2f_scores, c2f_tiles, mutual_similarity_scores
+from scripts.scoring import c2f_scores, mutual_similarity_scores
+from scripts.scoring.blocks import DEFAULT_BLOCK_ELEMENTS, DEFAULT_QUERY_TILE
+from scripts.scoring.c2f import _C2FBank
 from tests.helpers import float32_distance_tolerance, float64_brute_force
 
 
@@ -21,6 +23,14 @@ def make_tokens(b: int, n_c: int, h: int, d: int, seed: int, p_invalid: float = 
     fine_valid[:, 0, 0] = True
     coarse_valid = fine_valid.any(dim=2)  # what the inferer's masks give at delta = 0
     return coarse, fine, coarse_valid, fine_valid
+
+
+def c2f_tiles(coarse, fine, coarse_valid=None, fine_valid=None, L=16):  # noqa: N803
+    """The distance profiles behind :func:`c2f_scores`: ``(i, index, (coarse_d2, coarse_nn, fine_d2, fine_nn))``
+    per query tile, ``[Q, B]`` / ``[Q, h, B]`` (self column ``+inf``; ``fine_nn``: ``parent * h + child``)."""
+    yield from _C2FBank(coarse, fine, coarse_valid, fine_valid, L, DEFAULT_QUERY_TILE, DEFAULT_BLOCK_ELEMENTS).tiles(
+        None
+    )
 
 
 def exhaustive_fine(fine, fine_valid, rho):

@@ -242,13 +242,30 @@ def test_efficientnet_fused_matches_unfused_reference(r, n):
         _assert_close_rel(o, seen[end])
 
 
+def _unfused_forward(enc: EfficientNetLite0Encoder):
+    """The package's own forward with ``enc``'s weights, returning the grids of ``enc``'s layers."""
+    from efficientnet_lite_pytorch import EfficientNet
+    from scripts.encoders.efficientnet import _stage_outputs
+
+    ref = EfficientNet.from_name("efficientnet-lite0", image_size=enc.input_size)
+    ref.load_state_dict(torch.load(enc.weights_path, map_location="cpu", weights_only=True), strict=True)
+    p = next(enc.parameters())
+    ref = ref.eval().to(device=p.device, dtype=p.dtype)
+
+    def forward(x: torch.Tensor) -> list[torch.Tensor]:
+        with torch.inference_mode():
+            return _stage_outputs(ref, x.to(device=p.device, dtype=p.dtype), enc._layer_end, torch.Tensor.float)
+
+    return forward
+
+
 def test_efficientnet_unfused_forward_is_the_package_forward():
     """``unfused_forward()`` runs the package's own modules (BatchNorm and every pad executed) on the same
     weights: bit-identical to the test's independent reference, equal to the fused grids up to rounding."""
     layers = ("stem", "stage2", "stage5")
     enc = _fused_encoder(64, layers)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(11))
-    forward = enc.unfused_forward()
+    forward = _unfused_forward(enc)
     calls = _traced_calls(lambda: forward(x))
     assert sum(c[0] == "batch_norm" for c in calls) == 1 + 3 * 11 - 1  # nothing folded
     assert sum(c[0] == "pad" for c in calls) == 12

@@ -119,9 +119,26 @@ def test_errors() -> None:
         mutual_similarity_scores(torch.randn(3, 4, 3), torch.ones(3, 5, dtype=torch.bool))
 
 
+def nearest_distance_profile(queries, tokens, ref_sq_norms, exclude, block_elements, index=None):
+    """``(d2 [Q, B], nearest [Q, B])``: each query's nearest squared distance (``+inf`` for ``exclude``) in
+    every volume from :func:`scripts.scoring.blocks.reference_blocks`, and that token's position in ``N``."""
+    from scripts.scoring.blocks import reference_blocks
+
+    b, nq = tokens.shape[0], queries.shape[0]
+    group = max(1, block_elements // max(1, ref_sq_norms.shape[1] * nq))
+    profile = torch.full((nq, b), float("inf"))
+    nearest = torch.zeros((nq, b), dtype=torch.long)
+    for start, stop, d2 in reference_blocks(queries, tokens, ref_sq_norms, exclude, group, None, index):
+        best = d2.min(dim=-1)
+        profile[:, start:stop] = best.values.t()
+        at = best.indices if index is None else index[start:stop].gather(1, best.indices)
+        nearest[:, start:stop] = at.t()
+    return profile + queries.pow(2).sum(dim=1).unsqueeze(1), nearest
+
+
 def test_packing_reads_valid_references_only() -> None:
     """The GEMM reads each volume's valid tokens first, in order, padded by never-nearest rows."""
-    from scripts.scoring.blocks import nearest_distance_profile, pack_valid, sq_norms
+    from scripts.scoring.blocks import pack_valid, sq_norms
 
     gen = torch.Generator().manual_seed(7)
     tokens = torch.randn(4, 10, 6, generator=gen)
