@@ -1,7 +1,5 @@
-"""The scoring step of :class:`~scripts.engine.evaluator.CS3FEvaluator`, between its two passes: score
-the cohort against itself, score it against a reference bank (``references: bank:DIR``), or save its
-tokens as a bank (``build_bank``).
-"""
+"""The scoring step of :class:`~scripts.engine.evaluator.CS3FEvaluator`, between its two passes: score the
+cohort against itself or a reference bank (``references: bank:DIR``), or save its tokens as a bank."""
 
 from __future__ import annotations
 
@@ -16,25 +14,24 @@ from scripts.engine.record import token_stats
 from scripts.engine.subjects import no_reference_error, without_references
 from scripts.errors import CS3FInputError
 from scripts.inferer import CS3FInferer
-from scripts.storage.bank import BankWriter, TokenBank, bank_identity, save_bank
+from scripts.storage.bank import BankWriter, TokenBank, bank_identity
 from scripts.tokens import VolumeTokens
 
 __all__ = ["CohortScoring"]
 
 
 class CohortScoring:
-    """The scoring step, held by the evaluator; single-process ``build_bank`` runs stream each volume to the
-    bank as it is tokenized (:meth:`bank_writer`).
+    """The scoring step; single-process ``build_bank`` runs stream each volume to the bank (:meth:`bank_writer`).
 
     Args:
-        inferer: the scoring inferer; a reference bank it names (``bank:DIR``) is checked here, before any encoding.
+        inferer: the scoring inferer; a reference bank it names is checked here, before any encoding.
         network, preprocessing_identity: the encoder and the preprocessing's parameters (the bank identity).
         grid: the cohort's grids; new volumes must be on a reference bank's grids, a built bank records them.
         build_bank: folder to save the cohort's token bank in (``None``: score instead).
         keep_tokens: keep the tokens after scoring (by default the cohort releases them).
 
-    Results: ``token_scores`` and ``token_validity`` (``{part: {name: {axis: tensor}}}``, this rank's
-    volumes) and ``token_stats`` (:func:`scripts.engine.record.token_stats`).
+    Results: ``token_scores``, ``token_validity`` (``{part: {name: {axis: tensor}}}``, this rank's volumes),
+    ``token_stats``.
     """
 
     def __init__(
@@ -63,8 +60,8 @@ class CohortScoring:
         if self.reference is not None:
             self.reference.check(self._bank_identity())  # before hours of encoding
             for part in self.reference.parts:
-                if (grid_of_part := self.reference.grid(part)) is not None:
-                    self.grid.expect(part, grid_of_part)
+                if (part_grid := self.reference.grid(part)) is not None:
+                    self.grid.expect(part, part_grid)
 
     def __call__(self, cohort: Cohort) -> None:
         """End of pass 1 (``cohort`` gathered): token scores (or the bank saved), then the tokens released."""
@@ -75,8 +72,7 @@ class CohortScoring:
                 part: {n: {k: g.valid.clone() for k, g in vt.grids.items()} for n, vt in volumes.items()}
                 for part, volumes in cohort.bank.items()
             }
-        if not self.keep_tokens:
-            # Pass 2 needs the token scores only: the bank and its buffers go before the maps are made.
+        if not self.keep_tokens:  # pass 2 needs the token scores only
             cohort.release_tokens()
 
     def _score_tokens(self, cohort: Cohort) -> None:
@@ -121,7 +117,6 @@ class CohortScoring:
         return self._writer
 
     def add_to_bank(self, writer: BankWriter, name: str, part: str, tokens: VolumeTokens) -> None:
-        """Stream one part of one volume to the bank being built."""
         writer.add(name, part, tokens)
         self._bank_parts.add(part)
 
@@ -137,18 +132,19 @@ class CohortScoring:
         import monai
 
         info = {"versions": {"torch": torch.__version__, "monai": monai.__version__}}
-        parts = self._bank_parts if self._writer is not None else set(cohort.bank)
+        writer, parts = self._writer, self._bank_parts
+        if writer is None:  # under torchrun: the gathered bank
+            for part, volumes in cohort.bank.items():
+                if missing := [n for n in cohort.names if n not in volumes]:
+                    raise ValueError(f"part {part!r} has no tokens for {missing[:3]}")
+            writer, parts = BankWriter(self.build_bank, len(cohort.names)), set(cohort.bank)
+            for name in cohort.names:
+                for part, volumes in cohort.bank.items():
+                    writer.add(name, part, volumes[name])
         grids = {part: self.grid.grids[part] for part in parts if part in self.grid.grids}
-        if self._writer is not None:
-            self._writer.finish(self._bank_identity(), cohort.sources, grids, info, cohort.subjects)
-            return
-        sources = [cohort.sources.get(n, "") for n in cohort.names]
-        save_bank(
-            self.build_bank, self._bank_identity(), cohort.names, sources, cohort.bank, grids, info, cohort.subjects
-        )
+        writer.finish(self._bank_identity(), cohort.sources, grids, info, cohort.subjects)
 
     def _score_against_bank(self, cohort: Cohort) -> None:
-        """Score this run's volumes (this rank's share) against the reference bank's volumes only."""
         names = cohort.names
         if not names:
             raise CS3FInputError(

@@ -1,11 +1,6 @@
-"""Reference token banks: tokenize a cohort once, then score new volumes against it.
-
-A bank is a folder of fp16 ``[B, N, d]`` token and bool ``[B, N]`` validity ``.npy`` arrays per part and
-key, plus ``bank.json`` (written last) recording everything that shapes tokens and each array's sha256;
-the format is in docs/scaling.md. :class:`BankWriter` writes volume by volume and readers memory-map the
-arrays, so a bank larger than RAM is neither held to build nor to score. :class:`TokenBank` checks the
-manifest and the arrays' shapes, sizes and sha256 when it opens a bank: before any encoding.
-"""
+"""Reference token banks (format in docs/scaling.md): fp16 ``[B, N, d]`` token and bool ``[B, N]`` validity
+``.npy`` arrays per part and key, written volume by volume and memory-mapped when read, and ``bank.json``
+(written last) with everything that shapes tokens and each array's sha256."""
 
 from __future__ import annotations
 
@@ -22,7 +17,7 @@ from scripts.digest import file_digest
 from scripts.errors import CS3FInputError, one_line
 from scripts.storage.atomic import atomic_write, atomic_write_json, commit, jsonable, temp_path
 
-__all__ = ["BANK_FORMAT", "BANK_VERSION", "MANIFEST", "BankWriter", "TokenBank", "bank_identity", "save_bank"]
+__all__ = ["BANK_FORMAT", "BANK_VERSION", "MANIFEST", "BankWriter", "TokenBank", "bank_identity"]
 
 BANK_FORMAT = "cs3f-token-bank"
 BANK_VERSION = 2  # 2: arrays with sha256, depth_phases in the identity
@@ -32,13 +27,8 @@ COMPARED = ("encoder", "layers", "axes", "q", "depth_phases", "d", "seed", "delt
 
 
 def bank_identity(describe: Mapping, encoder: Mapping | str, preprocessing: Mapping) -> dict:
-    """What a bank and a run must agree on: everything that shapes tokens.
-
-    Args:
-        describe: :meth:`scripts.inferer.CS3FInferer.describe` of the run.
-        encoder: the encoder's identity (``network.identity()``), or its class name.
-        preprocessing: the parameters of the preprocessing.
-    """
+    """What a bank and a run must agree on (everything that shapes tokens), from the inferer's ``describe()``,
+    the encoder's identity (or class name) and the preprocessing's parameters."""
     layers = encoder.get("layers") if isinstance(encoder, Mapping) else None
     return jsonable(
         {
@@ -57,8 +47,7 @@ def bank_identity(describe: Mapping, encoder: Mapping | str, preprocessing: Mapp
     )
 
 
-#: differences named in a mismatch error; the rest are counted
-_MAX_DIFFS = 8
+_MAX_DIFFS = 8  # differences named in a mismatch error; the rest are counted
 
 
 def _differences(run, bank, prefix: str) -> list[str]:  # noqa: ANN001 - JSON values
@@ -77,14 +66,8 @@ def _short(value) -> str:  # noqa: ANN001
 
 
 class BankWriter:
-    """Writes a token bank volume by volume into ``capacity``-row temporary memmaps; :meth:`finish`
-    renames them into place (truncated to the volumes added) and writes the manifest last; :meth:`abort`
-    removes them.
-
-    Args:
-        folder: the bank folder (created; an existing bank's manifest is removed first).
-        capacity: the most volumes that will be added (e.g. the length of the datalist).
-    """
+    """Writes a token bank volume by volume into ``capacity``-row temporary memmaps in ``folder`` (created;
+    an existing manifest removed first); :meth:`finish` renames them into place, :meth:`abort` removes them."""
 
     def __init__(self, folder: str | Path, capacity: int) -> None:
         self.folder = Path(folder)
@@ -97,7 +80,7 @@ class BankWriter:
         self._open: dict[tuple[str, str, str], tuple[np.memmap, Path]] = {}  # + "tokens"/"valid"
 
     def add(self, name: str, part: str, tokens) -> None:  # noqa: ANN001 - scripts.inferer.VolumeTokens
-        """Write one volume's tokens of one part (parts of a volume are added one after the other)."""
+        """Write one part of one volume (parts of a volume are added one after the other)."""
         if not self.names or self.names[-1] != name:
             if name in self.names:
                 raise ValueError(f"{name} was already added to the bank")
@@ -123,15 +106,13 @@ class BankWriter:
         spec = {"grid": grid, "d": d, "tokens": f"{stem}.tokens.npy", "valid": f"{stem}.valid.npy"}
         for what, dtype, shape in (("tokens", np.float16, (n_tokens, d)), ("valid", bool, (n_tokens,))):
             tmp = temp_path(self.folder / spec[what])
-            self._open[(part, key, what)] = (
-                np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(self.capacity, *shape)),
-                tmp,
-            )
+            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(self.capacity, *shape))
+            self._open[(part, key, what)] = (array, tmp)
         self.arrays[(part, key)] = spec
         return spec
 
     def abort(self) -> None:
-        """Drop the arrays written so far (a failed build leaves no temporary file behind)."""
+        """Drop the arrays written so far."""
         for _, tmp in self._open.values():
             tmp.unlink(missing_ok=True)  # the memmaps go with the dict entries
         self._open.clear()
@@ -150,9 +131,8 @@ class BankWriter:
             identity: :func:`bank_identity` of the run that made the tokens.
             sources: sha256 of each volume's source files, by name or in order (``""``: unknown).
             grids: ``{part: (spatial shape, affine [4, 4])}`` of the preprocessed volumes.
-            info: extra entries for the manifest (e.g. software versions).
-            subjects: ``{name: (subject, sha256 of its voxels)}``, so that later scans of one subject are
-                never matched with each other.
+            info: extra manifest entries.
+            subjects: ``{name: (subject, sha256 of its voxels)}``.
         """
         b = len(self.names)
         if b == 0:
@@ -202,33 +182,9 @@ def _copy_rows(array: np.ndarray, rows: int, path: Path) -> None:
     del small
 
 
-def save_bank(
-    folder: str | Path,
-    identity: Mapping,
-    names: Sequence[str],
-    sources: Sequence[str],
-    banks: Mapping[str, Mapping[str, object]],
-    grids: Mapping[str, tuple] | None = None,
-    info: Mapping | None = None,
-    subjects: Mapping[str, tuple[str, str]] | None = None,
-) -> Path:
-    """Write the bank of in-memory tokens ``{part: {name: VolumeTokens}}`` for ``names`` (see :class:`BankWriter`)."""
-    names = [str(n) for n in names]
-    for part, bank in banks.items():
-        missing = [n for n in names if n not in bank]
-        if missing:
-            raise ValueError(f"part {part!r} has no tokens for {missing[:3]}")
-    writer = BankWriter(folder, len(names))
-    for name in names:
-        for part, bank in banks.items():
-            writer.add(name, part, bank[name])
-    return writer.finish(identity, list(sources), grids, info, subjects)
-
-
 class TokenBank:
-    """A saved token bank, opened read-only (arrays memory-mapped on demand) once its manifest, the
-    arrays' shapes and sizes and their sha256 are checked (one :class:`CS3FInputError` line naming the
-    file and the key otherwise)."""
+    """A saved token bank, opened read-only once its manifest and arrays (shape, size, sha256) are checked;
+    :class:`CS3FInputError` naming the file and key otherwise."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
@@ -263,7 +219,6 @@ class TokenBank:
         return value
 
     def _check_manifest(self) -> None:
-        """Every entry the readers use is there, with its type, and the per-volume lists agree in length."""
         m = self.manifest
         self._field(m, "identity", dict)
         n = self._field(m, "n_volumes", int)
@@ -288,7 +243,6 @@ class TokenBank:
                     self._field(spec, field, str, where)
 
     def _check_array(self, where: str, spec: Mapping) -> None:
-        """Both arrays of a key: present, of the manifest's shape and dtype, whole, and of its sha256."""
         rows, d = (self.manifest["n_volumes"], math.prod(spec["grid"])), spec["d"]
         for what, dtype, shape in (("tokens", np.float16, (*rows, d)), ("valid", np.bool_, rows)):
             file = self.folder / spec[what]
@@ -335,13 +289,13 @@ class TokenBank:
 
     def same_subject(self, digest: str | None, subject: str, voxels: str) -> list[int]:
         """Bank indices that are the same scan (same source bytes or voxels) or the same named subject."""
-        out = set()
-        source = self.index_of_source(digest)
-        if source is not None:
+        out = {
+            i
+            for i, (s, v) in enumerate(self.manifest["subjects"])
+            if (subject and s == subject) or (voxels and v == voxels)
+        }
+        if (source := self.index_of_source(digest)) is not None:
             out.add(source)
-        for i, (bank_subject, bank_voxels) in enumerate(self.manifest["subjects"]):
-            if (subject and bank_subject == subject) or (voxels and bank_voxels == voxels):
-                out.add(i)
         return sorted(out)
 
     def index_of_source(self, digest: str | None) -> int | None:
@@ -353,8 +307,7 @@ class TokenBank:
 
     def grid(self, part: str) -> tuple[tuple[int, ...], torch.Tensor] | None:
         """``(shape, affine)`` of the preprocessed volumes of ``part``, if recorded."""
-        entry = self.parts.get(part, {}).get("grid")
-        if entry is None:
+        if (entry := self.parts.get(part, {}).get("grid")) is None:
             return None
         return tuple(entry["shape"]), torch.tensor(entry["affine"], dtype=torch.float64)
 
@@ -366,15 +319,14 @@ class TokenBank:
         with warnings.catch_warnings():  # torch warns that the read-only memmap is not writable
             warnings.simplefilter("ignore", UserWarning)
             for key, spec in self.parts[part]["keys"].items():
-                tokens = torch.from_numpy(np.load(self.folder / spec["tokens"], mmap_mode="r"))
-                valid = torch.from_numpy(np.load(self.folder / spec["valid"], mmap_mode="r"))
-                out[key] = (tokens, valid)
+                out[key] = tuple(
+                    torch.from_numpy(np.load(self.folder / spec[w], mmap_mode="r")) for w in ("tokens", "valid")
+                )
         return out
 
     def check(self, identity: Mapping) -> None:
-        """Raise one :class:`CS3FInputError` line naming every field where ``identity`` (the run's
-        :func:`bank_identity`) differs from the bank's. ``q_fine`` is compared only for a run that
-        needs fine tokens (variant F/MS); a variant-C run may use a bank built with fine tokens."""
+        """Raise one :class:`CS3FInputError` naming every field where the run's :func:`bank_identity` differs
+        from the bank's (``q_fine`` only for a run that needs fine tokens: variant F/MS)."""
         run, bank = jsonable(dict(identity)), self.identity
         fields = list(COMPARED)
         if run.get("variant", "C") != "C":
