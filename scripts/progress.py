@@ -1,14 +1,5 @@
-"""Progress a person can read: named stages with counts, rate and time left.
-
-On a terminal a stage is a tqdm bar (what MONAI and ignite show); when the stream is not a terminal (a
-log file, a pipe, a notebook's captured output) it is plain lines, at most one every ``interval``
-seconds plus the last one, with no cursor codes::
-
-    cs3f: encoding volume 12/32 (0.81 vol/s, 25 s left)
-
-A stage may also report work inside one step (``detail``, e.g. the query block of a scoring pass), so
-that a long step still shows movement.
-"""
+"""Named stages with counts, rate and time left: a tqdm bar on a terminal, else plain lines (at most one
+every ``interval`` seconds, plus the last), e.g. ``cs3f: encoding volume 12/32 [0.81 vol/s, 25 s left]``."""
 
 from __future__ import annotations
 
@@ -19,17 +10,16 @@ from typing import TextIO
 
 __all__ = ["INTERVAL_S", "Progress", "format_seconds", "now"]
 
-#: seconds between two plain lines of one stage
-INTERVAL_S = 5.0
+INTERVAL_S = 5.0  # seconds between two plain lines of one stage
 
 
 def now() -> float:
-    """Seconds of a monotonic clock: the time source of every :class:`Progress`."""
+    """Seconds of a monotonic clock (the default time source)."""
     return time.monotonic()
 
 
 def format_seconds(seconds: float) -> str:
-    """``42 s``, ``3 min 5 s`` or ``1 h 02 min``: a duration for a person."""
+    """``42 s``, ``3 min 5 s`` or ``1 h 02 min``."""
     seconds = max(0.0, float(seconds))
     if seconds < 60:
         return f"{seconds:.0f} s"
@@ -44,13 +34,9 @@ class Progress:
     """One named stage of ``total`` steps.
 
     Args:
-        stage: what is being done, e.g. ``"encoding volume"``, ``"writing maps"``.
-        total: number of steps (volumes, blocks, ...).
-        unit: short unit for the rate, e.g. ``"vol"``.
+        stage, total, unit: what is being done (``"encoding volume"``), its steps, the rate's unit (``"vol"``).
         enabled: ``False`` shows nothing (``--quiet``).
-        stream: where to write; default ``sys.stderr``.
-        interval: seconds between two plain lines (default :data:`INTERVAL_S`; a bar refreshes on its own).
-        clock: time source (default :func:`now`).
+        stream, interval, clock: default ``sys.stderr``, :data:`INTERVAL_S`, :func:`now`.
     """
 
     def __init__(
@@ -67,9 +53,7 @@ class Progress:
         self.enabled, self.clock = bool(enabled), clock or now
         self.interval = INTERVAL_S if interval is None else float(interval)
         self.stream = sys.stderr if stream is None else stream
-        self.done = 0
-        self.detail = ""
-        self.start = self.clock()
+        self.done, self.detail, self.start = 0, "", self.clock()
         self._last_line = -float("inf")
         self._bar = None
         if self.enabled and _is_terminal(self.stream):
@@ -79,8 +63,7 @@ class Progress:
 
     def update(self, n: int = 1, detail: str = "") -> None:
         """``n`` more steps done; ``detail`` says where inside the stage the work is."""
-        self.done += n
-        self.detail = detail
+        self.done, self.detail = self.done + n, detail
         if not self.enabled:
             return
         if self._bar is not None:
@@ -112,7 +95,6 @@ class Progress:
         self.close()
 
     def line(self) -> str:
-        """The plain line for the current state."""
         elapsed = self.clock() - self.start
         text = f"cs3f: {self.stage} {self.done}/{self.total}"
         if self.detail:

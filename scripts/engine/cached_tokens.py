@@ -19,8 +19,7 @@ __all__ = ["CachedTokenizer", "registration_of", "source_digest", "voxel_digest"
 
 
 def voxel_digest(image: torch.Tensor) -> str:
-    """sha256 of a preprocessed volume's shape and voxel values: equal for the same scan saved twice,
-    whatever its file name, compression or header."""
+    """sha256 of a preprocessed volume's shape, dtype and voxel values."""
     array = np.ascontiguousarray(torch.as_tensor(image).detach().cpu().numpy())
     return hashlib.sha256(repr((array.shape, array.dtype.str)).encode() + array.tobytes()).hexdigest()
 
@@ -36,15 +35,13 @@ def source_digest(item: dict, keys: tuple[str, ...] = ("image", "mask")) -> str:
 
 
 def registration_of(image: torch.Tensor) -> dict | None:
-    """The registration a volume was brought to its template with (``meta["registration"]``, set by
-    :class:`scripts.transforms.registration.Registerd`), or ``None``."""
+    """``meta["registration"]`` (set by :class:`scripts.transforms.registration.Registerd`), or ``None``."""
     record = image.meta.get("registration") if isinstance(image, MetaTensor) else None
     return json.loads(record) if isinstance(record, str) else None
 
 
 def with_registration(source_key: str, registration: dict) -> str:
-    """``source_key`` combined with the affine of ``registration``: cached tokens are reused only for
-    the same files registered the same way."""
+    """``source_key`` combined with the template and transform of ``registration``."""
     blob = json.dumps([source_key, registration["template"], registration["transform"]])
     return hashlib.sha256(blob.encode()).hexdigest()
 

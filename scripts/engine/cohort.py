@@ -1,6 +1,4 @@
-"""The cohort state of a :class:`~scripts.engine.evaluator.CS3FEvaluator` run: what pass 1 fills and the
-scoring step reads.
-"""
+"""The cohort state of a :class:`~scripts.engine.evaluator.CS3FEvaluator` run (filled by pass 1)."""
 
 from __future__ import annotations
 
@@ -27,13 +25,8 @@ def volume_name(item: dict, image_key: str = "image") -> str:
 
 
 class Cohort:
-    """The volumes of one run and their tokens.
-
-    Args:
-        data_loader: the evaluator's loader: its dataset's length sizes the token rows (one per input)
-            and its datalist's order is the cohort's order once the ranks' shares are gathered.
-        skipped: volumes left out before the run (the engine appends those it leaves out).
-    """
+    """The volumes of one run and their tokens; ``data_loader``'s dataset sizes the token rows and orders the
+    gathered cohort; ``skipped``: volumes left out (the engine appends to it)."""
 
     def __init__(self, data_loader: Any, skipped: list[dict]) -> None:
         self.data_loader = data_loader
@@ -42,8 +35,7 @@ class Cohort:
         self.my_names: list[str] = []  # this process's share of them
         self.sources: dict[str, str] = {}  # name -> sha256 of its source files
         self.subjects: dict[str, tuple[str, str]] = {}  # name -> (subject, sha256 of its voxels)
-        # part -> volume name -> tokens (part "" is the whole volume)
-        self.bank: dict[str, dict[str, VolumeTokens]] = {}
+        self.bank: dict[str, dict[str, VolumeTokens]] = {}  # part ("": whole volume) -> name -> tokens
         self.buffers: dict[str, BatchBuffer] = {}
 
     def capacity(self) -> int:
@@ -65,8 +57,7 @@ class Cohort:
         self.bank.setdefault(part, {})[name] = self.buffers[part].add(tokens)
 
     def gather(self, counts: dict[str, int]) -> dict[str, int]:
-        """End of pass 1: note this process's share, then all-gather every rank's volumes and tokens so
-        that each rank sees the whole cohort as references; the tokenizer's ``counts``, gathered too."""
+        """End of pass 1: note this process's share, all-gather the cohort and the tokenizer's ``counts``."""
         self.my_names = list(self.names)
         if world()[1] == 1:
             return counts

@@ -44,15 +44,8 @@ class CohortGrid:
         self.grids[part] = (tuple(grid[0]), torch.as_tensor(grid[1]).double())
 
     def check(self, name: str, part: str, image: torch.Tensor, registered: bool = True) -> str | None:
-        """Why ``image`` (``[C, *spatial]``, part ``part`` of volume ``name``) is off the cohort's grid,
-        or ``None`` if it is on it (the first image of a part sets the grid).
-
-        Args:
-            name: the volume's name, for the message.
-            part: the part (``""``: the whole volume).
-            image: the preprocessed image; its affine is the identity if it carries none.
-            registered: whether the affine must match too (registered data) or the shape only.
-        """
+        """Why ``image`` (``[C, *spatial]``, part ``part`` of volume ``name``; no affine: the identity) is off
+        the cohort's grid (the first image of a part sets it), or ``None``; ``registered``: check the affine too."""
         affine = image.affine if isinstance(image, MetaTensor) else torch.eye(4)
         grid = (tuple(image.shape[1:]), affine.double())
         first = self.grids.setdefault(part, grid)

@@ -10,14 +10,12 @@ import torch
 
 __all__ = ["default_threads", "machine_rate"]
 
-#: torch's own thread count (``OMP_NUM_THREADS`` or the cores), before any run changes it
-TORCH_THREADS = torch.get_num_threads()
+TORCH_THREADS = torch.get_num_threads()  # OMP_NUM_THREADS or the cores, before any run changes it
 
 
 def default_threads(calls: int = 16) -> int:
-    """:data:`TORCH_THREADS` if ``calls`` small GEMMs take less time with them than with one, else 1. OpenMP
-    threads spin at the end of each parallel call for the last of them: on busy cores it waits for a time
-    slice, and every one of a run's thousands of small calls stalls."""
+    """:data:`TORCH_THREADS` if ``calls`` small GEMMs take less time with them than with one (on busy cores
+    every parallel call stalls for a time slice), else 1."""
     if TORCH_THREADS <= 1:
         return 1
     gen = torch.Generator().manual_seed(0)

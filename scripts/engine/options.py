@@ -1,8 +1,5 @@
-"""The command line's overrides, checked against the keys the bundle's config files define.
-
-``--rhoo 0.2`` would add a key nobody reads: :func:`check_overrides` stops on a key that is neither an id of
-the merged config files nor an argument of one of their components, naming the closest known key.
-"""
+"""Command-line overrides checked against the config files: a key that is neither a config id nor an
+argument of a component (``--rhoo 0.2``) stops the run, naming the closest known key."""
 
 from __future__ import annotations
 
@@ -18,11 +15,10 @@ from scripts.errors import CS3FInputError, install_excepthook
 
 __all__ = ["check_overrides", "config_ids", "unknown_key_error"]
 
-#: the arguments of ``monai.bundle run`` itself (not config ids)
 RUN_ARGUMENTS = set(
     "config_file meta_file logging_file tracking args_file run_id init_id final_id workflow_type workflow_name "
     "properties_path".split()
-)
+)  # the arguments of ``monai.bundle run`` itself
 
 
 def _target_arguments(target: object) -> list[str]:

@@ -20,15 +20,13 @@ __all__ = ["StageTimes", "peak_rss_mb", "run_record", "token_stats", "versions"]
 
 
 class StageTimes:
-    """Seconds spent per stage of a run: ``load`` (waiting for the data loader, timed through the engine's
-    ``GET_BATCH_*`` events once :meth:`attach` ed) and the stages timed by ``with times.measure(stage)``."""
+    """Seconds per stage: ``load`` (the data loader, once :meth:`attach` ed) and ``with times.measure(stage)``."""
 
     def __init__(self, stages: Iterable[str] = ("tokenize", "score", "write")) -> None:
         self.seconds: dict[str, float] = {"load": 0.0, **dict.fromkeys(stages, 0.0)}
         self._batch_started = 0.0
 
     def attach(self, engine: Engine) -> None:
-        """Time the data loading of ``engine``."""
         engine.add_event_handler(Events.GET_BATCH_STARTED, self._start_loading)
         engine.add_event_handler(Events.GET_BATCH_COMPLETED, self._stop_loading)
 
@@ -49,11 +47,8 @@ class StageTimes:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process (MB): ``VmHWM`` where Linux's /proc has it.
-
-    Not ``ru_maxrss`` first: Linux carries it across ``execve``, so a bundle started from a large Python
-    process (``subprocess``, a notebook) would report its parent's peak instead of its own.
-    """
+    """Peak resident memory of this process (MB): ``VmHWM`` where Linux's /proc has it (``ru_maxrss`` is
+    carried across ``execve``: it would report a large parent process's peak)."""
     try:
         with open("/proc/self/status") as status:
             for line in status:
@@ -89,14 +84,10 @@ def token_stats(bank: Mapping[str, Mapping[str, Any]]) -> dict:
 
 
 def run_record(evaluator: Any) -> dict:  # a CS3FEvaluator: evaluator.py imports this module
-    """The run record of a finished :class:`~scripts.engine.evaluator.CS3FEvaluator` run: parameters,
-    encoder identity, preprocessing, volumes (used, skipped, encoded, cached), token counts, timings,
-    memory, versions and outputs."""
+    """The run record of a finished :class:`~scripts.engine.evaluator.CS3FEvaluator` run."""
     names, seconds = evaluator.names, evaluator.times.seconds
     scorer = evaluator.inferer.scorer
-    # the distance pass of the exact C scorer (score_precision resolved on the scoring device); the
-    # C2F (F/MS), random:N and bank scorers run in fp32
-    precision = "fp32"
+    precision = "fp32"  # of the exact C scorer's distance pass; the others run in fp32
     if scorer.variant == "C" and evaluator.inferer.references.mode in ("all", "chunks"):
         precision = resolve_precision(scorer.precision, scorer.score_device or evaluator.state.device)
     info = {

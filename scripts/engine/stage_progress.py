@@ -1,10 +1,5 @@
-"""The two passes of a run as named stages a person can follow (an ignite handler).
-
-Pass 1 is ``encoding volume i/B`` (load, check, tokenize or read the cache), pass 2 ``writing maps
-i/B``; the scoring between them reports its own stages (:class:`scripts.scoring.scorer.Scorer`). On a
-terminal each stage is a bar; in a log file it is plain lines with rate and time left
-(:class:`scripts.progress.Progress`). Only the first process shows them.
-"""
+"""The two passes of a run (``encoding volume i/B``, ``writing maps i/B``) as :class:`scripts.progress.Progress`
+stages, shown by the first process only (an ignite handler)."""
 
 from __future__ import annotations
 
@@ -14,7 +9,6 @@ from scripts.progress import Progress
 
 __all__ = ["StageProgress"]
 
-#: engine epoch -> (stage, unit)
 STAGES = {1: ("encoding volume", "vol"), 2: ("writing maps", "map")}
 
 
@@ -32,8 +26,7 @@ class StageProgress:
 
     def _start(self, engine: Engine) -> None:
         stage, unit = STAGES.get(engine.state.epoch, (f"pass {engine.state.epoch}", "it"))
-        total = engine.state.epoch_length or 0
-        self.progress = Progress(stage, total, unit=unit, enabled=world()[0] == 0)
+        self.progress = Progress(stage, engine.state.epoch_length or 0, unit=unit, enabled=world()[0] == 0)
 
     def _step(self, engine: Engine) -> None:
         if self.progress is not None:

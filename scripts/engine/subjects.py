@@ -1,9 +1,4 @@
-"""Which volumes are scans of one subject, so that they are never references for each other.
-
-The subject of a volume is its ``subject`` column in ``cohort.csv``; else the first group (or the match)
-of ``subject_pattern`` in the image name; else its own name. Volumes with identical voxels are joined
-into one subject (one warning).
-"""
+"""Which volumes are scans of one subject, so that they are never references for each other."""
 
 from __future__ import annotations
 
@@ -18,7 +13,8 @@ __all__ = ["join_identical", "no_reference_error", "subject_of", "without_refere
 
 
 def subject_of(name: str, row: Mapping[str, str] | None = None, pattern: str | None = None) -> str:
-    """The subject of the volume ``name`` (see the module docstring)."""
+    """``row``'s ``subject`` (``cohort.csv``), else the first group (or the match) of ``pattern`` in ``name``,
+    else ``name``."""
     if row is not None and str(row.get("subject") or "").strip():
         return str(row["subject"]).strip()
     if pattern:
@@ -62,9 +58,8 @@ def join_identical(names: Sequence[str], subjects: Sequence[str], digests: Seque
 
 
 def without_references(subjects: Sequence[object], references: ReferenceSet) -> list[int]:
-    """Indices of the volumes that would have no reference of another subject under ``references``: all of
-    them when the cohort (``all``, ``random:N``) or their chunk (``chunks:N``) holds one subject only. A
-    reference bank is checked against the bank when it is read."""
+    """Indices of the volumes whose cohort (``all``, ``random:N``) or chunk (``chunks:N``) holds one subject
+    only (a reference bank is checked when it is read)."""
     if references.mode == "bank":
         return []
     b = len(subjects)
@@ -73,8 +68,7 @@ def without_references(subjects: Sequence[object], references: ReferenceSet) -> 
 
 
 def no_reference_error(volumes: Sequence[str], references: ReferenceSet, how: str) -> CS3FInputError:
-    """The error for ``volumes`` (files or names) found by :func:`without_references`; ``how`` says where
-    the subjects came from."""
+    """The error for ``volumes`` found by :func:`without_references`; ``how``: where the subjects came from."""
     scope = f"their chunk (references {references})" if references.mode == "chunks" else "the cohort"
     shown = ", ".join(volumes[:3]) + (f" and {len(volumes) - 3} more" if len(volumes) > 3 else "")
     return CS3FInputError(

@@ -1,9 +1,5 @@
-"""Per-volume token cache: a killed run resumes without re-encoding what it already tokenized.
-
-``<cache_dir>/<stem>.pt`` is used only when its run key (a hash of everything that shapes tokens) and
-its source key (a hash of the input files' bytes) both match and its content still has the sha256 it
-was written with; a damaged entry is encoded again, with a warning naming it.
-"""
+"""Per-volume token cache ``<cache_dir>/<stem>.pt``, used only when its run key (everything that shapes
+tokens), source key (the input files' bytes) and content sha256 match; a damaged entry warns."""
 
 from __future__ import annotations
 
@@ -41,7 +37,6 @@ class TokenCache:
         self.run_key = hashlib.sha256(blob.encode()).hexdigest()
 
     def path(self, name: str) -> Path:
-        """The entry file of ``name``."""
         return self.folder / f"{name}.pt"
 
     def load(self, name: str, source_key: str) -> VolumeTokens | None:

@@ -29,11 +29,8 @@ class CheckedLoadImaged(LoadImaged):
 
 
 class CheckVolumed(MapTransform):
-    """Reject (or repair) volumes CS3F cannot score, naming the file in one :class:`CS3FInputError`.
-
-    Non-finite voxels raise (``nonfinite="error"``) or become 0 (``"zero"``); a constant image or an empty
-    mask raises. Place it right after loading, before intensity scaling.
-    """
+    """Reject volumes CS3F cannot score (:class:`CS3FInputError` naming the file): non-finite voxels (or
+    set them to 0, ``nonfinite="zero"``), a constant image, an empty mask. Place it right after loading."""
 
     def __init__(
         self,
@@ -66,9 +63,7 @@ class CheckVolumed(MapTransform):
                 d[key] = img.masked_fill(bad, 0) if isinstance(img, torch.Tensor) else np.where(bad, 0, img)
         for key in self.key_iterator(d):
             values = torch.as_tensor(d[key])
-            if values.numel() and bool(values.amin() == values.amax()):
-                # A blank or constant image carries no anatomy: matched against real scans it would
-                # rank above any lesion.
+            if values.numel() and bool(values.amin() == values.amax()):  # it would rank above any lesion
                 raise CS3FInputError(
                     f"{self._source(d[key])} is constant (every voxel {float(values.flatten()[0]):g}): "
                     f"no anatomy to compare"
@@ -79,12 +74,8 @@ class CheckVolumed(MapTransform):
 
 
 class ForegroundFromImaged(MapTransform):
-    """The foreground mask of a skull-stripped scan that comes without one: its nonzero voxels.
-
-    Items whose datalist row says ``"foreground": "image"`` (e.g. BraTS scans) get ``mask_key`` =
-    ``image > 0``, with the image's metadata so that every later spatial transform treats it like a
-    loaded mask; other items are left unchanged. Place it after channel-first and before orientation.
-    """
+    """``mask_key = image > 0`` (with the image's metadata) for items whose datalist row says
+    ``"foreground": "image"`` (skull-stripped scans without a mask). Place it before orientation."""
 
     def __init__(self, keys: KeysCollection = "image", mask_key: str = "mask", flag: str = "foreground") -> None:
         super().__init__(keys, allow_missing_keys=True)
