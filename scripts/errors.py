@@ -5,14 +5,18 @@ The parsers take values as a config or the command line gives them (``--use_mask
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 
 __all__ = [
     "CS3FInputError",
+    "Interrupted",
     "WeightsNotFoundError",
     "as_bool",
     "as_choice",
@@ -22,6 +26,7 @@ __all__ = [
     "find_input_error",
     "install_excepthook",
     "one_line",
+    "os_error",
 ]
 
 
@@ -33,13 +38,35 @@ class WeightsNotFoundError(CS3FInputError, FileNotFoundError):
     """Encoder weights are not where the configuration says; the message says how to get them."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised in the main thread so that every ``finally`` runs (lock, staging folder)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+#: OS faults at a write shown as one line: disk or quota full, name too long, no permission, read-only
+OS_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def os_error(err: OSError, path: object = None, doing: str = "") -> CS3FInputError | None:
+    """``err`` as one line ``[doing: ]<os.strerror> [<ERRNO>] (<file>)`` if it is one of :data:`OS_FAULTS`."""
+    if not isinstance(err, OSError) or err.errno not in OS_FAULTS:
+        return None
+    where = err.filename if err.filename is not None else path
+    what = f"{os.strerror(err.errno)} [{errno.errorcode[err.errno]}]" + (f" ({where})" if where else "")
+    return CS3FInputError(f"{doing}: {what}" if doing else what)
+
+
 # How a CS3FInputError reads in a traceback re-raised as text (DataLoader workers send only text).
 _MARKER = re.compile(rf"^{re.escape(__name__)}\.\w+: (.*)$")
 
 
 def find_input_error(exc: BaseException | None) -> CS3FInputError | None:
     """The :class:`CS3FInputError` behind ``exc``, if any: through the ``__cause__``/``__context__`` chain
-    (MONAI wraps exceptions) and the traceback text that ``DataLoader`` workers re-raise."""
+    (MONAI wraps exceptions) and the traceback text that ``DataLoader`` workers re-raise; an OS fault
+    (:func:`os_error`) is one too."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         for line in str(exc).splitlines():
@@ -48,6 +75,8 @@ def find_input_error(exc: BaseException | None) -> CS3FInputError | None:
                 return CS3FInputError(match.group(1))
         if isinstance(exc, CS3FInputError):
             return exc
+        if (fault := os_error(exc)) is not None:
+            return fault
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
@@ -57,16 +86,34 @@ def one_line(err: BaseException) -> str:
     return " ".join(f"{type(err).__name__}: {err}".split())
 
 
+_signalled: list[int] = []
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    _signalled.append(signum)
+    raise Interrupted(signum)
+
+
 def install_excepthook() -> None:
     """Make an uncaught :class:`CS3FInputError` (or one wrapped by MONAI) print one ``cs3f: error: ...`` line
-    and exit 1 (under torchrun: the first process to stop prints it); other errors keep their traceback."""
-    previous = sys.excepthook
+    and exit 1 (under torchrun: the first process to stop prints it), and SIGINT/SIGTERM one
+    ``cs3f: interrupted`` line and exit 128 + the signal; other errors keep their traceback."""
+    previous, main = sys.excepthook, threading.main_thread()
     stderr = sys.stderr  # torch.distributed's hook, installed later, lends this one a buffer it never prints
+    if threading.current_thread() is main:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _interrupt)
 
     def hook(exc_type, exc, tb):  # noqa: ANN001 - signature fixed by sys.excepthook
+        if _signalled and threading.current_thread() is not main:
+            return  # a helper thread failing in the teardown after a signal (DataLoader fd sharing)
+        if isinstance(exc, KeyboardInterrupt):  # a fresh line: a progress bar may have left the cursor mid-line
+            name = signal.Signals(signum := getattr(exc, "signum", signal.SIGINT)).name
+            print(f"\ncs3f: interrupted ({name}); no partial outputs were published, rerun to resume", file=stderr)
+            sys.exit(128 + signum)
         found = find_input_error(exc)
         if found is not None:
-            if _input_errors(1) == 1:  # a fresh line: a progress bar may have left the cursor mid-line
+            if _input_errors(1) == 1:
                 print(f"\ncs3f: error: {found}", file=stderr, flush=True)
             sys.exit(1)
         if isinstance(exc, Exception) and _input_errors(0):  # e.g. a collective that lost that process

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import csv
 import importlib
-import os
-import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -28,9 +26,9 @@ from scripts.scoring.references import ReferenceSet
 __all__ = [
     "Datalist",
     "image_stem",
+    "is_input_file",
     "make_datalist",
     "check_on_bad_input",
-    "check_output_dir",
     "CheckedDataset",
     "ensure_demo",
     "ensure_lung_demo",
@@ -39,6 +37,19 @@ __all__ = [
 ON_BAD_INPUT = ("error", "skip")
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+#: ending of the map the bundle writes for each input (``SaveImaged`` ``output_postfix`` "anomaly")
+MAP_SUFFIX = "_anomaly.nii.gz"
+
+
+#: folders of an output folder (token cache, evaluation overlays): never scan folders of a BraTS layout
+OUTPUT_FOLDERS = ("tokens", "overlays")
+
+
+def is_input_file(path: Path) -> bool:
+    """Whether a folder scan takes ``path`` as a volume: a NIfTI file, neither hidden (``.*``, macOS
+    ``._*``) nor one of the bundle's maps (so an output folder may be the dataset folder)."""
+    name = path.name
+    return name.endswith(NIFTI_SUFFIXES) and not name.startswith(".") and not name.endswith(MAP_SUFFIX)
 
 
 def check_on_bad_input(value: object) -> str:
@@ -170,7 +181,7 @@ def _read_rows(root: Path, masks: bool, labels: bool, where: dict[str, str]) -> 
         rows = _csv_rows(table, masks, labels, where)
     else:
         image_dir = root / "images" if (root / "images").is_dir() else root
-        for image in sorted(p for p in image_dir.iterdir() if p.is_file() and p.name.endswith(NIFTI_SUFFIXES)):
+        for image in sorted(p for p in image_dir.iterdir() if p.is_file() and is_input_file(p)):
             row = {"image": str(image)}
             for key, folder, wanted in (("mask", "masks", masks), ("label", "labels", labels)):
                 candidate = root / folder / image.name
@@ -256,7 +267,9 @@ def _brats_rows(root: Path, modality: str, masks: bool, labels: bool) -> list[di
     if modality not in BRATS_FILES or modality == "seg":
         raise CS3FInputError(f"modality must be one of t1, t1ce, t2, flair, got {modality!r}")
     rows = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+    for folder in sorted(
+        p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in OUTPUT_FOLDERS
+    ):
         image = _brats_file(folder, modality)
         if image is None:
             raise CS3FInputError(
@@ -325,24 +338,6 @@ def _on_common_grid(rows: list[dict[str, str]], grids: dict[str, tuple], bad: Ca
         )
         bad(err, row)
     return kept
-
-
-def check_output_dir(output_dir: str | Path) -> Path:
-    """Fail early (before any heavy work) if ``output_dir`` cannot be created or written; create nothing."""
-    path = Path(output_dir).absolute()
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise CS3FInputError(f"output_dir {path} cannot be created: {existing} is a file")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as err:
-        raise CS3FInputError(f"output_dir {path} is not writable ({existing}: {err.strerror})") from None
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise CS3FInputError(f"output_dir {path} is not writable ({existing})")
-    return path
 
 
 class CheckedDataset(Dataset):

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from scripts.tokens import TokenGrid, VolumeTokens
 
-__all__ = ["dataset_order", "gather_cohort", "gather_scores", "world"]
+__all__ = ["broadcast", "dataset_order", "gather_cohort", "gather_scores", "world"]
 
 
 def world() -> tuple[int, int]:
@@ -30,6 +30,13 @@ def _all_gather(local: Any) -> list:
     gathered: list = [None] * world()[1]
     torch.distributed.all_gather_object(gathered, local)
     return gathered
+
+
+def broadcast(value: Any) -> Any:
+    """Rank 0's ``value``, on every rank."""
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _compact(bank: Mapping[str, Mapping[str, VolumeTokens]]) -> dict[str, dict[str, VolumeTokens]]:

@@ -35,8 +35,8 @@ from scripts.engine.cached_tokens import (
     with_registration,
 )
 from scripts.engine.cohort import Cohort, Delegate, volume_name
-from scripts.engine.datalist import check_on_bad_input, check_output_dir
-from scripts.engine.distributed import gather_scores, world
+from scripts.engine.datalist import MAP_SUFFIX, check_on_bad_input
+from scripts.engine.distributed import broadcast, dataset_order, gather_scores, world
 from scripts.engine.grid import CohortGrid
 from scripts.engine.identity import preprocessing_identity, token_identity
 from scripts.engine.machine import default_threads
@@ -48,6 +48,7 @@ from scripts.errors import CS3FInputError, as_bool, as_int, find_input_error
 from scripts.inferer import CS3FInferer
 from scripts.scoring.scorer import resolve_precision
 from scripts.storage.cache import TokenCache
+from scripts.storage.outputs import Publication, check_name_lengths, check_output_dir
 
 __all__ = ["CS3FEvaluator"]
 
@@ -105,9 +106,6 @@ class CS3FEvaluator(Workflow):
         super().__init__(device=device, max_epochs=2, data_loader=val_data_loader, decollate=False)
         dataset = getattr(val_data_loader, "dataset", None)
         _say_foreground(getattr(dataset, "data", None))
-        check_output_dir(output_dir)
-        if cache_dir:
-            check_output_dir(cache_dir)
         try:  # the score precision on this device (tf32 needs CUDA), before any encoding
             resolve_precision(inferer.scorer.precision, inferer.scorer.score_device or device)
         except ValueError as err:
@@ -125,6 +123,9 @@ class CS3FEvaluator(Workflow):
         self.preprocessing_identity = preprocessing_identity(transform, self.parts.split_transform())
         identity = token_identity(inferer.describe(), network, self.preprocessing_identity)
         self.cache = TokenCache(cache_dir, identity) if cache_dir is not None else None
+        self._check_outputs(dataset_order(val_data_loader) or [])
+        self.publication = Publication(output_dir)
+        _stage_maps(postprocessing, self.publication)
         self.tokenizer = CachedTokenizer(inferer, network, self.cache)
         self.grid = CohortGrid()
         self.registration: dict[str, dict] = {}  # name -> its registration (transform, quality), if any
@@ -156,16 +157,44 @@ class CS3FEvaluator(Workflow):
         message = record.getMessage()
         return not message.startswith(("Engine run ", "Epoch[")) and find_input_error(RuntimeError(message)) is None
 
+    def _check_outputs(self, names: list[str]) -> None:
+        """Before any work: the output folder writable, the outputs it will replace too, and every file
+        name of the run (temporary ones included) within its file system's limit."""
+        maps = [f"{n}{MAP_SUFFIX}" for n in names]
+        check_output_dir(self.output_dir, ["scores.csv", "run.json", *maps])
+        check_name_lengths(self.output_dir, maps, keep_suffix=True)
+        if self.cache is not None:
+            check_output_dir(self.cache.folder)
+            keys = [f"{n}.{part}" if part else n for n in names for part in self.parts.names]
+            check_name_lengths(self.cache.folder, [self.cache.path(k).name for k in keys])
+
     def run(self) -> None:  # type: ignore[override]
-        """Run both passes; a bad input file surfaces as one :class:`CS3FInputError` naming it."""
+        """Run both passes holding the output folder's lock, then publish the outputs as one set (rank 0);
+        a bad input file or an OS fault surfaces as one :class:`CS3FInputError` naming it."""
+        rank, size = world()
         try:
+            refused = None
+            if rank == 0:
+                try:
+                    self.publication.open()
+                except CS3FInputError as err:
+                    refused = str(err)
+            if size > 1:
+                refused = broadcast(refused)
+            if refused is not None:
+                raise CS3FInputError(refused)
             super().run()
-        except Exception as err:
+            if rank == 0:
+                self.publication.publish()
+        except BaseException as err:
             self.scoring.abort()  # no half-built bank left behind
-            found = find_input_error(err)
+            found = find_input_error(err) if isinstance(err, Exception) else None
             if found is None:
                 raise
             raise found from None
+        finally:
+            if rank == 0:
+                self.publication.close()
 
     # volumes ``encoded`` and read from the token cache (``cached``), by all processes after pass 1
     counts = Delegate("tokenizer")
@@ -253,6 +282,15 @@ class CS3FEvaluator(Workflow):
     def summary(self) -> dict:
         """The run record (:func:`scripts.engine.record.run_record`) and the parts' entries."""
         return {**run_record(self), **self.parts.record()}
+
+
+def _stage_maps(postprocessing: Any, publication: Publication) -> None:
+    """Point the ``SaveImage(d)`` transforms of ``postprocessing`` that write into the publication's folder
+    at its staging folder."""
+    for transform in getattr(postprocessing, "transforms", [postprocessing]):
+        layout = getattr(getattr(transform, "saver", transform), "folder_layout", None)
+        if layout is not None and Path(layout.output_dir).absolute() == publication.folder:
+            layout.output_dir = publication.staging
 
 
 def _say_foreground(datalist: Any) -> None:

@@ -6,11 +6,11 @@ engine has gathered the results of every process, on one rank only (``save_rank`
 
 * :class:`ScoresSaver`: ``scores.csv``, one row per volume in datalist order (``image,score`` and the
   per-axis maxima); the maps of volumes that an earlier run into the same folder listed and this
-  cohort no longer holds are removed, and so are temporary files left by a killed run and an earlier
-  evaluation's report (``configs/evaluate.json`` writes a new one after the run);
+  cohort no longer holds, and an earlier evaluation's report, go when the run is published;
 * :class:`RunRecorder`: ``run.json``, the run record of :func:`scripts.engine.record.run_record`.
 
-Both write atomically (:mod:`scripts.storage.atomic`); a run that fails writes neither. The rank comes
+Both write into the engine's publication (:class:`scripts.storage.outputs.Publication`): a run that
+fails publishes neither. The rank comes
 from ``torch.distributed`` itself, not ``ignite.distributed``: the latter's first call runs collectives,
 which would hang a run whose handlers are attached on one rank only (``multi_gpu_inference.json``).
 """
@@ -23,14 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from ignite.engine import Engine, Events
+from scripts.engine.datalist import MAP_SUFFIX
 from scripts.engine.distributed import world
 from scripts.errors import as_bool
-from scripts.evaluation.report import remove_report
+from scripts.evaluation.report import report_files
 from scripts.storage.atomic import atomic_write_csv, atomic_write_json
 
-__all__ = ["RunRecorder", "ScoresSaver", "remove_stale_outputs"]
+__all__ = ["RunRecorder", "ScoresSaver", "stale_outputs"]
 
-MAP_SUFFIX = "_anomaly.nii.gz"
 #: columns of ``registration.csv`` (after ``image``)
 REGISTRATION_COLUMNS = (
     "template",
@@ -63,15 +63,12 @@ def _listed(table: Path) -> list[str]:
         return []
 
 
-def remove_stale_outputs(folder: Path, listed_before: Iterable[str], names: Iterable[str]) -> list[Path]:
-    """Remove the maps of volumes an earlier run listed but this one does not, and hidden temporary files
-    (``.<name>.tmp-<hex>...``) a killed run left; only files of those two forms are touched."""
-    keep = set(names)
-    stale = [folder / f"{n}{MAP_SUFFIX}" for n in listed_before if n not in keep and "/" not in n]
-    stale += [p for p in folder.glob(".*.tmp-*") if p.is_file()]
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
+def stale_outputs(table: Path, names: Iterable[str]) -> list[Path]:
+    """Files of the run before this one in ``table``'s folder that this one does not replace: the maps of
+    volumes its ``table`` listed and ``names`` does not, ``registration.csv`` and an evaluation's report."""
+    keep, folder = set(names), table.parent
+    stale = [folder / f"{n}{MAP_SUFFIX}" for n in _listed(table) if n not in keep and "/" not in n]
+    return [p for p in stale if p.is_file()] + [folder / "registration.csv"] + report_files(folder)
 
 
 class ScoresSaver:
@@ -110,21 +107,20 @@ class ScoresSaver:
     def __call__(self, engine: Engine) -> None:
         if world()[0] != self.save_rank or not engine.subject_scores:
             return
-        listed_before = _listed(self.path)
+        publication = engine.publication
         rows = [(name, engine.subject_scores[name]) for name in engine.names]
         axes = [k for k in rows[0][1] if k != "score"]
         atomic_write_csv(
-            self.path,
+            publication.staged(self.path),
             ([name, *(f"{row[k]:.6g}" for k in ("score", *axes))] for name, row in rows),
             header=["image", "score", *(f"score_{a}" for a in axes)],
             lineterminator="\n",
         )
-        remove_stale_outputs(self.path.parent, listed_before, engine.names)
-        # An earlier evaluation describes maps this run replaced; configs/evaluate.json writes a new one.
-        remove_report(self.path.parent)
+        publication.stale += stale_outputs(self.path, engine.names)
         if getattr(engine, "registration", None):  # registered runs: each volume's registration quality
             rows, header = registration_table(engine)
-            atomic_write_csv(self.path.parent / "registration.csv", rows, header=header, lineterminator="\n")
+            table = publication.staged(self.path.parent / "registration.csv")
+            atomic_write_csv(table, rows, header=header, lineterminator="\n")
         if not self.quiet:
             print(f"cs3f: scores in {self.path}", flush=True)
 
@@ -166,6 +162,6 @@ class RunRecorder:
     def __call__(self, engine: Engine) -> None:
         if world()[0] != self.save_rank:
             return
-        atomic_write_json(self.path, {**engine.summary(), "config": self.config})
+        atomic_write_json(engine.publication.staged(self.path), {**engine.summary(), "config": self.config})
         if not self.quiet:
             print(f"cs3f: run record in {self.path}", flush=True)

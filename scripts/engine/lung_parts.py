@@ -42,6 +42,8 @@ class LungParts(WholeVolume):
     ``lung.truncated`` in ``run.json``).
     """
 
+    names = SIDES
+
     def __init__(
         self,
         image_key: str = "image",

@@ -23,6 +23,8 @@ class WholeVolume:
         image_key, mask_key: keys of the image and of its (optional) mask in the preprocessed items.
     """
 
+    names: tuple[str, ...] = ("",)  # the parts' names (cache entries are <volume>.<part>)
+
     def __init__(self, image_key: str = "image", mask_key: str = "mask") -> None:
         self.image_key, self.mask_key = image_key, mask_key
 

@@ -15,7 +15,7 @@ from scripts.errors import CS3FInputError
 from scripts.evaluation.metrics import ARCHITECTURE_KEYS, CohortEvaluator
 from scripts.storage.atomic import atomic_write_csv, atomic_write_json
 
-__all__ = ["REPORT_FILES", "evaluate_cohort", "evaluate_outputs", "format_table", "remove_report", "write_report"]
+__all__ = ["REPORT_FILES", "evaluate_cohort", "evaluate_outputs", "format_table", "report_files", "write_report"]
 
 
 def _read_scores(path: Path) -> dict[str, float]:
@@ -88,18 +88,10 @@ GT_LESION_COLUMNS = (
 REPORT_FILES = ("metrics.json", "lesions.csv", "gt_lesions.csv", "roc_pr_patient.png", "roc_pr_voxel.png")
 
 
-def remove_report(out_dir: str | Path) -> list[Path]:
-    """Remove (and return) an earlier evaluation's files from ``out_dir``; ``overlays/`` goes if it is left empty."""
+def report_files(out_dir: str | Path) -> list[Path]:
+    """The files of an earlier evaluation in ``out_dir`` (a new run's publication removes them)."""
     out = Path(out_dir)
-    removed = [out / name for name in REPORT_FILES if (out / name).is_file()]
-    overlays = out / "overlays"
-    if overlays.is_dir():
-        removed += sorted(overlays.glob("*.png"))
-    for path in removed:
-        path.unlink(missing_ok=True)
-    if overlays.is_dir() and not any(overlays.iterdir()):
-        overlays.rmdir()
-    return removed
+    return [out / n for n in REPORT_FILES if (out / n).is_file()] + sorted((out / "overlays").glob("*.png"))
 
 
 def write_report(out_dir, evaluator: CohortEvaluator, metrics: dict | None = None, plots: bool = True) -> dict:

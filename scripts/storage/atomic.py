@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from monai.data import NibabelWriter
+from scripts.errors import os_error
 
 __all__ = [
     "AtomicNibabelWriter",
@@ -23,6 +24,7 @@ __all__ = [
     "atomic_write_text",
     "commit",
     "jsonable",
+    "temp_name",
     "temp_path",
 ]
 
@@ -30,17 +32,19 @@ __all__ = [
 _DOUBLE_SUFFIXES = (".nii.gz",)
 
 
+def temp_name(name: str, keep_suffix: bool = False) -> str:
+    """The name of a temporary file for ``name`` (``.<stem>.tmp-<8 hex>[<ext>]``), as long as any other."""
+    ext = next((s for s in _DOUBLE_SUFFIXES if name.endswith(s)), Path(name).suffix) if keep_suffix else ""
+    return f".{name[: len(name) - len(ext)]}.tmp-{uuid.uuid4().hex[:8]}{ext}"
+
+
 def temp_path(path: str | Path, keep_suffix: bool = False) -> Path:
     """Create an empty hidden temporary file beside ``path`` (its folder created) and return its name;
     ``keep_suffix`` ends it with the target's extension, for libraries that pick the format from it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ext = ""
-    if keep_suffix:
-        ext = next((s for s in _DOUBLE_SUFFIXES if path.name.endswith(s)), path.suffix)
-    stem = path.name[: len(path.name) - len(ext)]
     while True:
-        tmp = path.with_name(f".{stem}.tmp-{uuid.uuid4().hex[:8]}{ext}")
+        tmp = path.with_name(temp_name(path.name, keep_suffix))
         try:
             # O_EXCL: never another writer's file; 0o666: the kernel applies the umask, as open() does.
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
@@ -70,14 +74,38 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any], keep_suffix: bo
 
     Returns:
         ``path``.
+
+    Raises:
+        CS3FInputError: an OS fault (:func:`scripts.errors.os_error`: disk full, name too long, ...), as
+            one line naming ``path``, also when a library hides it (``torch.save`` says only that its
+            write failed: an append to the temporary file then asks the OS why).
     """
-    tmp = temp_path(path, keep_suffix=keep_suffix)
+    tmp = None
     try:
-        write(tmp)
+        tmp = temp_path(path, keep_suffix=keep_suffix)
+        try:
+            write(tmp)
+        except Exception as err:
+            if not isinstance(err, OSError):
+                _probe(tmp)
+            raise
         return commit(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    except OSError as err:
+        fault = os_error(err, path, "cannot write")
+        if fault is None:
+            raise
+        raise fault from None
+    finally:
+        if tmp is not None and tmp.exists():
+            tmp.unlink()
+
+
+def _probe(tmp: Path) -> None:
+    """Raise the OS error that writing to ``tmp`` now meets, if any."""
+    with open(tmp, "ab") as f:
+        f.write(bytes(1 << 16))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
