@@ -19,8 +19,8 @@ import pytest
 import torch
 from scripts.anomaly_map import smooth_map
 from scripts.engine.datalist import make_datalist
-from scripts.errors import CS3FInputError
-from tests.helpers import FAST_ARGS, assert_success, run_bundle, run_workflow, start_bundle
+from scripts.errors import CS3FInputError, find_input_error
+from tests.helpers import FAST_ARGS, assert_one_error_line, assert_success, run_bundle, run_workflow, start_bundle
 
 
 def _bundle(dataset: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -402,3 +402,136 @@ def test_bank_manifest_without_parts(depth2_bank, tiny_cohort, tmp_path, monkeyp
     (bank / "bank.json").write_text(json.dumps(manifest))
     line = _bank_error(bank, tiny_cohort, tmp_path, monkeypatch, depth_phases=2)
     assert "'parts'" in line and line.endswith(f"({bank / 'bank.json'})"), line
+
+
+# ---------------------------------------------------------------------------- one run per folder, one set
+def _published(out: Path) -> dict[str, bytes]:
+    """The run's set in ``out``: maps, scores.csv and run.json."""
+    return {
+        p.name: p.read_bytes() for p in [*sorted(out.glob("*_anomaly.nii.gz")), out / "scores.csv", out / "run.json"]
+    }
+
+
+def _fake_previous_run(out: Path, names: list[str]) -> dict[str, bytes]:
+    """A previous run's set (stand-in bytes) in ``out``."""
+    out.mkdir()
+    for name in names:
+        (out / f"{name}_anomaly.nii.gz").write_bytes(b"old map " + name.encode())
+    (out / "scores.csv").write_text("image,score\n" + "".join(f"{n},1\n" for n in names))
+    (out / "run.json").write_text("{}\n")
+    return _published(out)
+
+
+def _no_run_files(out: Path) -> None:
+    assert not {".cs3f.lock", ".cs3f-staging", ".cs3f-publishing"} & {p.name for p in out.iterdir()}
+
+
+def test_a_flat_folder_as_its_own_output_folder_reruns_with_the_same_volumes(tiny_cohort: Path, tmp_path: Path) -> None:
+    flat = tmp_path / "flat"
+    shutil.copytree(tiny_cohort / "images", flat)
+    (flat / "._sub-0001.nii.gz").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")  # macOS metadata
+    names = [f"sub-000{i}" for i in range(1, 7)]
+    for cached in (0, 6):
+        _run(flat, flat, use_masks=False)
+        record = json.loads((flat / "run.json").read_text())
+        assert record["volumes"] == names and record["cached_volumes"] == cached
+    assert sorted(p.name for p in flat.glob("*_anomaly.nii.gz")) == [f"{n}_anomaly.nii.gz" for n in names]
+
+
+@pytest.mark.slow
+def test_a_second_run_into_a_locked_folder_is_one_line(tiny_cohort: Path, tmp_path: Path) -> None:
+    from scripts.storage.outputs import OutputLock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = OutputLock(out)
+    lock.acquire()  # a live run holds the folder
+    try:
+        proc = _bundle(tiny_cohort, out)
+    finally:
+        lock.release()
+    line = assert_one_error_line(proc)
+    assert f"another run is writing to {out} (pid {os.getpid()} on " in line
+    assert list(out.iterdir()) == []  # refused before any work: not even tokens
+
+
+def _protect(path: Path) -> None:
+    """Make ``path`` unwritable for this process (immutable where root ignores the mode)."""
+    if os.geteuid() != 0:
+        path.chmod(0o444)
+    elif subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("running as root without chattr: no file is unwritable")
+
+
+def test_an_unwritable_scores_table_stops_the_run_before_any_map(tiny_cohort: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    before = _fake_previous_run(out, [r["name"] for r in make_datalist(tiny_cohort)])
+    stamps = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+    _protect(out / "scores.csv")
+    try:
+        with pytest.raises(Exception) as info:
+            _run(tiny_cohort, out)
+    finally:
+        subprocess.run(["chattr", "-i", str(out / "scores.csv")], capture_output=True)
+        (out / "scores.csv").chmod(0o644)
+    line = str(find_input_error(info.value))
+    assert line == f"cannot replace an earlier output: Permission denied [EACCES] ({out / 'scores.csv'})"
+    assert _published(out) == before and {p: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+    _no_run_files(out)
+    assert not (out / "tokens").exists()  # refused before any work
+
+
+def test_a_full_disk_while_writing_maps_is_one_line_and_publishes_nothing(
+    tiny_cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from monai.data import NibabelWriter
+
+    out, names = tmp_path / "out", [r["name"] for r in make_datalist(tiny_cohort)]
+    before = _fake_previous_run(out, names)
+    write, written = NibabelWriter.write, []
+
+    def full_after_two(self, filename, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003 - as NibabelWriter.write
+        if len(written) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written.append(filename)
+        return write(self, filename, *args, **kwargs)
+
+    monkeypatch.setattr(NibabelWriter, "write", full_after_two)
+    with pytest.raises(Exception) as info:
+        _run(tiny_cohort, out)
+    line = str(find_input_error(info.value))
+    assert line == f"cannot write: No space left on device [ENOSPC] ({out / '.cs3f-staging' / names[2]}_anomaly.nii.gz)"
+    assert _published(out) == before
+    _no_run_files(out)
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_rescore_publishes_nothing_and_the_rerun_completes(tiny_cohort: Path, tmp_path: Path) -> None:
+    from tests.helpers import ROOT, bundle_command, bundle_env
+
+    out = tmp_path / "out"
+    _run(tiny_cohort, out)
+    before = _published(out)
+    command = bundle_command("--dataset_dir", tiny_cohort, "--output_dir", out, *FAST_ARGS, "--rho", "0.5")
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=bundle_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    staging, deadline = out / ".cs3f-staging", time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list(staging.glob("*_anomaly.nii.gz")):
+        time.sleep(0.01)
+    staged = len(list(staging.glob("*_anomaly.nii.gz")))
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert 1 <= staged < 6, "the signal should land while the maps are written"
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 143 and "Traceback" not in err, err[-3000:]
+    assert lines[-1] == "cs3f: interrupted (SIGTERM); no partial outputs were published, rerun to resume"
+    assert _published(out) == before  # the previous run, whole
+    _no_run_files(out)
+    assert_success(_bundle(tiny_cohort, out, "--rho", "0.5"))
+    record = json.loads((out / "run.json").read_text())
+    assert (record["encoded_volumes"], record["cached_volumes"]) == (0, 6) and record["inferer"]["rho"] == 0.5
+    after = _published(out)
+    assert after.keys() == before.keys() and after["scores.csv"] != before["scores.csv"]
