@@ -181,6 +181,8 @@ class CS3FEvaluator(Workflow):
                     refused = str(err)
             if size > 1:
                 refused = broadcast(refused)
+                if refused is not None and rank > 0:
+                    raise SystemExit(1)  # rank 0 says why, once
             if refused is not None:
                 raise CS3FInputError(refused)
             super().run()
