@@ -1,15 +1,9 @@
-"""One run per output folder, its outputs published as one set (docs/design.md, "Outputs").
-
-:class:`OutputLock` is ``<folder>/.cs3f.lock``, held with ``flock``: the kernel frees it when its process
-dies, so a lock file left by a dead run is taken over. :class:`Publication` writes a run's files into
-``<folder>/.cs3f-staging/``; publishing renames that folder to ``.cs3f-publishing`` (the commit), moves its
-files into place (``scores.csv`` and ``run.json`` last) and removes the previous run's stale files. A run
-that stops before the commit published nothing; the next run in the folder completes one that stopped
-after it.
-"""
+"""One run per output folder (:class:`OutputLock`), its outputs published as one set (:class:`Publication`);
+the design is in docs/design.md ("One run per output folder")."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -54,7 +48,9 @@ def check_output_dir(output_dir: str | Path, replaced: Iterable[str] = ()) -> Pa
         raise CS3FInputError(f"output_dir {path} is not writable ({existing})")
     for name in replaced:
         if (path / name).exists() and not os.access(path / name, os.W_OK):
-            raise CS3FInputError(f"cannot replace an earlier output: {os.strerror(13)} [EACCES] ({path / name})")
+            raise CS3FInputError(
+                f"cannot replace an earlier output: {os.strerror(errno.EACCES)} [EACCES] ({path / name})"
+            )
     return path
 
 
@@ -64,10 +60,10 @@ def check_name_lengths(folder: str | Path, names: Iterable[str], keep_suffix: bo
     existing = _existing(Path(folder))
     limit = os.pathconf(existing, "PC_NAME_MAX")
     for name in names:
-        if len(temp_name(name, keep_suffix)) > limit:
+        if (length := len(temp_name(name, keep_suffix))) > limit:
             raise CS3FInputError(
                 f"file name too long for {existing} ({limit} characters at most, the run's temporary file "
-                f"needs {len(temp_name(name, keep_suffix))}): shorten the input's name ({name})"
+                f"needs {length}): shorten the input's name ({name})"
             )
 
 
@@ -121,12 +117,9 @@ def _holder(fd: int) -> str:
 
 
 class Publication:
-    """The outputs of one run in ``folder``, published as one set (see the module docstring).
-
-    :meth:`open` locks the folder and makes a fresh staging folder; writers write to :meth:`staged` paths;
-    :meth:`publish` moves the set into place and removes :attr:`stale` files; :meth:`close` (on any exit)
-    drops an unpublished staging folder and releases the lock.
-    """
+    """The outputs of one run in ``folder``: :meth:`open` locks it and makes a fresh staging folder, writers
+    write to :meth:`staged` paths, :meth:`publish` moves them into place as one set and removes the
+    :attr:`stale` files, :meth:`close` (on any exit) drops what was not published and releases the lock."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder).absolute()
@@ -193,8 +186,9 @@ class Publication:
 
     def close(self) -> None:
         """Drop an unpublished staging folder, release the lock, remove the folders :meth:`open` made if empty."""
-        shutil.rmtree(self.staging, ignore_errors=True)
-        self.lock.release()
+        if self.lock.fd is not None:  # a refused run leaves the running one's staging folder alone
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.lock.release()
         for path in self._made:
             if not _rmdir_if_empty(path):
                 break

@@ -48,17 +48,21 @@ def test_a_lock_left_by_a_dead_run_is_taken_over_with_a_note(tmp_path: Path, cap
 
 
 def test_a_live_lock_refuses_a_second_run_in_one_line(tmp_path: Path) -> None:
-    first = OutputLock(tmp_path)
-    first.acquire()
+    first = Publication(tmp_path)
+    first.open()
+    atomic_write_text(first.staged(tmp_path / "run.json"), "{}")
+    second = Publication(tmp_path)
     with pytest.raises(CS3FInputError) as info:
-        OutputLock(tmp_path).acquire()  # another open file: flock refuses it even in this process
+        second.open()  # another open file: flock refuses it even in this process
+    second.close()
     line = str(info.value)
     assert "\n" not in line and f"another run is writing to {tmp_path}" in line
     assert f"pid {os.getpid()} on {socket.gethostname()}" in line
-    first.release()
-    second = OutputLock(tmp_path)
-    second.acquire()  # free again, and no note: release removed the file
-    second.release()
+    assert (tmp_path / ".cs3f-staging" / "run.json").is_file()  # the refused run left the live one alone
+    first.close()
+    lock = OutputLock(tmp_path)
+    lock.acquire()  # free again, and no note: release removed the file
+    lock.release()
 
 
 # -------------------------------------------------------------------------------------- the folder scan
