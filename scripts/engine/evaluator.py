@@ -1,19 +1,13 @@
-"""``CS3FEvaluator``: the bundle's cohort workflow as a MONAI/ignite engine.
+"""``CS3FEvaluator``: the bundle's cohort workflow as a MONAI/ignite engine of two passes (epochs).
 
-CS3F needs the whole cohort before it can score any volume, so the engine makes two passes over the
-data loader (two ignite epochs) with the scoring step (:mod:`scripts.engine.scoring_step`) between:
+1. **tokenize**: per volume, check its grid (:mod:`~scripts.engine.grid`), keep its tokens (encoded or
+   cached: :mod:`~scripts.engine.cached_tokens`); then score the cohort (:mod:`~scripts.engine.scoring_step`).
+2. **write**: reload each volume, fuse its token scores into a voxel map, run ``postprocessing``.
 
-1. **tokenize** (epoch 1): per volume, check its grid (:mod:`scripts.engine.grid`) and keep its tokens
-   (encoded, or read from the cache: :mod:`scripts.engine.cached_tokens`).
-2. **score**: the cohort against itself, or against a reference bank; or save the bank (``build_bank``).
-3. **write** (epoch 2): reload each volume (cheap next to encoding, and memory stays at the token bank),
-   fuse its token scores into a voxel map, run ``postprocessing`` (``Invertd``, ``SaveImaged``).
-
-The handlers of :mod:`scripts.engine.handlers` write the tables once the results of every process are
-gathered (:mod:`scripts.engine.distributed`). The engine holds its helpers: the cohort state
-(:class:`scripts.engine.cohort.Cohort`), the scoring step (:class:`scripts.engine.scoring_step.CohortScoring`)
-and the parts of each volume scored independently (``parts``: :class:`scripts.engine.parts.WholeVolume`,
-or e.g. the two lungs of :class:`scripts.engine.lung_parts.LungParts`).
+The handlers (:mod:`~scripts.engine.handlers`) write the tables once every process's results are gathered;
+everything is published as one set at the end (:class:`scripts.storage.outputs.Publication`). Helpers:
+:class:`~scripts.engine.cohort.Cohort`, :class:`~scripts.engine.scoring_step.CohortScoring` and ``parts``
+(:class:`~scripts.engine.parts.WholeVolume`, :class:`~scripts.engine.lung_parts.LungParts`).
 """
 
 from __future__ import annotations

@@ -1,18 +1,10 @@
-"""Output writers of a :class:`~scripts.engine.evaluator.CS3FEvaluator` run, as ignite handlers.
-
-Listed under ``handlers`` in ``configs/inference.json``, they attach
-like MONAI's ``ClassificationSaver`` and ``MetricsSaver`` and write when the run completes, after the
-engine has gathered the results of every process, on one rank only (``save_rank``):
-
-* :class:`ScoresSaver`: ``scores.csv``, one row per volume in datalist order (``image,score`` and the
-  per-axis maxima); the maps of volumes that an earlier run into the same folder listed and this
-  cohort no longer holds, and an earlier evaluation's report, go when the run is published;
-* :class:`RunRecorder`: ``run.json``, the run record of :func:`scripts.engine.record.run_record`.
-
-Both write into the engine's publication (:class:`scripts.storage.outputs.Publication`): a run that
-fails publishes neither. The rank comes
-from ``torch.distributed`` itself, not ``ignite.distributed``: the latter's first call runs collectives,
-which would hang a run whose handlers are attached on one rank only (``multi_gpu_inference.json``).
+"""Output writers of a :class:`~scripts.engine.evaluator.CS3FEvaluator` run, as ignite handlers (listed under
+``handlers`` in ``configs/inference.json``, like MONAI's ``ClassificationSaver``): :class:`ScoresSaver`
+(``scores.csv``; the maps of volumes an earlier run listed and this one does not, and an earlier
+evaluation's report, go when the run is published) and :class:`RunRecorder` (``run.json``). Both write
+into the engine's publication (:class:`scripts.storage.outputs.Publication`): a failed run publishes
+neither. The rank comes from ``torch.distributed``, not ``ignite.distributed``, whose first call runs
+collectives and would hang a run whose handlers are on one rank only (``multi_gpu_inference.json``).
 """
 
 from __future__ import annotations
@@ -71,18 +63,34 @@ def stale_outputs(table: Path, names: Iterable[str]) -> list[Path]:
     return [p for p in stale if p.is_file()] + [folder / "registration.csv"] + report_files(folder)
 
 
-class ScoresSaver:
-    """Write the subject scores of a run to ``<output_dir>/<filename>`` when it completes.
+class _RunFile:
+    """A file of the run, ``<output_dir>/<filename>``, written into the engine's publication when the run
+    completes, by the process ``save_rank`` (the results of every process are gathered there).
+
+    Args:
+        output_dir: its folder (default: the engine's ``output_dir``).
+        filename: its name.
+        save_rank: the process that writes.
+        quiet: do not print where it is (default: the engine's ``quiet``).
+    """
+
+    def __init__(self, output_dir: str | Path | None, filename: str, save_rank: int, quiet: bool | str | None) -> None:
+        self.output_dir, self.filename, self.save_rank = output_dir, filename, save_rank
+        self.quiet = None if quiet is None else as_bool(quiet, "quiet")
+
+    def attach(self, engine: Engine) -> None:
+        """Write at ``engine``'s completion."""
+        self.path = Path(engine.output_dir if self.output_dir is None else self.output_dir) / self.filename
+        self.quiet = engine.quiet if self.quiet is None else self.quiet
+        engine.add_event_handler(Events.COMPLETED, self)
+
+
+class ScoresSaver(_RunFile):
+    """The subject scores of a run (arguments as :class:`_RunFile`'s), listed among the engine's outputs.
 
     Columns: ``image`` (the volume's name), ``score`` (the subject score, ``subject_score``) and
     ``score_<axis>`` per slicing axis; numbers with 6 significant digits. A ``build_bank`` run scores
     nothing and writes no table.
-
-    Args:
-        output_dir: folder of the table (default: the engine's ``output_dir``).
-        filename: name of the table.
-        save_rank: the process that writes (the scores of every process are gathered there).
-        quiet: do not print where the table is (default: the engine's ``quiet``).
     """
 
     def __init__(
@@ -92,17 +100,12 @@ class ScoresSaver:
         save_rank: int = 0,
         quiet: bool | str | None = None,
     ) -> None:
-        self.output_dir, self.filename = output_dir, filename
-        self.save_rank = save_rank
-        self.quiet = None if quiet is None else as_bool(quiet, "quiet")
+        super().__init__(output_dir, filename, save_rank, quiet)
 
     def attach(self, engine: Engine) -> None:
-        """Write at ``engine``'s completion (and list the table among its outputs, by file stem)."""
-        self.path = Path(engine.output_dir if self.output_dir is None else self.output_dir) / self.filename
-        self.quiet = engine.quiet if self.quiet is None else self.quiet
+        super().attach(engine)
         if getattr(engine, "build_bank", None) is None:
             engine.outputs[self.path.stem] = str(self.path)
-        engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
         if world()[0] != self.save_rank or not engine.subject_scores:
@@ -125,17 +128,10 @@ class ScoresSaver:
             print(f"cs3f: scores in {self.path}", flush=True)
 
 
-class RunRecorder:
-    """Write the run record (:func:`scripts.engine.record.run_record`) to ``<output_dir>/<filename>``.
-
-    Args:
-        output_dir: folder of the record (default: the engine's ``output_dir``).
-        filename: name of the record.
-        config: entries of the bundle config to record as ``config`` (default: the datalist's
-            ``dataset_dir`` and ``use_masks``).
-        save_rank: the process that writes (timings and counts of every process are gathered there).
-        quiet: do not print where the record is (default: the engine's ``quiet``).
-    """
+class RunRecorder(_RunFile):
+    """The run record (:func:`scripts.engine.record.run_record`); arguments as :class:`_RunFile`'s, and
+    ``config``: entries of the bundle config to record (default: the datalist's ``dataset_dir`` and
+    ``use_masks``)."""
 
     def __init__(
         self,
@@ -145,19 +141,14 @@ class RunRecorder:
         save_rank: int = 0,
         quiet: bool | str | None = None,
     ) -> None:
-        self.output_dir, self.filename = output_dir, filename
+        super().__init__(output_dir, filename, save_rank, quiet)
         self.config = None if config is None else dict(config)
-        self.save_rank = save_rank
-        self.quiet = None if quiet is None else as_bool(quiet, "quiet")
 
     def attach(self, engine: Engine) -> None:
-        """Write at ``engine``'s completion."""
-        self.path = Path(engine.output_dir if self.output_dir is None else self.output_dir) / self.filename
-        self.quiet = engine.quiet if self.quiet is None else self.quiet
+        super().attach(engine)
         if self.config is None:  # the dataset folder and whether masks were asked for, from the datalist
             data = getattr(getattr(engine.data_loader, "dataset", None), "data", None)
             self.config = {"dataset_dir": data.folder, "use_masks": data.masks} if hasattr(data, "folder") else {}
-        engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
         if world()[0] != self.save_rank:

@@ -76,9 +76,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any], keep_suffix: bo
         ``path``.
 
     Raises:
-        CS3FInputError: an OS fault (:func:`scripts.errors.os_error`: disk full, name too long, ...), as
-            one line naming ``path``, also when a library hides it (``torch.save`` says only that its
-            write failed: an append to the temporary file then asks the OS why).
+        CS3FInputError: an OS fault (:func:`scripts.errors.os_error`) naming ``path``, also one a library
+            hides (``torch.save`` only says its write failed: an append to the temporary file asks the OS).
     """
     tmp = None
     try:
