@@ -174,9 +174,7 @@ class CS3FEvaluator(Workflow):
                 except CS3FInputError as err:
                     refused = str(err)
             if size > 1:
-                refused = broadcast(refused)
-                if refused is not None and rank > 0:
-                    raise SystemExit(1)  # rank 0 says why, once
+                refused = broadcast(refused)  # every rank stops; the first to stop prints the line
             if refused is not None:
                 raise CS3FInputError(refused)
             super().run()
