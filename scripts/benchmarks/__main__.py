@@ -25,7 +25,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{quality,performance,scaling,gpu,registration}")
     p = sub.add_parser("quality", help="detection quality of config variants and baselines (docs/quality.md)")
     p.add_argument("--out", default="bench_out/quality", help="working folder (default %(default)s)")
-    p.add_argument("--cohorts", type=_csv, help="comma-separated cohort names (default: the five study cohorts)")
+    p.add_argument(
+        "--set",
+        dest="cohort_set",
+        choices=("study", "confirmation", "sealed"),
+        default="study",
+        help="cohort set: the study's, its confirmation seeds, or the sealed set that chooses nothing and is run "
+        "once per release (default %(default)s)",
+    )
+    p.add_argument("--cohorts", type=_csv, help="comma-separated cohort names (default: all of the set)")
     p.add_argument("--variants", type=_csv, help="comma-separated variant names (default: all)")
     p.add_argument("--quick", action="store_true", help="tiny cohorts and encoder input: a smoke run")
     p.add_argument("--doc", help="also write the report here, e.g. docs/quality.md")

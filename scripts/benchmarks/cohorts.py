@@ -20,6 +20,34 @@ CONFIRMATION_COHORTS: dict[str, dict] = {
     "t1-seed13-b64": {**COHORTS["t1-seed1-b64"], "seed": 13},
     "t2-seed14-b64": {**COHORTS["t2-seed1-b64"], "seed": 14},
 }
+_GLIOMA = {"lesion_volume": (110000.0, 330000.0), "lesions_per_subject": (1, 1), "mass_effect": 1.0}
+#: The sealed set: specifications and seeds fixed before any result from them was seen. It is never used
+#: to choose anything (no default, no variant, no threshold); it is run once per release to report
+#: (``python -m scripts.benchmarks quality --set sealed``). Glioma-like lesions fill 5-15 % of the brain.
+SEALED_COHORTS: dict[str, dict] = {
+    "sealed-t1-b16": {"contrast": "t1", "seed": 101, "n_normal": 10, "n_abnormal": 6},
+    "sealed-t2-b32": {"contrast": "t2", "seed": 102, "n_normal": 20, "n_abnormal": 12},
+    "sealed-flair-b32": {"contrast": "flair", "seed": 103, "n_normal": 20, "n_abnormal": 12},
+    "sealed-t1-b96": {"contrast": "t1", "seed": 104, "n_normal": 60, "n_abnormal": 36},
+    "sealed-t1-metastasis": {
+        "contrast": "t1",
+        "seed": 105,
+        "n_normal": 20,
+        "n_abnormal": 12,
+        "lesion_volume": (20.0, 1000.0),
+        "lesions_per_subject": (1, 3),
+    },
+    "sealed-t1-glioma": {"contrast": "t1", "seed": 106, "n_normal": 20, "n_abnormal": 12, **_GLIOMA},
+    "sealed-flair-glioma": {"contrast": "flair", "seed": 107, "n_normal": 20, "n_abnormal": 12, **_GLIOMA},
+    "sealed-t2-faint": {
+        "contrast": "t2",
+        "seed": 108,
+        "n_normal": 20,
+        "n_abnormal": 12,
+        "lesion_contrast": (0.05, 0.2),
+    },
+    "sealed-lung": {"organ": "lung", "seed": 109, "n_normal": 20, "n_abnormal": 12},
+}
 #: tiny cohorts for a smoke run (tests, CI)
 QUICK_COHORTS: dict[str, dict] = {
     "t1-tiny": {"contrast": "t1", "seed": 0, "n_normal": 3, "n_abnormal": 2, "shape": 32},
@@ -27,3 +55,12 @@ QUICK_COHORTS: dict[str, dict] = {
 }
 METRICS = ("patient_auroc", "patient_ap", "voxel_ap", "dice_max", "ltpr99_small", "ltpr99_medium", "ltpr99_large")
 METRICS += ("fp_per_volume",)
+
+
+def cohort(root, name: str, spec: dict):
+    """The cohort ``name`` under ``root``, generated from ``spec`` if not there (``organ`` picks the generator)."""
+    from scripts.synthetic import brain, lung
+
+    spec = dict(spec)
+    generator = lung if spec.pop("organ", "brain") == "lung" else brain
+    return generator.ensure_cohort(root / name, **spec)

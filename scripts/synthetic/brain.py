@@ -114,6 +114,8 @@ COHORT_STREAM = 2**31 - 1
 TISSUE_MEANS = {  # (low, high) of per-subject tissue means, relative units
     "t1": {"gm": (0.58, 0.70), "wm": (0.95, 1.05), "csf": (0.18, 0.30)},
     "t2": {"gm": (0.52, 0.62), "wm": (0.36, 0.46), "csf": (0.95, 1.05)},
+    # FLAIR-like: T2 weighting with the fluid signal nulled (dark CSF, grey matter above white matter)
+    "flair": {"gm": (0.70, 0.80), "wm": (0.55, 0.65), "csf": (0.08, 0.15)},
 }
 
 
@@ -239,7 +241,7 @@ def generate_subject(
     """Synthesise one registered subject (see the module docstring). Deterministic for
     ``(seed, index)``; ``abnormal`` adds the lesions of ``lesion_plan(seed, index, ...)``."""
     if contrast not in TISSUE_MEANS:
-        raise ValueError(f"contrast must be 't1' or 't2', got {contrast!r}")
+        raise ValueError(f"contrast must be one of {tuple(TISSUE_MEANS)}, got {contrast!r}")
     if base not in BASES:
         raise ValueError(f"a subject's base is one of {BASES} ('both' is a cohort option), got {base!r}")
     geom = output_geometry(shape, fov_mm)
@@ -363,7 +365,7 @@ def generate_cohort(
     """
     contrast = str(contrast).lower()
     if contrast not in TISSUE_MEANS:
-        raise ValueError(f"contrast must be 't1' or 't2', got {contrast!r}")
+        raise ValueError(f"contrast must be one of {tuple(TISSUE_MEANS)}, got {contrast!r}")
     check_counts(n_normal, n_abnormal)
     shape, _, affine = output_geometry(shape, fov_mm)
     abnormal, bases = cohort_layout(n_normal, n_abnormal, seed, base)

@@ -90,8 +90,8 @@ def draw_lesions(
         irr = float(rng.uniform(0.25, 0.8))
         has_edema = edema and vol > 300 and rng.random() < 0.6
         core = float(rng.uniform(0.3, 0.65)) if has_edema else 1.0
-        # edema is fluid: bright in T2w, darker in T1w
-        ed_c = float(rng.uniform(0.2, 0.45)) if contrast == "t2" else -float(rng.uniform(0.08, 0.2))
+        # edema is fluid bound in tissue: bright in T2w and FLAIR, darker in T1w
+        ed_c = float(rng.uniform(0.2, 0.45)) if contrast != "t1" else -float(rng.uniform(0.08, 0.2))
         nec = float(rng.uniform(0.2, 0.5)) if (necrosis and vol * core > 1500 and rng.random() < 0.6) else 0.0
         me = float(mass_effect * rng.uniform(0.5, 1.0))
         rep = float(rng.uniform(0.6, 1.0))

@@ -111,7 +111,7 @@ def _bool(text: str) -> bool:
 #: organ-specific options: (name, type, help); their defaults are read from the generator
 _BRAIN_OPTIONS: tuple[tuple[str, Callable, str], ...] = (
     ("shape", _shape, "output grid: one int (a cube) or three, e.g. 96 (2 mm voxels) or 224"),
-    ("contrast", str.lower, "t1 or t2"),
+    ("contrast", str.lower, "t1, t2 or flair (FLAIR-like)"),
     ("base", str, "template anatomy: mni152, colin27 or both"),
     ("fov_mm", float, "side of the output cube (mm)"),
     ("lesion_contrast", _pair(float), "min,max relative contrast of the lesion core"),
@@ -145,7 +145,7 @@ _LUNG_OPTIONS: tuple[tuple[str, Callable, str], ...] = (
     ("rot_deg", float, "rotation about the body axis (degrees)"),
     ("origin_mm", float, "affine origin jitter (mm)"),
 )
-_CHOICES = {"contrast": ("t1", "t2"), "base": (*brain.BASES, "both"), "mask_format": lung.MASK_FORMATS}
+_CHOICES = {"contrast": tuple(brain.TISSUE_MEANS), "base": (*brain.BASES, "both"), "mask_format": lung.MASK_FORMATS}
 BRAIN_OPTIONS = frozenset(name for name, _, _ in _BRAIN_OPTIONS)
 LUNG_OPTIONS = frozenset(name for name, _, _ in _LUNG_OPTIONS)
 
