@@ -30,7 +30,7 @@ CONFIG = str(ROOT / "configs" / "inference.json")
 META = ROOT / "configs" / "metadata.json"
 
 
-def _check_outputs(cohort: Path, out: Path, statistic: str = "robust_z") -> list[dict]:
+def _check_outputs(cohort: Path, out: Path, statistic: str = "max") -> list[dict]:
     with open(cohort / "cohort.csv") as f:
         rows = list(csv.DictReader(f))
     with open(out / "scores.csv") as f:
@@ -120,16 +120,16 @@ def test_bundle_command_with_overrides(tiny_cohort: Path, tmp_path: Path) -> Non
         "--rho",
         "0.2",
         "--subject_score",
-        "max",
+        "robust_z",
         "--depth_phases",
         "2",
     ]
     proc = run_bundle("--dataset_dir", tiny_cohort, "--output_dir", out, *overrides)  # not quiet: the user's view
     assert_success(proc)
     assert "scores.csv" in proc.stdout and str(out) in proc.stdout  # tells the user where things are
-    _check_outputs(tiny_cohort, out, statistic="max")
+    _check_outputs(tiny_cohort, out, statistic="robust_z")
     inferer = json.loads((out / "run.json").read_text())["inferer"]
-    assert inferer["rho"] == 0.2 and "subject_score" not in inferer  # the paper's maximum is not recorded
+    assert inferer["rho"] == 0.2 and inferer["subject_score"] == "robust_z"
     assert inferer["depth_phases"] == 2
 
 

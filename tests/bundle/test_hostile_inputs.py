@@ -63,8 +63,8 @@ def _normals(cohort: Path) -> list[str]:
 
 
 # The copied scan's lesion is one voxel: what lifts it above the normal scans is its whole map's level,
-# which the default robust-z subject score discounts. These tests are about who is compared with whom, so
-# they read that level through the paper's subject score, the map's maximum.
+# which the robust-z subject score would discount. These tests are about who is compared with whom, so
+# they pin the paper's subject score, the map's maximum (the default).
 PAPER_SCORE = {"subject_score": "max"}
 
 
