@@ -1,5 +1,6 @@
-"""Nyúl histogram standardisation (Nyúl, Udupa & Zhang, IEEE TMI 2000): each volume's foreground landmarks
-mapped piecewise linearly onto a standard scale learned from the cohort being scored (paper Sec. 4.1)."""
+"""Nyúl histogram standardisation (Nyúl, Udupa & Zhang, IEEE TMI 2000; paper Sec. 4.1): each volume's
+foreground landmarks mapped piecewise linearly onto a fixed standard scale (:data:`MNI152_T1_STANDARD`) or
+one :meth:`NyulStandardize.fit` learns from given volumes (the cohort being scored: an explicit option)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,14 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, Transform
 from monai.utils import TransformBackends, convert_to_dst_type, convert_to_tensor
 
-__all__ = ["NyulStandardize", "NyulStandardized", "nyul_landmarks"]
+__all__ = ["MNI152_T1_STANDARD", "STANDARD_SCALES", "NyulStandardize", "NyulStandardized", "nyul_landmarks"]
 
 DECILES = tuple(range(10, 100, 10))
+#: The standard scale (percentiles 1, 10, ..., 90, 99 on [0, 1]) learned once by :meth:`NyulStandardize.fit`
+#: from nilearn's MNI152 T1 template (1 mm) inside its brain mask: a T1 reference for brain MRI.
+MNI152_T1_STANDARD = (0.0, 0.3376, 0.4904, 0.5605, 0.6115, 0.6561, 0.7197, 0.7962, 0.8726, 0.9299, 1.0)
+#: standard scales by the name a config gives them
+STANDARD_SCALES = {"mni152_t1": MNI152_T1_STANDARD}
 
 
 def _foreground(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -43,7 +49,8 @@ class NyulStandardize(Transform):
     """Piecewise-linear mapping of a volume's landmarks onto a standard scale.
 
     Args:
-        standard: the standard landmarks (``[pc_low, *deciles, pc_high]``), e.g. from :meth:`fit`.
+        standard: the standard landmarks (``[pc_low, *deciles, pc_high]``), a name of :data:`STANDARD_SCALES`,
+            or ``None`` until :meth:`fit` learns them.
         pc_low, pc_high: the outer percentiles (Nyúl: 1 and 99).
         s_min, s_max: the standard scale's range that ``[pc_low, pc_high]`` maps to.
 
@@ -54,7 +61,7 @@ class NyulStandardize(Transform):
 
     def __init__(
         self,
-        standard: Sequence[float] | None = None,
+        standard: Sequence[float] | str | None = None,
         pc_low: float = 1.0,
         pc_high: float = 99.0,
         s_min: float = 0.0,
@@ -66,6 +73,10 @@ class NyulStandardize(Transform):
                 f"{s_min}, {s_max}"
             )
         self.pc_low, self.pc_high, self.s_min, self.s_max = (float(pc_low), float(pc_high), float(s_min), float(s_max))
+        if isinstance(standard, str):
+            if standard not in STANDARD_SCALES:
+                raise ValueError(f"standard must be landmarks or one of {sorted(STANDARD_SCALES)}, got {standard!r}")
+            standard = STANDARD_SCALES[standard]
         self.standard = None if standard is None else np.asarray(standard, dtype=np.float64)
 
     def landmarks(self, image: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor | None = None) -> np.ndarray:
@@ -115,7 +126,7 @@ class NyulStandardized(MapTransform):
         self,
         keys: KeysCollection,
         mask_key: str | None = "mask",
-        standard: Sequence[float] | None = None,
+        standard: Sequence[float] | str | None = None,
         pc_low: float = 1.0,
         pc_high: float = 99.0,
         s_min: float = 0.0,

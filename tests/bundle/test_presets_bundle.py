@@ -1,15 +1,16 @@
-"""The brain preset and the Nyul overlay end to end at tiny sizes: the standard scale is learned from the
-cohort at initialisation (the presets' values: tests/unit/test_presets.py)."""
+"""The brain preset and the Nyul overlays end to end at tiny sizes: the preset's fixed standard scale, and
+the scale learned from the cohort at initialisation (the presets' values: tests/unit/test_presets.py)."""
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
 
+from scripts.transforms.intensity import MNI152_T1_STANDARD
 from tests.helpers import run_workflow
 
 
-def test_brain_preset_runs_with_the_standard_scale_learned_from_the_cohort(tiny_cohort: Path, tmp_path: Path) -> None:
+def test_brain_preset_runs_with_the_fixed_standard_scale(tiny_cohort: Path, tmp_path: Path) -> None:
     """The preset's pipeline end to end at tiny sizes (the default encoder stands in for DINOv2)."""
     evaluator = run_workflow(
         ["configs/inference.json", "configs/paper_brain_mri.json"],
@@ -23,8 +24,7 @@ def test_brain_preset_runs_with_the_standard_scale_learned_from_the_cohort(tiny_
         **{"inferer#q_fine": [2, 2, 2], "dataloader#num_workers": 0},
     )
     nyul = next(t for t in evaluator.data_loader.dataset.transform.transforms if type(t).__name__ == "NyulStandardized")
-    standard = nyul.standardize.standard
-    assert standard is not None and len(standard) == 11 and all(standard[1:] >= standard[:-1])
+    assert nyul.standardize.standard.tolist() == list(MNI152_T1_STANDARD)
     with (tmp_path / "out" / "scores.csv").open(newline="") as f:
         assert len(list(csv.DictReader(f))) == 6
 
@@ -39,7 +39,7 @@ def test_nyul_overlay_standardises_each_volume_with_the_scale_learned_from_the_c
     from monai.transforms import Compose
 
     evaluator = run_workflow(
-        ["configs/inference.json", "configs/nyul.json"],
+        ["configs/inference.json", "configs/nyul.json", "configs/nyul_from_cohort.json"],
         dataset_dir=str(tiny_cohort),
         output_dir=str(tmp_path / "out"),
         q=[8, 8, 8],
@@ -49,7 +49,7 @@ def test_nyul_overlay_standardises_each_volume_with_the_scale_learned_from_the_c
     at = [type(t).__name__ for t in transform.transforms].index("NyulStandardized")  # after the loading steps
     nyul = transform.transforms[at]
     standard = nyul.standardize.standard
-    assert standard is not None and all(standard[1:] >= standard[:-1])
+    assert all(standard[1:] >= standard[:-1]) and standard.tolist() != list(MNI152_T1_STANDARD)
     item = evaluator.data_loader.dataset.data[0]
     loaded = Compose(transform.transforms[:at])(dict(item))
     image = np.asarray(loaded["image"], dtype=np.float64)[0]

@@ -66,3 +66,14 @@ def test_errors() -> None:
         NyulStandardize().fit([(torch.ones(1, 4, 4, 4) * 3, torch.ones(1, 4, 4, 4))])
     with pytest.raises(ValueError, match="pc_low"):
         NyulStandardize(pc_low=20.0)
+
+
+def test_the_shipped_standard_scale_is_the_one_learned_from_the_mni152_t1_template() -> None:
+    """MNI152_T1_STANDARD, recomputed from nilearn's template and brain mask (1 mm) by fit."""
+    from nilearn import datasets
+    from scripts.transforms.intensity import MNI152_T1_STANDARD
+
+    template = np.asarray(datasets.load_mni152_template(resolution=1).dataobj, dtype=np.float32)
+    mask = np.asarray(datasets.load_mni152_brain_mask(resolution=1).dataobj) > 0
+    learned = NyulStandardize().fit([(template[None], mask[None])])
+    np.testing.assert_allclose(learned, MNI152_T1_STANDARD, atol=5e-5, rtol=0)  # shipped to 4 decimals

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from monai.bundle import ConfigParser
+from scripts.transforms.intensity import MNI152_T1_STANDARD
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,6 +28,8 @@ PAPER = {
         "rho": 0.1,
         "L": 16,
         "d": 128,
+        "precision": "fp32",  # the encoder in full precision: no autocast on a GPU
+        "score_precision": "fp32",
     },
     "lung": {
         "encoder_name": "dinov2",
@@ -44,10 +47,18 @@ PAPER = {
         "rho": 0.1,
         "L": 16,
         "d": 128,
+        "precision": "fp32",  # the encoder in full precision: no autocast on a GPU
+        "score_precision": "fp32",
     },
 }
 #: where each parameter lives in the configs: a top-level key, or an argument of its component
-IDS = {"q_fine": "inferer#q_fine", "L": "inferer#L", "delta": "inferer#delta"}
+IDS = {
+    "q_fine": "inferer#q_fine",
+    "L": "inferer#L",
+    "delta": "inferer#delta",
+    "precision": "network_def#precision",
+    "score_precision": "inferer#score_precision",
+}
 FILES = {
     "brain": ["inference.json", "paper_brain_mri.json"],
     "lung": ["inference.json", "lung_ct.json", "paper_lung_ct.json"],
@@ -76,12 +87,16 @@ def test_brain_preset_standardises_with_nyul_after_the_crop_and_resize() -> None
     names = [type(t).__name__ for t in parser.get_parsed_content("preprocessing").transforms]
     assert names.index("CenterSpatialCropd") < names.index("Resized") < names.index("NyulStandardized")
     assert names.index("NyulStandardized") < names.index("ScaleIntensityd")
-    assert any("nyul.fit" in step for step in parser.get("initialize"))
+    # a fixed reference scale, as the paper's; nothing is learned from the cohort being scored
+    assert not any("nyul.fit" in step for step in parser.get("initialize"))
+    nyul = parser.get_parsed_content("nyul")
+    assert nyul.standardize.standard.tolist() == list(MNI152_T1_STANDARD)
 
 
 def test_nyul_overlay_replaces_the_intensity_steps_only() -> None:
     """configs/nyul.json replaces the default's `intensity` list (percentile scaling) with Nyúl + min-max
-    scaling, keeps `loading` and `finishing`, and learns the scale from the `loading` steps."""
+    scaling on the fixed scale, keeps `loading` and `finishing`; configs/nyul_from_cohort.json learns the
+    scale from the cohort's `loading` steps instead."""
     base = ConfigParser()
     base.read_config(str(ROOT / "configs" / "inference.json"))
     assert base.get("preprocessing#transforms") == "$@loading + @intensity + @finishing"
@@ -92,5 +107,8 @@ def test_nyul_overlay_replaces_the_intensity_steps_only() -> None:
     parser.read_config([str(ROOT / "configs" / f) for f in ("inference.json", "nyul.json")])
     names = [type(t).__name__ for t in parser.get_parsed_content("preprocessing").transforms]
     assert names == [*base_names[:n], "NyulStandardized", "ScaleIntensityd", *base_names[n + 1 :]]
+    assert not any("nyul.fit" in step for step in parser.get("initialize"))
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / f) for f in ("inference.json", "nyul.json", "nyul_from_cohort.json")])
     fit = parser.get("initialize")[-1]
     assert fit.startswith("$@nyul.fit(") and "Compose(@loading)" in fit
