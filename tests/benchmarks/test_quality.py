@@ -73,3 +73,36 @@ def test_the_confirmation_cohorts_repeat_the_study_cohorts_with_new_seeds() -> N
     seeds = [s["seed"] for s in CONFIRMATION_COHORTS.values()]
     assert len(set(seeds)) == 5 and not set(seeds) & {s["seed"] for s in COHORTS.values()}
     assert not set(CONFIRMATION_COHORTS) & set(COHORTS)
+
+
+def test_paired_differences_are_the_mean_and_standard_error_of_the_per_cohort_differences() -> None:
+    from scripts.benchmarks.quality import PAIRED, paired_differences
+
+    default = {"a": 0.5, "b": 0.6, "c": 0.9}
+    other = {"a": 0.7, "b": 0.6, "c": 1.0}
+    results = {
+        name: {c: {"metrics": dict.fromkeys(PAIRED, v[c])} for c in v}
+        for name, v in (("default", default), ("x", other))
+    }
+    diffs = [0.2, 0.0, 0.1]
+    mean = sum(diffs) / 3
+    se = (sum((d - mean) ** 2 for d in diffs) / 2) ** 0.5 / 3**0.5
+    assert paired_differences(results) == [["x - default", *[f"{mean:+.3f} ± {se:.3f}"] * len(PAIRED)]]
+
+
+def test_the_sealed_set_spans_what_it_promises() -> None:
+    """At least 8 cohorts, B from 16 to 96, T1/T2/FLAIR-like, metastasis- and glioma-sized lesions, lung CT;
+    seeds unused by the study's and confirmation cohorts."""
+    from scripts.benchmarks.cohorts import CONFIRMATION_COHORTS, SEALED_COHORTS
+    from scripts.benchmarks.quality import SETS
+
+    specs = list(SEALED_COHORTS.values())
+    assert len(specs) >= 8 and SETS["sealed"][0] is SEALED_COHORTS
+    sizes = {s["n_normal"] + s["n_abnormal"] for s in specs}
+    assert min(sizes) == 16 and max(sizes) == 96
+    assert {s.get("contrast") for s in specs} >= {"t1", "t2", "flair"}
+    assert any(s.get("organ") == "lung" for s in specs)
+    assert any(s.get("lesion_volume", (0, 0))[1] <= 1000 for s in specs)  # a few mm
+    assert any(s.get("lesion_volume", (0, 0))[0] >= 100000 for s in specs)  # glioma-like
+    used = {s["seed"] for s in (*COHORTS.values(), *CONFIRMATION_COHORTS.values())}
+    assert not used & {s["seed"] for s in specs}
