@@ -287,8 +287,8 @@ def test_inference_config_resolves_to_the_documented_defaults(tiny_cohort: Path,
     assert (inferer.rho, inferer.d, inferer.delta, inferer.seed) == (0.1, 128, 0.0, 0)
     assert inferer.variant == "C" and str(inferer.references) == "all"  # chosen in docs/quality.md
     assert (inferer.q_fine, inferer.smooth_mm, inferer.L) == (None, 6.5, 16)  # CS3F-C has no fine tokens
-    assert inferer.subject_statistic == "robust_z"  # chosen in docs/quality.md
-    assert inferer.tokenizer.depth_phases == 2  # two pooling phases: docs/quality.md, study 15
+    assert inferer.subject_statistic == "max"  # the paper's subject score (docs/design.md)
+    assert inferer.tokenizer.depth_phases == 2  # two pooling phases: docs/quality.md, appendix study 15
     assert (inferer.tokenizer.slab_size, inferer.token_dtype) == (32, torch.float32)
     encoder = parser.get_parsed_content("network_def").encoder
     assert encoder.name == "efficientnet_lite0" and encoder.input_size == 112
