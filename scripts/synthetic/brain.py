@@ -395,17 +395,19 @@ def ensure_cohort(out_dir, **kwargs) -> Path:
 
 
 def summarize_cohort(cohort_dir) -> dict:
-    """Counts, lesion size classes (Sec. 4.5), mean pairwise brain-mask Dice and the voxel spacing
-    of a written cohort."""
+    """Counts, lesion size classes (Sec. 4.5), mean pairwise brain-mask Dice (NaN where the subjects' grids
+    differ, as in a native-space cohort) and the first subject's voxel spacing of a written cohort."""
     import nibabel as nib
 
     cohort_dir = Path(cohort_dir)
     rows = read_cohort(cohort_dir)
-    first = nib.load(str(cohort_dir / rows[0]["mask"]))
-    masks = [np.asarray(nib.load(str(cohort_dir / r["mask"])).dataobj) > 0 for r in rows]
+    key = "mask" if "mask" in rows[0] else "brain_mask"  # native-space cohorts: masks are not inputs
+    first = nib.load(str(cohort_dir / rows[0][key]))
+    masks = [np.asarray(nib.load(str(cohort_dir / r[key])).dataobj) > 0 for r in rows]
+    same_grid = len({m.shape for m in masks}) == 1
     return {
         **cohort_counts(rows),
-        "mask_dice": mean_pairwise_dice(masks),
+        "mask_dice": mean_pairwise_dice(masks) if same_grid else float("nan"),
         "shape": tuple(int(n) for n in first.shape),
         "spacing_mm": tuple(float(z) for z in first.header.get_zooms()[:3]),
     }

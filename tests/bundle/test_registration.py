@@ -11,7 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from scripts.synthetic.brain import generate_cohort
+from scripts.synthetic.brain import generate_cohort, summarize_cohort
 from scripts.synthetic.native_space import move_cohort
 from tests.helpers import FAST_ARGS, assert_success, run_bundle
 
@@ -28,6 +28,8 @@ def test_register_mni152_on_a_native_space_cohort(tmp_path):
     native = move_cohort(
         registered, tmp_path / "native", seed=1, spacing=(3.0, 3.0, 4.0), generator={"seed": 1, "shape": 48}
     )
+    stats = summarize_cohort(native)  # what `synth --native_space` prints: masks on the subjects' own grids
+    assert stats["n_subjects"] == 4 and stats["mask_dice"] != stats["mask_dice"]  # NaN: grids differ
     out = tmp_path / "out"
     proc = run_bundle("--dataset_dir", native, "--output_dir", out, "--register", "mni152", *FAST_ARGS)
     assert_success(proc)
