@@ -21,9 +21,9 @@ CONFIRMATION_COHORTS: dict[str, dict] = {
     "t2-seed14-b64": {**COHORTS["t2-seed1-b64"], "seed": 14},
 }
 _GLIOMA = {"lesion_volume": (110000.0, 330000.0), "lesions_per_subject": (1, 1), "mass_effect": 1.0}
-#: The sealed set: specifications and seeds fixed before any result from them was seen. It is never used
-#: to choose anything (no default, no variant, no threshold); it is run once per release to report
-#: (``python -m scripts.benchmarks quality --set sealed``). Glioma-like lesions fill 5-15 % of the brain.
+#: The sealed set: specifications and seeds fixed before any result from them was seen. Nothing is searched
+#: on it; it is run once per release to report and to judge each departure from the paper by the rule in
+#: docs/quality.md (``python -m scripts.benchmarks quality --set sealed``). Glioma-like: 5-15 % of the brain.
 SEALED_COHORTS: dict[str, dict] = {
     "sealed-t1-b16": {"contrast": "t1", "seed": 101, "n_normal": 10, "n_abnormal": 6},
     "sealed-t2-b32": {"contrast": "t2", "seed": 102, "n_normal": 20, "n_abnormal": 12},
