@@ -31,7 +31,7 @@ from scripts.transforms.affine_registration import (
 
 __all__ = ["REGISTER_CHOICES", "Register", "RegistrationCache", "Registerd", "Template", "load_template"]
 
-REGISTRATION_VERSION = 1
+REGISTRATION_VERSION = 2  # part of every registration's cache key
 
 
 class Register(InvertibleTransform, Transform):
