@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from scipy import ndimage
 from scripts.errors import CS3FInputError
 
@@ -115,6 +114,8 @@ def _sitk():
         import SimpleITK as sitk  # noqa: N813 - the library's own spelling
     except ImportError as err:
         raise CS3FInputError(f"registration needs SimpleITK (pip install SimpleITK==2.5.7): {err}") from None
+    # ITK's own filters on one thread: their multi-threaded sums change in the last bits from run to run
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     return sitk
 
 
@@ -154,7 +155,7 @@ def _method(sitk, shrink, sigmas_mm, iterations: int, sampling: float, seed: int
     reg.SetShrinkFactorsPerLevel(list(shrink))
     reg.SetSmoothingSigmasPerLevel(list(sigmas_mm))
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-    reg.SetNumberOfThreads(threads)
+    reg.SetNumberOfThreads(int(threads))
     return reg
 
 
@@ -180,14 +181,14 @@ def estimate_affine(
     sampling: float = 0.2,
     seed: int = 0,
     mask_margin_mm: float = 6.0,
-    threads: int | None = None,
+    threads: int = 1,
 ) -> tuple[np.ndarray, float]:
     """The affine ``T`` [4, 4] (template world -> image world) maximising Mattes mutual information, and the
     final metric: rigid (from the centres of mass) at 8 and 4 mm, then full affine at 8, 4 and 2 mm; the
-    metric is sampled (``sampling``, seeded) inside the template mask dilated by ``mask_margin_mm``.
+    metric is sampled (``sampling``, seeded) inside the template mask dilated by ``mask_margin_mm``. Only one
+    ``threads`` gives the same result from run to run.
     """
     sitk = _sitk()
-    threads = int(threads or torch.get_num_threads())
     fixed = _to_sitk(template.image.astype(np.float32), template.affine, sitk.sitkFloat32)
     moving = _to_sitk(np.asarray(image, np.float32), affine, sitk.sitkFloat32)
     spacing = template.spacing

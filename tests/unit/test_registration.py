@@ -74,8 +74,8 @@ def test_known_affine_is_recovered(phantom):
     error = _errors(found, motion, phantom)
     assert error.mean() < 1.5 and error.max() < 3.0, (error.mean(), error.max())
     assert metric < 0
-    again, _ = estimate_affine(image, affine, phantom, threads=1)  # seeded sampling: no wall clock
-    assert np.allclose(found, again, rtol=0.0, atol=1e-9)  # (ITK filters may differ in the last bits)
+    again, _ = estimate_affine(image, affine, phantom, threads=1)
+    assert np.array_equal(found, again)  # seeded sampling, one thread: the same to the last bit
 
 
 def test_inverse_brings_the_map_back_onto_the_input_grid(phantom):
