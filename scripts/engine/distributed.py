@@ -86,9 +86,10 @@ def gather_cohort(
 
 
 def gather_scores(
-    scores: Mapping[str, dict[str, float]], seconds: Mapping[str, float]
-) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
-    """Every rank's subject scores, and the longest time any rank spent in each stage."""
-    gathered = _all_gather({"scores": scores, "seconds": seconds})
+    scores: Mapping[str, dict[str, float]], seconds: Mapping[str, float], registration: Mapping[str, dict]
+) -> tuple[dict[str, dict[str, float]], dict[str, float], dict[str, dict]]:
+    """Every rank's subject scores and registrations, and the longest time any rank spent in each stage."""
+    gathered = _all_gather({"scores": scores, "seconds": seconds, "registration": registration})
     all_scores = {n: v for g in gathered for n, v in g["scores"].items()}
-    return all_scores, {k: max(g["seconds"][k] for g in gathered) for k in seconds}
+    all_registration = {n: v for g in gathered for n, v in g["registration"].items()}
+    return all_scores, {k: max(g["seconds"][k] for g in gathered) for k in seconds}, all_registration

@@ -261,9 +261,11 @@ class CS3FEvaluator(Workflow):
             self.scoring(self.cohort)
 
     def _finish(self, engine: Engine) -> None:
-        """Gather every process's scores and timings (before the handlers write them)."""
+        """Gather every process's scores, timings and registrations (before the handlers write them)."""
         if world()[1] > 1:
-            self.subject_scores, self.times.seconds = gather_scores(self.subject_scores, self.times.seconds)
+            self.subject_scores, self.times.seconds, self.registration = gather_scores(
+                self.subject_scores, self.times.seconds, self.registration
+            )
         if self.quiet or world()[0] != 0:
             return
         made = (

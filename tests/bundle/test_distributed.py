@@ -10,6 +10,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from scripts.synthetic.brain import generate_cohort
+from scripts.synthetic.native_space import move_cohort
 from tests.helpers import FAST_ARGS, assert_success, run_bundle
 
 MULTI = ["configs/inference.json", "configs/multi_gpu_inference.json"]
@@ -103,3 +105,32 @@ def test_a_bad_input_under_torchrun_prints_its_error_line_once(tiny_cohort: Path
     lines = [line for line in proc.stderr.splitlines() if line.startswith("cs3f: error:")]
     assert len(lines) == 1 and expected in lines[0], proc.stderr[-3000:]
     assert "[rank0]" not in proc.stderr and "[rank1]" not in proc.stderr, proc.stderr[-3000:]
+
+
+def _registration(out: Path) -> tuple[list[dict], dict]:
+    """``registration.csv`` and ``run.json["registration"]`` without their timing fields."""
+    with (out / "registration.csv").open(newline="") as f:
+        table = [{k: v for k, v in r.items() if k != "cpu_seconds"} for r in csv.DictReader(f)]
+    record = json.loads((out / "run.json").read_text())["registration"]
+    return table, {n: {k: v for k, v in e.items() if k != "cpu_seconds"} for n, e in record.items()}
+
+
+@pytest.mark.slow
+def test_torchrun_registration_record_lists_every_volume_once(tmp_path: Path) -> None:
+    """``--register mni152``: each rank registers its own share; the files list the whole cohort."""
+    pytest.importorskip("SimpleITK")
+    registered = generate_cohort(tmp_path / "registered", n_normal=3, n_abnormal=1, shape=48, seed=1)
+    native = move_cohort(
+        registered, tmp_path / "native", seed=1, spacing=(3.0, 3.0, 4.0), generator={"seed": 1, "shape": 48}
+    )
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    args = ("--dataset_dir", native, "--register", "mni152", *FAST_ARGS)
+    assert_success(run_bundle(*args, "--output_dir", single))
+    assert_success(run_bundle(*args, "--output_dir", multi, config_file=MULTI, nproc=2))
+    table, record = _registration(multi)
+    with (native / "cohort.csv").open(newline="") as f:
+        names = [Path(r["image"]).name.replace(".nii.gz", "") for r in csv.DictReader(f)]
+    assert [r["image"] for r in table] == names and sorted(record) == sorted(names)
+    assert not any(e["cached"] for e in record.values())
+    assert (table, record) == _registration(single)
+    assert _files(multi) == _files(single)

@@ -347,8 +347,8 @@ def test_gathering_orders_names_as_the_dataset_and_copies_rows(one_process_group
     for i, n in enumerate(["c", "a", "b"]):
         grid = gathered[""][n].grids["axial/0"]
         assert torch.equal(grid.tokens, rows[i]) and grid.tokens.untyped_storage().nbytes() == rows[i].nbytes
-    scores, seconds = gather_scores({"a": {"score": 1.0}}, {"load": 2.0})
-    assert scores == {"a": {"score": 1.0}} and seconds == {"load": 2.0}
+    scores, seconds, registration = gather_scores({"a": {"score": 1.0}}, {"load": 2.0}, {"a": {"coverage": 1.0}})
+    assert scores == {"a": {"score": 1.0}} and seconds == {"load": 2.0} and registration == {"a": {"coverage": 1.0}}
 
 
 def test_the_identity_does_not_depend_on_the_installed_image_readers() -> None:
