@@ -12,6 +12,8 @@ Two lungs of at least ``min_component_ml`` each, or one :class:`~scripts.errors.
 
 from __future__ import annotations
 
+import inspect
+import json
 from collections.abc import Hashable, Mapping
 
 import numpy as np
@@ -23,7 +25,10 @@ from monai.utils import TransformBackends
 from scipy import ndimage
 from scripts.errors import CS3FInputError
 
-__all__ = ["LungMasksd", "segment_lungs"]
+__all__ = ["LUNG_MASKS_VERSION", "LungMasksd", "segment_lungs"]
+
+#: version of :func:`segment_lungs`; with its parameters, the ``made_by`` record of the masks it makes
+LUNG_MASKS_VERSION = 1
 
 
 def _ball(radius_mm: float, spacing: np.ndarray) -> np.ndarray:
@@ -90,7 +95,9 @@ def segment_lungs(
 
 class LungMasksd(MapTransform):
     """Put an automatic lung mask (:func:`segment_lungs` with ``kwargs``) of the CT ``keys`` (HU, before any
-    intensity scaling) under ``mask_key`` for items without one; it carries the image's metadata."""
+    intensity scaling) under ``mask_key`` for items without one; it carries the image's metadata and
+    ``meta["made_by"]`` (:meth:`made_by`), which :func:`scripts.engine.identity.with_made_mask` mixes into the
+    volume's token cache key."""
 
     backend = [TransformBackends.NUMPY]
 
@@ -98,6 +105,18 @@ class LungMasksd(MapTransform):
         super().__init__(keys, allow_missing_keys=False)
         self.mask_key = mask_key
         self.kwargs = kwargs
+        self.made_by()  # an unknown parameter fails here, not at the first volume
+
+    def made_by(self) -> str:
+        """Every parameter of :func:`segment_lungs` this transform uses (defaults filled in) and its version,
+        as JSON (a method, not an attribute: the run's token identity describes the transform as given)."""
+        try:
+            bound = inspect.signature(segment_lungs).bind_partial(**self.kwargs)
+        except TypeError as err:
+            raise CS3FInputError(f"LungMasksd: {err}") from None
+        bound.apply_defaults()
+        used = {k: v for k, v in bound.arguments.items() if k != "name"}
+        return json.dumps({"segment_lungs": LUNG_MASKS_VERSION, **used}, sort_keys=True)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
@@ -109,5 +128,6 @@ class LungMasksd(MapTransform):
             name = str(image.meta.get("filename_or_obj", "")) if isinstance(image, MetaTensor) else ""
             array = torch.as_tensor(image).detach().cpu().float().numpy()[0]
             labels = torch.from_numpy(segment_lungs(array, affine, name=name, **self.kwargs)[None])
-            d[self.mask_key] = MetaTensor(labels, meta=dict(image.meta)) if isinstance(image, MetaTensor) else labels
+            meta = {**image.meta, "made_by": self.made_by()} if isinstance(image, MetaTensor) else None
+            d[self.mask_key] = MetaTensor(labels, meta=meta) if meta is not None else labels
         return d

@@ -21,7 +21,7 @@ from scripts.engine.distributed import gather_cohort, gather_scores
 from scripts.engine.evaluator import CS3FEvaluator
 from scripts.engine.grid import CohortGrid
 from scripts.engine.handlers import RunRecorder, ScoresSaver
-from scripts.engine.identity import describe_transform, preprocessing_identity, token_identity
+from scripts.engine.identity import describe_transform, preprocessing_identity, token_identity, with_made_mask
 from scripts.engine.record import StageTimes
 from scripts.errors import CS3FInputError, find_input_error
 from scripts.inferer import CS3FInferer
@@ -386,3 +386,49 @@ def test_default_threads_are_one_where_the_threads_stall(
     monkeypatch.setattr(machine, "TORCH_THREADS", 1)
     calls.clear()
     assert machine.default_threads() == 1 and calls == []  # OMP_NUM_THREADS=1: nothing to probe
+
+
+def test_automatic_lung_mask_parameters_key_the_tokens_of_the_volumes_they_mask(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every segment_lungs parameter, a default too, changes the cache key of a volume whose mask LungMasksd
+    made (through the lung config's preprocessing and the data loader); a given mask, no mask and the run's
+    identity of LungMasksd stay as they were."""
+    import nibabel
+    from monai.data import Dataset, decollate_batch
+    from scripts.synthetic.lung import generate_subject
+    from scripts.transforms import lung_masks
+    from scripts.transforms.lung_masks import LungMasksd
+
+    ct = generate_subject(0, abnormal=False, scale=0.2)
+    nibabel.save(nibabel.Nifti1Image(ct.image, ct.affine), tmp_path / "ct.nii.gz")
+    parser = ConfigParser()
+    parser.read_config([str(c) for c in CONFIGS["lung"]])
+    loader = DataLoader(Dataset([{"image": str(tmp_path / "ct.nii.gz")}], parser.get_parsed_content("preprocessing")))
+    made = decollate_batch(next(iter(loader)))[0]["mask"]
+    key = with_made_mask("files", made)
+    assert key != "files" and json.loads(made.meta["made_by"])["closing_mm"] == 15.0
+
+    def made_key(**kwargs) -> str:
+        return with_made_mask("files", MetaTensor(made.as_tensor(), meta={"made_by": LungMasksd(**kwargs).made_by()}))
+
+    assert made_key() == key == made_key(closing_mm=15.0)  # a default spelled out: the same masks
+    changes = {"body_hu": -450.0, "air_hu": -350.0, "airway_mm": 3.0, "closing_mm": 10.0, "min_component_ml": 5.0}
+    assert len({key, *(made_key(**{k: v}) for k, v in changes.items())}) == 1 + len(changes)
+    defaults = list(lung_masks.segment_lungs.__defaults__)
+    defaults[defaults.index(15.0)] = 8.0  # an older closing default
+    monkeypatch.setattr(lung_masks.segment_lungs, "__defaults__", tuple(defaults))
+    assert made_key() == made_key(closing_mm=8.0) != key
+    given = MetaTensor(made.as_tensor(), meta={"filename_or_obj": "/data/mask.nii.gz"})
+    assert LungMasksd()({"image": made, "mask": given})["mask"] is given
+    assert with_made_mask("files", given) == "files" and with_made_mask("files", None) == "files"
+    # the run's identity describes LungMasksd as configured: lung runs with masks keep their cache keys
+    assert describe_transform(LungMasksd()) == {
+        "_target_": "scripts.transforms.lung_masks.LungMasksd",
+        "allow_missing_keys": False,
+        "keys": ["image"],
+        "kwargs": {},
+        "mask_key": "mask",
+    }
+    with pytest.raises(CS3FInputError, match="closing"):
+        LungMasksd(closing=3.0)
