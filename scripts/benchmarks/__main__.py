@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="register only the first N native volumes")
     p.add_argument("--bundle", action="store_true", help="also run the bundle on both cohorts (detection)")
     p.add_argument("--sections", default="native,colin27", help="native, colin27 or none (default %(default)s)")
+    p.add_argument("--libraries", type=int, default=0, help="SimpleITK, itk-elastix, ANTsPy on the first N volumes")
     return parser
 
 

@@ -2,11 +2,13 @@
 
 Sections: ``native``, the demo cohort moved onto native grids by known transforms (error of the found affine in
 mm over the template's brain voxels, template-mask Dice, seconds, quality, peak RSS); ``colin27``, the Colin27
-head (Debian ``mricron-data``) as it is and moved; ``--bundle``: detection on the registered and native cohorts.
+head (Debian ``mricron-data``) as it is and moved; ``--bundle``: detection on the registered and native cohorts;
+``--libraries N``: SimpleITK, itk-elastix and ANTsPy (each where installed) on the first N native volumes.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import subprocess
 import time
@@ -23,46 +25,36 @@ from scripts.transforms.affine_registration import estimate_affine, load_templat
 COLIN27_HEAD = Path("/usr/share/mricron/templates/ch2.nii.gz")
 COLIN27_BRAIN = COLIN27_HEAD.with_name("ch2bet.nii.gz")
 KEYS = ("patient_auroc", "voxel_ap", "dice_max", "fp_per_volume")
+#: the registration libraries compared: distribution -> (module, the version measured in docs/registration.md)
+LIBRARIES = {"simpleitk": ("SimpleITK", "2.5.7"), "itk-elastix": ("itk", "0.25.4"), "antspyx": ("ants", "0.6.3")}
 
 
-def _errors(found: np.ndarray, truth: np.ndarray, template) -> tuple[float, float]:
-    """Mean and max distance (mm) between two template -> image affines over the template's brain voxels."""
-    points = np.c_[np.argwhere(template.mask), np.ones(int(template.mask.sum()))] @ template.affine.T
-    distance = np.linalg.norm((points @ (found - truth).T)[:, :3], axis=1)
-    return float(distance.mean()), float(distance.max())
-
-
-def _measure(template, image, affine, brain, threads: int, truth=None) -> tuple[np.ndarray, dict]:
-    """Register ``image``: the affine found and its figures (error against ``truth``, mask Dice, seconds, quality)."""
+def _measure(template, image, affine, brain, threads: int, truth=None, register=None) -> tuple[np.ndarray, dict]:
+    """Register ``image`` (``register``, default the bundle's): the affine, its error, Dice, seconds and quality."""
+    register = register or (lambda t, moving, grid: estimate_affine(moving, grid, t, threads=threads)[0])
     start, cpu = time.perf_counter(), time.process_time()
-    found, _ = estimate_affine(image, affine, template, threads=threads)
+    found = register(template, image, affine)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-    figures = {}
-    if truth is not None:
-        mean, worst = _errors(found, truth, template)
-        figures = {"error_mean_mm": round(mean, 3), "error_max_mm": round(worst, 3)}
+    figures = {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2)}
+    if truth is not None:  # distances (mm) between the found and true affines over the template's brain voxels
+        points = np.c_[np.argwhere(template.mask), np.ones(int(template.mask.sum()))] @ template.affine.T
+        distance = np.linalg.norm((points @ (found - truth).T)[:, :3], axis=1)
+        figures |= {"error_mean_mm": round(float(distance.mean()), 3), "error_max_mm": round(float(distance.max()), 3)}
     moved_mask = resample_to(template.mask.astype(np.float32), found @ template.affine, brain.shape, affine, 1) > 0.5
     figures["mask_dice"] = round(float(2 * (moved_mask & brain).sum() / max(1, moved_mask.sum() + brain.sum())), 4)
-    figures |= {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2)}
     moved = resample_to(image, affine, template.image.shape, found @ template.affine, 1)
     return found, figures | registration_quality(moved, template, found, 6.0)
 
 
-def _native_volume(native: Path, row: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Image, affine and the known template -> native affine of one row of a native cohort."""
-    nii = nib.load(str(native / row["image"]))
-    truth = np.asarray(json.loads((native / row["transform"]).read_text())["template_to_native"])
-    return np.asarray(nii.dataobj, np.float32), nii.affine, truth
-
-
-def native_section(native: Path, threads: int, limit: int | None) -> dict:
-    """Per-volume registration accuracy, time and quality on a native-space cohort."""
-    template = load_template("mni152")
+def native_section(native: Path, threads: int, limit: int | None, register=None) -> dict:
+    """Per-volume registration accuracy, time and quality (:func:`_measure`) on a native-space cohort."""
     volumes = []
     for row in read_cohort(native)[:limit]:
-        image, affine, truth = _native_volume(native, row)
+        nii = nib.load(str(native / row["image"]))
+        truth = np.asarray(json.loads((native / row["transform"]).read_text())["template_to_native"])
         brain = np.asarray(nib.load(str(native / row["brain_mask"])).dataobj) > 0
-        _, figures = _measure(template, image, affine, brain, threads, truth)
+        image = np.asarray(nii.dataobj, np.float32)
+        _, figures = _measure(load_template("mni152"), image, nii.affine, brain, threads, truth, register)
         volumes.append({"image": Path(row["image"]).name, "shape": list(image.shape), **figures})
         print(f"  {volumes[-1]}", flush=True)
     summary = {}
@@ -91,12 +83,74 @@ def colin27_section(threads: int, seed: int = 0) -> dict:
     grid, shape = np.diag([1.2, 1.2, 2.0, 1.0]), (170, 200, 110)
     grid[:3, 3] = centre - grid[:3, :3] @ ((np.asarray(shape) - 1) / 2.0)
     pull = np.linalg.inv(head_nii.affine) @ np.linalg.inv(motion) @ grid
-    moved, moved_brain = (
-        ndimage.affine_transform(a, pull[:3, :3], pull[:3, 3], output_shape=shape, order=order)
-        for a, order in ((head, 1), (brain.astype(np.uint8), 0))
+    moved = ndimage.affine_transform(head, pull[:3, :3], pull[:3, 3], output_shape=shape, order=1)
+    moved_brain = ndimage.affine_transform(
+        brain.astype(np.uint8), pull[:3, :3], pull[:3, 3], output_shape=shape, order=0
     )
     _, figures = _measure(template, moved, grid, moved_brain > 0, threads, truth=motion @ transform)
     return {"as_is": as_is, "moved": figures}
+
+
+def _itk_affine(values, centre) -> np.ndarray:
+    """The 4 x 4 affine of ITK affine transform parameters (matrix, translation) about ``centre``."""
+    values, centre, out = np.asarray(values, float), np.asarray(centre, float), np.eye(4)
+    out[:3, :3], out[:3, 3] = values[:9].reshape(3, 3), centre + values[9:] - values[:9].reshape(3, 3) @ centre
+    return out
+
+
+def _elastix(itk, template, image: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """itk-elastix with its default ``affine`` parameter map (Mattes MI, 4 resolutions)."""
+
+    def to_itk(array, grid):
+        out = itk.image_from_array(np.ascontiguousarray(np.transpose(array, (2, 1, 0)).astype(np.float32)))
+        spacing = np.linalg.norm(grid[:3, :3], axis=0)
+        out.SetOrigin(grid[:3, 3].tolist()), out.SetSpacing(spacing.tolist())
+        out.SetDirection(itk.matrix_from_array(grid[:3, :3] / spacing))
+        return out
+
+    parameters = itk.ParameterObject.New()
+    parameters.AddParameterMap(parameters.GetDefaultParameterMap("affine"))
+    fixed, moving = to_itk(template.image, template.affine), to_itk(image, affine)
+    _, found = itk.elastix_registration_method(fixed, moving, parameter_object=parameters, log_to_console=False)
+    found = found.GetParameterMap(0)
+    return _itk_affine(*(np.array(found[k], float) for k in ("TransformParameters", "CenterOfRotationPoint")))
+
+
+def _ants(ants, template, image: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """ANTsPy's ``type_of_transform="Affine"`` (Mattes MI)."""
+
+    def to_ants(array, grid):
+        spacing = np.linalg.norm(grid[:3, :3], axis=0)
+        return ants.from_numpy(array.astype(np.float32), grid[:3, 3].tolist(), spacing.tolist(), grid[:3, :3] / spacing)
+
+    out = ants.registration(to_ants(template.image, template.affine), to_ants(image, affine), "Affine")
+    transform = ants.read_transform(out["fwdtransforms"][0])
+    return _itk_affine(transform.parameters, transform.fixed_parameters)
+
+
+def _library(name: str) -> tuple:
+    """Library ``name``'s ``register`` (``None``: the bundle's), version, licence, size; ImportError: what to get."""
+    module, version = LIBRARIES[name]
+    try:
+        library, dist = importlib.import_module(module), importlib.metadata.distribution(name)
+    except (ImportError, importlib.metadata.PackageNotFoundError) as err:
+        raise ImportError(f"{name} is not installed ({err}): pip install {name}=={version} to compare it") from None
+    about = {"version": dist.version, "licence": dist.metadata.get("License-Expression") or dist.metadata["License"]}
+    about["installed_mb"] = round(sum(f.size or 0 for f in dist.files or ()) / 2**20, 1)
+    method = {"itk-elastix": _elastix, "antspyx": _ants}.get(name)
+    return method and (lambda t, moving, grid: method(library, t, moving, grid)), about
+
+
+def libraries_section(native: Path, limit: int, threads: int, names=tuple(LIBRARIES)) -> dict:
+    """Each library of ``names`` on the first ``limit`` native volumes (:func:`native_section`), or why not."""
+    out = {}
+    for name in names:
+        try:
+            register, out[name] = _library(name)
+            out[name] |= native_section(native, threads, limit, register)
+        except ImportError as err:
+            out[name] = {"skipped": str(err)}
+    return out
 
 
 def _bundle(dataset: Path, output: Path, **extra: str) -> dict:
@@ -140,9 +194,8 @@ def overlay(native: Path, run: Path, name: str, png: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
     low, top = (float(np.percentile(amap[amap > 0], q)) for q in (97.0, 99.9)) if (amap > 0).any() else (0.5, 1.0)
     for axis, ax in enumerate(axes):
-        take = [slice(None)] * 3
-        take[axis] = centre[axis]
-        img, lab, heat = (np.asarray(a[tuple(take)]).T for a in (image, label, amap))
+        take = tuple(centre[axis] if i == axis else slice(None) for i in range(3))
+        img, lab, heat = (np.asarray(a[take]).T for a in (image, label, amap))
         rest = [spacing[i] for i in range(3) if i != axis]
         ax.imshow(img, cmap="gray", origin="lower", interpolation="nearest", aspect=rest[1] / rest[0])
         heat = np.ma.masked_less(heat, low)
@@ -173,6 +226,10 @@ def markdown(results: dict) -> str:
             if "error_mean_mm" in entry:
                 value += f", error {entry['error_mean_mm']:.2f} / {entry['error_max_mm']:.2f} mm"
             rows.append([f"Colin27 {part.replace('_', ' ')}", "mask Dice, quality, time", value])
+    for name, lib in results.get("libraries", {}).items():
+        cells = ("{error_mean_mm:.2f} / {error_max_mm:.2f}, {cpu_s:.1f}".format(**v) for v in lib.get("volumes", []))
+        about = f"{lib.get('version')}, {lib.get('installed_mb')} MB, {lib.get('licence')}: {'; '.join(cells)}"
+        rows.append([f"library {name}", "version, size, licence: mm mean / max, CPU s", lib.get("skipped", about)])
     for run in ("registered", "native", "native_in_brain"):
         if entry := results.get("detection", {}).get(run):
             metrics = entry.get("metrics", entry)
@@ -180,7 +237,7 @@ def markdown(results: dict) -> str:
     return table(["section", "quantity", "value"], rows) + "\n"
 
 
-def main(out: str, threads: int, limit: int | None, bundle: bool, sections: str) -> int:
+def main(out: str, threads: int, limit: int | None, bundle: bool, sections: str, libraries: int = 0) -> int:
     """Run the sections (see the module docstring) on the demo cohort (seed 0) and its native-space move."""
     from scripts.synthetic.brain import ensure_cohort
     from scripts.synthetic.native_space import move_cohort
@@ -195,6 +252,8 @@ def main(out: str, threads: int, limit: int | None, bundle: bool, sections: str)
         results["native"] = native_section(native, threads, limit)
     if "colin27" in sections:
         results["colin27"] = colin27_section(threads)
+    if libraries:
+        results["libraries"] = libraries_section(native, libraries, threads)
     if bundle:
         results["detection"] = detection_section(registered, native, folder)
     (folder / "registration.json").write_text(json.dumps(results, indent=1))

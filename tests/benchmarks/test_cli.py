@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from scripts.benchmarks import __main__ as cli
-from scripts.benchmarks import performance, quality, scaling
+from scripts.benchmarks import performance, quality, registration_accuracy, scaling
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,6 +21,7 @@ HELP = {
     ("scaling",): ["metrics", "costs"],
     ("scaling", "metrics"): ["--cohort", "--out", "--cache", "--settings", "--threads"],
     ("scaling", "costs"): ["--bank", "--sizes", "--settings", "--threads"],
+    ("registration",): ["--out", "--threads", "--limit", "--bundle", "--sections", "--libraries"],
 }
 
 
@@ -84,3 +85,20 @@ def test_scaling_passes_the_options(monkeypatch: pytest.MonkeyPatch) -> None:
         "metrics",
         {"cohort": "C", "out": "O", "cache": None, "settings": "full,chunks:8", "threads": 1},
     )
+
+
+def test_registration_passes_libraries_and_a_missing_library_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    calls = []
+    monkeypatch.setattr(registration_accuracy, "main", lambda **kw: calls.append(kw))
+    cli.main(["registration", "--libraries", "2", "--sections", "none"])
+    assert calls[-1]["libraries"] == 2 and calls[-1]["sections"] == "none"
+    for module in ("itk", "ants"):  # not installed here; made unimportable where they are
+        monkeypatch.setitem(sys.modules, module, None)
+    # skipped before any volume is read: the cohort folder need not exist
+    out = registration_accuracy.libraries_section(tmp_path / "none", 2, 1, names=("itk-elastix", "antspyx"))
+    assert list(out) == ["itk-elastix", "antspyx"] and all(list(v) == ["skipped"] for v in out.values())
+    assert out["itk-elastix"]["skipped"].startswith("itk-elastix is not installed (")
+    assert out["antspyx"]["skipped"].endswith("pip install antspyx==0.6.3 to compare it")
+    assert "| library itk-elastix |" in registration_accuracy.markdown({"libraries": out})
