@@ -1,25 +1,13 @@
-"""Speed and memory of the bundle: ``python -m scripts.benchmarks performance``.
+"""Speed and memory of the bundle: ``python -m scripts.benchmarks performance`` (``--sections``, default all).
 
-Sections (``--sections``, default all):
+* ``scoring``: the exact scorer, the MuSc-style baseline (``torch.cdist`` per reference volume) and an fp32
+  GEMM of the scorer's shape, interleaved on random unit tokens (and with ``--cache`` a run's tokens);
+  GFLOP/s count ``2 N_q N_r d`` per pair of valid tokens.
+* ``c2f``: :func:`scripts.scoring.c2f_scores` against exhaustive fine scoring per routing budget ``L``.
+* ``tokenize``: the bundle's tokenizer on a phantom volume; ``overhead = tokenize / encoder - 1``.
+* ``memory``: bundle runs on B and 2B subjects (lowest peak RSS of repeats), then from their token caches.
 
-* ``scoring``: the exact scorer (:func:`scripts.scoring.mutual_similarity_scores`), the MuSc-style
-  baseline (``torch.cdist`` per reference volume) and an fp32 GEMM of the scorer's shape, interleaved on
-  the same tokens: random unit tokens per (B, N, invalid fraction), and with ``--cache`` every grid of a
-  bundle run's tokens.
-  Effective GFLOP/s count ``2 N_q N_r d`` per (query volume, other volume) pair of valid tokens.
-* ``c2f``: :func:`scripts.scoring.c2f_scores` against exhaustive fine scoring for each routing budget
-  ``L`` (time, Eq. 9's operation-count ratio, Spearman and mean relative excess of the fine scores),
-  on random and on structured tokens, and with ``--cache`` on an F/MS run's real tokens.
-* ``tokenize``: :meth:`scripts.inferer.CS3FInferer.tokenize` of the bundle's inferer and encoder
-  (``configs/inference.json``) on a phantom volume; the encoder's own forward is timed inside the same
-  call, so ``overhead = tokenize / encoder - 1`` is the cost of everything around the encoder.
-* ``memory``: bundle runs on the first B and 2B subjects of one cohort, each repeated and the lowest
-  peak RSS kept, then re-run from their token caches: peak-RSS growth against token-bank growth, and
-  seconds per volume and stage (``run.json``).
-
-Every ratio is the median of per-round ratios of an interleaved timing: on a shared machine compare
-ratios, not absolute times. Writes ``<out>/performance.json`` and the markdown report
-(:mod:`scripts.benchmarks.performance_report`).
+Ratios are medians of per-round ratios of interleaved timings: on a shared machine compare ratios.
 """
 
 from __future__ import annotations

@@ -1,19 +1,10 @@
-"""Measurements behind ``docs/scaling.md``: the reference sets (all, ``chunks:N``, ``random:N``, a bank).
+"""Measurements behind ``docs/scaling.md`` on a synthetic cohort (``python -m scripts synth --out COHORT``):
 
-Two parts, both on a synthetic cohort (``python -m scripts synth --out COHORT ...``):
-
-* ``metrics``: the bundle with ``configs/evaluate.json`` once per ``references``
-  setting, all runs sharing one token cache so that the cohort is encoded once; reads
-  ``metrics.json`` and ``run.json`` of each run.
-* ``costs``: scoring only, in a fresh process per (B, setting): the first ``B`` volumes of a token
-  bank (``configs/build_bank.json``), converted to fp32 in memory, scored by ``CS3FInferer.score``;
-  reports the wall time and the growth of the process's peak RSS (``VmHWM``) during scoring. The
-  ``bank`` setting scores one volume against a memory-mapped bank of the other ``B - 1``
-  (``CS3FInferer.score`` with ``reference_bank``), the per-arrival cost of reference-bank mode.
-
-A third, ``threads``, re-scores one cached synthetic cohort with each torch thread count (the evaluator's
-``num_threads``; ``default`` sets none), the settings alternated in each round, ``OMP_NUM_THREADS``
-unset: what each costs on this machine as loaded as it is, and whether the scores are the same.
+* ``metrics``: the bundle with ``configs/evaluate.json`` per ``references`` setting, sharing one token cache.
+* ``costs``: scoring only, a fresh process per (B, setting), the first ``B`` volumes of a token bank: wall
+  time and peak-RSS growth; ``bank`` scores one volume against a memory-mapped bank of the other ``B - 1``.
+* ``threads``: one cached cohort re-scored with each torch thread count (``default`` sets none), alternated
+  per round, ``OMP_NUM_THREADS`` unset: the cost on this machine as loaded as it is, and equal scores.
 
 Usage (from the bundle root)::
 
