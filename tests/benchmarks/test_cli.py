@@ -70,7 +70,10 @@ def test_quality_passes_the_options(monkeypatch: pytest.MonkeyPatch) -> None:
         "variants": ["default", "paper"],
         "quick": True,
         "doc": None,
+        "cohort_set": "study",
     }
+    cli.main(["quality", "--set", "sealed", "--out", "bench_out/sealed"])
+    assert calls[-1]["cohort_set"] == "sealed" and calls[-1]["out"] == "bench_out/sealed"
 
 
 def test_scaling_passes_the_options(monkeypatch: pytest.MonkeyPatch) -> None:
