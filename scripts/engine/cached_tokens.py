@@ -25,13 +25,16 @@ def voxel_digest(image: torch.Tensor) -> str:
 
 
 def source_digest(item: dict, keys: tuple[str, ...] = ("image", "mask")) -> str:
-    """sha256 of the files ``item``'s ``keys`` were loaded from (their ``filename_or_obj`` meta)."""
-    files = []
-    for key in keys:
-        value = item.get(key)
+    """sha256 of the files ``item``'s ``keys`` were loaded from (their ``filename_or_obj`` meta) and of how a
+    transform made any of them (``meta["made_by"]``, e.g. :class:`~scripts.transforms.lung_masks.LungMasksd`)."""
+    files, made = [], []
+    for value in (item.get(key) for key in keys):
         if isinstance(value, MetaTensor) and value.meta.get("filename_or_obj"):
             files.append(str(value.meta["filename_or_obj"]))
-    return file_digest(files)
+        if isinstance(value, MetaTensor) and "made_by" in value.meta:
+            made.append(value.meta["made_by"])
+    digest = file_digest(files)
+    return hashlib.sha256(json.dumps([digest, *made]).encode()).hexdigest() if made else digest
 
 
 def registration_of(image: torch.Tensor) -> dict | None:

@@ -32,7 +32,7 @@ from scripts.engine.cohort import Cohort, Delegate, volume_name
 from scripts.engine.datalist import MAP_SUFFIX, check_on_bad_input
 from scripts.engine.distributed import broadcast, dataset_order, gather_scores, world
 from scripts.engine.grid import CohortGrid
-from scripts.engine.identity import preprocessing_identity, token_identity, with_made_mask
+from scripts.engine.identity import preprocessing_identity, token_identity
 from scripts.engine.machine import default_threads
 from scripts.engine.parts import WholeVolume
 from scripts.engine.record import StageTimes, run_record
@@ -222,7 +222,7 @@ class CS3FEvaluator(Workflow):
         if registration is not None:  # tokens of another registration of the same file are other tokens
             self.registration[name] = registration
             source_key = with_registration(source_key, registration)
-        self.sources[name] = source_key = with_made_mask(source_key, item.get(self.mask_key))
+        self.sources[name] = source_key
         # The subject as given (cohort.csv column or subject_pattern; "" if none) and the voxels' digest.
         self.subjects[name] = (str(item.get("subject") or ""), voxel_digest(item[self.image_key]))
         writer = self.scoring.bank_writer(self.cohort)

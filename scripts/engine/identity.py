@@ -9,24 +9,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
-import json
 from collections.abc import Callable, Mapping
 from enum import Enum
 from typing import Any
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
 from monai.transforms import Compose, LoadImage
 
-__all__ = [
-    "SCORING_ONLY",
-    "describe_transform",
-    "encoder_identity",
-    "preprocessing_identity",
-    "token_identity",
-    "with_made_mask",
-]
+__all__ = ["SCORING_ONLY", "describe_transform", "encoder_identity", "preprocessing_identity", "token_identity"]
 
 #: inferer parameters that change scores but not tokens: a run changing only these reuses the cache
 SCORING_ONLY = ("rho", "k_rule", "variant", "L", "references", "edge", "smooth_mm", "subject_score", "score_precision")
@@ -128,11 +119,3 @@ def token_identity(describe: Mapping, network: torch.nn.Module, preprocessing: M
         "encoder": encoder_identity(network),
         "preprocessing": dict(preprocessing),
     }
-
-
-def with_made_mask(source_key: str, mask: Any) -> str:
-    """A volume's cache key: ``source_key``, mixed with the parameters of the transform that made its
-    ``mask`` (``meta["made_by"]``, e.g. :class:`scripts.transforms.lung_masks.LungMasksd`'s) if one did.
-    A given mask, or none, leaves ``source_key`` as it is."""
-    made = mask.meta.get("made_by") if isinstance(mask, MetaTensor) else None
-    return source_key if made is None else hashlib.sha256(json.dumps([source_key, made]).encode()).hexdigest()

@@ -96,7 +96,7 @@ def segment_lungs(
 class LungMasksd(MapTransform):
     """Put an automatic lung mask (:func:`segment_lungs` with ``kwargs``) of the CT ``keys`` (HU, before any
     intensity scaling) under ``mask_key`` for items without one; it carries the image's metadata and
-    ``meta["made_by"]`` (:meth:`made_by`), which :func:`scripts.engine.identity.with_made_mask` mixes into the
+    ``meta["made_by"]`` (:meth:`made_by`), which :func:`scripts.engine.cached_tokens.source_digest` mixes into the
     volume's token cache key."""
 
     backend = [TransformBackends.NUMPY]

@@ -21,7 +21,7 @@ from scripts.engine.distributed import gather_cohort, gather_scores
 from scripts.engine.evaluator import CS3FEvaluator
 from scripts.engine.grid import CohortGrid
 from scripts.engine.handlers import RunRecorder, ScoresSaver
-from scripts.engine.identity import describe_transform, preprocessing_identity, token_identity, with_made_mask
+from scripts.engine.identity import describe_transform, preprocessing_identity, token_identity
 from scripts.engine.record import StageTimes
 from scripts.errors import CS3FInputError, find_input_error
 from scripts.inferer import CS3FInferer
@@ -392,25 +392,30 @@ def test_automatic_lung_mask_parameters_key_the_tokens_of_the_volumes_they_mask(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every segment_lungs parameter, a default too, changes the cache key of a volume whose mask LungMasksd
-    made (through the lung config's preprocessing and the data loader); a given mask, no mask and the run's
-    identity of LungMasksd stay as they were."""
+    made (through the lung config's preprocessing and the data loader); a given mask and the run's identity
+    of LungMasksd stay as they were."""
     import nibabel
     from monai.data import Dataset, decollate_batch
+    from scripts.digest import file_digest
+    from scripts.engine.cached_tokens import source_digest
     from scripts.synthetic.lung import generate_subject
     from scripts.transforms import lung_masks
     from scripts.transforms.lung_masks import LungMasksd
 
     ct = generate_subject(0, abnormal=False, scale=0.2)
-    nibabel.save(nibabel.Nifti1Image(ct.image, ct.affine), tmp_path / "ct.nii.gz")
+    image_file, mask_file = str(tmp_path / "ct.nii.gz"), str(tmp_path / "mask.nii.gz")
+    nibabel.save(nibabel.Nifti1Image(ct.image, ct.affine), image_file)
+    nibabel.save(nibabel.Nifti1Image(ct.mask, ct.affine), mask_file)
     parser = ConfigParser()
     parser.read_config([str(c) for c in CONFIGS["lung"]])
-    loader = DataLoader(Dataset([{"image": str(tmp_path / "ct.nii.gz")}], parser.get_parsed_content("preprocessing")))
-    made = decollate_batch(next(iter(loader)))[0]["mask"]
-    key = with_made_mask("files", made)
-    assert key != "files" and json.loads(made.meta["made_by"])["closing_mm"] == 15.0
+    loader = DataLoader(Dataset([{"image": image_file}], parser.get_parsed_content("preprocessing")))
+    item = decollate_batch(next(iter(loader)))[0]
+    key = source_digest(item)
+    assert key != file_digest([image_file, image_file]) and json.loads(item["mask"].meta["made_by"])["closing_mm"] == 15
 
     def made_key(**kwargs) -> str:
-        return with_made_mask("files", MetaTensor(made.as_tensor(), meta={"made_by": LungMasksd(**kwargs).made_by()}))
+        meta = {"filename_or_obj": image_file, "made_by": LungMasksd(**kwargs).made_by()}
+        return source_digest({"image": item["image"], "mask": MetaTensor(item["mask"].as_tensor(), meta=meta)})
 
     assert made_key() == key == made_key(closing_mm=15.0)  # a default spelled out: the same masks
     changes = {"body_hu": -450.0, "air_hu": -350.0, "airway_mm": 3.0, "closing_mm": 10.0, "min_component_ml": 5.0}
@@ -419,9 +424,9 @@ def test_automatic_lung_mask_parameters_key_the_tokens_of_the_volumes_they_mask(
     defaults[defaults.index(15.0)] = 8.0  # an older closing default
     monkeypatch.setattr(lung_masks.segment_lungs, "__defaults__", tuple(defaults))
     assert made_key() == made_key(closing_mm=8.0) != key
-    given = MetaTensor(made.as_tensor(), meta={"filename_or_obj": "/data/mask.nii.gz"})
-    assert LungMasksd()({"image": made, "mask": given})["mask"] is given
-    assert with_made_mask("files", given) == "files" and with_made_mask("files", None) == "files"
+    given = MetaTensor(torch.from_numpy(ct.mask[None]), meta={"filename_or_obj": mask_file})
+    assert LungMasksd()({"image": item["image"], "mask": given})["mask"] is given
+    assert source_digest({"image": item["image"], "mask": given}) == file_digest([image_file, mask_file])
     # the run's identity describes LungMasksd as configured: lung runs with masks keep their cache keys
     assert describe_transform(LungMasksd()) == {
         "_target_": "scripts.transforms.lung_masks.LungMasksd",
