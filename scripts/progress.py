@@ -1,5 +1,8 @@
 """Named stages with counts, rate and time left: a tqdm bar on a terminal, else plain lines (at most one
-every ``interval`` seconds, plus the last), e.g. ``cs3f: encoding volume 12/32 [0.81 vol/s, 25 s left]``."""
+every ``interval`` seconds, plus the last), e.g. ``cs3f: encoding volume 12/32 [0.81 vol/s, 25 s left]``.
+
+Every step of a stage, shown or not, is also where the run may fit its CPU threads to the machine's load
+again (:func:`scripts.threads.recheck`): steps are the points between two pieces of work."""
 
 from __future__ import annotations
 
@@ -7,6 +10,8 @@ import sys
 import time
 from collections.abc import Callable
 from typing import TextIO
+
+from scripts.threads import recheck as recheck_threads
 
 __all__ = ["INTERVAL_S", "Progress", "format_seconds", "now"]
 
@@ -64,6 +69,7 @@ class Progress:
     def update(self, n: int = 1, detail: str = "") -> None:
         """``n`` more steps done; ``detail`` says where inside the stage the work is."""
         self.done, self.detail = self.done + n, detail
+        recheck_threads()
         if not self.enabled:
             return
         if self._bar is not None:

@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image_size", type=int, default=32, help="encoder input R (default %(default)s; the demo: 112)")
     p.add_argument("--settings", default="1,2,default", help="thread counts (default %(default)s)")
     p.add_argument("--rounds", type=int, default=1, help="rounds of the settings, alternated (default %(default)s)")
+    p.add_argument("--busy", type=int, default=0, help="spinning processes beside each run (default %(default)s)")
 
     p = sub.add_parser(
         "gpu", help="the paper's brain setting end to end on a GPU, beside its Table 6 (docs/performance.md)"

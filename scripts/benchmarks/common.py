@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -11,7 +10,7 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -63,17 +62,6 @@ def interleaved(
 def ratio(num: Sequence[float], den: Sequence[float]) -> float:
     """Median of the per-round ratios ``num[i] / den[i]`` of an interleaved timing."""
     return statistics.median(a / b for a, b in zip(num, den, strict=True))
-
-
-@contextlib.contextmanager
-def threads(n: int | None) -> Iterator[None]:
-    """Run torch ops with ``n`` intra-op threads inside the block (``None`` or 0: unchanged)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(n or before))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def significant(x: float | None, digits: int = 4) -> float | None:

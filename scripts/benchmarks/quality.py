@@ -40,11 +40,10 @@ VARIANTS: dict[str, dict] = {
     "q4-C-stage3-smooth6-zscore": {**_Q4, "layers": ["stage3"], "smooth_mm": 6.0, "subject_score": "robust_z"},
 }
 #: the sealed set's variants: the default, the paper's method, and the default with one departure from the
-#: paper taken back at a time, and the robust-z subject score (an option)
+#: paper taken back at a time
 SEALED_VARIANTS: dict[str, dict] = {
     "default": {},
     "paper": PAPER,
-    "default-robust_z": {"subject_score": "robust_z"},
     "default-phases1": {"depth_phases": 1},
     "default-smooth0": {"smooth_mm": 0.0},
     "default-q8": {"q": [8, 8, 8]},

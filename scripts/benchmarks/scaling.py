@@ -4,7 +4,8 @@
 * ``costs``: scoring only, a fresh process per (B, setting), the first ``B`` volumes of a token bank: wall
   time and peak-RSS growth; ``bank`` scores one volume against a memory-mapped bank of the other ``B - 1``.
 * ``threads``: one cached cohort re-scored with each torch thread count (``default`` sets none), alternated
-  per round, ``OMP_NUM_THREADS`` unset: the cost on this machine as loaded as it is, and equal scores.
+  per round, ``OMP_NUM_THREADS`` unset: the cost on this machine as loaded as it is (``busy``: plus that
+  many spinning processes beside each measured run), the threads each run went through, and equal scores.
 
 Usage (from the bundle root)::
 
@@ -51,14 +52,8 @@ def metrics(cohort: str, out: str, cache: str | None = None, settings: str | Non
     for name in chosen:
         run_dir = out_dir / name.replace(":", "")
         if not (run_dir / "metrics.json").is_file():
-            args = {
-                "dataset_dir": cohort,
-                "output_dir": run_dir,
-                "evaluator#cache_dir": cache,
-                "quiet": True,
-                "plots": False,
-            }
-            args |= {"evaluator#num_threads": threads, **SETTINGS[name]}
+            args = {"dataset_dir": cohort, "output_dir": run_dir, "evaluator#cache_dir": cache, "quiet": True}
+            args |= {"plots": False, "evaluator#num_threads": threads, **SETTINGS[name]}
             cmd = bundle_command(["configs/inference.json", "configs/evaluate.json"], args)
             start = time.perf_counter()
             subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
@@ -144,7 +139,13 @@ def costs(
 
 
 def threads(
-    out: str, volumes: int = 200, size: int = 16, image_size: int = 32, settings: str = "1,2,default", rounds: int = 1
+    out: str,
+    volumes: int = 200,
+    size: int = 16,
+    image_size: int = 32,
+    settings: str = "1,2,default",
+    rounds: int = 1,
+    busy: int = 0,
 ) -> None:
     """Seconds of the score stage (and of the whole run) per thread setting on one cached cohort of
     ``volumes`` at ``size``^3 (``--volumes 32 --size 96 --image_size 112``: the demo's); a markdown table."""
@@ -159,8 +160,14 @@ def threads(
 
     def run(name: str, extra: dict) -> dict:
         cmd = bundle_command(["configs/inference.json"], {**args, "output_dir": out_dir / name, **extra})
+        spin = [sys.executable, "-c", "while True: pass"]
+        spinning = [subprocess.Popen(spin) for _ in range(busy if name != "encode" else 0)]
         load, start = os.getloadavg()[0], time.perf_counter()
-        subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+        try:
+            subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+        finally:
+            for proc in spinning:
+                proc.kill()
         record = json.loads((out_dir / name / "run.json").read_text())
         scores = (out_dir / name / "scores.csv").read_bytes()
         wall = time.perf_counter() - start
@@ -177,7 +184,7 @@ def threads(
     rows = [
         [
             name,
-            runs[0]["machine"]["torch_threads"],
+            " / ".join("-".join(map(str, r["machine"]["threads_during_run"])) for r in runs),
             " / ".join(f"{r['timings_s']['score']:.1f}" for r in runs),
             " / ".join(f"{sum(r['timings_s'].values()):.1f}" for r in runs),
             " / ".join(f"{r['load']:.1f}" for r in runs),
@@ -187,5 +194,5 @@ def threads(
     ]
     record = {n: [{k: v for k, v in r.items() if k != "scores"} for r in runs] for n, runs in results.items()}
     (out_dir / "threads.json").write_text(json.dumps(record, indent=1))
-    print(f"{volumes} volumes of {size}^3, image_size {image_size}, {os.cpu_count()} CPUs, rounds {rounds}")
-    print(table(["threads", "torch threads", "score s", "stages s", "load at start", "same scores"], rows))
+    print(f"{volumes} volumes of {size}^3, R {image_size}, {os.cpu_count()} CPUs, {busy} busy, rounds {rounds}")
+    print(table(["threads", "threads used", "score s", "stages s", "load at start", "same scores"], rows))

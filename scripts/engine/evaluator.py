@@ -33,7 +33,6 @@ from scripts.engine.datalist import MAP_SUFFIX, check_on_bad_input
 from scripts.engine.distributed import broadcast, dataset_order, gather_scores, world
 from scripts.engine.grid import CohortGrid
 from scripts.engine.identity import preprocessing_identity, token_identity
-from scripts.engine.machine import default_threads
 from scripts.engine.parts import WholeVolume
 from scripts.engine.record import StageTimes, run_record
 from scripts.engine.scoring_step import CohortScoring
@@ -43,6 +42,7 @@ from scripts.inferer import CS3FInferer
 from scripts.scoring.scorer import resolve_precision
 from scripts.storage.cache import TokenCache
 from scripts.storage.outputs import Publication, check_name_lengths, check_output_dir
+from scripts.threads import FittedThreads
 
 __all__ = ["CS3FEvaluator"]
 
@@ -67,7 +67,8 @@ class CS3FEvaluator(Workflow):
         skipped: volumes left out before the run (default: the datalist's), recorded in ``run.json``.
         build_bank: folder to save the cohort's token bank in; the run then stops after pass 1.
         keep_tokens: keep the token bank (``self.bank``) after scoring (by default released before writing).
-        num_threads: CPU threads of torch (``None``: :func:`scripts.engine.machine.default_threads`).
+        num_threads: CPU threads of torch (``None``: fitted to the machine's load through the run,
+            :class:`scripts.threads.FittedThreads`).
         parts: how each volume is cut into parts scored independently (default: ``WholeVolume``).
 
     Raises:
@@ -104,7 +105,7 @@ class CS3FEvaluator(Workflow):
             resolve_precision(inferer.scorer.precision, inferer.scorer.score_device or device)
         except ValueError as err:
             raise CS3FInputError(str(err)) from None
-        torch.set_num_threads(as_int(num_threads, "num_threads", 1, allow_none=True) or default_threads())
+        self.threads = FittedThreads(as_int(num_threads, "num_threads", 1, allow_none=True))
         self.network, self.inferer, self.postprocessing = network, inferer, postprocessing
         self.output_dir = Path(output_dir)
         self.image_key, self.mask_key, self.pred_key = image_key, mask_key, pred_key
@@ -136,8 +137,7 @@ class CS3FEvaluator(Workflow):
         self.add_event_handler(Events.COMPLETED, self._finish)
         self.logger.addFilter(self._drop_input_error_logs)
         inferer.progress = not self.quiet  # the scoring's progress bars, with the engine's own
-        handlers = [StageProgress()] if not self.quiet else []
-        self._register_handlers([*handlers, *(val_handlers or ())])
+        self._register_handlers([StageProgress(enabled=not self.quiet), *(val_handlers or ())])
         self.parts.check(inferer)
 
     # the helpers' state, under the names the handlers, the run record and the tests read
@@ -177,7 +177,8 @@ class CS3FEvaluator(Workflow):
                 refused = broadcast(refused)  # every rank stops; the first to stop prints the line
             if refused is not None:
                 raise CS3FInputError(refused)
-            super().run()
+            with self.threads:
+                super().run()
             if rank == 0:
                 self.publication.publish()
         except BaseException as err:

@@ -107,7 +107,7 @@ def run_record(evaluator: Any) -> dict:  # a CS3FEvaluator: evaluator.py imports
         "tokens": evaluator.token_stats or token_stats(evaluator.bank),
         "versions": versions(),
         "device": str(evaluator.state.device),
-        "machine": machine_rate(),
+        "machine": {**machine_rate(), "threads_during_run": evaluator.threads.counts},
         "score_precision": precision,
         "outputs": dict(evaluator.outputs),
     }

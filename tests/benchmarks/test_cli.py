@@ -18,9 +18,10 @@ HELP = {
     ("quality",): ["--out", "--cohorts", "--variants", "--quick", "--doc"],
     ("performance",): ["--quick", "--device", "--out", "--sections", "--threads", "--cache", "--memory_b", "--doc"],
     ("gpu",): ["--B", "--size", "--variants", "--tiny", "--workers", "--score_precision", "--doc", "--render"],
-    ("scaling",): ["metrics", "costs"],
+    ("scaling",): ["metrics", "costs", "threads"],
     ("scaling", "metrics"): ["--cohort", "--out", "--cache", "--settings", "--threads"],
     ("scaling", "costs"): ["--bank", "--sizes", "--settings", "--threads"],
+    ("scaling", "threads"): ["--out", "--volumes", "--size", "--image_size", "--settings", "--rounds", "--busy"],
     ("registration",): ["--out", "--threads", "--limit", "--bundle", "--sections", "--libraries"],
 }
 

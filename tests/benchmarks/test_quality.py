@@ -107,3 +107,14 @@ def test_the_sealed_set_spans_what_it_promises() -> None:
     assert any(s.get("lesion_volume", (0, 0))[0] >= 100000 for s in specs)  # glioma-like
     used = {s["seed"] for s in (*COHORTS.values(), *CONFIRMATION_COHORTS.values())}
     assert not used & {s["seed"] for s in specs}
+
+
+def test_the_sealed_variants_take_back_each_departure_from_the_paper_once() -> None:
+    """Besides the default and the paper's method, one variant per departure of the default from the paper,
+    each the default with that one setting set to the paper's value."""
+    from scripts.benchmarks.quality import PAPER, SEALED_VARIANTS
+
+    reverts = {k: v for k, v in SEALED_VARIANTS.items() if k not in ("default", "paper")}
+    assert SEALED_VARIANTS["default"] == {} and SEALED_VARIANTS["paper"] == PAPER
+    assert all(len(v) == 1 and PAPER[k] == value for v in reverts.values() for k, value in v.items())
+    assert sorted(k for v in reverts.values() for k in v) == ["depth_phases", "layers", "q", "smooth_mm"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import random
@@ -219,6 +220,24 @@ def test_shuffled_datalist_gives_identical_outputs(tiny_cohort: Path, tmp_path: 
     with open(tmp_path / "b" / "scores.csv") as f:
         scores_b = {r["image"]: r for r in csv.DictReader(f)}
     assert scores_a == scores_b
+
+
+def test_threads_changing_between_steps_give_identical_outputs(
+    tiny_cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run re-fits its CPU threads to the machine's load between progress steps: one whose count changes
+    at every step writes the same maps and scores as one that keeps a single thread."""
+    from scripts import threads
+
+    counts = itertools.cycle([2, 1])
+    monkeypatch.setattr(threads, "probe_threads", lambda: next(counts))
+    monkeypatch.setattr(threads, "RECHECK_S", 0.0)
+    _run(tiny_cohort, tmp_path / "changing")
+    used = json.loads((tmp_path / "changing" / "run.json").read_text())["machine"]["threads_during_run"]
+    assert used[:3] == [2, 1, 2] and len(used) > 12  # changed at every volume and every scored pair
+    _run(tiny_cohort, tmp_path / "one", **{"evaluator#num_threads": 1})
+    for name in ["scores.csv", *(p.name for p in (tmp_path / "one").glob("*_anomaly.nii.gz"))]:
+        assert (tmp_path / "changing" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
 
 
 # ---------------------------------------------------------------------------- fuzz

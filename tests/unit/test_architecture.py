@@ -16,6 +16,7 @@ SCRIPTS = ROOT / "scripts"
 LAYERS = {
     "scripts.errors": 0,
     "scripts.digest": 0,
+    "scripts.threads": 0,
     "scripts.progress": 0,
     "scripts.transforms": 1,
     "scripts.encoders": 1,

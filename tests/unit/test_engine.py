@@ -363,31 +363,6 @@ def test_the_identity_does_not_depend_on_the_installed_image_readers() -> None:
     assert describe_transform(chosen) != describe_transform(plain)  # a reader the config names does count
 
 
-@pytest.mark.parametrize(("slow_with", "expected"), [(4, 1), (1, 4)])
-def test_default_threads_are_one_where_the_threads_stall(
-    monkeypatch: pytest.MonkeyPatch, slow_with: int, expected: int
-) -> None:
-    """The probe keeps torch's threads (here 4) only when its GEMMs take less time with them than with one."""
-    from scripts.engine import machine
-
-    threads, calls = {"now": 1}, []
-    monkeypatch.setattr(machine, "TORCH_THREADS", 4)
-    monkeypatch.setattr(machine.torch, "set_num_threads", lambda n: threads.update(now=n))
-    real_mm = torch.mm
-
-    def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        calls.append(threads["now"])
-        time.sleep(0.004 if threads["now"] == slow_with else 0.0)
-        return real_mm(a, b)
-
-    monkeypatch.setattr(machine.torch, "mm", mm)
-    assert machine.default_threads() == expected
-    assert set(calls) == {1, 4} and (expected == 4 or calls.count(4) < calls.count(1))  # a stalled probe stops early
-    monkeypatch.setattr(machine, "TORCH_THREADS", 1)
-    calls.clear()
-    assert machine.default_threads() == 1 and calls == []  # OMP_NUM_THREADS=1: nothing to probe
-
-
 def test_automatic_lung_mask_parameters_key_the_tokens_of_the_volumes_they_mask(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
