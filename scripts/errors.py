@@ -94,13 +94,13 @@ def _interrupt(signum: int, frame: object) -> None:
     raise Interrupted(signum)
 
 
-def install_excepthook() -> None:
+def install_excepthook(signals: bool = True) -> None:
     """Make an uncaught :class:`CS3FInputError` (or one wrapped by MONAI) print one ``cs3f: error: ...`` line
-    and exit 1 (under torchrun: the first process to stop prints it), and SIGINT/SIGTERM one
+    and exit 1 (under torchrun: the first process to stop prints it), and with ``signals`` SIGINT/SIGTERM one
     ``cs3f: interrupted`` line and exit 128 + the signal; other errors keep their traceback."""
     previous, main = sys.excepthook, threading.main_thread()
     stderr = sys.stderr  # torch.distributed's hook, installed later, lends this one a buffer it never prints
-    if threading.current_thread() is main:
+    if signals and threading.current_thread() is main:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, _interrupt)
 

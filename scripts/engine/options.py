@@ -79,10 +79,13 @@ def _argv_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def check_overrides(argv: Sequence[str] | None = None) -> None:
     """Install the one-line error hook, then stop on a ``monai.bundle run`` command-line key that no config
-    file defines (an in-process ``ConfigWorkflow`` passes its overrides as arguments, not on ``sys.argv``)."""
-    install_excepthook()
+    file defines (an in-process ``ConfigWorkflow`` passes its overrides as arguments, not on ``sys.argv``).
+    SIGINT/SIGTERM become one line only in a ``monai.bundle run`` process: an in-process run (a notebook, a
+    service) leaves its host's signal handlers as they were."""
     argv = list(sys.argv if argv is None else argv)
-    if not argv or not argv[0].replace("\\", "/").endswith("monai/bundle/__main__.py") or "run" not in argv[1:2]:
+    command = bool(argv) and argv[0].replace("\\", "/").endswith("monai/bundle/__main__.py") and "run" in argv[1:2]
+    install_excepthook(signals=command)
+    if not command:
         return
     files, keys = _argv_overrides(argv[2:])
     if not files or not keys:

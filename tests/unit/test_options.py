@@ -126,3 +126,23 @@ def test_a_typo_on_the_command_line_names_the_closest_key(monkeypatch: pytest.Mo
 def test_config_ids_include_the_components_arguments() -> None:
     ids = set(config_ids({"inferer": {"_target_": "scripts.inferer.CS3FInferer", "q": 4}, "x": [{"a": 1}]}))
     assert {"inferer", "inferer#q", "inferer#edge", "inferer#slab_size", "x", "x#0", "x#0#a"} <= ids
+
+
+def test_signals_become_one_line_only_in_a_bundle_run_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An in-process run (a notebook, a service) keeps its host's SIGINT/SIGTERM handlers; the
+    ``monai.bundle run`` process gets the bundle's (one line, nothing partial published)."""
+    import signal
+
+    from scripts import errors
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # restored after the test
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        check_overrides(["/env/lib/ipykernel_launcher.py", "-f", "kernel.json"])
+        assert {s: signal.getsignal(s) for s in before} == before
+        check_overrides(_run_argv("--rho", "0.2"))
+        assert all(signal.getsignal(s) is errors._interrupt for s in before)
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
