@@ -139,27 +139,24 @@ class CohortEvaluator:
     def _gt_lesions(self, s, lab, fg, spacing, affine) -> list[dict]:
         c = components(lab, s, fg)
         n, n_vox, peak, peak_pos, com = c["n"], c["n_voxels"], c["peak"], c["peak_voxel"], c["centroid"]
-        ids = np.arange(1, n + 1)
         volume = n_vox * float(np.prod(spacing))
         diameter = equivalent_diameter(volume)
         world = to_world(affine, com)
-        rows = []
-        for i in range(n):
-            rows.append(
-                {
-                    "lesion_id": int(ids[i]),
-                    "n_voxels": int(n_vox[i]),
-                    "volume_mm3": float(volume[i]),
-                    "diameter_mm": float(diameter[i]),
-                    "size_class": size_class(float(volume[i])),
-                    "excluded": bool(diameter[i] < self.min_diameter_mm),
-                    "peak_score": float(peak[i]),
-                    "peak_voxel": tuple(int(v) for v in peak_pos[i]) if np.isfinite(peak[i]) else None,
-                    "centroid_voxel": tuple(int(round(v)) for v in com[i]),
-                    "centroid_mm": tuple(float(v) for v in world[i]),
-                }
-            )
-        return rows
+        return [
+            {
+                "lesion_id": i + 1,
+                "n_voxels": int(n_vox[i]),
+                "volume_mm3": float(volume[i]),
+                "diameter_mm": float(diameter[i]),
+                "size_class": size_class(float(volume[i])),
+                "excluded": bool(diameter[i] < self.min_diameter_mm),
+                "peak_score": float(peak[i]),
+                "peak_voxel": tuple(int(v) for v in peak_pos[i]) if np.isfinite(peak[i]) else None,
+                "centroid_voxel": tuple(int(round(v)) for v in com[i]),
+                "centroid_mm": tuple(float(v) for v in world[i]),
+            }
+            for i in range(n)
+        ]
 
     @property
     def h_neg(self) -> np.ndarray:
