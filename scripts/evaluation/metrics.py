@@ -129,10 +129,8 @@ class CohortEvaluator:
             self.h_pos += self.bins.histogram(s_fg[lab_fg])
             self.h_neg_abn += self.bins.histogram(s_fg[~lab_fg])
             rec.lesions = self._gt_lesions(s, lab, fg, spacing, affine)
-            peaks = [les["peak_score"] for les in rec.lesions]
-            rec.label_peak = float(max(peaks))
-            best = int(np.argmax(peaks))
-            les = rec.lesions[best]
+            les = max(rec.lesions, key=lambda lesion: lesion["peak_score"])  # the first of equal peaks
+            rec.label_peak = les["peak_score"]
             rec.overlay_voxel = les["peak_voxel"] if les["peak_voxel"] is not None else les["centroid_voxel"]
         self.subjects[name] = rec
 
@@ -327,8 +325,7 @@ class CohortEvaluator:
             m["dice99"], m["iou99"] = 2 * tp / (tp + fp + P), tp / (fp + P)
         else:
             m["dice99"] = m["iou99"] = NAN
-        complete = bool(subs) and all(r.done_pass2 for r in subs)
-        complete = complete and not math.isnan(t99)
+        complete = bool(subs) and all(r.done_pass2 for r in subs) and not math.isnan(t99)
         m["fp_per_volume"] = sum(r.n_fp for r in subs) / len(subs) if complete else NAN
         # extras
         abn = [r for r in subs if r.abnormal]
