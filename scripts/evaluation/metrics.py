@@ -129,37 +129,32 @@ class CohortEvaluator:
             self.h_pos += self.bins.histogram(s_fg[lab_fg])
             self.h_neg_abn += self.bins.histogram(s_fg[~lab_fg])
             rec.lesions = self._gt_lesions(s, lab, fg, spacing, affine)
-            peaks = [les["peak_score"] for les in rec.lesions]
-            rec.label_peak = float(max(peaks))
-            best = int(np.argmax(peaks))
-            les = rec.lesions[best]
+            les = max(rec.lesions, key=lambda lesion: lesion["peak_score"])  # the first of equal peaks
+            rec.label_peak = les["peak_score"]
             rec.overlay_voxel = les["peak_voxel"] if les["peak_voxel"] is not None else les["centroid_voxel"]
         self.subjects[name] = rec
 
     def _gt_lesions(self, s, lab, fg, spacing, affine) -> list[dict]:
         c = components(lab, s, fg)
         n, n_vox, peak, peak_pos, com = c["n"], c["n_voxels"], c["peak"], c["peak_voxel"], c["centroid"]
-        ids = np.arange(1, n + 1)
         volume = n_vox * float(np.prod(spacing))
         diameter = equivalent_diameter(volume)
         world = to_world(affine, com)
-        rows = []
-        for i in range(n):
-            rows.append(
-                {
-                    "lesion_id": int(ids[i]),
-                    "n_voxels": int(n_vox[i]),
-                    "volume_mm3": float(volume[i]),
-                    "diameter_mm": float(diameter[i]),
-                    "size_class": size_class(float(volume[i])),
-                    "excluded": bool(diameter[i] < self.min_diameter_mm),
-                    "peak_score": float(peak[i]),
-                    "peak_voxel": tuple(int(v) for v in peak_pos[i]) if np.isfinite(peak[i]) else None,
-                    "centroid_voxel": tuple(int(round(v)) for v in com[i]),
-                    "centroid_mm": tuple(float(v) for v in world[i]),
-                }
-            )
-        return rows
+        return [
+            {
+                "lesion_id": i + 1,
+                "n_voxels": int(n_vox[i]),
+                "volume_mm3": float(volume[i]),
+                "diameter_mm": float(diameter[i]),
+                "size_class": size_class(float(volume[i])),
+                "excluded": bool(diameter[i] < self.min_diameter_mm),
+                "peak_score": float(peak[i]),
+                "peak_voxel": tuple(int(v) for v in peak_pos[i]) if np.isfinite(peak[i]) else None,
+                "centroid_voxel": tuple(int(round(v)) for v in com[i]),
+                "centroid_mm": tuple(float(v) for v in world[i]),
+            }
+            for i in range(n)
+        ]
 
     @property
     def h_neg(self) -> np.ndarray:
@@ -330,8 +325,7 @@ class CohortEvaluator:
             m["dice99"], m["iou99"] = 2 * tp / (tp + fp + P), tp / (fp + P)
         else:
             m["dice99"] = m["iou99"] = NAN
-        complete = bool(subs) and all(r.done_pass2 for r in subs)
-        complete = complete and not math.isnan(t99)
+        complete = bool(subs) and all(r.done_pass2 for r in subs) and not math.isnan(t99)
         m["fp_per_volume"] = sum(r.n_fp for r in subs) / len(subs) if complete else NAN
         # extras
         abn = [r for r in subs if r.abnormal]

@@ -86,8 +86,7 @@ def plot_overlay(ov: dict, path, title: str = "") -> Path:
             _contour(ax, ov["gt"][a], GT_COLOR, 3.0)  # wide, under the prediction: both stay visible
             _contour(ax, ov["pred"][a], PRED_COLOR, 1.2)
             ax.plot(v[h_ax], v[v_ax], "+", color="cyan", ms=10, mew=1.2)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set(xticks=[], yticks=[])
             if r == 0:
                 ax.set_title(f"{AXIS_NAMES[a]} = {v[a]}")
             if kind == "score" and a == 2:

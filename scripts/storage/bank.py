@@ -47,6 +47,8 @@ def bank_identity(describe: Mapping, encoder: Mapping | str, preprocessing: Mapp
     )
 
 
+#: fields of each array spec of the manifest besides its ``grid``
+_SPEC_FIELDS = (("d", int), ("tokens", str), ("valid", str), ("tokens_sha256", str), ("valid_sha256", str))
 _MAX_DIFFS = 8  # differences named in a mismatch error; the rest are counted
 
 
@@ -204,9 +206,6 @@ class TokenBank:
             fix = "update the bundle" if version > BANK_VERSION else "rebuild the bank with configs/build_bank.json"
             raise self._error(f"has format version {version}; this bundle reads version {BANK_VERSION} ({fix})")
         self._check_manifest()
-        for part, entry in self.parts.items():
-            for key, spec in entry["keys"].items():
-                self._check_array(f"parts[{part!r}]['keys'][{key!r}]", spec)
 
     def _error(self, problem: str, file: Path | None = None) -> CS3FInputError:
         return CS3FInputError(f"reference bank {problem} ({file or self.path})")
@@ -219,6 +218,7 @@ class TokenBank:
         return value
 
     def _check_manifest(self) -> None:
+        """Every manifest field this bundle reads, then each array it lists (:meth:`_check_array`)."""
         m = self.manifest
         self._field(m, "identity", dict)
         n = self._field(m, "n_volumes", int)
@@ -228,19 +228,18 @@ class TokenBank:
         if not self._field(m, "parts", dict):
             raise self._error("manifest has no parts")
         for part, entry in m["parts"].items():
-            if not self._field(entry, "keys", dict, f"parts[{part!r}]"):
-                raise self._error(f"manifest has no keys in parts[{part!r}]")
-            if "grid" in entry:
-                self._field(entry["grid"], "shape", list, f"parts[{part!r}]['grid']")
-                self._field(entry["grid"], "affine", list, f"parts[{part!r}]['grid']")
+            where = f"parts[{part!r}]"
+            if not self._field(entry, "keys", dict, where):
+                raise self._error(f"manifest has no keys in {where}")
+            for field in ("shape", "affine") if "grid" in entry else ():
+                self._field(entry["grid"], field, list, f"{where}['grid']")
             for key, spec in entry["keys"].items():
-                where = f"parts[{part!r}]['keys'][{key!r}]"
-                grid = self._field(spec, "grid", list, where)
-                if not all(isinstance(g, int) for g in grid):
-                    raise self._error(f"manifest has no valid {where}['grid'] (int)")
-                self._field(spec, "d", int, where)
-                for field in ("tokens", "valid", "tokens_sha256", "valid_sha256"):
-                    self._field(spec, field, str, where)
+                at = f"{where}['keys'][{key!r}]"
+                if not all(isinstance(g, int) for g in self._field(spec, "grid", list, at)):
+                    raise self._error(f"manifest has no valid {at}['grid'] (int)")
+                for field, kind in _SPEC_FIELDS:
+                    self._field(spec, field, kind, at)
+                self._check_array(at, spec)
 
     def _check_array(self, where: str, spec: Mapping) -> None:
         rows, d = (self.manifest["n_volumes"], math.prod(spec["grid"])), spec["d"]
