@@ -6,7 +6,6 @@ import csv
 import json
 import platform
 import resource
-import time
 import types
 from pathlib import Path
 
