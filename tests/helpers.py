@@ -3,6 +3,7 @@ deterministic encoder and toy volumes."""
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 import subprocess
@@ -196,3 +197,17 @@ def float32_distance_tolerance(tokens: torch.Tensor) -> float:
     gamma = n * u / (1 - n * u)
     max_sq_norm = float(tokens.double().pow(2).sum(-1).max())
     return math.sqrt(gamma * 2 * max_sq_norm)
+
+
+def load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, np.dtype]:
+    """``(voxels as stored, affine, on-disk dtype)`` of a NIfTI file."""
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    return np.asarray(img.dataobj), img.affine, img.get_data_dtype()
+
+
+def read_cohort_csv(folder: Path) -> list[dict]:
+    """The rows of ``folder/cohort.csv``."""
+    with open(folder / "cohort.csv", newline="") as fh:
+        return list(csv.DictReader(fh))

@@ -3,6 +3,9 @@
 Every variant (config overrides) runs the bundle with ``configs/evaluate.json`` on every cohort; variants
 that tokenize alike share a token cache. Two baselines run on the same cohorts: a cross-subject voxel z-score
 and random maps. The report gives each metric as mean ± sd over the cohorts: decide by the mean, never by one.
+A run that finished in ``out`` with the same command is read back, not run again: an interrupted study
+resumes, and invocations with other ``--cohorts`` can fill one ``out`` side by side before a last one
+(all cohorts) writes the report.
 """
 
 from __future__ import annotations
@@ -87,20 +90,24 @@ def _run_variant(cohort: Path, out: Path, cache: Path, overrides: Mapping, lung:
     args = {"dataset_dir": cohort, "output_dir": out, "evaluator#cache_dir": cache, "plots": False, **overrides}
     configs = ["configs/inference.json", *(["configs/lung_ct.json"] if lung else []), "configs/evaluate.json"]
     cmd = bundle_command(configs, args)
+    shown, done = shlex.join(["python", *cmd[1:]]), out / "quality_run.json"
+    if done.is_file() and (earlier := json.loads(done.read_text())).get("command") == shown:
+        return earlier  # finished by an earlier or a parallel invocation: a study resumes
     start = time.perf_counter()
     returncode, last_line = _stream(cmd, f"{cohort.name}/{out.name}")
     wall = time.perf_counter() - start
-    shown = shlex.join(["python", *cmd[1:]])
     if returncode != 0:
         return {"error": [last_line or "failed"], "command": shown}
     metrics = json.loads((out / "metrics.json").read_text())
     run = json.loads((out / "run.json").read_text())
-    return {
+    result = {
         "metrics": {k: metrics.get(k) for k in METRICS},
         "stages_s": sum(run.get("timings_s", {}).values()),
         "wall_s": round(wall, 1),
         "command": shown,
     }
+    done.write_text(json.dumps(result))
+    return result
 
 
 def _baseline_maps(cohort: Path, out: Path, kind: str, seed: int = 0) -> dict:

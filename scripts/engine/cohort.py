@@ -12,7 +12,7 @@ from scripts.engine.subjects import join_identical
 from scripts.errors import CS3FInputError
 from scripts.tokens import BatchBuffer, VolumeTokens
 
-__all__ = ["Cohort", "Delegate", "volume_name"]
+__all__ = ["Cohort", "volume_name"]
 
 
 def volume_name(item: dict, image_key: str = "image") -> str:
@@ -84,21 +84,3 @@ class Cohort:
         """Let the tokens go (the parts stay listed), once the token scores exist."""
         self.bank = {part: {} for part in self.bank}
         self.buffers = {}
-
-
-class Delegate:
-    """An attribute read and written on one of the object's helpers: in a class body,
-    ``names = Delegate("cohort")`` makes ``obj.names`` be ``obj.cohort.names``."""
-
-    def __init__(self, helper: str) -> None:
-        self.helper = helper
-        self.name = ""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    def __get__(self, obj: Any, owner: type | None = None) -> Any:
-        return self if obj is None else getattr(getattr(obj, self.helper), self.name)
-
-    def __set__(self, obj: Any, value: Any) -> None:
-        setattr(getattr(obj, self.helper), self.name, value)

@@ -28,7 +28,7 @@ from scripts.engine.cached_tokens import (
     voxel_digest,
     with_registration,
 )
-from scripts.engine.cohort import Cohort, Delegate, volume_name
+from scripts.engine.cohort import Cohort, volume_name
 from scripts.engine.datalist import MAP_SUFFIX, check_on_bad_input
 from scripts.engine.distributed import broadcast, dataset_order, gather_scores, world
 from scripts.engine.grid import CohortGrid
@@ -66,7 +66,7 @@ class CS3FEvaluator(Workflow):
             grid; default: the dataset's.
         skipped: volumes left out before the run (default: the datalist's), recorded in ``run.json``.
         build_bank: folder to save the cohort's token bank in; the run then stops after pass 1.
-        keep_tokens: keep the token bank (``self.bank``) after scoring (by default released before writing).
+        keep_tokens: keep the token bank (``self.cohort.bank``) after scoring (by default released before writing).
         num_threads: CPU threads of torch (``None``: fitted to the machine's load through the run,
             :class:`scripts.threads.FittedThreads`).
         parts: how each volume is cut into parts scored independently (default: ``WholeVolume``).
@@ -130,8 +130,10 @@ class CS3FEvaluator(Workflow):
         self.scoring = CohortScoring(
             inferer, network, self.preprocessing_identity, self.grid, build_bank, keep_tokens=self.keep_tokens
         )
-        self.outputs = {"bank": str(self.build_bank)} if self.build_bank else {"maps": str(self.output_dir)}
-        if self.build_bank is not None:
+        self.outputs = (
+            {"bank": str(self.scoring.build_bank)} if self.scoring.build_bank else {"maps": str(self.output_dir)}
+        )
+        if self.scoring.build_bank is not None:
             self.state.max_epochs = 1
         self.add_event_handler(Events.EPOCH_COMPLETED(once=1), self._score)
         self.add_event_handler(Events.COMPLETED, self._finish)
@@ -139,10 +141,6 @@ class CS3FEvaluator(Workflow):
         inferer.progress = not self.quiet  # the scoring's progress bars, with the engine's own
         self._register_handlers([StageProgress(enabled=not self.quiet), *(val_handlers or ())])
         self.parts.check(inferer)
-
-    # the helpers' state, under the names the handlers, the run record and the tests read
-    names, skipped, sources, subjects, bank = (Delegate("cohort") for _ in range(5))
-    token_scores, token_validity, token_stats, reference, build_bank = (Delegate("scoring") for _ in range(5))
 
     @staticmethod
     def _drop_input_error_logs(record) -> bool:  # noqa: ANN001 - logging.Filter protocol
@@ -191,9 +189,6 @@ class CS3FEvaluator(Workflow):
             if rank == 0:
                 self.publication.close()
 
-    # volumes ``encoded`` and read from the token cache (``cached``), by all processes after pass 1
-    counts = Delegate("tokenizer")
-
     # ------------------------------------------------------------------ passes
     def _iteration(self, engine: Engine, batchdata: dict) -> dict:
         items = decollate_batch(batchdata) if isinstance(batchdata, dict) else list(batchdata)
@@ -209,7 +204,7 @@ class CS3FEvaluator(Workflow):
             self.cohort.skip(item["name"], item["bad_input"], self.on_bad_input)
             return None
         name = volume_name(item, self.image_key)
-        if name in self.names:
+        if name in self.cohort.names:
             raise CS3FInputError(f"two inputs are named {name!r}: output files would collide")
         parts = self.parts.split(item, name)
         for part, (image, _) in parts.items():
@@ -217,15 +212,15 @@ class CS3FEvaluator(Workflow):
             if off_grid:
                 self.cohort.skip(name, off_grid, self.on_bad_input)
                 return None
-        digest = self.cache is not None or self.build_bank is not None or self.reference is not None
+        digest = self.cache is not None or self.scoring.build_bank is not None or self.scoring.reference is not None
         source_key = source_digest(item, (self.image_key, self.mask_key)) if digest else ""
         registration = registration_of(item[self.image_key])
         if registration is not None:  # tokens of another registration of the same file are other tokens
             self.registration[name] = registration
             source_key = with_registration(source_key, registration)
-        self.sources[name] = source_key
+        self.cohort.sources[name] = source_key
         # The subject as given (cohort.csv column or subject_pattern; "" if none) and the voxels' digest.
-        self.subjects[name] = (str(item.get("subject") or ""), voxel_digest(item[self.image_key]))
+        self.cohort.subjects[name] = (str(item.get("subject") or ""), voxel_digest(item[self.image_key]))
         writer = self.scoring.bank_writer(self.cohort)
         for part, (image, mask) in parts.items():
             tokens = self.tokenizer(f"{name}.{part}" if part else name, source_key, image, mask)
@@ -233,7 +228,7 @@ class CS3FEvaluator(Workflow):
                 self.scoring.add_to_bank(writer, name, part, tokens)
             else:
                 self.cohort.keep(part, name, tokens)
-        self.names.append(name)
+        self.cohort.names.append(name)
         return name
 
     def _write(self, item: dict) -> str | None:
@@ -243,7 +238,9 @@ class CS3FEvaluator(Workflow):
         name = volume_name(item, self.image_key)
         if name not in self.cohort.my_names:  # skipped in pass 1
             return None
-        amap, axis_max = self.parts.voxel_map(self.inferer, item, name, self.token_scores, self.token_validity)
+        amap, axis_max = self.parts.voxel_map(
+            self.inferer, item, name, self.scoring.token_scores, self.scoring.token_validity
+        )
         mask = item.get(self.mask_key)
         if mask is not None:
             amap = amap * (torch.as_tensor(mask) > 0).to(amap.device)
@@ -270,9 +267,9 @@ class CS3FEvaluator(Workflow):
         if self.quiet or world()[0] != 0:
             return
         made = (
-            f"token bank of {len(self.names)} volumes in {self.build_bank}"
-            if self.build_bank is not None
-            else f"{len(self.names)} anomaly maps in {self.output_dir}/<image>_anomaly.nii.gz"
+            f"token bank of {len(self.cohort.names)} volumes in {self.scoring.build_bank}"
+            if self.scoring.build_bank is not None
+            else f"{len(self.cohort.names)} anomaly maps in {self.output_dir}/<image>_anomaly.nii.gz"
         )
         print(f"cs3f: {made}", flush=True)
 

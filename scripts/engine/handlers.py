@@ -38,7 +38,7 @@ REGISTRATION_COLUMNS = (
 def registration_table(engine: Engine) -> tuple[list[list[str]], list[str]]:
     """Rows of ``registration.csv`` (one per registered volume, datalist order) and the writer's header."""
     rows = []
-    for name in engine.names:
+    for name in engine.cohort.names:
         entry = engine.registration.get(name)
         if entry is not None:
             scales = ";".join(f"{v:.4g}" for v in entry["scales"])
@@ -104,14 +104,14 @@ class ScoresSaver(_RunFile):
 
     def attach(self, engine: Engine) -> None:
         super().attach(engine)
-        if getattr(engine, "build_bank", None) is None:
+        if "bank" not in engine.outputs:  # a run that builds a bank writes no scores
             engine.outputs[self.path.stem] = str(self.path)
 
     def __call__(self, engine: Engine) -> None:
         if world()[0] != self.save_rank or not engine.subject_scores:
             return
         publication = engine.publication
-        rows = [(name, engine.subject_scores[name]) for name in engine.names]
+        rows = [(name, engine.subject_scores[name]) for name in engine.cohort.names]
         axes = [k for k in rows[0][1] if k != "score"]
         atomic_write_csv(
             publication.staged(self.path),
@@ -119,7 +119,7 @@ class ScoresSaver(_RunFile):
             header=["image", "score", *(f"score_{a}" for a in axes)],
             lineterminator="\n",
         )
-        publication.stale += stale_outputs(self.path, engine.names)
+        publication.stale += stale_outputs(self.path, engine.cohort.names)
         if getattr(engine, "registration", None):  # registered runs: each volume's registration quality
             rows, header = registration_table(engine)
             table = publication.staged(self.path.parent / "registration.csv")

@@ -85,7 +85,7 @@ def token_stats(bank: Mapping[str, Mapping[str, Any]]) -> dict:
 
 def run_record(evaluator: Any) -> dict:  # a CS3FEvaluator: evaluator.py imports this module
     """The run record of a finished :class:`~scripts.engine.evaluator.CS3FEvaluator` run."""
-    names, seconds = evaluator.names, evaluator.times.seconds
+    names, seconds = evaluator.cohort.names, evaluator.times.seconds
     scorer = evaluator.inferer.scorer
     precision = "fp32"  # of the exact C scorer's distance pass; the others run in fp32
     if scorer.variant == "C" and evaluator.inferer.references.mode in ("all", "chunks"):
@@ -96,15 +96,15 @@ def run_record(evaluator: Any) -> dict:  # a CS3FEvaluator: evaluator.py imports
         "preprocessing": evaluator.preprocessing_identity,
         "n_volumes": len(names),
         "volumes": names,
-        "parts": list(evaluator.bank),
+        "parts": list(evaluator.cohort.bank),
         "world_size": world()[1],
-        "skipped": evaluator.skipped,
-        "encoded_volumes": evaluator.counts["encoded"],
-        "cached_volumes": evaluator.counts["cached"],
+        "skipped": evaluator.cohort.skipped,
+        "encoded_volumes": evaluator.tokenizer.counts["encoded"],
+        "cached_volumes": evaluator.tokenizer.counts["cached"],
         "timings_s": {k: round(v, 3) for k, v in seconds.items()},
         "seconds_per_volume": round(sum(seconds.values()) / max(1, len(names)), 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
-        "tokens": evaluator.token_stats or token_stats(evaluator.bank),
+        "tokens": evaluator.scoring.token_stats or token_stats(evaluator.cohort.bank),
         "versions": versions(),
         "device": str(evaluator.state.device),
         "machine": {**machine_rate(), "threads_during_run": evaluator.threads.counts},
@@ -113,13 +113,13 @@ def run_record(evaluator: Any) -> dict:  # a CS3FEvaluator: evaluator.py imports
     }
     if getattr(evaluator, "registration", None):
         info["registration"] = {n: evaluator.registration[n] for n in names if n in evaluator.registration}
-    if (reference := evaluator.reference) is not None:
+    if (reference := evaluator.scoring.reference) is not None:
         info["reference_bank"] = {
             "folder": str(reference.folder),
             "n_volumes": len(reference),
             "version": reference.manifest["version"],
             "excluded_self": sorted(
-                n for n in names if reference.index_of_source(evaluator.sources.get(n)) is not None
+                n for n in names if reference.index_of_source(evaluator.cohort.sources.get(n)) is not None
             ),
         }
     if torch.cuda.is_available():

@@ -12,7 +12,7 @@ from scripts.benchmarks.quality import COHORTS, METRICS, _cache_key, doc_markers
 from scripts.engine.datalist import make_datalist
 
 
-def test_quick_study_runs_variants_and_baselines(tmp_path: Path) -> None:
+def test_quick_study_runs_variants_and_baselines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "q"
     (tmp_path / "q.md").write_text("# Quality\n\nHand-written analysis.\n")
     variants = ["q4-C-stage3-smooth6", "q4-C-stage3-smooth6-zscore"]
@@ -43,6 +43,10 @@ def test_quick_study_runs_variants_and_baselines(tmp_path: Path) -> None:
         nib.load(out / "runs" / "t1-tiny" / "baseline-zscore" / f"{rows[0]['name']}_anomaly.nii.gz").dataobj
     )
     assert abs(float(got[at]) - expected) < 1e-3 * max(1.0, expected)
+    # A second invocation reads the finished runs back instead of running the bundle again.
+    monkeypatch.setattr("scripts.benchmarks.quality._stream", lambda *a: pytest.fail("ran a finished run again"))
+    again = run_quality(out, cohorts=["t1-tiny"], variants=variants, quick=True)
+    assert all(again[m]["t1-tiny"]["metrics"] == results[m]["t1-tiny"]["metrics"] for m in variants)
 
 
 def test_every_variant_but_the_default_spells_its_keys_out() -> None:

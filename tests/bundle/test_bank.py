@@ -204,7 +204,7 @@ def bank(tiny_cohort: Path, tmp_path_factory) -> Path:
     """configs/build_bank.json on the tiny cohort (pass 1 only)."""
     folder = tmp_path_factory.mktemp("bank") / "bank"
     evaluator = _workflow(BUILD, dataset_dir=str(tiny_cohort), bank_dir=str(folder))
-    assert evaluator.counts["encoded"] == 6
+    assert evaluator.tokenizer.counts["encoded"] == 6
     return folder
 
 
@@ -246,7 +246,7 @@ def test_new_volumes_scored_against_bank_equal_brute_force(bank: Path, new_cohor
         output_dir=str(out),
         references=f"bank:{bank}",
         rho=rho,
-        **{"evaluator#keep_tokens": True},  # the test reads evaluator.bank after the run
+        **{"evaluator#keep_tokens": True},  # the test reads evaluator.cohort.bank after the run
     )
     names = ["sub-0001", "sub-0002", "old-0004"]
     with open(out / "scores.csv") as f:
@@ -258,10 +258,10 @@ def test_new_volumes_scored_against_bank_equal_brute_force(bank: Path, new_cohor
     assert run["reference_bank"]["n_volumes"] == 6 and run["reference_bank"]["excluded_self"] == ["old-0004"]
     refs = TokenBank(bank).references("")
     for key, (ref_tokens, ref_valid) in refs.items():
-        grids = [evaluator.bank[""][n].grids[key] for n in names]
+        grids = [evaluator.cohort.bank[""][n].grids[key] for n in names]
         queries = torch.stack([g.tokens.reshape(-1, 128) for g in grids])
         query_valid = torch.stack([g.valid.reshape(-1) for g in grids])
-        got = torch.stack([evaluator.token_scores[""][n][key].reshape(-1) for n in names]).double()
+        got = torch.stack([evaluator.scoring.token_scores[""][n][key].reshape(-1) for n in names]).double()
         expected = brute_force_against(queries[:2], query_valid[:2], ref_tokens, ref_valid.clone(), rho)
         torch.testing.assert_close(got[:2], expected, atol=1e-4, rtol=1e-4)
         others = [0, 1, 2, 4, 5]  # the bank without sub-0004 (index 3)

@@ -91,8 +91,8 @@ def test_config_workflow_life_cycle(tiny_cohort: Path, tmp_path: Path) -> None:
     assert len(scores) == 6
     _check_declared_output_format(tiny_cohort, out)
     # The token bank is released once scored (pass 2 needs only the token scores) ...
-    assert evaluator.bank == {"": {}} and evaluator.cohort.buffers == {}
-    assert len(evaluator.token_scores[""]) == 6
+    assert evaluator.cohort.bank == {"": {}} and evaluator.cohort.buffers == {}
+    assert len(evaluator.scoring.token_scores[""]) == 6
     assert json.loads((out / "run.json").read_text())["tokens"]["bank_mb"] > 0
 
 
@@ -101,7 +101,7 @@ def test_bank_is_held_as_rows_of_one_buffer(tiny_cohort: Path, tmp_path: Path) -
     evaluator = run_workflow(
         dataset_dir=str(tiny_cohort), output_dir=str(tmp_path / "out"), **{"evaluator#keep_tokens": True}
     )
-    volumes = [evaluator.bank[""][n] for n in evaluator.names]
+    volumes = [evaluator.cohort.bank[""][n] for n in evaluator.cohort.names]
     assert len(volumes) == 6
     for key in volumes[0].grids:
         rows = [v.grids[key].tokens for v in volumes]

@@ -25,15 +25,15 @@ def test_bundle_passes_names_for_random_references(tiny_cohort: Path, tmp_path: 
         output_dir=str(tmp_path / "out"),
         references="random:2",
         rho=0.5,
-        **{"evaluator#keep_tokens": True},  # the test reads evaluator.bank after the run
+        **{"evaluator#keep_tokens": True},  # the test reads evaluator.cohort.bank after the run
         **{"dataloader#num_workers": 0},
     )
     assert len(list((tmp_path / "out").glob("*_anomaly.nii.gz"))) == 6
     assert json.loads((tmp_path / "out" / "run.json").read_text())["inferer"]["references"] == "random:2"
-    names = list(reversed(evaluator.names))
-    bank = [evaluator.bank[""][n] for n in names]
+    names = list(reversed(evaluator.cohort.names))
+    bank = [evaluator.cohort.bank[""][n] for n in names]
     inferer = CS3FInferer(q=8, d=128, rho=0.5, references="random:2", variant="C")  # the default's, at FAST's q
     expected = inferer.score(bank, names=names)
-    assert _equal([evaluator.token_scores[""][n] for n in names], expected)
+    assert _equal([evaluator.scoring.token_scores[""][n] for n in names], expected)
     by_position = inferer.score(bank)
     assert not _equal(by_position, expected)

@@ -5,25 +5,12 @@ outside tests/unit."""
 
 from __future__ import annotations
 
-import csv
-from pathlib import Path
-
-import nibabel as nib
 import numpy as np
 import pytest
 from scripts.synthetic import brain as synth
+from tests.helpers import load_nifti, read_cohort_csv
 
 SHAPE = 40
-
-
-def _load(path: Path):
-    img = nib.load(str(path))
-    return np.asarray(img.dataobj), img.affine, img.get_data_dtype()
-
-
-def _read_cohort(path: Path):
-    with open(path / "cohort.csv", newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +23,7 @@ def cohorts(tmp_path_factory):
 @pytest.mark.slow
 def test_workers_give_the_same_cohort(cohorts, tmp_path):
     out = synth.generate_cohort(tmp_path / "par", n_normal=4, n_abnormal=4, shape=SHAPE, seed=0, workers=2)
-    assert _read_cohort(out) == _read_cohort(cohorts["t1"])
-    for r in _read_cohort(out):
+    assert read_cohort_csv(out) == read_cohort_csv(cohorts["t1"])
+    for r in read_cohort_csv(out):
         for key in ("image", "label", "mask"):
-            assert np.array_equal(_load(out / r[key])[0], _load(cohorts["t1"] / r[key])[0])
+            assert np.array_equal(load_nifti(out / r[key])[0], load_nifti(cohorts["t1"] / r[key])[0])

@@ -8,7 +8,6 @@ generator at the default 96^3 grid (2 mm) on the abnormal subjects of the defaul
 from __future__ import annotations
 
 import ast
-import csv
 import inspect
 import sys
 from pathlib import Path
@@ -22,20 +21,11 @@ from scripts.synthetic import brain as synth
 from scripts.synthetic import brain_templates as templates
 from scripts.synthetic import cohort_files
 from scripts.synthetic.cli import main as synth_main
+from tests.helpers import load_nifti, read_cohort_csv
 
 ROOT = Path(__file__).resolve().parents[2]
 SHAPE = 40
 CONN18 = ndimage.generate_binary_structure(3, 2)
-
-
-def _load(path: Path):
-    img = nib.load(str(path))
-    return np.asarray(img.dataobj), img.affine, img.get_data_dtype()
-
-
-def _read_cohort(path: Path):
-    with open(path / "cohort.csv", newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +75,13 @@ def test_determinism_per_seed():
 
 def test_layout_shapes_and_shared_affine(cohorts):
     _, spacing, affine = synth.output_geometry(SHAPE)
-    rows = _read_cohort(cohorts["t1"])
+    rows = read_cohort_csv(cohorts["t1"])
     assert len(rows) == 8 and sum(r["abnormal"] == "1" for r in rows) == 4
     assert {"image", "label", "mask", "abnormal", "n_lesions", "lesion_volumes_mm3", "contrast", "base"} <= set(rows[0])
     for r in rows:
         for key, dtype in (("image", np.float32), ("label", np.uint8), ("mask", np.uint8)):
             assert not Path(r[key]).is_absolute() and r[key].startswith(f"{key}s/")
-            arr, aff, dt = _load(cohorts["t1"] / r[key])
+            arr, aff, dt = load_nifti(cohorts["t1"] / r[key])
             assert arr.shape == (SHAPE,) * 3
             assert dt == dtype
             np.testing.assert_allclose(aff, affine, atol=1e-5)
@@ -101,9 +91,9 @@ def test_layout_shapes_and_shared_affine(cohorts):
 
 def test_labels_inside_masks_normals_empty(cohorts):
     for contrast, path in cohorts.items():
-        for r in _read_cohort(path):
-            lab, _, _ = _load(path / r["label"])
-            mask, _, _ = _load(path / r["mask"])
+        for r in read_cohort_csv(path):
+            lab, _, _ = load_nifti(path / r["label"])
+            mask, _, _ = load_nifti(path / r["mask"])
             assert set(np.unique(lab)) <= {0, 1} and set(np.unique(mask)) <= {0, 1}
             assert not np.any(lab.astype(bool) & ~mask.astype(bool)), (contrast, r["label"])
             if r["abnormal"] == "0":
@@ -114,9 +104,9 @@ def test_labels_inside_masks_normals_empty(cohorts):
 
 def test_background_zero_and_unit_range(cohorts):
     for path in cohorts.values():
-        for r in _read_cohort(path):
-            img, _, _ = _load(path / r["image"])
-            mask, _, _ = _load(path / r["mask"])
+        for r in read_cohort_csv(path):
+            img, _, _ = load_nifti(path / r["image"])
+            mask, _, _ = load_nifti(path / r["mask"])
             assert np.all(img[mask == 0] == 0.0)
             assert img.min() >= 0.0 and img.max() <= 1.0
             assert img[mask > 0].mean() > 0.2  # the brain is not blank
@@ -124,11 +114,11 @@ def test_background_zero_and_unit_range(cohorts):
 
 
 def test_mask_dice_in_band(cohorts):
-    masks = [_load(cohorts["t1"] / r["mask"])[0] for r in _read_cohort(cohorts["t1"])]
+    masks = [load_nifti(cohorts["t1"] / r["mask"])[0] for r in read_cohort_csv(cohorts["t1"])]
     dice = synth.mean_pairwise_dice(masks)
     assert 0.85 <= dice <= 0.95, dice
     # the two contrasts share the anatomy of a seed
-    masks2 = [_load(cohorts["t2"] / r["mask"])[0] for r in _read_cohort(cohorts["t2"])]
+    masks2 = [load_nifti(cohorts["t2"] / r["mask"])[0] for r in read_cohort_csv(cohorts["t2"])]
     assert all(np.array_equal(a, b) for a, b in zip(masks, masks2, strict=True))
 
 
@@ -191,7 +181,7 @@ def test_lesion_volumes_follow_the_plan(default_abnormal):
 
 
 def test_summary_and_ensure_cohort(cohorts):
-    rows = _read_cohort(cohorts["t1"])
+    rows = read_cohort_csv(cohorts["t1"])
     stats = synth.summarize_cohort(cohorts["t1"])
     assert (stats["n_subjects"], stats["n_normal"], stats["n_abnormal"]) == (8, 4, 4)
     assert sum(stats["lesions"].values()) == sum(int(r["n_lesions"]) for r in rows)
@@ -222,7 +212,7 @@ def test_existing_output_and_failed_run_leave_no_half_cohort(tmp_path, monkeypat
     with pytest.raises(RuntimeError, match="boom"):
         synth.generate_cohort(out, n_normal=2, n_abnormal=1, shape=32, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no "d", no temporary folders
-    assert len(_read_cohort(out)) == 2  # the old cohort is untouched
+    assert len(read_cohort_csv(out)) == 2  # the old cohort is untouched
 
 
 def _uncached_templates(monkeypatch) -> None:
