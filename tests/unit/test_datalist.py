@@ -132,7 +132,7 @@ def test_evaluator_gets_the_datalist_skips(tiny_cohort: Path, tmp_path: Path) ->
     with pytest.warns(UserWarning):
         datalist = parser.get_parsed_content("datalist")
     assert parser.get_parsed_content("dataset").data is datalist
-    assert parser.get_parsed_content("evaluator").skipped == datalist.skipped
+    assert parser.get_parsed_content("evaluator").cohort.skipped == datalist.skipped
 
 
 def _write_csv(path: Path, rows: list[dict[str, str]], encoding: str = "utf-8") -> None:
