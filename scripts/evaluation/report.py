@@ -14,6 +14,7 @@ from monai.transforms import LoadImage
 from scripts.errors import CS3FInputError
 from scripts.evaluation.metrics import ARCHITECTURE_KEYS, CohortEvaluator
 from scripts.storage.atomic import atomic_write_csv, atomic_write_json
+from scripts.storage.outputs import OutputLock
 
 __all__ = ["REPORT_FILES", "evaluate_cohort", "evaluate_outputs", "format_table", "report_files", "write_report"]
 
@@ -27,8 +28,18 @@ def _read_scores(path: Path) -> dict[str, float]:
 
 def evaluate_outputs(datalist: Sequence[dict], output_dir: str | Path, plots: bool = True, quiet: bool = False) -> dict:
     """The metrics (also written to ``<output_dir>/metrics.json``) of the maps in ``output_dir`` for the rows
-    (``image``, ``name``, optional ``label`` and ``mask``) of ``datalist``; ``plots``: the figures too."""
-    out = Path(output_dir)
+    (``image``, ``name``, optional ``label`` and ``mask``) of ``datalist``; ``plots``: the figures too. Holds
+    the folder's run lock meanwhile: no other run publishes into it while its maps are read and the report
+    written (one line if a run holds it now)."""
+    lock = OutputLock(output_dir)
+    lock.acquire()
+    try:
+        return _evaluate_outputs(datalist, Path(output_dir), plots, quiet)
+    finally:
+        lock.release()
+
+
+def _evaluate_outputs(datalist: Sequence[dict], out: Path, plots: bool, quiet: bool) -> dict:
     scores = _read_scores(out / "scores.csv")
     if not any("label" in row for row in datalist):
         raise CS3FInputError("evaluation needs ground-truth labels: a 'label' column or a labels/ folder")

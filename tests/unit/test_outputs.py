@@ -235,3 +235,18 @@ def test_an_unreplaceable_output_stops_the_publication_before_the_commit(
         publication.publish()
     publication.close()
     assert _contents(out) == before
+
+
+def test_the_evaluation_holds_the_folder_lock(tmp_path: Path) -> None:
+    """configs/evaluate.json evaluates after the run released its lock: the evaluation takes it again, so a
+    run publishing into the folder meanwhile is one line, not maps of two runs in one report."""
+    from scripts.evaluation.report import evaluate_outputs
+
+    running = OutputLock(tmp_path)
+    running.acquire()
+    try:
+        with pytest.raises(CS3FInputError, match="another run is writing to"):
+            evaluate_outputs([{"name": "a", "image": "a.nii.gz", "label": "a_seg.nii.gz"}], tmp_path)
+    finally:
+        running.release()
+    assert not list(tmp_path.iterdir())  # nothing written, the lock file gone
