@@ -163,11 +163,13 @@ def _bundle(dataset: Path, output: Path, **extra: str) -> dict:
 
 
 def detection_section(registered: Path, native: Path, out: Path) -> dict:
-    """Detection metrics of the registered cohort (its masks) and the native one (``--register mni152``)."""
+    """Detection metrics of the registered cohort (its masks; as it is and ``--register mni152``) and the native
+    one (``--register mni152``, no masks)."""
     from scripts.engine.datalist import make_datalist
     from scripts.evaluation.report import evaluate_outputs
 
     result = {"registered": _bundle(registered, out / "runs" / "registered")}
+    result["registered_mni152"] = _bundle(registered, out / "runs" / "registered_mni152", register="mni152")
     result["native"] = _bundle(native, out / "runs" / "native", register="mni152")
     # the native maps inside the true brain masks: the registered run's evaluation region
     rows = make_datalist(native, masks=False, labels=True, require_same_grid=False)
@@ -230,7 +232,7 @@ def markdown(results: dict) -> str:
         cells = ("{error_mean_mm:.2f} / {error_max_mm:.2f}, {cpu_s:.1f}".format(**v) for v in lib.get("volumes", []))
         about = f"{lib.get('version')}, {lib.get('installed_mb')} MB, {lib.get('licence')}: {'; '.join(cells)}"
         rows.append([f"library {name}", "version, size, licence: mm mean / max, CPU s", lib.get("skipped", about)])
-    for run in ("registered", "native", "native_in_brain"):
+    for run in ("registered", "registered_mni152", "native", "native_in_brain"):
         if entry := results.get("detection", {}).get(run):
             metrics = entry.get("metrics", entry)
             rows.append([f"detection {run}", ", ".join(KEYS), ", ".join(f"{metrics[k]:.3f}" for k in KEYS)])

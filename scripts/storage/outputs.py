@@ -159,7 +159,7 @@ class Publication:
         mask = {signal.SIGINT, signal.SIGTERM}
         signal.pthread_sigmask(signal.SIG_BLOCK, mask)
         try:
-            gone = sorted({str(p.relative_to(self.folder)) for p in self.stale} - set(staged))
+            gone = sorted({str(p.absolute().relative_to(self.folder)) for p in self.stale} - set(staged))
             atomic_write_json(self.staging / MANIFEST, {"remove": gone})
             os.rename(self.staging, self.publishing)  # the commit
             self._move_in()

@@ -184,6 +184,17 @@ def test_a_published_set_replaces_the_previous_run_whole(tmp_path: Path) -> None
     assert _contents(out) == NEW  # the stale map and report gone, no staging folder, no lock
 
 
+def test_an_output_folder_given_as_a_relative_path_is_published(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    _previous_run(tmp_path / "out")
+    publication = _stage_new_run(Path("out"))  # the stale files relative, the folder absolute
+    publication.publish()
+    publication.close()
+    assert _contents(tmp_path / "out") == NEW
+
+
 def test_a_failure_before_the_commit_leaves_the_previous_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out"
     before = _previous_run(out)
