@@ -324,3 +324,14 @@ def test_evaluation_runs_once_on_rank_0_whatever_the_overlay_order(overlays: lis
     assert evaluation.endswith("if scripts.engine.distributed.world()[0] == 0 else None")
     if "multi_gpu_inference.json" in overlays:
         assert any("init_process_group" in step for step in parser.get("initialize"))
+
+
+def test_a_relative_output_dir_is_written_and_rewritten(
+    tiny_cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the default ``./eval`` is: relative to the working folder, and a rerun replaces the set."""
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        run_workflow(dataset_dir=str(tiny_cohort), output_dir="out")
+    written = sorted(p.name for p in (tmp_path / "out").iterdir() if p.is_file())
+    assert written == sorted([*(f"sub-{i:04d}_anomaly.nii.gz" for i in range(1, 7)), "run.json", "scores.csv"])
