@@ -2,33 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 from scripts import threads
 from scripts.progress import Progress
-
-
-@pytest.mark.parametrize(("slow_with", "expected"), [(4, 1), (1, 4)])
-def test_the_probe_keeps_one_thread_where_the_threads_stall(
-    monkeypatch: pytest.MonkeyPatch, slow_with: int, expected: int
-) -> None:
-    """The probe keeps torch's threads (here 4) only when its GEMMs take less time with them than with one."""
-    now, calls = {"threads": 1}, []
-    monkeypatch.setattr(threads.torch, "set_num_threads", lambda n: now.update(threads=n))
-    real_mm = torch.mm
-
-    def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        calls.append(now["threads"])
-        time.sleep(0.004 if now["threads"] == slow_with else 0.0)
-        return real_mm(a, b)
-
-    monkeypatch.setattr(threads.torch, "mm", mm)
-    assert threads.probe_threads(4) == expected
-    assert set(calls) == {1, 4} and (expected == 4 or calls.count(4) < calls.count(1))  # a stalled probe stops early
-    calls.clear()
-    assert threads.probe_threads(1) == 1 and calls == []  # OMP_NUM_THREADS=1: nothing to probe
 
 
 class _Clock:
@@ -37,6 +14,27 @@ class _Clock:
 
     def __call__(self) -> float:
         return self.t
+
+
+@pytest.mark.parametrize(("slow_with", "expected"), [(4, 1), (1, 4)])
+def test_the_probe_keeps_one_thread_where_the_threads_stall(
+    monkeypatch: pytest.MonkeyPatch, slow_with: int, expected: int
+) -> None:
+    """The probe keeps torch's threads (here 4) only when its GEMMs take less time with them than with one."""
+    now, calls, clock = {"threads": 1}, [], _Clock()
+    monkeypatch.setattr(threads.torch, "set_num_threads", lambda n: now.update(threads=n))
+    monkeypatch.setattr(threads.time, "perf_counter", clock)  # GEMM times set here, not by the machine's load
+
+    def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        calls.append(now["threads"])
+        clock.t += 0.004 if now["threads"] == slow_with else 0.001
+        return torch.zeros(a.shape[0], b.shape[1])
+
+    monkeypatch.setattr(threads.torch, "mm", mm)
+    assert threads.probe_threads(4) == expected
+    assert set(calls) == {1, 4} and (expected == 4 or calls.count(4) < calls.count(1))  # a stalled probe stops early
+    calls.clear()
+    assert threads.probe_threads(1) == 1 and calls == []  # OMP_NUM_THREADS=1: nothing to probe
 
 
 def test_threads_are_probed_again_once_the_interval_has_passed() -> None:
