@@ -526,6 +526,22 @@ def test_a_full_disk_while_writing_maps_is_one_line_and_publishes_nothing(
     _no_run_files(out)
 
 
+SLOW_MAPS = """
+import time
+from monai.data import NibabelWriter
+
+_write = NibabelWriter.write
+
+
+def _slow_write(self, *args, **kwargs):
+    time.sleep(0.5)
+    return _write(self, *args, **kwargs)
+
+
+NibabelWriter.write = _slow_write
+"""
+
+
 @pytest.mark.slow
 def test_sigterm_during_a_rescore_publishes_nothing_and_the_rerun_completes(tiny_cohort: Path, tmp_path: Path) -> None:
     from tests.helpers import ROOT, bundle_command, bundle_env
@@ -534,9 +550,13 @@ def test_sigterm_during_a_rescore_publishes_nothing_and_the_rerun_completes(tiny
     _run(tiny_cohort, out)
     before = _published(out)
     command = bundle_command("--dataset_dir", tiny_cohort, "--output_dir", out, *FAST_ARGS, "--rho", "0.5")
-    proc = subprocess.Popen(
-        command, cwd=ROOT, env=bundle_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
+    # each map takes at least 0.5 s to write in the child, so that the signal lands among the maps however
+    # busy the machine is (this process may not look at the folder for a while)
+    slow = tmp_path / "slow_maps"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text(SLOW_MAPS)
+    env = {**bundle_env(), "PYTHONPATH": os.pathsep.join(filter(None, [str(slow), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     staging, deadline = out / ".cs3f-staging", time.time() + 300
     while time.time() < deadline and proc.poll() is None and not list(staging.glob("*_anomaly.nii.gz")):
         time.sleep(0.01)
