@@ -5,7 +5,10 @@
 3. airways: the air eroded by ``airway_mm`` (a ball); the two largest eroded components are the lungs,
    each grown back inside the air to ``airway_mm + 1 voxel`` from its core (trachea and bronchi stay out);
 4. holes: each lung closed by ``closing_mm`` and filled slice by slice and in 3D;
-5. sides: the lung whose centroid has the larger world x (RAS) is the right lung.
+5. sides: the lung whose centroid has the larger world x (RAS) is the right lung;
+6. margin: each lung grown by ``margin_mm`` inside the body (a voxel within reach of both goes to the
+   nearer), so that a mass on the pleura, which the air threshold cuts off, is still inside the mask and
+   scored; ``margin_mm`` 0 gives the lungs alone.
 
 Two lungs of at least ``min_component_ml`` each, or one :class:`~scripts.errors.CS3FInputError`.
 """
@@ -25,10 +28,12 @@ from monai.utils import TransformBackends
 from scipy import ndimage
 from scripts.errors import CS3FInputError
 
-__all__ = ["LUNG_MASKS_VERSION", "LungMasksd", "segment_lungs"]
+__all__ = ["LUNG_MASKS_VERSION", "MARGIN_MM", "LungMasksd", "segment_lungs"]
 
 #: version of :func:`segment_lungs`; with its parameters, the ``made_by`` record of the masks it makes
 LUNG_MASKS_VERSION = 1
+#: default of ``margin_mm``: how far each lung reaches past its air into the pleura and chest wall
+MARGIN_MM = 10.0
 
 
 def _ball(radius_mm: float, spacing: np.ndarray) -> np.ndarray:
@@ -53,6 +58,7 @@ def segment_lungs(
     airway_mm: float = 4.0,
     closing_mm: float = 15.0,
     min_component_ml: float = 10.0,
+    margin_mm: float = MARGIN_MM,
     name: str = "",
 ) -> np.ndarray:
     """Lung labels ``[X, Y, Z]`` uint8 of a CT ``image [X, Y, Z]`` in HU with voxel -> world ``affine``."""
@@ -66,7 +72,8 @@ def segment_lungs(
     if n == 0:
         raise CS3FInputError(f"{where}no body found (no voxel above {body_hu} HU): not a CT in Hounsfield units?")
     body = body == 1 + int(np.argmax(np.bincount(body.ravel())[1:]))
-    air = (image < air_hu) & _fill_slices(body, axial) & ~body
+    inside = _fill_slices(body, axial)
+    air = (image < air_hu) & inside & ~body
     cores = ndimage.binary_erosion(air, _ball(airway_mm, spacing))
     lab, n = ndimage.label(cores)
     sizes = np.bincount(lab.ravel())[1:]
@@ -87,9 +94,21 @@ def segment_lungs(
         )
     centroids = [np.argwhere(lung).mean(0) @ affine[0, :3] + affine[0, 3] for lung in lungs]
     right, left = (lungs[0], lungs[1]) if centroids[0] > centroids[1] else (lungs[1], lungs[0])
-    out = np.zeros(image.shape, np.uint8)
+    return _grown(right & ~left, left, inside, margin_mm, spacing)
+
+
+def _grown(
+    right: np.ndarray, left: np.ndarray, inside: np.ndarray, margin_mm: float, spacing: np.ndarray
+) -> np.ndarray:
+    """Labels (1 right, 2 left) of the two lungs, each grown by ``margin_mm`` within ``inside``."""
+    out = np.zeros(right.shape, np.uint8)
+    if margin_mm > 0:
+        to_right = ndimage.distance_transform_edt(~right, sampling=spacing)
+        to_left = ndimage.distance_transform_edt(~left, sampling=spacing)
+        out[inside & (to_right <= margin_mm) & (to_right <= to_left)] = 1
+        out[inside & (to_left <= margin_mm) & (to_left < to_right)] = 2
+    out[right] = 1
     out[left] = 2
-    out[right & ~left] = 1
     return out
 
 

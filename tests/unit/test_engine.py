@@ -392,7 +392,14 @@ def test_automatic_lung_mask_parameters_key_the_tokens_of_the_volumes_they_mask(
         return source_digest({"image": item["image"], "mask": MetaTensor(item["mask"].as_tensor(), meta=meta)})
 
     assert made_key() == key == made_key(closing_mm=15.0)  # a default spelled out: the same masks
-    changes = {"body_hu": -450.0, "air_hu": -350.0, "airway_mm": 3.0, "closing_mm": 10.0, "min_component_ml": 5.0}
+    changes = {
+        "body_hu": -450.0,
+        "air_hu": -350.0,
+        "airway_mm": 3.0,
+        "closing_mm": 10.0,
+        "min_component_ml": 5.0,
+        "margin_mm": 5.0,
+    }
     assert len({key, *(made_key(**{k: v}) for k, v in changes.items())}) == 1 + len(changes)
     defaults = list(lung_masks.segment_lungs.__defaults__)
     defaults[defaults.index(15.0)] = 8.0  # an older closing default

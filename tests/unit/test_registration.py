@@ -170,11 +170,11 @@ def test_lung_segmentation_matches_the_synthetic_masks():
 
     for index in (0, 1):
         ct = generate_subject(index, abnormal=index == 1, scale=0.3)
-        labels = segment_lungs(ct.image, ct.affine)
+        labels = segment_lungs(ct.image, ct.affine, margin_mm=0.0)
         for side in (1, 2):
             auto, truth = labels == side, ct.mask == side
             assert 2 * (auto & truth).sum() / (auto.sum() + truth.sum()) > 0.9, (index, side)
-        d = LungMasksd(keys="image")(
+        d = LungMasksd(keys="image", margin_mm=0.0)(
             {
                 "image": MetaTensor(
                     torch.from_numpy(ct.image[None].astype(np.float32)), affine=torch.from_numpy(ct.affine)
@@ -186,6 +186,31 @@ def test_lung_segmentation_matches_the_synthetic_masks():
     assert LungMasksd(keys="image")(given)["mask"] == "kept"
     with pytest.raises(CS3FInputError, match="not two lungs"):
         segment_lungs(np.full((20, 20, 20), 40.0, np.float32), np.eye(4), name="solid.nii.gz")
+
+
+def test_lung_margin_takes_in_the_pleura_next_to_the_nearer_lung():
+    """``margin_mm`` adds exactly the body voxels within reach of a lung, each to the nearer lung (checked by
+    brute-force distances in mm), and keeps every lung voxel as it was."""
+    from scripts.synthetic.lung import generate_subject
+
+    ct = generate_subject(1, abnormal=True, scale=0.3)
+    lungs = segment_lungs(ct.image, ct.affine, margin_mm=0.0)
+    grown = segment_lungs(ct.image, ct.affine, margin_mm=25.0)
+    assert np.array_equal(grown[lungs > 0], lungs[lungs > 0])
+    added = (grown > 0) & (lungs == 0)
+    assert added.sum() > 0.2 * (lungs > 0).sum()
+    spacing = np.linalg.norm(ct.affine[:3, :3], axis=0)
+    points = {side: np.argwhere(lungs == side) * spacing for side in (1, 2)}
+    rng = np.random.default_rng(0)
+    outside = np.argwhere((lungs == 0) & (ct.image > -500))  # body voxels (the phantom's body is solid)
+    for voxel in outside[rng.choice(len(outside), 300, replace=False)]:
+        distance = {side: np.sqrt(((points[side] - voxel * spacing) ** 2).sum(1)).min() for side in (1, 2)}
+        if min(abs(distance[1] - distance[2]), abs(min(distance.values()) - 25.0)) < 1e-6:
+            continue  # a tie: either answer is right
+        nearer = 1 if distance[1] < distance[2] else 2
+        assert grown[tuple(voxel)] == (nearer if distance[nearer] <= 25.0 else 0), (voxel, distance)
+    air, _ = ndimage.label(ct.image < -500)
+    assert air[0, 0, 0] > 0 and not grown[air == air[0, 0, 0]].any()  # nothing outside the body
 
 
 def test_register_array_transform_roundtrip(phantom):
