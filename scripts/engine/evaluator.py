@@ -100,7 +100,7 @@ class CS3FEvaluator(Workflow):
         # items are decollated in _iteration, where the pass is known; handlers are attached last
         super().__init__(device=device, max_epochs=2, data_loader=val_data_loader, decollate=False)
         dataset = getattr(val_data_loader, "dataset", None)
-        _say_foreground(getattr(dataset, "data", None))
+        _say_foreground(getattr(dataset, "data", None), getattr(dataset, "transform", None))
         try:  # the score precision on this device (tf32 needs CUDA), before any encoding
             resolve_precision(inferer.scorer.precision, inferer.scorer.score_device or device)
         except ValueError as err:
@@ -287,9 +287,19 @@ def _stage_maps(postprocessing: Any, publication: Publication) -> None:
             layout.output_dir = publication.staging
 
 
-def _say_foreground(datalist: Any) -> None:
-    """One warning line when masks were asked for but the cohort has none: then every voxel counts."""
+def _makes_masks(transform: Any) -> bool:
+    """Whether ``transform`` (or one it composes) puts a mask on items without one (``makes_masks``)."""
+    return bool(getattr(transform, "makes_masks", False)) or any(
+        _makes_masks(t) for t in getattr(transform, "transforms", ())
+    )
+
+
+def _say_foreground(datalist: Any, transform: Any = None) -> None:
+    """One warning line when masks were asked for but the cohort has none and ``transform`` makes none:
+    then every voxel counts."""
     rows = datalist if isinstance(datalist, Sequence) else []
+    if _makes_masks(transform):
+        return
     if rows and getattr(datalist, "masks", False) and not any("mask" in r or "foreground" in r for r in rows):
         warnings.warn(
             f"cs3f: no foreground masks in {getattr(datalist, 'folder', '') or 'the dataset'}: every voxel is "

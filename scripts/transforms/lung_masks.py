@@ -119,6 +119,7 @@ class LungMasksd(MapTransform):
     volume's token cache key."""
 
     backend = [TransformBackends.NUMPY]
+    makes_masks = True  # items without a mask get one: no "every voxel is foreground" warning
 
     def __init__(self, keys: KeysCollection = "image", mask_key: str = "mask", **kwargs) -> None:
         super().__init__(keys, allow_missing_keys=False)

@@ -282,6 +282,11 @@ class Registerd(MapTransform, InvertibleTransform):
             d[self.mask_key] = self._template_mask(d[self.image_key])
         return d
 
+    @property
+    def makes_masks(self) -> bool:
+        """Whether items without a mask get the template's (whenever a template is set)."""
+        return self.register is not None
+
     def _template_mask(self, moved: MetaTensor) -> MetaTensor:
         """The dilated template mask on the registered image's own foreground, recorded like the image."""
         template = self.register.template

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -451,3 +452,47 @@ def test_lung_overlay_end_to_end_with_evaluation(tiny_lung_cohort: Path, tmp_pat
     for key in ("patient_auroc", "voxel_ap", "ltpr99_small", "dice99", "fp_per_volume", "localization99"):
         assert key in metrics
     assert 0.0 <= metrics["localization99"] <= 1.0
+
+
+def test_cts_without_masks_run_with_automatic_masks(tmp_path: Path, one_thread) -> None:
+    """``configs/lung_ct.json`` on CTs without lung masks: each gets :func:`segment_lungs`'s mask (the lungs
+    and the default margin), every map lies inside it on the CT's own grid, and both lungs are scored."""
+    from monai.bundle import ConfigWorkflow
+    from scripts.transforms.lung_masks import segment_lungs
+
+    cohort = synth_lung.generate_cohort(tmp_path / "ct", n_normal=2, n_abnormal=1, seed=3, scale=0.25)
+    rows = list(csv.DictReader(open(cohort / "cohort.csv")))
+    (cohort / "masks").rename(tmp_path / "masks_kept")
+    with open(cohort / "cohort.csv", "w", newline="") as f:  # the cohort without its mask column
+        writer = csv.DictWriter(f, fieldnames=["image", "label"])
+        writer.writeheader()
+        writer.writerows({"image": r["image"], "label": r["label"]} for r in rows)
+    out = tmp_path / "out"
+    workflow = ConfigWorkflow(
+        config_file=CONFIGS[:2],
+        workflow_type="infer",
+        dataset_dir=str(cohort),
+        output_dir=str(out),
+        image_size=32,
+        crop_size=[56, 70, 84],  # the lungs of scale 0.25 with their margin, q (8, 14, 14) dividing each
+        quiet=True,
+        **{"dataloader#num_workers": 0},
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        workflow.initialize()
+    assert not [w for w in caught if "no foreground masks" in str(w.message)]  # the masks are made
+    workflow.run()
+    workflow.finalize()
+    run = json.loads((out / "run.json").read_text())
+    assert run["n_volumes"] == 3 and run["lung"]["truncated"] == {}
+    for row in rows:
+        image = nib.load(cohort / row["image"])
+        lungs = segment_lungs(np.asarray(image.dataobj, np.float32), image.affine)
+        data = nib.load(out / Path(row["image"]).name.replace(".nii.gz", "_anomaly.nii.gz")).get_fdata()
+        assert data.shape == lungs.shape and np.all(data[lungs == 0] == 0)
+        for side in (1, 2):
+            assert data[lungs == side].max() > 0
+        assert (data > 0).sum() > (
+            segment_lungs(np.asarray(image.dataobj, np.float32), image.affine, margin_mm=0) > 0
+        ).sum()

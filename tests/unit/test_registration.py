@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -109,6 +110,7 @@ def test_template_mask_when_none_and_given_mask_wins(phantom, tmp_path):
     img.meta["filename_or_obj"] = str(tmp_path / "a.nii.gz")
     (tmp_path / "a.nii.gz").write_bytes(b"stand-in file: the cache keys on its bytes")
     reg = Registerd(keys=["image", "mask"], register=phantom, cache_dir=tmp_path, min_coverage=0.5, max_metric=0.0)
+    assert reg.makes_masks
     out = reg({"image": img})
     dice = (
         2 * ((out["mask"][0].numpy() > 0) & phantom.mask).sum() / ((out["mask"] > 0).sum().item() + phantom.mask.sum())
@@ -124,7 +126,7 @@ def test_template_mask_when_none_and_given_mask_wins(phantom, tmp_path):
 
 def test_register_none_does_nothing_and_is_no_part_of_the_identity(phantom):
     noop = Registerd(keys=["image"], register="none")
-    assert noop.is_noop
+    assert noop.is_noop and not noop.makes_masks
     data = {"image": MetaTensor(torch.ones(1, 4, 4, 4))}
     assert noop(data)["image"] is data["image"] and noop.inverse(data)["image"] is data["image"]
     assert describe_transform(Compose([noop, Orientationd(keys="image", axcodes="RAS")])) == describe_transform(
@@ -186,6 +188,18 @@ def test_lung_segmentation_matches_the_synthetic_masks():
     assert LungMasksd(keys="image")(given)["mask"] == "kept"
     with pytest.raises(CS3FInputError, match="not two lungs"):
         segment_lungs(np.full((20, 20, 20), 40.0, np.float32), np.eye(4), name="solid.nii.gz")
+
+
+def test_no_every_voxel_warning_when_the_preprocessing_makes_the_masks():
+    from scripts.engine.datalist import Datalist
+    from scripts.engine.evaluator import _say_foreground
+
+    rows = Datalist(rows=[{"image": "a.nii.gz", "name": "a"}], folder="cohort", masks=True)
+    with pytest.warns(UserWarning, match="no foreground masks in cohort: every voxel is foreground"):
+        _say_foreground(rows, Compose([Orientationd(keys="image", axcodes="RAS")]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _say_foreground(rows, Compose([Compose([LungMasksd(keys="image")])]))
 
 
 def test_lung_margin_takes_in_the_pleura_next_to_the_nearer_lung():
