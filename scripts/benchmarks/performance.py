@@ -31,33 +31,16 @@ from scripts.benchmarks.common import bundle_command as _bundle_command
 from scripts.benchmarks.performance_c2f import bench_c2f_section
 
 SECTIONS = ("scoring", "c2f", "tokenize", "memory")
-FULL = {
-    "repeats": 3,
-    "d": 128,
-    "rho": 0.1,
-    "score_b": [8, 24, 64],
-    "score_n": [1024, 4096],
-    "invalid": 0.3,
-    "budget_gflop": 300.0,  # larger cases time this many GFLOP of query volumes (``volumes=``)
-    "case_s": 4.0,  # stop repeating a case after this many seconds
-    "c2f": {"B": 16, "n_coarse": 256, "h": 4, "Ls": [4, 16, 64], "repeats": 1},
-    "tokenize": [[48, 112], [16, 224]],  # [volume side, encoder input R]
-    "tokenize_repeats": 3,
-    "memory": {"b": 8, "demo": True, "repeats": 2, "overrides": {}},
-}
-QUICK = {
-    **FULL,
-    "repeats": 2,
-    "rho": 0.5,
-    "score_b": [3, 4],
-    "score_n": [64, 128],
-    "budget_gflop": 1.0,
-    "case_s": 2.0,
-    "c2f": {"B": 4, "n_coarse": 32, "h": 2, "Ls": [2, 8], "repeats": 1},
-    "tokenize": [[32, 32]],
-    "tokenize_repeats": 1,
-    "memory": {"b": 2, "demo": False, "shape": 32, "repeats": 1, "overrides": {"image_size": 32, "q": [8, 8, 8]}},
-}
+# Larger scoring cases time ``budget_gflop`` of query volumes (``volumes=``); a case stops repeating after
+# ``case_s`` seconds; ``tokenize`` lists [volume side, encoder input R].
+FULL = {"repeats": 3, "d": 128, "rho": 0.1, "score_b": [8, 24, 64], "score_n": [1024, 4096], "invalid": 0.3}
+FULL |= {"budget_gflop": 300.0, "case_s": 4.0, "tokenize": [[48, 112], [16, 224]], "tokenize_repeats": 3}
+FULL |= {"c2f": {"B": 16, "n_coarse": 256, "h": 4, "Ls": [4, 16, 64], "repeats": 1}}
+FULL |= {"memory": {"b": 8, "demo": True, "repeats": 2, "overrides": {}}}
+QUICK = {**FULL, "repeats": 2, "rho": 0.5, "score_b": [3, 4], "score_n": [64, 128], "budget_gflop": 1.0, "case_s": 2.0}
+QUICK |= {"c2f": {"B": 4, "n_coarse": 32, "h": 2, "Ls": [2, 8], "repeats": 1}}
+QUICK |= {"tokenize": [[32, 32]], "tokenize_repeats": 1}
+QUICK |= {"memory": {"b": 2, "demo": False, "shape": 32, "repeats": 1, "overrides": {"image_size": 32, "q": [8, 8, 8]}}}
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -123,16 +106,9 @@ def score_case(name: str, tokens: torch.Tensor, valid: torch.Tensor | None, cfg:
     volumes = None if n_query == b else list(range(n_query))
     flops = effective_flops(counts, d, range(n_query))
     probe, probe_flops = _gemm_probe(n, d, device)
-    (t32, tbase, tprobe), (s32, sbase, _) = interleaved(
-        [
-            lambda: mutual_similarity_scores(tokens, valid, rho, volumes=volumes),
-            lambda: musc_baseline(tokens, valid, rho, volumes),
-            probe,
-        ],
-        device,
-        cfg["repeats"],
-        cfg["case_s"],
-    )
+    fns = [lambda: mutual_similarity_scores(tokens, valid, rho, volumes=volumes)]
+    fns += [lambda: musc_baseline(tokens, valid, rho, volumes), probe]
+    (t32, tbase, tprobe), (s32, sbase, _) = interleaved(fns, device, cfg["repeats"], cfg["case_s"])
     rows = slice(0, n_query)
     return {
         "case": name,

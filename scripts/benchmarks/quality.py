@@ -60,6 +60,8 @@ SETS = {
 }
 #: paired differences against the default are reported for these metrics
 PAIRED = ("patient_auroc", "voxel_ap", "dice_max")
+#: the sealed set's rule (docs/quality.md): metric -> sign that makes a larger value better
+RULE = {"patient_auroc": 1, "voxel_ap": 1, "dice_max": 1, "fp_per_volume": -1}
 BASELINES = ("zscore", "random")
 #: overrides of the quick (smoke) runs: tiny encoder input
 QUICK_OVERRIDES = {"image_size": 32, "q": [8, 8, 8]}
@@ -154,35 +156,52 @@ def _summary(results: Mapping[str, Mapping[str, dict]]) -> list[list]:
         for key in METRICS:
             # NaN where a cohort has no lesion of a size class: averaged over the cohorts that have one
             values = [v for r in good if isinstance(v := r["metrics"].get(key), int | float) and math.isfinite(v)]
-            if not values:
-                cells.append(None)
-                continue
             sd = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):.3f} ± {sd:.3f}")
+            cells.append(f"{statistics.mean(values):.3f} ± {sd:.3f}" if values else None)
         times = [r["stages_s"] for r in good if "stages_s" in r]
         cells.append(f"{statistics.mean(times):.1f}" if times else None)
         rows.append(cells)
     return rows
 
 
+def _paired(results: Mapping[str, Mapping[str, dict]], a: str, b: str, key: str, only=None) -> tuple[float, float]:
+    """Mean over the cohorts (all, or ``only``) of ``a - b`` on ``key`` and its standard error (sd of the
+    paired differences / sqrt(n); NaN below two cohorts)."""
+    diffs = []
+    for name, run in results.get(a, {}).items():
+        x, y = (r.get("metrics", {}).get(key) for r in (run, results.get(b, {}).get(name, {})))
+        numbers = isinstance(x, int | float) and isinstance(y, int | float)
+        if (only is None or name in only) and numbers and math.isfinite(x - y):
+            diffs.append(x - y)
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+    return (statistics.mean(diffs) if diffs else float("nan")), se
+
+
 def paired_differences(results: Mapping[str, Mapping[str, dict]], reference: str = "default") -> list[list]:
     """Per method and metric of :data:`PAIRED`: mean over the cohorts of (method - ``reference``) and its
     standard error (sd of the paired differences / sqrt(n)); a margin counts only beyond its SE."""
     rows = []
-    for method, by_cohort in results.items():
-        if method == reference or reference not in results:
-            continue
-        cells: list = [f"{method} - {reference}"]
-        for key in PAIRED:
-            diffs = []
-            for name, run in by_cohort.items():
-                base = results[reference].get(name, {})
-                a, b = (r.get("metrics", {}).get(key) for r in (run, base))
-                if isinstance(a, int | float) and isinstance(b, int | float) and math.isfinite(a - b):
-                    diffs.append(a - b)
-            se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
-            cells.append(f"{statistics.mean(diffs):+.3f} ± {se:.3f}" if diffs else None)
-        rows.append(cells)
+    for method in results:
+        if method != reference and reference in results:
+            pairs = [_paired(results, method, reference, key) for key in PAIRED]
+            rows.append([f"{method} - {reference}", *[f"{m:+.3f} ± {se:.3f}" if m == m else None for m, se in pairs]])
+    return rows
+
+
+def verdicts(results: Mapping[str, Mapping[str, dict]], cohorts: Mapping[str, dict]) -> list[list]:
+    """The sealed set's rule, per departure of the default from the paper (each ``default-*`` variant takes one
+    back): default minus revert ± SE per metric of :data:`RULE`, signed so that + favours the default; the
+    same for patient AUROC on the glioma-like cohorts; the departure stays when it is better beyond its SE
+    on one metric, worse beyond its SE on none, and not worse beyond its SE on the glioma-like cohorts."""
+    glioma = {n for n, s in cohorts.items() if s.get("lesion_volume", (0, 0))[0] >= 100000}
+    rows = []
+    for method in [m for m in results if m.startswith("default-") and "default" in results]:
+        pairs = [(sign * m, se) for key, sign in RULE.items() for m, se in [_paired(results, "default", method, key)]]
+        g, g_se = _paired(results, "default", method, "patient_auroc", glioma)
+        stays = any(m > se for m, se in pairs) and not any(m < -se for m, se in pairs) and g >= -g_se
+        departure = ", ".join(f"{k} (paper: {v})" for k, v in SEALED_VARIANTS.get(method, {}).items())
+        cells = [f"{m:+.3f} ± {se:.3f}" for m, se in [*pairs, (g, g_se)]]
+        rows.append([departure or method, *cells, "stays" if stays else "the paper's choice returns"])
     return rows
 
 
@@ -198,6 +217,9 @@ def render(results: Mapping[str, Mapping[str, dict]], cohorts: Mapping[str, dict
     if "default" in results:
         lines += ["", "Paired differences against the default: mean over the cohorts ± its standard error.", ""]
         lines.append(table(["difference", *PAIRED], paired_differences(results)))
+    if rows := verdicts(results, cohorts):
+        lines += ["", "The rule per departure: default - revert ± SE, + favours the default (fewer FP per volume).", ""]
+        lines.append(table(["departure", *RULE, "patient_auroc, glioma-like", "verdict"], rows))
     if level > 1:
         return "\n".join(lines) + "\n"
     lines += ["", f"{sub} Cohorts", ""]

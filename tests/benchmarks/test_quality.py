@@ -122,3 +122,37 @@ def test_the_sealed_variants_take_back_each_departure_from_the_paper_once() -> N
     assert SEALED_VARIANTS["default"] == {} and SEALED_VARIANTS["paper"] == PAPER
     assert all(len(v) == 1 and PAPER[k] == value for v in reverts.values() for k, value in v.items())
     assert sorted(k for v in reverts.values() for k in v) == ["depth_phases", "layers", "q", "smooth_mm"]
+
+
+def test_the_rule_keeps_a_departure_only_when_it_wins_beyond_its_se_and_loses_nowhere() -> None:
+    """Per revert, default - revert ± SE against a hand computation, and the verdict of each case: a clear win
+    stays; a win that loses the glioma-like cohorts, a win with a loss elsewhere, and a margin inside the SE
+    bring the paper's choice back."""
+    from scripts.benchmarks.quality import RULE, verdicts
+
+    cohorts = {"a": {}, "b": {}, "c": {}, "g1": {"lesion_volume": (110000.0, 1.0)}, "g2": {"lesion_volume": (2e5, 1)}}
+    base = {"patient_auroc": 0.8, "voxel_ap": 0.3, "dice_max": 0.4, "fp_per_volume": 1.0}
+
+    def runs(**changes: dict) -> dict:  # metric -> {cohort: value} changes of the default's metrics
+        return {c: {"metrics": {k: changes.get(k, {}).get(c, v) for k, v in base.items()}} for c in cohorts}
+
+    lower_ap = {"voxel_ap": {"a": 0.2, "b": 0.25, "c": 0.22, "g1": 0.21, "g2": 0.27}}
+    results = {
+        "default": runs(),
+        "default-phases1": runs(**lower_ap),  # the default wins on voxel AP, nowhere worse: stays
+        # wins on patient AUROC elsewhere (no loss overall) but loses the glioma-like cohorts
+        "default-smooth0": runs(**lower_ap, patient_auroc={"a": 0.75, "b": 0.7, "c": 0.72, "g1": 0.9, "g2": 0.95}),
+        "default-q8": runs(**lower_ap, fp_per_volume={"a": 0.5, "b": 0.4, "c": 0.6}),  # more FP elsewhere
+        "default-stage3+5": runs(voxel_ap={"a": 0.35, "b": 0.25}),  # inside the SE
+    }
+    rows = {row[0].split(" ")[0]: row for row in verdicts(results, cohorts)}
+    assert [r[-1] == "stays" for r in rows.values()] == [True, False, False, False]
+    diffs = [0.1, 0.05, 0.08, 0.09, 0.03]  # default - phases1 on voxel AP
+    mean = sum(diffs) / 5
+    se = (sum((d - mean) ** 2 for d in diffs) / 4) ** 0.5 / 5**0.5
+    assert rows["depth_phases"][1 + list(RULE).index("voxel_ap")] == f"{mean:+.3f} ± {se:.3f}"
+    fp = [0.5, 0.6, 0.4, 0.0, 0.0]  # default - q8 on FP per volume, sign-flipped: fewer FP favour the revert
+    m = -sum(fp) / 5
+    s = (sum((-d - m) ** 2 for d in fp) / 4) ** 0.5 / 5**0.5
+    assert rows["q"][1 + list(RULE).index("fp_per_volume")] == f"{m:+.3f} ± {s:.3f}"
+    assert rows["smooth_mm"][-2] == f"{-0.125:+.3f} ± {0.025:.3f}"  # patient AUROC on g1 and g2 alone
