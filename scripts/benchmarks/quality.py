@@ -53,11 +53,8 @@ SEALED_VARIANTS: dict[str, dict] = {
     "default-stage3+5": {"layers": ["stage3", "stage5"]},
 }
 #: cohort set name -> (cohorts, variants run by default)
-SETS = {
-    "study": (COHORTS, VARIANTS),
-    "confirmation": (CONFIRMATION_COHORTS, VARIANTS),
-    "sealed": (SEALED_COHORTS, SEALED_VARIANTS),
-}
+SETS = {"study": (COHORTS, VARIANTS), "confirmation": (CONFIRMATION_COHORTS, VARIANTS)}
+SETS["sealed"] = (SEALED_COHORTS, SEALED_VARIANTS)
 #: paired differences against the default are reported for these metrics
 PAIRED = ("patient_auroc", "voxel_ap", "dice_max")
 #: the sealed set's rule (docs/quality.md): metric -> sign that makes a larger value better
@@ -113,34 +110,33 @@ def _run_variant(cohort: Path, out: Path, cache: Path, overrides: Mapping, lung:
 
 
 def _baseline_maps(cohort: Path, out: Path, kind: str, seed: int = 0) -> dict:
-    """Write baseline maps for ``cohort`` into ``out`` and evaluate them like the bundle's."""
+    """Write baseline maps for ``cohort`` into ``out`` and evaluate them like the bundle's (random maps need
+    no common grid; the voxel z-score does)."""
     import nibabel as nib
     import numpy as np
     from scripts.engine.datalist import make_datalist
     from scripts.evaluation.report import evaluate_outputs
     from scripts.storage.atomic import atomic_write_csv
 
-    rows = make_datalist(cohort, labels=True).rows
-    images = []
-    for row in rows:
-        data = np.asarray(nib.load(row["image"]).dataobj, dtype=np.float32)
-        images.append(data / max(float(np.percentile(data, 99.5)), 1e-6))  # as the bundle's scaling
-    stack = np.stack(images)
-    total, total_sq, b = stack.sum(0), (stack**2).sum(0), len(images)
+    rows = make_datalist(cohort, labels=True, require_same_grid=kind == "zscore").rows
+    volumes = [nib.load(row["image"]) for row in rows]
+    if kind == "zscore":
+        images = [np.asarray(image.dataobj, dtype=np.float32) for image in volumes]
+        stack = np.stack([v / max(float(np.percentile(v, 99.5)), 1e-6) for v in images])  # the bundle's scaling
+        total, total_sq, b = stack.sum(0), (stack**2).sum(0), len(volumes)
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
     scores = []
-    for i, row in enumerate(rows):
-        mask = np.asarray(nib.load(row["mask"]).dataobj) > 0 if "mask" in row else np.ones(stack.shape[1:], bool)
+    for i, (row, image) in enumerate(zip(rows, volumes, strict=True)):
+        mask = np.asarray(nib.load(row["mask"]).dataobj) > 0 if "mask" in row else np.ones(image.shape, bool)
         if kind == "zscore":  # each voxel against the same voxel of the other volumes
             mean = (total - stack[i]) / (b - 1)
             var = np.maximum((total_sq - stack[i] ** 2) / (b - 1) - mean**2, 0.0)
             amap = np.abs(stack[i] - mean) / np.sqrt(var + 1e-4)
         else:
-            amap = rng.random(stack.shape[1:], dtype=np.float32)
+            amap = rng.random(image.shape, dtype=np.float32)
         amap = (amap * mask).astype(np.float32)
-        affine = nib.load(row["image"]).affine
-        nib.save(nib.Nifti1Image(amap, affine), out / f"{row['name']}_anomaly.nii.gz")
+        nib.save(nib.Nifti1Image(amap, image.affine), out / f"{row['name']}_anomaly.nii.gz")
         scores.append([row["name"], f"{float(amap.max()):.6g}"])
     atomic_write_csv(out / "scores.csv", scores, header=["image", "score"], lineterminator="\n")
     metrics = evaluate_outputs(rows, out, plots=False, quiet=True)
@@ -181,10 +177,11 @@ def paired_differences(results: Mapping[str, Mapping[str, dict]], reference: str
     """Per method and metric of :data:`PAIRED`: mean over the cohorts of (method - ``reference``) and its
     standard error (sd of the paired differences / sqrt(n)); a margin counts only beyond its SE."""
     rows = []
-    for method in results:
-        if method != reference and reference in results:
-            pairs = [_paired(results, method, reference, key) for key in PAIRED]
-            rows.append([f"{method} - {reference}", *[f"{m:+.3f} ± {se:.3f}" if m == m else None for m, se in pairs]])
+    for method in [m for m in results if m != reference and reference in results]:
+        pairs = [_paired(results, method, reference, key) for key in PAIRED]
+        cells = [f"{m:+.3f} ± {se:.3f}" if m == m else None for m, se in pairs]
+        if any(cells):  # a cohort in common (not so for the lung cohort's rows)
+            rows.append([f"{method} - {reference}", *cells])
     return rows
 
 
@@ -264,15 +261,20 @@ def run_quality(
     results: dict[str, dict[str, dict]] = {}
     for cohort_name, spec in chosen.items():
         cohort_dir = cohort(out / "cohorts", cohort_name, spec)
-        for name in names:
+        # configs/lung_ct.json has none of the brain default's departures (its q, phases and smoothing are the
+        # paper's): a lung cohort runs it once, reported apart, with random maps (its CTs share no grid)
+        lung = spec.get("organ") == "lung"
+        prefix = "lung-" if lung else ""
+        for name in ["default"] if lung else names:
             overrides = {**(QUICK_OVERRIDES if quick else {}), **known[name]}
             cache = out / "tokens" / cohort_name / _cache_key(overrides)
             run_dir = out / "runs" / cohort_name / name
-            lung = spec.get("organ") == "lung"
-            results.setdefault(name, {})[cohort_name] = _run_variant(cohort_dir, run_dir, cache, overrides, lung)
-        for kind in BASELINES:
+            results.setdefault(prefix + name, {})[cohort_name] = _run_variant(
+                cohort_dir, run_dir, cache, overrides, lung
+            )
+        for kind in ["random"] if lung else BASELINES:
             run_dir = out / "runs" / cohort_name / f"baseline-{kind}"
-            results.setdefault(f"baseline-{kind}", {})[cohort_name] = _baseline_maps(cohort_dir, run_dir, kind)
+            results.setdefault(f"{prefix}baseline-{kind}", {})[cohort_name] = _baseline_maps(cohort_dir, run_dir, kind)
     atomic_write_json(out / "quality.json", {"cohorts": chosen, "results": results})
     atomic_write_text(out / "quality.md", render(results, chosen))
     if doc is not None:

@@ -156,3 +156,41 @@ def test_the_rule_keeps_a_departure_only_when_it_wins_beyond_its_se_and_loses_no
     s = (sum((-d - m) ** 2 for d in fp) / 4) ** 0.5 / 5**0.5
     assert rows["q"][1 + list(RULE).index("fp_per_volume")] == f"{m:+.3f} ± {s:.3f}"
     assert rows["smooth_mm"][-2] == f"{-0.125:+.3f} ± {0.025:.3f}"  # patient AUROC on g1 and g2 alone
+
+
+def test_a_lung_cohort_runs_its_own_configuration_once_and_random_maps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """configs/lung_ct.json has none of the brain default's departures: a lung cohort runs only ``default``
+    (with the lung overlay), reported as ``lung-default``, and the random baseline on CTs of different
+    grids; it enters no paired difference and no verdict."""
+    from scripts.benchmarks import quality
+
+    calls = []
+
+    def fake_run(cohort_dir, run_dir, cache, overrides, lung=False):
+        calls.append((run_dir.name, lung))
+        return {"metrics": dict.fromkeys(METRICS, 0.5), "command": "stub"}
+
+    monkeypatch.setattr(quality, "_run_variant", fake_run)
+    spec = {"organ": "lung", "seed": 3, "n_normal": 2, "n_abnormal": 2, "scale": 0.12}
+    monkeypatch.setitem(quality.SEALED_COHORTS, "tiny-lung", spec)
+    results = run_quality(tmp_path, cohorts=["tiny-lung"], cohort_set="sealed")
+    assert calls == [("default", True)] and set(results) == {"lung-default", "lung-baseline-random"}
+    rows = make_datalist(tmp_path / "cohorts" / "tiny-lung", require_same_grid=False).rows
+    assert len({nib.load(r["image"]).shape for r in rows}) > 1  # the CTs share no grid
+    random = results["lung-baseline-random"]["tiny-lung"]["metrics"]
+    assert 0.0 <= random["voxel_ap"] <= 1.0 and 0.0 <= random["patient_auroc"] <= 1.0
+    for row in rows:
+        amap = np.asarray(
+            nib.load(tmp_path / "runs" / "tiny-lung" / "baseline-random" / f"{row['name']}_anomaly.nii.gz").dataobj
+        )
+        mask = np.asarray(nib.load(row["mask"]).dataobj) > 0
+        assert amap.shape == nib.load(row["image"]).shape and not amap[~mask].any() and (amap[mask] > 0).mean() > 0.99
+    brain = {
+        "default": {"b": {"metrics": dict.fromkeys(METRICS, 0.4)}},
+        "default-q8": {"b": {"metrics": dict.fromkeys(METRICS, 0.3)}},
+    }
+    both = {**brain, **results}
+    assert [r[0] for r in quality.paired_differences(both)] == ["default-q8 - default"]
+    assert [r[0] for r in quality.verdicts(both, {"b": {}, "tiny-lung": spec})] == ["q (paper: [8, 8, 8])"]
