@@ -156,6 +156,9 @@ def test_the_rule_keeps_a_departure_only_when_it_wins_beyond_its_se_and_loses_no
     s = (sum((-d - m) ** 2 for d in fp) / 4) ** 0.5 / 5**0.5
     assert rows["q"][1 + list(RULE).index("fp_per_volume")] == f"{m:+.3f} ± {s:.3f}"
     assert rows["smooth_mm"][-2] == f"{-0.125:+.3f} ± {0.025:.3f}"  # patient AUROC on g1 and g2 alone
+    # a departure that stayed, judged again as the paper's method with it against the paper's method
+    (row,) = verdicts({"paper": runs(**lower_ap), "paper-phases2": runs()}, cohorts)
+    assert row[0] == "paper-phases2: depth_phases (paper: 1)" and row[-1] == "stays"
 
 
 def test_a_lung_cohort_runs_its_own_configuration_once_and_random_maps(
