@@ -283,16 +283,16 @@ def test_inference_config_resolves_to_the_documented_defaults(tiny_cohort: Path,
     parser.update({"bundle_root": str(ROOT), "dataset_dir": str(tiny_cohort), "output_dir": str(tmp_path)})
     inferer = parser.get_parsed_content("inferer")
     assert inferer.axes == ["sagittal", "coronal", "axial"]
-    assert inferer.q == {"sagittal": 4, "coronal": 4, "axial": 4}  # chosen in docs/quality.md
+    assert inferer.q == {"sagittal": 8, "coronal": 8, "axial": 8}  # the paper's 8 slices on 96-224 volumes
     assert (inferer.rho, inferer.d, inferer.delta, inferer.seed) == (0.1, 128, 0.0, 0)
     assert inferer.variant == "C" and str(inferer.references) == "all"  # chosen in docs/quality.md
-    assert (inferer.q_fine, inferer.smooth_mm, inferer.L) == (None, 6.5, 16)  # CS3F-C has no fine tokens
+    assert (inferer.q_fine, inferer.smooth_mm, inferer.L) == (None, 0.0, 16)  # CS3F-C has no fine tokens
     assert inferer.subject_statistic == "max"  # the paper's subject score (docs/design.md)
     assert inferer.tokenizer.depth_phases == 2  # two pooling phases: docs/quality.md, appendix study 15
     assert (inferer.tokenizer.slab_size, inferer.token_dtype) == (32, torch.float32)
     encoder = parser.get_parsed_content("network_def").encoder
     assert encoder.name == "efficientnet_lite0" and encoder.input_size == 112
-    assert tuple(encoder.layers) == ("stage3",)  # the stride-8 stage alone: docs/quality.md
+    assert tuple(encoder.layers) == ("stage3", "stage5")  # the stride-8 and stride-16 stages
     assert parser.get_parsed_content("use_masks") is True and parser.get_parsed_content("register") == "none"
     assert parser.get("datalist#on_bad_input") == "error" and parser.get("datalist#masks") == "@use_masks"
     assert parser.get_parsed_content("datalist#require_same_grid") is True  # register none: one grid
