@@ -67,6 +67,20 @@ def check_name_lengths(folder: str | Path, names: Iterable[str], keep_suffix: bo
             )
 
 
+#: lock descriptors this process holds: a forked child (a data-loader worker) closes its copies, so that
+#: a killed run's orphaned workers do not keep its lock while they wind down
+_HELD: set[int] = set()
+
+
+def _close_held_locks() -> None:
+    for fd in _HELD:
+        os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_locks)
+
+
 class OutputLock:
     """The exclusive lock of a run on ``folder``: :meth:`acquire` it, :meth:`release` it on any exit."""
 
@@ -99,10 +113,12 @@ class OutputLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode(), 0)
         self.fd = fd
+        _HELD.add(fd)
 
     def release(self) -> None:
         if self.fd is not None:
             self.path.unlink(missing_ok=True)  # before unlocking: a waiting run then locks a new file
+            _HELD.discard(self.fd)
             os.close(self.fd)
             self.fd = None
 

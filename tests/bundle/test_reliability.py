@@ -199,6 +199,38 @@ def test_killed_run_resumes_with_identical_outputs(tmp_path: Path) -> None:
     assert json.loads((out / "run.json").read_text())["encoded_volumes"] == 8
 
 
+def test_a_killed_runs_forked_children_do_not_keep_its_lock(tmp_path: Path) -> None:
+    """A data-loader worker forked by a run inherits its descriptors; killed with the run, it lives on for a
+    moment, and must not hold the output folder's lock meanwhile: the next run takes the lock at once."""
+    import sys
+
+    from scripts.storage.outputs import OutputLock
+
+    code = (
+        "import os, signal, time\n"
+        "from scripts.storage.outputs import OutputLock\n"
+        f"OutputLock({str(tmp_path)!r}).acquire()\n"
+        "child = os.fork()\n"
+        "if child == 0:\n"
+        "    time.sleep(60)\n"
+        "    os._exit(0)\n"
+        "print(child, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=root, stdout=subprocess.PIPE, text=True)
+    child = int(proc.stdout.readline())  # not to EOF: the orphan keeps the pipe open
+    try:
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+        os.kill(child, 0)  # the orphan still lives
+        lock = OutputLock(tmp_path)
+        lock.acquire()  # and does not hold the lock
+        lock.release()
+    finally:
+        os.kill(child, signal.SIGKILL)
+        proc.stdout.close()
+
+
 # ---------------------------------------------------------------------------- determinism and order
 def test_shuffled_datalist_gives_identical_outputs(tiny_cohort: Path, tmp_path: Path) -> None:
     data = _copy(tiny_cohort, tmp_path)

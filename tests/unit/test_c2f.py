@@ -368,7 +368,7 @@ def test_multiscale_overlay_configures_the_inferer() -> None:
     parser = ConfigParser()
     parser.read_config([str(root / "inference.json")])
     base = parser.get_parsed_content("inferer")
-    assert (base.variant, base.describe()["q"]) == ("C", [4, 4, 4])
+    assert (base.variant, base.describe()["q"]) == ("C", [8, 8, 8])
     for override, expected in ((None, "MS"), ("F", "F")):
         parser = ConfigParser()
         parser.read_config([str(root / "inference.json"), str(root / "multiscale.json")])
@@ -376,7 +376,7 @@ def test_multiscale_overlay_configures_the_inferer() -> None:
             parser["variant"] = override
         inferer = parser.get_parsed_content("inferer")
         assert inferer.variant == expected and inferer.L == 16
-        assert inferer.describe()["q_fine"] == [2, 2, 2] and inferer.describe()["q"] == [4, 4, 4]
+        assert inferer.describe()["q_fine"] == [2, 2, 2] and inferer.describe()["q"] == [8, 8, 8]
     # The overlay changes the variant only: after the lung overlay it keeps the lung's token depths,
     # encoder stages (the encoder's default, not the brain default's stride-8 stage) and smoothing.
     parser = ConfigParser()

@@ -146,7 +146,7 @@ class TestCS3FAnomalyDetection(unittest.TestCase):
             for key, value in reference.state_dict().items():
                 torch.testing.assert_close(state[key].cpu(), value, rtol=0, atol=0)
             output = net.eval()(slices)
-            self.assertEqual(tuple(output.shape), (2, 40, 14, 14))
+            self.assertEqual(tuple(output.shape), (2, 152, 14, 14))  # stage3 (40) + stage5 (112)
             torch.testing.assert_close(output, expected)
 
 
