@@ -196,10 +196,11 @@ def verdicts(results: Mapping[str, Mapping[str, dict]], cohorts: Mapping[str, di
         diffs = [(sign * m, se) for key, sign in RULE.items() for m, se in [_paired(results, kept, revert, key)]]
         g, g_se = _paired(results, kept, revert, "patient_auroc", glioma)
         stays = any(m > se for m, se in diffs) and not any(m < -se for m, se in diffs) and g >= -g_se
-        back = SEALED_VARIANTS.get(revert, {}) if kept == "default" else SEALED_VARIANTS.get(kept, {})
-        departure = ", ".join(
-            f"{k} (paper: {PAPER.get(k)})" for k in back if back[k] != PAPER.get(k) or kept == "default"
-        )
+        if kept == "default":  # the revert's overrides name the departure
+            moved = list(SEALED_VARIANTS.get(revert, {}))
+        else:  # where the paper-* variant leaves the paper's method
+            moved = [k for k, v in SEALED_VARIANTS.get(kept, {}).items() if v != PAPER.get(k)]
+        departure = ", ".join(f"{k} (paper: {PAPER.get(k)})" for k in moved)
         cells = [f"{m:+.3f} ± {se:.3f}" for m, se in [*diffs, (g, g_se)]]
         rows.append([f"{kept}: {departure}", *cells, "stays" if stays else "the paper's choice returns"])
     return rows
@@ -218,7 +219,7 @@ def render(results: Mapping[str, Mapping[str, dict]], cohorts: Mapping[str, dict
         lines += ["", "Paired differences against the default: mean over the cohorts ± its standard error.", ""]
         lines.append(table(["difference", *PAIRED], paired_differences(results)))
     if rows := verdicts(results, cohorts):
-        lines += ["", "The rule per departure: default - revert ± SE, + favours the default (fewer FP per volume).", ""]
+        lines += ["", "The rule per departure: kept - revert ± SE, + favours the departure (fewer FP per volume).", ""]
         lines.append(table(["departure", *RULE, "patient_auroc, glioma-like", "verdict"], rows))
     if level > 1:
         return "\n".join(lines) + "\n"
@@ -270,9 +271,8 @@ def run_quality(
             overrides = {**(QUICK_OVERRIDES if quick else {}), **known[name]}
             cache = out / "tokens" / cohort_name / _cache_key(overrides)
             run_dir = out / "runs" / cohort_name / name
-            results.setdefault(prefix + name, {})[cohort_name] = _run_variant(
-                cohort_dir, run_dir, cache, overrides, lung
-            )
+            run = _run_variant(cohort_dir, run_dir, cache, overrides, lung)
+            results.setdefault(prefix + name, {})[cohort_name] = run
         for kind in ["random"] if lung else BASELINES:
             run_dir = out / "runs" / cohort_name / f"baseline-{kind}"
             results.setdefault(f"{prefix}baseline-{kind}", {})[cohort_name] = _baseline_maps(cohort_dir, run_dir, kind)
